@@ -1,0 +1,764 @@
+//! The data-plane event loop of one push on one node.
+//!
+//! [`Session`] owns a buffer pool, an executor ([`Io`]) and a [`NodeMachine`]. It keeps these
+//! operations in flight at once: one receive from upstream (a frame header, then the chunk
+//! payload into the same pool slot), one send to downstream (chunk frames straight from the
+//! slots they arrived in, then END), one receive from downstream (ACK / RESULT), one send
+//! upstream (ACK / RESULT), and any number of file writes (replica) or reads (primary).
+//! Completions become machine events; machine actions become new operations.
+//!
+//! All `unsafe` here is the submission of pool memory to the executor; the rule that makes it
+//! sound is the slot discipline: a slot is leased before the first op on it is submitted and
+//! released only by the machine, after every op on it completed (see `proto.rs`), and the
+//! session drains the executor before the pool is dropped.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use crate::error::{ErrorKind, NodeError};
+use crate::io::{Completion, Io, IoChoice, Op, OpKind};
+use crate::manifest::{Manifest, digest};
+use crate::pool::{CTRL_LEN, Ctrl, Pool, SlotId};
+use crate::proto::{Action, Event, NodeMachine, Role};
+use crate::store::Staging;
+use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
+
+/// Progress counters a caller can read while a push runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Chunks written on every replica so far (the ack at the primary).
+    pub acked_chunks: std::sync::atomic::AtomicU64,
+    /// Bytes of those chunks.
+    pub acked_bytes: std::sync::atomic::AtomicU64,
+    /// Chunks sent to the first replica.
+    pub sent_chunks: std::sync::atomic::AtomicU64,
+}
+
+/// Tunables of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Bytes of pool to allocate for chunk slots.
+    pub pool_bytes: usize,
+    /// Which executor.
+    pub io: IoChoice,
+    /// A session that sees no completion for this long gives up.
+    pub idle_timeout: Duration,
+    /// Whether to verify chunk digests on arrival (always on, but for benchmarks that measure
+    /// what verification costs).
+    pub verify: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self { pool_bytes: 64 << 20, io: IoChoice::from_env(), idle_timeout: Duration::from_secs(120), verify: true }
+    }
+}
+
+/// Where a session's chunks come from and go to locally.
+#[derive(Debug)]
+pub enum Local {
+    /// The primary: source files, one per entry (None for directories and empty files).
+    Source(Vec<Option<File>>),
+    /// A replica: the staging area it writes into and publishes (taken when published).
+    Staging(Option<Staging>),
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Every node settled: the reports, this node first on a replica.
+    Finished(Vec<ReplicaReport>),
+    /// This node gave up.
+    Aborted(NodeError),
+    /// The upstream connection broke (replica only); nothing was published.
+    UpstreamLost(String),
+}
+
+const T_UP_RECV: u64 = 1;
+const T_UP_SEND: u64 = 2;
+const T_DN_SEND: u64 = 3;
+const T_DN_RECV: u64 = 4;
+const T_WRITE: u64 = 5;
+const T_READ: u64 = 6;
+
+fn token(kind: u64, value: u64) -> u64 {
+    (kind << 56) | value
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpRecv {
+    Idle,
+    Header(SlotId),
+    Payload(SlotId, u64),
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DnRecv {
+    Idle,
+    Header,
+    Payload(u32),
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DnItem {
+    Chunk(u64, SlotId),
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpItem {
+    Ack,
+    Result,
+}
+
+/// One push on one node.
+pub struct Session<'a> {
+    // Declared before `pool`, so that it drops first; `Drop` drains it explicitly anyway.
+    io: Io,
+    pool: Pool,
+    machine: NodeMachine,
+    manifest: &'a Manifest,
+    local: Local,
+    up: Option<RawFd>,
+    down: Option<RawFd>,
+    downstream_name: String,
+    cfg: SessionConfig,
+    progress: Option<&'a Progress>,
+
+    up_recv: UpRecv,
+    next_recv_seq: u64,
+    next_read: u64,
+    reads_in_flight: usize,
+    writes_in_flight: usize,
+    dn_queue: VecDeque<DnItem>,
+    dn_sending: Option<DnItem>,
+    dn_recv: DnRecv,
+    /// An event about downstream that waits for the send in flight to complete.
+    dn_deferred: Option<Event>,
+    dn_closed: bool,
+    up_sending: Option<UpItem>,
+    up_ack: Option<u64>,
+    up_ack_sent: u64,
+    up_result: Option<Vec<ReplicaReport>>,
+    up_gone: bool,
+    end: Option<SessionEnd>,
+    events: VecDeque<Event>,
+    actions: Vec<Action>,
+}
+
+impl<'a> Session<'a> {
+    /// A session for one push. `up`/`down` are connected sockets (none upstream on the
+    /// primary, none downstream on the tail); `node` is this node's name in the chain and
+    /// `downstream` the names after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        role: Role,
+        node: &str,
+        downstream: Vec<String>,
+        manifest: &'a Manifest,
+        local: Local,
+        up: Option<RawFd>,
+        down: Option<RawFd>,
+        cfg: SessionConfig,
+        progress: Option<&'a Progress>,
+    ) -> std::io::Result<Self> {
+        let pool = Pool::with_budget(cfg.pool_bytes, manifest.chunk_size())?;
+        let io = Io::new(cfg.io, &pool);
+        let downstream_name = downstream.first().cloned().unwrap_or_default();
+        let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
+        Ok(Self {
+            io,
+            pool,
+            machine,
+            manifest,
+            local,
+            up,
+            down,
+            downstream_name,
+            cfg,
+            progress,
+            up_recv: if up.is_some() { UpRecv::Idle } else { UpRecv::Done },
+            next_recv_seq: 0,
+            next_read: 0,
+            reads_in_flight: 0,
+            writes_in_flight: 0,
+            dn_queue: VecDeque::new(),
+            dn_sending: None,
+            dn_recv: if down.is_some() { DnRecv::Idle } else { DnRecv::Done },
+            dn_deferred: None,
+            dn_closed: down.is_none(),
+            up_sending: None,
+            up_ack: None,
+            up_ack_sent: 0,
+            up_result: None,
+            up_gone: up.is_none(),
+            end: None,
+            events: VecDeque::new(),
+            actions: Vec::new(),
+        })
+    }
+
+    /// The executor's name (for logs).
+    pub fn io_name(&self) -> &'static str {
+        self.io.name()
+    }
+
+    /// Whether the pool is pinned.
+    pub fn pool_locked(&self) -> bool {
+        self.pool.is_locked()
+    }
+
+    /// Runs the push to its end.
+    pub fn run(mut self) -> SessionEnd {
+        self.machine.start(&mut self.actions);
+        for a in std::mem::take(&mut self.actions) {
+            self.act(a);
+        }
+        self.process();
+        let mut completions = Vec::new();
+        let mut last_progress = Instant::now();
+        loop {
+            if let Some(end) = self.finished() {
+                return end;
+            }
+            if let Err(e) = self.pump() {
+                self.end = Some(SessionEnd::Aborted(NodeError::io("submitting I/O", &e)));
+                continue;
+            }
+            completions.clear();
+            let slice = self.cfg.idle_timeout.min(Duration::from_secs(1));
+            if let Err(e) = self.io.wait(&mut completions, slice) {
+                self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
+                continue;
+            }
+            if completions.is_empty() {
+                if last_progress.elapsed() >= self.cfg.idle_timeout {
+                    self.end = Some(SessionEnd::Aborted(NodeError::new(
+                        ErrorKind::Stalled,
+                        format!("no progress for {} s", self.cfg.idle_timeout.as_secs()),
+                    )));
+                }
+                continue;
+            }
+            last_progress = Instant::now();
+            for c in completions.drain(..) {
+                self.complete(c);
+            }
+            self.process();
+        }
+    }
+
+    /// The session is over once an end is set and the reports (if any) went upstream.
+    fn finished(&mut self) -> Option<SessionEnd> {
+        self.end.as_ref()?;
+        if !self.up_gone && (self.up_result.is_some() || self.up_sending == Some(UpItem::Result)) {
+            return None;
+        }
+        self.end.take()
+    }
+
+    fn process(&mut self) {
+        while let Some(ev) = self.events.pop_front() {
+            self.machine.handle(ev, &mut self.actions);
+            let actions = std::mem::take(&mut self.actions);
+            for a in actions {
+                self.act(a);
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Forward { seq, slot } => self.dn_queue.push_back(DnItem::Chunk(seq, slot)),
+            Action::SendEnd => self.dn_queue.push_back(DnItem::End),
+            Action::Write { seq, slot } => {
+                let c = self.manifest.chunk(seq).expect("machine only writes chunks in range");
+                let Local::Staging(Some(st)) = &self.local else { unreachable!("only replicas write") };
+                let fd = st.fd(c.entry).expect("files with chunks have a descriptor");
+                let op =
+                    Op { kind: OpKind::Write(c.offset), fd, buf: self.pool.slot_ptr(slot, HEADER_LEN), len: c.len };
+                // SAFETY: the slot is leased and stays so until the machine releases it, which it
+                // does only after this write's completion (WriteDone/WriteFailed).
+                match unsafe { self.io.submit(token(T_WRITE, seq), op) } {
+                    Ok(()) => self.writes_in_flight += 1,
+                    Err(e) => self
+                        .events
+                        .push_back(Event::WriteFailed { seq, error: NodeError::io("submitting a write", &e) }),
+                }
+            }
+            Action::Release { slot } => self.pool.release(slot),
+            Action::AckUpstream { through } => {
+                if let Some(p) = self.progress {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    p.acked_chunks.store(through, Relaxed);
+                    let bytes = if through == 0 {
+                        0
+                    } else {
+                        let c = self.manifest.chunk(through - 1).expect("acked chunk exists");
+                        self.manifest.entries()[..c.entry].iter().map(|e| e.size).sum::<u64>()
+                            + c.offset
+                            + u64::from(c.len)
+                    };
+                    p.acked_bytes.store(bytes, Relaxed);
+                }
+                if self.up.is_some() {
+                    self.up_ack = Some(through);
+                }
+            }
+            Action::Sync => {
+                let Local::Staging(Some(st)) = &mut self.local else { unreachable!("only replicas sync") };
+                let result = st.sync().map_err(|e| e.to_node_error());
+                self.events.push_back(Event::SyncDone { result });
+            }
+            Action::Publish => {
+                let Local::Staging(st) = &mut self.local else { unreachable!("only replicas publish") };
+                let st = st.take().expect("published once");
+                let result = st.publish().map_err(|e| e.to_node_error());
+                self.events.push_back(Event::PublishDone { result });
+            }
+            Action::Finish { reports } => {
+                if self.up.is_some() {
+                    self.up_result = Some(reports.clone());
+                }
+                self.end = Some(SessionEnd::Finished(reports));
+            }
+            Action::Abort { error } => self.abort(error),
+        }
+    }
+
+    /// Gives up: on a replica, reports the failure upstream (this node failed, the nodes after
+    /// it were not finished) and cuts the downstream connection, so the rest of the chain
+    /// drops its staging too.
+    fn abort(&mut self, error: NodeError) {
+        if self.end.is_some() {
+            return;
+        }
+        tracing::warn!(%error, "push aborted");
+        if !self.up_gone {
+            let mut reports = vec![ReplicaReport::failed(self.machine.node(), error.clone())];
+            for n in self.machine.downstream_nodes() {
+                reports.push(ReplicaReport::failed(
+                    n,
+                    NodeError::new(ErrorKind::Aborted, format!("push aborted upstream: {}", error.message)),
+                ));
+            }
+            self.up_result = Some(reports);
+        }
+        if let Some(down) = self.down {
+            // SAFETY: shutdown takes only a descriptor.
+            unsafe { libc::shutdown(down, libc::SHUT_RDWR) };
+        }
+        self.dn_closed = true;
+        self.dn_queue.clear();
+        self.end = Some(SessionEnd::Aborted(error));
+    }
+
+    /// Submits whatever can be submitted now.
+    fn pump(&mut self) -> std::io::Result<()> {
+        if self.end.is_none() {
+            self.pump_data()?;
+        }
+        self.pump_up_send()
+    }
+
+    fn pump_data(&mut self) -> std::io::Result<()> {
+        // Upstream receive: one frame header at a time, into a fresh slot.
+        if self.up_recv == UpRecv::Idle
+            && let Some(slot) = self.pool.lease()
+        {
+            let op = Op {
+                kind: OpKind::Recv,
+                fd: self.up.expect("replica has upstream"),
+                buf: self.pool.slot_ptr(slot, 0),
+                len: HEADER_LEN as u32,
+            };
+            // SAFETY: the slot was just leased; it is released only after this receive completes.
+            unsafe { self.io.submit(token(T_UP_RECV, 0), op)? };
+            self.up_recv = UpRecv::Header(slot);
+        }
+        // Primary reads: as far ahead as the pool allows.
+        if let Local::Source(files) = &self.local {
+            while self.next_read < self.manifest.chunk_count() {
+                let Some(slot) = self.pool.lease() else { break };
+                let seq = self.next_read;
+                let c = self.manifest.chunk(seq).expect("in range");
+                let fd = files[c.entry].as_ref().expect("files with chunks are open").as_raw_fd();
+                let op = Op { kind: OpKind::Read(c.offset), fd, buf: self.pool.slot_ptr(slot, HEADER_LEN), len: c.len };
+                // SAFETY: the slot was just leased; the machine releases it only after its read
+                // and its send completed.
+                unsafe { self.io.submit(token(T_READ, (seq << 16) | u64::from(slot.0)), op)? };
+                self.next_read += 1;
+                self.reads_in_flight += 1;
+            }
+        }
+        // Downstream send: one at a time keeps the stream in order.
+        if self.dn_sending.is_none()
+            && !self.dn_closed
+            && let Some(item) = self.dn_queue.pop_front()
+        {
+            let (buf, len) = match item {
+                DnItem::Chunk(seq, slot) => {
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len)
+                }
+                DnItem::End => {
+                    let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: 0 };
+                    // SAFETY: the END area is written once, and no op uses it before this send.
+                    unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
+                    (self.pool.ctrl_ptr(Ctrl::DownSend), HEADER_LEN as u32)
+                }
+            };
+            let op = Op { kind: OpKind::Send, fd: self.down.expect("downstream open"), buf, len };
+            // SAFETY: a chunk's slot stays leased until ForwardDone, which follows this send's
+            // completion; the END area is not touched again.
+            unsafe { self.io.submit(token(T_DN_SEND, 0), op)? };
+            self.dn_sending = Some(item);
+        }
+        // Downstream receive: ACK / RESULT headers.
+        if self.dn_recv == DnRecv::Idle && !self.dn_closed {
+            let op = Op {
+                kind: OpKind::Recv,
+                fd: self.down.expect("downstream open"),
+                buf: self.pool.ctrl_ptr(Ctrl::DownRecv),
+                len: HEADER_LEN as u32,
+            };
+            // SAFETY: the DownRecv area is used by this receive alone, one op at a time.
+            unsafe { self.io.submit(token(T_DN_RECV, 0), op)? };
+            self.dn_recv = DnRecv::Header;
+        }
+        Ok(())
+    }
+
+    fn pump_up_send(&mut self) -> std::io::Result<()> {
+        // Upstream send: the result when there is one, else the newest ack.
+        if self.up_sending.is_none()
+            && !self.up_gone
+            && let Some(up) = self.up
+        {
+            let (item, bytes) = if let Some(reports) = self.up_result.take() {
+                let payload = wire::encode_reports(&reports);
+                let h = Header { kind: Kind::Result, len: payload.len() as u32, seq: 0, digest: 0 };
+                let mut b = h.to_bytes().to_vec();
+                b.extend_from_slice(&payload);
+                (UpItem::Result, b)
+            } else if let Some(through) = self.up_ack.take().filter(|t| *t > self.up_ack_sent) {
+                self.up_ack_sent = through;
+                (UpItem::Ack, Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec())
+            } else {
+                return Ok(());
+            };
+            let len = bytes.len().min(CTRL_LEN);
+            // SAFETY: the UpSend area is used by one send at a time, and none is in flight.
+            unsafe { self.pool.ctrl_bytes(Ctrl::UpSend, len) }.copy_from_slice(&bytes[..len]);
+            let op = Op { kind: OpKind::Send, fd: up, buf: self.pool.ctrl_ptr(Ctrl::UpSend), len: len as u32 };
+            // SAFETY: as above; the area is not written again before this send completes.
+            unsafe { self.io.submit(token(T_UP_SEND, 0), op)? };
+            self.up_sending = Some(item);
+        }
+        Ok(())
+    }
+
+    fn upstream_lost(&mut self, why: String) {
+        self.up_gone = true;
+        self.up_result = None;
+        if !matches!(self.end, Some(SessionEnd::Aborted(_))) {
+            self.end = Some(SessionEnd::UpstreamLost(why));
+        }
+        if let Some(down) = self.down {
+            // SAFETY: shutdown takes only a descriptor; downstream then drops its staging too.
+            unsafe { libc::shutdown(down, libc::SHUT_RDWR) };
+        }
+        self.dn_closed = true;
+    }
+
+    /// Downstream broke or reported: stop sending to it, and tell the machine once no send is
+    /// in flight (the machine then releases the slots that waited for their forward).
+    fn downstream_settled(&mut self, event: Event) {
+        if let Some(down) = self.down {
+            // Wake any op still blocked on the socket; the descriptor stays open until the
+            // session's owner closes it.
+            // SAFETY: shutdown takes only a descriptor.
+            unsafe { libc::shutdown(down, libc::SHUT_RDWR) };
+        }
+        self.dn_closed = true;
+        self.dn_queue.clear();
+        if self.dn_sending.is_some() {
+            self.dn_deferred.get_or_insert(event);
+        } else {
+            self.events.push_back(event);
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let kind = c.token >> 56;
+        let value = c.token & ((1 << 56) - 1);
+        match kind {
+            T_UP_RECV => self.up_recv_done(c.result),
+            T_READ => {
+                self.reads_in_flight -= 1;
+                let (seq, slot) = (value >> 16, SlotId((value & 0xffff) as u16));
+                let chunk = self.manifest.chunk(seq).expect("in range");
+                match c.result {
+                    Ok(n) if n == chunk.len as usize => {
+                        // SAFETY: the read into this slot has completed and nothing else uses it.
+                        let payload = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) };
+                        if digest(payload) != chunk.digest {
+                            self.events.push_back(Event::ChunkCorrupt { seq, slot });
+                            return;
+                        }
+                        let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: chunk.digest };
+                        // SAFETY: as above; the header area of the slot is idle.
+                        unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
+                        self.events.push_back(Event::ChunkReady { seq, slot });
+                    }
+                    Ok(_) => {
+                        self.pool.release(slot);
+                        let path = &self.manifest.entries()[chunk.entry].path;
+                        let e =
+                            NodeError::new(ErrorKind::Source, format!("source file {path} shrank while it was pushed"));
+                        self.abort(e);
+                    }
+                    Err(e) => {
+                        self.pool.release(slot);
+                        let path = &self.manifest.entries()[chunk.entry].path;
+                        let e = NodeError::new(ErrorKind::Source, format!("cannot read source file {path}: {e}"));
+                        self.abort(e);
+                    }
+                }
+            }
+            T_WRITE => {
+                self.writes_in_flight -= 1;
+                let seq = value;
+                match c.result {
+                    Ok(_) => self.events.push_back(Event::WriteDone { seq }),
+                    Err(e) => {
+                        let c = self.manifest.chunk(seq).expect("in range");
+                        let path = &self.manifest.entries()[c.entry].path;
+                        let error = NodeError::io(format!("cannot write {path} in staging"), &e);
+                        tracing::warn!(%error, "local write failed; forwarding continues");
+                        self.events.push_back(Event::WriteFailed { seq, error });
+                    }
+                }
+            }
+            T_DN_SEND => {
+                let item = self.dn_sending.take().expect("a send was in flight");
+                match c.result {
+                    Ok(_) => {
+                        if let DnItem::Chunk(seq, _) = item {
+                            if let Some(p) = self.progress {
+                                p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            self.events.push_back(Event::ForwardDone { seq });
+                        }
+                    }
+                    Err(e) => {
+                        if let DnItem::Chunk(seq, _) = item {
+                            // The machine hears of the loss right after; the slot is idle now.
+                            self.events.push_back(Event::ForwardDone { seq });
+                        }
+                        let name = self.downstream_name.clone();
+                        self.downstream_settled(Event::DownstreamLost {
+                            error: NodeError::new(
+                                ErrorKind::ConnectionLost,
+                                format!("connection to {name} lost while sending: {e}"),
+                            ),
+                        });
+                    }
+                }
+                if let Some(ev) = self.dn_deferred.take() {
+                    self.events.push_back(ev);
+                }
+            }
+            T_DN_RECV => self.dn_recv_done(c.result),
+            T_UP_SEND => {
+                let item = self.up_sending.take().expect("an upstream send was in flight");
+                if let Err(e) = c.result {
+                    self.upstream_lost(format!("sending to upstream failed: {e}"));
+                }
+                let _ = item;
+            }
+            _ => unreachable!("unknown token kind {kind}"),
+        }
+    }
+
+    fn up_recv_done(&mut self, result: std::io::Result<usize>) {
+        if self.end.is_some() {
+            if let UpRecv::Header(slot) | UpRecv::Payload(slot, _) = self.up_recv {
+                self.pool.release(slot);
+            }
+            self.up_recv = UpRecv::Done;
+            return;
+        }
+        match (self.up_recv, result) {
+            (UpRecv::Header(slot), Ok(n)) if n == HEADER_LEN => {
+                // SAFETY: the header receive into this slot has completed.
+                let bytes: [u8; HEADER_LEN] =
+                    unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
+                let total = self.manifest.chunk_count();
+                match Header::decode(&bytes) {
+                    Ok(h) if h.kind == Kind::Chunk => {
+                        let expected = self.manifest.chunk(h.seq);
+                        match expected {
+                            Some(c) if h.seq == self.next_recv_seq && h.len == c.len && h.digest == c.digest => {
+                                let op = Op {
+                                    kind: OpKind::Recv,
+                                    fd: self.up.expect("upstream"),
+                                    buf: self.pool.slot_ptr(slot, HEADER_LEN),
+                                    len: h.len,
+                                };
+                                // SAFETY: the slot is leased; the payload receive completes before
+                                // the slot goes to the machine.
+                                if let Err(e) = unsafe { self.io.submit(token(T_UP_RECV, 0), op) } {
+                                    self.pool.release(slot);
+                                    self.up_recv = UpRecv::Done;
+                                    self.abort(NodeError::io("submitting a receive", &e));
+                                    return;
+                                }
+                                self.up_recv = UpRecv::Payload(slot, h.seq);
+                            }
+                            _ => {
+                                self.pool.release(slot);
+                                self.up_recv = UpRecv::Done;
+                                self.abort(NodeError::new(
+                                    ErrorKind::Protocol,
+                                    format!(
+                                        "unexpected CHUNK header (seq {}, len {}) while expecting chunk {}",
+                                        h.seq, h.len, self.next_recv_seq
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    Ok(h) if h.kind == Kind::End && h.seq == total && self.next_recv_seq == total => {
+                        self.pool.release(slot);
+                        self.up_recv = UpRecv::Done;
+                        self.events.push_back(Event::UpstreamEnd);
+                    }
+                    Ok(h) => {
+                        self.pool.release(slot);
+                        self.up_recv = UpRecv::Done;
+                        self.abort(NodeError::new(
+                            ErrorKind::Protocol,
+                            format!(
+                                "unexpected {} frame from upstream (seq {}) after {} of {total} chunks",
+                                h.kind.name(),
+                                h.seq,
+                                self.next_recv_seq
+                            ),
+                        ));
+                    }
+                    Err(e) => {
+                        self.pool.release(slot);
+                        self.up_recv = UpRecv::Done;
+                        self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}")));
+                    }
+                }
+            }
+            (UpRecv::Payload(slot, seq), Ok(n)) => {
+                let c = self.manifest.chunk(seq).expect("checked on the header");
+                if n != c.len as usize {
+                    self.pool.release(slot);
+                    self.up_recv = UpRecv::Done;
+                    self.upstream_lost(format!("upstream closed the connection in the middle of chunk {seq}"));
+                    return;
+                }
+                self.up_recv = UpRecv::Idle;
+                self.next_recv_seq += 1;
+                // SAFETY: the payload receive into this slot has completed.
+                let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == c.digest;
+                self.events.push_back(if ok {
+                    Event::ChunkReady { seq, slot }
+                } else {
+                    Event::ChunkCorrupt { seq, slot }
+                });
+            }
+            (UpRecv::Header(slot) | UpRecv::Payload(slot, _), res) => {
+                self.pool.release(slot);
+                self.up_recv = UpRecv::Done;
+                let why = match res {
+                    Ok(_) => "upstream closed the connection before END".to_owned(),
+                    Err(e) => format!("upstream connection failed: {e}"),
+                };
+                self.upstream_lost(why);
+            }
+            (state, _) => unreachable!("upstream receive completed in state {state:?}"),
+        }
+    }
+
+    fn dn_recv_done(&mut self, result: std::io::Result<usize>) {
+        let name = self.downstream_name.clone();
+        let lost = |what: String| Event::DownstreamLost { error: NodeError::new(ErrorKind::ConnectionLost, what) };
+        match (self.dn_recv, result) {
+            (_, _) if self.dn_closed => self.dn_recv = DnRecv::Done,
+            (DnRecv::Header, Ok(n)) if n == HEADER_LEN => {
+                // SAFETY: the header receive into the DownRecv area has completed.
+                let bytes: [u8; HEADER_LEN] =
+                    unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN) }[..].try_into().expect("header-sized");
+                match Header::decode(&bytes) {
+                    Ok(h) if h.kind == Kind::Ack => {
+                        self.dn_recv = DnRecv::Idle;
+                        self.events.push_back(Event::DownstreamAck { through: h.seq });
+                    }
+                    Ok(h) if h.kind == Kind::Result && (h.len as usize) < CTRL_LEN - HEADER_LEN => {
+                        // SAFETY (pointer): the payload follows the header inside the area.
+                        let buf = unsafe { self.pool.ctrl_ptr(Ctrl::DownRecv).add(HEADER_LEN) };
+                        let op = Op { kind: OpKind::Recv, fd: self.down.expect("downstream"), buf, len: h.len };
+                        // SAFETY: the DownRecv area is used by this receive alone.
+                        match unsafe { self.io.submit(token(T_DN_RECV, 0), op) } {
+                            Ok(()) => self.dn_recv = DnRecv::Payload(h.len),
+                            Err(e) => {
+                                self.dn_recv = DnRecv::Done;
+                                self.downstream_settled(lost(format!("{name}: cannot receive its result: {e}")));
+                            }
+                        }
+                    }
+                    Ok(h) => {
+                        self.dn_recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent an unexpected {} frame", h.kind.name())));
+                    }
+                    Err(e) => {
+                        self.dn_recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent a bad frame: {e}")));
+                    }
+                }
+            }
+            (DnRecv::Payload(len), Ok(n)) if n == len as usize => {
+                self.dn_recv = DnRecv::Done;
+                // SAFETY: the payload receive has completed.
+                let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
+                match wire::decode_reports(&bytes[HEADER_LEN..]) {
+                    Ok(reports) => self.downstream_settled(Event::DownstreamResult { reports }),
+                    Err(e) => self.downstream_settled(lost(format!("{name} sent a bad result: {e}"))),
+                }
+            }
+            (_, res) => {
+                self.dn_recv = DnRecv::Done;
+                let why = match res {
+                    Ok(_) => format!("connection to {name} lost: it closed the connection before reporting"),
+                    Err(e) => format!("connection to {name} lost: {e}"),
+                };
+                self.downstream_settled(lost(why));
+            }
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if self.io.in_flight() > 0 {
+            for fd in [self.up, self.down].into_iter().flatten() {
+                // SAFETY: shutdown takes only a descriptor; it ends receives still in flight.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            if !self.io.drain() {
+                // The kernel or a worker may still write into the pool: never unmap it.
+                let pool = std::mem::replace(&mut self.pool, Pool::new(2, wire::MIN_CHUNK).expect("small pool"));
+                std::mem::forget(pool);
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Plain back end: blocking syscalls on worker threads, for hosts that refuse io_uring.
+//!
+//! Each socket direction gets its own worker thread (so a blocked receive never holds up a
+//! send), and file operations share two workers. Workers post completions to one channel the
+//! session's event loop waits on, so the loop above looks the same as with io_uring.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+
+use super::{Completion, Op, OpKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    SockIn(RawFd),
+    SockOut(RawFd),
+    Files,
+}
+
+#[derive(Debug)]
+struct Worker {
+    tx: Sender<(u64, Op)>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+/// Worker threads and the completion channel.
+#[derive(Debug)]
+pub struct PlainIo {
+    lanes: HashMap<Lane, Worker>,
+    done_tx: Sender<Completion>,
+    done_rx: Receiver<Completion>,
+    live: usize,
+}
+
+impl Default for PlainIo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PlainIo {
+    /// No workers yet; they start with the first operation on each lane.
+    pub fn new() -> Self {
+        let (done_tx, done_rx) = unbounded();
+        Self { lanes: HashMap::new(), done_tx, done_rx, live: 0 }
+    }
+
+    /// Operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.live
+    }
+
+    /// Submits `op`.
+    ///
+    /// # Safety
+    /// See [`super::Io::submit`].
+    pub unsafe fn submit(&mut self, token: u64, op: Op) -> io::Result<()> {
+        let lane = match op.kind {
+            OpKind::Recv => Lane::SockIn(op.fd),
+            OpKind::Send => Lane::SockOut(op.fd),
+            _ => Lane::Files,
+        };
+        let done_tx = &self.done_tx;
+        let worker = self.lanes.entry(lane).or_insert_with(|| {
+            let (tx, rx) = unbounded::<(u64, Op)>();
+            let threads = if lane == Lane::Files { 2 } else { 1 };
+            let handles = (0..threads)
+                .map(|_| {
+                    let rx = rx.clone();
+                    let done = done_tx.clone();
+                    std::thread::Builder::new()
+                        .name("shardcast-io".into())
+                        .spawn(move || {
+                            for (token, op) in rx {
+                                let result = run(op);
+                                if done.send(Completion { token, result }).is_err() {
+                                    return;
+                                }
+                            }
+                        })
+                        .expect("spawn I/O worker")
+                })
+                .collect();
+            Worker { tx, handles }
+        });
+        worker.tx.send((token, op)).map_err(|_| io::Error::other("I/O worker stopped"))?;
+        self.live += 1;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a completion and takes every one that is ready.
+    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> io::Result<()> {
+        match self.done_rx.recv_timeout(timeout) {
+            Ok(c) => {
+                self.live -= 1;
+                out.push(c);
+            }
+            Err(_) => return Ok(()),
+        }
+        while let Ok(c) = self.done_rx.try_recv() {
+            self.live -= 1;
+            out.push(c);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PlainIo {
+    fn drop(&mut self) {
+        for (_, w) in self.lanes.drain() {
+            drop(w.tx);
+            for h in w.handles {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Runs one operation to completion with blocking syscalls.
+fn run(op: Op) -> io::Result<usize> {
+    let mut done = 0usize;
+    let len = op.len as usize;
+    loop {
+        if op.kind == OpKind::Fsync {
+            // SAFETY: fsync takes only a descriptor.
+            let rc = unsafe { libc::fsync(op.fd) };
+            return if rc == 0 { Ok(0) } else { Err(io::Error::last_os_error()) };
+        }
+        if done >= len {
+            return Ok(done);
+        }
+        // SAFETY: `done < len`, so the pointer and length stay inside the op's buffer, which
+        // the submitter keeps valid and untouched until this op's completion is delivered.
+        let rc = unsafe {
+            let buf = op.buf.add(done);
+            let rest = len - done;
+            match op.kind {
+                OpKind::Recv => libc::recv(op.fd, buf.cast(), rest, libc::MSG_WAITALL),
+                OpKind::Send => libc::send(op.fd, buf.cast(), rest, libc::MSG_NOSIGNAL),
+                OpKind::Read(off) => libc::pread(op.fd, buf.cast(), rest, (off + done as u64) as i64),
+                OpKind::Write(off) => libc::pwrite(op.fd, buf.cast(), rest, (off + done as u64) as i64),
+                OpKind::Fsync => unreachable!("handled above"),
+            }
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            return match op.kind {
+                OpKind::Recv | OpKind::Read(_) => Ok(done),
+                _ => Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
+            };
+        }
+        done += rc as usize;
+    }
+}

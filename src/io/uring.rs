@@ -1,0 +1,209 @@
+//! io_uring back end: the only module besides `plain` that hands buffers to the kernel.
+//!
+//! What it uses, and what happens without it:
+//! - `RECV` with `MSG_WAITALL` and `SEND` with `MSG_NOSIGNAL` on sockets (kernel 5.6+);
+//! - `READ_FIXED` / `WRITE_FIXED` on files, from the pool registered as one fixed buffer; when
+//!   registration is refused (memlock limit) plain `READ` / `WRITE` are used;
+//! - `FSYNC`; timeouts through `IORING_ENTER_EXT_ARG` (5.11+).
+//!
+//! Where `io_uring_setup` fails (EPERM under seccomp, ENOSYS on old kernels) the caller falls
+//! back to [`super::plain`]. `wr_id`-style bookkeeping: an SQE's `user_data` is an index into a
+//! slab of in-flight operations, never a pointer, so a stale completion cannot touch freed memory.
+
+use std::io;
+use std::time::Duration;
+
+use io_uring::{IoUring, Probe, opcode, squeue, types};
+
+use super::{Completion, Op, OpKind};
+use crate::pool::Pool;
+
+#[derive(Debug)]
+struct InFlight {
+    token: u64,
+    op: Op,
+    done: usize,
+}
+
+/// One io_uring and its in-flight table.
+pub struct UringIo {
+    ring: IoUring,
+    slab: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    live: usize,
+    /// The registered pool range, when registration succeeded.
+    fixed: Option<(usize, usize)>,
+    features: String,
+}
+
+impl std::fmt::Debug for UringIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringIo").field("live", &self.live).field("features", &self.features).finish()
+    }
+}
+
+impl UringIo {
+    /// A ring with the pool registered as fixed buffer 0.
+    pub fn new(pool: &Pool) -> io::Result<Self> {
+        let ring = IoUring::builder().build(256)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (name, code) in [("RECV", opcode::Recv::CODE), ("SEND", opcode::Send::CODE), ("FSYNC", opcode::Fsync::CODE)]
+        {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring lacks {name}")));
+            }
+        }
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks EXT_ARG timeouts"));
+        }
+        let iov = libc::iovec { iov_base: pool.base().cast(), iov_len: pool.len() };
+        // SAFETY: the iovec covers exactly the pool's mapping, which outlives this ring: the
+        // session owns both, and drains this ring (`Io::drain`) before the pool is dropped.
+        let fixed = match unsafe { ring.submitter().register_buffers(&[iov]) } {
+            Ok(()) => Some((pool.base() as usize, pool.len())),
+            Err(e) => {
+                tracing::debug!("io_uring buffer registration refused ({e}); using unregistered reads/writes");
+                None
+            }
+        };
+        let features = format!(
+            "registered buffers={} SEND_ZC={} fast_poll={}",
+            if fixed.is_some() { "yes" } else { "no" },
+            if probe.is_supported(opcode::SendZc::CODE) { "yes (unused: loses on loopback)" } else { "no" },
+            if ring.params().is_feature_fast_poll() { "yes" } else { "no" },
+        );
+        Ok(Self { ring, slab: Vec::new(), free: Vec::new(), live: 0, fixed, features })
+    }
+
+    /// What the probe found, for the log.
+    pub fn features(&self) -> &str {
+        &self.features
+    }
+
+    /// Operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.live
+    }
+
+    fn is_fixed(&self, op: &Op) -> bool {
+        self.fixed.is_some_and(|(base, len)| {
+            let start = op.buf as usize;
+            start >= base && start + op.len as usize <= base + len
+        })
+    }
+
+    fn entry(&self, idx: usize) -> squeue::Entry {
+        let f = self.slab[idx].as_ref().expect("live slab entry");
+        let op = f.op;
+        let done = f.done;
+        // SAFETY (pointer arithmetic): `done < op.len`, so the pointer stays in the buffer.
+        let buf = unsafe { op.buf.add(done) };
+        let len = op.len - done as u32;
+        let fd = types::Fd(op.fd);
+        let e = match op.kind {
+            OpKind::Recv => opcode::Recv::new(fd, buf, len).flags(libc::MSG_WAITALL).build(),
+            OpKind::Send => opcode::Send::new(fd, buf, len).flags(libc::MSG_NOSIGNAL).build(),
+            OpKind::Read(off) if self.is_fixed(&op) => {
+                opcode::ReadFixed::new(fd, buf, len, 0).offset(off + done as u64).build()
+            }
+            OpKind::Read(off) => opcode::Read::new(fd, buf, len).offset(off + done as u64).build(),
+            OpKind::Write(off) if self.is_fixed(&op) => {
+                opcode::WriteFixed::new(fd, buf, len, 0).offset(off + done as u64).build()
+            }
+            OpKind::Write(off) => opcode::Write::new(fd, buf, len).offset(off + done as u64).build(),
+            OpKind::Fsync => opcode::Fsync::new(fd).build(),
+        };
+        e.user_data(idx as u64)
+    }
+
+    fn push(&mut self, idx: usize) -> io::Result<()> {
+        let e = self.entry(idx);
+        loop {
+            // SAFETY: the entry's buffer is valid until completion by `submit`'s contract, and
+            // the in-flight table keeps the op until its CQE is reaped.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return Ok(());
+            }
+            // The queue is full: hand what is queued to the kernel and try again.
+            self.ring.submit()?;
+        }
+    }
+
+    /// Submits `op`.
+    ///
+    /// # Safety
+    /// See [`super::Io::submit`].
+    pub unsafe fn submit(&mut self, token: u64, op: Op) -> io::Result<()> {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slab.push(None);
+                self.slab.len() - 1
+            }
+        };
+        self.slab[idx] = Some(InFlight { token, op, done: 0 });
+        self.live += 1;
+        if let Err(e) = self.push(idx) {
+            self.slab[idx] = None;
+            self.free.push(idx);
+            self.live -= 1;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued, waits up to `timeout` for a completion, and reaps every CQE.
+    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> io::Result<()> {
+        let before = out.len();
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        let cqes: Vec<(usize, i32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
+        let mut resubmit = Vec::new();
+        for (idx, res) in cqes {
+            let Some(f) = self.slab.get_mut(idx).and_then(Option::as_mut) else {
+                continue;
+            };
+            let finished = if res < 0 {
+                let err = -res;
+                if err == libc::EINTR || err == libc::EAGAIN {
+                    resubmit.push(idx);
+                    None
+                } else {
+                    Some(Err(io::Error::from_raw_os_error(err)))
+                }
+            } else {
+                f.done += res as usize;
+                let eof = res == 0 && matches!(f.op.kind, OpKind::Recv | OpKind::Read(_));
+                if f.op.kind == OpKind::Fsync || eof || f.done >= f.op.len as usize {
+                    Some(Ok(f.done))
+                } else if res == 0 {
+                    Some(Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")))
+                } else {
+                    resubmit.push(idx);
+                    None
+                }
+            };
+            if let Some(result) = finished {
+                let token = f.token;
+                self.slab[idx] = None;
+                self.free.push(idx);
+                self.live -= 1;
+                out.push(Completion { token, result });
+            }
+        }
+        for idx in resubmit {
+            self.push(idx)?;
+        }
+        if out.len() == before && !self.ring.submission().is_empty() {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! shardcast: chained, pipelined replication of checkpoints and dataset shards.
+//!
+//! A push sends one shard set version (a directory tree or a file) from a primary down a chain
+//! of replicas: primary → r1 → … → rN. Every replica verifies each chunk's xxh3-128 digest,
+//! forwards the chunk from the pool slot it arrived in while it writes it to its staging area,
+//! and publishes the version atomically once all of it is synced.
+//!
+//! The principal types:
+//! - [`manifest::Manifest`]: a version's files, modes, sizes and per-chunk digests.
+//! - [`pool::Pool`]: the bounded, pinned buffer pool a session moves chunks through.
+//! - [`proto::NodeMachine`]: the sans-IO chain logic (events in, actions out).
+//! - [`chain::Session`]: the event loop around it, on [`io::Io`] (io_uring or plain sockets).
+//! - [`store::Store`]: a replica's staging, publish and retention.
+//! - [`server::Server`] and [`push::push`]: the two ends a program calls.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use shardcast::{push, server};
+//! let dir = tempfile::tempdir()?;
+//! std::fs::create_dir(dir.path().join("ckpt"))?;
+//! std::fs::write(dir.path().join("ckpt/weights.bin"), vec![7u8; 100_000])?;
+//! let replica = server::Server::bind(server::ServeOptions::new("127.0.0.1:0", dir.path().join("r1")))?.spawn();
+//! let opts = push::PushOptions::new("ckpt", 1, vec![replica.addr().to_string()]);
+//! let report = push::push(&dir.path().join("ckpt"), &opts, None)?;
+//! assert!(report.ok());
+//! assert_eq!(std::fs::read(dir.path().join("r1/ckpt/1/weights.bin"))?, vec![7u8; 100_000]);
+//! # Ok(()) }
+//! ```
+
+pub mod chain;
+pub mod error;
+pub mod io;
+pub mod manifest;
+pub mod pool;
+pub mod proto;
+pub mod push;
+pub mod server;
+pub mod store;
+pub mod transport;
+pub mod wire;
+
+pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
+pub use push::{PushOptions, PushReport, push};
+pub use server::{ServeOptions, Server};
+
+/// Raises the soft open-files limit to the hard limit: a push keeps one descriptor per
+/// non-empty file open on the primary and on every replica.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

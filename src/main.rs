@@ -1,0 +1,375 @@
+//! The `shardcast` command line: parses flags, calls the library, maps outcomes to exit codes.
+//!
+//! Exit codes (documented in the README):
+//! 0 success; 1 the push failed (a replica refused, was unreachable, failed or was lost; or
+//! `verify` found a difference); 2 usage error or bad input (flags, source path, names);
+//! 3 some replicas published but not all.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use shardcast::io::IoChoice;
+use shardcast::push::{PushOptions, PushReport};
+use shardcast::server::{ServeOptions, Server};
+use shardcast::transport::Transport;
+use shardcast::wire::{Mode, Outcome};
+use shardcast::{PushError, VerifyError};
+
+mod demo;
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_PARTIAL: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "shardcast", version, about = "Replicate checkpoints and dataset shards down a chain of replicas")]
+#[command(after_help = "Examples:\n  \
+    shardcast serve --listen 0.0.0.0:7071 --root /data/replica\n  \
+    shardcast push ./ckpt --name ckpt --version 100 --to node1:7071,node2:7071,node3:7071\n  \
+    shardcast status node2:7071 --json\n  \
+    shardcast verify --root /data/replica ckpt\n  \
+    shardcast demo --replicas 3 --size 1GiB")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a replica: receive pushes into ROOT and relay them down the chain.
+    Serve {
+        /// Address to listen on (port 0 picks a free port; the log says which).
+        #[arg(long, default_value = "0.0.0.0:7071")]
+        listen: String,
+        /// Directory that holds the published shard sets.
+        #[arg(long)]
+        root: PathBuf,
+        /// Versions kept per shard set name.
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+        /// Buffer pool per push, in MiB (pinned memory; bounds the node's memory use).
+        #[arg(long, default_value_t = 64)]
+        pool_mb: usize,
+        /// Transport: auto, tcp or rdma.
+        #[arg(long, default_value = "auto")]
+        transport: Transport,
+        /// Give up on a push that makes no progress for this many seconds.
+        #[arg(long, default_value_t = 120)]
+        idle_timeout: u64,
+        /// Most concurrent sessions.
+        #[arg(long, default_value_t = 64)]
+        max_sessions: usize,
+    },
+    /// Push a directory or file as NAME@VERSION to a chain of replicas.
+    Push {
+        /// The directory (its tree) or file to push.
+        source: PathBuf,
+        /// Shard set name.
+        #[arg(long)]
+        name: String,
+        /// Version (a growing number: the step or epoch).
+        #[arg(long)]
+        version: u64,
+        /// The chain: comma-separated replica addresses, first replica first.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+        /// Chunk size (bytes, or with K/M/G/KiB/MiB/GiB).
+        #[arg(long, default_value = "4MiB", value_parser = parse_size_u32)]
+        chunk_size: u32,
+        /// sync: return when the tail has published.
+        #[arg(long, default_value = "sync", value_parser = ["sync"])]
+        mode: String,
+        /// Transport: auto, tcp or rdma.
+        #[arg(long, default_value = "auto")]
+        transport: Transport,
+        /// Buffer pool in MiB.
+        #[arg(long, default_value_t = 64)]
+        pool_mb: usize,
+        /// Seconds to wait for each connection and the chain's answer.
+        #[arg(long, default_value_t = 10)]
+        connect_timeout: u64,
+        /// Give up when nothing moves for this many seconds.
+        #[arg(long, default_value_t = 120)]
+        idle_timeout: u64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the shard sets and versions a replica holds.
+    Status {
+        /// The replica's address.
+        addr: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash a published version against its manifest.
+    Verify {
+        /// The replica's root directory.
+        #[arg(long)]
+        root: PathBuf,
+        /// Shard set name.
+        name: String,
+        /// Version (default: the current one).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a local demo cluster, push a synthetic checkpoint, check every byte.
+    Demo {
+        /// Number of replicas.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Size of the synthetic checkpoint.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Work directory (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Chunk size.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size_u32)]
+        chunk_size: u32,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4194304, 4M, 4MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use K, M, G, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_size_u32(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    let (min, max) = (shardcast::wire::MIN_CHUNK, shardcast::wire::MAX_CHUNK);
+    if n < u64::from(min) || n > u64::from(max) {
+        return Err(format!("chunk size must be between {} KiB and {} MiB", min >> 10, max >> 20));
+    }
+    Ok(n as u32)
+}
+
+fn init_logging(format: &str, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDCAST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    shardcast::raise_nofile_limit();
+    let code = match cli.cmd {
+        Cmd::Serve { listen, root, keep, pool_mb, transport, idle_timeout, max_sessions } => {
+            init_logging(&cli.log_format, "info");
+            let mut opts = ServeOptions::new(listen, root);
+            opts.keep = keep;
+            opts.pool_bytes = pool_mb << 20;
+            opts.transport = transport;
+            opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
+            opts.max_sessions = max_sessions.max(1);
+            let root = opts.root.clone();
+            match Server::bind(opts) {
+                Ok(server) => {
+                    let pinned = shardcast::pool::memlock_limit().map_or("unknown".into(), |l| {
+                        if l == u64::MAX { "unlimited".into() } else { format!("{} KiB", l >> 10) }
+                    });
+                    tracing::info!(
+                        "listening on {} (root {}, keep {keep}, pool {pool_mb} MiB per push, memlock limit {pinned}{})",
+                        server.local_addr(),
+                        root.display(),
+                        if std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_some() {
+                            ", DIGEST VERIFICATION OFF (benchmark)"
+                        } else {
+                            ""
+                        }
+                    );
+                    server.run();
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
+        Cmd::Push {
+            source,
+            name,
+            version,
+            to,
+            chunk_size,
+            mode,
+            transport,
+            pool_mb,
+            connect_timeout,
+            idle_timeout,
+            json,
+        } => {
+            init_logging(&cli.log_format, "warn");
+            debug_assert_eq!(mode, "sync");
+            let mut opts = PushOptions::new(name, version, to);
+            opts.chunk_size = chunk_size;
+            opts.mode = Mode::Sync;
+            opts.transport = transport;
+            opts.pool_bytes = pool_mb.max(1) << 20;
+            opts.io = IoChoice::from_env();
+            opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
+            opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
+            run_push(&source, &opts, json)
+        }
+        Cmd::Status { addr, json } => {
+            init_logging(&cli.log_format, "warn");
+            match shardcast::server::status(&addr, Duration::from_secs(10)) {
+                Ok(sets) => {
+                    if json {
+                        println!("{}", json!({ "node": addr, "sets": sets }));
+                    } else if sets.is_empty() {
+                        println!("{addr}: no shard sets");
+                    } else {
+                        println!("{addr}:");
+                        for s in sets {
+                            let cur = s.current.map_or("-".into(), |c| c.to_string());
+                            let vs: Vec<String> = s.versions.iter().map(u64::to_string).collect();
+                            println!("  {:<24} current {cur:<10} versions {}", s.name, vs.join(", "));
+                        }
+                    }
+                    0
+                }
+                Err(e) => {
+                    if json {
+                        println!("{}", json!({ "node": addr, "error": { "kind": e.kind, "message": e.message } }));
+                    }
+                    eprintln!("error: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
+        Cmd::Verify { root, name, version, json } => {
+            init_logging(&cli.log_format, "warn");
+            match shardcast::store::verify(&root, &name, version) {
+                Ok(s) => {
+                    if json {
+                        println!("{}", json!({ "ok": true, "summary": s }));
+                    } else {
+                        println!(
+                            "{}@{}: {} files, {} bytes, {} chunks verified",
+                            s.name, s.version, s.files, s.bytes, s.chunks
+                        );
+                    }
+                    0
+                }
+                Err(e) => {
+                    if json {
+                        println!("{}", json!({ "ok": false, "error": e.to_string() }));
+                    }
+                    eprintln!("error: {e}");
+                    match e {
+                        VerifyError::NotFound(_) => EXIT_USAGE,
+                        _ => EXIT_FAILED,
+                    }
+                }
+            }
+        }
+        Cmd::Demo { replicas, size, dir, chunk_size } => {
+            init_logging(&cli.log_format, "warn");
+            match demo::run(demo::DemoArgs { replicas: replicas.max(1), size, dir, chunk_size }) {
+                Ok(_) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    EXIT_FAILED
+                }
+            }
+        }
+    };
+    ExitCode::from(code)
+}
+
+fn report_json(r: &PushReport) -> serde_json::Value {
+    let replicas: Vec<_> = r
+        .replicas
+        .iter()
+        .map(|rep| match &rep.outcome {
+            Outcome::Published => json!({ "node": rep.node, "status": "published" }),
+            Outcome::Failed(e) => {
+                json!({ "node": rep.node, "status": "failed", "error": { "kind": e.kind, "message": e.message } })
+            }
+        })
+        .collect();
+    json!({
+        "name": r.name, "version": r.version, "bytes": r.bytes, "files": r.files, "chunks": r.chunks,
+        "seconds": r.seconds, "manifest_seconds": r.manifest_seconds, "gbps": r.rate() / 1e9,
+        "ok": r.ok(), "replicas": replicas,
+    })
+}
+
+fn run_push(source: &std::path::Path, opts: &PushOptions, json: bool) -> u8 {
+    match shardcast::push(source, opts, None) {
+        Ok(r) => {
+            if json {
+                println!("{}", report_json(&r));
+            } else {
+                println!(
+                    "{}@{}: {} bytes in {} files, {:.2} s, {:.2} GB/s",
+                    r.name,
+                    r.version,
+                    r.bytes,
+                    r.files,
+                    r.seconds,
+                    r.rate() / 1e9
+                );
+                for rep in &r.replicas {
+                    match &rep.outcome {
+                        Outcome::Published => println!("  {:<22} published", rep.node),
+                        Outcome::Failed(e) => println!("  {:<22} failed: {e}", rep.node),
+                    }
+                }
+            }
+            for rep in &r.replicas {
+                if let Outcome::Failed(e) = &rep.outcome {
+                    eprintln!("error: replica {}: {e}", rep.node);
+                }
+            }
+            if r.ok() {
+                0
+            } else if r.published() > 0 {
+                EXIT_PARTIAL
+            } else {
+                EXIT_FAILED
+            }
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "name": opts.name, "version": opts.version, "ok": false,
+                        "error": { "node": e.node(), "kind": e.kind(), "message": e.to_string() },
+                    })
+                );
+            }
+            eprintln!("error: {e}");
+            if e.is_input_error() || matches!(e, PushError::Unsupported(_)) { EXIT_USAGE } else { EXIT_FAILED }
+        }
+    }
+}

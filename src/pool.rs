@@ -1,0 +1,212 @@
+//! The bounded pool of pinned buffers a session moves chunks through.
+//!
+//! One anonymous mapping holds `slots` chunk slots (each a frame header plus a chunk) and three
+//! small control areas (for ACK/END/RESULT frames). The mapping is advised to huge pages
+//! before its first touch and then locked (`mlock`), which both faults it in and pins it; when
+//! the memlock limit refuses, the pool still works unpinned and a warning says what to raise.
+//! The whole mapping is registered with io_uring once (see `io::uring`).
+//!
+//! The pool bounds a node's memory and gives backpressure: a session that has no free slot
+//! stops reading from its upstream until a slot is released.
+
+use std::io;
+use std::sync::Once;
+
+use memmap2::{Advice, MmapMut, MmapOptions};
+
+use crate::wire::{HEADER_LEN, MAX_REPORTS};
+
+/// Index of a slot in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(pub u16);
+
+/// The control areas, one per direction that sends or receives control frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ctrl {
+    /// Receives ACK / RESULT frames from downstream.
+    DownRecv = 0,
+    /// Sends ACK / RESULT frames upstream.
+    UpSend = 1,
+    /// Sends the END frame downstream.
+    DownSend = 2,
+}
+
+/// Size of one control area: a header and the largest report list.
+pub const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
+const CTRL_AREAS: usize = 3;
+
+/// A pinned buffer pool of fixed-size slots.
+#[derive(Debug)]
+pub struct Pool {
+    map: MmapMut,
+    slot_size: usize,
+    slots: usize,
+    free: Vec<SlotId>,
+    leased: Vec<bool>,
+    locked: bool,
+}
+
+// SAFETY: the pool owns its mapping; the raw pointer inside MmapMut is only an address, and all
+// access to slot memory goes through `&self`/`&mut self` methods or I/O ops whose contract is
+// documented on the `unsafe` accessors below.
+unsafe impl Send for Pool {}
+
+static MEMLOCK_WARNING: Once = Once::new();
+
+impl Pool {
+    /// A pool of `slots` slots, each holding a frame header and `chunk_size` bytes.
+    pub fn new(slots: usize, chunk_size: u32) -> io::Result<Self> {
+        let slots = slots.clamp(2, usize::from(u16::MAX));
+        // Round slots to 4 KiB so that every payload starts at the same offset in a page.
+        let slot_size = (HEADER_LEN + chunk_size as usize).next_multiple_of(4096);
+        let len = slot_size * slots + CTRL_LEN * CTRL_AREAS;
+        let map = MmapOptions::new().len(len).map_anon()?;
+        // Advice first, before any page is touched: afterwards it finds no huge pages to make.
+        let _ = map.advise(Advice::HugePage);
+        let locked = match map.lock() {
+            Ok(()) => true,
+            Err(e) => {
+                MEMLOCK_WARNING.call_once(|| {
+                    let limit = memlock_limit();
+                    tracing::warn!(
+                        "could not pin the {} MiB buffer pool in memory ({e}; RLIMIT_MEMLOCK is {}): \
+                         raise `ulimit -l` to at least {} KiB or grant CAP_IPC_LOCK; continuing unpinned",
+                        len >> 20,
+                        limit.map_or("unknown".into(), |l| format!("{} KiB", l >> 10)),
+                        len.div_ceil(1024),
+                    );
+                });
+                false
+            }
+        };
+        let free = (0..slots as u16).rev().map(SlotId).collect();
+        Ok(Self { map, slot_size, slots, free, leased: vec![false; slots], locked })
+    }
+
+    /// A pool that holds about `bytes` bytes of chunk slots (at least 4 slots).
+    pub fn with_budget(bytes: usize, chunk_size: u32) -> io::Result<Self> {
+        let per = HEADER_LEN + chunk_size as usize;
+        Self::new((bytes / per).max(4), chunk_size)
+    }
+
+    /// Whether the pool is pinned (mlocked).
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+    /// Slots not leased.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+    /// Total bytes of the mapping.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Whether the mapping is empty (never: a pool has at least two slots).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    /// Base address of the mapping (for io_uring buffer registration).
+    pub fn base(&self) -> *mut u8 {
+        self.map.as_ptr().cast_mut()
+    }
+
+    /// Takes a free slot, or `None` when every slot is leased.
+    pub fn lease(&mut self) -> Option<SlotId> {
+        let id = self.free.pop()?;
+        self.leased[usize::from(id.0)] = true;
+        Some(id)
+    }
+
+    /// Returns a leased slot.
+    ///
+    /// # Panics
+    /// When the slot is not leased: returning a slot twice would let two chunks share it.
+    pub fn release(&mut self, id: SlotId) {
+        let leased = &mut self.leased[usize::from(id.0)];
+        assert!(*leased, "slot {} released twice", id.0);
+        *leased = false;
+        self.free.push(id);
+    }
+
+    /// Address of byte `off` of slot `id` (for I/O submission).
+    pub fn slot_ptr(&self, id: SlotId, off: usize) -> *mut u8 {
+        assert!(usize::from(id.0) < self.slots && off <= self.slot_size);
+        // SAFETY: the offset stays inside the mapping (checked above).
+        unsafe { self.base().add(usize::from(id.0) * self.slot_size + off) }
+    }
+
+    /// Address of a control area.
+    pub fn ctrl_ptr(&self, area: Ctrl) -> *mut u8 {
+        // SAFETY: the control areas follow the slots inside the mapping.
+        unsafe { self.base().add(self.slots * self.slot_size + area as usize * CTRL_LEN) }
+    }
+
+    /// Bytes `off..off+len` of slot `id`.
+    ///
+    /// # Safety
+    /// No I/O operation that writes into this range may be in flight.
+    pub unsafe fn slot_bytes(&self, id: SlotId, off: usize, len: usize) -> &[u8] {
+        assert!(off + len <= self.slot_size);
+        // SAFETY: the range is inside the slot (checked) and, by the caller's promise, nothing
+        // writes into it while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.slot_ptr(id, off), len) }
+    }
+
+    /// Mutable bytes `off..off+len` of slot `id`.
+    ///
+    /// # Safety
+    /// No I/O operation may be in flight on this range.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_bytes_mut(&self, id: SlotId, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= self.slot_size);
+        // SAFETY: as for `slot_bytes`, and no other reference to the range exists.
+        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(id, off), len) }
+    }
+
+    /// Bytes `0..len` of a control area.
+    ///
+    /// # Safety
+    /// No I/O operation may be in flight on this area.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn ctrl_bytes(&self, area: Ctrl, len: usize) -> &mut [u8] {
+        assert!(len <= CTRL_LEN);
+        // SAFETY: the area is inside the mapping and, by the caller's promise, idle.
+        unsafe { std::slice::from_raw_parts_mut(self.ctrl_ptr(area), len) }
+    }
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes, if it can be read.
+pub fn memlock_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only into the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    (rc == 0).then_some(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_and_release_bound_the_pool() {
+        let mut p = Pool::new(4, 4096).unwrap();
+        let ids: Vec<_> = std::iter::from_fn(|| p.lease()).collect();
+        assert_eq!(ids.len(), 4);
+        assert_eq!(p.free_slots(), 0);
+        p.release(ids[2]);
+        assert_eq!(p.lease(), Some(ids[2]));
+    }
+
+    #[test]
+    #[should_panic(expected = "released twice")]
+    fn double_release_panics() {
+        let mut p = Pool::new(2, 4096).unwrap();
+        let id = p.lease().unwrap();
+        p.release(id);
+        p.release(id);
+    }
+}

@@ -1,0 +1,243 @@
+//! The primary side of a push: describe the source, set up the chain, stream, collect reports.
+
+use std::fs::File;
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::chain::{Local, Progress, Session, SessionConfig, SessionEnd};
+use crate::error::{ErrorKind, NodeError, PushError};
+use crate::io::IoChoice;
+use crate::manifest::{DEFAULT_CHUNK, EntryKind, Manifest};
+use crate::proto::Role;
+use crate::store::check_name;
+use crate::transport::Transport;
+use crate::wire::{self, Hello, Kind, Mode, Outcome, ReplicaReport};
+
+/// What to push, where, and how.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Shard set name.
+    pub name: String,
+    /// Version to publish.
+    pub version: u64,
+    /// The chain, first replica first.
+    pub to: Vec<String>,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Replication mode.
+    pub mode: Mode,
+    /// Transport choice.
+    pub transport: Transport,
+    /// Pool bytes on the primary.
+    pub pool_bytes: usize,
+    /// Executor choice.
+    pub io: IoChoice,
+    /// How long to wait for a connection and for the chain to accept.
+    pub connect_timeout: Duration,
+    /// Give up when nothing moves for this long.
+    pub idle_timeout: Duration,
+}
+
+impl PushOptions {
+    /// Options with defaults: 4 MiB chunks, sync mode, 64 MiB pool.
+    pub fn new(name: impl Into<String>, version: u64, to: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            version,
+            to,
+            chunk_size: DEFAULT_CHUNK,
+            mode: Mode::Sync,
+            transport: Transport::Auto,
+            pool_bytes: 64 << 20,
+            io: IoChoice::from_env(),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The outcome of a push that ran to the end of the chain.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    /// Shard set name.
+    pub name: String,
+    /// Version.
+    pub version: u64,
+    /// Bytes of file data.
+    pub bytes: u64,
+    /// Number of files.
+    pub files: usize,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Wall time from start (including hashing the source) to the last report.
+    pub seconds: f64,
+    /// Seconds spent hashing the source before streaming.
+    pub manifest_seconds: f64,
+    /// One report per replica, in chain order.
+    pub replicas: Vec<ReplicaReport>,
+}
+
+impl PushReport {
+    /// Replicas that published.
+    pub fn published(&self) -> usize {
+        self.replicas.iter().filter(|r| r.outcome == Outcome::Published).count()
+    }
+    /// Whether every replica published.
+    pub fn ok(&self) -> bool {
+        self.published() == self.replicas.len()
+    }
+    /// Bytes per second of wall time (decimal GB/s = this / 1e9).
+    pub fn rate(&self) -> f64 {
+        if self.seconds > 0.0 { self.bytes as f64 / self.seconds } else { 0.0 }
+    }
+}
+
+/// Connects to `node` within `timeout`, trying each address it resolves to.
+pub(crate) fn connect(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        NodeError::new(ErrorKind::Unreachable, format!("replica {node} is unreachable: {e}"))
+    };
+    let addrs = node.to_socket_addrs().map_err(|e| unreachable(&e))?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(unreachable(&last))
+}
+
+/// Sends HELLO to the first node and waits for the whole chain's answer.
+pub(crate) fn handshake(stream: &mut TcpStream, hello: &Hello, timeout: Duration) -> Result<(), Vec<ReplicaReport>> {
+    let node = hello.you.clone();
+    let lost = |e: &dyn std::fmt::Display| {
+        vec![ReplicaReport::failed(
+            &node,
+            NodeError::new(ErrorKind::ConnectionLost, format!("connection to {node} lost during the handshake: {e}")),
+        )]
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
+    wire::write_frame(stream, Kind::Hello, 0, &hello.encode()).map_err(|e| lost(&e))?;
+    let frame = wire::read_frame(stream).map_err(|e| match e {
+        wire::ReadFrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            vec![ReplicaReport::failed(
+                &node,
+                NodeError::new(ErrorKind::Stalled, format!("{node} did not answer within {} s", timeout.as_secs())),
+            )]
+        }
+        e => lost(&e),
+    })?;
+    stream.set_read_timeout(None).map_err(|e| lost(&e))?;
+    match frame.header.kind {
+        Kind::Accept => Ok(()),
+        Kind::Reject => Err(wire::decode_reports(&frame.payload).unwrap_or_else(|e| {
+            vec![ReplicaReport::failed(
+                &node,
+                NodeError::new(ErrorKind::Protocol, format!("{node} sent a bad REJECT: {e}")),
+            )]
+        })),
+        k => Err(vec![ReplicaReport::failed(
+            &node,
+            NodeError::new(ErrorKind::Protocol, format!("{node} answered HELLO with {}", k.name())),
+        )]),
+    }
+}
+
+/// Pushes `source` (a directory or a file) to the chain `opts.to`.
+///
+/// Returns a report when the chain ran to its end (check [`PushReport::ok`]), and an error when
+/// the push could not start (bad source, unreachable or refusing replica) or the first replica
+/// could not report at all.
+pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
+    let start = Instant::now();
+    check_name(&opts.name).map_err(|e| PushError::BadInput(e.to_string()))?;
+    if opts.to.is_empty() {
+        return Err(PushError::BadInput("no replicas given (--to ADDR[,ADDR…])".into()));
+    }
+    opts.transport.resolve().map_err(PushError::Unsupported)?;
+    let manifest = Manifest::from_path(source, opts.chunk_size)?;
+    let manifest_seconds = start.elapsed().as_secs_f64();
+    let files = open_sources(source, &manifest)?;
+
+    let first = opts.to[0].clone();
+    let mut stream =
+        connect(&first, opts.connect_timeout).map_err(|error| PushError::Node { node: first.clone(), error })?;
+    let hello = Hello {
+        name: opts.name.clone(),
+        version: opts.version,
+        mode: opts.mode,
+        you: first.clone(),
+        downstream: opts.to[1..].to_vec(),
+        manifest: manifest.clone(),
+    };
+    // Every node validates, reserves and connects onward before any chunk moves: the whole
+    // chain's answer takes up to one connect timeout per hop.
+    let chain_timeout = opts.connect_timeout * (opts.to.len() as u32 + 1);
+    if let Err(reports) = handshake(&mut stream, &hello, chain_timeout) {
+        let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
+            ReplicaReport::failed(&first, NodeError::new(ErrorKind::Protocol, "refused without a reason"))
+        });
+        let Outcome::Failed(error) = r.outcome else { unreachable!("filtered above") };
+        return Err(PushError::Node { node: r.node, error });
+    }
+
+    let cfg = SessionConfig { pool_bytes: opts.pool_bytes, io: opts.io, idle_timeout: opts.idle_timeout, verify: true };
+    let session = Session::new(
+        Role::Primary,
+        "",
+        opts.to.clone(),
+        &manifest,
+        Local::Source(files),
+        None,
+        Some(stream.as_raw_fd()),
+        cfg,
+        progress,
+    )
+    .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
+    tracing::debug!(io = session.io_name(), pinned = session.pool_locked(), "streaming");
+    let end = session.run();
+    drop(stream);
+    let replicas = match end {
+        SessionEnd::Finished(reports) => reports,
+        SessionEnd::Aborted(error) if error.kind == ErrorKind::Source => {
+            return Err(PushError::Node { node: "primary".into(), error });
+        }
+        SessionEnd::Aborted(error) => return Err(PushError::Node { node: first, error }),
+        SessionEnd::UpstreamLost(why) => unreachable!("the primary has no upstream ({why})"),
+    };
+    Ok(PushReport {
+        name: opts.name.clone(),
+        version: opts.version,
+        bytes: manifest.total_bytes(),
+        files: manifest.file_count(),
+        chunks: manifest.chunk_count(),
+        seconds: start.elapsed().as_secs_f64(),
+        manifest_seconds,
+        replicas,
+    })
+}
+
+/// Opens every source file that has chunks.
+fn open_sources(source: &Path, manifest: &Manifest) -> Result<Vec<Option<File>>, PushError> {
+    let is_file = source.is_file();
+    manifest
+        .entries()
+        .iter()
+        .map(|e| {
+            if e.kind != EntryKind::File || e.size == 0 {
+                return Ok(None);
+            }
+            let path: PathBuf = if is_file { source.to_owned() } else { source.join(&e.path) };
+            File::open(&path)
+                .map(Some)
+                .map_err(|err| PushError::Source(crate::error::ManifestError::Source { path, source: err }))
+        })
+        .collect()
+}

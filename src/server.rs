@@ -1,0 +1,372 @@
+//! `shardcast serve`: accepts pushes and status requests, one thread per connection.
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::chain::{Local, Session, SessionConfig, SessionEnd};
+use crate::error::{ErrorKind, NodeError, ServeError};
+use crate::io::IoChoice;
+use crate::proto::Role;
+use crate::push::{connect, handshake};
+use crate::store::Store;
+use crate::transport::Transport;
+use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
+
+/// How a replica server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: String,
+    /// Root directory of the store.
+    pub root: PathBuf,
+    /// Versions kept per name.
+    pub keep: usize,
+    /// Pool bytes per session.
+    pub pool_bytes: usize,
+    /// Transport choice.
+    pub transport: Transport,
+    /// Executor choice.
+    pub io: IoChoice,
+    /// A session with no progress for this long is dropped.
+    pub idle_timeout: Duration,
+    /// How long a peer may take to send its first frame, and downstream to answer.
+    pub handshake_timeout: Duration,
+    /// Most sessions at once; more are refused.
+    pub max_sessions: usize,
+    /// Verify chunk digests on arrival (turned off only to measure what verifying costs).
+    pub verify: bool,
+}
+
+impl ServeOptions {
+    /// Defaults: keep 2, 64 MiB pool per session, 120 s idle timeout, 64 sessions.
+    pub fn new(listen: impl Into<String>, root: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: listen.into(),
+            root: root.into(),
+            keep: 2,
+            pool_bytes: 64 << 20,
+            transport: Transport::Auto,
+            io: IoChoice::from_env(),
+            idle_timeout: Duration::from_secs(120),
+            handshake_timeout: Duration::from_secs(30),
+            max_sessions: 64,
+            verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
+        }
+    }
+}
+
+/// A bound replica server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    store: Arc<Store>,
+    opts: ServeOptions,
+    addr: SocketAddr,
+}
+
+/// A server running on a background thread; stops when dropped.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Server {
+    /// Opens the store and binds the listener.
+    pub fn bind(opts: ServeOptions) -> Result<Self, ServeError> {
+        opts.transport.resolve().map_err(ServeError::Unsupported)?;
+        let store = Store::open(&opts.root, opts.keep)?;
+        let listener =
+            TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
+        Ok(Self { listener, store, opts, addr })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until the process ends.
+    pub fn run(self) {
+        self.run_until(&AtomicBool::new(false));
+    }
+
+    /// Serves on a background thread.
+    pub fn spawn(self) -> ServerHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr = self.addr;
+        let s2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("shardcast-serve".into())
+            .spawn(move || self.run_until(&s2))
+            .expect("spawn server thread");
+        ServerHandle { addr, stop, thread: Some(thread) }
+    }
+
+    fn run_until(self, stop: &AtomicBool) {
+        let active = Arc::new(AtomicUsize::new(0));
+        let opts = Arc::new(self.opts);
+        for conn in self.listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            if active.load(Ordering::SeqCst) >= opts.max_sessions {
+                tracing::warn!(%peer, "refused: {} sessions already running", opts.max_sessions);
+                let mut c = conn;
+                let _ = reject(
+                    &mut c,
+                    &self.addr.to_string(),
+                    NodeError::new(
+                        ErrorKind::Busy,
+                        format!("replica busy: {} sessions already running", opts.max_sessions),
+                    ),
+                );
+                continue;
+            }
+            active.fetch_add(1, Ordering::SeqCst);
+            let (store, opts, active, me) =
+                (Arc::clone(&self.store), Arc::clone(&opts), Arc::clone(&active), self.addr.to_string());
+            let spawned = std::thread::Builder::new().name("shardcast-session".into()).spawn(move || {
+                handle(conn, &peer, &me, &store, &opts);
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a session thread: {e}");
+            }
+        }
+    }
+}
+
+fn reject(conn: &mut TcpStream, node: &str, error: NodeError) -> io::Result<()> {
+    reject_reports(conn, &[ReplicaReport::failed(node, error)])
+}
+
+fn reject_reports(conn: &mut TcpStream, reports: &[ReplicaReport]) -> io::Result<()> {
+    wire::write_frame(conn, Kind::Reject, 0, &wire::encode_reports(reports))?;
+    linger_close(conn);
+    Ok(())
+}
+
+/// Closes our sending side and reads until the peer closes, for at most a moment, so that the
+/// last frame we sent is not destroyed by a reset caused by unread data.
+fn linger_close(conn: &mut TcpStream) {
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = [0u8; 64 << 10];
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match conn.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, opts: &ServeOptions) {
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
+    let frame = match wire::read_frame(&mut conn) {
+        Ok(f) => f,
+        Err(ReadFrameError::Io(e)) => {
+            tracing::debug!(%peer, "connection closed before a full frame: {e}");
+            return;
+        }
+        Err(ReadFrameError::Wire(e)) => {
+            tracing::warn!(%peer, "refused: {e}");
+            let _ = reject(&mut conn, me, NodeError::new(ErrorKind::Protocol, format!("refused: {e}")));
+            return;
+        }
+    };
+    match frame.header.kind {
+        Kind::StatusReq => {
+            let result = store.list().map(|sets| wire::encode_status(&sets));
+            match result {
+                Ok(payload) => {
+                    let _ = wire::write_frame(&mut conn, Kind::StatusResp, 0, &payload);
+                }
+                Err(e) => {
+                    let _ = reject(&mut conn, me, e.to_node_error());
+                }
+            }
+        }
+        Kind::Hello => {
+            let hello = match Hello::decode(&frame.payload) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(%peer, "refused HELLO: {e}");
+                    let _ = reject(&mut conn, me, e);
+                    return;
+                }
+            };
+            push_session(conn, peer, hello, store, opts);
+        }
+        k => {
+            tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());
+            let _ = reject(
+                &mut conn,
+                me,
+                NodeError::new(
+                    ErrorKind::Protocol,
+                    format!("unexpected {} frame: a session starts with HELLO or STATUS_REQ", k.name()),
+                ),
+            );
+        }
+    }
+}
+
+fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store>, opts: &ServeOptions) {
+    let me = hello.you.clone();
+    let span = tracing::info_span!("push", name = %hello.name, version = hello.version, %peer);
+    let _enter = span.enter();
+    let staging = match store.begin(&hello.name, hello.version, &hello.manifest) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("refused: {e}");
+            let _ = reject(&mut conn, &me, e.to_node_error());
+            return;
+        }
+    };
+    // Onward connection, then the rest of the chain's answer, before accepting.
+    let mut down = None;
+    if let Some(next) = hello.downstream.first() {
+        let mut stream = match connect(next, opts.handshake_timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("refused: {e}");
+                let _ = reject(&mut conn, next, e);
+                return;
+            }
+        };
+        let onward = Hello { you: next.clone(), downstream: hello.downstream[1..].to_vec(), ..hello.clone() };
+        let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
+        if let Err(reports) = handshake(&mut stream, &onward, timeout) {
+            tracing::warn!("downstream refused: {:?}", reports.first());
+            let _ = reject_reports(&mut conn, &reports);
+            return;
+        }
+        down = Some(stream);
+    }
+    if let Err(e) = wire::write_frame(&mut conn, Kind::Accept, 0, &[]) {
+        tracing::warn!("upstream went away before the push started: {e}");
+        return;
+    }
+    let _ = conn.set_read_timeout(None);
+    let manifest = hello.manifest;
+    tracing::info!(
+        bytes = manifest.total_bytes(),
+        chunks = manifest.chunk_count(),
+        downstream = hello.downstream.len(),
+        "receiving"
+    );
+    let cfg = SessionConfig {
+        pool_bytes: opts.pool_bytes,
+        io: opts.io,
+        idle_timeout: opts.idle_timeout,
+        verify: opts.verify,
+    };
+    let session = match Session::new(
+        Role::Replica,
+        &me,
+        hello.downstream.clone(),
+        &manifest,
+        Local::Staging(Some(staging)),
+        Some(conn.as_raw_fd()),
+        down.as_ref().map(AsRawFd::as_raw_fd),
+        cfg,
+        None,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot set up the session's buffer pool: {e}");
+            let _ = wire::write_frame(
+                &mut conn,
+                Kind::Result,
+                0,
+                &wire::encode_reports(&[ReplicaReport::failed(
+                    &me,
+                    NodeError::io("cannot set up the buffer pool", &e),
+                )]),
+            );
+            return;
+        }
+    };
+    match session.run() {
+        SessionEnd::Finished(reports) => {
+            tracing::info!("push finished: {}", summary(&reports));
+            linger_close(&mut conn);
+        }
+        SessionEnd::Aborted(e) => {
+            tracing::warn!("push aborted: {e}");
+            linger_close(&mut conn);
+        }
+        SessionEnd::UpstreamLost(why) => tracing::warn!("push abandoned, nothing published: {why}"),
+    }
+}
+
+fn summary(reports: &[ReplicaReport]) -> String {
+    reports
+        .iter()
+        .map(|r| match &r.outcome {
+            wire::Outcome::Published => format!("{} published", r.node),
+            wire::Outcome::Failed(e) => format!("{} failed ({})", r.node, e.message),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Asks a replica what it holds.
+pub fn status(node: &str, timeout: Duration) -> Result<Vec<wire::SetStatus>, NodeError> {
+    let mut s = connect(node, timeout)?;
+    let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
+    s.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
+    wire::write_frame(&mut s, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;
+    let f = wire::read_frame(&mut s).map_err(|e| lost(&e))?;
+    match f.header.kind {
+        Kind::StatusResp => {
+            wire::decode_status(&f.payload).map_err(|e| NodeError::new(ErrorKind::Protocol, format!("{node}: {e}")))
+        }
+        Kind::Reject => {
+            let reports = wire::decode_reports(&f.payload).unwrap_or_default();
+            Err(match reports.into_iter().next().map(|r| r.outcome) {
+                Some(wire::Outcome::Failed(e)) => e,
+                _ => NodeError::new(ErrorKind::Protocol, format!("{node} refused the status request")),
+            })
+        }
+        k => Err(NodeError::new(ErrorKind::Protocol, format!("{node} answered with {}", k.name()))),
+    }
+}

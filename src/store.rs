@@ -1,0 +1,422 @@
+//! A replica's store: staging, atomic publish, retention, listing and verification.
+//!
+//! Layout under the root (see ARCHITECTURE.md):
+//! ```text
+//! ROOT/.staging/NAME@VERSION.<pid>.<n>/data/…   being received
+//! ROOT/NAME/VERSION/…                           published data, the pushed tree byte for byte
+//! ROOT/NAME/VERSION.manifest                    its manifest; a version exists iff this exists
+//! ROOT/NAME/current -> VERSION                  flipped by an atomic rename
+//! ```
+//! Publishing renames the synced data directory into place first and the manifest second, so
+//! a crash in between leaves a version directory without a manifest, which is not a version:
+//! listings skip it and the next push of that version removes it.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{StoreError, VerifyError};
+use crate::manifest::{EntryKind, Manifest, digest, set_mode};
+use crate::wire::SetStatus;
+
+const STAGING: &str = ".staging";
+const CURRENT: &str = "current";
+const MANIFEST_EXT: &str = "manifest";
+/// Space kept free beyond a push's bytes (metadata, manifest): 16 MiB.
+const SPACE_MARGIN: u64 = 16 << 20;
+
+/// Checks a shard set name: `[A-Za-z0-9._-]{1,128}`, not starting with `.`.
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok { Ok(()) } else { Err(StoreError::BadName(name.to_owned())) }
+}
+
+/// A replica's root directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    keep: usize,
+    receiving: Mutex<HashSet<(String, u64)>>,
+    counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) a root that keeps the newest `keep` versions of each name.
+    /// Staging left by an earlier process is removed: this process owns the root.
+    pub fn open(root: &Path, keep: usize) -> Result<Arc<Self>, StoreError> {
+        let staging = root.join(STAGING);
+        fs::create_dir_all(&staging).map_err(|e| StoreError::io(format!("cannot create {}", staging.display()), e))?;
+        let root =
+            fs::canonicalize(root).map_err(|e| StoreError::io(format!("cannot resolve {}", root.display()), e))?;
+        if let Ok(dir) = fs::read_dir(&staging) {
+            for entry in dir.flatten() {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(Arc::new(Self {
+            root,
+            keep: keep.max(1),
+            receiving: Mutex::new(HashSet::new()),
+            counter: AtomicU64::new(0),
+        }))
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn manifest_path(&self, name: &str, version: u64) -> PathBuf {
+        self.root.join(name).join(format!("{version}.{MANIFEST_EXT}"))
+    }
+
+    /// Whether `name@version` is published.
+    pub fn exists(&self, name: &str, version: u64) -> bool {
+        self.manifest_path(name, version).exists()
+    }
+
+    /// Prepares to receive `name@version`: refuses an existing version, a concurrent push of the
+    /// same version, or a push larger than the free space; then creates the staging tree.
+    pub fn begin(self: &Arc<Self>, name: &str, version: u64, manifest: &Manifest) -> Result<Staging, StoreError> {
+        check_name(name)?;
+        if self.exists(name, version) {
+            return Err(StoreError::VersionExists { name: name.into(), version });
+        }
+        if !self.receiving.lock().expect("store lock").insert((name.to_owned(), version)) {
+            return Err(StoreError::Busy { name: name.into(), version });
+        }
+        // From here on the guard in Staging releases the reservation, whatever happens.
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join(STAGING).join(format!("{name}@{version}.{}.{n}", std::process::id()));
+        let mut staging = Staging {
+            store: Arc::clone(self),
+            name: name.to_owned(),
+            version,
+            dir,
+            manifest: manifest.clone(),
+            files: Vec::new(),
+            done: false,
+        };
+        // A version directory without its manifest is a leftover of a crash during publish.
+        let leftover = self.root.join(name).join(version.to_string());
+        if leftover.exists() {
+            fs::remove_dir_all(&leftover)
+                .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
+        }
+        let needed = manifest.total_bytes();
+        let available =
+            free_bytes(&self.root).map_err(|e| StoreError::io(format!("cannot stat {}", self.root.display()), e))?;
+        if needed.saturating_add(SPACE_MARGIN) > available {
+            return Err(StoreError::NoSpace { root: self.root.clone(), needed, available });
+        }
+        staging.create()?;
+        Ok(staging)
+    }
+
+    /// Every shard set under the root with its versions.
+    pub fn list(&self) -> Result<Vec<SetStatus>, StoreError> {
+        let mut out = Vec::new();
+        let dir =
+            fs::read_dir(&self.root).map_err(|e| StoreError::io(format!("cannot list {}", self.root.display()), e))?;
+        let mut names: Vec<String> = dir
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| check_name(n).is_ok())
+            .collect();
+        names.sort();
+        for name in names {
+            let versions = self.versions(&name);
+            let current = read_current(&self.root.join(&name));
+            if !versions.is_empty() || current.is_some() {
+                out.push(SetStatus { name, current, versions });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Published versions of `name`, ascending.
+    pub fn versions(&self, name: &str) -> Vec<u64> {
+        let mut v: Vec<u64> = fs::read_dir(self.root.join(name))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                n.strip_suffix(".manifest")?.parse().ok()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Removes the oldest versions of `name` beyond `keep`, never the current one.
+    fn retain(&self, name: &str) {
+        let versions = self.versions(name);
+        let current = read_current(&self.root.join(name));
+        let excess = versions.len().saturating_sub(self.keep);
+        for &v in versions.iter().take(excess) {
+            if Some(v) == current {
+                continue;
+            }
+            // Manifest first: the version stops existing before its data goes.
+            let _ = fs::remove_file(self.manifest_path(name, v));
+            let _ = fs::remove_dir_all(self.root.join(name).join(v.to_string()));
+            tracing::info!(name, version = v, "retention: removed old version");
+        }
+    }
+}
+
+fn read_current(dir: &Path) -> Option<u64> {
+    fs::read_link(dir.join(CURRENT)).ok()?.to_str()?.parse().ok()
+}
+
+fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe_zeroed_statvfs();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail * st.f_frsize)
+}
+
+fn unsafe_zeroed_statvfs() -> libc::statvfs {
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are valid.
+    unsafe { std::mem::zeroed() }
+}
+
+fn fsync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// A version being received. Dropped without [`Staging::publish`], it removes itself.
+#[derive(Debug)]
+pub struct Staging {
+    store: Arc<Store>,
+    name: String,
+    version: u64,
+    dir: PathBuf,
+    manifest: Manifest,
+    files: Vec<Option<File>>,
+    done: bool,
+}
+
+impl Staging {
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn create(&mut self) -> Result<(), StoreError> {
+        let data = self.data();
+        let io_err = |p: &Path, e| StoreError::io(format!("cannot create {}", p.display()), e);
+        fs::create_dir_all(&data).map_err(|e| io_err(&data, e))?;
+        for e in self.manifest.entries() {
+            let path = data.join(&e.path);
+            match e.kind {
+                // Directories stay writable until sync; their modes are applied last.
+                EntryKind::Dir => fs::create_dir(&path).map_err(|err| io_err(&path, err))?,
+                EntryKind::File => {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .map_err(|err| io_err(&path, err))?;
+                    f.set_len(e.size).map_err(|err| io_err(&path, err))?;
+                    // Only files with chunks keep a descriptor open for the data path.
+                    self.files.push((e.size > 0).then_some(f));
+                    continue;
+                }
+            }
+            self.files.push(None);
+        }
+        Ok(())
+    }
+
+    /// The descriptor chunks of entry `i` are written to.
+    pub fn fd(&self, entry: usize) -> Option<RawFd> {
+        self.files.get(entry)?.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Applies modes and fsyncs every file and directory.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        let data = self.data();
+        let entries = self.manifest.entries();
+        for (i, e) in entries.iter().enumerate() {
+            if e.kind == EntryKind::File {
+                let path = data.join(&e.path);
+                let err = |err| StoreError::io(format!("cannot sync {}", path.display()), err);
+                match &self.files[i] {
+                    Some(f) => f.sync_all().map_err(err)?,
+                    None => File::open(&path).and_then(|f| f.sync_all()).map_err(err)?,
+                }
+                set_mode(&path, e.mode)
+                    .map_err(|err| StoreError::io(format!("cannot chmod {}", path.display()), err))?;
+            }
+        }
+        self.files.clear();
+        // Directories deepest first: a read-only parent must not stop its children's changes.
+        for e in entries.iter().rev().filter(|e| e.kind == EntryKind::Dir) {
+            let path = data.join(&e.path);
+            fsync_dir(&path).map_err(|err| StoreError::io(format!("cannot sync {}", path.display()), err))?;
+            set_mode(&path, e.mode).map_err(|err| StoreError::io(format!("cannot chmod {}", path.display()), err))?;
+        }
+        fsync_dir(&data).map_err(|err| StoreError::io(format!("cannot sync {}", data.display()), err))?;
+        Ok(())
+    }
+
+    /// Publishes the synced version: data into place, then the manifest, then `current`.
+    pub fn publish(mut self) -> Result<(), StoreError> {
+        let store = Arc::clone(&self.store);
+        let set_dir = store.root.join(&self.name);
+        let io_err = |what: String, e| StoreError::io(what, e);
+        fs::create_dir_all(&set_dir).map_err(|e| io_err(format!("cannot create {}", set_dir.display()), e))?;
+        let target = set_dir.join(self.version.to_string());
+        fs::rename(self.data(), &target)
+            .map_err(|e| io_err(format!("cannot move staged data to {}", target.display()), e))?;
+        // The data has moved: if anything below fails, the version directory (without manifest)
+        // is a leftover that the next push of this version removes.
+        let tmp = set_dir.join(format!(".{}.manifest.tmp", self.version));
+        let manifest_path = store.manifest_path(&self.name, self.version);
+        (|| {
+            let mut f = File::create(&tmp)?;
+            io::Write::write_all(&mut f, &self.manifest.encode())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &manifest_path)
+        })()
+        .map_err(|e| io_err(format!("cannot write {}", manifest_path.display()), e))?;
+        // `current` moves forward only: publishing an older version keeps the newer one current.
+        if read_current(&set_dir).is_none_or(|c| c < self.version) {
+            let link_tmp = set_dir.join(".current.tmp");
+            let _ = fs::remove_file(&link_tmp);
+            std::os::unix::fs::symlink(self.version.to_string(), &link_tmp)
+                .and_then(|()| fs::rename(&link_tmp, set_dir.join(CURRENT)))
+                .map_err(|e| io_err(format!("cannot update {}/current", set_dir.display()), e))?;
+        }
+        fsync_dir(&set_dir).map_err(|e| io_err(format!("cannot sync {}", set_dir.display()), e))?;
+        self.done = true;
+        let _ = fs::remove_dir_all(&self.dir);
+        tracing::info!(name = %self.name, version = self.version, "published");
+        store.retain(&self.name);
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            self.files.clear();
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+        self.store.receiving.lock().expect("store lock").remove(&(self.name.clone(), self.version));
+    }
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifySummary {
+    /// Shard set name.
+    pub name: String,
+    /// The version checked.
+    pub version: u64,
+    /// Files checked.
+    pub files: usize,
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// Chunks hashed.
+    pub chunks: u64,
+}
+
+/// Re-hashes a published version (default: `current`) against its manifest, and checks that
+/// no file is missing, extra, of another size or mode.
+pub fn verify(root: &Path, name: &str, version: Option<u64>) -> Result<VerifySummary, VerifyError> {
+    let set_dir = root.join(name);
+    let version = match version {
+        Some(v) => v,
+        None => read_current(&set_dir)
+            .ok_or_else(|| VerifyError::NotFound(format!("{name} has no current version under {}", root.display())))?,
+    };
+    let mpath = set_dir.join(format!("{version}.{MANIFEST_EXT}"));
+    let bytes = fs::read(&mpath).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            VerifyError::NotFound(format!("{name}@{version} is not published under {}", root.display()))
+        } else {
+            VerifyError::Manifest { path: mpath.clone(), error: e.to_string() }
+        }
+    })?;
+    let manifest =
+        Manifest::decode(&bytes).map_err(|e| VerifyError::Manifest { path: mpath.clone(), error: e.to_string() })?;
+    let data = set_dir.join(version.to_string());
+    let mismatch = |path: &str, what: String| VerifyError::Mismatch { path: format!("{name}/{version}/{path}"), what };
+    let mut buf = vec![0u8; manifest.chunk_size() as usize];
+    let mut listed = HashSet::new();
+    for (i, e) in manifest.entries().iter().enumerate() {
+        listed.insert(e.path.clone());
+        let path = data.join(&e.path);
+        let meta = fs::symlink_metadata(&path).map_err(|err| mismatch(&e.path, format!("missing ({err})")))?;
+        let kind_ok = match e.kind {
+            EntryKind::Dir => meta.is_dir(),
+            EntryKind::File => meta.is_file(),
+        };
+        if !kind_ok {
+            return Err(mismatch(&e.path, "is not of the kind the manifest lists".into()));
+        }
+        if meta.mode() & 0o7777 != e.mode {
+            return Err(mismatch(&e.path, format!("mode {:o}, manifest says {:o}", meta.mode() & 0o7777, e.mode)));
+        }
+        if e.kind == EntryKind::File {
+            if meta.len() != e.size {
+                return Err(mismatch(&e.path, format!("size {}, manifest says {}", meta.len(), e.size)));
+            }
+            let f = File::open(&path)
+                .map_err(|err| VerifyError::Io { context: format!("cannot open {}", path.display()), source: err })?;
+            for seq in manifest.chunk_range(i) {
+                let c = manifest.chunk(seq).expect("chunk in range");
+                let b = &mut buf[..c.len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&f, b, c.offset).map_err(|err| VerifyError::Io {
+                    context: format!("cannot read {}", path.display()),
+                    source: err,
+                })?;
+                if digest(b) != c.digest {
+                    return Err(mismatch(&e.path, format!("chunk at offset {} does not match its digest", c.offset)));
+                }
+            }
+        }
+    }
+    // Nothing extra.
+    let mut stack = vec![(data.clone(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let rd = fs::read_dir(&dir)
+            .map_err(|err| VerifyError::Io { context: format!("cannot list {}", dir.display()), source: err })?;
+        for entry in rd.flatten() {
+            let n = entry.file_name().to_string_lossy().into_owned();
+            let child = if rel.is_empty() { n } else { format!("{rel}/{n}") };
+            if !listed.contains(&child) {
+                return Err(mismatch(&child, "is not in the manifest".into()));
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((entry.path(), child));
+            }
+        }
+    }
+    Ok(VerifySummary {
+        name: name.to_owned(),
+        version,
+        files: manifest.file_count(),
+        bytes: manifest.total_bytes(),
+        chunks: manifest.chunk_count(),
+    })
+}

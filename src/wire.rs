@@ -1,0 +1,549 @@
+//! Frame formats, versioned, with explicit and bounded lengths.
+//!
+//! Every frame is a [`HEADER_LEN`]-byte [`Header`] followed by `len` payload bytes (layout in
+//! ARCHITECTURE.md). Payloads are encoded with [`Enc`] and decoded with [`Dec`], which checks
+//! every length against what is left before it reads, so garbage yields a [`WireError`], never a
+//! panic or an unbounded allocation.
+
+use std::io::{self, Read, Write};
+
+use crate::error::{ErrorKind, NodeError, WireError};
+use crate::manifest::Manifest;
+
+/// Length of a frame header in bytes.
+pub const HEADER_LEN: usize = 40;
+/// The magic that opens every frame.
+pub const MAGIC: [u8; 4] = *b"SHCS";
+/// The protocol version this build speaks.
+pub const PROTO_VERSION: u16 = 1;
+/// The largest chunk a manifest may declare.
+pub const MAX_CHUNK: u32 = 64 << 20;
+/// The smallest chunk a manifest may declare.
+pub const MIN_CHUNK: u32 = 4 << 10;
+/// The largest HELLO (it carries the manifest).
+pub const MAX_HELLO: u32 = 256 << 20;
+/// The largest REJECT / RESULT payload (a list of replica reports).
+pub const MAX_REPORTS: u32 = 1 << 20;
+/// The largest STATUS_RESP payload.
+pub const MAX_STATUS: u32 = 16 << 20;
+/// The longest string field (a path, a message, an address).
+pub const MAX_STR: usize = 4096;
+
+/// The kinds of frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Start of a push: name, version, the rest of the chain, the manifest.
+    Hello = 1,
+    /// Every node from here to the tail accepted the push.
+    Accept = 2,
+    /// A node refused the push; payload: reports.
+    Reject = 3,
+    /// One chunk: `seq` its number, `digest` its xxh3-128, payload its bytes.
+    Chunk = 4,
+    /// No more chunks; `seq` is the chunk count.
+    End = 5,
+    /// Chunks `0..seq` are written here and at every node after this one (progress; durability is what RESULT reports).
+    Ack = 6,
+    /// The outcome of the push for this node and every node after it; payload: reports.
+    Result = 7,
+    /// Asks a replica what it holds.
+    StatusReq = 8,
+    /// What a replica holds; payload: a list of shard sets.
+    StatusResp = 9,
+}
+
+impl Kind {
+    /// Decodes a kind byte.
+    pub fn from_u8(b: u8) -> Result<Self, WireError> {
+        Ok(match b {
+            1 => Self::Hello,
+            2 => Self::Accept,
+            3 => Self::Reject,
+            4 => Self::Chunk,
+            5 => Self::End,
+            6 => Self::Ack,
+            7 => Self::Result,
+            8 => Self::StatusReq,
+            9 => Self::StatusResp,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+
+    /// The frame's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "HELLO",
+            Self::Accept => "ACCEPT",
+            Self::Reject => "REJECT",
+            Self::Chunk => "CHUNK",
+            Self::End => "END",
+            Self::Ack => "ACK",
+            Self::Result => "RESULT",
+            Self::StatusReq => "STATUS_REQ",
+            Self::StatusResp => "STATUS_RESP",
+        }
+    }
+
+    /// The largest payload a frame of this kind may carry.
+    pub fn max_len(self) -> u32 {
+        match self {
+            Self::Hello => MAX_HELLO,
+            Self::Chunk => MAX_CHUNK,
+            Self::Reject | Self::Result => MAX_REPORTS,
+            Self::StatusResp => MAX_STATUS,
+            Self::Accept | Self::End | Self::Ack | Self::StatusReq => 0,
+        }
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The frame kind.
+    pub kind: Kind,
+    /// Payload length in bytes.
+    pub len: u32,
+    /// Kind-specific number (chunk number, ack point, chunk count).
+    pub seq: u64,
+    /// xxh3-128 of a CHUNK's payload; zero otherwise.
+    pub digest: u128,
+}
+
+impl Header {
+    /// A header of `kind` with everything else zero.
+    pub fn new(kind: Kind) -> Self {
+        Self { kind, len: 0, seq: 0, digest: 0 }
+    }
+
+    /// Encodes into `out`.
+    pub fn encode(&self, out: &mut [u8; HEADER_LEN]) {
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&PROTO_VERSION.to_le_bytes());
+        out[6] = self.kind as u8;
+        out[7] = 0;
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&[0; 4]);
+        out[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        out[24..40].copy_from_slice(&self.digest.to_le_bytes());
+    }
+
+    /// Encodes into a new array.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0; HEADER_LEN];
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes and checks a header: magic, version, kind, and the kind's length bound.
+    pub fn decode(buf: &[u8; HEADER_LEN]) -> Result<Self, WireError> {
+        let magic: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes(buf[4..6].try_into().expect("2 bytes"));
+        if version != PROTO_VERSION {
+            return Err(WireError::BadVersion(version));
+        }
+        let kind = Kind::from_u8(buf[6])?;
+        let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+        if len > kind.max_len() {
+            return Err(WireError::TooLong { kind: kind.name(), len: len.into(), max: kind.max_len().into() });
+        }
+        Ok(Self {
+            kind,
+            len,
+            seq: u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes")),
+            digest: u128::from_le_bytes(buf[24..40].try_into().expect("16 bytes")),
+        })
+    }
+}
+
+/// A payload encoder.
+#[derive(Debug, Default)]
+pub struct Enc(pub Vec<u8>);
+
+impl Enc {
+    /// Appends a byte.
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    /// Appends a little-endian u32.
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends a little-endian u64.
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends a little-endian u128.
+    pub fn u128(&mut self, v: u128) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends a string: u32 length, then its UTF-8 bytes (truncated to [`MAX_STR`] bytes at a
+    /// character boundary, so that what is encoded always decodes).
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        let mut end = s.len().min(MAX_STR);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.u32(end as u32);
+        self.0.extend_from_slice(&s.as_bytes()[..end]);
+        self
+    }
+}
+
+/// A payload decoder over a byte slice.
+#[derive(Debug)]
+pub struct Dec<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Dec<'a> {
+    /// A decoder over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+    /// Bytes not yet read.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated(what));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    /// Reads a byte.
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    /// Reads a little-endian u32.
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+    }
+    /// Reads a little-endian u64.
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+    }
+    /// Reads a little-endian u128.
+    pub fn u128(&mut self, what: &'static str) -> Result<u128, WireError> {
+        Ok(u128::from_le_bytes(self.take(16, what)?.try_into().expect("16")))
+    }
+    /// Reads a string of at most [`MAX_STR`] bytes.
+    pub fn str(&mut self, what: &'static str) -> Result<String, WireError> {
+        let len = self.u32(what)? as usize;
+        if len > MAX_STR {
+            return Err(WireError::Invalid(format!("{what}: {len} bytes is too long")));
+        }
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| WireError::Invalid(format!("{what}: not UTF-8")))
+    }
+    /// Reads a count and checks that at least `count * min_item` bytes remain, so that a
+    /// hostile count cannot make the caller allocate more than the frame holds.
+    pub fn count(&mut self, what: &'static str, min_item: usize) -> Result<usize, WireError> {
+        let n = self.u64(what)?;
+        let need = n.checked_mul(min_item as u64).ok_or(WireError::Truncated(what))?;
+        if need > self.buf.len() as u64 {
+            return Err(WireError::Truncated(what));
+        }
+        Ok(n as usize)
+    }
+    /// Checks that nothing is left over.
+    pub fn finish(&self, what: &'static str) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Invalid(format!("{} trailing bytes after {what}", self.buf.len())))
+        }
+    }
+}
+
+/// Replication mode of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The push returns when the tail has published.
+    Sync,
+}
+
+/// The first frame of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Shard set name.
+    pub name: String,
+    /// Version being pushed.
+    pub version: u64,
+    /// Replication mode.
+    pub mode: Mode,
+    /// The receiver's name in the chain (the address its upstream dialed); replicas report
+    /// themselves under it.
+    pub you: String,
+    /// The nodes after the receiver, in chain order.
+    pub downstream: Vec<String>,
+    /// The manifest of the version.
+    pub manifest: Manifest,
+}
+
+impl Hello {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.str(&self.name).u64(self.version).u8(match self.mode {
+            Mode::Sync => 0,
+        });
+        e.str(&self.you);
+        e.u64(self.downstream.len() as u64);
+        for node in &self.downstream {
+            e.str(node);
+        }
+        let manifest = self.manifest.encode();
+        e.0.extend_from_slice(&manifest);
+        e.0
+    }
+
+    /// Decodes and validates the payload (including the manifest's paths).
+    pub fn decode(buf: &[u8]) -> Result<Self, NodeError> {
+        let bad = |e: WireError| NodeError::new(ErrorKind::Protocol, format!("bad HELLO: {e}"));
+        let mut d = Dec::new(buf);
+        let name = d.str("name").map_err(bad)?;
+        let version = d.u64("version").map_err(bad)?;
+        let mode = match d.u8("mode").map_err(bad)? {
+            0 => Mode::Sync,
+            m => {
+                return Err(NodeError::new(
+                    ErrorKind::Unsupported,
+                    format!("replication mode {m} is not supported by this replica"),
+                ));
+            }
+        };
+        let you = d.str("you").map_err(bad)?;
+        let n = d.count("downstream", 4).map_err(bad)?;
+        let mut downstream = Vec::with_capacity(n);
+        for _ in 0..n {
+            downstream.push(d.str("downstream node").map_err(bad)?);
+        }
+        let manifest = Manifest::decode(&buf[buf.len() - d.remaining()..])
+            .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
+        Ok(Self { name, version, mode, you, downstream, manifest })
+    }
+}
+
+/// What a push achieved on one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The version is published there.
+    Published,
+    /// It is not, and why.
+    Failed(NodeError),
+}
+
+/// One replica's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaReport {
+    /// The node's address as named in the chain.
+    pub node: String,
+    /// What happened there.
+    pub outcome: Outcome,
+}
+
+impl ReplicaReport {
+    /// A failed report.
+    pub fn failed(node: impl Into<String>, error: NodeError) -> Self {
+        Self { node: node.into(), outcome: Outcome::Failed(error) }
+    }
+}
+
+/// Encodes a list of reports (REJECT and RESULT payloads).
+pub fn encode_reports(reports: &[ReplicaReport]) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u64(reports.len() as u64);
+    for r in reports {
+        e.str(&r.node);
+        match &r.outcome {
+            Outcome::Published => {
+                e.u8(0);
+            }
+            Outcome::Failed(err) => {
+                e.u8(err.kind.code()).str(&err.message);
+            }
+        }
+    }
+    e.0
+}
+
+/// Decodes a list of reports.
+pub fn decode_reports(buf: &[u8]) -> Result<Vec<ReplicaReport>, WireError> {
+    let mut d = Dec::new(buf);
+    let n = d.count("reports", 5)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let node = d.str("report node")?;
+        let outcome = match d.u8("report status")? {
+            0 => Outcome::Published,
+            code => Outcome::Failed(NodeError::new(ErrorKind::from_code(code), d.str("report message")?)),
+        };
+        out.push(ReplicaReport { node, outcome });
+    }
+    d.finish("reports")?;
+    Ok(out)
+}
+
+/// What a replica holds of one shard set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SetStatus {
+    /// Shard set name.
+    pub name: String,
+    /// The version `current` points at, if any.
+    pub current: Option<u64>,
+    /// Every published version, ascending.
+    pub versions: Vec<u64>,
+}
+
+/// Encodes a STATUS_RESP payload.
+pub fn encode_status(sets: &[SetStatus]) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u64(sets.len() as u64);
+    for s in sets {
+        e.str(&s.name);
+        match s.current {
+            Some(v) => e.u8(1).u64(v),
+            None => e.u8(0),
+        };
+        e.u64(s.versions.len() as u64);
+        for v in &s.versions {
+            e.u64(*v);
+        }
+    }
+    e.0
+}
+
+/// Decodes a STATUS_RESP payload.
+pub fn decode_status(buf: &[u8]) -> Result<Vec<SetStatus>, WireError> {
+    let mut d = Dec::new(buf);
+    let n = d.count("sets", 13)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = d.str("set name")?;
+        let current = match d.u8("current flag")? {
+            0 => None,
+            1 => Some(d.u64("current")?),
+            f => return Err(WireError::Invalid(format!("current flag {f}"))),
+        };
+        let nv = d.count("versions", 8)?;
+        let mut versions = Vec::with_capacity(nv);
+        for _ in 0..nv {
+            versions.push(d.u64("version")?);
+        }
+        out.push(SetStatus { name, current, versions });
+    }
+    d.finish("status")?;
+    Ok(out)
+}
+
+/// A frame read with blocking I/O (control plane only; chunks go through the data plane).
+#[derive(Debug)]
+pub struct Frame {
+    /// The header.
+    pub header: Header,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    /// The connection failed or closed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The bytes are not a valid frame.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+}
+
+/// Reads one frame; the payload is bounded by the header's kind.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, ReadFrameError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    r.read_exact(&mut hdr)?;
+    let header = Header::decode(&hdr)?;
+    if header.kind == Kind::Chunk {
+        // Chunks never travel through the blocking path; refusing here keeps a control read
+        // from allocating a chunk-sized buffer on a peer's say-so.
+        return Err(WireError::Unexpected { got: "CHUNK", expected: "a control frame" }.into());
+    }
+    let mut payload = vec![0u8; header.len as usize];
+    r.read_exact(&mut payload)?;
+    Ok(Frame { header, payload })
+}
+
+/// Writes one frame with a payload.
+pub fn write_frame(w: &mut impl Write, kind: Kind, seq: u64, payload: &[u8]) -> io::Result<()> {
+    let header = Header { kind, len: payload.len() as u32, seq, digest: 0 };
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+    buf.extend_from_slice(&header.to_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf)?;
+    w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = Header { kind: Kind::Chunk, len: 4096, seq: 7, digest: 0xdead_beef };
+        assert_eq!(Header::decode(&h.to_bytes()).unwrap(), h);
+    }
+
+    #[test]
+    fn header_rejects_garbage() {
+        let mut b = Header::new(Kind::Ack).to_bytes();
+        b[0] = b'X';
+        assert!(matches!(Header::decode(&b), Err(WireError::BadMagic(_))));
+        let mut b = Header::new(Kind::Ack).to_bytes();
+        b[6] = 200;
+        assert_eq!(Header::decode(&b), Err(WireError::UnknownKind(200)));
+        let mut b = Header::new(Kind::Ack).to_bytes();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(matches!(Header::decode(&b), Err(WireError::TooLong { .. })));
+        let mut b = Header::new(Kind::Hello).to_bytes();
+        b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Header::decode(&b), Err(WireError::TooLong { .. })));
+    }
+
+    #[test]
+    fn hostile_counts_do_not_allocate() {
+        let mut e = Enc::default();
+        e.u64(u64::MAX / 2);
+        assert!(decode_reports(&e.0).is_err());
+        assert!(decode_status(&e.0).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn reports_round_trip(nodes in proptest::collection::vec(("[a-z0-9.:]{0,30}", any::<bool>(), ".{0,60}"), 0..8)) {
+            let reports: Vec<ReplicaReport> = nodes.into_iter().map(|(node, ok, msg)| ReplicaReport {
+                node,
+                outcome: if ok { Outcome::Published } else { Outcome::Failed(NodeError::new(ErrorKind::DiskFull, msg)) },
+            }).collect();
+            prop_assert_eq!(decode_reports(&encode_reports(&reports)).unwrap(), reports);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_reports(&bytes);
+            let _ = decode_status(&bytes);
+            let _ = Hello::decode(&bytes);
+            if bytes.len() >= HEADER_LEN {
+                let _ = Header::decode(bytes[..HEADER_LEN].try_into().unwrap());
+            }
+        }
+    }
+}
