@@ -439,15 +439,16 @@ impl<'a> Session<'a> {
             && !self.up_gone
             && let Some(up) = self.up
         {
-            let (item, bytes) = if let Some(reports) = self.up_result.take() {
+            // The newest ack goes before the result, so that upstream's progress reaches 100 %.
+            let (item, bytes) = if let Some(through) = self.up_ack.take().filter(|t| *t > self.up_ack_sent) {
+                self.up_ack_sent = through;
+                (UpItem::Ack, Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec())
+            } else if let Some(reports) = self.up_result.take() {
                 let payload = wire::encode_reports(&reports);
                 let h = Header { kind: Kind::Result, len: payload.len() as u32, seq: 0, digest: 0 };
                 let mut b = h.to_bytes().to_vec();
                 b.extend_from_slice(&payload);
                 (UpItem::Result, b)
-            } else if let Some(through) = self.up_ack.take().filter(|t| *t > self.up_ack_sent) {
-                self.up_ack_sent = through;
-                (UpItem::Ack, Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec())
             } else {
                 return Ok(());
             };
@@ -575,11 +576,10 @@ impl<'a> Session<'a> {
             }
             T_DN_RECV => self.dn_recv_done(c.result),
             T_UP_SEND => {
-                let item = self.up_sending.take().expect("an upstream send was in flight");
+                self.up_sending.take().expect("an upstream send was in flight");
                 if let Err(e) = c.result {
                     self.upstream_lost(format!("sending to upstream failed: {e}"));
                 }
-                let _ = item;
             }
             _ => unreachable!("unknown token kind {kind}"),
         }
@@ -601,37 +601,46 @@ impl<'a> Session<'a> {
                 let total = self.manifest.chunk_count();
                 match Header::decode(&bytes) {
                     Ok(h) if h.kind == Kind::Chunk => {
-                        let expected = self.manifest.chunk(h.seq);
-                        match expected {
-                            Some(c) if h.seq == self.next_recv_seq && h.len == c.len && h.digest == c.digest => {
-                                let op = Op {
-                                    kind: OpKind::Recv,
-                                    fd: self.up.expect("upstream"),
-                                    buf: self.pool.slot_ptr(slot, HEADER_LEN),
-                                    len: h.len,
-                                };
-                                // SAFETY: the slot is leased; the payload receive completes before
-                                // the slot goes to the machine.
-                                if let Err(e) = unsafe { self.io.submit(token(T_UP_RECV, 0), op) } {
-                                    self.pool.release(slot);
-                                    self.up_recv = UpRecv::Done;
-                                    self.abort(NodeError::io("submitting a receive", &e));
-                                    return;
-                                }
-                                self.up_recv = UpRecv::Payload(slot, h.seq);
-                            }
-                            _ => {
-                                self.pool.release(slot);
-                                self.up_recv = UpRecv::Done;
-                                self.abort(NodeError::new(
-                                    ErrorKind::Protocol,
-                                    format!(
-                                        "unexpected CHUNK header (seq {}, len {}) while expecting chunk {}",
-                                        h.seq, h.len, self.next_recv_seq
-                                    ),
-                                ));
-                            }
+                        let problem = match self.manifest.chunk(h.seq) {
+                            _ if h.seq != self.next_recv_seq => Some((
+                                ErrorKind::Protocol,
+                                format!("chunk {} arrived while chunk {} was expected", h.seq, self.next_recv_seq),
+                            )),
+                            None => Some((ErrorKind::Protocol, format!("chunk {} is past the end", h.seq))),
+                            Some(c) if h.len != c.len => Some((
+                                ErrorKind::Protocol,
+                                format!("chunk {} announces {} bytes, the manifest says {}", h.seq, h.len, c.len),
+                            )),
+                            Some(c) if h.digest != c.digest => Some((
+                                ErrorKind::DigestMismatch,
+                                format!(
+                                    "digest mismatch in chunk {}: its digest is not the one in the manifest",
+                                    h.seq
+                                ),
+                            )),
+                            Some(_) => None,
+                        };
+                        if let Some((kind, message)) = problem {
+                            self.pool.release(slot);
+                            self.up_recv = UpRecv::Done;
+                            self.abort(NodeError::new(kind, message));
+                            return;
                         }
+                        let op = Op {
+                            kind: OpKind::Recv,
+                            fd: self.up.expect("upstream"),
+                            buf: self.pool.slot_ptr(slot, HEADER_LEN),
+                            len: h.len,
+                        };
+                        // SAFETY: the slot is leased; the payload receive completes before the
+                        // slot goes to the machine.
+                        if let Err(e) = unsafe { self.io.submit(token(T_UP_RECV, 0), op) } {
+                            self.pool.release(slot);
+                            self.up_recv = UpRecv::Done;
+                            self.abort(NodeError::io("submitting a receive", &e));
+                            return;
+                        }
+                        self.up_recv = UpRecv::Payload(slot, h.seq);
                     }
                     Ok(h) if h.kind == Kind::End && h.seq == total && self.next_recv_seq == total => {
                         self.pool.release(slot);

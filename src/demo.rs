@@ -160,7 +160,16 @@ pub(crate) fn run(args: DemoArgs) -> Result<bool> {
             d.clone()
         }
         None => {
-            tmp = tempfile::Builder::new().prefix("shardcast-demo").tempdir()?;
+            // tmpfs when it has room for the source and every replica: the demo then shows
+            // the engine, not the disk (pass --dir to measure a disk).
+            let need = args.size.saturating_mul(args.replicas as u64 + 1) + (256 << 20);
+            let shm = Path::new("/dev/shm");
+            let builder = tempfile::Builder::new().prefix("shardcast-demo").to_owned();
+            tmp = if shardcast::store::free_bytes(shm).is_ok_and(|free| free >= need) {
+                builder.tempdir_in(shm)?
+            } else {
+                builder.tempdir()?
+            };
             tmp.path().to_owned()
         }
     };

@@ -98,7 +98,7 @@ impl PushReport {
 /// Connects to `node` within `timeout`, trying each address it resolves to.
 pub(crate) fn connect(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
     let unreachable = |e: &dyn std::fmt::Display| {
-        NodeError::new(ErrorKind::Unreachable, format!("replica {node} is unreachable: {e}"))
+        NodeError::new(ErrorKind::Unreachable, format!("unreachable: {e} (is `shardcast serve` running at {node}?)"))
     };
     let addrs = node.to_socket_addrs().map_err(|e| unreachable(&e))?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");

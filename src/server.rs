@@ -264,10 +264,13 @@ fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store
     // Onward connection, then the rest of the chain's answer, before accepting.
     let mut down = None;
     if let Some(next) = hello.downstream.first() {
+        // On a refusal the reservation is dropped before answering, so that the caller can
+        // retry the same version at once.
         let mut stream = match connect(next, opts.handshake_timeout) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("refused: {e}");
+                drop(staging);
                 let _ = reject(&mut conn, next, e);
                 return;
             }
@@ -276,6 +279,7 @@ fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store
         let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
         if let Err(reports) = handshake(&mut stream, &onward, timeout) {
             tracing::warn!("downstream refused: {:?}", reports.first());
+            drop(staging);
             let _ = reject_reports(&mut conn, &reports);
             return;
         }

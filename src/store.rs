@@ -27,8 +27,9 @@ use crate::wire::SetStatus;
 const STAGING: &str = ".staging";
 const CURRENT: &str = "current";
 const MANIFEST_EXT: &str = "manifest";
-/// Space kept free beyond a push's bytes (metadata, manifest): 16 MiB.
-const SPACE_MARGIN: u64 = 16 << 20;
+/// Space a push needs beyond its file bytes (directories, the manifest): 1 MiB plus the
+/// manifest's size.
+const SPACE_MARGIN: u64 = 1 << 20;
 
 /// Checks a shard set name: `[A-Za-z0-9._-]{1,128}`, not starting with `.`.
 pub fn check_name(name: &str) -> Result<(), StoreError> {
@@ -111,10 +112,11 @@ impl Store {
             fs::remove_dir_all(&leftover)
                 .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
         }
-        let needed = manifest.total_bytes();
+        let needed =
+            manifest.total_bytes() + SPACE_MARGIN + manifest.chunk_count() * 16 + manifest.entries().len() as u64 * 64;
         let available =
             free_bytes(&self.root).map_err(|e| StoreError::io(format!("cannot stat {}", self.root.display()), e))?;
-        if needed.saturating_add(SPACE_MARGIN) > available {
+        if needed > available {
             return Err(StoreError::NoSpace { root: self.root.clone(), needed, available });
         }
         staging.create()?;
@@ -179,7 +181,8 @@ fn read_current(dir: &Path) -> Option<u64> {
     fs::read_link(dir.join(CURRENT)).ok()?.to_str()?.parse().ok()
 }
 
-fn free_bytes(path: &Path) -> io::Result<u64> {
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut st: libc::statvfs = unsafe_zeroed_statvfs();

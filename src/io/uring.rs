@@ -4,7 +4,9 @@
 //! - `RECV` with `MSG_WAITALL` and `SEND` with `MSG_NOSIGNAL` on sockets (kernel 5.6+);
 //! - `READ_FIXED` / `WRITE_FIXED` on files, from the pool registered as one fixed buffer; when
 //!   registration is refused (memlock limit) plain `READ` / `WRITE` are used;
-//! - `FSYNC`; timeouts through `IORING_ENTER_EXT_ARG` (5.11+).
+//! - `FSYNC`; timeouts through `IORING_ENTER_EXT_ARG` (5.11+);
+//! - file reads and writes are submitted with `IOSQE_ASYNC`, so their copies run on io_uring's
+//!   worker threads, beside the socket copies of the session thread.
 //!
 //! Where `io_uring_setup` fails (EPERM under seccomp, ENOSYS on old kernels) the caller falls
 //! back to [`super::plain`]. `wr_id`-style bookkeeping: an SQE's `user_data` is an index into a
@@ -114,6 +116,10 @@ impl UringIo {
             OpKind::Write(off) => opcode::Write::new(fd, buf, len).offset(off + done as u64).build(),
             OpKind::Fsync => opcode::Fsync::new(fd).build(),
         };
+        // File I/O goes straight to io_uring's worker threads: a page-cache copy done inline
+        // would run on the session thread, in series with the socket copies, while a worker
+        // runs it on the other core (tmpfs and ext4 buffered writes are punted there anyway).
+        let e = if matches!(op.kind, OpKind::Read(_) | OpKind::Write(_)) { e.flags(squeue::Flags::ASYNC) } else { e };
         e.user_data(idx as u64)
     }
 

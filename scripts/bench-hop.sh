@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Single-hop loopback benchmark: one `shardcast push` to one replica on 127.0.0.1, against
+# iperf3's single-stream loopback throughput measured in the same run, interleaved rep by rep.
+# Target: shardcast hop >= 0.8 x iperf3.
+#
+# Each rep runs, in this order:
+#   iperf3        iperf3 -s -1 / iperf3 -c 127.0.0.1 -n SIZE -J (one stream), receiver's rate
+#   hop           shardcast serve + shardcast push SRC --json; rate = bytes / seconds from its JSON
+#   hop-noverify  the same, replica started with SHARDCAST_BENCH_NO_VERIFY=1 (skips digest checks:
+#                 the difference is what verification costs)
+# Source file and replica roots live on tmpfs (/dev/shm), so disks are not measured.
+#
+# Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
+#      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
+#      tmpfs work dir for inspection).
+# Output: a summary table on stdout; raw rows in results/bench-hop-<date>.csv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+SIZE=${SIZE:-2G}
+REPS=${REPS:-5}
+CHUNK=${CHUNK:-}
+bytes=$(parse_size "$SIZE")
+[[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
+((bytes > 0)) || die "SIZE must be > 0"
+
+command -v iperf3 >/dev/null || die "iperf3 not found: run scripts/deps.sh"
+command -v python3 >/dev/null || die "python3 not found: run scripts/deps.sh"
+
+log "building release binary"
+cargo build --release --quiet
+[[ -x "$BIN" ]] || die "$BIN missing after cargo build --release"
+
+# tmpfs holds the source plus one replica copy at a time.
+need=$((2 * bytes + (256 << 20)))
+avail=$(avail_bytes /dev/shm)
+((avail >= need)) || die "/dev/shm has $(fmt_bytes "$avail") free, this run needs $(fmt_bytes "$need") (2 x SIZE + 256 MiB); use a smaller SIZE"
+
+work=$(mktemp -d /dev/shm/shardcast-bench-hop.XXXXXX)
+if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register_dir "$work"; fi
+src=$work/src.bin
+log "generating $(fmt_bytes "$bytes") of random data in $src"
+gen_random_file "$src" "$bytes"
+
+mkdir -p results
+stamp=$(date +%Y%m%d-%H%M%S)
+csv=results/bench-hop-$stamp.csv
+io_mode=${SHARDCAST_IO:-auto}
+rev=$(git_rev)
+echo "run,rep,measure,bytes,seconds,gb_per_s,wall_seconds,chunk,io,commit,kernel" >"$csv"
+# row MEASURE BYTES SECONDS [WALL_SECONDS]: one CSV row; seconds is what the tool reports,
+# wall_seconds the whole `shardcast push` process (includes start-up and manifest hashing).
+row() {
+    local gbps
+    gbps=$(python3 -c 'import sys; print(f"{int(sys.argv[1]) / float(sys.argv[2]) / 1e9:.4f}")' "$2" "$3")
+    echo "$stamp,$rep,$1,$2,$3,$gbps,${4:-},${CHUNK:-default},$io_mode,$rev,$(uname -r)" >>"$csv"
+    log "rep $rep  $(printf '%-13s %7.3f GB/s  (%d bytes in %.3f s)' "$1" "$gbps" "$2" "$3")"
+}
+
+push_args=()
+[[ -n "$CHUNK" ]] && push_args+=(--chunk-size "$CHUNK")
+
+# run_iperf3: one single-stream loopback transfer of $bytes.
+run_iperf3() {
+    local port out="$work/iperf3-$rep.json" spid
+    port=$(free_port)
+    iperf3 -s -1 -p "$port" -B 127.0.0.1 >"$work/iperf3-server.log" 2>&1 &
+    spid=$!
+    bg_started "$spid"
+    wait_tcp_listen "$port"
+    timeout 600 iperf3 -c 127.0.0.1 -p "$port" -n "$bytes" -P 1 -J >"$out" \
+        || { cat "$out" >&2; die "iperf3 client failed"; }
+    wait_pid "$spid" || true
+    local b s
+    b=$(json_get "$out" end sum_received bytes)
+    s=$(json_get "$out" end sum_received seconds)
+    row iperf3 "$b" "$s"
+}
+
+# run_hop MEASURE [ENV=VAL…]: fresh replica root and server, one push, check, tear down.
+run_hop() {
+    local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall
+    shift
+    rm -rf "$root"
+    SERVE_ENV=("$@")
+    start_serve "$work/serve-$measure-$rep.log" "$root"
+    SERVE_ENV=()
+    t0=$(date +%s.%N)
+    timeout 900 "$BIN" push "$src" --name bench --version "$rep" --to "$SERVE_ADDR" --json \
+        "${push_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
+    wall=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.4f}")' "$t0" "$(date +%s.%N)")
+    if ((rc != 0)) || [[ "$(json_get "$out" ok 2>/dev/null)" != True ]]; then
+        echo "--- push stdout" >&2; cat "$out" >&2
+        echo "--- push stderr" >&2; cat "$work/push-$measure-$rep.err" >&2
+        echo "--- serve log" >&2; cat "$work/serve-$measure-$rep.log" >&2
+        die "shardcast push ($measure, rep $rep) exited $rc"
+    fi
+    # First rep: the replica's copy must be byte-identical to the source.
+    if ((rep == 1)); then
+        cmp "$src" "$root/bench/$rep/src.bin" || die "$measure: replica copy differs from source"
+    fi
+    row "$measure" "$(json_get "$out" bytes)" "$(json_get "$out" seconds)" "$wall"
+    stop_pid "$SERVE_PID"
+    rm -rf "$root" # keep tmpfs small: drop the version before the next rep
+}
+
+log "SIZE=$(fmt_bytes "$bytes") REPS=$REPS CHUNK=${CHUNK:-default} io=$io_mode -> $csv"
+for ((rep = 1; rep <= REPS; rep++)); do
+    run_iperf3
+    run_hop hop
+    run_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
+done
+
+# Summary: median/min/max per measure, and the ratios (of medians, plus the per-rep range).
+python3 - "$csv" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+by = {}
+for r in rows:
+    by.setdefault(r["measure"], {})[int(r["rep"])] = float(r["gb_per_s"])
+    if r["wall_seconds"]:  # the whole push process, start-up and source hashing included
+        by.setdefault(r["measure"] + "-wall", {})[int(r["rep"])] = int(r["bytes"]) / float(r["wall_seconds"]) / 1e9
+r0 = next(r for r in rows if r["measure"] == "hop")  # iperf3's receiver may count a few bytes less
+print(f"\nshardcast single-hop loopback benchmark  ({len(by['iperf3'])} reps, "
+      f"{int(r0['bytes']) / 2**30:.2f} GiB, chunk {r0['chunk']}, io {r0['io']}, commit {r0['commit']})")
+print("GB/s = 1e9 bytes/s; hop rates use the push's own \"seconds\", 'wall' rows the whole process\n")
+print(f"{'measure':<26}{'median':>9}{'min':>9}{'max':>9}")
+names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
+         ("hop-noverify", "shardcast hop, no verify"), ("hop-wall", "  hop, process wall"),
+         ("hop-noverify-wall", "  no verify, wall")]
+for key, label in names:
+    v = list(by[key].values())
+    print(f"{label:<26}{statistics.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
+print()
+def ratio(a, b, label, target=None):
+    med = statistics.median(by[a].values()) / statistics.median(by[b].values())
+    per = [by[a][i] / by[b][i] for i in by[a] if i in by[b]]
+    line = f"{label:<26}{med:>9.3f}   (per rep {min(per):.3f} .. {max(per):.3f})"
+    if target is not None:
+        line += f"   target >= {target}: {'PASS' if med >= target else 'FAIL'}"
+    print(line)
+ratio("hop", "iperf3", "hop / iperf3", 0.8)
+ratio("hop", "hop-noverify", "hop / hop-no-verify")
+PY
+echo "raw rows: $csv"
