@@ -91,7 +91,8 @@ fn token(kind: u64, value: u64) -> u64 {
 enum UpRecv {
     Idle,
     Header(SlotId),
-    Payload(SlotId, u64),
+    /// Receiving chunk `seq`'s payload; its header's digest.
+    Payload(SlotId, u64, u128),
     Done,
 }
 
@@ -121,7 +122,7 @@ pub struct Session<'a> {
     io: Io,
     pool: Pool,
     machine: NodeMachine,
-    manifest: &'a Manifest,
+    manifest: Manifest,
     local: Local,
     up: Option<RawFd>,
     down: Option<RawFd>,
@@ -159,7 +160,7 @@ impl<'a> Session<'a> {
         role: Role,
         node: &str,
         downstream: Vec<String>,
-        manifest: &'a Manifest,
+        manifest: Manifest,
         local: Local,
         up: Option<RawFd>,
         down: Option<RawFd>,
@@ -317,7 +318,7 @@ impl<'a> Session<'a> {
             Action::Publish => {
                 let Local::Staging(st) = &mut self.local else { unreachable!("only replicas publish") };
                 let st = st.take().expect("published once");
-                let result = st.publish().map_err(|e| e.to_node_error());
+                let result = st.publish(&self.manifest).map_err(|e| e.to_node_error());
                 self.events.push_back(Event::PublishDone { result });
             }
             Action::Finish { reports } => {
@@ -406,7 +407,14 @@ impl<'a> Session<'a> {
                     (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len)
                 }
                 DnItem::End => {
-                    let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: 0 };
+                    // Every chunk was dispatched, so every digest is known: END carries the
+                    // completed manifest's digest, which each replica checks.
+                    let h = Header {
+                        kind: Kind::End,
+                        len: 0,
+                        seq: self.manifest.chunk_count(),
+                        digest: self.manifest.digest(),
+                    };
                     // SAFETY: the END area is written once, and no op uses it before this send.
                     unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
                     (self.pool.ctrl_ptr(Ctrl::DownSend), HEADER_LEN as u32)
@@ -507,11 +515,11 @@ impl<'a> Session<'a> {
                     Ok(n) if n == chunk.len as usize => {
                         // SAFETY: the read into this slot has completed and nothing else uses it.
                         let payload = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) };
-                        if digest(payload) != chunk.digest {
-                            self.events.push_back(Event::ChunkCorrupt { seq, slot });
-                            return;
-                        }
-                        let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: chunk.digest };
+                        // Hashed as it is read: the source is read once, and the digest travels
+                        // in the chunk's header.
+                        let d = digest(payload);
+                        self.manifest.set_digest(seq, d);
+                        let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d };
                         // SAFETY: as above; the header area of the slot is idle.
                         unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
                         self.events.push_back(Event::ChunkReady { seq, slot });
@@ -587,7 +595,7 @@ impl<'a> Session<'a> {
 
     fn up_recv_done(&mut self, result: std::io::Result<usize>) {
         if self.end.is_some() {
-            if let UpRecv::Header(slot) | UpRecv::Payload(slot, _) = self.up_recv {
+            if let UpRecv::Header(slot) | UpRecv::Payload(slot, ..) = self.up_recv {
                 self.pool.release(slot);
             }
             self.up_recv = UpRecv::Done;
@@ -611,13 +619,6 @@ impl<'a> Session<'a> {
                                 ErrorKind::Protocol,
                                 format!("chunk {} announces {} bytes, the manifest says {}", h.seq, h.len, c.len),
                             )),
-                            Some(c) if h.digest != c.digest => Some((
-                                ErrorKind::DigestMismatch,
-                                format!(
-                                    "digest mismatch in chunk {}: its digest is not the one in the manifest",
-                                    h.seq
-                                ),
-                            )),
                             Some(_) => None,
                         };
                         if let Some((kind, message)) = problem {
@@ -640,12 +641,24 @@ impl<'a> Session<'a> {
                             self.abort(NodeError::io("submitting a receive", &e));
                             return;
                         }
-                        self.up_recv = UpRecv::Payload(slot, h.seq);
+                        self.up_recv = UpRecv::Payload(slot, h.seq, h.digest);
                     }
                     Ok(h) if h.kind == Kind::End && h.seq == total && self.next_recv_seq == total => {
                         self.pool.release(slot);
                         self.up_recv = UpRecv::Done;
-                        self.events.push_back(Event::UpstreamEnd);
+                        let mine = self.manifest.digest();
+                        if h.digest == mine {
+                            self.events.push_back(Event::UpstreamEnd);
+                        } else {
+                            self.abort(NodeError::new(
+                                ErrorKind::DigestMismatch,
+                                format!(
+                                    "manifest digest mismatch: the chunks received add up to manifest {mine:032x}, \
+                                     the primary announced {:032x}",
+                                    h.digest
+                                ),
+                            ));
+                        }
                     }
                     Ok(h) => {
                         self.pool.release(slot);
@@ -667,7 +680,7 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            (UpRecv::Payload(slot, seq), Ok(n)) => {
+            (UpRecv::Payload(slot, seq, announced), Ok(n)) => {
                 let c = self.manifest.chunk(seq).expect("checked on the header");
                 if n != c.len as usize {
                     self.pool.release(slot);
@@ -678,14 +691,15 @@ impl<'a> Session<'a> {
                 self.up_recv = UpRecv::Idle;
                 self.next_recv_seq += 1;
                 // SAFETY: the payload receive into this slot has completed.
-                let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == c.digest;
-                self.events.push_back(if ok {
-                    Event::ChunkReady { seq, slot }
+                let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced;
+                if ok {
+                    self.manifest.set_digest(seq, announced);
+                    self.events.push_back(Event::ChunkReady { seq, slot });
                 } else {
-                    Event::ChunkCorrupt { seq, slot }
-                });
+                    self.events.push_back(Event::ChunkCorrupt { seq, slot });
+                }
             }
-            (UpRecv::Header(slot) | UpRecv::Payload(slot, _), res) => {
+            (UpRecv::Header(slot) | UpRecv::Payload(slot, ..), res) => {
                 self.pool.release(slot);
                 self.up_recv = UpRecv::Done;
                 let why = match res {

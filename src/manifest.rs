@@ -5,6 +5,12 @@
 //! numbers (`seq`) run over all files in entry order, so chunk `seq` is found by a binary search
 //! over the entries' first chunk numbers. The manifest's own digest is the xxh3-128 of its
 //! encoding.
+//!
+//! A push does not hash its source before it streams: [`Manifest::scan`] gives a *plan* (the
+//! entries, digests still unknown), HELLO carries the plan, each chunk's digest is computed as
+//! the primary reads it and travels in the chunk's header, and END carries the digest of the
+//! completed manifest, which every replica checks against the manifest it assembled. The source
+//! is read once, not twice.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -21,6 +27,8 @@ use crate::wire::{Dec, Enc, MAX_CHUNK, MAX_STR, MIN_CHUNK};
 pub const DEFAULT_CHUNK: u32 = 4 << 20;
 /// The most entries a manifest may hold.
 pub const MAX_ENTRIES: usize = 10_000_000;
+/// The most chunks a plan may announce (64 Mi chunks: 256 TiB at 4 MiB).
+pub const MAX_PLAN_CHUNKS: u64 = 64 << 20;
 
 /// A chunk digest.
 pub type Digest = u128;
@@ -157,6 +165,14 @@ impl Manifest {
     /// Hashing runs on every core; the files are read, not mapped, so a file truncated while
     /// it is read gives an error rather than SIGBUS.
     pub fn from_path(source: &Path, chunk_size: u32) -> Result<Self, ManifestError> {
+        let (mut plan, files) = Self::scan(source, chunk_size)?;
+        plan.digests = hash_files(&plan.entries, &files, chunk_size)?;
+        Ok(plan)
+    }
+
+    /// Describes `source` without reading its files: a plan whose digests are still zero, and
+    /// the path of every file entry (by entry index).
+    pub fn scan(source: &Path, chunk_size: u32) -> Result<(Self, Vec<(usize, PathBuf)>), ManifestError> {
         let src_err = |path: &Path, source| ManifestError::Source { path: path.to_owned(), source };
         let meta = fs::symlink_metadata(source).map_err(|e| src_err(source, e))?;
         let mut entries = Vec::new();
@@ -179,13 +195,14 @@ impl Manifest {
         } else {
             return Err(ManifestError::Unsupported { path: source.to_owned(), what: file_type_name(&meta) });
         }
-        let mut next = 0u64;
-        for e in &mut entries {
-            e.first_chunk = next;
-            next += chunks_of(e.size, chunk_size);
-        }
-        let digests = hash_files(&entries, &files, chunk_size)?;
-        Self::new(chunk_size, entries, digests)
+        let chunks: u64 = entries.iter().map(|e| chunks_of(e.size, chunk_size)).sum();
+        let plan = Self::new(chunk_size, entries, vec![0; chunks as usize])?;
+        Ok((plan, files))
+    }
+
+    /// Records chunk `seq`'s digest (as a plan is filled in during a push).
+    pub fn set_digest(&mut self, seq: u64, digest: Digest) {
+        self.digests[seq as usize] = digest;
     }
 
     /// The chunk size.
@@ -225,8 +242,17 @@ impl Manifest {
         Some(ChunkRef { entry, offset, len, digest })
     }
 
-    /// Encodes the manifest (the form stored beside a published version and sent in HELLO).
+    /// Encodes the manifest (the form stored beside a published version).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(true)
+    }
+
+    /// Encodes the plan: everything but the digests (the form HELLO carries).
+    pub fn encode_plan(&self) -> Vec<u8> {
+        self.encode_with(false)
+    }
+
+    fn encode_with(&self, digests: bool) -> Vec<u8> {
         let mut e = Enc::default();
         e.u32(self.chunk_size).u64(self.entries.len() as u64);
         for entry in &self.entries {
@@ -238,15 +264,28 @@ impl Manifest {
             .u64(entry.size)
             .str(&entry.path);
         }
-        e.u64(self.digests.len() as u64);
-        for d in &self.digests {
-            e.u128(*d);
+        if digests {
+            e.u64(self.digests.len() as u64);
+            for d in &self.digests {
+                e.u128(*d);
+            }
+        } else {
+            e.u64(0);
         }
         e.0
     }
 
     /// Decodes and validates an encoded manifest.
     pub fn decode(buf: &[u8]) -> Result<Self, ManifestError> {
+        Self::decode_with(buf, false)
+    }
+
+    /// Decodes and validates an encoded plan (digests zero, to be filled in).
+    pub fn decode_plan(buf: &[u8]) -> Result<Self, ManifestError> {
+        Self::decode_with(buf, true)
+    }
+
+    fn decode_with(buf: &[u8], plan: bool) -> Result<Self, ManifestError> {
         let mut d = Dec::new(buf);
         let chunk_size = d.u32("chunk size")?;
         let n = d.count("entries", 17)?;
@@ -271,6 +310,21 @@ impl Manifest {
             digests.push(d.u128("digest")?);
         }
         d.finish("manifest")?;
+        if plan {
+            if nd != 0 {
+                return Err(ManifestError::Invalid("a plan carries no digests".into()));
+            }
+            // Size the digests from the entries, checking the count cannot overflow memory:
+            // every chunk is at least one byte of some file, bounded by the sizes declared.
+            let chunks = entries
+                .iter()
+                .try_fold(0u64, |acc, e: &Entry| acc.checked_add(chunks_of(e.size, chunk_size.max(1))))
+                .ok_or_else(|| ManifestError::Invalid("chunk count overflows".into()))?;
+            if chunks > MAX_PLAN_CHUNKS {
+                return Err(ManifestError::Invalid(format!("{chunks} chunks (limit {MAX_PLAN_CHUNKS})")));
+            }
+            digests = vec![0; chunks as usize];
+        }
         Self::new(chunk_size, entries, digests)
     }
 
@@ -443,6 +497,30 @@ mod tests {
         assert!(Manifest::new(MIN_CHUNK, dup, vec![]).is_err());
         let orphan = vec![entry("x/y", EntryKind::File, 0)];
         assert!(Manifest::new(MIN_CHUNK, orphan, vec![]).is_err());
+    }
+
+    #[test]
+    fn a_plan_travels_without_digests_and_is_filled_in() {
+        let entries = vec![entry("a", EntryKind::File, u64::from(MIN_CHUNK) + 1), entry("b", EntryKind::File, 3)];
+        let full = Manifest::new(MIN_CHUNK, entries, vec![11, 22, 33]).unwrap();
+        let mut plan = Manifest::decode_plan(&full.encode_plan()).unwrap();
+        assert_eq!(plan.chunk_count(), 3);
+        assert_ne!(plan.digest(), full.digest());
+        for seq in 0..3 {
+            plan.set_digest(seq, full.chunk(seq).unwrap().digest);
+        }
+        assert_eq!(plan, full);
+        assert_eq!(plan.digest(), full.digest());
+        // A stored manifest must carry its digests, and a plan must not.
+        assert!(Manifest::decode(&full.encode_plan()).is_err());
+        assert!(Manifest::decode_plan(&full.encode()).is_err());
+    }
+
+    #[test]
+    fn a_plan_announcing_absurd_sizes_is_refused() {
+        let mut enc = Enc::default();
+        enc.u32(MIN_CHUNK).u64(1).u8(0).u32(0o644).u64(u64::MAX / 2).str("a").u64(0);
+        assert!(Manifest::decode_plan(&enc.0).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::chain::{Local, Progress, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, PushError};
 use crate::io::IoChoice;
-use crate::manifest::{DEFAULT_CHUNK, EntryKind, Manifest};
+use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::proto::Role;
 use crate::store::check_name;
 use crate::transport::Transport;
@@ -74,7 +74,7 @@ pub struct PushReport {
     pub chunks: u64,
     /// Wall time from start (including hashing the source) to the last report.
     pub seconds: f64,
-    /// Seconds spent hashing the source before streaming.
+    /// Seconds spent describing the source (walking it; chunks are hashed as they stream).
     pub manifest_seconds: f64,
     /// One report per replica, in chain order.
     pub replicas: Vec<ReplicaReport>,
@@ -162,9 +162,10 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         return Err(PushError::BadInput("no replicas given (--to ADDR[,ADDR…])".into()));
     }
     opts.transport.resolve().map_err(PushError::Unsupported)?;
-    let manifest = Manifest::from_path(source, opts.chunk_size)?;
+    let (manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
     let manifest_seconds = start.elapsed().as_secs_f64();
-    let files = open_sources(source, &manifest)?;
+    let files = open_sources(&manifest, paths)?;
+    let (bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
 
     let first = opts.to[0].clone();
     let mut stream =
@@ -193,7 +194,7 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         Role::Primary,
         "",
         opts.to.clone(),
-        &manifest,
+        manifest,
         Local::Source(files),
         None,
         Some(stream.as_raw_fd()),
@@ -215,29 +216,25 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
     Ok(PushReport {
         name: opts.name.clone(),
         version: opts.version,
-        bytes: manifest.total_bytes(),
-        files: manifest.file_count(),
-        chunks: manifest.chunk_count(),
+        bytes,
+        files: file_count,
+        chunks,
         seconds: start.elapsed().as_secs_f64(),
         manifest_seconds,
         replicas,
     })
 }
 
-/// Opens every source file that has chunks.
-fn open_sources(source: &Path, manifest: &Manifest) -> Result<Vec<Option<File>>, PushError> {
-    let is_file = source.is_file();
-    manifest
-        .entries()
-        .iter()
-        .map(|e| {
-            if e.kind != EntryKind::File || e.size == 0 {
-                return Ok(None);
-            }
-            let path: PathBuf = if is_file { source.to_owned() } else { source.join(&e.path) };
-            File::open(&path)
-                .map(Some)
-                .map_err(|err| PushError::Source(crate::error::ManifestError::Source { path, source: err }))
-        })
-        .collect()
+/// Opens every source file that has chunks (`paths`: entry index and path of each file).
+fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec<Option<File>>, PushError> {
+    let mut files: Vec<Option<File>> = (0..manifest.entries().len()).map(|_| None).collect();
+    for (i, path) in paths {
+        if manifest.entries()[i].size == 0 {
+            continue;
+        }
+        let f = File::open(&path)
+            .map_err(|err| PushError::Source(crate::error::ManifestError::Source { path, source: err }))?;
+        files[i] = Some(f);
+    }
+    Ok(files)
 }

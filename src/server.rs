@@ -307,7 +307,7 @@ fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store
         Role::Replica,
         &me,
         hello.downstream.clone(),
-        &manifest,
+        manifest,
         Local::Staging(Some(staging)),
         Some(conn.as_raw_fd()),
         down.as_ref().map(AsRawFd::as_raw_fd),
@@ -333,6 +333,7 @@ fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store
         SessionEnd::Finished(reports) => {
             tracing::info!("push finished: {}", summary(&reports));
             linger_close(&mut conn);
+            store.retain(&hello.name);
         }
         SessionEnd::Aborted(e) => {
             tracing::warn!("push aborted: {e}");

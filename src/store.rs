@@ -102,7 +102,7 @@ impl Store {
             name: name.to_owned(),
             version,
             dir,
-            manifest: manifest.clone(),
+            entries: manifest.entries().to_vec(),
             files: Vec::new(),
             done: false,
         };
@@ -160,8 +160,9 @@ impl Store {
         v
     }
 
-    /// Removes the oldest versions of `name` beyond `keep`, never the current one.
-    fn retain(&self, name: &str) {
+    /// Removes the oldest versions of `name` beyond `keep`, never the current one. Called after
+    /// a push has reported (deleting a large old version is off the push's critical path).
+    pub fn retain(&self, name: &str) {
         let versions = self.versions(name);
         let current = read_current(&self.root.join(name));
         let excess = versions.len().saturating_sub(self.keep);
@@ -210,7 +211,7 @@ pub struct Staging {
     name: String,
     version: u64,
     dir: PathBuf,
-    manifest: Manifest,
+    entries: Vec<crate::manifest::Entry>,
     files: Vec<Option<File>>,
     done: bool,
 }
@@ -224,7 +225,7 @@ impl Staging {
         let data = self.data();
         let io_err = |p: &Path, e| StoreError::io(format!("cannot create {}", p.display()), e);
         fs::create_dir_all(&data).map_err(|e| io_err(&data, e))?;
-        for e in self.manifest.entries() {
+        for e in &self.entries {
             let path = data.join(&e.path);
             match e.kind {
                 // Directories stay writable until sync; their modes are applied last.
@@ -257,7 +258,7 @@ impl Staging {
     /// Applies modes and fsyncs every file and directory.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         let data = self.data();
-        let entries = self.manifest.entries();
+        let entries = &self.entries;
         for (i, e) in entries.iter().enumerate() {
             if e.kind == EntryKind::File {
                 let path = data.join(&e.path);
@@ -281,9 +282,10 @@ impl Staging {
         Ok(())
     }
 
-    /// Publishes the synced version: data into place, then the manifest, then `current`.
-    pub fn publish(mut self) -> Result<(), StoreError> {
-        let store = Arc::clone(&self.store);
+    /// Publishes the synced version with its completed `manifest`: data into place, then the
+    /// manifest, then `current`.
+    pub fn publish(mut self, manifest: &Manifest) -> Result<(), StoreError> {
+        let store = &self.store;
         let set_dir = store.root.join(&self.name);
         let io_err = |what: String, e| StoreError::io(what, e);
         fs::create_dir_all(&set_dir).map_err(|e| io_err(format!("cannot create {}", set_dir.display()), e))?;
@@ -296,7 +298,7 @@ impl Staging {
         let manifest_path = store.manifest_path(&self.name, self.version);
         (|| {
             let mut f = File::create(&tmp)?;
-            io::Write::write_all(&mut f, &self.manifest.encode())?;
+            io::Write::write_all(&mut f, &manifest.encode())?;
             f.sync_all()?;
             fs::rename(&tmp, &manifest_path)
         })()
@@ -313,7 +315,6 @@ impl Staging {
         self.done = true;
         let _ = fs::remove_dir_all(&self.dir);
         tracing::info!(name = %self.name, version = self.version, "published");
-        store.retain(&self.name);
         Ok(())
     }
 }

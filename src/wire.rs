@@ -41,7 +41,7 @@ pub enum Kind {
     Reject = 3,
     /// One chunk: `seq` its number, `digest` its xxh3-128, payload its bytes.
     Chunk = 4,
-    /// No more chunks; `seq` is the chunk count.
+    /// No more chunks; `seq` is the chunk count, `digest` the completed manifest's digest.
     End = 5,
     /// Chunks `0..seq` are written here and at every node after this one (progress; durability is what RESULT reports).
     Ack = 6,
@@ -286,7 +286,7 @@ pub struct Hello {
     pub you: String,
     /// The nodes after the receiver, in chain order.
     pub downstream: Vec<String>,
-    /// The manifest of the version.
+    /// The plan of the version: its manifest without digests (they travel with the chunks).
     pub manifest: Manifest,
 }
 
@@ -302,7 +302,7 @@ impl Hello {
         for node in &self.downstream {
             e.str(node);
         }
-        let manifest = self.manifest.encode();
+        let manifest = self.manifest.encode_plan();
         e.0.extend_from_slice(&manifest);
         e.0
     }
@@ -328,7 +328,7 @@ impl Hello {
         for _ in 0..n {
             downstream.push(d.str("downstream node").map_err(bad)?);
         }
-        let manifest = Manifest::decode(&buf[buf.len() - d.remaining()..])
+        let manifest = Manifest::decode_plan(&buf[buf.len() - d.remaining()..])
             .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
         Ok(Self { name, version, mode, you, downstream, manifest })
     }

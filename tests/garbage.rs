@@ -264,7 +264,8 @@ use shardcast::wire::{self, Hello, Kind, Mode, Outcome};
 enum Lie {
     /// Payload changed, header digest still the manifest's: the frame does not match itself.
     FrameDigest,
-    /// Payload changed and the header digest recomputed to match it: only the manifest can tell.
+    /// Payload changed and the header digest recomputed to match it: only the manifest digest
+    /// that END carries can tell.
     ManifestDigest,
 }
 
@@ -307,7 +308,9 @@ fn rogue_push(lie: Lie) {
             break;
         }
     }
-    let end = wire::Header { kind: Kind::End, len: 0, seq: manifest.chunk_count(), digest: 0 };
+    // END announces the honest manifest's digest: a replica must notice that the chunks it got
+    // do not add up to it.
+    let end = wire::Header { kind: Kind::End, len: 0, seq: manifest.chunk_count(), digest: manifest.digest() };
     let _ = s.write_all(&end.to_bytes());
     // Read until a verdict or the end of the connection; ACKs may come first.
     let deadline = Instant::now() + Duration::from_secs(30);

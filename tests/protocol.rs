@@ -182,7 +182,7 @@ fn a_full_protocol_push_by_hand_publishes_on_every_node() {
     for seq in 0..manifest.chunk_count() {
         send_chunk(&mut s, &manifest, seq, &chunk_bytes(&manifest, dir.path(), seq));
     }
-    let end = Header { kind: Kind::End, len: 0, seq: manifest.chunk_count(), digest: 0 };
+    let end = Header { kind: Kind::End, len: 0, seq: manifest.chunk_count(), digest: manifest.digest() };
     s.write_all(&end.to_bytes()).unwrap();
     let mut acked = 0;
     let reports = loop {

@@ -247,6 +247,9 @@ fn retention_keeps_newest_two() {
     }
     for i in 0..2 {
         let set = c.root(i).join("ret");
+        // Retention runs right after a replica has reported, off the push's critical path.
+        wait_for_removal(&set.join("1.manifest"));
+        wait_for_removal(&set.join("1"));
         assert!(!set.join("1").exists(), "replica {i}: version 1 still there: {:?}", list_names(&set));
         assert!(!set.join("1.manifest").exists(), "replica {i}: 1.manifest still there: {:?}", list_names(&set));
         assert!(set.join("2").is_dir() && set.join("2.manifest").is_file(), "replica {i}: {:?}", list_names(&set));
@@ -273,9 +276,18 @@ fn retention_honours_keep_flag() {
         c.assert_push_ok(&out);
     }
     let set = c.root(0).join("k1");
+    wait_for_removal(&set.join("10"));
     assert!(!set.join("10").exists(), "{:?}", list_names(&set));
     assert_current(&c.root(0), "k1", 20);
     assert_tree_identical(&src.path().join("v20"), &set.join("20"));
+}
+
+/// Waits up to 10 s for `path` to disappear (retention runs after the replica has reported).
+fn wait_for_removal(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// The same scenarios with `SHARDCAST_IO=plain` on serve and push: the plain-socket data path.
