@@ -79,22 +79,31 @@ run_iperf3() {
     row iperf3 "$b" "$s"
 }
 
-# run_hop MEASURE [ENV=VAL…]: fresh replica root and server, one push, check, tear down.
+# The replicas are long-lived, as a replica daemon is: one server per measure, started once,
+# receiving a new version every rep (the first push of a server also pays for faulting in its
+# buffer pool; later ones reuse it).
+declare -A HOP_ADDR=()
+# start_hop MEASURE [ENV=VAL…]: starts the replica server for MEASURE.
+start_hop() {
+    local measure=$1
+    shift
+    SERVE_ENV=("$@")
+    start_serve "$work/serve-$measure.log" "$work/replica-$measure"
+    SERVE_ENV=()
+    HOP_ADDR[$measure]=$SERVE_ADDR
+}
+
+# run_hop MEASURE: one push to MEASURE's replica, checked, then the version removed.
 run_hop() {
     local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall
-    shift
-    rm -rf "$root"
-    SERVE_ENV=("$@")
-    start_serve "$work/serve-$measure-$rep.log" "$root"
-    SERVE_ENV=()
     t0=$(date +%s.%N)
-    timeout 900 "$BIN" push "$src" --name bench --version "$rep" --to "$SERVE_ADDR" --json \
+    timeout 900 "$BIN" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
         "${push_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
     wall=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.4f}")' "$t0" "$(date +%s.%N)")
     if ((rc != 0)) || [[ "$(json_get "$out" ok 2>/dev/null)" != True ]]; then
         echo "--- push stdout" >&2; cat "$out" >&2
         echo "--- push stderr" >&2; cat "$work/push-$measure-$rep.err" >&2
-        echo "--- serve log" >&2; cat "$work/serve-$measure-$rep.log" >&2
+        echo "--- serve log" >&2; cat "$work/serve-$measure.log" >&2
         die "shardcast push ($measure, rep $rep) exited $rc"
     fi
     # First rep: the replica's copy must be byte-identical to the source.
@@ -102,9 +111,12 @@ run_hop() {
         cmp "$src" "$root/bench/$rep/src.bin" || die "$measure: replica copy differs from source"
     fi
     row "$measure" "$(json_get "$out" bytes)" "$(json_get "$out" seconds)" "$wall"
-    stop_pid "$SERVE_PID"
-    rm -rf "$root" # keep tmpfs small: drop the version before the next rep
+    # Keep tmpfs small: drop the version before the next rep.
+    rm -rf "$root/bench/$rep" "$root/bench/$rep.manifest"
 }
+
+start_hop hop
+start_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
 
 log "SIZE=$(fmt_bytes "$bytes") REPS=$REPS CHUNK=${CHUNK:-default} io=$io_mode -> $csv"
 for ((rep = 1; rep <= REPS; rep++)); do

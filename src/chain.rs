@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::error::{ErrorKind, NodeError};
 use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
-use crate::pool::{CTRL_LEN, Ctrl, Pool, SlotId};
+use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::store::Staging;
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
@@ -120,7 +120,10 @@ enum UpItem {
 pub struct Session<'a> {
     // Declared before `pool`, so that it drops first; `Drop` drains it explicitly anyway.
     io: Io,
-    pool: Pool,
+    /// Dropped by hand in `Drop`: returned to `pools`, freed, or leaked when I/O might still
+    /// write into it.
+    pool: std::mem::ManuallyDrop<Pool>,
+    pools: Option<&'a PoolCache>,
     machine: NodeMachine,
     manifest: Manifest,
     local: Local,
@@ -166,14 +169,19 @@ impl<'a> Session<'a> {
         down: Option<RawFd>,
         cfg: SessionConfig,
         progress: Option<&'a Progress>,
+        pools: Option<&'a PoolCache>,
     ) -> std::io::Result<Self> {
-        let pool = Pool::with_budget(cfg.pool_bytes, manifest.chunk_size())?;
+        let pool = match pools {
+            Some(cache) => cache.get(cfg.pool_bytes, manifest.chunk_size())?,
+            None => Pool::with_budget(cfg.pool_bytes, manifest.chunk_size())?,
+        };
         let io = Io::new(cfg.io, &pool);
         let downstream_name = downstream.first().cloned().unwrap_or_default();
         let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
         Ok(Self {
             io,
-            pool,
+            pool: std::mem::ManuallyDrop::new(pool),
+            pools,
             machine,
             manifest,
             local,
@@ -779,9 +787,15 @@ impl Drop for Session<'_> {
             }
             if !self.io.drain() {
                 // The kernel or a worker may still write into the pool: never unmap it.
-                let pool = std::mem::replace(&mut self.pool, Pool::new(2, wire::MIN_CHUNK).expect("small pool"));
-                std::mem::forget(pool);
+                return;
             }
+        }
+        // SAFETY: `pool` is not used after this; it is taken exactly once, here.
+        let pool = unsafe { std::mem::ManuallyDrop::take(&mut self.pool) };
+        match self.pools {
+            // SAFETY: nothing is in flight (drained above).
+            Some(cache) => unsafe { cache.put(pool) },
+            None => drop(pool),
         }
     }
 }

@@ -201,7 +201,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<bool> {
     println!("pushing ckpt@1 down the chain {}", addrs.join(" -> "));
     let report = push(&src, &opts, None).context("push failed")?;
     println!(
-        "pushed {} bytes ({} files, {} chunks) in {:.2} s: {:.2} GB/s ({:.2} s of it hashing the source)",
+        "pushed {} bytes ({} files, {} chunks) in {:.2} s: {:.2} GB/s ({:.2} s of it scanning the source)",
         report.bytes,
         report.files,
         report.chunks,

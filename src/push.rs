@@ -200,6 +200,7 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         Some(stream.as_raw_fd()),
         cfg,
         progress,
+        None,
     )
     .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
     tracing::debug!(io = session.io_name(), pinned = session.pool_locked(), "streaming");

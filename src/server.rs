@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::chain::{Local, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, ServeError};
 use crate::io::IoChoice;
+use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::push::{connect, handshake};
 use crate::store::Store;
@@ -132,11 +133,13 @@ impl Server {
     fn run_until(self, stop: &AtomicBool) {
         let active = Arc::new(AtomicUsize::new(0));
         let opts = Arc::new(self.opts);
+        // One idle pool is kept for the next push (see `PoolCache`).
+        let pools = Arc::new(PoolCache::new(1));
         for conn in self.listener.incoming() {
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            let conn = match conn {
+            let mut conn = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -147,28 +150,43 @@ impl Server {
             let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
             if active.load(Ordering::SeqCst) >= opts.max_sessions {
                 tracing::warn!(%peer, "refused: {} sessions already running", opts.max_sessions);
-                let mut c = conn;
-                let _ = reject(
-                    &mut c,
-                    &self.addr.to_string(),
-                    NodeError::new(
-                        ErrorKind::Busy,
-                        format!("replica busy: {} sessions already running", opts.max_sessions),
-                    ),
+                // Answered on the accept thread, so it must not block: no lingering.
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                let busy = NodeError::new(
+                    ErrorKind::Busy,
+                    format!("replica busy: {} sessions already running; retry later", opts.max_sessions),
                 );
+                let reports = [ReplicaReport::failed(self.addr.to_string(), busy)];
+                let _ = wire::write_frame(&mut conn, Kind::Reject, 0, &wire::encode_reports(&reports));
                 continue;
             }
-            active.fetch_add(1, Ordering::SeqCst);
-            let (store, opts, active, me) =
-                (Arc::clone(&self.store), Arc::clone(&opts), Arc::clone(&active), self.addr.to_string());
+            let guard = ActiveGuard::new(&active);
+            let (store, opts, pools, me) =
+                (Arc::clone(&self.store), Arc::clone(&opts), Arc::clone(&pools), self.addr.to_string());
             let spawned = std::thread::Builder::new().name("shardcast-session".into()).spawn(move || {
-                handle(conn, &peer, &me, &store, &opts);
-                active.fetch_sub(1, Ordering::SeqCst);
+                let _guard = guard;
+                handle(conn, &peer, &me, &store, &pools, &opts);
             });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a session thread: {e}");
             }
         }
+    }
+}
+
+/// Counts a running session; the count drops when the session's thread ends, even by panic.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    fn new(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(active))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -197,7 +215,7 @@ fn linger_close(conn: &mut TcpStream) {
     }
 }
 
-fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, opts: &ServeOptions) {
+fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: &PoolCache, opts: &ServeOptions) {
     let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
     let frame = match wire::read_frame(&mut conn) {
@@ -233,7 +251,7 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, opts: &
                     return;
                 }
             };
-            push_session(conn, peer, hello, store, opts);
+            push_session(conn, peer, hello, store, pools, opts);
         }
         k => {
             tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());
@@ -249,7 +267,14 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, opts: &
     }
 }
 
-fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store>, opts: &ServeOptions) {
+fn push_session(
+    mut conn: TcpStream,
+    peer: &str,
+    hello: Hello,
+    store: &Arc<Store>,
+    pools: &PoolCache,
+    opts: &ServeOptions,
+) {
     let me = hello.you.clone();
     let span = tracing::info_span!("push", name = %hello.name, version = hello.version, %peer);
     let _enter = span.enter();
@@ -313,6 +338,7 @@ fn push_session(mut conn: TcpStream, peer: &str, hello: Hello, store: &Arc<Store
         down.as_ref().map(AsRawFd::as_raw_fd),
         cfg,
         None,
+        Some(pools),
     ) {
         Ok(s) => s,
         Err(e) => {

@@ -1,0 +1,309 @@
+#!/usr/bin/env bash
+# An emulated cluster on one machine: 1 primary + N replicas, each in its own network namespace
+# with its own address, joined by a bridge that lives in a namespace of its own, each node's
+# egress shaped with tc. Nothing is created in the host's own network namespace: no link, no
+# address, no route, no qdisc (the veth pairs are created inside the bridge namespace).
+#
+#   scripts/cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf]
+#   scripts/cluster.sh down
+#   scripts/cluster.sh exec NODE CMD...        run CMD inside NODE's namespace (exec'd: same PID)
+#   scripts/cluster.sh addr NODE               print NODE's IPv4 address
+#   scripts/cluster.sh nodes                   print "NODE NAMESPACE ADDRESS" for every node
+#   scripts/cluster.sh status                  namespaces, addresses and tc counters
+#
+# NODE is `p` (the primary; alias `primary`), `r1` … `rN`, or `br` (the bridge namespace).
+#
+# Layout (PREFIX defaults to `sc`; SC_CLUSTER=xyz gives a second, independent cluster):
+#   netns PREFIX-br   bridge `scvbr` + one port per node (`scvp`, `scvr1`, …); no address
+#   netns PREFIX-p    `scv0` (veth peer of scvp)  10.77.0.10/24   (SC_SUBNET=198.18.0 for 198.18.0.x)
+#   netns PREFIX-rK   `scv0` (veth peer of scvrK) 10.77.0.(10+K)/24
+# Every node namespace has `lo` up, IPv6 off (no DAD/RS chatter), and on `scv0` a root qdisc:
+#   htb (default): `htb default 1` + class 1:1 `rate R ceil R`; its leaf is the default pfifo.
+#   tbf:           `tbf rate R burst max(R/8/1000, 128 KiB) latency 50ms`.
+# The bridge ports have no qdisc (veth default: noqueue), so each node's only shaper is its own
+# egress: a chain hop is limited by the sender's rate, a star by the primary's.
+#
+# Rate semantics: tc's `gbit`/`mbit`/`kbit` are decimal (1gbit = 10^9 bit/s). htb and tbf charge
+# each packet qdisc_pkt_len(skb): skb->len at the qdisc, which on a veth includes the 14-byte
+# Ethernet header, and for a GSO super-packet the headers of every segment it will become. So one
+# full-size TCP segment at MTU 1500 costs 1514 bytes (1448 payload with timestamps): a TCP stream
+# tops out at R x 1448/1514 = 0.9564 R of payload. Preamble, FCS and inter-frame gap (24 bytes on
+# a real 1GbE wire) are not charged; a real NIC at the same line rate would be ~1.6% slower.
+#
+# `up` first runs `down` (so it is idempotent: the result depends only on its arguments), and on
+# any failure or interrupt it tears down what it had built. `down` kills the processes still
+# running in the cluster's namespaces (by PID, from `ip netns pids`), deletes exactly the
+# namespaces named PREFIX-br, PREFIX-p, PREFIX-r<digits>, and succeeds when there is nothing to
+# remove. Deleting a namespace destroys its veth ends, which destroys their peers.
+#
+# Needs root, iproute2 (`ip`, `tc`; scripts/deps.sh installs it) and flock (util-linux).
+set -euo pipefail
+
+PREFIX=${SC_CLUSTER:-sc}
+SUBNET=${SC_SUBNET:-10.77.0}
+BRIDGE=scvbr
+NODE_IF=scv0
+MAX_N=200 # addresses .11 … .210
+
+die() { echo "cluster.sh: error: $*" >&2; exit 1; }
+say() { echo "cluster.sh: $*" >&2; }
+
+usage() {
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+    exit "${1:-2}"
+}
+
+[[ "$PREFIX" =~ ^[a-z][a-z0-9]{0,7}$ ]] || die "SC_CLUSTER must match [a-z][a-z0-9]{0,7}, got '$PREFIX'"
+case "$SUBNET" in
+    10.77.0 | 198.18.0) ;;
+    *) die "SC_SUBNET must be 10.77.0 or 198.18.0, got '$SUBNET'" ;;
+esac
+
+need_tools() {
+    [[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces)"
+    command -v ip >/dev/null || die "'ip' not found: run scripts/deps.sh (package iproute2)"
+    command -v tc >/dev/null || die "'tc' not found: run scripts/deps.sh (package iproute2)"
+}
+
+# ns_of NODE -> namespace name
+ns_of() {
+    case "$1" in
+        p | primary) echo "$PREFIX-p" ;;
+        br) echo "$PREFIX-br" ;;
+        r[1-9] | r[1-9][0-9] | r[1-9][0-9][0-9]) echo "$PREFIX-$1" ;;
+        *) die "unknown node '$1' (use p, r1…rN or br)" ;;
+    esac
+}
+
+# addr_of NODE -> IPv4 address (no prefix length)
+addr_of() {
+    case "$1" in
+        p | primary) echo "$SUBNET.10" ;;
+        r[1-9] | r[1-9][0-9] | r[1-9][0-9][0-9])
+            local k=${1#r}
+            ((k <= MAX_N)) || die "node $1: at most $MAX_N replicas"
+            echo "$SUBNET.$((10 + k))"
+            ;;
+        *) die "node '$1' has no address (use p or r1…rN)" ;;
+    esac
+}
+
+# The namespaces this cluster owns, whatever state they are in.
+our_namespaces() {
+    local n
+    {
+        ip netns list 2>/dev/null | awk '{print $1}'
+        # A namespace file left by an interrupted `ip netns add` may not be listed.
+        if [[ -d /run/netns ]]; then
+            for n in /run/netns/*; do [[ -e "$n" ]] && basename "$n"; done
+        fi
+    } | grep -E "^${PREFIX}-(br|p|r[0-9]+)\$" | sort -u || true
+}
+
+# Serialise up/down of the same cluster (two runs racing would tear each other's namespaces down).
+take_lock() {
+    local dir=/run/lock
+    [[ -d "$dir" && -w "$dir" ]] || dir=${TMPDIR:-/tmp}
+    exec 9>"$dir/shardcast-cluster-$PREFIX.lock"
+    flock -w 120 9 || die "another cluster.sh up/down of '$PREFIX' holds $dir/shardcast-cluster-$PREFIX.lock"
+}
+
+do_down() {
+    local nss=() ns pid pids=() i alive
+    mapfile -t nss < <(our_namespaces)
+    ((${#nss[@]} > 0)) || return 0
+    for ns in "${nss[@]}"; do
+        while read -r pid; do
+            [[ -n "$pid" ]] && pids+=("$pid")
+        done < <(ip netns pids "$ns" 2>/dev/null || true)
+    done
+    if ((${#pids[@]} > 0)); then
+        say "stopping ${#pids[@]} process(es) still in the cluster: ${pids[*]}"
+        for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+        for ((i = 0; i < 50; i++)); do
+            alive=0
+            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            ((alive)) || break
+            sleep 0.1
+        done
+        for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    fi
+    for ns in "${nss[@]}"; do
+        if ! ip netns del "$ns" 2>/dev/null; then
+            umount -l "/run/netns/$ns" 2>/dev/null || true
+            rm -f "/run/netns/$ns"
+        fi
+    done
+    mapfile -t nss < <(our_namespaces)
+    ((${#nss[@]} == 0)) || die "could not remove: ${nss[*]}"
+}
+
+# shape NS RATE QDISC: root qdisc on NS's scv0.
+shape() {
+    local ns=$1 rate=$2 qdisc=$3 bps burst
+    case "$qdisc" in
+        htb)
+            tc -n "$ns" qdisc add dev "$NODE_IF" root handle 1: htb default 1
+            # quantum only matters when classes share; set it so the kernel does not warn that
+            # rate/r2q is huge.
+            tc -n "$ns" class add dev "$NODE_IF" parent 1: classid 1:1 htb rate "$rate" ceil "$rate" quantum 200000
+            ;;
+        tbf)
+            bps=$(rate_bps "$rate")
+            burst=$((bps / 8 / 1000))           # 1 ms of traffic
+            ((burst >= 131072)) || burst=131072 # whole GSO packets (64 KiB) pass unsegmented
+            tc -n "$ns" qdisc add dev "$NODE_IF" root handle 1: tbf rate "$rate" burst "$burst" latency 50ms
+            ;;
+    esac
+}
+
+# rate_bps 1gbit -> 1000000000
+rate_bps() {
+    local r=${1,,} n u
+    [[ "$r" =~ ^([0-9]+)(bit|kbit|mbit|gbit|tbit)$ ]] || die "bad rate '$1' (use e.g. 1gbit, 500mbit, or none)"
+    n=${BASH_REMATCH[1]} u=${BASH_REMATCH[2]}
+    case "$u" in
+        bit) echo "$n" ;;
+        kbit) echo $((n * 1000)) ;;
+        mbit) echo $((n * 1000000)) ;;
+        gbit) echo $((n * 1000000000)) ;;
+        tbit) echo $((n * 1000000000000)) ;;
+    esac
+}
+
+sysctl_ns() {
+    local ns=$1
+    shift
+    [[ -d /proc/sys/net/ipv6 ]] || return 0
+    ip netns exec "$ns" sysctl -q -w "$@" >/dev/null
+}
+
+UP_DONE=0
+on_up_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if ((UP_DONE == 0)); then
+        say "up failed or was interrupted (status $rc): removing what it built"
+        do_down || true
+    fi
+    exit "$rc"
+}
+
+do_up() {
+    local n=$1 rate=$2 mtu=$3 qdisc=$4 k node ns port
+    do_down
+    trap on_up_exit EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+
+    local br="$PREFIX-br"
+    ip netns add "$br"
+    ip -n "$br" link set lo up
+    sysctl_ns "$br" net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    ip -n "$br" link add "$BRIDGE" type bridge stp_state 0 forward_delay 0
+    ip -n "$br" link set "$BRIDGE" mtu "$mtu" up
+
+    local nodes=(p)
+    for ((k = 1; k <= n; k++)); do nodes+=("r$k"); done
+    for node in "${nodes[@]}"; do
+        ns=$(ns_of "$node")
+        port="scv$node"
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+        sysctl_ns "$ns" net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+        # Both ends are created inside namespaces: the pair is born in the bridge namespace and
+        # its peer goes straight to the node's.
+        ip -n "$br" link add "$port" mtu "$mtu" type veth peer name "$NODE_IF" mtu "$mtu" netns "$ns"
+        ip -n "$br" link set "$port" master "$BRIDGE" up
+        ip -n "$ns" addr add "$(addr_of "$node")/24" dev "$NODE_IF"
+        ip -n "$ns" link set "$NODE_IF" up
+        [[ "$rate" == none ]] || shape "$ns" "$rate" "$qdisc"
+    done
+    UP_DONE=1
+    trap - EXIT INT TERM
+    say "up: primary + $n replica(s), rate $rate per node egress ($qdisc), MTU $mtu, prefix $PREFIX"
+    for node in "${nodes[@]}"; do
+        printf '%-4s %-10s %s\n' "$node" "$(ns_of "$node")" "$(addr_of "$node")"
+    done
+}
+
+do_nodes() {
+    local ns node
+    # p first, then r1, r2, … in numeric order.
+    while read -r ns; do
+        node=${ns#"$PREFIX"-}
+        printf '%-4s %-10s %s\n' "$node" "$ns" "$(addr_of "$node")"
+    done < <(our_namespaces | awk -v pre="$PREFIX-" '{n = substr($0, length(pre) + 1)}
+        n == "p" {print 0, $0} n ~ /^r[0-9]+$/ {print substr(n, 2), $0}' | sort -n | cut -d' ' -f2)
+}
+
+do_status() {
+    local ns nss=()
+    mapfile -t nss < <(our_namespaces)
+    if ((${#nss[@]} == 0)); then
+        echo "no cluster '$PREFIX'"
+        return 0
+    fi
+    for ns in "${nss[@]}"; do
+        echo "== $ns"
+        if [[ "$ns" == "$PREFIX-br" ]]; then
+            ip -n "$ns" -br link show
+        else
+            ip -n "$ns" -br addr show dev "$NODE_IF" 2>/dev/null || true
+            tc -n "$ns" -s qdisc show dev "$NODE_IF" 2>/dev/null || true
+            echo "pids: $(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+        fi
+    done
+}
+
+cmd=${1:-}
+[[ -n "$cmd" ]] || usage 2
+shift
+case "$cmd" in
+    up)
+        need_tools
+        [[ $# -ge 1 ]] || die "usage: cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf]"
+        n=$1
+        shift
+        if [[ ! "$n" =~ ^[1-9][0-9]*$ ]] || ((n > MAX_N)); then die "N must be 1…$MAX_N, got '$n'"; fi
+        rate=1gbit mtu=1500 qdisc=htb
+        while [[ $# -gt 0 ]]; do
+            case "$1" in
+                --rate) rate=${2:?--rate needs a value}; shift 2 ;;
+                --rate=*) rate=${1#*=}; shift ;;
+                --mtu) mtu=${2:?--mtu needs a value}; shift 2 ;;
+                --mtu=*) mtu=${1#*=}; shift ;;
+                --qdisc) qdisc=${2:?--qdisc needs a value}; shift 2 ;;
+                --qdisc=*) qdisc=${1#*=}; shift ;;
+                *) die "unknown option '$1'" ;;
+            esac
+        done
+        rate=${rate,,}
+        [[ "$rate" == none ]] || rate_bps "$rate" >/dev/null
+        if [[ ! "$mtu" =~ ^[0-9]+$ ]] || ((mtu < 576 || mtu > 9000)); then die "MTU must be 576…9000, got '$mtu'"; fi
+        [[ "$qdisc" == htb || "$qdisc" == tbf ]] || die "--qdisc must be htb or tbf, got '$qdisc'"
+        take_lock
+        do_up "$n" "$rate" "$mtu" "$qdisc"
+        ;;
+    down)
+        need_tools
+        [[ $# -eq 0 ]] || die "usage: cluster.sh down"
+        take_lock
+        do_down
+        ;;
+    exec)
+        [[ $# -ge 2 ]] || die "usage: cluster.sh exec NODE CMD..."
+        ns=$(ns_of "$1")
+        shift
+        [[ -e "/run/netns/$ns" ]] || die "namespace $ns does not exist (run: cluster.sh up N)"
+        exec ip netns exec "$ns" "$@"
+        ;;
+    addr)
+        [[ $# -eq 1 ]] || die "usage: cluster.sh addr NODE"
+        addr_of "$1"
+        ;;
+    nodes) do_nodes ;;
+    status) need_tools; do_status ;;
+    -h | --help | help) usage 0 ;;
+    *) die "unknown command '$cmd' (up, down, exec, addr, nodes, status)" ;;
+esac
