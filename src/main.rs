@@ -209,7 +209,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
-                    EXIT_FAILED
+                    if matches!(e, shardcast::ServeError::Unsupported(_)) { EXIT_USAGE } else { EXIT_FAILED }
                 }
             }
         }

@@ -459,3 +459,40 @@ fn retry_right_after_downstream_refusal() {
     }
     c.assert_published(&src, "retry", 10);
 }
+
+// ------------------------------------------------------------------------------------------
+// transports this build does not have
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn transport_rdma_is_refused_plainly_and_tcp_works() {
+    let (_t, src) = small_src();
+    let c = Cluster::start(1);
+    let out = run(c.cmd().args(["push"]).arg(&src).args([
+        "--name",
+        "t",
+        "--version",
+        "1",
+        "--to",
+        &c.addrs(),
+        "--transport",
+        "rdma",
+    ]));
+    assert_eq!(code(&out), 2, "{}", show_output(&out));
+    assert_error_line(&out, &["--transport rdma", "no RDMA transport"]);
+    assert_not_published(&c, &[0], "t", 1);
+
+    let root = tempdir();
+    let out = run_timeout(
+        shardcast().args(["serve", "--listen", "127.0.0.1:0", "--transport", "rdma", "--root"]).arg(root.path()),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code(&out), 2, "{}", show_output(&out));
+    assert_error_line(&out, &["no RDMA transport"]);
+
+    for t in ["tcp", "auto"] {
+        let v = if t == "tcp" { 2 } else { 3 };
+        let out = c.push(&src, "t", v, &["--transport", t]);
+        assert_eq!(code(&out), 0, "{}", show_output(&out));
+    }
+}

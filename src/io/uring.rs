@@ -15,7 +15,7 @@
 use std::io;
 use std::time::Duration;
 
-use io_uring::{IoUring, Probe, opcode, squeue, types};
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
 use super::{Completion, Op, OpKind};
 use crate::pool::Pool;
@@ -25,6 +25,10 @@ struct InFlight {
     token: u64,
     op: Op,
     done: usize,
+    /// SEND_ZC notifications still to come: the buffer is the kernel's until they arrive.
+    notifs: u32,
+    /// The final result, held back while notifications are pending.
+    result: Option<io::Result<usize>>,
 }
 
 /// One io_uring and its in-flight table.
@@ -35,6 +39,8 @@ pub struct UringIo {
     live: usize,
     /// The registered pool range, when registration succeeded.
     fixed: Option<(usize, usize)>,
+    /// Send from the registered pool with SEND_ZC (opt-in: `SHARDCAST_ZEROCOPY=1`).
+    zero_copy: bool,
     features: String,
 }
 
@@ -69,13 +75,23 @@ impl UringIo {
                 None
             }
         };
+        // Zero-copy sends pin the pool's pages instead of copying them into the socket. On
+        // loopback and veth the kernel copies them on delivery anyway, so it is a loss there
+        // (BENCHMARKS.md); it is meant for real NICs and stays opt-in.
+        let zc_supported = probe.is_supported(opcode::SendZc::CODE);
+        let zero_copy =
+            zc_supported && fixed.is_some() && std::env::var_os("SHARDCAST_ZEROCOPY").is_some_and(|v| v == "1");
         let features = format!(
             "registered buffers={} SEND_ZC={} fast_poll={}",
             if fixed.is_some() { "yes" } else { "no" },
-            if probe.is_supported(opcode::SendZc::CODE) { "yes (unused: loses on loopback)" } else { "no" },
+            match (zc_supported, zero_copy) {
+                (_, true) => "yes, in use",
+                (true, false) => "yes, off (SHARDCAST_ZEROCOPY=1 turns it on)",
+                (false, _) => "no",
+            },
             if ring.params().is_feature_fast_poll() { "yes" } else { "no" },
         );
-        Ok(Self { ring, slab: Vec::new(), free: Vec::new(), live: 0, fixed, features })
+        Ok(Self { ring, slab: Vec::new(), free: Vec::new(), live: 0, fixed, zero_copy, features })
     }
 
     /// What the probe found, for the log.
@@ -105,6 +121,9 @@ impl UringIo {
         let fd = types::Fd(op.fd);
         let e = match op.kind {
             OpKind::Recv => opcode::Recv::new(fd, buf, len).flags(libc::MSG_WAITALL).build(),
+            OpKind::Send if self.zero_copy && self.is_fixed(&op) => {
+                opcode::SendZc::new(fd, buf, len).buf_index(Some(0)).flags(libc::MSG_NOSIGNAL).build()
+            }
             OpKind::Send => opcode::Send::new(fd, buf, len).flags(libc::MSG_NOSIGNAL).build(),
             OpKind::Read(off) if self.is_fixed(&op) => {
                 opcode::ReadFixed::new(fd, buf, len, 0).offset(off + done as u64).build()
@@ -148,7 +167,7 @@ impl UringIo {
                 self.slab.len() - 1
             }
         };
-        self.slab[idx] = Some(InFlight { token, op, done: 0 });
+        self.slab[idx] = Some(InFlight { token, op, done: 0, notifs: 0, result: None });
         self.live += 1;
         if let Err(e) = self.push(idx) {
             self.slab[idx] = None;
@@ -170,12 +189,30 @@ impl UringIo {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => return Err(e),
         }
-        let cqes: Vec<(usize, i32)> = self.ring.completion().map(|c| (c.user_data() as usize, c.result())).collect();
+        let cqes: Vec<(usize, i32, u32)> =
+            self.ring.completion().map(|c| (c.user_data() as usize, c.result(), c.flags())).collect();
         let mut resubmit = Vec::new();
-        for (idx, res) in cqes {
+        for (idx, res, flags) in cqes {
             let Some(f) = self.slab.get_mut(idx).and_then(Option::as_mut) else {
                 continue;
             };
+            if cqueue::notif(flags) {
+                // SEND_ZC: the kernel is done with the buffer of one submission.
+                f.notifs -= 1;
+                if f.notifs == 0
+                    && let Some(result) = f.result.take()
+                {
+                    let token = f.token;
+                    self.slab[idx] = None;
+                    self.free.push(idx);
+                    self.live -= 1;
+                    out.push(Completion { token, result });
+                }
+                continue;
+            }
+            if cqueue::more(flags) {
+                f.notifs += 1;
+            }
             let finished = if res < 0 {
                 let err = -res;
                 if err == libc::EINTR || err == libc::EAGAIN {
@@ -197,6 +234,11 @@ impl UringIo {
                 }
             };
             if let Some(result) = finished {
+                if f.notifs > 0 {
+                    // Completed, but the pages are still pinned by a zero-copy send.
+                    f.result = Some(result);
+                    continue;
+                }
                 let token = f.token;
                 self.slab[idx] = None;
                 self.free.push(idx);
