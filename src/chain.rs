@@ -136,8 +136,8 @@ pub struct Session<'a> {
     up_recv: UpRecv,
     next_recv_seq: u64,
     next_read: u64,
-    reads_in_flight: usize,
-    writes_in_flight: usize,
+    /// Bytes of all entries before entry i (progress in bytes; only when progress is watched).
+    bytes_before: Vec<u64>,
     dn_queue: VecDeque<DnItem>,
     dn_sending: Option<DnItem>,
     dn_recv: DnRecv,
@@ -178,6 +178,19 @@ impl<'a> Session<'a> {
         let io = Io::new(cfg.io, &pool);
         let downstream_name = downstream.first().cloned().unwrap_or_default();
         let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
+        let bytes_before = if progress.is_some() {
+            manifest
+                .entries()
+                .iter()
+                .scan(0u64, |acc, e| {
+                    let before = *acc;
+                    *acc += e.size;
+                    Some(before)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             io,
             pool: std::mem::ManuallyDrop::new(pool),
@@ -193,8 +206,7 @@ impl<'a> Session<'a> {
             up_recv: if up.is_some() { UpRecv::Idle } else { UpRecv::Done },
             next_recv_seq: 0,
             next_read: 0,
-            reads_in_flight: 0,
-            writes_in_flight: 0,
+            bytes_before,
             dn_queue: VecDeque::new(),
             dn_sending: None,
             dn_recv: if down.is_some() { DnRecv::Idle } else { DnRecv::Done },
@@ -292,11 +304,8 @@ impl<'a> Session<'a> {
                     Op { kind: OpKind::Write(c.offset), fd, buf: self.pool.slot_ptr(slot, HEADER_LEN), len: c.len };
                 // SAFETY: the slot is leased and stays so until the machine releases it, which it
                 // does only after this write's completion (WriteDone/WriteFailed).
-                match unsafe { self.io.submit(token(T_WRITE, seq), op) } {
-                    Ok(()) => self.writes_in_flight += 1,
-                    Err(e) => self
-                        .events
-                        .push_back(Event::WriteFailed { seq, error: NodeError::io("submitting a write", &e) }),
+                if let Err(e) = unsafe { self.io.submit(token(T_WRITE, seq), op) } {
+                    self.events.push_back(Event::WriteFailed { seq, error: NodeError::io("submitting a write", &e) });
                 }
             }
             Action::Release { slot } => self.pool.release(slot),
@@ -308,9 +317,7 @@ impl<'a> Session<'a> {
                         0
                     } else {
                         let c = self.manifest.chunk(through - 1).expect("acked chunk exists");
-                        self.manifest.entries()[..c.entry].iter().map(|e| e.size).sum::<u64>()
-                            + c.offset
-                            + u64::from(c.len)
+                        self.bytes_before[c.entry] + c.offset + u64::from(c.len)
                     };
                     p.acked_bytes.store(bytes, Relaxed);
                 }
@@ -401,7 +408,6 @@ impl<'a> Session<'a> {
                 // and its send completed.
                 unsafe { self.io.submit(token(T_READ, (seq << 16) | u64::from(slot.0)), op)? };
                 self.next_read += 1;
-                self.reads_in_flight += 1;
             }
         }
         // Downstream send: one at a time keeps the stream in order.
@@ -516,7 +522,6 @@ impl<'a> Session<'a> {
         match kind {
             T_UP_RECV => self.up_recv_done(c.result),
             T_READ => {
-                self.reads_in_flight -= 1;
                 let (seq, slot) = (value >> 16, SlotId((value & 0xffff) as u16));
                 let chunk = self.manifest.chunk(seq).expect("in range");
                 match c.result {
@@ -548,7 +553,6 @@ impl<'a> Session<'a> {
                 }
             }
             T_WRITE => {
-                self.writes_in_flight -= 1;
                 let seq = value;
                 match c.result {
                     Ok(_) => self.events.push_back(Event::WriteDone { seq }),

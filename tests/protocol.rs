@@ -204,3 +204,20 @@ fn a_full_protocol_push_by_hand_publishes_on_every_node() {
         assert!(cluster.root(i).join("ckpt/4.manifest").exists());
     }
 }
+
+#[test]
+fn library_push_reports_progress_up_to_every_chunk_and_byte() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempdir();
+    let manifest = make_source(dir.path());
+    let cluster = Cluster::start(2);
+    let progress = shardcast::chain::Progress::default();
+    let mut opts = shardcast::PushOptions::new("prog", 1, vec![cluster.addr(0), cluster.addr(1)]);
+    opts.chunk_size = CHUNK;
+    let r = shardcast::push(&dir.path().join("src"), &opts, Some(&progress)).unwrap();
+    assert!(r.ok(), "{:?}\n{}", r.replicas, cluster.logs());
+    assert_eq!(r.chunks, manifest.chunk_count());
+    assert_eq!(progress.sent_chunks.load(Relaxed), r.chunks);
+    assert_eq!(progress.acked_chunks.load(Relaxed), r.chunks);
+    assert_eq!(progress.acked_bytes.load(Relaxed), r.bytes);
+}
