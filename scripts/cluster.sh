@@ -4,7 +4,7 @@
 # egress shaped with tc. Nothing is created in the host's own network namespace: no link, no
 # address, no route, no qdisc (the veth pairs are created inside the bridge namespace).
 #
-#   scripts/cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf]
+#   scripts/cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf] [--cc reno|bbr|…]
 #   scripts/cluster.sh down
 #   scripts/cluster.sh exec NODE CMD...        run CMD inside NODE's namespace (exec'd: same PID)
 #   scripts/cluster.sh addr NODE               print NODE's IPv4 address
@@ -18,8 +18,12 @@
 #   netns PREFIX-p    `scv0` (veth peer of scvp)  10.77.0.10/24   (SC_SUBNET=198.18.0 for 198.18.0.x)
 #   netns PREFIX-rK   `scv0` (veth peer of scvrK) 10.77.0.(10+K)/24
 # Every node namespace has `lo` up, IPv6 off (no DAD/RS chatter), and on `scv0` a root qdisc:
-#   htb (default): `htb default 1` + class 1:1 `rate R ceil R`; its leaf is the default pfifo.
-#   tbf:           `tbf rate R burst max(R/8/1000, 128 KiB) latency 50ms`.
+#   htb (default): `htb default 1` + class 1:1 `rate R ceil R burst B cburst B`, leaf: default pfifo
+#   tbf:           `tbf rate R burst B latency 50ms`
+#   with B = max(1 ms of R, 128 KiB) = 128 KiB at 1gbit (see shape() for why not tc's default).
+# --cc sets net.ipv4.tcp_congestion_control in every node namespace (default: what a new namespace
+# inherits from the host, e.g. bbr; a non-initial namespace may only pick from the host's
+# net.ipv4.tcp_allowed_congestion_control).
 # The bridge ports have no qdisc (veth default: noqueue), so each node's only shaper is its own
 # egress: a chain hop is limited by the sender's rate, a star by the primary's.
 #
@@ -140,18 +144,23 @@ do_down() {
 
 # shape NS RATE QDISC: root qdisc on NS's scv0.
 shape() {
-    local ns=$1 rate=$2 qdisc=$3 bps burst
+    local ns=$1 rate=$2 qdisc=$3 burst
+    # Bucket: 1 ms of traffic, at least 128 KiB (whole 64 KiB GSO packets pass unsegmented).
+    # tc's default htb burst is rate/HZ-ish (1375 bytes = 11 us at 1gbit): the shaper then
+    # depends on hrtimer latency, and on this 2-core VM a single TCP stream got only 0.91-0.96 of
+    # the rate (iperf3, measured); with 1 ms it gets 0.996-0.999. 1 ms at 1 Gbit/s lets at most
+    # 125 KB pass early once after an idle period: 0.01% of a 1 GiB push.
+    burst=$(($(rate_bps "$rate") / 8 / 1000))
+    ((burst >= 131072)) || burst=131072
     case "$qdisc" in
         htb)
             tc -n "$ns" qdisc add dev "$NODE_IF" root handle 1: htb default 1
             # quantum only matters when classes share; set it so the kernel does not warn that
             # rate/r2q is huge.
-            tc -n "$ns" class add dev "$NODE_IF" parent 1: classid 1:1 htb rate "$rate" ceil "$rate" quantum 200000
+            tc -n "$ns" class add dev "$NODE_IF" parent 1: classid 1:1 htb rate "$rate" ceil "$rate" \
+                burst "$burst" cburst "$burst" quantum 200000
             ;;
         tbf)
-            bps=$(rate_bps "$rate")
-            burst=$((bps / 8 / 1000))           # 1 ms of traffic
-            ((burst >= 131072)) || burst=131072 # whole GSO packets (64 KiB) pass unsegmented
             tc -n "$ns" qdisc add dev "$NODE_IF" root handle 1: tbf rate "$rate" burst "$burst" latency 50ms
             ;;
     esac
@@ -190,7 +199,7 @@ on_up_exit() {
 }
 
 do_up() {
-    local n=$1 rate=$2 mtu=$3 qdisc=$4 k node ns port
+    local n=$1 rate=$2 mtu=$3 qdisc=$4 cc=$5 k node ns port
     do_down
     trap on_up_exit EXIT
     trap 'exit 130' INT
@@ -218,10 +227,14 @@ do_up() {
         ip -n "$ns" addr add "$(addr_of "$node")/24" dev "$NODE_IF"
         ip -n "$ns" link set "$NODE_IF" up
         [[ "$rate" == none ]] || shape "$ns" "$rate" "$qdisc"
+        if [[ -n "$cc" ]]; then
+            ip netns exec "$ns" sysctl -q -w "net.ipv4.tcp_congestion_control=$cc" >/dev/null ||
+                die "cannot set congestion control '$cc' in $ns (allowed: $(ip netns exec "$ns" sysctl -n net.ipv4.tcp_allowed_congestion_control))"
+        fi
     done
     UP_DONE=1
     trap - EXIT INT TERM
-    say "up: primary + $n replica(s), rate $rate per node egress ($qdisc), MTU $mtu, prefix $PREFIX"
+    say "up: primary + $n replica(s), rate $rate per node egress ($qdisc), MTU $mtu, TCP congestion control $(ip netns exec "$PREFIX-p" sysctl -n net.ipv4.tcp_congestion_control), prefix $PREFIX"
     for node in "${nodes[@]}"; do
         printf '%-4s %-10s %s\n' "$node" "$(ns_of "$node")" "$(addr_of "$node")"
     done
@@ -262,11 +275,11 @@ shift
 case "$cmd" in
     up)
         need_tools
-        [[ $# -ge 1 ]] || die "usage: cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf]"
+        [[ $# -ge 1 ]] || die "usage: cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf] [--cc NAME]"
         n=$1
         shift
         if [[ ! "$n" =~ ^[1-9][0-9]*$ ]] || ((n > MAX_N)); then die "N must be 1…$MAX_N, got '$n'"; fi
-        rate=1gbit mtu=1500 qdisc=htb
+        rate=1gbit mtu=1500 qdisc=htb cc=
         while [[ $# -gt 0 ]]; do
             case "$1" in
                 --rate) rate=${2:?--rate needs a value}; shift 2 ;;
@@ -275,6 +288,8 @@ case "$cmd" in
                 --mtu=*) mtu=${1#*=}; shift ;;
                 --qdisc) qdisc=${2:?--qdisc needs a value}; shift 2 ;;
                 --qdisc=*) qdisc=${1#*=}; shift ;;
+                --cc) cc=${2:?--cc needs a value}; shift 2 ;;
+                --cc=*) cc=${1#*=}; shift ;;
                 *) die "unknown option '$1'" ;;
             esac
         done
@@ -282,8 +297,9 @@ case "$cmd" in
         [[ "$rate" == none ]] || rate_bps "$rate" >/dev/null
         if [[ ! "$mtu" =~ ^[0-9]+$ ]] || ((mtu < 576 || mtu > 9000)); then die "MTU must be 576…9000, got '$mtu'"; fi
         [[ "$qdisc" == htb || "$qdisc" == tbf ]] || die "--qdisc must be htb or tbf, got '$qdisc'"
+        [[ -z "$cc" || "$cc" =~ ^[a-z0-9_]+$ ]] || die "bad --cc '$cc'"
         take_lock
-        do_up "$n" "$rate" "$mtu" "$qdisc"
+        do_up "$n" "$rate" "$mtu" "$qdisc" "$cc"
         ;;
     down)
         need_tools

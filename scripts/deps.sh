@@ -6,13 +6,15 @@
 #   build-essential pkg-config  C toolchain for crates that build C (and the linker)
 #   iperf3                      the loopback baseline in scripts/bench-hop.sh
 #   procps util-linux           ps/pgrep/free, and taskset/flock/etc. used by scripts and tests
+#   iproute2                    ip/tc: the emulated cluster of scripts/cluster.sh (network
+#                               namespaces, veth, bridge, tc shaping) and tests/cluster.rs
 #   python3                     JSON/CSV handling and data generation in the bench scripts
 #
 # Rust itself comes from rustup (preinstalled on these machines); this script only checks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(build-essential pkg-config iperf3 procps util-linux)
+PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

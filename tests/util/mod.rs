@@ -368,6 +368,85 @@ impl Drop for Server {
     }
 }
 
+/// A `Command` that runs the binary under test through `wrapper` (e.g. `["ip", "netns", "exec",
+/// NS]`: the wrapper must exec it, so that the child's PID is the binary's), with the same
+/// environment and orphan backstop as [`shardcast`].
+pub fn shardcast_via(wrapper: &[&str]) -> Command {
+    let (prog, rest) = wrapper.split_first().expect("shardcast_via: empty wrapper");
+    let mut cmd = Command::new(prog);
+    cmd.args(rest).arg(BIN).env("NO_COLOR", "1").stdin(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. The death
+    // signal survives the exec of a wrapper that is not set-user-ID.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+impl Server {
+    /// Starts a `shardcast serve` that the caller built (e.g. with [`shardcast_via`] and its own
+    /// `--listen ADDR --root ROOT …`), and waits for its `listening on` line. `root` is what
+    /// [`Server::root`] reports.
+    pub fn start_with(mut cmd: Command, root: &Path) -> Server {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let desc = describe(&cmd);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn `{desc}`: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel::<SocketAddr>();
+        let log2 = Arc::clone(&log);
+        let drainer = thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut tx = Some(tx);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                log2.lock().unwrap().extend_from_slice(&line);
+                if tx.is_some() {
+                    let text = strip_ansi(&String::from_utf8_lossy(&line));
+                    if let Some(addr) = parse_listening(&text) {
+                        let _ = tx.take().unwrap().send(addr);
+                    }
+                }
+            }
+        });
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(a) => break a,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = child.wait().ok();
+                    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+                    panic!("`{desc}` exited ({st:?}) before printing `listening on`; stderr:\n{text}");
+                }
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                if let Ok(a) = rx.try_recv() {
+                    break a;
+                }
+                let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+                panic!("`{desc}` exited ({st}) before printing `listening on`; stderr:\n{text}");
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+                panic!("`{desc}` printed no `listening on` line within {STARTUP_TIMEOUT:?}; stderr so far:\n{text}");
+            }
+        };
+        Server { child, addr, root: root.to_path_buf(), log, drainer: Some(drainer) }
+    }
+}
+
 /// Finds `listening on <addr>` in a log line and parses the address.
 pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     let idx = line.find("listening on ")?;

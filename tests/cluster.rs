@@ -1,0 +1,251 @@
+//! The emulated cluster of `scripts/cluster.sh`: a primary and 3 replicas, each in its own network
+//! namespace, each node's egress shaped with tc. One push goes down the chain through it; every
+//! replica's bytes are compared with the source, the shapers' counters show that the data took
+//! the path p -> r1 -> r2 -> r3 at the shaped rate, and the cluster is torn down leaving nothing.
+//!
+//! Skipped, with the reason printed, only where network namespaces cannot be created: not root,
+//! no `ip`, or `ip netns add` refused. The cluster is named `sct` (namespaces `sct-br`, `sct-p`,
+//! `sct-r1`…), apart from the benchmark's `sc`, so the two never tear each other down.
+
+mod util;
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use util::*;
+
+/// SC_CLUSTER of the test's cluster.
+const PREFIX: &str = "sct";
+const REPLICAS: usize = 3;
+/// Egress rate of every node, in Mbit/s (tc: decimal units).
+const RATE_MBIT: u64 = 500;
+const PORT: u16 = 7071;
+const MIB: u64 = 1 << 20;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("cluster.sh")
+}
+
+/// `scripts/cluster.sh ARGS...` for the test's cluster.
+fn cluster_sh(args: &[&str]) -> Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script()).args(args).env("SC_CLUSTER", PREFIX).stdin(Stdio::null());
+    run_timeout(&mut cmd, Duration::from_secs(120))
+}
+
+fn ip(args: &[&str]) -> Output {
+    run_timeout(Command::new("ip").args(args), Duration::from_secs(30))
+}
+
+/// The test cluster's namespaces that exist right now.
+fn our_namespaces() -> Vec<String> {
+    let out = ip(&["netns", "list"]);
+    let pre = format!("{PREFIX}-");
+    stdout_str(&out)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&pre))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Why this machine cannot run the test, if it cannot. The probe is the name the bridge
+/// namespace will get, so an interrupted probe is removed by the next `down` like the rest.
+fn netns_unavailable() -> Option<String> {
+    let probe = format!("{PREFIX}-br");
+    let _ = Command::new("ip").args(["netns", "del", &probe]).stderr(Stdio::null()).status();
+    match Command::new("ip").args(["netns", "add", &probe]).stdin(Stdio::null()).output() {
+        Err(e) => Some(format!("cannot run `ip` ({e}); iproute2 comes with scripts/deps.sh")),
+        Ok(o) if !o.status.success() => {
+            Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&o.stderr).trim()))
+        }
+        Ok(_) => {
+            let o = ip(&["netns", "del", &probe]);
+            assert!(o.status.success(), "ip netns del {probe} failed\n{}", show_output(&o));
+            None
+        }
+    }
+}
+
+/// Serialises concurrent runs of this test (two `cargo test` at once would share the names).
+/// Held until dropped.
+struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    fn take() -> Lock {
+        let path = std::env::temp_dir().join(format!("shardcast-cluster-test-{PREFIX}.lock"));
+        let f = File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {}: {}", path.display(), std::io::Error::last_os_error());
+        Lock { _file: f }
+    }
+}
+
+/// A running cluster: its servers die and its namespaces go when it is dropped, whether the test
+/// passed or panicked.
+struct NetCluster {
+    // Declared first: the servers are killed before the namespaces go.
+    servers: Vec<Server>,
+    addrs: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl NetCluster {
+    fn up(n: usize, rate_mbit: u64) -> NetCluster {
+        let out = cluster_sh(&["up", &n.to_string(), "--rate", &format!("{rate_mbit}mbit"), "--mtu", "1500"]);
+        assert!(out.status.success(), "cluster.sh up failed\n{}", show_output(&out));
+        let dir = tempdir();
+        let mut c = NetCluster { servers: Vec::new(), addrs: Vec::new(), dir };
+        for k in 1..=n {
+            let node = format!("r{k}");
+            let out = cluster_sh(&["addr", &node]);
+            assert!(out.status.success(), "cluster.sh addr {node}\n{}", show_output(&out));
+            let addr = format!("{}:{PORT}", stdout_str(&out).trim());
+            let root = c.dir.path().join(&node);
+            let ns = format!("{PREFIX}-{node}");
+            let mut cmd = shardcast_via(&["ip", "netns", "exec", &ns]);
+            cmd.arg("serve").arg("--listen").arg(&addr).arg("--root").arg(&root);
+            let srv = Server::start_with(cmd, &root);
+            assert_eq!(srv.addr().to_string(), addr, "r{k} listens on the wrong address");
+            c.servers.push(srv);
+            c.addrs.push(addr);
+        }
+        c
+    }
+
+    fn root(&self, k: usize) -> PathBuf {
+        self.servers[k - 1].root().to_path_buf()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, srv) in self.servers.iter().enumerate() {
+            let _ = writeln!(s, "=== r{} ({}) stderr ===\n{}", i + 1, srv.addr(), srv.log());
+        }
+        s
+    }
+
+    /// `shardcast push SRC --name NAME --version V --to r1,…,rN --json EXTRA…` from the primary's
+    /// namespace.
+    fn push(&self, src: &Path, name: &str, version: u64, extra: &[&str]) -> Output {
+        let ns = format!("{PREFIX}-p");
+        let mut cmd = shardcast_via(&["ip", "netns", "exec", &ns]);
+        cmd.arg("push")
+            .arg(src)
+            .args(["--name", name, "--version", &version.to_string(), "--to", &self.addrs.join(","), "--json"])
+            .args(extra);
+        run(&mut cmd)
+    }
+
+    /// Bytes the root qdisc on NODE's link has sent since `up`.
+    fn shaper_bytes(node: &str) -> u64 {
+        let ns = format!("{PREFIX}-{node}");
+        let out = run_timeout(
+            Command::new("tc").args(["-n", &ns, "-s", "-j", "qdisc", "show", "dev", "scv0"]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "tc -s qdisc show in {ns}\n{}", show_output(&out));
+        let v: serde_json::Value = serde_json::from_str(stdout_str(&out).trim())
+            .unwrap_or_else(|e| panic!("tc -j output is not JSON ({e})\n{}", show_output(&out)));
+        let root = v
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q.get("root").and_then(|r| r.as_bool()) == Some(true)))
+            .unwrap_or_else(|| panic!("{ns}: no root qdisc on scv0: {v}"));
+        root.get("bytes").and_then(|b| b.as_u64()).unwrap_or_else(|| panic!("{ns}: qdisc without bytes: {root}"))
+    }
+
+    fn down(&mut self) {
+        self.servers.clear();
+        let out = cluster_sh(&["down"]);
+        assert!(out.status.success(), "cluster.sh down failed\n{}", show_output(&out));
+    }
+}
+
+impl Drop for NetCluster {
+    fn drop(&mut self) {
+        self.servers.clear();
+        let _ = cluster_sh(&["down"]);
+    }
+}
+
+#[test]
+fn chain_through_shaped_namespaces() {
+    // Straight to stderr: libtest captures eprintln! of passing tests.
+    let skip = |why: &str| {
+        let _ = writeln!(std::io::stderr(), "skipped cluster test: {why}");
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("not running as root: network namespaces need CAP_SYS_ADMIN");
+    }
+    // Before the probe: the probe uses a name of the cluster's.
+    let _lock = Lock::take();
+    if let Some(why) = netns_unavailable() {
+        return skip(&why);
+    }
+    let mut c = NetCluster::up(REPLICAS, RATE_MBIT);
+
+    // A small mixed tree plus one file of many chunks, so that every hop forwards while it
+    // receives.
+    let src = tempdir();
+    make_small_tree(src.path(), 31);
+    write_random_file(&src.path().join("shard-0.bin"), 24 * MIB + 12_345, 32);
+    let bytes = total_bytes(src.path());
+
+    let out = c.push(src.path(), "ckpt", 1, &["--chunk-size", "1MiB"]);
+    if code(&out) != 0 {
+        panic!("push through the cluster failed\n{}\n{}", show_output(&out), c.logs());
+    }
+    let j = parse_json(&out);
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(j["bytes"].as_u64(), Some(bytes), "{j}");
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas array: {j}"));
+    assert_eq!(reps.len(), REPLICAS, "{j}");
+    for (i, r) in reps.iter().enumerate() {
+        assert_eq!(r["status"], "published", "replica {i}: {j}");
+        assert_eq!(r["node"].as_str(), Some(c.addrs[i].as_str()), "chain order: {j}");
+    }
+
+    // Every replica holds the tree byte for byte, and its own verify agrees.
+    for k in 1..=REPLICAS {
+        let root = c.root(k);
+        assert_tree_identical(src.path(), &root.join("ckpt").join("1"));
+        assert_current(&root, "ckpt", 1);
+        let v = verify(&root, "ckpt", &[]);
+        assert_eq!(code(&v), 0, "r{k}: verify failed\n{}", show_output(&v));
+    }
+
+    // The data crossed the shaped links p -> r1 -> r2 -> r3: each of p, r1, r2 sent at least the
+    // payload through its shaper, r3 (the tail) only acknowledgements and its report.
+    let sent: Vec<(String, u64)> =
+        ["p", "r1", "r2", "r3"].iter().map(|n| (n.to_string(), NetCluster::shaper_bytes(n))).collect();
+    for (node, b) in &sent[..3] {
+        assert!(*b >= bytes, "{node}'s shaper sent {b} bytes, less than the {bytes} pushed: {sent:?}");
+    }
+    assert!(sent[3].1 < bytes / 10, "the tail sent {} bytes: {sent:?}", sent[3].1);
+
+    // ... at no more than the shaped rate: loopback would be an order of magnitude faster. The
+    // shaper's bucket (128 KiB) is the only head start it gives.
+    let seconds = j["seconds"].as_f64().unwrap_or_else(|| panic!("no seconds: {j}"));
+    let floor = 0.9 * (bytes * 8) as f64 / (RATE_MBIT * 1_000_000) as f64;
+    assert!(
+        seconds >= floor,
+        "pushed {bytes} bytes in {seconds:.3} s: faster than {RATE_MBIT} Mbit/s allows ({floor:.3} s)"
+    );
+
+    // Teardown leaves nothing: no namespace of ours, and nothing of ours on the host's links.
+    c.down();
+    drop(c);
+    let left = our_namespaces();
+    assert!(left.is_empty(), "namespaces left after down: {left:?}");
+    let links = stdout_str(&ip(&["-o", "link", "show"]));
+    assert!(!links.contains("scv"), "a cluster link leaked into the host namespace:\n{links}");
+}
