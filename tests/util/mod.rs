@@ -261,69 +261,8 @@ impl Server {
             .arg("--root")
             .arg(root)
             .args(extra)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let desc = describe(&cmd);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn `{desc}`: {e}"));
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<SocketAddr>();
-        let log2 = Arc::clone(&log);
-        // Reads stderr line by line for the whole life of the child: announces the port once,
-        // keeps everything in `log` for failure messages, and keeps the pipe from filling up.
-        let drainer = thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut tx = Some(tx);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                log2.lock().unwrap().extend_from_slice(&line);
-                if tx.is_some() {
-                    let text = strip_ansi(&String::from_utf8_lossy(&line));
-                    if let Some(addr) = parse_listening(&text) {
-                        let _ = tx.take().unwrap().send(addr);
-                    }
-                }
-            }
-        });
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let addr = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(a) => break a,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // stderr closed without the line: the server died.
-                    let st = child.wait().ok();
-                    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-                    panic!("`{desc}` exited ({st:?}) before printing `listening on`; stderr:\n{text}");
-                }
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                // Give the drainer a moment to pick up the last lines.
-                thread::sleep(Duration::from_millis(100));
-                if let Ok(a) = rx.try_recv() {
-                    break a;
-                }
-                let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-                panic!("`{desc}` exited ({st}) before printing `listening on`; stderr:\n{text}");
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-                panic!(
-                    "`{desc}` printed no `listening on` line within {STARTUP_TIMEOUT:?}; \
-                     stderr so far:\n{text}"
-                );
-            }
-        };
-        Server { child, addr, root: root.to_path_buf(), log, drainer: Some(drainer) }
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        Server::start_with(cmd, root)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -398,6 +337,8 @@ impl Server {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel::<SocketAddr>();
         let log2 = Arc::clone(&log);
+        // Reads stderr line by line for the whole life of the child: announces the port once,
+        // keeps everything in `log` for failure messages, and keeps the pipe from filling up.
         let drainer = thread::spawn(move || {
             let mut r = BufReader::new(stderr);
             let mut tx = Some(tx);
