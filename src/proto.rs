@@ -451,7 +451,11 @@ impl NodeMachine {
 
         // 5. Finish when this node is settled and downstream has reported.
         let own_settled = self.role == Role::Primary || matches!(self.own, Own::Done(_));
-        if all_dispatched && own_settled && !self.finished {
+        // A primary whose downstream is settled has nobody left to send to: it stops reading
+        // its source rather than reading the rest for nothing.
+        let nothing_left =
+            all_dispatched || (self.role == Role::Primary && matches!(self.downstream, Downstream::Settled(_)));
+        if nothing_left && own_settled && !self.finished {
             let downstream_reports = match &self.downstream {
                 Downstream::None => Some(Vec::new()),
                 Downstream::Settled(r) => Some(r.clone()),
@@ -603,6 +607,19 @@ mod tests {
         assert_eq!(step(&mut m, Event::DownstreamAck { through: 3 }), vec![]);
         step(&mut m, Event::WriteDone { seq: 1 });
         assert_eq!(step(&mut m, Event::WriteDone { seq: 0 }), vec![Action::AckUpstream { through: 2 }]);
+    }
+
+    #[test]
+    fn primary_stops_as_soon_as_its_downstream_is_gone() {
+        let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into(), "r2".into()], 1000);
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ForwardDone { seq: 0 });
+        let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r1 lost");
+        let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
+        let Some(Action::Finish { reports }) = a.last() else { panic!("{a:?}") };
+        assert_eq!(reports[0], ReplicaReport::failed("r1", lost));
+        assert_eq!(reports.len(), 2);
+        assert!(m.is_finished(), "999 chunks are not read for nobody");
     }
 
     #[test]
