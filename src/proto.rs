@@ -43,7 +43,7 @@ pub enum Event {
         /// Where it is.
         slot: SlotId,
     },
-    /// Chunk `seq` arrived in `slot` but its digest did not match.
+    /// Chunk `seq` arrived in `slot` but its bytes do not match the digest in its header.
     ChunkCorrupt {
         /// Chunk number.
         seq: u64,
@@ -258,14 +258,12 @@ impl NodeMachine {
                 }
             }
             Event::ChunkCorrupt { seq, slot } => {
+                // Only replicas see corrupt chunks: the primary computes the digests it sends.
                 out.push(Action::Release { slot });
-                let what = if self.role == Role::Primary {
-                    format!("source changed while it was pushed: chunk {seq} no longer matches its digest")
-                } else {
-                    format!("digest mismatch in chunk {seq}: the bytes received do not match the manifest")
-                };
-                let kind = if self.role == Role::Primary { ErrorKind::Source } else { ErrorKind::DigestMismatch };
-                self.abort(kind, what, out);
+                let what = format!(
+                    "digest mismatch in chunk {seq}: the bytes received do not match the digest the primary computed"
+                );
+                self.abort(ErrorKind::DigestMismatch, what, out);
                 return;
             }
             Event::ForwardDone { seq } => {
