@@ -33,8 +33,9 @@
 #      MTU (1500), QDISC (htb|tbf, htb), CC (TCP congestion control in the namespaces, cluster.sh
 #      --cc; default what they inherit from the host), CHUNK (push --chunk-size, default the engine's),
 #      POOL_MB (serve and push --pool-mb, default the engine's), IPERF (1; 0 skips iperf3),
-#      PORT (7071), SC_CLUSTER (cluster name prefix, sc), SHARDCAST_IO and SHARDCAST_ZEROCOPY
-#      (passed through to every serve and push, recorded in the table),
+#      PORT (7071), SC_CLUSTER (cluster name prefix, sc), SHARDCAST_IO, SHARDCAST_ZEROCOPY and
+#      SHARDCAST_PIECE_BYTES (relays' cut-through piece, 0 = store-and-forward) (passed through
+#      to every serve and push, recorded in the table),
 #      KEEP_WORK=1 (keep the tmpfs work dir).
 # Needs root, iproute2, python3, cmp; iperf3 when IPERF=1 (scripts/deps.sh installs them).
 set -euo pipefail
@@ -169,6 +170,7 @@ cmdline=""
 [[ "$IPERF" != 1 ]] && cmdline+="IPERF=$IPERF "
 [[ -n "${SHARDCAST_IO:-}" ]] && cmdline+="SHARDCAST_IO=$SHARDCAST_IO "
 [[ -n "${SHARDCAST_ZEROCOPY:-}" ]] && cmdline+="SHARDCAST_ZEROCOPY=$SHARDCAST_ZEROCOPY "
+[[ -n "${SHARDCAST_PIECE_BYTES:-}" ]] && cmdline+="SHARDCAST_PIECE_BYTES=$SHARDCAST_PIECE_BYTES "
 cmdline+="./scripts/bench-cluster.sh"
 
 mkdir -p results
@@ -572,7 +574,7 @@ BC_BIN=$bin BC_SRC=$work/src BC_WORK=$work BC_BYTES=$bytes BC_FILES=$FILES BC_RE
     BC_NS=$NS BC_TOPOS=$TOPOS BC_RATE=$RATE BC_MTU=$MTU BC_QDISC=$QDISC BC_IPERF=$IPERF \
     BC_PREFIX=$SC_CLUSTER BC_SERVE_PIDS="${serve_pids[*]}" BC_ADDRS="${addrs[*]}" BC_ROOTS="${roots[*]}" \
     BC_PUSH_ARGS="${push_args[*]}" BC_CHUNK=${CHUNK:-default} BC_POOL=${POOL_MB:-default} \
-    BC_IO=${SHARDCAST_IO:-auto}${SHARDCAST_ZEROCOPY:+,zerocopy=$SHARDCAST_ZEROCOPY} BC_COMMIT="$(git_rev)$dirty" BC_STAMP=$stamp \
+    BC_IO=${SHARDCAST_IO:-auto}${SHARDCAST_ZEROCOPY:+,zerocopy=$SHARDCAST_ZEROCOPY}${SHARDCAST_PIECE_BYTES:+,piece=$SHARDCAST_PIECE_BYTES} BC_COMMIT="$(git_rev)$dirty" BC_STAMP=$stamp \
     BC_CSV=results/bench-cluster-$stamp.csv BC_MD=results/bench-cluster-$stamp.md BC_CMD=$cmdline \
     python3 "$work/bench.py" &
 py_pid=$!

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub max_sessions: usize,
     /// Verify chunk digests on arrival (turned off only to measure what verifying costs).
     pub verify: bool,
+    /// Cut-through piece size for relaying (0: forward whole chunks); see `SessionConfig`.
+    pub piece_bytes: u32,
 }
 
 impl ServeOptions {
@@ -58,6 +60,7 @@ impl ServeOptions {
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 64,
             verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
+            piece_bytes: crate::chain::piece_bytes_from_env(),
         }
     }
 }
@@ -327,20 +330,22 @@ fn push_session(
         io: opts.io,
         idle_timeout: opts.idle_timeout,
         verify: opts.verify,
+        piece_bytes: opts.piece_bytes,
     };
-    let session = match Session::new(
-        Role::Replica,
-        &me,
-        hello.downstream.clone(),
-        manifest,
-        Local::Staging(Some(staging)),
-        Some(conn.as_raw_fd()),
-        down.as_ref().map(AsRawFd::as_raw_fd),
-        cfg,
-        None,
-        Some(pools),
-    ) {
-        Ok(s) => s,
+    let session = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
+        Ok(pool) => Session::new(
+            Role::Replica,
+            &me,
+            hello.downstream.clone(),
+            manifest,
+            Local::Staging(Some(staging)),
+            Some(conn.as_raw_fd()),
+            down.as_ref().map(AsRawFd::as_raw_fd),
+            cfg,
+            None,
+            pool,
+            Some(pools),
+        ),
         Err(e) => {
             tracing::error!("cannot set up the session's buffer pool: {e}");
             let _ = wire::write_frame(

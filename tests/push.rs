@@ -317,6 +317,22 @@ fn plain_io_path() {
     }
 }
 
+/// Relays forward chunks piece by piece as they arrive (cut-through) or whole (piece size 0):
+/// pieces that do not divide the chunk, pieces larger than the chunk and store-and-forward all
+/// deliver the same bytes through a 4-node chain, on io_uring and on the plain path.
+#[test]
+fn cut_through_piece_sizes() {
+    let src = tempdir();
+    let d = src.path().join("tree");
+    for (i, size) in [1u64, MIB - 1, MIB, 3 * MIB + 12345].into_iter().enumerate() {
+        write_random_file(&d.join(format!("f{i}.bin")), size, 1200 + i as u64);
+    }
+    for (io, piece) in [("auto", "100000"), ("auto", "0"), ("auto", "8388608"), ("plain", "65537")] {
+        let c = Cluster::builder().env("SHARDCAST_IO", io).env("SHARDCAST_PIECE_BYTES", piece).start(4);
+        push_and_check(&c, &d, "pieces", 1, &["--chunk-size", "1M"]);
+    }
+}
+
 #[test]
 fn pushes_to_different_names_concurrently() {
     let c = Cluster::start(2);
