@@ -36,6 +36,7 @@ pub mod proto;
 pub mod push;
 pub mod server;
 pub mod store;
+pub mod tcpinfo;
 pub mod transport;
 pub mod wire;
 

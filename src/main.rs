@@ -88,8 +88,9 @@ enum Cmd {
         /// Transport: auto, tcp or rdma.
         #[arg(long, default_value = "auto")]
         transport: Transport,
-        /// Buffer pool in MiB.
-        #[arg(long, default_value_t = 64)]
+        /// Buffer pool in MiB. The primary only reads ahead of its sends (a slot is free again
+        /// once its send completed), so it needs less than a relay.
+        #[arg(long, default_value_t = 16)]
         pool_mb: usize,
         /// Seconds to wait for each connection and the chain's answer.
         #[arg(long, default_value_t = 10)]

@@ -11,6 +11,7 @@ use crate::chain::{Local, Progress, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, PushError};
 use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
+use crate::pool::Pool;
 use crate::proto::Role;
 use crate::store::check_name;
 use crate::transport::Transport;
@@ -42,7 +43,7 @@ pub struct PushOptions {
 }
 
 impl PushOptions {
-    /// Options with defaults: 4 MiB chunks, sync mode, 64 MiB pool.
+    /// Options with defaults: 4 MiB chunks, sync mode, 16 MiB pool (read-ahead of 4 chunks).
     pub fn new(name: impl Into<String>, version: u64, to: Vec<String>) -> Self {
         Self {
             name: name.into(),
@@ -51,7 +52,7 @@ impl PushOptions {
             chunk_size: DEFAULT_CHUNK,
             mode: Mode::Sync,
             transport: Transport::Auto,
-            pool_bytes: 64 << 20,
+            pool_bytes: 16 << 20,
             io: IoChoice::from_env(),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
@@ -167,6 +168,18 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
     let files = open_sources(&manifest, paths)?;
     let (bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
 
+    // Mapping and pinning the pool takes tens of milliseconds: do it while the chain connects.
+    let (pool_bytes, chunk_size) = (opts.pool_bytes, manifest.chunk_size());
+    let pool = std::thread::Builder::new()
+        .name("shardcast-pool".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let pool = Pool::with_budget(pool_bytes, chunk_size);
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "pool mapped and pinned");
+            pool
+        })
+        .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
+
     let first = opts.to[0].clone();
     let mut stream =
         connect(&first, opts.connect_timeout).map_err(|error| PushError::Node { node: first.clone(), error })?;
@@ -189,7 +202,19 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         return Err(PushError::Node { node: r.node, error });
     }
 
-    let cfg = SessionConfig { pool_bytes: opts.pool_bytes, io: opts.io, idle_timeout: opts.idle_timeout, verify: true };
+    let cfg = SessionConfig {
+        pool_bytes: opts.pool_bytes,
+        io: opts.io,
+        idle_timeout: opts.idle_timeout,
+        verify: true,
+        // The primary reads whole chunks; only relays cut through.
+        piece_bytes: 0,
+    };
+    tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "chain accepted");
+    let pool = pool
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the pool set-up thread panicked")))
+        .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
     let session = Session::new(
         Role::Primary,
         "",
@@ -200,10 +225,15 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         Some(stream.as_raw_fd()),
         cfg,
         progress,
+        pool,
         None,
-    )
-    .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
-    tracing::debug!(io = session.io_name(), pinned = session.pool_locked(), "streaming");
+    );
+    tracing::debug!(
+        io = session.io_name(),
+        pinned = session.pool_locked(),
+        ms = start.elapsed().as_secs_f64() * 1e3,
+        "streaming"
+    );
     let end = session.run();
     drop(stream);
     let replicas = match end {

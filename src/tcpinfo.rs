@@ -1,0 +1,63 @@
+//! What the kernel knows about a TCP connection's sending side (`TCP_INFO`), for the debug log
+//! at the end of a session: whether a hop was held back by the receiver's window, by its own
+//! send buffer, or by neither (then the link or the congestion control set the pace).
+
+use std::os::fd::RawFd;
+
+/// A few fields of `struct tcp_info`, times in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Time with data in flight or queued.
+    pub busy_ms: u64,
+    /// Of that, time the receiver's advertised window was the limit.
+    pub rwnd_limited_ms: u64,
+    /// Of that, time the send buffer was the limit (the application did not keep it full).
+    pub sndbuf_limited_ms: u64,
+    /// Segments retransmitted over the connection's life.
+    pub total_retrans: u32,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u32,
+    /// Congestion window, segments.
+    pub snd_cwnd: u32,
+}
+
+/// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed).
+pub fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len) };
+    // Older kernels return a shorter struct; the limited-time fields exist since Linux 4.10.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8;
+    if rc != 0 || (len as usize) < needed {
+        return None;
+    }
+    Some(TcpStats {
+        busy_ms: info.tcpi_busy_time / 1000,
+        rwnd_limited_ms: info.tcpi_rwnd_limited / 1000,
+        sndbuf_limited_ms: info.tcpi_sndbuf_limited / 1000,
+        total_retrans: info.tcpi_total_retrans,
+        rtt_us: info.tcpi_rtt,
+        snd_cwnd: info.tcpi_snd_cwnd,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn reads_a_loopback_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        a.write_all(&[1u8; 100_000]).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        b.read_exact(&mut buf).unwrap();
+        let s = super::tcp_stats(a.as_raw_fd()).expect("TCP_INFO on a TCP socket");
+        assert!(s.snd_cwnd > 0, "{s:?}");
+    }
+}
