@@ -9,12 +9,16 @@
 #   iproute2                    ip/tc: the emulated cluster of scripts/cluster.sh (network
 #                               namespaces, veth, bridge, tc shaping) and tests/cluster.rs
 #   python3                     JSON/CSV handling and data generation in the bench scripts
+#   clang libclang-dev          bindgen, which the rdma-sys crate runs at build time (feature `rdma`)
+#   libibverbs-dev librdmacm-dev  the verbs and RDMA CM headers and libraries rdma-sys links
+#   ibverbs-providers rdma-core   the user-space drivers (rxe among them) the RDMA transport loads
 #
 # Rust itself comes from rustup (preinstalled on these machines); this script only checks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2)
+PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2
+    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -40,8 +44,8 @@ else
     fi
     echo "deps: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive   # iperf3's postinst asks about a daemon otherwise
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 # Rust toolchain: preinstalled through rustup; never downloaded here.

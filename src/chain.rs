@@ -22,6 +22,7 @@ use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
 use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
 use crate::proto::{Action, Event, NodeMachine, Role};
+use crate::rdma::{DnLink, UpLink, WorkCompletion};
 use crate::store::Staging;
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
@@ -100,6 +101,10 @@ const T_DN_SEND: u64 = 3;
 const T_DN_RECV: u64 = 4;
 const T_WRITE: u64 = 5;
 const T_READ: u64 = 6;
+/// Readiness of an RDMA completion channel; value 0 upstream, 1 downstream.
+const T_RDMA_POLL: u64 = 7;
+/// The value of END's RDMA write (chunks use their sequence number).
+const END_WR: u64 = (1 << 56) - 1;
 
 fn token(kind: u64, value: u64) -> u64 {
     (kind << 56) | value
@@ -112,6 +117,8 @@ enum UpRecv {
     /// Receiving chunk `seq`'s payload; its header's digest; payload bytes received before the
     /// receive in flight, and how many that receive asked for.
     Payload(SlotId, u64, u128, u32, u32),
+    /// RDMA hop: chunks arrive by RDMA; a receive on the socket only watches for it closing.
+    Watch,
     Done,
 }
 
@@ -119,7 +126,8 @@ enum UpRecv {
 enum DnRecv {
     Idle,
     Header,
-    Payload(u32),
+    /// A RESULT's or CREDIT's payload.
+    Payload(Kind, u32),
     Done,
 }
 
@@ -155,6 +163,7 @@ struct CutThrough {
 enum UpItem {
     Ack,
     Result,
+    Credit,
 }
 
 /// One push on one node.
@@ -183,6 +192,18 @@ pub struct Session<'a> {
     dn_sending: Option<DnItem>,
     /// Chunks being cut through, oldest first (relays only).
     cut: VecDeque<CutThrough>,
+    /// The RDMA hop downstream, when this hop negotiated RDMA.
+    dn_rdma: Option<DnLink>,
+    /// RDMA writes posted downstream and not completed.
+    dn_rdma_inflight: usize,
+    /// The RDMA hop upstream, when that hop negotiated RDMA.
+    up_rdma: Option<UpLink>,
+    /// Slots granted to upstream and not yet sent in a CREDIT frame.
+    up_credits: Vec<u16>,
+    /// Whether END arrived from upstream (RDMA: the socket may close after it).
+    end_received: bool,
+    /// A readiness poll is in flight on the completion channel (upstream, downstream).
+    rdma_polling: [bool; 2],
     dn_recv: DnRecv,
     /// An event about downstream that waits for the send in flight to complete.
     dn_deferred: Option<Event>,
@@ -215,7 +236,10 @@ impl<'a> Session<'a> {
         progress: Option<&'a Progress>,
         pool: Pool,
         pools: Option<&'a PoolCache>,
+        links: (Option<UpLink>, Option<DnLink>),
     ) -> Self {
+        let (up_rdma, dn_rdma) = links;
+        let up_credits = Vec::new();
         let io = Io::new(cfg.io, &pool);
         let downstream_name = downstream.first().cloned().unwrap_or_default();
         let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
@@ -251,6 +275,12 @@ impl<'a> Session<'a> {
             dn_queue: VecDeque::new(),
             dn_sending: None,
             cut: VecDeque::new(),
+            dn_rdma,
+            dn_rdma_inflight: 0,
+            up_rdma,
+            up_credits,
+            end_received: false,
+            rdma_polling: [false; 2],
             dn_recv: if down.is_some() { DnRecv::Idle } else { DnRecv::Done },
             dn_deferred: None,
             dn_closed: down.is_none(),
@@ -371,7 +401,18 @@ impl<'a> Session<'a> {
                     self.events.push_back(Event::WriteFailed { seq, error: NodeError::io("submitting a write", &e) });
                 }
             }
-            Action::Release { slot } => self.pool.release(slot),
+            Action::Release { slot } => {
+                self.pool.release(slot);
+                // RDMA upstream: every freed slot is granted to the sender again.
+                if let Some(link) = self.up_rdma.as_mut()
+                    && !self.end_received
+                    && self.end.is_none()
+                    && let Some(s) = self.pool.lease()
+                {
+                    link.granted.push(s);
+                    self.up_credits.push(s.0);
+                }
+            }
             Action::AckUpstream { through } => {
                 if let Some(p) = self.progress {
                     use std::sync::atomic::Ordering::Relaxed;
@@ -446,6 +487,20 @@ impl<'a> Session<'a> {
     }
 
     fn pump_data(&mut self) -> std::io::Result<()> {
+        // RDMA: a readiness poll on each completion channel.
+        self.pump_rdma_polls()?;
+        // RDMA upstream: chunks land by themselves; the socket is only watched for closing.
+        if self.up_recv == UpRecv::Idle && self.up_rdma.is_some() {
+            let op = Op {
+                kind: OpKind::Recv,
+                fd: self.up.expect("replica has upstream"),
+                buf: self.pool.ctrl_ptr(Ctrl::UpRecv),
+                len: HEADER_LEN as u32,
+            };
+            // SAFETY: the UpRecv area is used by this receive alone.
+            unsafe { self.io.submit(token(T_UP_RECV, 0), op)? };
+            self.up_recv = UpRecv::Watch;
+        }
         // Upstream receive: one frame header at a time, into a fresh slot.
         if self.up_recv == UpRecv::Idle
             && let Some(slot) = self.pool.lease()
@@ -474,8 +529,13 @@ impl<'a> Session<'a> {
                 self.next_read += 1;
             }
         }
+        // RDMA downstream: a write per granted slot, several in flight.
+        if self.dn_rdma.is_some() {
+            self.pump_rdma_writes();
+        }
         // Downstream send: one at a time keeps the stream in order.
-        if self.dn_sending.is_none()
+        if self.dn_rdma.is_none()
+            && self.dn_sending.is_none()
             && !self.dn_closed
             && let Some(item) = self.dn_queue.pop_front()
         {
@@ -485,19 +545,7 @@ impl<'a> Session<'a> {
                     (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len)
                 }
                 DnItem::Piece { slot, off, len, .. } => (self.pool.slot_ptr(slot, off as usize), len),
-                DnItem::End => {
-                    // Every chunk was dispatched, so every digest is known: END carries the
-                    // completed manifest's digest, which each replica checks.
-                    let h = Header {
-                        kind: Kind::End,
-                        len: 0,
-                        seq: self.manifest.chunk_count(),
-                        digest: self.manifest.digest(),
-                    };
-                    // SAFETY: the END area is written once, and no op uses it before this send.
-                    unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
-                    (self.pool.ctrl_ptr(Ctrl::DownSend), HEADER_LEN as u32)
-                }
+                DnItem::End => self.end_frame(),
             };
             let op = Op { kind: OpKind::Send, fd: self.down.expect("downstream open"), buf, len };
             // SAFETY: a chunk's slot stays leased until ForwardDone, which follows this send's
@@ -521,14 +569,261 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Writes the END frame into its control area: every chunk was dispatched, so every digest
+    /// is known, and END carries the completed manifest's digest, which each replica checks.
+    fn end_frame(&mut self) -> (*mut u8, u32) {
+        let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: self.manifest.digest() };
+        // SAFETY: the END area is written once, and no op uses it before END is sent.
+        unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
+        (self.pool.ctrl_ptr(Ctrl::DownSend), HEADER_LEN as u32)
+    }
+
+    fn pump_rdma_polls(&mut self) -> std::io::Result<()> {
+        for (i, fd) in [self.up_rdma.as_ref().map(|l| l.ep.event_fd()), self.dn_rdma.as_ref().map(|l| l.ep.event_fd())]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(fd) = fd
+                && !self.rdma_polling[i]
+            {
+                let op = Op { kind: OpKind::PollIn, fd, buf: std::ptr::null_mut(), len: 0 };
+                // SAFETY: a readiness poll uses no buffer.
+                unsafe { self.io.submit(token(T_RDMA_POLL, i as u64), op)? };
+                self.rdma_polling[i] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts an RDMA write for every queued frame that has a granted slot downstream.
+    fn pump_rdma_writes(&mut self) {
+        while !self.dn_closed {
+            let Some(link) = self.dn_rdma.as_mut() else { return };
+            if link.credits.is_empty() || self.dn_queue.is_empty() {
+                return;
+            }
+            let item = self.dn_queue.pop_front().expect("checked");
+            let remote_slot = self.dn_rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
+            let (buf, len, wr) = match item {
+                DnItem::Chunk(seq, slot) => {
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len, seq)
+                }
+                DnItem::End => {
+                    let (b, l) = self.end_frame();
+                    (b, l, END_WR)
+                }
+                DnItem::Piece { .. } => unreachable!("no cut-through onto an RDMA hop"),
+            };
+            let link = self.dn_rdma.as_ref().expect("checked");
+            let remote = link.remote_addr + u64::from(remote_slot) * link.slot_size;
+            // SAFETY: the frame lies in the registered pool (a leased slot or the END area) and is
+            // not written until this write completes (ForwardDone releases the slot only after
+            // it); the remote slot was granted by the receiver and holds a whole frame.
+            let posted = unsafe {
+                link.ep.post_write_imm(token(T_DN_SEND, wr), buf, len, remote, link.rkey, u32::from(remote_slot))
+            };
+            match posted {
+                Ok(()) => self.dn_rdma_inflight += 1,
+                Err(e) => {
+                    if let DnItem::Chunk(seq, _) = item {
+                        self.events.push_back(Event::ForwardDone { seq });
+                    }
+                    let name = self.downstream_name.clone();
+                    self.downstream_settled(Event::DownstreamLost {
+                        error: NodeError::new(ErrorKind::ConnectionLost, format!("RDMA to {name} failed: {e}")),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes every RDMA completion of endpoint `i` (0 upstream, 1 downstream).
+    fn rdma_ready(&mut self, i: usize) {
+        self.rdma_polling[i] = false;
+        let mut wcs = Vec::new();
+        let polled = match i {
+            0 => self.up_rdma.as_mut().map(|l| l.ep.poll(&mut wcs)),
+            _ => self.dn_rdma.as_mut().map(|l| l.ep.poll(&mut wcs)),
+        };
+        if let Some(Err(e)) = polled {
+            let what = format!("polling RDMA completions: {e}");
+            if i == 0 {
+                self.upstream_lost(what);
+            } else {
+                self.downstream_settled(Event::DownstreamLost {
+                    error: NodeError::new(ErrorKind::ConnectionLost, what),
+                });
+            }
+            return;
+        }
+        for wc in wcs {
+            if i == 0 {
+                self.rdma_arrived(wc);
+            } else {
+                self.rdma_written(wc);
+            }
+        }
+    }
+
+    /// A write downstream completed (or failed).
+    fn rdma_written(&mut self, wc: WorkCompletion) {
+        self.dn_rdma_inflight = self.dn_rdma_inflight.saturating_sub(1);
+        let value = wc.wr_id & ((1 << 56) - 1);
+        let seq = (value != END_WR).then_some(value);
+        match wc.status {
+            Ok(()) => {
+                if let Some(seq) = seq {
+                    if let Some(p) = self.progress {
+                        p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    self.events.push_back(Event::ForwardDone { seq });
+                }
+            }
+            Err(status) => {
+                if let Some(seq) = seq {
+                    self.events.push_back(Event::ForwardDone { seq });
+                }
+                let name = self.downstream_name.clone();
+                self.downstream_settled(Event::DownstreamLost {
+                    error: NodeError::new(ErrorKind::ConnectionLost, format!("RDMA write to {name} failed: {status}")),
+                });
+            }
+        }
+        if self.dn_rdma_inflight == 0
+            && self.dn_sending.is_none()
+            && let Some(ev) = self.dn_deferred.take()
+        {
+            self.events.push_back(ev);
+        }
+    }
+
+    /// A frame landed in a granted slot upstream (or the hop failed).
+    fn rdma_arrived(&mut self, wc: WorkCompletion) {
+        if self.end.is_some() {
+            return;
+        }
+        if let Err(status) = wc.status {
+            if !self.end_received {
+                self.upstream_lost(format!("RDMA from upstream failed: {status}"));
+            }
+            return;
+        }
+        let link = self.up_rdma.as_mut().expect("completions come from the link");
+        // Every write consumes a receive: post the next one.
+        if let Err(e) = link.ep.post_recv(wc.wr_id) {
+            self.abort(NodeError::new(ErrorKind::ConnectionLost, e.to_string()));
+            return;
+        }
+        let Some(pos) = link.granted.iter().position(|s| u32::from(s.0) == wc.imm) else {
+            self.abort(NodeError::new(
+                ErrorKind::Protocol,
+                format!("upstream wrote into slot {} that was not granted to it", wc.imm),
+            ));
+            return;
+        };
+        let slot = link.granted.swap_remove(pos);
+        // SAFETY: the write into this slot has completed (its receive completion is here) and the
+        // sender has no other grant for it.
+        let bytes: [u8; HEADER_LEN] = unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
+        match Header::decode(&bytes) {
+            Ok(h) if h.kind == Kind::Chunk => {
+                if let Err((kind, message)) = self.check_chunk_header(&h) {
+                    self.pool.release(slot);
+                    self.abort(NodeError::new(kind, message));
+                    return;
+                }
+                self.chunk_arrived(slot, h.seq, h.digest);
+            }
+            Ok(h) => {
+                self.pool.release(slot);
+                self.frame_after_chunks(h);
+            }
+            Err(e) => {
+                self.pool.release(slot);
+                self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}")));
+            }
+        }
+    }
+
+    /// A chunk header from upstream is the one expected next and matches the manifest.
+    fn check_chunk_header(&self, h: &Header) -> Result<(), (ErrorKind, String)> {
+        match self.manifest.chunk(h.seq) {
+            _ if h.seq != self.next_recv_seq => Err((
+                ErrorKind::Protocol,
+                format!("chunk {} arrived while chunk {} was expected", h.seq, self.next_recv_seq),
+            )),
+            None => Err((ErrorKind::Protocol, format!("chunk {} is past the end", h.seq))),
+            Some(c) if h.len != c.len => Err((
+                ErrorKind::Protocol,
+                format!("chunk {} announces {} bytes, the manifest says {}", h.seq, h.len, c.len),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Chunk `seq` is whole in `slot`: check its digest and hand it to the machine.
+    fn chunk_arrived(&mut self, slot: SlotId, seq: u64, announced: u128) {
+        let n = self.manifest.chunk(seq).expect("checked on the header").len as usize;
+        self.next_recv_seq += 1;
+        // SAFETY: the payload has landed in this slot and nothing writes it now.
+        let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced;
+        if ok {
+            self.manifest.set_digest(seq, announced);
+            self.events.push_back(Event::ChunkReady { seq, slot });
+        } else {
+            self.events.push_back(Event::ChunkCorrupt { seq, slot });
+        }
+    }
+
+    /// A non-chunk frame from upstream: END after the last chunk, or a protocol error.
+    fn frame_after_chunks(&mut self, h: Header) {
+        let total = self.manifest.chunk_count();
+        if h.kind == Kind::End && h.seq == total && self.next_recv_seq == total {
+            let mine = self.manifest.digest();
+            if h.digest == mine {
+                self.end_received = true;
+                self.events.push_back(Event::UpstreamEnd);
+            } else {
+                self.abort(NodeError::new(
+                    ErrorKind::DigestMismatch,
+                    format!(
+                        "manifest digest mismatch: the chunks received add up to manifest {mine:032x}, \
+                         the primary announced {:032x}",
+                        h.digest
+                    ),
+                ));
+            }
+        } else {
+            self.abort(NodeError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "unexpected {} frame from upstream (seq {}) after {} of {total} chunks",
+                    h.kind.name(),
+                    h.seq,
+                    self.next_recv_seq
+                ),
+            ));
+        }
+    }
+
     fn pump_up_send(&mut self) -> std::io::Result<()> {
         // Upstream send: the result when there is one, else the newest ack.
         if self.up_sending.is_none()
             && !self.up_gone
             && let Some(up) = self.up
         {
-            // The newest ack goes before the result, so that upstream's progress reaches 100 %.
-            let (item, bytes) = if let Some(through) = self.up_ack.take().filter(|t| *t > self.up_ack_sent) {
+            // Credits first (the sender may be waiting for a slot), then the newest ack, which
+            // goes before the result so that upstream's progress reaches 100 %.
+            let (item, bytes) = if !self.up_credits.is_empty() {
+                let n = self.up_credits.len().min((CTRL_LEN - HEADER_LEN) / 2);
+                let slots: Vec<u16> = self.up_credits.drain(..n).collect();
+                let h = Header { kind: Kind::Credit, len: 2 * n as u32, seq: 0, digest: 0 };
+                let mut b = h.to_bytes().to_vec();
+                wire::encode_credits(&slots, &mut b);
+                (UpItem::Credit, b)
+            } else if let Some(through) = self.up_ack.take().filter(|t| *t > self.up_ack_sent) {
                 self.up_ack_sent = through;
                 (UpItem::Ack, Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec())
             } else if let Some(reports) = self.up_result.take() {
@@ -577,7 +872,7 @@ impl<'a> Session<'a> {
         self.dn_queue.clear();
         // The machine releases every slot it forwarded from when it hears of `event`.
         self.cut.clear();
-        if self.dn_sending.is_some() {
+        if self.dn_sending.is_some() || self.dn_rdma_inflight > 0 {
             self.dn_deferred.get_or_insert(event);
         } else {
             self.events.push_back(event);
@@ -703,6 +998,11 @@ impl<'a> Session<'a> {
                 }
             }
             T_DN_RECV => self.dn_recv_done(c.result),
+            T_RDMA_POLL => match c.result {
+                Ok(_) => self.rdma_ready(value as usize),
+                // Cancelled while the session winds down.
+                Err(_) => self.rdma_polling[value as usize] = false,
+            },
             T_UP_SEND => {
                 self.up_sending.take().expect("an upstream send was in flight");
                 if let Err(e) = c.result {
@@ -722,32 +1022,33 @@ impl<'a> Session<'a> {
             return;
         }
         match (self.up_recv, result) {
+            (UpRecv::Watch, res) => {
+                // Nothing but the socket's end may come here on an RDMA hop.
+                self.up_recv = UpRecv::Done;
+                match res {
+                    Ok(0) if self.end_received => {}
+                    Ok(0) => self.upstream_lost("upstream closed the connection before END".into()),
+                    Ok(_) => self.abort(NodeError::new(
+                        ErrorKind::Protocol,
+                        "upstream sent bytes on the control connection of an RDMA hop",
+                    )),
+                    Err(_) if self.end_received => {}
+                    Err(e) => self.upstream_lost(format!("upstream connection failed: {e}")),
+                }
+            }
             (UpRecv::Header(slot), Ok(n)) if n == HEADER_LEN => {
                 // SAFETY: the header receive into this slot has completed.
                 let bytes: [u8; HEADER_LEN] =
                     unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
-                let total = self.manifest.chunk_count();
                 match Header::decode(&bytes) {
                     Ok(h) if h.kind == Kind::Chunk => {
-                        let problem = match self.manifest.chunk(h.seq) {
-                            _ if h.seq != self.next_recv_seq => Some((
-                                ErrorKind::Protocol,
-                                format!("chunk {} arrived while chunk {} was expected", h.seq, self.next_recv_seq),
-                            )),
-                            None => Some((ErrorKind::Protocol, format!("chunk {} is past the end", h.seq))),
-                            Some(c) if h.len != c.len => Some((
-                                ErrorKind::Protocol,
-                                format!("chunk {} announces {} bytes, the manifest says {}", h.seq, h.len, c.len),
-                            )),
-                            Some(_) => None,
-                        };
-                        if let Some((kind, message)) = problem {
+                        if let Err((kind, message)) = self.check_chunk_header(&h) {
                             self.pool.release(slot);
                             self.up_recv = UpRecv::Done;
                             self.abort(NodeError::new(kind, message));
                             return;
                         }
-                        if self.cfg.piece_bytes > 0 && !self.dn_closed && h.len > 0 {
+                        if self.cfg.piece_bytes > 0 && !self.dn_closed && self.dn_rdma.is_none() && h.len > 0 {
                             self.cut.push_back(CutThrough { seq: h.seq, pending: 0, complete: false, asked: false });
                         }
                         if let Err(e) = self.recv_piece(slot, h.seq, h.digest, 0, h.len) {
@@ -756,35 +1057,10 @@ impl<'a> Session<'a> {
                             self.abort(NodeError::io("submitting a receive", &e));
                         }
                     }
-                    Ok(h) if h.kind == Kind::End && h.seq == total && self.next_recv_seq == total => {
-                        self.pool.release(slot);
-                        self.up_recv = UpRecv::Done;
-                        let mine = self.manifest.digest();
-                        if h.digest == mine {
-                            self.events.push_back(Event::UpstreamEnd);
-                        } else {
-                            self.abort(NodeError::new(
-                                ErrorKind::DigestMismatch,
-                                format!(
-                                    "manifest digest mismatch: the chunks received add up to manifest {mine:032x}, \
-                                     the primary announced {:032x}",
-                                    h.digest
-                                ),
-                            ));
-                        }
-                    }
                     Ok(h) => {
                         self.pool.release(slot);
                         self.up_recv = UpRecv::Done;
-                        self.abort(NodeError::new(
-                            ErrorKind::Protocol,
-                            format!(
-                                "unexpected {} frame from upstream (seq {}) after {} of {total} chunks",
-                                h.kind.name(),
-                                h.seq,
-                                self.next_recv_seq
-                            ),
-                        ));
+                        self.frame_after_chunks(h);
                     }
                     Err(e) => {
                         self.pool.release(slot);
@@ -819,17 +1095,8 @@ impl<'a> Session<'a> {
                     }
                     return;
                 }
-                let n = c.len as usize;
                 self.up_recv = UpRecv::Idle;
-                self.next_recv_seq += 1;
-                // SAFETY: the payload receive into this slot has completed.
-                let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced;
-                if ok {
-                    self.manifest.set_digest(seq, announced);
-                    self.events.push_back(Event::ChunkReady { seq, slot });
-                } else {
-                    self.events.push_back(Event::ChunkCorrupt { seq, slot });
-                }
+                self.chunk_arrived(slot, seq, announced);
             }
             (UpRecv::Header(slot) | UpRecv::Payload(slot, ..), res) => {
                 self.pool.release(slot);
@@ -858,13 +1125,17 @@ impl<'a> Session<'a> {
                         self.dn_recv = DnRecv::Idle;
                         self.events.push_back(Event::DownstreamAck { through: h.seq });
                     }
-                    Ok(h) if h.kind == Kind::Result && (h.len as usize) < CTRL_LEN - HEADER_LEN => {
+                    Ok(h) if h.kind == Kind::Credit && h.len == 0 => self.dn_recv = DnRecv::Idle,
+                    Ok(h)
+                        if matches!(h.kind, Kind::Result | Kind::Credit)
+                            && (h.len as usize) < CTRL_LEN - HEADER_LEN =>
+                    {
                         // SAFETY (pointer): the payload follows the header inside the area.
                         let buf = unsafe { self.pool.ctrl_ptr(Ctrl::DownRecv).add(HEADER_LEN) };
                         let op = Op { kind: OpKind::Recv, fd: self.down.expect("downstream"), buf, len: h.len };
                         // SAFETY: the DownRecv area is used by this receive alone.
                         match unsafe { self.io.submit(token(T_DN_RECV, 0), op) } {
-                            Ok(()) => self.dn_recv = DnRecv::Payload(h.len),
+                            Ok(()) => self.dn_recv = DnRecv::Payload(h.kind, h.len),
                             Err(e) => {
                                 self.dn_recv = DnRecv::Done;
                                 self.downstream_settled(lost(format!("{name}: cannot receive its result: {e}")));
@@ -881,7 +1152,25 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            (DnRecv::Payload(len), Ok(n)) if n == len as usize => {
+            (DnRecv::Payload(Kind::Credit, len), Ok(n)) if n == len as usize => {
+                // SAFETY: the payload receive has completed.
+                let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
+                match (wire::decode_credits(&bytes[HEADER_LEN..]), self.dn_rdma.as_mut()) {
+                    (Ok(slots), Some(link)) => {
+                        link.credits.extend(slots);
+                        self.dn_recv = DnRecv::Idle;
+                    }
+                    (Ok(_), None) => {
+                        self.dn_recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent CREDIT on a TCP hop")));
+                    }
+                    (Err(e), _) => {
+                        self.dn_recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent a bad CREDIT: {e}")));
+                    }
+                }
+            }
+            (DnRecv::Payload(_, len), Ok(n)) if n == len as usize => {
                 self.dn_recv = DnRecv::Done;
                 // SAFETY: the payload receive has completed.
                 let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
@@ -914,6 +1203,9 @@ impl Drop for Session<'_> {
                 return;
             }
         }
+        // The NIC may write into and read from the pool until its queue pairs are gone.
+        self.up_rdma = None;
+        self.dn_rdma = None;
         // SAFETY: `pool` is not used after this; it is taken exactly once, here.
         let pool = unsafe { std::mem::ManuallyDrop::take(&mut self.pool) };
         match self.pools {

@@ -34,6 +34,7 @@ pub mod manifest;
 pub mod pool;
 pub mod proto;
 pub mod push;
+pub mod rdma;
 pub mod server;
 pub mod store;
 pub mod tcpinfo;

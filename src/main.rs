@@ -40,6 +40,24 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// RDMA device selection, shared by `serve` and `push`.
+#[derive(clap::Args, Debug, Clone)]
+struct RdmaArgs {
+    /// RDMA device (e.g. mlx5_0, rxe_v0); default: the one with a RoCEv2 GID for the address
+    /// that routes to the peer.
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// GID index on port 1 of the RDMA device; default: the RoCEv2 GID of that address.
+    #[arg(long)]
+    gid_index: Option<u8>,
+}
+
+impl RdmaArgs {
+    fn config(self) -> shardcast::rdma::RdmaConfig {
+        shardcast::rdma::RdmaConfig { device: self.rdma_device, gid_index: self.gid_index, disabled: None }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a replica: receive pushes into ROOT and relay them down the chain.
@@ -56,9 +74,12 @@ enum Cmd {
         /// Buffer pool per push, in MiB (pinned memory; bounds the node's memory use).
         #[arg(long, default_value_t = 64)]
         pool_mb: usize,
-        /// Transport: auto, tcp or rdma.
+        /// Transport this replica offers: auto (RDMA where the push allows it), tcp (never RDMA)
+        /// or rdma (refuse to start without RDMA support).
         #[arg(long, default_value = "auto")]
         transport: Transport,
+        #[command(flatten)]
+        rdma: RdmaArgs,
         /// Give up on a push that makes no progress for this many seconds.
         #[arg(long, default_value_t = 120)]
         idle_timeout: u64,
@@ -85,9 +106,12 @@ enum Cmd {
         /// sync: return when the tail has published.
         #[arg(long, default_value = "sync", value_parser = ["sync"])]
         mode: String,
-        /// Transport: auto, tcp or rdma.
+        /// Transport of every hop: auto (RDMA where both ends have a hardware RNIC, else TCP),
+        /// tcp, or rdma (every hop over RDMA verbs, soft-RoCE included, or fail).
         #[arg(long, default_value = "auto")]
         transport: Transport,
+        #[command(flatten)]
+        rdma: RdmaArgs,
         /// Buffer pool in MiB. The primary only reads ahead of its sends (a slot is free again
         /// once its send completed), so it needs less than a relay.
         #[arg(long, default_value_t = 16)]
@@ -181,12 +205,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     shardcast::raise_nofile_limit();
     let code = match cli.cmd {
-        Cmd::Serve { listen, root, keep, pool_mb, transport, idle_timeout, max_sessions } => {
+        Cmd::Serve { listen, root, keep, pool_mb, transport, rdma, idle_timeout, max_sessions } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.keep = keep;
             opts.pool_bytes = pool_mb << 20;
             opts.transport = transport;
+            opts.rdma = rdma.config();
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
             opts.max_sessions = max_sessions.max(1);
             let root = opts.root.clone();
@@ -222,6 +247,7 @@ fn main() -> ExitCode {
             chunk_size,
             mode,
             transport,
+            rdma,
             pool_mb,
             connect_timeout,
             idle_timeout,
@@ -233,6 +259,7 @@ fn main() -> ExitCode {
             opts.chunk_size = chunk_size;
             opts.mode = Mode::Sync;
             opts.transport = transport;
+            opts.rdma = rdma.config();
             opts.pool_bytes = pool_mb.max(1) << 20;
             opts.io = IoChoice::from_env();
             opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));

@@ -29,11 +29,14 @@ pub enum Ctrl {
     UpSend = 1,
     /// Sends the END frame downstream.
     DownSend = 2,
+    /// Watches the upstream socket of an RDMA hop (chunks arrive by RDMA; the socket only
+    /// closes or carries nothing).
+    UpRecv = 3,
 }
 
 /// Size of one control area: a header and the largest report list.
 pub const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
-const CTRL_AREAS: usize = 3;
+const CTRL_AREAS: usize = 4;
 
 /// A pinned buffer pool of fixed-size slots.
 #[derive(Debug)]
@@ -91,7 +94,13 @@ impl Pool {
     pub fn is_locked(&self) -> bool {
         self.locked
     }
-    /// Number of slots.
+
+    /// Bytes from one slot's start to the next (a frame header and a chunk, page-rounded).
+    pub fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
+    /// Number of chunk slots.
     pub fn slots(&self) -> usize {
         self.slots
     }

@@ -32,6 +32,8 @@ pub struct PushOptions {
     pub mode: Mode,
     /// Transport choice.
     pub transport: Transport,
+    /// RDMA device and GID index (found from the route to each peer when unset).
+    pub rdma: crate::rdma::RdmaConfig,
     /// Pool bytes on the primary.
     pub pool_bytes: usize,
     /// Executor choice.
@@ -52,6 +54,7 @@ impl PushOptions {
             chunk_size: DEFAULT_CHUNK,
             mode: Mode::Sync,
             transport: Transport::Auto,
+            rdma: crate::rdma::RdmaConfig::default(),
             pool_bytes: 16 << 20,
             io: IoChoice::from_env(),
             connect_timeout: Duration::from_secs(10),
@@ -187,6 +190,7 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         name: opts.name.clone(),
         version: opts.version,
         mode: opts.mode,
+        transport: opts.transport,
         you: first.clone(),
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
@@ -215,6 +219,9 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the pool set-up thread panicked")))
         .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
+    // The first hop's transport (the replicas negotiate the hops after it themselves).
+    let dn_link = crate::rdma::offer(&mut stream, "primary", &first, opts.transport, &opts.rdma, &pool)
+        .map_err(|(node, error)| PushError::Node { node, error })?;
     let session = Session::new(
         Role::Primary,
         "",
@@ -227,6 +234,7 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         progress,
         pool,
         None,
+        (None, dn_link),
     );
     tracing::debug!(
         io = session.io_name(),

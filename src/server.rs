@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub verify: bool,
     /// Cut-through piece size for relaying (0: forward whole chunks); see `SessionConfig`.
     pub piece_bytes: u32,
+    /// RDMA device and GID index (found from the route to each peer when unset).
+    pub rdma: crate::rdma::RdmaConfig,
 }
 
 impl ServeOptions {
@@ -61,6 +63,7 @@ impl ServeOptions {
             max_sessions: 64,
             verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
             piece_bytes: crate::chain::piece_bytes_from_env(),
+            rdma: crate::rdma::RdmaConfig::default(),
         }
     }
 }
@@ -102,8 +105,11 @@ impl Drop for ServerHandle {
 
 impl Server {
     /// Opens the store and binds the listener.
-    pub fn bind(opts: ServeOptions) -> Result<Self, ServeError> {
+    pub fn bind(mut opts: ServeOptions) -> Result<Self, ServeError> {
         opts.transport.resolve().map_err(ServeError::Unsupported)?;
+        if opts.transport == Transport::Tcp {
+            opts.rdma.disabled.get_or_insert_with(|| "this replica serves with --transport tcp".into());
+        }
         let store = Store::open(&opts.root, opts.keep)?;
         let listener =
             TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
@@ -317,7 +323,6 @@ fn push_session(
         tracing::warn!("upstream went away before the push started: {e}");
         return;
     }
-    let _ = conn.set_read_timeout(None);
     let manifest = hello.manifest;
     tracing::info!(
         bytes = manifest.total_bytes(),
@@ -332,34 +337,51 @@ fn push_session(
         verify: opts.verify,
         piece_bytes: opts.piece_bytes,
     };
-    let session = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
-        Ok(pool) => Session::new(
-            Role::Replica,
-            &me,
-            hello.downstream.clone(),
-            manifest,
-            Local::Staging(Some(staging)),
-            Some(conn.as_raw_fd()),
-            down.as_ref().map(AsRawFd::as_raw_fd),
-            cfg,
-            None,
-            pool,
-            Some(pools),
-        ),
-        Err(e) => {
-            tracing::error!("cannot set up the session's buffer pool: {e}");
-            let _ = wire::write_frame(
-                &mut conn,
-                Kind::Result,
-                0,
-                &wire::encode_reports(&[ReplicaReport::failed(
-                    &me,
-                    NodeError::io("cannot set up the buffer pool", &e),
-                )]),
-            );
-            return;
+    // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
+    let fail = |conn: &mut TcpStream, node: &str, error: NodeError| {
+        tracing::error!("push failed before it started: {error}");
+        let mut reports = Vec::new();
+        for n in std::iter::once(me.as_str()).chain(hello.downstream.iter().map(String::as_str)) {
+            reports.push(if n == node {
+                ReplicaReport::failed(n, error.clone())
+            } else {
+                ReplicaReport::failed(n, NodeError::new(ErrorKind::Aborted, format!("push aborted: {node} failed")))
+            });
         }
+        let _ = wire::write_frame(conn, Kind::Result, 0, &wire::encode_reports(&reports));
     };
+    let mut pool = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
+        Ok(pool) => pool,
+        Err(e) => return fail(&mut conn, &me, NodeError::io("cannot set up the buffer pool", &e)),
+    };
+    // The transport of the hop from upstream, then of the hop downstream (each hop on its own:
+    // a chain may mix RDMA and TCP).
+    let up_link = match crate::rdma::answer(&mut conn, peer, hello.transport, &opts.rdma, &mut pool) {
+        Ok(l) => l,
+        Err(e) => return fail(&mut conn, &me, e),
+    };
+    let dn_link = match (down.as_mut(), hello.downstream.first()) {
+        (Some(d), Some(next)) => match crate::rdma::offer(d, &me, next, hello.transport, &opts.rdma, &pool) {
+            Ok(l) => l,
+            Err((node, e)) => return fail(&mut conn, &node, e),
+        },
+        _ => None,
+    };
+    let _ = conn.set_read_timeout(None);
+    let session = Session::new(
+        Role::Replica,
+        &me,
+        hello.downstream.clone(),
+        manifest,
+        Local::Staging(Some(staging)),
+        Some(conn.as_raw_fd()),
+        down.as_ref().map(AsRawFd::as_raw_fd),
+        cfg,
+        None,
+        pool,
+        Some(pools),
+        (up_link, dn_link),
+    );
     match session.run() {
         SessionEnd::Finished(reports) => {
             tracing::info!("push finished: {}", summary(&reports));

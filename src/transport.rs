@@ -1,21 +1,23 @@
 //! Transport selection (`--transport auto|tcp|rdma`).
 //!
-//! This build moves chunks over TCP only (io_uring, or plain sockets where io_uring is refused).
-//! The RDMA transport (verbs RC queue pairs, RDMA WRITE WITH IMM into registered pool slots) is
-//! planned behind this same choice; until it exists, `rdma` is refused with a message that says
-//! so, and `auto` picks TCP and logs why.
+//! Every hop has a TCP control connection. Chunks travel over TCP (io_uring, or plain sockets
+//! where io_uring is refused) or, per hop, over RDMA verbs when the push allows it and both ends
+//! can (see `rdma`): `auto` takes RDMA only where both ends have a hardware RNIC (soft-RoCE
+//! and no device at all mean TCP, with the reason logged); `rdma` requires it on every hop
+//! (that is how soft-RoCE is tested) and fails with the reason when a hop cannot; `tcp` never
+//! tries.
 
 use std::str::FromStr;
 
-/// Which transport a node uses for chunks.
+/// Which transport a push's hops use for chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Transport {
-    /// RDMA on a hardware RNIC, TCP otherwise.
+    /// RDMA on hops whose both ends have a hardware RNIC, TCP otherwise.
     #[default]
     Auto,
     /// TCP.
     Tcp,
-    /// RDMA verbs.
+    /// RDMA verbs on every hop, or fail.
     Rdma,
 }
 
@@ -32,18 +34,47 @@ impl FromStr for Transport {
 }
 
 impl Transport {
-    /// Resolves the choice to what this build can do, logging the reason; `rdma` is an error.
-    pub fn resolve(self) -> Result<(), String> {
+    /// Wire code in HELLO.
+    pub fn code(self) -> u8 {
         match self {
-            Self::Tcp => Ok(()),
-            Self::Auto => {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| tracing::info!("transport auto: tcp (this build has no RDMA transport)"));
-                Ok(())
-            }
-            Self::Rdma => Err("--transport rdma: this build of shardcast has no RDMA transport yet; \
-                 use --transport tcp or auto"
-                .into()),
+            Self::Tcp => 0,
+            Self::Auto => 1,
+            Self::Rdma => 2,
+        }
+    }
+
+    /// From a wire code.
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(Self::Tcp),
+            1 => Some(Self::Auto),
+            2 => Some(Self::Rdma),
+            _ => None,
+        }
+    }
+
+    /// Checks up front what this node can do: `rdma` needs the `rdma` feature and an RDMA
+    /// device (libibverbs sees none on a kernel without RDMA). `auto` and `tcp` always pass.
+    pub fn resolve(self) -> Result<(), String> {
+        if self != Self::Rdma {
+            return Ok(());
+        }
+        if !cfg!(feature = "rdma") {
+            return Err("--transport rdma: this build of shardcast has no RDMA transport (built without \
+                        the `rdma` feature); use --transport tcp or auto"
+                .into());
+        }
+        crate::rdma::verbs::device_names()
+            .map(|_| ())
+            .map_err(|why| format!("--transport rdma: no RDMA on this node: {why}; use --transport tcp or auto"))
+    }
+
+    /// Name for logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tcp => "tcp",
+            Self::Rdma => "rdma",
         }
     }
 }

@@ -15,7 +15,7 @@ pub const HEADER_LEN: usize = 40;
 /// The magic that opens every frame.
 pub const MAGIC: [u8; 4] = *b"SHCS";
 /// The protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 1;
+pub const PROTO_VERSION: u16 = 2;
 /// The largest chunk a manifest may declare.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// The smallest chunk a manifest may declare.
@@ -51,7 +51,18 @@ pub enum Kind {
     StatusReq = 8,
     /// What a replica holds; payload: a list of shard sets.
     StatusResp = 9,
+    /// Per-hop transport negotiation after ACCEPT (when the push allows RDMA); payload: a
+    /// [`TransportMsg`].
+    Transport = 10,
+    /// RDMA hops: pool slots the receiver grants the sender to write into; payload: u16 slot
+    /// numbers.
+    Credit = 11,
 }
+
+/// The largest TRANSPORT payload.
+pub const MAX_TRANSPORT: u32 = 64 << 10;
+/// The largest CREDIT payload (every slot of a pool, twice over).
+pub const MAX_CREDIT: u32 = 4 << 16;
 
 impl Kind {
     /// Decodes a kind byte.
@@ -66,6 +77,8 @@ impl Kind {
             7 => Self::Result,
             8 => Self::StatusReq,
             9 => Self::StatusResp,
+            10 => Self::Transport,
+            11 => Self::Credit,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -82,6 +95,8 @@ impl Kind {
             Self::Result => "RESULT",
             Self::StatusReq => "STATUS_REQ",
             Self::StatusResp => "STATUS_RESP",
+            Self::Transport => "TRANSPORT",
+            Self::Credit => "CREDIT",
         }
     }
 
@@ -92,6 +107,8 @@ impl Kind {
             Self::Chunk => MAX_CHUNK,
             Self::Reject | Self::Result => MAX_REPORTS,
             Self::StatusResp => MAX_STATUS,
+            Self::Transport => MAX_TRANSPORT,
+            Self::Credit => MAX_CREDIT,
             Self::Accept | Self::End | Self::Ack | Self::StatusReq => 0,
         }
     }
@@ -281,6 +298,8 @@ pub struct Hello {
     pub version: u64,
     /// Replication mode.
     pub mode: Mode,
+    /// Transport choice for every hop (each hop negotiates what both ends can do).
+    pub transport: crate::transport::Transport,
     /// The receiver's name in the chain (the address its upstream dialed); replicas report
     /// themselves under it.
     pub you: String,
@@ -297,6 +316,7 @@ impl Hello {
         e.str(&self.name).u64(self.version).u8(match self.mode {
             Mode::Sync => 0,
         });
+        e.u8(self.transport.code());
         e.str(&self.you);
         e.u64(self.downstream.len() as u64);
         for node in &self.downstream {
@@ -322,6 +342,8 @@ impl Hello {
                 ));
             }
         };
+        let transport = crate::transport::Transport::from_code(d.u8("transport").map_err(bad)?)
+            .ok_or_else(|| NodeError::new(ErrorKind::Protocol, "bad HELLO: unknown transport code"))?;
         let you = d.str("you").map_err(bad)?;
         let n = d.count("downstream", 4).map_err(bad)?;
         let mut downstream = Vec::with_capacity(n);
@@ -330,7 +352,7 @@ impl Hello {
         }
         let manifest = Manifest::decode_plan(&buf[buf.len() - d.remaining()..])
             .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
-        Ok(Self { name, version, mode, you, downstream, manifest })
+        Ok(Self { name, version, mode, transport, you, downstream, manifest })
     }
 }
 
@@ -446,6 +468,103 @@ pub fn decode_status(buf: &[u8]) -> Result<Vec<SetStatus>, WireError> {
     Ok(out)
 }
 
+/// One side's word in a hop's transport negotiation (TRANSPORT frames, after ACCEPT).
+///
+/// The upstream side offers, the downstream side answers; RDMA is used only when both say
+/// `Rdma`. The answer's `credits` are the pool slots the sender may write into first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportMsg {
+    /// TCP for this hop, and why not RDMA (shown to the user when RDMA was required).
+    Tcp {
+        /// Why this side does not do RDMA here.
+        reason: String,
+    },
+    /// RDMA: this side's queue pair and registered pool.
+    Rdma {
+        /// The device and GID index used (for messages).
+        device: String,
+        /// Queue pair number.
+        qpn: u32,
+        /// First packet sequence number.
+        psn: u32,
+        /// GID (RoCEv2: IPv4-mapped address).
+        gid: [u8; 16],
+        /// Active path MTU (ibv_mtu enum).
+        mtu: u8,
+        /// Remote key of the pool.
+        rkey: u32,
+        /// Pool base address.
+        addr: u64,
+        /// Bytes between slots of the pool (the receiver's; the sender's is ignored).
+        slot_size: u32,
+        /// Slots the sender may write into now (answer only).
+        credits: Vec<u16>,
+    },
+}
+
+impl TransportMsg {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        match self {
+            Self::Tcp { reason } => {
+                e.u8(0).str(reason);
+            }
+            Self::Rdma { device, qpn, psn, gid, mtu, rkey, addr, slot_size, credits } => {
+                e.u8(1).str(device).u32(*qpn).u32(*psn).u128(u128::from_le_bytes(*gid)).u8(*mtu).u32(*rkey);
+                e.u64(*addr).u32(*slot_size).u64(credits.len() as u64);
+                for c in credits {
+                    e.u32(u32::from(*c));
+                }
+            }
+        }
+        e.0
+    }
+
+    /// Decodes the payload.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut d = Dec::new(buf);
+        let msg = match d.u8("transport kind")? {
+            0 => Self::Tcp { reason: d.str("reason")? },
+            1 => {
+                let device = d.str("device")?;
+                let qpn = d.u32("qpn")?;
+                let psn = d.u32("psn")?;
+                let gid = d.u128("gid")?.to_le_bytes();
+                let mtu = d.u8("mtu")?;
+                let rkey = d.u32("rkey")?;
+                let addr = d.u64("addr")?;
+                let slot_size = d.u32("slot size")?;
+                let n = d.count("credits", 4)?;
+                let mut credits = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let c = d.u32("credit")?;
+                    credits.push(u16::try_from(c).map_err(|_| WireError::Invalid(format!("credit slot {c}")))?);
+                }
+                Self::Rdma { device, qpn, psn, gid, mtu, rkey, addr, slot_size, credits }
+            }
+            k => return Err(WireError::Invalid(format!("transport kind {k}"))),
+        };
+        d.finish("transport")?;
+        Ok(msg)
+    }
+}
+
+/// Encodes a CREDIT payload: slot numbers.
+pub fn encode_credits(slots: &[u16], out: &mut Vec<u8>) {
+    for s in slots {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// Decodes a CREDIT payload.
+pub fn decode_credits(buf: &[u8]) -> Result<Vec<u16>, WireError> {
+    if buf.len() % 2 != 0 {
+        return Err(WireError::Invalid(format!("CREDIT payload of {} bytes", buf.len())));
+    }
+    Ok(buf.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+}
+
 /// A frame read with blocking I/O (control plane only; chunks go through the data plane).
 #[derive(Debug)]
 pub struct Frame {
@@ -519,6 +638,31 @@ mod tests {
     }
 
     #[test]
+    fn transport_messages_round_trip() {
+        let msgs = [
+            TransportMsg::Tcp { reason: "no RDMA device".into() },
+            TransportMsg::Rdma {
+                device: "rxe_v0".into(),
+                qpn: 17,
+                psn: 0x12_3456,
+                gid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 1, 1],
+                mtu: 5,
+                rkey: 0xdead,
+                addr: 0x7f00_0000_1000,
+                slot_size: (4 << 20) + 4096,
+                credits: vec![0, 1, 2, 65535],
+            },
+        ];
+        for m in msgs {
+            assert_eq!(TransportMsg::decode(&m.encode()).unwrap(), m);
+        }
+        let mut b = Vec::new();
+        encode_credits(&[3, 9, 400], &mut b);
+        assert_eq!(decode_credits(&b).unwrap(), vec![3, 9, 400]);
+        assert!(decode_credits(&[1]).is_err());
+    }
+
+    #[test]
     fn hostile_counts_do_not_allocate() {
         let mut e = Enc::default();
         e.u64(u64::MAX / 2);
@@ -541,6 +685,8 @@ mod tests {
             let _ = decode_reports(&bytes);
             let _ = decode_status(&bytes);
             let _ = Hello::decode(&bytes);
+            let _ = TransportMsg::decode(&bytes);
+            let _ = decode_credits(&bytes);
             if bytes.len() >= HEADER_LEN {
                 let _ = Header::decode(bytes[..HEADER_LEN].try_into().unwrap());
             }

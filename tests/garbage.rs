@@ -29,7 +29,7 @@ fn header(magic: &[u8; 4], proto: u16, kind: u8, len: u32, seq: u64) -> [u8; 40]
 }
 
 fn good_header(kind: u8, len: u32) -> [u8; 40] {
-    header(b"SHCS", 1, kind, len, 0)
+    header(b"SHCS", shardcast::wire::PROTO_VERSION, kind, len, 0)
 }
 
 fn connect(c: &Cluster) -> TcpStream {
@@ -179,7 +179,7 @@ fn hello_with_garbage_payload() {
 
 #[test]
 fn chunk_without_hello() {
-    let mut b = header(b"SHCS", 1, 4, 8, 0).to_vec();
+    let mut b = header(b"SHCS", shardcast::wire::PROTO_VERSION, 4, 8, 0).to_vec();
     b.extend_from_slice(&[9; 8]);
     send_expect_close(&b, false, "CHUNK before HELLO");
 }
@@ -204,7 +204,7 @@ fn raw_status_request_is_answered() {
     let mut h = [0u8; 40];
     s.read_exact(&mut h).unwrap_or_else(|e| panic!("no answer to STATUS_REQ: {e}\n{}", c.logs()));
     assert_eq!(&h[0..4], b"SHCS");
-    assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1);
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), shardcast::wire::PROTO_VERSION);
     assert_eq!(h[6], STATUS_RESP, "answer kind {}", h[6]);
 }
 
@@ -282,6 +282,7 @@ fn rogue_push(lie: Lie) {
         name: "rogue".into(),
         version: 1,
         mode: Mode::Sync,
+        transport: shardcast::transport::Transport::Tcp,
         you: c.addr(0),
         downstream: vec![c.addr(1)],
         manifest: manifest.clone(),

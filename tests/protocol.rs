@@ -38,6 +38,7 @@ fn start_push(cluster: &Cluster, manifest: &Manifest, version: u64) -> TcpStream
         name: "ckpt".into(),
         version,
         mode: Mode::Sync,
+        transport: shardcast::transport::Transport::Tcp,
         you: cluster.addr(0),
         downstream: (1..cluster.len()).map(|i| cluster.addr(i)).collect(),
         manifest: manifest.clone(),

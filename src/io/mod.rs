@@ -35,6 +35,9 @@ pub enum OpKind {
     Write(u64),
     /// fsync a file.
     Fsync,
+    /// Wait until `fd` is readable (an RDMA completion channel); `buf` and `len` are unused.
+    /// May complete spuriously (with 0); the caller checks and submits it again.
+    PollIn,
 }
 
 /// One operation: a kind, a file descriptor and a buffer inside the session's pool.
@@ -150,6 +153,10 @@ impl Io {
     /// than free memory the kernel or a worker may still write.
     #[must_use]
     pub fn drain(&mut self) -> bool {
+        if let Self::Uring(u) = self {
+            // Nothing else ends a readiness poll on a descriptor that stays quiet.
+            u.cancel_polls();
+        }
         let mut out = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.in_flight() > 0 && std::time::Instant::now() < deadline {

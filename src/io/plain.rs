@@ -18,6 +18,7 @@ use super::{Completion, Op, OpKind};
 enum Lane {
     SockIn(RawFd),
     SockOut(RawFd),
+    Poll(RawFd),
     Files,
 }
 
@@ -62,6 +63,7 @@ impl PlainIo {
         let lane = match op.kind {
             OpKind::Recv => Lane::SockIn(op.fd),
             OpKind::Send => Lane::SockOut(op.fd),
+            OpKind::PollIn => Lane::Poll(op.fd),
             _ => Lane::Files,
         };
         let done_tx = &self.done_tx;
@@ -125,6 +127,14 @@ fn run(op: Op) -> io::Result<usize> {
     let mut done = 0usize;
     let len = op.len as usize;
     loop {
+        if op.kind == OpKind::PollIn {
+            // Bounded, so that a session draining its operations never waits on a quiet
+            // descriptor for long: a timeout is a spurious wake-up the caller resubmits.
+            let mut pfd = libc::pollfd { fd: op.fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll reads and writes only the one pollfd we pass.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 100) };
+            return if rc >= 0 { Ok(0) } else { Err(io::Error::last_os_error()) };
+        }
         if op.kind == OpKind::Fsync {
             // SAFETY: fsync takes only a descriptor.
             let rc = unsafe { libc::fsync(op.fd) };
@@ -143,7 +153,7 @@ fn run(op: Op) -> io::Result<usize> {
                 OpKind::Send => libc::send(op.fd, buf.cast(), rest, libc::MSG_NOSIGNAL),
                 OpKind::Read(off) => libc::pread(op.fd, buf.cast(), rest, (off + done as u64) as i64),
                 OpKind::Write(off) => libc::pwrite(op.fd, buf.cast(), rest, (off + done as u64) as i64),
-                OpKind::Fsync => unreachable!("handled above"),
+                OpKind::Fsync | OpKind::PollIn => unreachable!("handled above"),
             }
         };
         if rc < 0 {

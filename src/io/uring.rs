@@ -18,6 +18,9 @@ use std::time::Duration;
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
 use super::{Completion, Op, OpKind};
+
+/// `user_data` of cancel requests: not an index into the slab, so their CQEs are skipped.
+const CANCEL_DATA: u64 = u64::MAX;
 use crate::pool::Pool;
 
 #[derive(Debug)]
@@ -134,6 +137,7 @@ impl UringIo {
             }
             OpKind::Write(off) => opcode::Write::new(fd, buf, len).offset(off + done as u64).build(),
             OpKind::Fsync => opcode::Fsync::new(fd).build(),
+            OpKind::PollIn => opcode::PollAdd::new(fd, libc::POLLIN as u32).build(),
         };
         // File I/O goes straight to io_uring's worker threads: a page-cache copy done inline
         // would run on the session thread, in series with the socket copies, while a worker
@@ -176,6 +180,23 @@ impl UringIo {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Cancels every readiness poll in flight (they then complete with ECANCELED).
+    pub fn cancel_polls(&mut self) {
+        let polls: Vec<usize> = (0..self.slab.len())
+            .filter(|&i| self.slab[i].as_ref().is_some_and(|f| f.op.kind == OpKind::PollIn))
+            .collect();
+        for idx in polls {
+            let e = opcode::AsyncCancel::new(idx as u64).build().user_data(CANCEL_DATA);
+            // SAFETY: a cancel request references no buffer.
+            while unsafe { self.ring.submission().push(&e) }.is_err() {
+                if self.ring.submit().is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = self.ring.submit();
     }
 
     /// Submits what is queued, waits up to `timeout` for a completion, and reaps every CQE.
@@ -224,7 +245,7 @@ impl UringIo {
             } else {
                 f.done += res as usize;
                 let eof = res == 0 && matches!(f.op.kind, OpKind::Recv | OpKind::Read(_));
-                if f.op.kind == OpKind::Fsync || eof || f.done >= f.op.len as usize {
+                if matches!(f.op.kind, OpKind::Fsync | OpKind::PollIn) || eof || f.done >= f.op.len as usize {
                     Some(Ok(f.done))
                 } else if res == 0 {
                     Some(Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")))

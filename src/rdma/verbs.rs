@@ -1,0 +1,553 @@
+//! The one place shardcast calls libibverbs (through the `rdma-sys` bindings).
+//!
+//! Everything else sees [`Endpoint`]: one side of a reliable-connected (RC) queue pair with its
+//! device context, protection domain, the buffer pool registered once as a memory region, and a
+//! completion queue whose event channel is a pollable descriptor. Resources are freed in `Drop`
+//! in the reverse order of creation (the struct's field order), and every failure names the verb
+//! and the step, e.g. `ibv_modify_qp INIT->RTR on rxe_v0: Invalid argument (gid index 1)`.
+//!
+//! Safety rule for the whole module: every raw pointer kept in a wrapper was returned non-null
+//! by the verb that creates it and is freed exactly once by the wrapper's `Drop`; the wrappers
+//! are owned by one `Endpoint`, which is used from one thread at a time.
+
+use std::ffi::{CStr, c_int, c_void};
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+
+use rdma_sys as ffi;
+
+/// A verb failed: which one, at which step, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{verb} {step}: {source}{}", detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
+pub struct VerbsError {
+    /// The libibverbs function.
+    pub verb: &'static str,
+    /// What it was doing, with the device name.
+    pub step: String,
+    /// Extra context (GID index, sizes).
+    pub detail: Option<String>,
+    /// The OS error the verb reported.
+    #[source]
+    pub source: io::Error,
+}
+
+impl VerbsError {
+    fn new(verb: &'static str, step: impl Into<String>, source: io::Error) -> Self {
+        Self { verb, step: step.into(), detail: None, source }
+    }
+
+    fn last(verb: &'static str, step: impl Into<String>) -> Self {
+        Self::new(verb, step, io::Error::last_os_error())
+    }
+
+    /// For verbs that return an errno value instead of setting `errno`.
+    fn code(verb: &'static str, step: impl Into<String>, rc: c_int) -> Self {
+        Self::new(verb, step, io::Error::from_raw_os_error(rc.abs()))
+    }
+
+    fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+}
+
+/// The names of the RDMA devices libibverbs sees. `Err` carries why there is no RDMA here
+/// (a kernel without RDMA gives ENOSYS, a host without rdma-core's providers none): "no RDMA" is
+/// not an error for `--transport auto`.
+pub fn device_names() -> Result<Vec<String>, String> {
+    let mut n: c_int = 0;
+    // SAFETY: ibv_get_device_list writes the count and returns a NULL-terminated array (or NULL).
+    let list = unsafe { ffi::ibv_get_device_list(&mut n) };
+    if list.is_null() {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ENOSYS) => format!("this kernel has no RDMA support (ibv_get_device_list: {e})"),
+            _ => format!("no RDMA devices (ibv_get_device_list: {e})"),
+        });
+    }
+    let mut names = Vec::new();
+    for i in 0..n.max(0) as usize {
+        // SAFETY: the list holds `n` valid device pointers until it is freed below.
+        let dev = unsafe { *list.add(i) };
+        // SAFETY: the name is a NUL-terminated string owned by the device.
+        let name = unsafe { CStr::from_ptr(ffi::ibv_get_device_name(dev)) };
+        names.push(name.to_string_lossy().into_owned());
+    }
+    // SAFETY: the list came from ibv_get_device_list and is freed once.
+    unsafe { ffi::ibv_free_device_list(list) };
+    if names.is_empty() {
+        return Err("no RDMA devices (libibverbs found none)".into());
+    }
+    Ok(names)
+}
+
+struct Context {
+    ptr: *mut ffi::ibv_context,
+}
+
+impl Context {
+    fn open(name: &str) -> Result<Self, VerbsError> {
+        let mut n: c_int = 0;
+        // SAFETY: as in device_names.
+        let list = unsafe { ffi::ibv_get_device_list(&mut n) };
+        if list.is_null() {
+            return Err(VerbsError::last("ibv_get_device_list", format!("looking for {name}")));
+        }
+        let mut ctx = std::ptr::null_mut();
+        let mut found = false;
+        for i in 0..n.max(0) as usize {
+            // SAFETY: as in device_names.
+            let dev = unsafe { *list.add(i) };
+            // SAFETY: as in device_names.
+            let dn = unsafe { CStr::from_ptr(ffi::ibv_get_device_name(dev)) };
+            if dn.to_bytes() == name.as_bytes() {
+                found = true;
+                // SAFETY: dev is a valid device from the list, which is still alive.
+                ctx = unsafe { ffi::ibv_open_device(dev) };
+                break;
+            }
+        }
+        let err = io::Error::last_os_error();
+        // SAFETY: freed once; an opened context stays valid after the list is freed.
+        unsafe { ffi::ibv_free_device_list(list) };
+        if !found {
+            return Err(VerbsError::new(
+                "ibv_get_device_list",
+                format!("looking for {name}"),
+                io::Error::new(io::ErrorKind::NotFound, "no such RDMA device"),
+            ));
+        }
+        if ctx.is_null() {
+            return Err(VerbsError::new("ibv_open_device", name.to_owned(), err));
+        }
+        Ok(Self { ptr: ctx })
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: opened by ibv_open_device, closed once, after every child resource (field order
+        // of Endpoint).
+        unsafe { ffi::ibv_close_device(self.ptr) };
+    }
+}
+
+struct Pd(*mut ffi::ibv_pd);
+impl Drop for Pd {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ibv_alloc_pd, freed once after the MR and QP that use it.
+        unsafe { ffi::ibv_dealloc_pd(self.0) };
+    }
+}
+
+struct Mr(*mut ffi::ibv_mr);
+impl Drop for Mr {
+    fn drop(&mut self) {
+        // SAFETY: registered by ibv_reg_mr, deregistered once after the QP is destroyed.
+        unsafe { ffi::ibv_dereg_mr(self.0) };
+    }
+}
+
+struct Channel(*mut ffi::ibv_comp_channel);
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // SAFETY: created by ibv_create_comp_channel, destroyed once after its CQ.
+        unsafe { ffi::ibv_destroy_comp_channel(self.0) };
+    }
+}
+
+struct Cq {
+    ptr: *mut ffi::ibv_cq,
+    /// Events taken from the channel and not yet acknowledged (acknowledged before destroy).
+    unacked: u32,
+}
+impl Drop for Cq {
+    fn drop(&mut self) {
+        // SAFETY: the CQ came from ibv_create_cq; every event taken is acknowledged before it is
+        // destroyed, once, after the QP that used it.
+        unsafe {
+            if self.unacked > 0 {
+                ffi::ibv_ack_cq_events(self.ptr, self.unacked);
+            }
+            ffi::ibv_destroy_cq(self.ptr);
+        }
+    }
+}
+
+struct Qp(*mut ffi::ibv_qp);
+impl Drop for Qp {
+    fn drop(&mut self) {
+        // SAFETY: created by ibv_create_qp, destroyed once, first of the endpoint's resources.
+        unsafe { ffi::ibv_destroy_qp(self.0) };
+    }
+}
+
+/// What one side tells the other to connect a queue pair and write into its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// The port's GID at the chosen index (RoCEv2: the IPv4-mapped address).
+    pub gid: [u8; 16],
+    /// Path MTU enum value the side can do (ibv_mtu: 1 = 256 … 5 = 4096).
+    pub mtu: u8,
+    /// Key for remote writes into the pool.
+    pub rkey: u32,
+    /// Address of the pool's first byte.
+    pub addr: u64,
+}
+
+/// A finished work request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkCompletion {
+    /// The id given when it was posted.
+    pub wr_id: u64,
+    /// `Ok` or the failed status, as libibverbs names it.
+    pub status: Result<(), WcError>,
+    /// A receive that consumed a WRITE WITH IMM (else a completed send-side request).
+    pub is_recv: bool,
+    /// The immediate value (host order) of a WRITE WITH IMM.
+    pub imm: u32,
+}
+
+/// A work completion's error status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WcError(pub u32);
+
+impl fmt::Display for WcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // SAFETY: ibv_wc_status_str returns a static string for any value.
+        let s = unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(self.0)) };
+        write!(f, "{} (status {})", s.to_string_lossy(), self.0)
+    }
+}
+
+/// One side of an RC queue pair over a registered pool.
+pub struct Endpoint {
+    // Field order is drop order: the QP before the CQ, the CQ before its channel, the MR and the
+    // PD before the device context.
+    qp: Qp,
+    cq: Cq,
+    channel: Channel,
+    mr: Mr,
+    // Held only so that they are freed last.
+    _pd: Pd,
+    _ctx: Context,
+    device: String,
+    port: u8,
+    gid_index: u8,
+    local: PeerInfo,
+}
+
+// SAFETY: the endpoint's verbs objects are used from one thread at a time (it moves between
+// threads only while idle: set up on the connection thread, then driven by the session).
+unsafe impl Send for Endpoint {}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("device", &self.device)
+            .field("port", &self.port)
+            .field("gid_index", &self.gid_index)
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Opens `device`, registers `len` bytes at `base` (the pool) for local and remote writes,
+    /// and creates an RC queue pair with room for `depth` outstanding sends and receives, moved
+    /// to INIT.
+    ///
+    /// # Safety
+    /// `base..base+len` must stay mapped (and not be unmapped or remapped) for the life of the
+    /// endpoint: the NIC reads and writes it.
+    pub unsafe fn open(
+        device: &str,
+        port: u8,
+        gid_index: u8,
+        base: *mut u8,
+        len: usize,
+        depth: u32,
+    ) -> Result<Self, VerbsError> {
+        let ctx = Context::open(device)?;
+        // SAFETY: ctx is a live context.
+        let pd = unsafe { ffi::ibv_alloc_pd(ctx.ptr) };
+        if pd.is_null() {
+            return Err(VerbsError::last("ibv_alloc_pd", device.to_owned()));
+        }
+        let pd = Pd(pd);
+        let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        // SAFETY: the caller keeps the range mapped for the endpoint's life; pd is live.
+        let mr = unsafe { ffi::ibv_reg_mr(pd.0, base.cast::<c_void>(), len, access as c_int) };
+        if mr.is_null() {
+            return Err(VerbsError::last("ibv_reg_mr", format!("registering the {} MiB pool on {device}", len >> 20)));
+        }
+        let mr = Mr(mr);
+        // SAFETY: ctx is live.
+        let ch = unsafe { ffi::ibv_create_comp_channel(ctx.ptr) };
+        if ch.is_null() {
+            return Err(VerbsError::last("ibv_create_comp_channel", device.to_owned()));
+        }
+        let channel = Channel(ch);
+        // SAFETY: the channel's fd is a descriptor libibverbs owns; making it non-blocking lets
+        // the session drain events without waiting.
+        unsafe {
+            let fd = (*channel.0).fd;
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let cqe = (2 * depth + 16) as c_int;
+        // SAFETY: ctx and channel are live.
+        let cq = unsafe { ffi::ibv_create_cq(ctx.ptr, cqe, std::ptr::null_mut(), channel.0, 0) };
+        if cq.is_null() {
+            return Err(VerbsError::last("ibv_create_cq", device.to_owned()).detail(format!("{cqe} entries")));
+        }
+        let cq = Cq { ptr: cq, unacked: 0 };
+        // SAFETY: zeroed is a valid init attr; the fields that matter are set below.
+        let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        init.send_cq = cq.ptr;
+        init.recv_cq = cq.ptr;
+        init.qp_type = ffi::ibv_qp_type::IBV_QPT_RC;
+        init.sq_sig_all = 0;
+        init.cap.max_send_wr = depth;
+        init.cap.max_recv_wr = depth;
+        init.cap.max_send_sge = 1;
+        init.cap.max_recv_sge = 1;
+        // SAFETY: pd is live and init is a valid attr.
+        let qp = unsafe { ffi::ibv_create_qp(pd.0, &mut init) };
+        if qp.is_null() {
+            return Err(VerbsError::last("ibv_create_qp", format!("RC on {device}")).detail(format!("depth {depth}")));
+        }
+        let qp = Qp(qp);
+
+        // SAFETY: zeroed port_attr is valid output space; ctx is live.
+        let mut pattr: ffi::ibv_port_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let rc = unsafe { ffi::___ibv_query_port(&mut *ctx.ptr, port, &mut pattr) };
+        if rc != 0 {
+            return Err(VerbsError::code("ibv_query_port", format!("{device} port {port}"), rc));
+        }
+        // SAFETY: zeroed gid is valid output space.
+        let mut gid: ffi::ibv_gid = unsafe { std::mem::zeroed() };
+        // SAFETY: ctx is live; gid is valid output space.
+        let rc = unsafe { ffi::ibv_query_gid(ctx.ptr, port, c_int::from(gid_index), &mut gid) };
+        if rc != 0 {
+            return Err(VerbsError::last("ibv_query_gid", format!("{device} port {port}"))
+                .detail(format!("gid index {gid_index}")));
+        }
+        // SAFETY: the union's raw view covers all 16 bytes.
+        let gid = unsafe { gid.raw };
+        // SAFETY: qp and mr are live.
+        let (qpn, rkey) = unsafe { ((*qp.0).qp_num, (*mr.0).rkey) };
+        let psn = psn_for(qpn);
+        let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, rkey, addr: base as u64 };
+        let ep = Self { qp, cq, channel, mr, _pd: pd, _ctx: ctx, device: device.to_owned(), port, gid_index, local };
+        ep.to_init()?;
+        ep.arm()?;
+        Ok(ep)
+    }
+
+    /// What the peer needs to connect to this side.
+    pub fn local(&self) -> PeerInfo {
+        self.local
+    }
+
+    /// The device's name.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// The registered pool's local key.
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: the MR is live.
+        unsafe { (*self.mr.0).lkey }
+    }
+
+    fn modify(&self, attr: &mut ffi::ibv_qp_attr, mask: u32, step: &str) -> Result<(), VerbsError> {
+        // SAFETY: the QP is live; attr is a valid attribute struct for the mask.
+        let rc = unsafe { ffi::ibv_modify_qp(self.qp.0, attr, mask as c_int) };
+        if rc != 0 {
+            return Err(VerbsError::code("ibv_modify_qp", format!("{step} on {}", self.device), rc)
+                .detail(format!("gid index {}", self.gid_index)));
+        }
+        Ok(())
+    }
+
+    fn to_init(&self) -> Result<(), VerbsError> {
+        use ffi::ibv_qp_attr_mask as m;
+        // SAFETY: zeroed attr is valid; fields set below.
+        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
+        a.pkey_index = 0;
+        a.port_num = self.port;
+        a.qp_access_flags =
+            ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        let mask = m::IBV_QP_STATE.0 | m::IBV_QP_PKEY_INDEX.0 | m::IBV_QP_PORT.0 | m::IBV_QP_ACCESS_FLAGS.0;
+        self.modify(&mut a, mask, "RESET->INIT")
+    }
+
+    /// Connects to the peer: INIT → RTR → RTS.
+    pub fn connect(&mut self, remote: &PeerInfo) -> Result<(), VerbsError> {
+        use ffi::ibv_qp_attr_mask as m;
+        // SAFETY: zeroed attr is valid; fields set below.
+        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ffi::ibv_qp_state::IBV_QPS_RTR;
+        a.path_mtu = u32::from(self.local.mtu.min(remote.mtu));
+        a.dest_qp_num = remote.qpn;
+        a.rq_psn = remote.psn;
+        a.max_dest_rd_atomic = 1;
+        a.min_rnr_timer = 12;
+        a.ah_attr.is_global = 1;
+        a.ah_attr.port_num = self.port;
+        a.ah_attr.grh.dgid = ffi::ibv_gid { raw: remote.gid };
+        a.ah_attr.grh.sgid_index = self.gid_index;
+        a.ah_attr.grh.hop_limit = 64;
+        let mask = m::IBV_QP_STATE.0
+            | m::IBV_QP_AV.0
+            | m::IBV_QP_PATH_MTU.0
+            | m::IBV_QP_DEST_QPN.0
+            | m::IBV_QP_RQ_PSN.0
+            | m::IBV_QP_MAX_DEST_RD_ATOMIC.0
+            | m::IBV_QP_MIN_RNR_TIMER.0;
+        self.modify(&mut a, mask, "INIT->RTR")?;
+
+        // SAFETY: as above.
+        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ffi::ibv_qp_state::IBV_QPS_RTS;
+        a.sq_psn = self.local.psn;
+        // 4.096 µs × 2^14 ≈ 67 ms per try, 7 tries: a dead peer surfaces in about half a second.
+        a.timeout = 14;
+        a.retry_cnt = 7;
+        a.rnr_retry = 7;
+        a.max_rd_atomic = 1;
+        let mask = m::IBV_QP_STATE.0
+            | m::IBV_QP_SQ_PSN.0
+            | m::IBV_QP_TIMEOUT.0
+            | m::IBV_QP_RETRY_CNT.0
+            | m::IBV_QP_RNR_RETRY.0
+            | m::IBV_QP_MAX_QP_RD_ATOMIC.0;
+        self.modify(&mut a, mask, "RTR->RTS")
+    }
+
+    /// Posts an RDMA WRITE WITH IMM of `len` bytes at `local` (inside the registered pool) to
+    /// `remote_addr` with the peer's `rkey`; its completion carries `wr_id`.
+    ///
+    /// # Safety
+    /// `local..local+len` lies in the registered pool and is not written until this request
+    /// completes; the remote range was granted by the peer (a credit) and fits in its slot.
+    pub unsafe fn post_write_imm(
+        &self,
+        wr_id: u64,
+        local: *const u8,
+        len: u32,
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+    ) -> Result<(), VerbsError> {
+        let mut sge = ffi::ibv_sge { addr: local as u64, length: len, lkey: self.lkey() };
+        // SAFETY: zeroed is a valid send WR; the fields used are set below.
+        let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        wr.wr.rdma = ffi::rdma_t { remote_addr, rkey };
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is live; wr and sge live across the call (the provider copies them).
+        let rc = unsafe { ffi::ibv_post_send(self.qp.0, &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(VerbsError::code("ibv_post_send", format!("RDMA WRITE WITH IMM on {}", self.device), rc)
+                .detail(format!("{len} bytes")));
+        }
+        Ok(())
+    }
+
+    /// Posts a receive with no buffer: it is consumed by one incoming WRITE WITH IMM.
+    pub fn post_recv(&self, wr_id: u64) -> Result<(), VerbsError> {
+        // SAFETY: zeroed is a valid receive WR: no scatter entries.
+        let mut wr: ffi::ibv_recv_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is live; wr lives across the call.
+        let rc = unsafe { ffi::ibv_post_recv(self.qp.0, &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(VerbsError::code("ibv_post_recv", self.device.clone(), rc));
+        }
+        Ok(())
+    }
+
+    /// The completion channel's descriptor: readable when the CQ has new completions (after
+    /// [`Endpoint::arm`]).
+    pub fn event_fd(&self) -> RawFd {
+        // SAFETY: the channel is live.
+        unsafe { (*self.channel.0).fd }
+    }
+
+    fn arm(&self) -> Result<(), VerbsError> {
+        // SAFETY: the CQ is live.
+        let rc = unsafe { ffi::ibv_req_notify_cq(self.cq.ptr, 0) };
+        if rc != 0 {
+            return Err(VerbsError::code("ibv_req_notify_cq", self.device.clone(), rc));
+        }
+        Ok(())
+    }
+
+    /// Takes the pending channel events, re-arms the CQ and appends every completion to `out`.
+    /// Call it when [`Endpoint::event_fd`] is readable (or at any time: it never blocks).
+    pub fn poll(&mut self, out: &mut Vec<WorkCompletion>) -> Result<(), VerbsError> {
+        loop {
+            let mut cq = std::ptr::null_mut();
+            let mut cq_ctx = std::ptr::null_mut();
+            // SAFETY: the channel is live and non-blocking; outputs are valid pointers.
+            let rc = unsafe { ffi::ibv_get_cq_event(self.channel.0, &mut cq, &mut cq_ctx) };
+            if rc != 0 {
+                break;
+            }
+            self.cq.unacked += 1;
+        }
+        if self.cq.unacked >= 64 {
+            // SAFETY: the events were taken from this CQ's channel.
+            unsafe { ffi::ibv_ack_cq_events(self.cq.ptr, self.cq.unacked) };
+            self.cq.unacked = 0;
+        }
+        self.arm()?;
+        // Poll after arming: a completion that raced the arm is seen here.
+        // SAFETY: zeroed work completions are valid output space.
+        let mut wcs: [ffi::ibv_wc; 32] = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: the CQ is live; wcs has room for 32 entries.
+            let n = unsafe { ffi::ibv_poll_cq(self.cq.ptr, 32, wcs.as_mut_ptr()) };
+            if n < 0 {
+                return Err(VerbsError::code("ibv_poll_cq", self.device.clone(), n));
+            }
+            for wc in &wcs[..n as usize] {
+                let status =
+                    if wc.status == ffi::ibv_wc_status::IBV_WC_SUCCESS { Ok(()) } else { Err(WcError(wc.status)) };
+                // SAFETY: for receives with immediate data the union holds imm_data.
+                let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+                let is_recv = wc.opcode == ffi::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM
+                    || (status.is_err() && wc.wr_id & RECV_WR_BIT != 0);
+                out.push(WorkCompletion { wr_id: wc.wr_id, status, is_recv, imm });
+            }
+            if (n as usize) < wcs.len() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Receive work requests carry this bit in their id, so that a flushed (failed) receive, whose
+/// opcode is undefined, is still told apart from a send.
+pub const RECV_WR_BIT: u64 = 1 << 63;
+
+/// A starting PSN that differs between queue pairs (24 bits).
+fn psn_for(qpn: u32) -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    (qpn.wrapping_mul(2_654_435_761) ^ t) & 0x00ff_ffff
+}
