@@ -685,10 +685,16 @@ impl<'a> Session<'a> {
                 if let Some(seq) = seq {
                     self.events.push_back(Event::ForwardDone { seq });
                 }
-                let name = self.downstream_name.clone();
-                self.downstream_settled(Event::DownstreamLost {
-                    error: NodeError::new(ErrorKind::ConnectionLost, format!("RDMA write to {name} failed: {status}")),
-                });
+                // After the first failure (or a flush) the rest only drain.
+                if !self.dn_closed {
+                    let name = self.downstream_name.clone();
+                    self.downstream_settled(Event::DownstreamLost {
+                        error: NodeError::new(
+                            ErrorKind::ConnectionLost,
+                            format!("RDMA write to {name} failed: {status}"),
+                        ),
+                    });
+                }
             }
         }
         if self.dn_rdma_inflight == 0
@@ -872,6 +878,13 @@ impl<'a> Session<'a> {
         self.dn_queue.clear();
         // The machine releases every slot it forwarded from when it hears of `event`.
         self.cut.clear();
+        if self.dn_rdma_inflight > 0
+            && let Some(link) = &self.dn_rdma
+            && let Err(e) = link.ep.flush()
+        {
+            // The writes then end by the transport's own retries.
+            tracing::warn!("cannot flush the RDMA queue pair to {}: {e}", self.downstream_name);
+        }
         if self.dn_sending.is_some() || self.dn_rdma_inflight > 0 {
             self.dn_deferred.get_or_insert(event);
         } else {

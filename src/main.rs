@@ -50,11 +50,20 @@ struct RdmaArgs {
     /// GID index on port 1 of the RDMA device; default: the RoCEv2 GID of that address.
     #[arg(long)]
     gid_index: Option<u8>,
+    /// Let `--transport auto` take RDMA on soft-RoCE (rxe) and soft-iWARP (siw) devices too
+    /// (they are slower than TCP on most hosts, so auto skips them by default).
+    #[arg(long)]
+    rdma_allow_soft: bool,
 }
 
 impl RdmaArgs {
     fn config(self) -> shardcast::rdma::RdmaConfig {
-        shardcast::rdma::RdmaConfig { device: self.rdma_device, gid_index: self.gid_index, disabled: None }
+        shardcast::rdma::RdmaConfig {
+            device: self.rdma_device,
+            gid_index: self.gid_index,
+            disabled: None,
+            allow_soft: self.rdma_allow_soft,
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 //!
 //! Chains mix transports hop by hop: each hop negotiates for itself.
 
+pub mod types;
 #[cfg(feature = "rdma")]
 pub mod verbs;
 #[cfg(not(feature = "rdma"))]
@@ -40,6 +41,8 @@ pub struct RdmaConfig {
     pub gid_index: Option<u8>,
     /// Why this node never takes the RDMA side of a hop (`serve --transport tcp`).
     pub disabled: Option<String>,
+    /// Let `--transport auto` use soft-RoCE / soft-iWARP devices too (`--rdma-allow-soft`).
+    pub allow_soft: bool,
 }
 
 /// A device, port and GID that reach a peer.
@@ -138,8 +141,11 @@ pub fn usable(policy: Transport, cfg: &RdmaConfig, local_ip: IpAddr) -> Result<C
         return Err(why.clone());
     }
     let c = choose(cfg, local_ip)?;
-    if policy == Transport::Auto && !c.hardware {
-        return Err(format!("{} is soft-RoCE/soft-iWARP, not a hardware RNIC (--transport rdma forces it)", c.device));
+    if policy == Transport::Auto && !c.hardware && !cfg.allow_soft {
+        return Err(format!(
+            "{} is soft-RoCE/soft-iWARP, not a hardware RNIC (--transport rdma or --rdma-allow-soft use it)",
+            c.device
+        ));
     }
     Ok(c)
 }

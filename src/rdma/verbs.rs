@@ -17,6 +17,8 @@ use std::os::fd::RawFd;
 
 use rdma_sys as ffi;
 
+pub use super::types::{PeerInfo, RECV_WR_BIT, WcError, WorkCompletion};
+
 /// A verb failed: which one, at which step, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{verb} {step}: {source}{}", detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
@@ -182,40 +184,6 @@ impl Drop for Qp {
         unsafe { ffi::ibv_destroy_qp(self.0) };
     }
 }
-
-/// What one side tells the other to connect a queue pair and write into its pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// Queue pair number.
-    pub qpn: u32,
-    /// First packet sequence number.
-    pub psn: u32,
-    /// The port's GID at the chosen index (RoCEv2: the IPv4-mapped address).
-    pub gid: [u8; 16],
-    /// Path MTU enum value the side can do (ibv_mtu: 1 = 256 … 5 = 4096).
-    pub mtu: u8,
-    /// Key for remote writes into the pool.
-    pub rkey: u32,
-    /// Address of the pool's first byte.
-    pub addr: u64,
-}
-
-/// A finished work request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkCompletion {
-    /// The id given when it was posted.
-    pub wr_id: u64,
-    /// `Ok` or the failed status, as libibverbs names it.
-    pub status: Result<(), WcError>,
-    /// A receive that consumed a WRITE WITH IMM (else a completed send-side request).
-    pub is_recv: bool,
-    /// The immediate value (host order) of a WRITE WITH IMM.
-    pub imm: u32,
-}
-
-/// A work completion's error status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WcError(pub u32);
 
 impl fmt::Display for WcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -433,6 +401,17 @@ impl Endpoint {
         self.modify(&mut a, mask, "RTR->RTS")
     }
 
+    /// Moves the queue pair to the error state: every request still outstanding completes at
+    /// once with a flush error, instead of after the transport's retries (a peer that is gone
+    /// may never answer them).
+    pub fn flush(&self) -> Result<(), VerbsError> {
+        use ffi::ibv_qp_attr_mask as m;
+        // SAFETY: zeroed attr is valid; only the state is set.
+        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ffi::ibv_qp_state::IBV_QPS_ERR;
+        self.modify(&mut a, m::IBV_QP_STATE.0, "->ERR")
+    }
+
     /// Posts an RDMA WRITE WITH IMM of `len` bytes at `local` (inside the registered pool) to
     /// `remote_addr` with the peer's `rkey`; its completion carries `wr_id`.
     ///
@@ -541,10 +520,6 @@ impl Endpoint {
         }
     }
 }
-
-/// Receive work requests carry this bit in their id, so that a flushed (failed) receive, whose
-/// opcode is undefined, is still told apart from a send.
-pub const RECV_WR_BIT: u64 = 1 << 63;
 
 /// A starting PSN that differs between queue pairs (24 bits).
 fn psn_for(qpn: u32) -> u32 {

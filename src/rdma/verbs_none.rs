@@ -22,48 +22,13 @@ pub fn device_names() -> Result<Vec<String>, String> {
     Err("this build of shardcast has no RDMA transport (built without the `rdma` feature)".into())
 }
 
-/// See `verbs.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// Queue pair number.
-    pub qpn: u32,
-    /// First packet sequence number.
-    pub psn: u32,
-    /// GID.
-    pub gid: [u8; 16],
-    /// Path MTU.
-    pub mtu: u8,
-    /// Remote key.
-    pub rkey: u32,
-    /// Pool base.
-    pub addr: u64,
-}
-
-/// See `verbs.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkCompletion {
-    /// Id.
-    pub wr_id: u64,
-    /// Status.
-    pub status: Result<(), WcError>,
-    /// A receive.
-    pub is_recv: bool,
-    /// Immediate.
-    pub imm: u32,
-}
-
-/// See `verbs.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WcError(pub u32);
+pub use super::types::{PeerInfo, RECV_WR_BIT, WcError, WorkCompletion};
 
 impl fmt::Display for WcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "status {}", self.0)
     }
 }
-
-/// See `verbs.rs`.
-pub const RECV_WR_BIT: u64 = 1 << 63;
 
 /// No value of this type exists in a build without RDMA.
 #[derive(Debug)]
@@ -102,6 +67,10 @@ impl Endpoint {
         _: u32,
         _: u32,
     ) -> Result<(), VerbsError> {
+        match *self {}
+    }
+    /// Unreachable.
+    pub fn flush(&self) -> Result<(), VerbsError> {
         match *self {}
     }
     /// Unreachable.

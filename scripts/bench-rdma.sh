@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# One hop over soft-RoCE, side by side in one guest run (scripts/rxe-vm.sh):
+#   ib_write_bw  perftest's RDMA WRITE bandwidth rxe_v1 -> rxe_v0 at MSG bytes per message;
+#   rdma         `shardcast push --transport rdma` of SIZE bytes from rxe_v1 to a `serve` on rxe_v0
+#                (chunks of MSG bytes: one RDMA WRITE WITH IMM per chunk);
+#   tcp          the same push with --transport tcp between the same addresses.
+# REPS rounds, cases interleaved; medians. CPU seconds per GiB = utime+stime of the push and the
+# serve process over the push (wait4 and /proc), divided by GiB moved. The guest runs under TCG,
+# so only the ratios within one run mean anything (see BENCHMARKS.md).
+#
+#   SIZE=256M REPS=3 MSG=4M ./scripts/bench-rdma.sh        # the BENCHMARKS.md run
+#   SIZE=64M REPS=1 ./scripts/bench-rdma.sh                # the short one .ci/run prints
+#
+# Prints a markdown table; saves it under results/bench-rdma-<date>.md. Exit 4 when the guest
+# cannot start (as rxe-vm.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-256M}
+REPS=${REPS:-3}
+MSG=${MSG:-4M}
+
+cargo build --release >/dev/null
+mkdir -p results
+stamp=$(date +%Y%m%d-%H%M%S)
+out=results/bench-rdma-$stamp.md
+job=$(mktemp /tmp/shardcast-bench-rdma.XXXXXX.py)
+trap 'rm -f "$job"' EXIT
+cat >"$job" <<'PY'
+import json, os, re, shutil, statistics, subprocess, sys, tempfile, time
+
+E = os.environ
+BIN = os.path.abspath("target/release/shardcast")
+def size(s):
+    m = re.fullmatch(r"(\d+)([KMG]?)", s)
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
+SIZE, REPS, MSG = size(E["B_SIZE"]), int(E["B_REPS"]), size(E["B_MSG"])
+DEV, IP, GID = E["RXEVM_DEV"], E["RXEVM_IP"], E["RXEVM_GID"]
+PDEV, PIP, PGID = E["RXEVM_PEER_DEV"], E["RXEVM_PEER_IP"], E["RXEVM_PEER_GID"]
+work = tempfile.mkdtemp(dir="/dev/shm")
+src = os.path.join(work, "src")
+os.makedirs(src)
+with open(os.path.join(src, "shard.bin"), "wb") as f:
+    f.write(os.urandom(SIZE))
+
+def cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+root = os.path.join(work, "root")
+serve = subprocess.Popen([BIN, "serve", "--listen", f"{IP}:7391", "--root", root, "--keep", "1",
+                          "--rdma-device", DEV, "--gid-index", GID],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+line = serve.stderr.readline()
+assert "listening on" in line, line
+
+def push(transport, v):
+    c0 = cpu(serve.pid)
+    t0 = time.monotonic()
+    p = subprocess.Popen([BIN, "push", src, "--name", "b", "--version", str(v), "--to", f"{IP}:7391",
+                          "--transport", transport, "--chunk-size", str(MSG), "--json",
+                          "--rdma-device", PDEV, "--gid-index", PGID], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    out = p.stdout.read().decode()
+    if status != 0:
+        sys.exit(f"push --transport {transport} failed: {out}\n{p.stderr.read().decode()}")
+    rep = json.loads(out)
+    c1 = cpu(serve.pid)
+    return {"s": rep["seconds"], "cpu_push": ru.ru_utime + ru.ru_stime, "cpu_serve": c1 - c0}
+
+def ib_write_bw():
+    n = max(SIZE // MSG, 20)
+    common = ["-s", str(MSG), "-n", str(n), "-F", "--report_gbits"]
+    srv = subprocess.Popen(["timeout", "300", "ib_write_bw", "-d", DEV, "-x", GID] + common,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        if ":18515" in subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout:
+            break
+        time.sleep(0.05)
+    cli = subprocess.run(["timeout", "300", "ib_write_bw", "-d", PDEV, "-x", PGID] + common + [IP],
+                         capture_output=True, text=True)
+    srv.wait()
+    for l in cli.stdout.splitlines():
+        f = l.split()
+        if len(f) >= 4 and f[0] == str(MSG) and f[1] == str(n):
+            return float(f[3])   # BW average [Gb/sec]
+    sys.exit("ib_write_bw printed no result:\n" + cli.stdout + cli.stderr)
+
+rows = {"ib_write_bw": [], "rdma": [], "tcp": []}
+v = 0
+for r in range(REPS):
+    rows["ib_write_bw"].append({"gbps": ib_write_bw()})
+    for t in ("rdma", "tcp"):
+        v += 1
+        x = push(t, v)
+        x["gbps"] = SIZE * 8 / x["s"] / 1e9
+        rows[t].append(x)
+        shutil.rmtree(os.path.join(root, "b"), ignore_errors=True)
+    print(f"rep {r+1}: ib_write_bw {rows['ib_write_bw'][-1]['gbps']:.3f} Gb/s, rdma {rows['rdma'][-1]['gbps']:.3f}, tcp {rows['tcp'][-1]['gbps']:.3f}", file=sys.stderr, flush=True)
+serve.terminate()
+med = lambda xs: statistics.median(xs)
+gib = SIZE / (1 << 30)
+ib = med([x["gbps"] for x in rows["ib_write_bw"]])
+print(f"| case | median Gb/s | min | max | ratio to ib_write_bw | CPU s/GiB push | CPU s/GiB serve |")
+print(f"| --- | --- | --- | --- | --- | --- | --- |")
+g = [x["gbps"] for x in rows["ib_write_bw"]]
+print(f"| ib_write_bw {MSG} B × {max(SIZE // MSG, 20)} | {ib:.3f} | {min(g):.3f} | {max(g):.3f} | 1.00 | | |")
+for t in ("rdma", "tcp"):
+    g = [x["gbps"] for x in rows[t]]
+    cp = med([x["cpu_push"] for x in rows[t]]) / gib
+    cs = med([x["cpu_serve"] for x in rows[t]]) / gib
+    print(f"| shardcast --transport {t}, {SIZE >> 20} MiB, {MSG >> 20} MiB chunks | {med(g):.3f} | {min(g):.3f} | {max(g):.3f} | {med(g)/ib:.2f} | {cp:.2f} | {cs:.2f} |")
+shutil.rmtree(work, ignore_errors=True)
+PY
+echo "bench-rdma: SIZE=$SIZE REPS=$REPS MSG=$MSG (guest under TCG: compare within this table only)" >&2
+rc=0
+B_SIZE=$SIZE B_REPS=$REPS B_MSG=$MSG RXEVM_PASS_ENV="B_SIZE B_REPS B_MSG" \
+    scripts/rxe-vm.sh --timeout 900 -- python3 "$job" | tee "$out.tmp" || rc=$?
+if [[ $rc -ne 0 ]]; then
+    rm -f "$out.tmp"
+    exit "$rc"
+fi
+{
+    echo "command: \`SIZE=$SIZE REPS=$REPS MSG=$MSG ./scripts/bench-rdma.sh\` ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD))"
+    echo
+    grep '^|' "$out.tmp"
+} >"$out"
+rm -f "$out.tmp"
+echo "saved $out" >&2

@@ -1,0 +1,39 @@
+//! Plain data shared by the verbs wrapper and its stand-in in builds without RDMA.
+
+/// What one side tells the other to connect a queue pair and write into its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// The port's GID at the chosen index (RoCEv2: the IPv4-mapped address).
+    pub gid: [u8; 16],
+    /// Path MTU enum value the side can do (ibv_mtu: 1 = 256 … 5 = 4096).
+    pub mtu: u8,
+    /// Key for remote writes into the pool.
+    pub rkey: u32,
+    /// Address of the pool's first byte.
+    pub addr: u64,
+}
+
+/// A finished work request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkCompletion {
+    /// The id given when it was posted.
+    pub wr_id: u64,
+    /// `Ok` or the failed status, as libibverbs names it.
+    pub status: Result<(), WcError>,
+    /// A receive that consumed a WRITE WITH IMM (else a completed send-side request).
+    pub is_recv: bool,
+    /// The immediate value (host order) of a WRITE WITH IMM.
+    pub imm: u32,
+}
+
+/// A work completion's error status (`ibv_wc_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WcError(pub u32);
+
+/// Receive work requests carry this bit in their id, so that a flushed (failed) receive, whose
+/// opcode is undefined, is still told apart from a send.
+pub const RECV_WR_BIT: u64 = 1 << 63;

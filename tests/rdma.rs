@@ -1,0 +1,196 @@
+//! RDMA transport tests: real `shardcast serve` processes moving chunks with RDMA WRITE WITH
+//! IMM over soft-RoCE (rdma_rxe).
+//!
+//! They need an RDMA device, which this host's kernel does not have: `scripts/test.sh` runs
+//! this file inside the qemu guest of `scripts/rxe-vm.sh`, which exports `RXEVM_DEV`/`RXEVM_IP`/
+//! `RXEVM_GID` (rxe_v0 on one end of a veth pair) and `RXEVM_PEER_*` (rxe_v1 on the other end).
+//! Replicas run on the first, the primary on the second, so RoCEv2 packets cross the veth.
+//! Outside the guest every test prints why it skips and returns.
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+const MIB: u64 = 1 << 20;
+
+struct Rxe {
+    dev: String,
+    ip: String,
+    gid: String,
+    peer_dev: String,
+    peer_gid: String,
+}
+
+fn rxe() -> Option<Rxe> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(dev), Some(ip), Some(gid), Some(peer_dev), Some(peer_gid)) =
+        (get("RXEVM_DEV"), get("RXEVM_IP"), get("RXEVM_GID"), get("RXEVM_PEER_DEV"), get("RXEVM_PEER_GID"))
+    else {
+        eprintln!(
+            "SKIPPED: no soft-RoCE device here (RXEVM_* unset: this host's kernel has no RDMA); \
+             scripts/test.sh runs these tests inside the scripts/rxe-vm.sh guest"
+        );
+        return None;
+    };
+    Some(Rxe { dev, ip, gid, peer_dev, peer_gid })
+}
+
+/// A replica on the rxe device, with extra serve arguments.
+fn serve(r: &Rxe, root: &Path, extra: &[&str]) -> Server {
+    let mut cmd = shardcast();
+    cmd.args(["serve", "--listen", &format!("{}:0", r.ip), "--root"])
+        .arg(root)
+        .args(["--rdma-device", &r.dev, "--gid-index", &r.gid])
+        .args(extra);
+    Server::start_with(cmd, root)
+}
+
+/// A push from the peer rxe device through `servers`.
+fn push(r: &Rxe, src: &Path, servers: &[&Server], name: &str, v: u64, extra: &[&str]) -> Command {
+    let to: Vec<String> = servers.iter().map(|s| s.addr().to_string()).collect();
+    let mut cmd = shardcast();
+    cmd.arg("push")
+        .arg(src)
+        .args(["--name", name, "--version", &v.to_string(), "--to", &to.join(",")])
+        .args(["--rdma-device", &r.peer_dev, "--gid-index", &r.peer_gid])
+        .args(extra);
+    cmd
+}
+
+fn logs(servers: &[&Server]) -> String {
+    servers.iter().enumerate().map(|(i, s)| format!("--- serve {i} ({})\n{}", s.addr(), s.log())).collect()
+}
+
+/// Runs a push to its end; on timeout kills it and panics with the servers' logs.
+fn finish(cmd: &mut Command, timeout: Duration, servers: &[&Server]) -> std::process::Output {
+    let mut p = Running::spawn(cmd);
+    if p.wait_timeout(timeout).is_none() {
+        // Let the server logs into the panic message too.
+        eprintln!("push did not finish within {timeout:?}; server logs:\n{}", logs(servers));
+    }
+    p.finish(Duration::from_secs(1))
+}
+
+fn published(s: &Server, src: &Path, name: &str, v: u64) {
+    assert_tree_identical(src, &s.root().join(name).join(v.to_string()));
+}
+
+fn tree(dir: &Path, sizes: &[u64], seed: u64) {
+    for (i, size) in sizes.iter().enumerate() {
+        write_random_file(&dir.join(format!("f{i}.bin")), *size, seed + i as u64);
+    }
+}
+
+#[test]
+fn rdma_one_replica() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let src = t.path().join("src");
+    tree(&src, &[0, 1, MIB - 1, MIB, 5 * MIB + 77], 10);
+    let a = serve(&r, &t.path().join("r0"), &["--transport", "rdma"]);
+    let mut cmd = push(&r, &src, &[&a], "one", 1, &["--transport", "rdma", "--chunk-size", "1M"]);
+    let out = finish(&mut cmd, Duration::from_secs(120), &[&a]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&[&a]));
+    published(&a, &src, "one", 1);
+    assert!(a.log().contains("hop transport: rdma"), "the hop did not use RDMA\n{}", a.log());
+}
+
+/// Four replicas: every hop RDMA (relays forward from the slot a chunk landed in), with small
+/// pools, so that slots are granted, written, freed and granted again many times.
+#[test]
+fn rdma_chain_of_four_with_credit_cycling() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let src = t.path().join("src");
+    tree(&src, &[3 * MIB + 5, 2 * MIB, 17], 20);
+    let servers: Vec<Server> =
+        (0..4).map(|i| serve(&r, &t.path().join(format!("r{i}")), &["--pool-mb", "1"])).collect();
+    let refs: Vec<&Server> = servers.iter().collect();
+    // 256 KiB chunks, pools of 4 slots: ~21 chunks per hop through 4 grants.
+    let mut cmd = push(&r, &src, &refs, "chain", 1, &["--transport", "rdma", "--chunk-size", "256K", "--pool-mb", "1"]);
+    let out = finish(&mut cmd, Duration::from_secs(240), &refs);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&refs));
+    for s in &servers {
+        published(s, &src, "chain", 1);
+        assert!(s.log().contains("hop transport: rdma (receiving)"), "{}", s.log());
+    }
+}
+
+/// The first hop RDMA, the second TCP: the last replica serves with `--transport tcp`, the
+/// push asks for `auto` and lets soft-RoCE count.
+#[test]
+fn rdma_then_tcp_mixed_chain() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let src = t.path().join("src");
+    tree(&src, &[2 * MIB + 1, 4096], 30);
+    let a = serve(&r, &t.path().join("r0"), &["--rdma-allow-soft"]);
+    let b = serve(&r, &t.path().join("r1"), &["--transport", "tcp"]);
+    let mut cmd = push(&r, &src, &[&a, &b], "mixed", 1, &["--rdma-allow-soft", "--chunk-size", "1M"]);
+    let out = finish(&mut cmd, Duration::from_secs(120), &[&a, &b]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&[&a, &b]));
+    published(&a, &src, "mixed", 1);
+    published(&b, &src, "mixed", 1);
+    assert!(a.log().contains("hop transport: rdma (receiving)"), "hop 1 not RDMA\n{}", a.log());
+    assert!(a.log().contains("hop transport: tcp"), "hop 2 not TCP\n{}", a.log());
+
+    // And `--transport rdma` refuses that chain, naming the node that cannot.
+    let mut cmd = push(&r, &src, &[&a, &b], "mixed", 2, &["--transport", "rdma", "--chunk-size", "1M"]);
+    let out = finish(&mut cmd, Duration::from_secs(60), &[&a, &b]);
+    assert_ne!(code(&out), 0, "{}", show_output(&out));
+    let all = all_output(&out);
+    assert!(all.contains("RDMA unavailable") && all.contains(&b.addr().to_string()), "{}", show_output(&out));
+    assert!(!b.root().join("mixed/2").exists(), "a refused push published on {}", b.addr());
+}
+
+/// The tail dies in the middle of an RDMA transfer: the push fails promptly and names it, and
+/// nothing is published there.
+#[test]
+fn rdma_peer_disappears_mid_transfer() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let src = t.path().join("src");
+    // Big enough to take seconds over rxe under TCG.
+    tree(&src, &[48 * MIB], 40);
+    let a = serve(&r, &t.path().join("r0"), &[]);
+    let mut b = serve(&r, &t.path().join("r1"), &[]);
+    let mut cmd = push(&r, &src, &[&a, &b], "gone", 1, &["--transport", "rdma"]);
+    let mut p = Running::spawn(&mut cmd);
+    // Wait until the tail's staging holds data, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let staging = b.root().join(".staging");
+    loop {
+        let bytes: u64 = walk_sizes(&staging);
+        if bytes > 2 * MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no data reached the tail in 60 s\n{}", logs(&[&a, &b]));
+        assert!(p.try_wait().is_none(), "push ended before the kill\n{}", logs(&[&a, &b]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.kill();
+    let out = p.finish(Duration::from_secs(120));
+    assert_ne!(code(&out), 0, "{}", show_output(&out));
+    assert!(all_output(&out).contains(&b.addr().to_string()), "the failed node is not named\n{}", show_output(&out));
+    assert!(!b.root().join("gone/1").exists(), "the killed tail published");
+}
+
+fn walk_sizes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| {
+            let m = e.metadata().ok();
+            match m {
+                Some(m) if m.is_dir() => walk_sizes(&e.path()),
+                Some(m) => m.blocks() * 512,
+                None => 0,
+            }
+        })
+        .sum()
+}
+
+use std::os::unix::fs::MetadataExt;
