@@ -12,13 +12,15 @@
 #   clang libclang-dev          bindgen, which the rdma-sys crate runs at build time (feature `rdma`)
 #   libibverbs-dev librdmacm-dev  the verbs and RDMA CM headers and libraries rdma-sys links
 #   ibverbs-providers rdma-core   the user-space drivers (rxe among them) the RDMA transport loads
+#   libhwloc-dev libudev-dev    hwloc (pool placement on the NIC's NUMA node, feature `numa`);
+#                               hwlocality links it statically, which needs libudev
 #
 # Rust itself comes from rustup (preinstalled on these machines); this script only checks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2
-    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core)
+    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

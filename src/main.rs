@@ -224,6 +224,10 @@ fn main() -> ExitCode {
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
             opts.max_sessions = max_sessions.max(1);
             let root = opts.root.clone();
+            // Pinned pools: one per concurrent push, a few at a time in practice.
+            if let Err(why) = shardcast::pool::check_memlock(pool_mb << 20, 2) {
+                tracing::warn!("{why}");
+            }
             match Server::bind(opts) {
                 Ok(server) => {
                     let pinned = shardcast::pool::memlock_limit().map_or("unknown".into(), |l| {

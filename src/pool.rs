@@ -260,9 +260,56 @@ pub fn memlock_limit() -> Option<u64> {
     (rc == 0).then_some(lim.rlim_cur)
 }
 
+/// Whether this process may lock memory beyond RLIMIT_MEMLOCK (CAP_IPC_LOCK in its effective
+/// set, from `/proc/self/status`).
+pub fn has_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// Checked at start: can this process pin `sessions` pools of `pool_bytes`? `Err` says what to
+/// raise and by how much (pools that cannot be pinned still work, unpinned and unregistrable
+/// for RDMA, with a warning).
+pub fn check_memlock(pool_bytes: usize, sessions: usize) -> Result<(), String> {
+    if has_ipc_lock() {
+        return Ok(());
+    }
+    let Some(limit) = memlock_limit() else { return Ok(()) };
+    // A pool maps its slots plus its control areas.
+    let one = (pool_bytes + CTRL_LEN * CTRL_AREAS) as u64;
+    let want = one.saturating_mul(sessions.max(1) as u64);
+    if limit >= want {
+        return Ok(());
+    }
+    Err(format!(
+        "RLIMIT_MEMLOCK is {} KiB, but pinning {} buffer pool(s) of {} MiB needs {} KiB: raise it \
+         (`ulimit -l {}`, LimitMEMLOCK= in a systemd unit, or memlock in /etc/security/limits.conf) \
+         or grant CAP_IPC_LOCK; until then pools are not pinned and RDMA cannot register them",
+        limit >> 10,
+        sessions.max(1),
+        one >> 20,
+        want.div_ceil(1024),
+        want.div_ceil(1024),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memlock_check_names_the_numbers() {
+        // Whatever this process may do, a check that cannot pass names the limit to raise.
+        match check_memlock(usize::MAX / 4, 4) {
+            Ok(()) => assert!(has_ipc_lock() || memlock_limit().is_none_or(|l| l == u64::MAX)),
+            Err(m) => assert!(m.contains("ulimit -l") && m.contains("CAP_IPC_LOCK"), "{m}"),
+        }
+    }
 
     #[test]
     fn lease_and_release_bound_the_pool() {

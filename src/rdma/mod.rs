@@ -156,6 +156,12 @@ fn depth_for(pool: &Pool) -> u32 {
 }
 
 fn open_endpoint(c: &Chosen, pool: &Pool) -> Result<Endpoint, String> {
+    // Before registration pins the pages: move them next to the NIC.
+    // SAFETY: the pool is mapped and idle (negotiation happens before the session's first I/O).
+    match unsafe { crate::numa::place_for_device(pool.base(), pool.len(), &c.device) } {
+        Ok(nodes) => tracing::info!(device = %c.device, %nodes, "buffer pool placed on the NIC's NUMA node"),
+        Err(why) => tracing::debug!(device = %c.device, "buffer pool not placed: {why}"),
+    }
     // SAFETY: the session keeps the pool mapped for as long as the endpoint lives (it drops its
     // endpoints before it returns or frees the pool), and the pool is never remapped.
     unsafe { Endpoint::open(&c.device, c.port, c.gid_index, pool.base(), pool.len(), depth_for(pool)) }
