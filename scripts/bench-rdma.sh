@@ -116,7 +116,7 @@ PY
 echo "bench-rdma: SIZE=$SIZE REPS=$REPS MSG=$MSG (guest under TCG: compare within this table only)" >&2
 rc=0
 B_SIZE=$SIZE B_REPS=$REPS B_MSG=$MSG RXEVM_PASS_ENV="B_SIZE B_REPS B_MSG" \
-    scripts/rxe-vm.sh --timeout 900 -- python3 "$job" | tee "$out.tmp" || rc=$?
+    scripts/rxe-vm.sh --timeout 900 --mem 4096 -- python3 "$job" | tee "$out.tmp" || rc=$?
 if [[ $rc -ne 0 ]]; then
     rm -f "$out.tmp"
     exit "$rc"

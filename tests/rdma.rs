@@ -85,18 +85,25 @@ fn tree(dir: &Path, sizes: &[u64], seed: u64) {
     }
 }
 
+/// One and two replicas, every hop over RDMA, files around the chunk size.
 #[test]
-fn rdma_one_replica() {
+fn rdma_one_and_two_replicas() {
     let Some(r) = rxe() else { return };
     let t = tempdir();
     let src = t.path().join("src");
     tree(&src, &[0, 1, MIB - 1, MIB, 5 * MIB + 77], 10);
-    let a = serve(&r, &t.path().join("r0"), &["--transport", "rdma"]);
-    let mut cmd = push(&r, &src, &[&a], "one", 1, &["--transport", "rdma", "--chunk-size", "1M"]);
-    let out = finish(&mut cmd, Duration::from_secs(120), &[&a]);
-    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&[&a]));
-    published(&a, &src, "one", 1);
-    assert!(a.log().contains("hop transport: rdma"), "the hop did not use RDMA\n{}", a.log());
+    for n in [1usize, 2] {
+        let servers: Vec<Server> =
+            (0..n).map(|i| serve(&r, &t.path().join(format!("n{n}-r{i}")), &["--transport", "rdma"])).collect();
+        let refs: Vec<&Server> = servers.iter().collect();
+        let mut cmd = push(&r, &src, &refs, "few", n as u64, &["--transport", "rdma", "--chunk-size", "1M"]);
+        let out = finish(&mut cmd, Duration::from_secs(120), &refs);
+        assert_eq!(code(&out), 0, "{n} replica(s)\n{}\n{}", show_output(&out), logs(&refs));
+        for s in &servers {
+            published(s, &src, "few", n as u64);
+            assert!(s.log().contains("hop transport: rdma (receiving)"), "a hop did not use RDMA\n{}", s.log());
+        }
+    }
 }
 
 /// Four replicas: every hop RDMA (relays forward from the slot a chunk landed in), with small
