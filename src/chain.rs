@@ -35,6 +35,22 @@ pub struct Progress {
     pub acked_bytes: std::sync::atomic::AtomicU64,
     /// Chunks sent to the first replica.
     pub sent_chunks: std::sync::atomic::AtomicU64,
+    /// Bytes of the whole shard set (set once the source is scanned).
+    pub total_bytes: std::sync::atomic::AtomicU64,
+    /// Chunks of the whole shard set (set once the source is scanned).
+    pub total_chunks: std::sync::atomic::AtomicU64,
+    /// Set once the chain accepted and chunks move.
+    pub streaming: std::sync::atomic::AtomicBool,
+    /// Set by the caller to stop the push: the session aborts at its next wake-up (within
+    /// ~100 ms), the chain drops its staging, nothing is published.
+    pub cancel: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    /// Whether the caller asked to stop.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Tunables of a session.
@@ -330,12 +346,21 @@ impl<'a> Session<'a> {
                 }
                 return end;
             }
+            if self.end.is_none() && self.progress.is_some_and(Progress::cancelled) {
+                self.abort(NodeError::new(ErrorKind::Aborted, "push cancelled by the caller"));
+                continue;
+            }
             if let Err(e) = self.pump() {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("submitting I/O", &e)));
                 continue;
             }
             completions.clear();
-            let slice = self.cfg.idle_timeout.min(Duration::from_secs(1));
+            // Short slices when a caller watches (and may cancel) the push.
+            let slice = self.cfg.idle_timeout.min(if self.progress.is_some() {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            });
             if let Err(e) = self.io.wait(&mut completions, slice) {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
                 continue;

@@ -170,6 +170,11 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
     let manifest_seconds = start.elapsed().as_secs_f64();
     let files = open_sources(&manifest, paths)?;
     let (bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
+    if let Some(p) = progress {
+        use std::sync::atomic::Ordering::Relaxed;
+        p.total_bytes.store(bytes, Relaxed);
+        p.total_chunks.store(chunks, Relaxed);
+    }
 
     // Mapping and pinning the pool takes tens of milliseconds: do it while the chain connects.
     let (pool_bytes, chunk_size) = (opts.pool_bytes, manifest.chunk_size());
@@ -242,6 +247,9 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         ms = start.elapsed().as_secs_f64() * 1e3,
         "streaming"
     );
+    if let Some(p) = progress {
+        p.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let end = session.run();
     drop(stream);
     let replicas = match end {
