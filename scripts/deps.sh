@@ -31,8 +31,11 @@ for pkg in "${PACKAGES[@]}"; do
     fi
 done
 # python3 may come from pyenv rather than Debian; only ask apt for it when none is on PATH.
+# Debian's python3 needs python3-venv for the Python package tests (scripts/test.sh).
 if ! command -v python3 >/dev/null 2>&1; then
-    missing+=(python3)
+    missing+=(python3 python3-venv)
+elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3-venv)
 fi
 
 if ((${#missing[@]} == 0)); then

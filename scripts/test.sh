@@ -2,7 +2,9 @@
 # The whole test suite:
 #   1. on this host: unit, integration and doc tests of every workspace member
 #      (`cargo test --workspace --no-fail-fast`; the RDMA tests skip here, saying why);
-#   2. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
+#   2. the Python package (ffi/python): `pip install ./ffi/python` into a venv under target/,
+#      then its unittest suite against real servers;
+#   3. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
 #      the RDMA tests (tests/rdma.rs) over real verbs devices. When the guest cannot start
 #      (no qemu, no kernel package), this part is skipped with the reason printed; any other
 #      failure fails the suite. SHARDCAST_SKIP_RXE=1 skips it on purpose.
@@ -15,6 +17,21 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?
+
+echo "test: Python package (pip install ./ffi/python into target/pyvenv, then its tests)"
+py_rc=0
+(
+    set -e
+    rm -rf target/pyvenv
+    python3 -m venv target/pyvenv
+    cargo build --bin shardcast
+    SHARDCAST_CARGO_PROFILE=dev target/pyvenv/bin/pip install -q ./ffi/python
+    SHARDCAST_BIN="$PWD/target/debug/shardcast" target/pyvenv/bin/python -m unittest discover -s ffi/python/tests -v
+) || py_rc=$?
+if [[ $py_rc -ne 0 ]]; then
+    echo "test: Python package tests FAILED (exit $py_rc)"
+    status=1
+fi
 
 if [[ "${SHARDCAST_SKIP_RXE:-0}" == 1 ]]; then
     echo "test: RDMA tests in the soft-RoCE guest SKIPPED (SHARDCAST_SKIP_RXE=1)"

@@ -1,0 +1,298 @@
+"""shardcast for training launchers: push checkpoints and dataset shards down a chain of replicas.
+
+A thin layer over the shardcast C ABI (``ffi/include/shardcast.h``), loaded with ctypes: the data
+moves in Rust threads, and every call that waits releases the GIL.
+
+>>> import shardcast
+>>> with shardcast.serve("127.0.0.1:0", root="/tmp/replica") as srv:   # doctest: +SKIP
+...     report = shardcast.push("/ckpt/step-100", to=[srv.addr], name="ckpt", version=100)
+...     report.replicas[0].published
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+from . import _native
+from ._native import lib
+
+__all__ = [
+    "ShardcastError",
+    "PushCancelled",
+    "PartialPush",
+    "ReplicaResult",
+    "PushReport",
+    "Progress",
+    "PushHandle",
+    "Server",
+    "serve",
+    "push",
+    "push_async",
+    "version",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ShardcastError(Exception):
+    """A push or server call failed.
+
+    ``kind`` is the machine-readable cause (``"unreachable"``, ``"version_exists"``,
+    ``"disk_full"``, ``"digest_mismatch"``, …), ``node`` the replica it is about when known,
+    ``code`` the C ABI's status code.
+    """
+
+    def __init__(self, message: str, kind: str = "internal", node: Optional[str] = None, code: int = -23):
+        super().__init__(message)
+        self.kind = kind
+        self.node = node
+        self.code = code
+
+
+class PushCancelled(ShardcastError):
+    """The push was cancelled by the caller; nothing was published."""
+
+
+class PartialPush(ShardcastError):
+    """Some replicas published and some did not; ``report`` says which."""
+
+    def __init__(self, message: str, report: "PushReport"):
+        super().__init__(message, kind="partial", code=_native.SC_PARTIAL)
+        self.report = report
+
+
+def _node_of(message: str) -> Optional[str]:
+    # Messages name the node first: "replica 10.0.0.2:7071: ...".
+    if message.startswith("replica "):
+        return message[len("replica ") :].split(": ", 1)[0]
+    return None
+
+
+def _raise(code: int, what: str) -> None:
+    msg = _native.last_error() or what
+    kind = _native.ERROR_KINDS.get(code, "internal")
+    if code == _native.SC_ERR_CANCELLED:
+        raise PushCancelled(msg, kind=kind, code=code)
+    raise ShardcastError(msg, kind=kind, node=_node_of(msg), code=code)
+
+
+def version() -> str:
+    """The version of the shardcast library in use."""
+    return lib.sc_version().decode()
+
+
+@dataclass(frozen=True)
+class ReplicaResult:
+    """One replica's outcome: ``published``, else ``kind`` and ``message`` say why not."""
+
+    node: str
+    published: bool
+    kind: Optional[str] = None
+    message: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """A finished push: one result per replica, in chain order."""
+
+    replicas: List[ReplicaResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.replicas) and all(r.published for r in self.replicas)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a running push. ``state``: "connecting", "streaming" or "done"."""
+
+    state: str
+    total_bytes: int
+    acked_bytes: int
+    sent_chunks: int
+    total_chunks: int
+    elapsed_s: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of the bytes written on every replica (0.0 until the source is scanned)."""
+        return self.acked_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+class PushHandle:
+    """A push running in the background (from :func:`push_async`)."""
+
+    def __init__(self, handle: ctypes.c_void_p):
+        self._h: Optional[ctypes.c_void_p] = handle
+        self._report: Optional[PushReport] = None
+
+    def _handle(self) -> ctypes.c_void_p:
+        if self._h is None:
+            raise ShardcastError("the push handle was closed", kind="invalid_argument", code=-20)
+        return self._h
+
+    def progress(self) -> Progress:
+        """Where the push is; never blocks."""
+        p = _native.Progress()
+        rc = lib.sc_push_poll(self._handle(), ctypes.byref(p))
+        if rc != _native.SC_OK:
+            _raise(rc, "sc_push_poll failed")
+        state = {0: "connecting", 1: "streaming", 2: "done"}.get(p.state, "unknown")
+        return Progress(state, p.total_bytes, p.acked_bytes, p.sent_chunks, p.total_chunks, p.elapsed_s)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[PushReport]:
+        """Waits for the push to end (``timeout`` seconds, ``None`` = forever).
+
+        Returns the :class:`PushReport` when every replica published, ``None`` when the timeout
+        passed first. Raises :class:`PartialPush` when only some published,
+        :class:`PushCancelled` after :meth:`cancel`, :class:`ShardcastError` otherwise.
+        """
+        if self._report is not None:
+            return self._report
+        ms = 0 if timeout is None else max(1, int(timeout * 1000))
+        rc = lib.sc_push_wait(self._handle(), ms)
+        if rc == _native.SC_ERR_TIMEOUT:
+            return None
+        if rc == _native.SC_OK:
+            self._report = self._results()
+            return self._report
+        if rc == _native.SC_PARTIAL:
+            msg = _native.last_error()
+            raise PartialPush(msg or "some replicas did not publish", self._results())
+        _raise(rc, "the push failed")
+        return None
+
+    def _results(self) -> PushReport:
+        out = []
+        n = lib.sc_push_replica_count(self._handle())
+        for i in range(max(n, 0)):
+            r = _native.ReplicaResult()
+            buf = ctypes.create_string_buffer(4096)
+            lib.sc_push_replica_result(self._handle(), i, ctypes.byref(r), buf, len(buf))
+            text = buf.value.decode("utf-8", "replace")
+            node, _, message = text.partition(": ")
+            if r.status == _native.SC_REPLICA_PUBLISHED:
+                out.append(ReplicaResult(node=node, published=True))
+            else:
+                kind = _native.ERROR_KINDS.get(r.error, "internal")
+                out.append(ReplicaResult(node=node, published=False, kind=kind, message=message))
+        return PushReport(out)
+
+    def cancel(self) -> None:
+        """Asks the push to stop; the replicas drop what they staged. :meth:`wait` then raises
+        :class:`PushCancelled`."""
+        lib.sc_push_cancel(self._handle())
+
+    def close(self) -> None:
+        """Frees the handle (cancelling the push if it still runs)."""
+        if self._h is not None:
+            lib.sc_push_free(self._h)
+            self._h = None
+
+    def __enter__(self) -> "PushHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def push_async(
+    path: PathLike,
+    to: Sequence[str],
+    name: str,
+    version: int,
+    chunk_size: int = 0,
+    transport: str = "auto",
+    connect_timeout: float = 0,
+) -> PushHandle:
+    """Starts pushing ``path`` (a directory or a file) as ``name@version`` down the chain ``to``
+    (replica addresses, first replica first) and returns at once."""
+    if isinstance(to, str):
+        to = [to]
+    opts = _native.PushOpts(
+        os.fsencode(path),
+        name.encode(),
+        int(version),
+        ",".join(to).encode(),
+        int(chunk_size),
+        int(connect_timeout),
+        transport.encode(),
+    )
+    h = ctypes.c_void_p()
+    rc = lib.sc_push_start(ctypes.byref(opts), ctypes.byref(h))
+    if rc != _native.SC_OK:
+        _raise(rc, "sc_push_start failed")
+    return PushHandle(h)
+
+
+def push(
+    path: PathLike,
+    to: Sequence[str],
+    name: str,
+    version: int,
+    mode: str = "sync",
+    timeout: Optional[float] = None,
+    chunk_size: int = 0,
+    transport: str = "auto",
+) -> PushReport:
+    """Pushes ``path`` as ``name@version`` to the chain ``to`` and returns when every replica has
+    published (``mode="sync"``, the only mode so far). Raises :class:`ShardcastError` (with
+    ``node`` and ``kind``) on failure, and when ``timeout`` seconds pass first (the push is then
+    cancelled)."""
+    if mode != "sync":
+        raise ValueError(f"mode {mode!r}: only 'sync' is supported so far")
+    with push_async(path, to, name, version, chunk_size=chunk_size, transport=transport) as h:
+        report = h.wait(timeout)
+        if report is None:
+            h.cancel()
+            try:
+                h.wait()
+            except ShardcastError:
+                pass
+            raise ShardcastError(f"push {name}@{version} did not finish within {timeout} s", kind="timeout", code=-21)
+        return report
+
+
+class Server:
+    """A replica server running in this process (from :func:`serve`)."""
+
+    def __init__(self, handle: ctypes.c_void_p):
+        self._h: Optional[ctypes.c_void_p] = handle
+        buf = ctypes.create_string_buffer(128)
+        lib.sc_server_addr(handle, buf, len(buf))
+        #: The bound address, "IP:PORT".
+        self.addr: str = buf.value.decode()
+
+    def stop(self) -> None:
+        """Stops accepting pushes and frees the server."""
+        if self._h is not None:
+            lib.sc_server_stop(self._h)
+            self._h = None
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(listen: str = "0.0.0.0:7071", root: PathLike = ".", keep: int = 2, pool_mb: int = 0) -> Server:
+    """Starts a replica server in this process, listening on ``listen`` ("127.0.0.1:0" picks a
+    free port; see :attr:`Server.addr`) and publishing under ``root``."""
+    opts = _native.ServerOpts(listen.encode(), os.fsencode(root), int(keep), int(pool_mb), 0)
+    h = ctypes.c_void_p()
+    rc = lib.sc_server_start(ctypes.byref(opts), ctypes.byref(h))
+    if rc != _native.SC_OK:
+        _raise(rc, "sc_server_start failed")
+    return Server(h)

@@ -1,0 +1,129 @@
+"""Tests of the installed Python package against real shardcast servers (in-process and a
+`shardcast serve` process). Run by scripts/test.sh after `pip install ./ffi/python` into a venv."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+from pathlib import Path
+
+import shardcast
+
+BIN = os.environ.get("SHARDCAST_BIN")
+
+
+def write_tree(root: Path) -> None:
+    (root / "sub").mkdir(parents=True)
+    (root / "weights.bin").write_bytes(os.urandom(3 * (1 << 20) + 5))
+    (root / "sub" / "opt.bin").write_bytes(os.urandom(4096))
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+
+
+class PushTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp())
+        self.src = self.tmp / "src"
+        write_tree(self.src)
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def test_push_to_in_process_server(self):
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "r0") as srv:
+            report = shardcast.push(self.src, to=[srv.addr], name="ckpt", version=1)
+            self.assertTrue(report.ok)
+            self.assertEqual([r.node for r in report.replicas], [srv.addr])
+        self.assertTrue(same_tree(self.src, self.tmp / "r0" / "ckpt" / "1"))
+
+    def test_push_through_a_serve_process_chain(self):
+        if not BIN:
+            self.skipTest("SHARDCAST_BIN not set")
+        procs, addrs = [], []
+        try:
+            for i in range(2):
+                p = subprocess.Popen(
+                    [BIN, "serve", "--listen", "127.0.0.1:0", "--root", str(self.tmp / f"p{i}")],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, "NO_COLOR": "1"},
+                )
+                procs.append(p)
+                line = p.stderr.readline()
+                addrs.append(line.split("listening on ")[1].split()[0])
+            h = shardcast.push_async(self.src, to=addrs, name="ckpt", version=7, chunk_size=1 << 20)
+            seen = []
+            while h.wait(timeout=0.05) is None:
+                seen.append(h.progress())
+            report = h.wait()
+            self.assertTrue(report.ok)
+            self.assertEqual(h.progress().state, "done")
+            self.assertEqual(h.progress().acked_bytes, h.progress().total_bytes)
+            h.close()
+            for i in range(2):
+                self.assertTrue(same_tree(self.src, self.tmp / f"p{i}" / "ckpt" / "7"))
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+                p.stderr.close()
+
+    def test_errors_carry_node_and_kind(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead = "127.0.0.1:%d" % s.getsockname()[1]
+        s.close()
+        with self.assertRaises(shardcast.ShardcastError) as cm:
+            shardcast.push(self.src, to=[dead], name="ckpt", version=1)
+        self.assertEqual(cm.exception.kind, "unreachable")
+        self.assertEqual(cm.exception.node, dead)
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "r1") as srv:
+            shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3)
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3)
+            self.assertEqual(cm.exception.kind, "version_exists")
+
+    def test_cancel_publishes_nothing_and_wait_releases_the_gil(self):
+        big = self.tmp / "big"
+        big.mkdir()
+        with open(big / "big.bin", "wb") as f:
+            f.write(os.urandom(256 << 20))
+        ticks = []
+        stop = threading.Event()
+
+        def ticker():
+            while not stop.is_set():
+                ticks.append(time.monotonic())
+                time.sleep(0.01)
+
+        t = threading.Thread(target=ticker)
+        t.start()
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "r2") as srv:
+            h = shardcast.push_async(big, to=[srv.addr], name="big", version=1)
+            while h.progress().sent_chunks == 0:
+                time.sleep(0.005)
+            # While this thread waits inside the C call, the ticker thread keeps running: the
+            # GIL is released.
+            n0, t0 = len(ticks), time.monotonic()
+            h.wait(timeout=0.1)
+            waited, ticked = time.monotonic() - t0, len(ticks) - n0
+            h.cancel()
+            with self.assertRaises(shardcast.PushCancelled):
+                h.wait()
+            h.close()
+        stop.set()
+        t.join()
+        self.assertFalse((self.tmp / "r2" / "big" / "1").exists())
+        self.assertGreaterEqual(ticked, int(waited / 0.01 * 0.3), f"{ticked} ticks in {waited:.3f} s of wait")
+
+
+if __name__ == "__main__":
+    unittest.main()
