@@ -34,8 +34,14 @@ const EXIT_PARTIAL: u8 = 3;
     shardcast demo --replicas 3 --size 1GiB")]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"], env = "SHARDCAST_LOG_FORMAT")]
     log_format: String,
+    /// A TOML file with defaults for `serve` and `push` flags ([serve] and [push] tables, keys
+    /// named like the flags: `pool_mb = 64`, `to = ["a:7071", "b:7071"]`). Precedence: command
+    /// line, then environment (SHARDCAST_SERVE_*, SHARDCAST_PUSH_*, SHARDCAST_RDMA_*), then this
+    /// file, then the built-in defaults.
+    #[arg(long, global = true, env = "SHARDCAST_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -45,14 +51,14 @@ struct Cli {
 struct RdmaArgs {
     /// RDMA device (e.g. mlx5_0, rxe_v0); default: the one with a RoCEv2 GID for the address
     /// that routes to the peer.
-    #[arg(long)]
+    #[arg(long, env = "SHARDCAST_RDMA_DEVICE")]
     rdma_device: Option<String>,
     /// GID index on port 1 of the RDMA device; default: the RoCEv2 GID of that address.
-    #[arg(long)]
+    #[arg(long, env = "SHARDCAST_GID_INDEX")]
     gid_index: Option<u8>,
     /// Let `--transport auto` take RDMA on soft-RoCE (rxe) and soft-iWARP (siw) devices too
     /// (they are slower than TCP on most hosts, so auto skips them by default).
-    #[arg(long)]
+    #[arg(long, env = "SHARDCAST_RDMA_ALLOW_SOFT")]
     rdma_allow_soft: bool,
 }
 
@@ -72,28 +78,28 @@ enum Cmd {
     /// Run a replica: receive pushes into ROOT and relay them down the chain.
     Serve {
         /// Address to listen on (port 0 picks a free port; the log says which).
-        #[arg(long, default_value = "0.0.0.0:7071")]
+        #[arg(long, default_value = "0.0.0.0:7071", env = "SHARDCAST_SERVE_LISTEN")]
         listen: String,
         /// Directory that holds the published shard sets.
-        #[arg(long)]
+        #[arg(long, env = "SHARDCAST_SERVE_ROOT")]
         root: PathBuf,
         /// Versions kept per shard set name.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, env = "SHARDCAST_SERVE_KEEP")]
         keep: usize,
         /// Buffer pool per push, in MiB (pinned memory; bounds the node's memory use).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_POOL_MB")]
         pool_mb: usize,
         /// Transport this replica offers: auto (RDMA where the push allows it), tcp (never RDMA)
         /// or rdma (refuse to start without RDMA support).
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", env = "SHARDCAST_SERVE_TRANSPORT")]
         transport: Transport,
         #[command(flatten)]
         rdma: RdmaArgs,
         /// Give up on a push that makes no progress for this many seconds.
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 120, env = "SHARDCAST_SERVE_IDLE_TIMEOUT")]
         idle_timeout: u64,
         /// Most concurrent sessions.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_MAX_SESSIONS")]
         max_sessions: usize,
     },
     /// Push a directory or file as NAME@VERSION to a chain of replicas.
@@ -101,38 +107,38 @@ enum Cmd {
         /// The directory (its tree) or file to push.
         source: PathBuf,
         /// Shard set name.
-        #[arg(long)]
+        #[arg(long, env = "SHARDCAST_PUSH_NAME")]
         name: String,
         /// Version (a growing number: the step or epoch).
-        #[arg(long)]
+        #[arg(long, env = "SHARDCAST_PUSH_VERSION")]
         version: u64,
         /// The chain: comma-separated replica addresses, first replica first.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required = true, env = "SHARDCAST_PUSH_TO")]
         to: Vec<String>,
         /// Chunk size (bytes, or with K/M/G/KiB/MiB/GiB).
-        #[arg(long, default_value = "4MiB", value_parser = parse_size_u32)]
+        #[arg(long, default_value = "4MiB", value_parser = parse_size_u32, env = "SHARDCAST_PUSH_CHUNK_SIZE")]
         chunk_size: u32,
         /// sync: return when the tail has published.
-        #[arg(long, default_value = "sync", value_parser = ["sync"])]
+        #[arg(long, default_value = "sync", value_parser = ["sync"], env = "SHARDCAST_PUSH_MODE")]
         mode: String,
         /// Transport of every hop: auto (RDMA where both ends have a hardware RNIC, else TCP),
         /// tcp, or rdma (every hop over RDMA verbs, soft-RoCE included, or fail).
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", env = "SHARDCAST_PUSH_TRANSPORT")]
         transport: Transport,
         #[command(flatten)]
         rdma: RdmaArgs,
         /// Buffer pool in MiB. The primary only reads ahead of its sends (a slot is free again
         /// once its send completed), so it needs less than a relay.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, env = "SHARDCAST_PUSH_POOL_MB")]
         pool_mb: usize,
         /// Seconds to wait for each connection and the chain's answer.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, env = "SHARDCAST_PUSH_CONNECT_TIMEOUT")]
         connect_timeout: u64,
         /// Give up when nothing moves for this many seconds.
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 120, env = "SHARDCAST_PUSH_IDLE_TIMEOUT")]
         idle_timeout: u64,
         /// Print one JSON object instead of text.
-        #[arg(long)]
+        #[arg(long, env = "SHARDCAST_PUSH_JSON")]
         json: bool,
     },
     /// List the shard sets and versions a replica holds.
@@ -210,7 +216,73 @@ fn init_logging(format: &str, default: &str) {
     }
 }
 
+/// Applies `--config FILE` (or `SHARDCAST_CONFIG`): each key of the invoked command's table
+/// becomes the value of that flag's environment variable, unless the environment already sets
+/// it. clap then resolves command line > environment (> file) > default. Every key of every
+/// table is checked against the flags, so a typo is an error rather than silently ignored.
+fn apply_config_file() -> Result<(), String> {
+    use clap::CommandFactory;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut path = std::env::var_os("SHARDCAST_CONFIG").map(PathBuf::from);
+    let mut sub = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if let Some(v) = a.strip_prefix("--config=") {
+            path = Some(PathBuf::from(v));
+        } else if a == "--config" {
+            path = args.get(i + 1).map(PathBuf::from);
+            i += 1;
+        } else if a == "--log-format" {
+            i += 1;
+        } else if !a.starts_with('-') && sub.is_none() {
+            sub = Some(a.clone());
+        }
+        i += 1;
+    }
+    let Some(path) = path else { return Ok(()) };
+    let shown = path.display();
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config file {shown}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("config file {shown}: {e}"))?;
+    let cmd = Cli::command();
+    for (section, value) in table {
+        let Some(subcmd) = cmd.find_subcommand(&section).filter(|_| section == "serve" || section == "push") else {
+            return Err(format!("config file {shown}: unknown table [{section}] (expected [serve] or [push])"));
+        };
+        let toml::Value::Table(entries) = value else {
+            return Err(format!("config file {shown}: `{section}` must be a table ([{section}])"));
+        };
+        for (key, v) in entries {
+            let arg = subcmd.get_arguments().find(|a| a.get_id().as_str() == key);
+            let Some(env) = arg.and_then(|a| a.get_env()) else {
+                return Err(format!("config file {shown}: [{section}] has no setting `{key}`"));
+            };
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => return Err(format!("config file {shown}: [{section}] {key}: unsupported value {other}")),
+            };
+            if sub.as_deref() == Some(section.as_str()) && std::env::var_os(env).is_none() {
+                // SAFETY: called first thing in main, before any other thread exists.
+                unsafe { std::env::set_var(env, text) };
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if let Err(e) = apply_config_file() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let cli = Cli::parse();
     shardcast::raise_nofile_limit();
     let code = match cli.cmd {
