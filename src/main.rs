@@ -436,8 +436,63 @@ fn report_json(r: &PushReport) -> serde_json::Value {
     })
 }
 
+/// Draws a one-line progress bar on stderr until `done`: bytes written on every replica, the
+/// first hop's bytes, rate and ETA. Only on a terminal (the caller checks).
+fn draw_progress(p: &shardcast::chain::Progress, replicas: usize, done: &std::sync::atomic::AtomicBool) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let start = std::time::Instant::now();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut drawn = false;
+    while !done.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        let (total, acked) = (p.total_bytes.load(Relaxed), p.acked_bytes.load(Relaxed));
+        if total == 0 || !p.streaming.load(Relaxed) {
+            continue;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let rate = acked as f64 / secs.max(1e-3);
+        let frac = acked as f64 / total as f64;
+        let width = 30;
+        let filled = ((frac * width as f64) as usize).min(width);
+        let eta = if rate > 0.0 { format!("{:.0}s", (total - acked) as f64 / rate) } else { "?".into() };
+        let sent = p.sent_chunks.load(Relaxed);
+        let chunks = p.total_chunks.load(Relaxed).max(1);
+        let line = format!(
+            "\r[{}{}] {:>3.0}%  {:.2}/{:.2} GiB on all {replicas} replica(s)  {:.2} GB/s  ETA {eta}  (first hop: {}/{} chunks)",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            frac * 100.0,
+            gib(acked),
+            gib(total),
+            rate / 1e9,
+            sent,
+            chunks,
+        );
+        let mut e = std::io::stderr().lock();
+        let _ = write!(e, "{line}\x1b[K");
+        let _ = e.flush();
+        drawn = true;
+    }
+    if drawn {
+        let _ = write!(std::io::stderr(), "\r\x1b[K");
+    }
+}
+
 fn run_push(source: &std::path::Path, opts: &PushOptions, json: bool) -> u8 {
-    match shardcast::push(source, opts, None) {
+    use std::io::IsTerminal;
+    let show = !json && std::io::stderr().is_terminal();
+    let progress = shardcast::chain::Progress::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        if show {
+            s.spawn(|| draw_progress(&progress, opts.to.len(), &done));
+        }
+        let r = shardcast::push(source, opts, show.then_some(&progress));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    match result {
         Ok(r) => {
             if json {
                 println!("{}", report_json(&r));
