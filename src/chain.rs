@@ -220,6 +220,9 @@ pub struct Session<'a> {
     end_received: bool,
     /// A readiness poll is in flight on the completion channel (upstream, downstream).
     rdma_polling: [bool; 2],
+    /// Prometheus counters of a server's session, and the pool slots it last reported in use.
+    metrics: Option<crate::metrics::SessionMetrics>,
+    slots_reported: i64,
     dn_recv: DnRecv,
     /// An event about downstream that waits for the send in flight to complete.
     dn_deferred: Option<Event>,
@@ -297,6 +300,8 @@ impl<'a> Session<'a> {
             up_credits,
             end_received: false,
             rdma_polling: [false; 2],
+            metrics: None,
+            slots_reported: 0,
             dn_recv: if down.is_some() { DnRecv::Idle } else { DnRecv::Done },
             dn_deferred: None,
             dn_closed: down.is_none(),
@@ -308,6 +313,26 @@ impl<'a> Session<'a> {
             end: None,
             events: VecDeque::new(),
             actions: Vec::new(),
+        }
+    }
+
+    /// Counts this session's bytes, chunks and pool use in a server's metrics.
+    pub fn with_metrics(mut self, m: crate::metrics::SessionMetrics) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    fn report_pool_use(&mut self) {
+        if let Some(m) = &self.metrics {
+            let in_use = (self.pool.slots() - self.pool.free_slots()) as i64;
+            m.all.pool_slots_in_use.inc_by(in_use - self.slots_reported);
+            self.slots_reported = in_use;
+        }
+    }
+
+    fn count_out(&self, bytes: u64) {
+        if let Some(m) = &self.metrics {
+            m.bytes_out.inc_by(bytes);
         }
     }
 
@@ -379,6 +404,7 @@ impl<'a> Session<'a> {
                 self.complete(c);
             }
             self.process();
+            self.report_pool_use();
         }
     }
 
@@ -700,6 +726,9 @@ impl<'a> Session<'a> {
         match wc.status {
             Ok(()) => {
                 if let Some(seq) = seq {
+                    if let Some(c) = self.manifest.chunk(seq) {
+                        self.count_out(u64::from(c.len) + HEADER_LEN as u64);
+                    }
                     if let Some(p) = self.progress {
                         p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -800,6 +829,14 @@ impl<'a> Session<'a> {
         self.next_recv_seq += 1;
         // SAFETY: the payload has landed in this slot and nothing writes it now.
         let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced;
+        if let Some(m) = &self.metrics {
+            m.bytes_in.inc_by(n as u64);
+            if ok {
+                m.all.chunks_verified.inc()
+            } else {
+                m.all.digest_failures.inc()
+            };
+        }
         if ok {
             self.manifest.set_digest(seq, announced);
             self.events.push_back(Event::ChunkReady { seq, slot });
@@ -996,14 +1033,16 @@ impl<'a> Session<'a> {
             T_DN_SEND => {
                 let item = self.dn_sending.take().expect("a send was in flight");
                 match c.result {
-                    Ok(_) => match item {
+                    Ok(n) => match item {
                         DnItem::Chunk(seq, _) => {
+                            self.count_out(n as u64);
                             if let Some(p) = self.progress {
                                 p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                             self.events.push_back(Event::ForwardDone { seq });
                         }
                         DnItem::Piece { seq, .. } => {
+                            self.count_out(n as u64);
                             if let Some(i) = self.cut.iter().position(|c| c.seq == seq) {
                                 self.cut[i].pending -= 1;
                                 self.cut_settle(i);
@@ -1231,6 +1270,9 @@ impl<'a> Session<'a> {
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.all.pool_slots_in_use.dec_by(self.slots_reported);
+        }
         if self.io.in_flight() > 0 {
             for fd in [self.up, self.down].into_iter().flatten() {
                 // SAFETY: shutdown takes only a descriptor; it ends receives still in flight.

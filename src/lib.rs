@@ -31,6 +31,7 @@ pub mod chain;
 pub mod error;
 pub mod io;
 pub mod manifest;
+pub mod metrics;
 pub mod numa;
 pub mod pool;
 pub mod proto;

@@ -101,6 +101,9 @@ enum Cmd {
         /// Most concurrent sessions.
         #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_MAX_SESSIONS")]
         max_sessions: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9471).
+        #[arg(long, env = "SHARDCAST_SERVE_METRICS")]
+        metrics: Option<String>,
     },
     /// Push a directory or file as NAME@VERSION to a chain of replicas.
     Push {
@@ -286,7 +289,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     shardcast::raise_nofile_limit();
     let code = match cli.cmd {
-        Cmd::Serve { listen, root, keep, pool_mb, transport, rdma, idle_timeout, max_sessions } => {
+        Cmd::Serve { listen, root, keep, pool_mb, transport, rdma, idle_timeout, max_sessions, metrics } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.keep = keep;
@@ -295,6 +298,17 @@ fn main() -> ExitCode {
             opts.rdma = rdma.config();
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
             opts.max_sessions = max_sessions.max(1);
+            if let Some(addr) = metrics {
+                let m = std::sync::Arc::new(shardcast::metrics::Metrics::new());
+                match shardcast::metrics::serve(&addr, std::sync::Arc::clone(&m)) {
+                    Ok(bound) => tracing::info!("metrics on http://{bound}/metrics"),
+                    Err(e) => {
+                        eprintln!("error: cannot serve metrics on {addr}: {e}");
+                        return ExitCode::from(EXIT_FAILED);
+                    }
+                }
+                opts.metrics = Some(m);
+            }
             let root = opts.root.clone();
             // Pinned pools: one per concurrent push, a few at a time in practice.
             if let Err(why) = shardcast::pool::check_memlock(pool_mb << 20, 2) {

@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub piece_bytes: u32,
     /// RDMA device and GID index (found from the route to each peer when unset).
     pub rdma: crate::rdma::RdmaConfig,
+    /// Prometheus metrics to update (`serve --metrics`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ServeOptions {
@@ -64,6 +66,7 @@ impl ServeOptions {
             verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
             piece_bytes: crate::chain::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
+            metrics: None,
         }
     }
 }
@@ -368,6 +371,19 @@ fn push_session(
         _ => None,
     };
     let _ = conn.set_read_timeout(None);
+    // Metrics: the hops' transports, the session, and the per-peer byte counters.
+    let gauges = opts.metrics.as_ref().map(|m| {
+        let up = m.hop(if up_link.is_some() { "rdma" } else { "tcp" }, "upstream");
+        let dn = hello.downstream.first().map(|_| m.hop(if dn_link.is_some() { "rdma" } else { "tcp" }, "downstream"));
+        up.inc();
+        if let Some(g) = &dn {
+            g.inc();
+        }
+        m.sessions.inc();
+        (up, dn)
+    });
+    let started = std::time::Instant::now();
+    let (bytes, chunks) = (manifest.total_bytes(), manifest.chunk_count());
     let session = Session::new(
         Role::Replica,
         &me,
@@ -382,7 +398,35 @@ fn push_session(
         Some(pools),
         (up_link, dn_link),
     );
-    match session.run() {
+    let session = match &opts.metrics {
+        Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
+            m,
+            peer,
+            hello.downstream.first().map_or("", String::as_str),
+        )),
+        None => session,
+    };
+    let end = session.run();
+    if let (Some(m), Some((up, dn))) = (&opts.metrics, gauges) {
+        up.dec();
+        if let Some(g) = dn {
+            g.dec();
+        }
+        m.sessions.dec();
+        let outcome = match &end {
+            SessionEnd::Finished(r) if r.first().is_some_and(|r| r.outcome == wire::Outcome::Published) => "published",
+            SessionEnd::Finished(_) => "failed",
+            SessionEnd::Aborted(_) => "aborted",
+            SessionEnd::UpstreamLost(_) => "upstream_lost",
+        };
+        m.push_outcome(outcome);
+        if outcome == "published" {
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            m.hop_throughput.observe(bytes as f64 / secs);
+            m.chunk_latency.observe(secs / chunks.max(1) as f64);
+        }
+    }
+    match end {
         SessionEnd::Finished(reports) => {
             tracing::info!("push finished: {}", summary(&reports));
             linger_close(&mut conn);

@@ -1,0 +1,60 @@
+//! `shardcast serve --metrics ADDR`: Prometheus text at /metrics, counting a real push.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use util::*;
+
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix:?} in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_a_push() {
+    let c = Cluster::builder().serve_arg("--metrics").serve_arg("127.0.0.1:0").start(2);
+    let log = c.log(0);
+    let maddr = log
+        .lines()
+        .find_map(|l| l.split("metrics on http://").nth(1))
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .to_owned();
+    let src = tempdir();
+    write_random_file(&src.path().join("a.bin"), 3 * (1 << 20) + 1, 9);
+    let out = c.push(src.path(), "m", 1, &["--chunk-size", "1M"]);
+    c.assert_push_ok(&out);
+
+    let resp = get(&maddr, "/metrics");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let bytes = (3 << 20) + 1;
+    assert!(sample(&resp, "shardcast_received_bytes_total{") >= f64::from(bytes), "{resp}");
+    assert!(
+        sample(&resp, &format!("shardcast_forwarded_bytes_total{{peer=\"{}\"}}", c.addr(1))) >= f64::from(bytes),
+        "{resp}"
+    );
+    assert_eq!(sample(&resp, "shardcast_chunks_verified_total"), 4.0, "{resp}");
+    assert_eq!(sample(&resp, "shardcast_digest_failures_total"), 0.0, "{resp}");
+    assert_eq!(sample(&resp, "shardcast_pushes_total{outcome=\"published\"}"), 1.0, "{resp}");
+    assert_eq!(sample(&resp, "shardcast_sessions"), 0.0, "{resp}");
+    assert_eq!(sample(&resp, "shardcast_pool_slots_in_use"), 0.0, "{resp}");
+    assert_eq!(sample(&resp, "shardcast_hops{transport=\"tcp\",direction=\"upstream\"}"), 0.0, "{resp}");
+    assert_eq!(sample(&resp, "shardcast_hop_throughput_bytes_per_second_count"), 1.0, "{resp}");
+    assert!(get(&maddr, "/nope").starts_with("HTTP/1.1 404"));
+}
