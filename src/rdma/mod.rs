@@ -342,7 +342,7 @@ pub fn answer(
     let io = |e: VerbsError| NodeError::new(ErrorKind::ConnectionLost, format!("{peer}: {e}"));
     // One receive per possible write in flight: every granted slot, plus END.
     for i in 0..depth_for(pool) {
-        ep.post_recv(verbs::RECV_WR_BIT | u64::from(i)).map_err(io)?;
+        ep.post_recv(u64::from(i)).map_err(io)?;
     }
     let mut granted = Vec::new();
     while let Some(s) = pool.lease() {

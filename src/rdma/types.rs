@@ -24,8 +24,6 @@ pub struct WorkCompletion {
     pub wr_id: u64,
     /// `Ok` or the failed status, as libibverbs names it.
     pub status: Result<(), WcError>,
-    /// A receive that consumed a WRITE WITH IMM (else a completed send-side request).
-    pub is_recv: bool,
     /// The immediate value (host order) of a WRITE WITH IMM.
     pub imm: u32,
 }
@@ -33,7 +31,3 @@ pub struct WorkCompletion {
 /// A work completion's error status (`ibv_wc_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WcError(pub u32);
-
-/// Receive work requests carry this bit in their id, so that a flushed (failed) receive, whose
-/// opcode is undefined, is still told apart from a send.
-pub const RECV_WR_BIT: u64 = 1 << 63;

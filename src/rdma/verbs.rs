@@ -17,7 +17,7 @@ use std::os::fd::RawFd;
 
 use rdma_sys as ffi;
 
-pub use super::types::{PeerInfo, RECV_WR_BIT, WcError, WorkCompletion};
+pub use super::types::{PeerInfo, WcError, WorkCompletion};
 
 /// A verb failed: which one, at which step, and why.
 #[derive(Debug, thiserror::Error)]
@@ -510,9 +510,7 @@ impl Endpoint {
                     if wc.status == ffi::ibv_wc_status::IBV_WC_SUCCESS { Ok(()) } else { Err(WcError(wc.status)) };
                 // SAFETY: for receives with immediate data the union holds imm_data.
                 let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
-                let is_recv = wc.opcode == ffi::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM
-                    || (status.is_err() && wc.wr_id & RECV_WR_BIT != 0);
-                out.push(WorkCompletion { wr_id: wc.wr_id, status, is_recv, imm });
+                out.push(WorkCompletion { wr_id: wc.wr_id, status, imm });
             }
             if (n as usize) < wcs.len() {
                 return Ok(());

@@ -22,7 +22,7 @@ pub fn device_names() -> Result<Vec<String>, String> {
     Err("this build of shardcast has no RDMA transport (built without the `rdma` feature)".into())
 }
 
-pub use super::types::{PeerInfo, RECV_WR_BIT, WcError, WorkCompletion};
+pub use super::types::{PeerInfo, WcError, WorkCompletion};
 
 impl fmt::Display for WcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
