@@ -32,6 +32,7 @@ pub mod error;
 pub mod io;
 pub mod manifest;
 pub mod metrics;
+pub mod mirror;
 pub mod numa;
 pub mod pool;
 pub mod proto;

@@ -144,6 +144,35 @@ enum Cmd {
         #[arg(long, env = "SHARDCAST_PUSH_JSON")]
         json: bool,
     },
+    /// Watch a checkpoint directory and push each completed checkpoint as the next version
+    /// (its step number, from the end of its name); see ARCHITECTURE.md for the conventions.
+    Mirror {
+        /// The directory the training job saves checkpoints into.
+        #[arg(long, env = "SHARDCAST_MIRROR_WATCH")]
+        watch: PathBuf,
+        /// Shard set name.
+        #[arg(long, env = "SHARDCAST_MIRROR_NAME")]
+        name: String,
+        /// The chain: comma-separated replica addresses, first replica first.
+        #[arg(long, value_delimiter = ',', required = true, env = "SHARDCAST_MIRROR_TO")]
+        to: Vec<String>,
+        /// A checkpoint directory is complete once it holds this file (else: once it stopped
+        /// changing between two polls, for the write-then-rename convention).
+        #[arg(long, env = "SHARDCAST_MIRROR_MARKER")]
+        marker: Option<String>,
+        /// Milliseconds between polls.
+        #[arg(long, default_value_t = 1000, env = "SHARDCAST_MIRROR_INTERVAL_MS")]
+        interval_ms: u64,
+        /// Push what is complete now and exit (for cron or an end-of-job hook).
+        #[arg(long)]
+        once: bool,
+        /// Chunk size (bytes, or with K/M/G/KiB/MiB/GiB).
+        #[arg(long, default_value = "4MiB", value_parser = parse_size_u32, env = "SHARDCAST_MIRROR_CHUNK_SIZE")]
+        chunk_size: u32,
+        /// Transport of every hop: auto, tcp or rdma.
+        #[arg(long, default_value = "auto", env = "SHARDCAST_MIRROR_TRANSPORT")]
+        transport: Transport,
+    },
     /// List the shard sets and versions a replica holds.
     Status {
         /// The replica's address.
@@ -417,6 +446,24 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+        Cmd::Mirror { watch, name, to, marker, interval_ms, once, chunk_size, transport } => {
+            init_logging(&cli.log_format, "warn");
+            let mut push = PushOptions::new(name, 0, to);
+            push.chunk_size = chunk_size;
+            push.transport = transport;
+            if !watch.is_dir() {
+                eprintln!("error: --watch {}: not a directory", watch.display());
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let opts = shardcast::mirror::MirrorOptions {
+                watch,
+                marker,
+                interval: Duration::from_millis(interval_ms.max(10)),
+                push,
+            };
+            shardcast::mirror::run(&opts, once, |_, line| println!("{line}"));
+            0
         }
         Cmd::Demo { replicas, size, dir, chunk_size } => {
             init_logging(&cli.log_format, "warn");

@@ -1,0 +1,85 @@
+//! `shardcast mirror`: checkpoints a job completes in a directory get pushed, as their step.
+
+mod util;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+fn wait_for(path: &Path, secs: u64, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{why}: {} did not appear in {secs} s", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn checkpoint(dir: &Path, seed: u64) {
+    write_random_file(&dir.join("model.bin"), (1 << 20) + seed, seed);
+    write_random_file(&dir.join("optim/state.bin"), 4096, seed + 1);
+}
+
+#[test]
+fn write_then_rename_checkpoints_are_pushed_as_their_step() {
+    let c = Cluster::start(2);
+    let t = tempdir();
+    let watch = t.path().join("ckpts");
+    std::fs::create_dir(&watch).unwrap();
+    let mut m = Running::spawn(
+        shardcast()
+            .args(["mirror", "--name", "job", "--interval-ms", "100", "--to", &c.addrs()])
+            .arg("--watch")
+            .arg(&watch),
+    );
+    for step in [10u64, 20] {
+        let tmp = watch.join(format!("step-{step}.tmp"));
+        checkpoint(&tmp, step);
+        std::fs::rename(&tmp, watch.join(format!("step-{step}"))).unwrap();
+        for i in 0..2 {
+            wait_for(&c.root(i).join("job").join(step.to_string()).join("model.bin"), 30, "mirror push");
+        }
+    }
+    // A checkpoint still being written (temporary name) is not pushed.
+    checkpoint(&watch.join("step-30.tmp"), 30);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(m.try_wait().is_none(), "mirror exited");
+    drop(m);
+    for i in 0..2 {
+        assert_tree_identical(&watch.join("step-10"), &c.root(i).join("job/10"));
+    }
+    c.assert_published_on(&[0, 1], &watch.join("step-20"), "job", 20);
+    assert!(!c.root(0).join("job/30").exists(), "a temporary checkpoint was pushed");
+}
+
+#[test]
+fn marker_file_convention_with_once() {
+    let c = Cluster::start(1);
+    let t = tempdir();
+    let watch = t.path().join("ckpts");
+    checkpoint(&watch.join("ckpt_5"), 5);
+    checkpoint(&watch.join("ckpt_6"), 6);
+    std::fs::write(watch.join("ckpt_6/COMPLETE"), b"").unwrap();
+    let out = run_timeout(
+        shardcast()
+            .args([
+                "mirror",
+                "--once",
+                "--marker",
+                "COMPLETE",
+                "--interval-ms",
+                "50",
+                "--name",
+                "m",
+                "--to",
+                &c.addrs(),
+            ])
+            .arg("--watch")
+            .arg(&watch),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&out), 0, "{}", show_output(&out));
+    assert!(stdout_str(&out).contains("m@6: published"), "{}", show_output(&out));
+    c.assert_published_on(&[0], &watch.join("ckpt_6"), "m", 6);
+    assert!(!c.root(0).join("m/5").exists(), "a checkpoint without its marker was pushed");
+}
