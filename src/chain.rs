@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -91,11 +92,32 @@ impl Default for SessionConfig {
     }
 }
 
+/// Bytes in memory that a push reads its chunks from (a checkpoint that was never written to
+/// disk). Anything that can lend a byte slice and be shared with the session's thread.
+pub type MemoryData = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where one file entry's bytes come from on the primary.
+pub enum SourceData {
+    /// An open file, read with the executor (io_uring or pread).
+    File(File),
+    /// A buffer in memory, copied into the pinned pool (its length is the entry's size).
+    Memory(MemoryData),
+}
+
+impl std::fmt::Debug for SourceData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(file) => write!(f, "File({file:?})"),
+            Self::Memory(m) => write!(f, "Memory({} bytes)", (**m).as_ref().len()),
+        }
+    }
+}
+
 /// Where a session's chunks come from and go to locally.
 #[derive(Debug)]
 pub enum Local {
-    /// The primary: source files, one per entry (None for directories and empty files).
-    Source(Vec<Option<File>>),
+    /// The primary: one source per entry (None for directories and empty files).
+    Source(Vec<Option<SourceData>>),
     /// A replica: the staging area it writes into and publishes (taken when published).
     Staging(Option<Staging>),
 }
@@ -379,6 +401,13 @@ impl<'a> Session<'a> {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("submitting I/O", &e)));
                 continue;
             }
+            if !self.events.is_empty() {
+                // Chunks copied from memory are ready without any I/O to wait for.
+                last_progress = Instant::now();
+                self.process();
+                self.report_pool_use();
+                continue;
+            }
             completions.clear();
             // Short slices when a caller watches (and may cancel) the push.
             let slice = self.cfg.idle_timeout.min(if self.progress.is_some() {
@@ -567,17 +596,36 @@ impl<'a> Session<'a> {
             self.up_recv = UpRecv::Header(slot);
         }
         // Primary reads: as far ahead as the pool allows.
-        if let Local::Source(files) = &self.local {
-            while self.next_read < self.manifest.chunk_count() {
-                let Some(slot) = self.pool.lease() else { break };
-                let seq = self.next_read;
-                let c = self.manifest.chunk(seq).expect("in range");
-                let fd = files[c.entry].as_ref().expect("files with chunks are open").as_raw_fd();
-                let op = Op { kind: OpKind::Read(c.offset), fd, buf: self.pool.slot_ptr(slot, HEADER_LEN), len: c.len };
-                // SAFETY: the slot was just leased; the machine releases it only after its read
-                // and its send completed.
-                unsafe { self.io.submit(token(T_READ, (seq << 16) | u64::from(slot.0)), op)? };
-                self.next_read += 1;
+        while matches!(self.local, Local::Source(_))
+            && self.end.is_none()
+            && self.next_read < self.manifest.chunk_count()
+        {
+            let Some(slot) = self.pool.lease() else { break };
+            let seq = self.next_read;
+            let c = self.manifest.chunk(seq).expect("in range");
+            self.next_read += 1;
+            let Local::Source(sources) = &self.local else { unreachable!("checked by the loop") };
+            match sources[c.entry].as_ref().expect("entries with chunks have a source") {
+                SourceData::File(file) => {
+                    let op = Op {
+                        kind: OpKind::Read(c.offset),
+                        fd: file.as_raw_fd(),
+                        buf: self.pool.slot_ptr(slot, HEADER_LEN),
+                        len: c.len,
+                    };
+                    // SAFETY: the slot was just leased; the machine releases it only after its
+                    // read and its send completed.
+                    unsafe { self.io.submit(token(T_READ, (seq << 16) | u64::from(slot.0)), op)? };
+                }
+                SourceData::Memory(data) => {
+                    let bytes = (**data).as_ref();
+                    let start = c.offset as usize;
+                    let got = bytes.len().saturating_sub(start).min(c.len as usize);
+                    // SAFETY: the slot was just leased and nothing else touches it.
+                    unsafe { self.pool.slot_bytes_mut(slot, HEADER_LEN, got) }
+                        .copy_from_slice(&bytes[start..start + got]);
+                    self.read_done(seq, slot, Ok(got));
+                }
             }
         }
         // RDMA downstream: a write per granted slot, several in flight.
@@ -981,6 +1029,38 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// A chunk's bytes are in `slot` (read from a file, or copied from memory): hash them, put
+    /// the header in front and hand the chunk to the machine.
+    fn read_done(&mut self, seq: u64, slot: SlotId, result: io::Result<usize>) {
+        let chunk = self.manifest.chunk(seq).expect("in range");
+        match result {
+            Ok(n) if n == chunk.len as usize => {
+                // SAFETY: the bytes of this slot are complete and nothing else uses it.
+                let payload = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) };
+                // Hashed as it is read: the source is read once, and the digest travels in the
+                // chunk's header.
+                let d = digest(payload);
+                self.manifest.set_digest(seq, d);
+                let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d };
+                // SAFETY: as above; the header area of the slot is idle.
+                unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
+                self.events.push_back(Event::ChunkReady { seq, slot });
+            }
+            Ok(_) => {
+                self.pool.release(slot);
+                let path = &self.manifest.entries()[chunk.entry].path;
+                let e = NodeError::new(ErrorKind::Source, format!("source {path} shrank while it was pushed"));
+                self.abort(e);
+            }
+            Err(e) => {
+                self.pool.release(slot);
+                let path = &self.manifest.entries()[chunk.entry].path;
+                let e = NodeError::new(ErrorKind::Source, format!("cannot read source file {path}: {e}"));
+                self.abort(e);
+            }
+        }
+    }
+
     fn complete(&mut self, c: Completion) {
         let kind = c.token >> 56;
         let value = c.token & ((1 << 56) - 1);
@@ -988,34 +1068,7 @@ impl<'a> Session<'a> {
             T_UP_RECV => self.up_recv_done(c.result),
             T_READ => {
                 let (seq, slot) = (value >> 16, SlotId((value & 0xffff) as u16));
-                let chunk = self.manifest.chunk(seq).expect("in range");
-                match c.result {
-                    Ok(n) if n == chunk.len as usize => {
-                        // SAFETY: the read into this slot has completed and nothing else uses it.
-                        let payload = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) };
-                        // Hashed as it is read: the source is read once, and the digest travels
-                        // in the chunk's header.
-                        let d = digest(payload);
-                        self.manifest.set_digest(seq, d);
-                        let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d };
-                        // SAFETY: as above; the header area of the slot is idle.
-                        unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
-                        self.events.push_back(Event::ChunkReady { seq, slot });
-                    }
-                    Ok(_) => {
-                        self.pool.release(slot);
-                        let path = &self.manifest.entries()[chunk.entry].path;
-                        let e =
-                            NodeError::new(ErrorKind::Source, format!("source file {path} shrank while it was pushed"));
-                        self.abort(e);
-                    }
-                    Err(e) => {
-                        self.pool.release(slot);
-                        let path = &self.manifest.entries()[chunk.entry].path;
-                        let e = NodeError::new(ErrorKind::Source, format!("cannot read source file {path}: {e}"));
-                        self.abort(e);
-                    }
-                }
+                self.read_done(seq, slot, c.result);
             }
             T_WRITE => {
                 let seq = value;

@@ -44,8 +44,9 @@ pub mod tcpinfo;
 pub mod transport;
 pub mod wire;
 
+pub use chain::MemoryData;
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
-pub use push::{PushOptions, PushReport, push};
+pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
 
 /// Raises the soft open-files limit to the hard limit: a push keeps one descriptor per

@@ -140,6 +140,10 @@ enum Cmd {
         /// Give up when nothing moves for this many seconds.
         #[arg(long, default_value_t = 120, env = "SHARDCAST_PUSH_IDLE_TIMEOUT")]
         idle_timeout: u64,
+        /// Versions of NAME each replica keeps once this one is published, oldest removed first,
+        /// the current one never (default: each replica's `serve --keep`).
+        #[arg(long, env = "SHARDCAST_PUSH_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
         /// Print one JSON object instead of text.
         #[arg(long, env = "SHARDCAST_PUSH_JSON")]
         json: bool,
@@ -172,6 +176,10 @@ enum Cmd {
         /// Transport of every hop: auto, tcp or rdma.
         #[arg(long, default_value = "auto", env = "SHARDCAST_MIRROR_TRANSPORT")]
         transport: Transport,
+        /// Checkpoints each replica keeps: the last K mirrored steps, older ones removed once a
+        /// newer one is published (default: each replica's `serve --keep`).
+        #[arg(long, env = "SHARDCAST_MIRROR_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
     },
     /// List the shard sets and versions a replica holds.
     Status {
@@ -379,6 +387,7 @@ fn main() -> ExitCode {
             pool_mb,
             connect_timeout,
             idle_timeout,
+            keep,
             json,
         } => {
             init_logging(&cli.log_format, "warn");
@@ -392,6 +401,7 @@ fn main() -> ExitCode {
             opts.io = IoChoice::from_env();
             opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
+            opts.keep = keep.unwrap_or(0);
             run_push(&source, &opts, json)
         }
         Cmd::Status { addr, json } => {
@@ -447,11 +457,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Mirror { watch, name, to, marker, interval_ms, once, chunk_size, transport } => {
+        Cmd::Mirror { watch, name, to, marker, interval_ms, once, chunk_size, transport, keep } => {
             init_logging(&cli.log_format, "warn");
             let mut push = PushOptions::new(name, 0, to);
             push.chunk_size = chunk_size;
             push.transport = transport;
+            push.keep = keep.unwrap_or(0);
             if !watch.is_dir() {
                 eprintln!("error: --watch {}: not a directory", watch.display());
                 return ExitCode::from(EXIT_USAGE);

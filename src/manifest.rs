@@ -200,6 +200,40 @@ impl Manifest {
         Ok((plan, files))
     }
 
+    /// A plan (digests still zero) for files given by path and size, as when pushing buffers
+    /// from memory: files get mode 0644, and the parent directories of nested paths are listed
+    /// (mode 0755) before their first child. Returns the plan and each file's entry index, in
+    /// the order given. Bad or duplicate paths are refused like any manifest's.
+    pub fn plan_for_files(chunk_size: u32, files: &[(&str, u64)]) -> Result<(Self, Vec<usize>), ManifestError> {
+        let mut entries = Vec::with_capacity(files.len());
+        let mut dirs = HashSet::new();
+        let mut index = Vec::with_capacity(files.len());
+        for &(path, size) in files {
+            check_path(path)?;
+            let mut at = 0;
+            while let Some(i) = path[at..].find('/') {
+                let dir = &path[..at + i];
+                if dirs.insert(dir.to_owned()) {
+                    entries.push(Entry {
+                        path: dir.to_owned(),
+                        kind: EntryKind::Dir,
+                        mode: 0o755,
+                        size: 0,
+                        first_chunk: 0,
+                    });
+                }
+                at += i + 1;
+            }
+            index.push(entries.len());
+            entries.push(Entry { path: path.to_owned(), kind: EntryKind::File, mode: 0o644, size, first_chunk: 0 });
+        }
+        let chunks: u64 = entries.iter().map(|e| chunks_of(e.size, chunk_size)).sum();
+        if chunks > MAX_PLAN_CHUNKS {
+            return Err(ManifestError::Invalid(format!("{chunks} chunks (limit {MAX_PLAN_CHUNKS})")));
+        }
+        Ok((Self::new(chunk_size, entries, vec![0; chunks as usize])?, index))
+    }
+
     /// Records chunk `seq`'s digest (as a plan is filled in during a push).
     pub fn set_digest(&mut self, seq: u64, digest: Digest) {
         self.digests[seq as usize] = digest;
@@ -521,6 +555,19 @@ mod tests {
         let mut enc = Enc::default();
         enc.u32(MIN_CHUNK).u64(1).u8(0).u32(0o644).u64(u64::MAX / 2).str("a").u64(0);
         assert!(Manifest::decode_plan(&enc.0).is_err());
+    }
+
+    #[test]
+    fn a_plan_for_buffers_lists_parents_and_refuses_bad_names() {
+        let (m, idx) = Manifest::plan_for_files(1 << 20, &[("a/b/w.bin", 3 << 20), ("a/x", 0), ("top", 1)]).unwrap();
+        let paths: Vec<&str> = m.entries().iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a/b", "a/b/w.bin", "a/x", "top"]);
+        assert_eq!(idx, [2, 3, 4]);
+        assert_eq!(m.chunk_count(), 4);
+        assert!(Manifest::plan_for_files(1 << 20, &[("a", 1), ("a", 2)]).is_err(), "duplicate");
+        assert!(Manifest::plan_for_files(1 << 20, &[("a", 1), ("a/b", 2)]).is_err(), "file where a directory must be");
+        assert!(Manifest::plan_for_files(1 << 20, &[("../x", 1)]).is_err());
+        assert!(Manifest::plan_for_files(1 << 20, &[("/x", 1)]).is_err());
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!
 //! Only versions newer than the newest one already pushed (or published on the first replica
 //! when mirroring starts) are pushed, oldest first; a failed push is retried at the next poll.
-//! Retention is the replicas' `--keep`.
+//! Retention: `--keep K` travels with each push, so every replica keeps the last K mirrored
+//! checkpoints of the name (their own `serve --keep` when it is not given).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

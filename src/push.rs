@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::chain::{Local, Progress, Session, SessionConfig, SessionEnd};
+use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
 use crate::error::{ErrorKind, NodeError, PushError};
 use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
@@ -42,6 +42,9 @@ pub struct PushOptions {
     pub connect_timeout: Duration,
     /// Give up when nothing moves for this long.
     pub idle_timeout: Duration,
+    /// Versions of this name each replica keeps once this one is published (0: the replica's
+    /// `--keep`).
+    pub keep: u32,
 }
 
 impl PushOptions {
@@ -59,6 +62,7 @@ impl PushOptions {
             io: IoChoice::from_env(),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            keep: 0,
         }
     }
 }
@@ -161,14 +165,58 @@ pub(crate) fn handshake(stream: &mut TcpStream, hello: &Hello, timeout: Duration
 /// could not report at all.
 pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
     let start = Instant::now();
+    check_options(opts)?;
+    let (manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
+    let manifest_seconds = start.elapsed().as_secs_f64();
+    let sources = open_sources(&manifest, paths)?;
+    run_push(manifest, sources, opts, progress, start, manifest_seconds)
+}
+
+/// Pushes buffers held in memory, each published as the file at its relative path (nested paths
+/// get their directories), without writing them anywhere on the primary first.
+///
+/// The bytes are copied chunk by chunk into the pinned pool as the chain takes them, so the
+/// primary's memory does not grow with their size. Each buffer is read once; if the caller
+/// changes it during the push, every replica still gets the same bytes (those that were read),
+/// and their digests match.
+pub fn push_memory(
+    files: Vec<(String, MemoryData)>,
+    opts: &PushOptions,
+    progress: Option<&Progress>,
+) -> Result<PushReport, PushError> {
+    let start = Instant::now();
+    check_options(opts)?;
+    if files.is_empty() {
+        return Err(PushError::BadInput("no buffers to push".into()));
+    }
+    let sizes: Vec<(&str, u64)> = files.iter().map(|(p, d)| (p.as_str(), (**d).as_ref().len() as u64)).collect();
+    let (manifest, index) = Manifest::plan_for_files(opts.chunk_size, &sizes)?;
+    let mut sources: Vec<Option<SourceData>> = (0..manifest.entries().len()).map(|_| None).collect();
+    for ((_, data), i) in files.into_iter().zip(index) {
+        if manifest.entries()[i].size > 0 {
+            sources[i] = Some(SourceData::Memory(data));
+        }
+    }
+    run_push(manifest, sources, opts, progress, start, 0.0)
+}
+
+fn check_options(opts: &PushOptions) -> Result<(), PushError> {
     check_name(&opts.name).map_err(|e| PushError::BadInput(e.to_string()))?;
     if opts.to.is_empty() {
         return Err(PushError::BadInput("no replicas given (--to ADDR[,ADDR…])".into()));
     }
     opts.transport.resolve().map_err(PushError::Unsupported)?;
-    let (manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
-    let manifest_seconds = start.elapsed().as_secs_f64();
-    let files = open_sources(&manifest, paths)?;
+    Ok(())
+}
+
+fn run_push(
+    manifest: Manifest,
+    files: Vec<Option<SourceData>>,
+    opts: &PushOptions,
+    progress: Option<&Progress>,
+    start: Instant,
+    manifest_seconds: f64,
+) -> Result<PushReport, PushError> {
     let (bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
     if let Some(p) = progress {
         use std::sync::atomic::Ordering::Relaxed;
@@ -196,6 +244,7 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
         version: opts.version,
         mode: opts.mode,
         transport: opts.transport,
+        keep: opts.keep,
         you: first.clone(),
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
@@ -273,15 +322,15 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
 }
 
 /// Opens every source file that has chunks (`paths`: entry index and path of each file).
-fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec<Option<File>>, PushError> {
-    let mut files: Vec<Option<File>> = (0..manifest.entries().len()).map(|_| None).collect();
+fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec<Option<SourceData>>, PushError> {
+    let mut files: Vec<Option<SourceData>> = (0..manifest.entries().len()).map(|_| None).collect();
     for (i, path) in paths {
         if manifest.entries()[i].size == 0 {
             continue;
         }
         let f = File::open(&path)
             .map_err(|err| PushError::Source(crate::error::ManifestError::Source { path, source: err }))?;
-        files[i] = Some(f);
+        files[i] = Some(SourceData::File(f));
     }
     Ok(files)
 }

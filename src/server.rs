@@ -430,7 +430,7 @@ fn push_session(
         SessionEnd::Finished(reports) => {
             tracing::info!("push finished: {}", summary(&reports));
             linger_close(&mut conn);
-            store.retain(&hello.name);
+            store.retain(&hello.name, (hello.keep > 0).then_some(hello.keep as usize));
         }
         SessionEnd::Aborted(e) => {
             tracing::warn!("push aborted: {e}");

@@ -160,12 +160,14 @@ impl Store {
         v
     }
 
-    /// Removes the oldest versions of `name` beyond `keep`, never the current one. Called after
-    /// a push has reported (deleting a large old version is off the push's critical path).
-    pub fn retain(&self, name: &str) {
+    /// Removes the oldest versions of `name` beyond `keep` (the push's choice, else the store's),
+    /// never the current one. Called after a push has reported (deleting a large old version is
+    /// off the push's critical path).
+    pub fn retain(&self, name: &str, keep: Option<usize>) {
         let versions = self.versions(name);
         let current = read_current(&self.root.join(name));
-        let excess = versions.len().saturating_sub(self.keep);
+        let keep = keep.unwrap_or(self.keep).max(1);
+        let excess = versions.len().saturating_sub(keep);
         for &v in versions.iter().take(excess) {
             if Some(v) == current {
                 continue;

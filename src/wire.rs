@@ -15,7 +15,7 @@ pub const HEADER_LEN: usize = 40;
 /// The magic that opens every frame.
 pub const MAGIC: [u8; 4] = *b"SHCS";
 /// The protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 2;
+pub const PROTO_VERSION: u16 = 3;
 /// The largest chunk a manifest may declare.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// The smallest chunk a manifest may declare.
@@ -300,6 +300,9 @@ pub struct Hello {
     pub mode: Mode,
     /// Transport choice for every hop (each hop negotiates what both ends can do).
     pub transport: crate::transport::Transport,
+    /// How many versions of this name each replica keeps after publishing (0: the replica's
+    /// own `--keep`).
+    pub keep: u32,
     /// The receiver's name in the chain (the address its upstream dialed); replicas report
     /// themselves under it.
     pub you: String,
@@ -317,6 +320,7 @@ impl Hello {
             Mode::Sync => 0,
         });
         e.u8(self.transport.code());
+        e.u32(self.keep);
         e.str(&self.you);
         e.u64(self.downstream.len() as u64);
         for node in &self.downstream {
@@ -344,6 +348,7 @@ impl Hello {
         };
         let transport = crate::transport::Transport::from_code(d.u8("transport").map_err(bad)?)
             .ok_or_else(|| NodeError::new(ErrorKind::Protocol, "bad HELLO: unknown transport code"))?;
+        let keep = d.u32("keep").map_err(bad)?;
         let you = d.str("you").map_err(bad)?;
         let n = d.count("downstream", 4).map_err(bad)?;
         let mut downstream = Vec::with_capacity(n);
@@ -352,7 +357,7 @@ impl Hello {
         }
         let manifest = Manifest::decode_plan(&buf[buf.len() - d.remaining()..])
             .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
-        Ok(Self { name, version, mode, transport, you, downstream, manifest })
+        Ok(Self { name, version, mode, transport, keep, you, downstream, manifest })
     }
 }
 

@@ -283,6 +283,7 @@ fn rogue_push(lie: Lie) {
         version: 1,
         mode: Mode::Sync,
         transport: shardcast::transport::Transport::Tcp,
+        keep: 0,
         you: c.addr(0),
         downstream: vec![c.addr(1)],
         manifest: manifest.clone(),

@@ -83,3 +83,49 @@ fn marker_file_convention_with_once() {
     c.assert_published_on(&[0], &watch.join("ckpt_6"), "m", 6);
     assert!(!c.root(0).join("m/5").exists(), "a checkpoint without its marker was pushed");
 }
+
+#[test]
+fn keep_travels_with_each_push_and_prunes_old_checkpoints() {
+    let c = Cluster::start(2); // replicas keep 2 by default
+    let t = tempdir();
+    let watch = t.path().join("ckpts");
+    let versions = |i: usize| {
+        let mut v: Vec<u64> = std::fs::read_dir(c.root(i).join("k"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let round = |step: u64, keep: &str| {
+        checkpoint(&watch.join(format!("step-{step}")), step);
+        let out = run_timeout(
+            shardcast()
+                .args(["mirror", "--once", "--interval-ms", "20", "--name", "k", "--keep", keep, "--to", &c.addrs()])
+                .arg("--watch")
+                .arg(&watch),
+            Duration::from_secs(60),
+        );
+        assert_eq!(code(&out), 0, "{}", show_output(&out));
+        assert!(stdout_str(&out).contains(&format!("k@{step}: published")), "{}", show_output(&out));
+    };
+    for step in 1..=4 {
+        round(step, "3");
+    }
+    // Retention runs after a replica has reported (off the push's critical path): give it time.
+    let settled = |i: usize, want: &[u64]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while versions(i) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        versions(i)
+    };
+    for i in 0..2 {
+        assert_eq!(settled(i, &[2, 3, 4]), [2, 3, 4], "replica {i} keeps the last 3 (more than its own default of 2)");
+    }
+    round(5, "1");
+    for i in 0..2 {
+        assert_eq!(settled(i, &[5]), [5], "replica {i} keeps only the newest");
+        assert_tree_identical(&watch.join("step-5"), &c.root(i).join("k/5"));
+    }
+}

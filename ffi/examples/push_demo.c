@@ -4,12 +4,16 @@
  *   push_demo push SRC ROOT            push SRC as demo@1 to a server rooted at ROOT
  *   push_demo cancel SRC ROOT          start pushing SRC, cancel once chunks move
  *   push_demo unreachable SRC ADDR     push to an address where nothing listens
+ *   push_demo buffers - ROOT           push two buffers from memory (no source file) as demo@1:
+ *                                      weights/layer0.bin (3 MiB + 5, byte i = (31 i + 7) mod 256)
+ *                                      and meta.json
  *
  * Prints one line per event; exits 0 when the outcome is the expected one for the mode. Built
  * and run by ffi/tests/c_program.rs:
  *   cc push_demo.c -I ../include -L <target>/debug -lshardcast_ffi -Wl,-rpath,<target>/debug
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -23,7 +27,7 @@ static void print_error(const char *what, int rc) {
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: %s push|cancel|unreachable SRC ROOT|ADDR\n", argv[0]);
+        fprintf(stderr, "usage: %s push|cancel|unreachable|buffers SRC ROOT|ADDR\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1], *src = argv[2];
@@ -46,7 +50,22 @@ int main(int argc, char **argv) {
 
     sc_push_opts po = {.source = src, .name = "demo", .version = 1, .to = addr, .chunk_size = 1 << 20};
     sc_push *push = NULL;
-    int rc = sc_push_start(&po, &push);
+    int rc;
+    /* Buffers must stay valid until the push has ended: they live until the end of main. */
+    size_t weights_len = (3u << 20) + 5;
+    unsigned char *weights = malloc(weights_len);
+    static const char meta[] = "{\"step\": 1}\n";
+    if (!weights) return 1;
+    for (size_t i = 0; i < weights_len; i++) weights[i] = (unsigned char)(31 * i + 7);
+    if (strcmp(mode, "buffers") == 0) {
+        sc_buffer bufs[2] = {
+            {.path = "weights/layer0.bin", .data = weights, .len = weights_len},
+            {.path = "meta.json", .data = (const uint8_t *)meta, .len = sizeof meta - 1},
+        };
+        rc = sc_push_start_buffers(&po, bufs, 2, &push);
+    } else {
+        rc = sc_push_start(&po, &push);
+    }
     if (rc != SC_OK) {
         print_error("sc_push_start", rc);
         return 1;
@@ -67,7 +86,7 @@ int main(int argc, char **argv) {
         }
     }
     int ok;
-    if (strcmp(mode, "push") == 0) {
+    if (strcmp(mode, "push") == 0 || strcmp(mode, "buffers") == 0) {
         ok = rc == SC_OK;
         printf("push finished rc=%d\n", rc);
         int n = sc_push_replica_count(push);
@@ -88,6 +107,7 @@ int main(int argc, char **argv) {
     /* A NULL handle is an error, not a crash. */
     if (sc_push_poll(NULL, NULL) != SC_ERR_INVALID_ARG) ok = 0;
     sc_push_free(push);
+    free(weights);
     if (server) sc_server_stop(server);
     printf("%s\n", ok ? "OK" : "UNEXPECTED");
     return ok ? 0 : 1;

@@ -184,7 +184,30 @@ typedef struct sc_push_opts {
    * "auto", "tcp" or "rdma" (NULL: auto).
    */
   const char *transport;
+  /**
+   * Versions of `name` each replica keeps once this one is published (0: the replica's own
+   * setting).
+   */
+  uint32_t keep;
 } sc_push_opts;
+
+/**
+ * One file of a push from memory ([`sc_push_start_buffers`]).
+ */
+typedef struct sc_buffer {
+  /**
+   * Relative path the bytes are published under (`/`-separated; parents are created).
+   */
+  const char *path;
+  /**
+   * The bytes (may be NULL when `len` is 0).
+   */
+  const uint8_t *data;
+  /**
+   * Their length.
+   */
+  size_t len;
+} sc_buffer;
 
 /**
  * A snapshot of a push's progress.
@@ -279,6 +302,21 @@ int32_t sc_server_stop(struct sc_server *server);
  * `opts` points to a valid `ScPushOpts` whose strings are NUL-terminated; `out` is writable.
  */
 int32_t sc_push_start(const struct sc_push_opts *opts, struct sc_push **out);
+
+/**
+ * Starts a push of `count` buffers in memory (no file is written on this side) and returns at
+ * once; `opts->source` is ignored. Paths are copied now; the bytes are read while the push
+ * runs, so they must stay valid (and should stay unchanged) until [`sc_push_wait`] has
+ * returned something other than `SC_ERR_TIMEOUT`, or [`sc_push_free`] has returned.
+ *
+ * # Safety
+ * `opts` as for [`sc_push_start`]; `buffers` points to `count` `ScBuffer`s whose `data` point
+ * to `len` readable bytes each, valid as said above; `out` is writable.
+ */
+int32_t sc_push_start_buffers(const struct sc_push_opts *opts,
+                              const struct sc_buffer *buffers,
+                              size_t count,
+                              struct sc_push **out);
 
 /**
  * Fills `out` with the push's progress. Never blocks.

@@ -276,6 +276,20 @@ pub struct ScPushOpts {
     pub connect_timeout_s: u32,
     /// "auto", "tcp" or "rdma" (NULL: auto).
     pub transport: *const c_char,
+    /// Versions of `name` each replica keeps once this one is published (0: the replica's own
+    /// setting).
+    pub keep: u32,
+}
+
+/// One file of a push from memory ([`sc_push_start_buffers`]).
+#[repr(C)]
+pub struct ScBuffer {
+    /// Relative path the bytes are published under (`/`-separated; parents are created).
+    pub path: *const c_char,
+    /// The bytes (may be NULL when `len` is 0).
+    pub data: *const u8,
+    /// Their length.
+    pub len: usize,
 }
 
 /// A snapshot of a push's progress.
@@ -333,38 +347,123 @@ pub unsafe extern "C" fn sc_push_start(opts: *const ScPushOpts, out: *mut *mut S
         }
         // SAFETY: non-NULL and valid by the caller's contract.
         let o = unsafe { &*opts };
-        // SAFETY: as above, for each string.
-        let (source, name, to) =
-            unsafe { (str_arg(o.source, "source")?, str_arg(o.name, "name")?, str_arg(o.to, "to")?) };
-        let to: Vec<String> = to.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-        let mut po = PushOptions::new(name, o.version, to);
-        if o.chunk_size > 0 {
-            po.chunk_size = o.chunk_size;
-        }
-        if o.connect_timeout_s > 0 {
-            po.connect_timeout = Duration::from_secs(u64::from(o.connect_timeout_s));
-        }
-        if !o.transport.is_null() {
-            // SAFETY: non-NULL and NUL-terminated by the caller's contract.
-            let t = unsafe { str_arg(o.transport, "transport") }?;
-            po.transport = t.parse().map_err(invalid)?;
-        }
-        let shared = Arc::new(Shared { progress: Progress::default(), result: Mutex::new(None), done: Condvar::new() });
-        let s2 = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("shardcast-push".into())
-            .spawn(move || {
-                let r = catch_unwind(AssertUnwindSafe(|| shardcast::push(source.as_ref(), &po, Some(&s2.progress))))
-                    .unwrap_or_else(|_| Err(PushError::BadInput("internal error (panic) in the push".into())));
-                *s2.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                s2.done.notify_all();
-            })
-            .map_err(|e| (SC_ERR_IO, format!("cannot start the push thread: {e}")))?;
-        let boxed = Box::new(ScPush { shared, thread: Some(thread), started: Instant::now() });
-        // SAFETY: out is writable.
-        unsafe { *out = Box::into_raw(boxed) };
-        Ok(SC_OK)
+        // SAFETY: as above.
+        let source = unsafe { str_arg(o.source, "source") }?;
+        // SAFETY: as above.
+        let po = unsafe { push_options(o) }?;
+        start(out, move |p| shardcast::push(source.as_ref(), &po, Some(p)))
     })
+}
+
+/// Starts a push of `count` buffers in memory (no file is written on this side) and returns at
+/// once; `opts->source` is ignored. Paths are copied now; the bytes are read while the push
+/// runs, so they must stay valid (and should stay unchanged) until [`sc_push_wait`] has
+/// returned something other than `SC_ERR_TIMEOUT`, or [`sc_push_free`] has returned.
+///
+/// # Safety
+/// `opts` as for [`sc_push_start`]; `buffers` points to `count` `ScBuffer`s whose `data` point
+/// to `len` readable bytes each, valid as said above; `out` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sc_push_start_buffers(
+    opts: *const ScPushOpts,
+    buffers: *const ScBuffer,
+    count: usize,
+    out: *mut *mut ScPush,
+) -> i32 {
+    guard(|| {
+        if opts.is_null() || out.is_null() || (buffers.is_null() && count > 0) {
+            return Err(invalid("sc_push_start_buffers: opts, buffers and out must not be NULL"));
+        }
+        // SAFETY: non-NULL and valid by the caller's contract.
+        let o = unsafe { &*opts };
+        // SAFETY: as above.
+        let po = unsafe { push_options(o) }?;
+        let bufs = if count == 0 {
+            &[][..]
+        } else {
+            // SAFETY: `count` valid ScBuffers at `buffers`, by the caller's contract.
+            unsafe { std::slice::from_raw_parts(buffers, count) }
+        };
+        let mut files: Vec<(String, shardcast::MemoryData)> = Vec::with_capacity(count);
+        for (i, b) in bufs.iter().enumerate() {
+            // SAFETY: NUL-terminated by the caller's contract.
+            let path = unsafe { str_arg(b.path, &format!("buffers[{i}].path")) }?;
+            if b.data.is_null() && b.len > 0 {
+                return Err(invalid(format!("buffers[{i}].data is NULL with len {}", b.len)));
+            }
+            files.push((path, std::sync::Arc::new(Borrowed { ptr: b.data, len: b.len })));
+        }
+        start(out, move |p| shardcast::push_memory(files, &po, Some(p)))
+    })
+}
+
+/// Bytes lent by the caller of [`sc_push_start_buffers`] for the duration of the push.
+struct Borrowed {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the caller keeps the bytes valid until the push thread has ended (the documented
+// contract of sc_push_start_buffers); shardcast only reads them.
+unsafe impl Send for Borrowed {}
+// SAFETY: as above; reads only.
+unsafe impl Sync for Borrowed {}
+
+impl AsRef<[u8]> for Borrowed {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `len` readable bytes at `ptr` while the push runs, by the caller's contract;
+        // this is only called by the push, on its thread, before it ends.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// The `PushOptions` an `ScPushOpts` asks for (everything but the source).
+///
+/// # Safety
+/// The strings of `o` are NULL or NUL-terminated.
+unsafe fn push_options(o: &ScPushOpts) -> Result<PushOptions, (i32, String)> {
+    // SAFETY: the caller's contract.
+    let (name, to) = unsafe { (str_arg(o.name, "name")?, str_arg(o.to, "to")?) };
+    let to: Vec<String> = to.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let mut po = PushOptions::new(name, o.version, to);
+    if o.chunk_size > 0 {
+        po.chunk_size = o.chunk_size;
+    }
+    if o.connect_timeout_s > 0 {
+        po.connect_timeout = Duration::from_secs(u64::from(o.connect_timeout_s));
+    }
+    if !o.transport.is_null() {
+        // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+        let t = unsafe { str_arg(o.transport, "transport") }?;
+        po.transport = t.parse().map_err(invalid)?;
+    }
+    po.keep = o.keep;
+    Ok(po)
+}
+
+/// Runs `push` on a new thread with the handle's progress, and stores the handle in `out`.
+fn start(
+    out: *mut *mut ScPush,
+    push: impl FnOnce(&Progress) -> Result<PushReport, PushError> + Send + 'static,
+) -> Result<i32, (i32, String)> {
+    let shared = Arc::new(Shared { progress: Progress::default(), result: Mutex::new(None), done: Condvar::new() });
+    let s2 = Arc::clone(&shared);
+    let thread = std::thread::Builder::new()
+        .name("shardcast-push".into())
+        .spawn(move || {
+            let r = catch_unwind(AssertUnwindSafe(|| push(&s2.progress)))
+                .unwrap_or_else(|_| Err(PushError::BadInput("internal error (panic) in the push".into())));
+            *s2.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            s2.done.notify_all();
+        })
+        .map_err(|e| (SC_ERR_IO, format!("cannot start the push thread: {e}")))?;
+    let boxed = Box::new(ScPush { shared, thread: Some(thread), started: Instant::now() });
+    // SAFETY: out is non-NULL (checked by the callers) and writable by their contract.
+    unsafe { *out = Box::into_raw(boxed) };
+    Ok(SC_OK)
 }
 
 /// # Safety

@@ -77,6 +77,14 @@ fn c_program_pushes_cancels_and_reports_errors() {
         assert_eq!(std::fs::read(src.join(f)).unwrap(), std::fs::read(root.join("demo/1").join(f)).unwrap(), "{f}");
     }
 
+    // Buffers from memory: published as files, byte for byte.
+    let root_b = t.path().join("root_b");
+    let (ok, text) = run(&exe, &[Path::new("buffers"), Path::new("-"), &root_b]);
+    assert!(ok, "buffers mode failed:\n{text}");
+    let want: Vec<u8> = (0..(3usize << 20) + 5).map(|i| (31 * i + 7) as u8).collect();
+    assert!(std::fs::read(root_b.join("demo/1/weights/layer0.bin")).unwrap() == want, "weights differ");
+    assert_eq!(std::fs::read(root_b.join("demo/1/meta.json")).unwrap(), b"{\"step\": 1}\n");
+
     // Cancel once chunks move: SC_ERR_CANCELLED, nothing published.
     let big = t.path().join("big");
     random_file(&big.join("big.bin"), 512 << 20, 3);

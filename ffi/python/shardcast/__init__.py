@@ -16,6 +16,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import List, Optional, Sequence, Union
 
 from . import _native
@@ -37,6 +38,11 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: Any object with the buffer protocol and contiguous bytes: bytes, bytearray, memoryview,
+#: mmap, a numpy array, array.array...
+BufferLike = object
+#: What to push: a directory or file on disk, or ``{relative path: buffer}`` in memory.
+Source = Union[PathLike, Mapping[str, BufferLike]]
 
 
 class ShardcastError(Exception):
@@ -127,9 +133,11 @@ class Progress:
 class PushHandle:
     """A push running in the background (from :func:`push_async`)."""
 
-    def __init__(self, handle: ctypes.c_void_p):
+    def __init__(self, handle: ctypes.c_void_p, exported: Sequence["_native.Exported"] = ()):
         self._h: Optional[ctypes.c_void_p] = handle
         self._report: Optional[PushReport] = None
+        # Buffers the push reads from: kept exported until the push has ended and been freed.
+        self._exported = list(exported)
 
     def _handle(self) -> ctypes.c_void_p:
         if self._h is None:
@@ -191,8 +199,11 @@ class PushHandle:
     def close(self) -> None:
         """Frees the handle (cancelling the push if it still runs)."""
         if self._h is not None:
-            lib.sc_push_free(self._h)
+            lib.sc_push_free(self._h)  # joins the push: the buffers are no longer read after it
             self._h = None
+        for e in self._exported:
+            e.release()
+        self._exported = []
 
     def __enter__(self) -> "PushHandle":
         return self
@@ -208,28 +219,61 @@ class PushHandle:
 
 
 def push_async(
-    path: PathLike,
+    source: Source,
     to: Sequence[str],
     name: str,
     version: int,
     chunk_size: int = 0,
     transport: str = "auto",
     connect_timeout: float = 0,
+    keep: int = 0,
 ) -> PushHandle:
-    """Starts pushing ``path`` (a directory or a file) as ``name@version`` down the chain ``to``
-    (replica addresses, first replica first) and returns at once."""
+    """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
+    first replica first) and returns at once.
+
+    ``source`` is a directory or file on disk, or a mapping of relative paths to in-memory
+    buffers (``bytes``, ``bytearray``, ``memoryview``, numpy arrays: any C-contiguous
+    buffer-protocol object), published as files without being written to disk on this side.
+    Buffers are read while the push runs: do not change them until it has ended (a ``bytearray``
+    cannot be resized meanwhile). ``keep``: versions of ``name`` each replica keeps (0: its own
+    setting)."""
     if isinstance(to, str):
         to = [to]
     opts = _native.PushOpts(
-        os.fsencode(path),
+        None,
         name.encode(),
         int(version),
         ",".join(to).encode(),
         int(chunk_size),
         int(connect_timeout),
         transport.encode(),
+        int(keep),
     )
     h = ctypes.c_void_p()
+    if isinstance(source, Mapping):
+        exported: List[_native.Exported] = []
+        try:
+            bufs = (_native.Buffer * max(1, len(source)))()
+            for i, (path, data) in enumerate(source.items()):
+                if not isinstance(path, str):
+                    raise TypeError(f"buffer names must be str, not {type(path).__name__}")
+                try:
+                    e = _native.Exported(data)
+                except (BufferError, TypeError) as err:
+                    raise TypeError(f"{path!r}: not a contiguous buffer ({err})") from None
+                exported.append(e)
+                bufs[i] = _native.Buffer(path.encode(), e.address, e.nbytes)
+            rc = lib.sc_push_start_buffers(ctypes.byref(opts), bufs, len(source), ctypes.byref(h))
+        except BaseException:
+            for e in exported:
+                e.release()
+            raise
+        if rc != _native.SC_OK:
+            for e in exported:
+                e.release()
+            _raise(rc, "sc_push_start_buffers failed")
+        return PushHandle(h, exported)
+    opts.source = os.fsencode(source)
     rc = lib.sc_push_start(ctypes.byref(opts), ctypes.byref(h))
     if rc != _native.SC_OK:
         _raise(rc, "sc_push_start failed")
@@ -237,7 +281,7 @@ def push_async(
 
 
 def push(
-    path: PathLike,
+    source: Source,
     to: Sequence[str],
     name: str,
     version: int,
@@ -245,14 +289,16 @@ def push(
     timeout: Optional[float] = None,
     chunk_size: int = 0,
     transport: str = "auto",
+    keep: int = 0,
 ) -> PushReport:
-    """Pushes ``path`` as ``name@version`` to the chain ``to`` and returns when every replica has
-    published (``mode="sync"``, the only mode so far). Raises :class:`ShardcastError` (with
-    ``node`` and ``kind``) on failure, and when ``timeout`` seconds pass first (the push is then
+    """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
+    ``name@version`` to the chain ``to`` and returns when every replica has published
+    (``mode="sync"``, the only mode so far). Raises :class:`ShardcastError` (with ``node`` and
+    ``kind``) on failure, and when ``timeout`` seconds pass first (the push is then
     cancelled)."""
     if mode != "sync":
         raise ValueError(f"mode {mode!r}: only 'sync' is supported so far")
-    with push_async(path, to, name, version, chunk_size=chunk_size, transport=transport) as h:
+    with push_async(source, to, name, version, chunk_size=chunk_size, transport=transport, keep=keep) as h:
         report = h.wait(timeout)
         if report is None:
             h.cancel()

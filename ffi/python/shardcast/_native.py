@@ -24,7 +24,62 @@ class PushOpts(ctypes.Structure):
         ("chunk_size", ctypes.c_uint32),
         ("connect_timeout_s", ctypes.c_uint32),
         ("transport", ctypes.c_char_p),
+        ("keep", ctypes.c_uint32),
     ]
+
+
+class Buffer(ctypes.Structure):
+    _fields_ = [
+        ("path", ctypes.c_char_p),
+        ("data", ctypes.c_void_p),
+        ("len", ctypes.c_size_t),
+    ]
+
+
+class PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (stable ABI since 3.11)."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_PyBUF_SIMPLE = 0
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(PyBuffer)]
+_release_buffer.restype = None
+
+
+class Exported:
+    """A buffer-protocol object's bytes, held exported (so a ``bytearray`` cannot be resized and
+    its memory cannot move) until :meth:`release`. Accepts any C-contiguous buffer: ``bytes``,
+    ``bytearray``, ``memoryview``, ``mmap``, numpy arrays, ``array.array``..."""
+
+    def __init__(self, obj: object):
+        self._view = PyBuffer()
+        # PyBUF_SIMPLE: a plain contiguous run of bytes, read-only is fine; a non-contiguous
+        # exporter raises BufferError here.
+        _get_buffer(obj, ctypes.byref(self._view), _PyBUF_SIMPLE)
+        self.address: int = self._view.buf or 0
+        self.nbytes: int = self._view.len
+
+    def release(self) -> None:
+        if self._view is not None:
+            _release_buffer(ctypes.byref(self._view))
+            self._view = None
 
 
 class Progress(ctypes.Structure):
@@ -55,6 +110,7 @@ def _load() -> ctypes.CDLL:
         "sc_server_addr": ([ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
         "sc_server_stop": ([ctypes.c_void_p], ctypes.c_int32),
         "sc_push_start": ([p(PushOpts), p(ctypes.c_void_p)], ctypes.c_int32),
+        "sc_push_start_buffers": ([p(PushOpts), p(Buffer), ctypes.c_size_t, p(ctypes.c_void_p)], ctypes.c_int32),
         "sc_push_poll": ([ctypes.c_void_p, p(Progress)], ctypes.c_int32),
         "sc_push_wait": ([ctypes.c_void_p, ctypes.c_uint32], ctypes.c_int32),
         "sc_push_cancel": ([ctypes.c_void_p], ctypes.c_int32),

@@ -91,6 +91,61 @@ class PushTests(unittest.TestCase):
                 shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3)
             self.assertEqual(cm.exception.kind, "version_exists")
 
+    def test_push_from_memory_buffers(self):
+        import array
+
+        weights = os.urandom(5 * (1 << 20) + 3)
+        state = bytearray(os.urandom(70_000))
+        words = array.array("I", range(50_000))
+        backing = os.urandom(1 << 20)
+        bufs = {
+            "model/weights.bin": weights,
+            "model/optim/state.bin": state,
+            "words.u32": words,
+            "slice.bin": memoryview(backing)[1000:300_000],
+            "empty.bin": b"",
+        }
+        try:
+            import numpy as np
+
+            arr = np.arange(300_000, dtype=np.float32).reshape(600, 500)
+            bufs["tensor.f32"] = arr
+        except ImportError:
+            arr = None
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "rb") as srv:
+            h = shardcast.push_async(bufs, to=[srv.addr], name="mem", version=7, chunk_size=1 << 20)
+            # The bytearray is exported while the push reads it: it cannot be resized under it.
+            with self.assertRaises(BufferError):
+                state.extend(b"more")
+            report = h.wait(timeout=60)
+            self.assertIsNotNone(report)
+            self.assertTrue(report.ok)
+            h.close()
+        state.extend(b"more")  # released once the push is closed
+        out = self.tmp / "rb" / "mem" / "7"
+        self.assertEqual((out / "model" / "weights.bin").read_bytes(), weights)
+        self.assertEqual((out / "model" / "optim" / "state.bin").read_bytes(), bytes(state[:-4]))
+        self.assertEqual((out / "words.u32").read_bytes(), words.tobytes())
+        self.assertEqual((out / "slice.bin").read_bytes(), backing[1000:300_000])
+        self.assertEqual((out / "empty.bin").read_bytes(), b"")
+        if arr is not None:
+            self.assertEqual((out / "tensor.f32").read_bytes(), arr.tobytes())
+
+    def test_bad_buffers_are_refused_before_anything_moves(self):
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "rx") as srv:
+            strided = memoryview(bytes(100))[::2]
+            with self.assertRaises(TypeError):
+                shardcast.push({"x": strided}, to=[srv.addr], name="bad", version=1)
+            with self.assertRaises(TypeError):
+                shardcast.push({"x": "not bytes"}, to=[srv.addr], name="bad", version=1)
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.push({"../escape": b"x"}, to=[srv.addr], name="bad", version=1)
+            self.assertEqual(cm.exception.kind, "bad_manifest")
+            with self.assertRaises(shardcast.ShardcastError):
+                shardcast.push({}, to=[srv.addr], name="bad", version=1)
+        self.assertFalse((self.tmp / "rx" / "bad").exists())
+        self.assertFalse((self.tmp / "escape").exists())
+
     def test_cancel_publishes_nothing_and_wait_releases_the_gil(self):
         big = self.tmp / "big"
         big.mkdir()
