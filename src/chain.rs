@@ -24,6 +24,7 @@ use crate::manifest::{Manifest, digest};
 use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::rdma::{DnLink, UpLink, WorkCompletion};
+use crate::route::Route;
 use crate::store::Staging;
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
@@ -257,6 +258,17 @@ pub struct Session<'a> {
     end: Option<SessionEnd>,
     events: VecDeque<Event>,
     actions: Vec<Action>,
+    /// Which chunks this node stores and passes on (everything, for an ordinary push).
+    route: Route,
+    /// The manifest came with every chunk's digest (a routed push): chunks are checked against
+    /// it instead of filling it in.
+    digests_known: bool,
+    /// A replica that stores part of the push: its staging entry for each manifest entry, and
+    /// the manifest it publishes.
+    own: Option<(Vec<Option<usize>>, Manifest)>,
+    /// Routed push progress: chunks counted into `ack_bytes` so far.
+    ack_counted: u64,
+    ack_bytes: u64,
 }
 
 impl<'a> Session<'a> {
@@ -335,7 +347,28 @@ impl<'a> Session<'a> {
             end: None,
             events: VecDeque::new(),
             actions: Vec::new(),
+            route: Route::everything(),
+            digests_known: false,
+            own: None,
+            ack_counted: 0,
+            ack_bytes: 0,
         }
+    }
+
+    /// Restricts this node to its route in a routed push, whose manifest carries every digest.
+    /// `own`: on a replica that stores a subset, the staging entry of each manifest entry and
+    /// the manifest it publishes.
+    pub fn with_route(mut self, route: Route, own: Option<(Vec<Option<usize>>, Manifest)>) -> Self {
+        let total = self.manifest.chunk_count();
+        let role = if self.up.is_some() { Role::Replica } else { Role::Primary };
+        let downstream = self.machine.downstream_nodes().to_vec();
+        self.machine = NodeMachine::new(role, self.machine.node(), downstream, total).with_route(route.clone());
+        self.next_recv_seq = route.next_passing(0, total);
+        self.next_read = route.next_passing(0, total);
+        self.route = route;
+        self.digests_known = true;
+        self.own = own;
+        self
     }
 
     /// Counts this session's bytes, chunks and pool use in a server's metrics.
@@ -472,7 +505,11 @@ impl<'a> Session<'a> {
             Action::Write { seq, slot } => {
                 let c = self.manifest.chunk(seq).expect("machine only writes chunks in range");
                 let Local::Staging(Some(st)) = &self.local else { unreachable!("only replicas write") };
-                let fd = st.fd(c.entry).expect("files with chunks have a descriptor");
+                let entry = match &self.own {
+                    Some((map, _)) => map[c.entry].expect("the route stores only this node's entries"),
+                    None => c.entry,
+                };
+                let fd = st.fd(entry).expect("files with chunks have a descriptor");
                 let op =
                     Op { kind: OpKind::Write(c.offset), fd, buf: self.pool.slot_ptr(slot, HEADER_LEN), len: c.len };
                 // SAFETY: the slot is leased and stays so until the machine releases it, which it
@@ -497,7 +534,17 @@ impl<'a> Session<'a> {
                 if let Some(p) = self.progress {
                     use std::sync::atomic::Ordering::Relaxed;
                     p.acked_chunks.store(through, Relaxed);
-                    let bytes = if through == 0 {
+                    let bytes = if !self.route.is_everything() {
+                        // Routed: count only the chunks that travel (incrementally: acks grow).
+                        while self.ack_counted < through {
+                            if self.route.onward(self.ack_counted) {
+                                let c = self.manifest.chunk(self.ack_counted).expect("acked chunk exists");
+                                self.ack_bytes += u64::from(c.len);
+                            }
+                            self.ack_counted += 1;
+                        }
+                        self.ack_bytes
+                    } else if through == 0 {
                         0
                     } else {
                         let c = self.manifest.chunk(through - 1).expect("acked chunk exists");
@@ -517,7 +564,8 @@ impl<'a> Session<'a> {
             Action::Publish => {
                 let Local::Staging(st) = &mut self.local else { unreachable!("only replicas publish") };
                 let st = st.take().expect("published once");
-                let result = st.publish(&self.manifest).map_err(|e| e.to_node_error());
+                let manifest = self.own.as_ref().map_or(&self.manifest, |(_, m)| m);
+                let result = st.publish(manifest).map_err(|e| e.to_node_error());
                 self.events.push_back(Event::PublishDone { result });
             }
             Action::Finish { reports } => {
@@ -873,10 +921,12 @@ impl<'a> Session<'a> {
 
     /// Chunk `seq` is whole in `slot`: check its digest and hand it to the machine.
     fn chunk_arrived(&mut self, slot: SlotId, seq: u64, announced: u128) {
-        let n = self.manifest.chunk(seq).expect("checked on the header").len as usize;
-        self.next_recv_seq += 1;
+        let c = self.manifest.chunk(seq).expect("checked on the header");
+        let n = c.len as usize;
+        self.next_recv_seq = self.route.next_passing(seq + 1, self.manifest.chunk_count());
         // SAFETY: the payload has landed in this slot and nothing writes it now.
-        let ok = !self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced;
+        let ok = (!self.digests_known || announced == c.digest)
+            && (!self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced);
         if let Some(m) = &self.metrics {
             m.bytes_in.inc_by(n as u64);
             if ok {
@@ -1040,6 +1090,15 @@ impl<'a> Session<'a> {
                 // Hashed as it is read: the source is read once, and the digest travels in the
                 // chunk's header.
                 let d = digest(payload);
+                if self.digests_known && d != chunk.digest {
+                    self.pool.release(slot);
+                    let path = &self.manifest.entries()[chunk.entry].path;
+                    let e = NodeError::new(
+                        ErrorKind::Source,
+                        format!("source {path} changed after it was hashed (chunk {seq} differs)"),
+                    );
+                    return self.abort(e);
+                }
                 self.manifest.set_digest(seq, d);
                 let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d };
                 // SAFETY: as above; the header area of the slot is idle.
@@ -1178,7 +1237,12 @@ impl<'a> Session<'a> {
                             self.abort(NodeError::new(kind, message));
                             return;
                         }
-                        if self.cfg.piece_bytes > 0 && !self.dn_closed && self.dn_rdma.is_none() && h.len > 0 {
+                        if self.cfg.piece_bytes > 0
+                            && !self.dn_closed
+                            && self.dn_rdma.is_none()
+                            && h.len > 0
+                            && self.route.onward(h.seq)
+                        {
                             self.cut.push_back(CutThrough { seq: h.seq, pending: 0, complete: false, asked: false });
                         }
                         if let Err(e) = self.recv_piece(slot, h.seq, h.digest, 0, h.len) {

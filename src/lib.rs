@@ -38,7 +38,9 @@ pub mod pool;
 pub mod proto;
 pub mod push;
 pub mod rdma;
+pub mod route;
 pub mod server;
+pub mod stage;
 pub mod store;
 pub mod tcpinfo;
 pub mod transport;
@@ -48,6 +50,22 @@ pub use chain::MemoryData;
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
+
+/// Parses a size: bytes, or a number with K/M/G (or KiB/MiB/GiB, KB/MB/GB: all binary).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4194304, 4M, 4MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use K, M, G, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
 
 /// Raises the soft open-files limit to the hard limit: a push keeps one descriptor per
 /// non-empty file open on the primary and on every replica.

@@ -181,6 +181,29 @@ enum Cmd {
         #[arg(long, env = "SHARDCAST_MIRROR_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
         keep: Option<u32>,
     },
+    /// Stage an epoch's dataset shards: every node gets exactly the files a plan assigns it,
+    /// published there as NAME@VERSION, each chunk sent only as far down the chain as needed.
+    /// Plan format: `name`, `version`, `source`, optional `chunk_size`, then one `[[node]]` per
+    /// replica (chain order) with `addr` and `files` (relative to source).
+    Stage {
+        /// The plan (TOML).
+        #[arg(long, env = "SHARDCAST_STAGE_PLAN")]
+        plan: PathBuf,
+        /// Transport of every hop: auto, tcp or rdma.
+        #[arg(long, default_value = "auto", env = "SHARDCAST_STAGE_TRANSPORT")]
+        transport: Transport,
+        #[command(flatten)]
+        rdma: RdmaArgs,
+        /// Seconds to wait for each connection and the chain's answer.
+        #[arg(long, default_value_t = 10, env = "SHARDCAST_STAGE_CONNECT_TIMEOUT")]
+        connect_timeout: u64,
+        /// Versions of NAME each node keeps (default: each node's `serve --keep`).
+        #[arg(long, env = "SHARDCAST_STAGE_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
+        /// Print one JSON object instead of text.
+        #[arg(long, env = "SHARDCAST_STAGE_JSON")]
+        json: bool,
+    },
     /// List the shard sets and versions a replica holds.
     Status {
         /// The replica's address.
@@ -220,20 +243,7 @@ enum Cmd {
     },
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4194304, 4M, 4MiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        u => return Err(format!("unknown size unit {u:?} (use K, M, G, KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
-}
+use shardcast::parse_size;
 
 fn parse_size_u32(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
@@ -404,6 +414,22 @@ fn main() -> ExitCode {
             opts.keep = keep.unwrap_or(0);
             run_push(&source, &opts, json)
         }
+        Cmd::Stage { plan, transport, rdma, connect_timeout, keep, json } => {
+            init_logging(&cli.log_format, "warn");
+            let plan = match shardcast::stage::Plan::load(&plan) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let mut opts = PushOptions::new(plan.name.clone(), plan.version, plan.chain());
+            opts.transport = transport;
+            opts.rdma = rdma.config();
+            opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
+            opts.keep = keep.unwrap_or(0);
+            run_with_progress(&opts, json, |o, p| shardcast::stage::stage(&plan, o, p))
+        }
         Cmd::Status { addr, json } => {
             init_logging(&cli.log_format, "warn");
             match shardcast::server::status(&addr, Duration::from_secs(10)) {
@@ -552,6 +578,16 @@ fn draw_progress(p: &shardcast::chain::Progress, replicas: usize, done: &std::sy
 }
 
 fn run_push(source: &std::path::Path, opts: &PushOptions, json: bool) -> u8 {
+    run_with_progress(opts, json, |o, p| shardcast::push(source, o, p))
+}
+
+/// Runs a push (plain or staged) with a progress bar on a terminal, prints its report and
+/// returns the exit code.
+fn run_with_progress(
+    opts: &PushOptions,
+    json: bool,
+    push: impl FnOnce(&PushOptions, Option<&shardcast::chain::Progress>) -> Result<shardcast::PushReport, PushError>,
+) -> u8 {
     use std::io::IsTerminal;
     let show = !json && std::io::stderr().is_terminal();
     let progress = shardcast::chain::Progress::default();
@@ -560,7 +596,7 @@ fn run_push(source: &std::path::Path, opts: &PushOptions, json: bool) -> u8 {
         if show {
             s.spawn(|| draw_progress(&progress, opts.to.len(), &done));
         }
-        let r = shardcast::push(source, opts, show.then_some(&progress));
+        let r = push(opts, show.then_some(&progress));
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         r
     });

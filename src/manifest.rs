@@ -12,7 +12,7 @@
 //! completed manifest, which every replica checks against the manifest it assembled. The source
 //! is read once, not twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -234,6 +234,101 @@ impl Manifest {
         Ok((Self::new(chunk_size, entries, vec![0; chunks as usize])?, index))
     }
 
+    /// The part of this manifest a node keeps when it wants only `wanted` entries: those
+    /// entries, the directories above them, with their digests. Returns it and, for each entry
+    /// of this manifest, its index in the part (None when left out).
+    pub fn subset(&self, wanted: &[u32]) -> Result<(Self, Vec<Option<usize>>), ManifestError> {
+        let mut keep = vec![false; self.entries.len()];
+        let index: HashMap<&str, usize> = self.entries.iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect();
+        for &w in wanted {
+            let w = w as usize;
+            let Some(e) = self.entries.get(w) else {
+                return Err(ManifestError::Invalid(format!("wanted entry {w} is past the end")));
+            };
+            keep[w] = true;
+            let mut path = e.path.as_str();
+            while let Some((parent, _)) = path.rsplit_once('/') {
+                if let Some(&p) = index.get(parent) {
+                    keep[p] = true;
+                }
+                path = parent;
+            }
+        }
+        let mut entries = Vec::new();
+        let mut digests = Vec::new();
+        let mut map = vec![None; self.entries.len()];
+        for (i, e) in self.entries.iter().enumerate() {
+            if keep[i] {
+                map[i] = Some(entries.len());
+                entries.push(e.clone());
+                let r = self.chunk_range(i);
+                digests.extend_from_slice(&self.digests[r.start as usize..r.end as usize]);
+            }
+        }
+        Ok((Self::new(self.chunk_size, entries, digests)?, map))
+    }
+
+    /// Describes and digests the given files under `root` (relative `/`-separated paths, each a
+    /// regular file; duplicates count once), with the directories above them, sorted by path.
+    /// Returns the manifest, each file's entry index (in the order given) and the path of every
+    /// file entry (as [`Manifest::scan`] does).
+    #[allow(clippy::type_complexity)]
+    pub fn for_files(
+        root: &Path,
+        files: &[String],
+        chunk_size: u32,
+    ) -> Result<(Self, Vec<usize>, Vec<(usize, PathBuf)>), ManifestError> {
+        let mut sorted: Vec<&str> = files.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut entries = Vec::new();
+        let mut paths = Vec::new();
+        let mut dirs = HashSet::new();
+        let mut index = HashMap::new();
+        let src_err = |path: PathBuf, source| ManifestError::Source { path, source };
+        for rel in sorted {
+            check_path(rel)?;
+            let mut at = 0;
+            while let Some(i) = rel[at..].find('/') {
+                let dir = &rel[..at + i];
+                if dirs.insert(dir.to_owned()) {
+                    let full = root.join(dir);
+                    let meta = fs::symlink_metadata(&full).map_err(|e| src_err(full.clone(), e))?;
+                    if !meta.is_dir() {
+                        return Err(ManifestError::Unsupported { path: full, what: file_type_name(&meta) });
+                    }
+                    entries.push(Entry {
+                        path: dir.to_owned(),
+                        kind: EntryKind::Dir,
+                        mode: meta.mode(),
+                        size: 0,
+                        first_chunk: 0,
+                    });
+                }
+                at += i + 1;
+            }
+            let full = root.join(rel);
+            let meta = fs::symlink_metadata(&full).map_err(|e| src_err(full.clone(), e))?;
+            if !meta.is_file() {
+                return Err(ManifestError::Unsupported { path: full, what: file_type_name(&meta) });
+            }
+            index.insert(rel, entries.len());
+            paths.push((entries.len(), full));
+            entries.push(Entry {
+                path: rel.to_owned(),
+                kind: EntryKind::File,
+                mode: meta.mode(),
+                size: meta.len(),
+                first_chunk: 0,
+            });
+        }
+        let chunks: u64 = entries.iter().map(|e| chunks_of(e.size, chunk_size)).sum();
+        let mut m = Self::new(chunk_size, entries, vec![0; chunks as usize])?;
+        m.digests = hash_files(&m.entries, &paths, chunk_size)?;
+        let order = files.iter().map(|f| index[f.as_str()]).collect();
+        Ok((m, order, paths))
+    }
+
     /// Records chunk `seq`'s digest (as a plan is filled in during a push).
     pub fn set_digest(&mut self, seq: u64, digest: Digest) {
         self.digests[seq as usize] = digest;
@@ -322,6 +417,13 @@ impl Manifest {
     fn decode_with(buf: &[u8], plan: bool) -> Result<Self, ManifestError> {
         let mut d = Dec::new(buf);
         let chunk_size = d.u32("chunk size")?;
+        // Checked before anything is sized from it (a plan's digest table is sized from the
+        // declared file sizes divided by the chunk size).
+        if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
+            return Err(ManifestError::Invalid(format!(
+                "chunk size {chunk_size} is outside {MIN_CHUNK}..={MAX_CHUNK}"
+            )));
+        }
         let n = d.count("entries", 17)?;
         if n > MAX_ENTRIES {
             return Err(ManifestError::Invalid(format!("{n} entries (limit {MAX_ENTRIES})")));

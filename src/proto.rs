@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{ErrorKind, NodeError};
 use crate::pool::SlotId;
+use crate::route::Route;
 use crate::wire::{Outcome, ReplicaReport};
 
 /// What a node is in the chain.
@@ -188,6 +189,7 @@ pub struct NodeMachine {
     end_sent: bool,
     acked_upstream: u64,
     finished: bool,
+    route: Route,
 }
 
 impl NodeMachine {
@@ -211,7 +213,25 @@ impl NodeMachine {
             end_sent: false,
             acked_upstream: 0,
             finished: false,
+            route: Route::everything(),
         }
+    }
+
+    /// Restricts the push on this node to its route: it dispatches only the chunks that pass
+    /// it, writes only those it stores (the others count as written here), and forwards only
+    /// those that go onward.
+    pub fn with_route(mut self, route: Route) -> Self {
+        if self.role == Role::Replica && !route.is_everything() {
+            for seq in 0..self.total {
+                if !route.here(seq) {
+                    self.written[(seq / 64) as usize] |= 1 << (seq % 64);
+                }
+            }
+            self.written_through = 0;
+            self.mark_through();
+        }
+        self.route = route;
+        self
     }
 
     /// Emits what a fresh push can do before any event (an empty push: END, or sync on a tail
@@ -252,7 +272,11 @@ impl NodeMachine {
         }
         match event {
             Event::ChunkReady { seq, slot } => {
-                if seq < self.next_dispatch || self.ready.insert(seq, slot).is_some() || seq >= self.total {
+                if seq < self.next_dispatch
+                    || seq >= self.total
+                    || !self.route.passes(seq)
+                    || self.ready.insert(seq, slot).is_some()
+                {
                     self.abort(ErrorKind::Protocol, format!("chunk {seq} arrived twice or out of range"), out);
                     return;
                 }
@@ -361,6 +385,10 @@ impl NodeMachine {
 
     fn mark_written(&mut self, seq: u64) {
         self.written[(seq / 64) as usize] |= 1 << (seq % 64);
+        self.mark_through();
+    }
+
+    fn mark_through(&mut self) {
         while self.written_through < self.total
             && self.written[(self.written_through / 64) as usize] & (1 << (self.written_through % 64)) != 0
         {
@@ -383,18 +411,20 @@ impl NodeMachine {
     }
 
     fn progress(&mut self, out: &mut Vec<Action>) {
-        // 1. Hand ready chunks on, in order.
-        while let Some(slot) = self.ready.remove(&self.next_dispatch) {
+        // 1. Hand ready chunks on, in order (skipping those that do not pass this node).
+        loop {
+            self.next_dispatch = self.route.next_passing(self.next_dispatch, self.total);
+            let Some(slot) = self.ready.remove(&self.next_dispatch) else { break };
             let seq = self.next_dispatch;
             self.next_dispatch += 1;
-            let forwarding = self.downstream_alive();
-            let writing = self.writes_local();
+            let forwarding = self.downstream_alive() && self.route.onward(seq);
+            let writing = self.writes_local() && self.route.here(seq);
             if forwarding {
                 out.push(Action::Forward { seq, slot });
             }
             if writing {
                 out.push(Action::Write { seq, slot });
-            } else if self.role == Role::Replica {
+            } else if self.role == Role::Replica && self.route.here(seq) {
                 // The local copy already failed: count the chunk as handled so that acks for
                 // the rest of the chain keep flowing.
                 self.mark_written(seq);

@@ -13,6 +13,7 @@ use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
 use crate::proto::Role;
+use crate::route::Route;
 use crate::store::check_name;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, Mode, Outcome, ReplicaReport};
@@ -169,7 +170,27 @@ pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> R
     let (manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
     let manifest_seconds = start.elapsed().as_secs_f64();
     let sources = open_sources(&manifest, paths)?;
-    run_push(manifest, sources, opts, progress, start, manifest_seconds)
+    run_push(manifest, sources, Vec::new(), opts, progress, start, manifest_seconds)
+}
+
+/// Pushes a routed shard set: `manifest` (complete with digests) describes the union of what
+/// the nodes want, `paths` where each of its files is on this node, and `wants` the entries each
+/// replica of `opts.to` wants (same order; None: all). Each replica publishes exactly its
+/// entries; a chunk travels only as far down the chain as the last replica that wants it.
+pub fn push_routed(
+    manifest: Manifest,
+    paths: Vec<(usize, PathBuf)>,
+    wants: Vec<Option<Vec<u32>>>,
+    opts: &PushOptions,
+    progress: Option<&Progress>,
+) -> Result<PushReport, PushError> {
+    let start = Instant::now();
+    check_options(opts)?;
+    if wants.len() != opts.to.len() {
+        return Err(PushError::BadInput(format!("{} want lists for {} replicas", wants.len(), opts.to.len())));
+    }
+    let sources = open_sources(&manifest, paths)?;
+    run_push(manifest, sources, wants, opts, progress, start, 0.0)
 }
 
 /// Pushes buffers held in memory, each published as the file at its relative path (nested paths
@@ -197,7 +218,7 @@ pub fn push_memory(
             sources[i] = Some(SourceData::Memory(data));
         }
     }
-    run_push(manifest, sources, opts, progress, start, 0.0)
+    run_push(manifest, sources, Vec::new(), opts, progress, start, 0.0)
 }
 
 fn check_options(opts: &PushOptions) -> Result<(), PushError> {
@@ -212,12 +233,18 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
 fn run_push(
     manifest: Manifest,
     files: Vec<Option<SourceData>>,
+    wants: Vec<Option<Vec<u32>>>,
     opts: &PushOptions,
     progress: Option<&Progress>,
     start: Instant,
     manifest_seconds: f64,
 ) -> Result<PushReport, PushError> {
-    let (bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
+    let (mut bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
+    // A routed push reads and sends only the chunks some replica wants.
+    let route = (!wants.is_empty()).then(|| Route::for_position(&crate::route::needs(&manifest, &wants), 0));
+    if let Some(r) = &route {
+        bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
+    }
     if let Some(p) = progress {
         use std::sync::atomic::Ordering::Relaxed;
         p.total_bytes.store(bytes, Relaxed);
@@ -248,6 +275,7 @@ fn run_push(
         you: first.clone(),
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
+        wants: wants.clone(),
     };
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
@@ -290,6 +318,10 @@ fn run_push(
         None,
         (None, dn_link),
     );
+    let session = match route {
+        Some(r) => session.with_route(r, None),
+        None => session,
+    };
     tracing::debug!(
         io = session.io_name(),
         pinned = session.pool_locked(),

@@ -15,6 +15,7 @@ use crate::io::IoChoice;
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::push::{connect, handshake};
+use crate::route::Route;
 use crate::store::Store;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
@@ -290,7 +291,18 @@ fn push_session(
     let me = hello.you.clone();
     let span = tracing::info_span!("push", name = %hello.name, version = hello.version, %peer);
     let _enter = span.enter();
-    let staging = match store.begin(&hello.name, hello.version, &hello.manifest) {
+    // A routed push (epoch staging): this node stores only the entries it wants.
+    let own = match hello.wants.first() {
+        Some(Some(wanted)) => match hello.manifest.subset(wanted) {
+            Ok((m, map)) => Some((map, m)),
+            Err(e) => {
+                let _ = reject(&mut conn, &me, NodeError::new(ErrorKind::BadManifest, e.to_string()));
+                return;
+            }
+        },
+        _ => None,
+    };
+    let staging = match store.begin(&hello.name, hello.version, own.as_ref().map_or(&hello.manifest, |(_, m)| m)) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("refused: {e}");
@@ -312,7 +324,12 @@ fn push_session(
                 return;
             }
         };
-        let onward = Hello { you: next.clone(), downstream: hello.downstream[1..].to_vec(), ..hello.clone() };
+        let onward = Hello {
+            you: next.clone(),
+            downstream: hello.downstream[1..].to_vec(),
+            wants: hello.wants.iter().skip(1).cloned().collect(),
+            ..hello.clone()
+        };
         let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
         if let Err(reports) = handshake(&mut stream, &onward, timeout) {
             tracing::warn!("downstream refused: {:?}", reports.first());
@@ -327,6 +344,8 @@ fn push_session(
         return;
     }
     let manifest = hello.manifest;
+    let route =
+        (!hello.wants.is_empty()).then(|| Route::for_position(&crate::route::needs(&manifest, &hello.wants), 1));
     tracing::info!(
         bytes = manifest.total_bytes(),
         chunks = manifest.chunk_count(),
@@ -398,6 +417,10 @@ fn push_session(
         Some(pools),
         (up_link, dn_link),
     );
+    let session = match route {
+        Some(route) => session.with_route(route, own),
+        None => session,
+    };
     let session = match &opts.metrics {
         Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
             m,

@@ -308,8 +308,13 @@ pub struct Hello {
     pub you: String,
     /// The nodes after the receiver, in chain order.
     pub downstream: Vec<String>,
-    /// The plan of the version: its manifest without digests (they travel with the chunks).
+    /// The version's manifest: a plan without digests (they travel with the chunks), or, in a
+    /// routed push, complete with every chunk's digest.
     pub manifest: Manifest,
+    /// A routed push: the manifest entries each node wants, the receiver first, then each node
+    /// after it in chain order (None: all of them). Empty: an ordinary push (everything to
+    /// everyone). Routed pushes carry every digest.
+    pub wants: Vec<Option<Vec<u32>>>,
 }
 
 impl Hello {
@@ -326,7 +331,21 @@ impl Hello {
         for node in &self.downstream {
             e.str(node);
         }
-        let manifest = self.manifest.encode_plan();
+        e.u64(self.wants.len() as u64);
+        for w in &self.wants {
+            match w {
+                None => {
+                    e.u8(0);
+                }
+                Some(list) => {
+                    e.u8(1).u64(list.len() as u64);
+                    for &i in list {
+                        e.u32(i);
+                    }
+                }
+            }
+        }
+        let manifest = if self.wants.is_empty() { self.manifest.encode_plan() } else { self.manifest.encode() };
         e.0.extend_from_slice(&manifest);
         e.0
     }
@@ -355,9 +374,39 @@ impl Hello {
         for _ in 0..n {
             downstream.push(d.str("downstream node").map_err(bad)?);
         }
-        let manifest = Manifest::decode_plan(&buf[buf.len() - d.remaining()..])
+        let n = d.count("wants", 1).map_err(bad)?;
+        if n != 0 && n != downstream.len() + 1 {
+            return Err(NodeError::new(
+                ErrorKind::Protocol,
+                format!("bad HELLO: wants for {n} nodes in a chain of {}", downstream.len() + 1),
+            ));
+        }
+        let mut wants = Vec::with_capacity(n);
+        for _ in 0..n {
+            wants.push(match d.u8("wants flag").map_err(bad)? {
+                0 => None,
+                1 => {
+                    let k = d.count("wanted entries", 4).map_err(bad)?;
+                    let mut list = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        list.push(d.u32("wanted entry").map_err(bad)?);
+                    }
+                    Some(list)
+                }
+                f => return Err(NodeError::new(ErrorKind::Protocol, format!("bad HELLO: wants flag {f}"))),
+            });
+        }
+        let rest = &buf[buf.len() - d.remaining()..];
+        let manifest = if wants.is_empty() { Manifest::decode_plan(rest) } else { Manifest::decode(rest) }
             .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
-        Ok(Self { name, version, mode, transport, keep, you, downstream, manifest })
+        let entries = manifest.entries().len();
+        if let Some(&i) = wants.iter().flatten().flatten().find(|&&i| i as usize >= entries) {
+            return Err(NodeError::new(
+                ErrorKind::BadManifest,
+                format!("a wanted entry ({i}) is past the manifest's {entries} entries"),
+            ));
+        }
+        Ok(Self { name, version, mode, transport, keep, you, downstream, manifest, wants })
     }
 }
 

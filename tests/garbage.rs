@@ -287,6 +287,7 @@ fn rogue_push(lie: Lie) {
         you: c.addr(0),
         downstream: vec![c.addr(1)],
         manifest: manifest.clone(),
+        wants: Vec::new(),
     };
     let mut s = connect(&c);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
