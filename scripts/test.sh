@@ -4,7 +4,11 @@
 #      (`cargo test --workspace --no-fail-fast`; the RDMA tests skip here, saying why);
 #   2. the Python package (ffi/python): `pip install ./ffi/python` into a venv under target/,
 #      then its unittest suite against real servers;
-#   3. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
+#   3. the torchrun example (ffi/python/examples/torchrun_train.py) under real torchrun with
+#      CPU PyTorch, in its own venv (target/torchvenv, kept between runs: PyTorch is ~5 GB
+#      installed); when the package index cannot give PyTorch, skipped with the reason printed.
+#      SHARDCAST_SKIP_TORCH=1 skips it on purpose;
+#   4. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
 #      the RDMA tests (tests/rdma.rs) over real verbs devices. When the guest cannot start
 #      (no qemu, no kernel package), this part is skipped with the reason printed; any other
 #      failure fails the suite. SHARDCAST_SKIP_RXE=1 skips it on purpose.
@@ -33,6 +37,30 @@ py_rc=0
 if [[ $py_rc -ne 0 ]]; then
     echo "test: Python package tests FAILED (exit $py_rc)"
     status=1
+fi
+
+echo "test: torchrun example with CPU PyTorch (target/torchvenv)"
+if [[ "${SHARDCAST_SKIP_TORCH:-0}" == 1 ]]; then
+    echo "test: torchrun example SKIPPED (SHARDCAST_SKIP_TORCH=1)"
+else
+    torch_rc=0
+    (
+        set -e
+        [[ -x target/torchvenv/bin/python ]] || python3 -m venv target/torchvenv
+        if ! target/torchvenv/bin/python -c "import torch" 2>/dev/null; then
+            # The PyPI wheel is the CUDA build; it runs on CPU-only machines. ~1 min from cache.
+            if ! target/torchvenv/bin/pip install -q torch numpy; then
+                echo "test: torchrun example SKIPPED: PyTorch could not be installed from the package index"
+                exit 0
+            fi
+        fi
+        SHARDCAST_CARGO_PROFILE=dev target/torchvenv/bin/pip install -q --force-reinstall --no-deps ./ffi/python
+        SHARDCAST_BIN="$PWD/target/debug/shardcast" target/torchvenv/bin/python -m unittest -v ffi/python/tests/test_torchrun.py
+    ) || torch_rc=$?
+    if [[ $torch_rc -ne 0 ]]; then
+        echo "test: torchrun example FAILED (exit $torch_rc)"
+        status=1
+    fi
 fi
 
 if [[ "${SHARDCAST_SKIP_RXE:-0}" == 1 ]]; then

@@ -319,6 +319,21 @@ int32_t sc_push_start_buffers(const struct sc_push_opts *opts,
                               struct sc_push **out);
 
 /**
+ * Starts staging the plan at `plan_path` (see `shardcast stage --help` for its TOML format)
+ * on a background thread and returns at once: every node of the plan gets exactly its files,
+ * published as the plan's NAME@VERSION. From `opts` only `connect_timeout_s`, `transport` and
+ * `keep` are used (name, version, chain and chunk size come from the plan). The handle is used
+ * like a push's.
+ *
+ * # Safety
+ * `opts` as for [`sc_push_start`] (its `source`, `name` and `to` may be NULL); `plan_path` is
+ * a NUL-terminated string; `out` is writable.
+ */
+int32_t sc_stage_start(const struct sc_push_opts *opts,
+                       const char *plan_path,
+                       struct sc_push **out);
+
+/**
  * Fills `out` with the push's progress. Never blocks.
  *
  * # Safety

@@ -397,6 +397,37 @@ pub unsafe extern "C" fn sc_push_start_buffers(
     })
 }
 
+/// Starts staging the plan at `plan_path` (see `shardcast stage --help` for its TOML format)
+/// on a background thread and returns at once: every node of the plan gets exactly its files,
+/// published as the plan's NAME@VERSION. From `opts` only `connect_timeout_s`, `transport` and
+/// `keep` are used (name, version, chain and chunk size come from the plan). The handle is used
+/// like a push's.
+///
+/// # Safety
+/// `opts` as for [`sc_push_start`] (its `source`, `name` and `to` may be NULL); `plan_path` is
+/// a NUL-terminated string; `out` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sc_stage_start(
+    opts: *const ScPushOpts,
+    plan_path: *const c_char,
+    out: *mut *mut ScPush,
+) -> i32 {
+    guard(|| {
+        if opts.is_null() || out.is_null() {
+            return Err(invalid("sc_stage_start: opts and out must not be NULL"));
+        }
+        // SAFETY: NUL-terminated by the caller's contract.
+        let path = unsafe { str_arg(plan_path, "plan_path") }?;
+        let plan = shardcast::stage::Plan::load(path.as_ref()).map_err(|e| (code_of(e.kind()), e.to_string()))?;
+        // SAFETY: non-NULL and valid by the caller's contract.
+        let o = unsafe { &*opts };
+        let mut po = PushOptions::new(plan.name.clone(), plan.version, plan.chain());
+        // SAFETY: the caller's contract.
+        unsafe { chain_options(o, &mut po) }?;
+        start(out, move |p| shardcast::stage::stage(&plan, &po, Some(p)))
+    })
+}
+
 /// Bytes lent by the caller of [`sc_push_start_buffers`] for the duration of the push.
 struct Borrowed {
     ptr: *const u8,
@@ -432,6 +463,16 @@ unsafe fn push_options(o: &ScPushOpts) -> Result<PushOptions, (i32, String)> {
     if o.chunk_size > 0 {
         po.chunk_size = o.chunk_size;
     }
+    // SAFETY: the caller's contract.
+    unsafe { chain_options(o, &mut po) }?;
+    Ok(po)
+}
+
+/// The options of `o` a push and a staging share: connect timeout, transport, retention.
+///
+/// # Safety
+/// `o.transport` is NULL or NUL-terminated.
+unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32, String)> {
     if o.connect_timeout_s > 0 {
         po.connect_timeout = Duration::from_secs(u64::from(o.connect_timeout_s));
     }
@@ -441,7 +482,7 @@ unsafe fn push_options(o: &ScPushOpts) -> Result<PushOptions, (i32, String)> {
         po.transport = t.parse().map_err(invalid)?;
     }
     po.keep = o.keep;
-    Ok(po)
+    Ok(())
 }
 
 /// Runs `push` on a new thread with the handle's progress, and stores the handle in `out`.

@@ -13,7 +13,9 @@ True
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -34,6 +36,8 @@ __all__ = [
     "serve",
     "push",
     "push_async",
+    "stage",
+    "stage_async",
     "version",
 ]
 
@@ -299,15 +303,84 @@ def push(
     if mode != "sync":
         raise ValueError(f"mode {mode!r}: only 'sync' is supported so far")
     with push_async(source, to, name, version, chunk_size=chunk_size, transport=transport, keep=keep) as h:
-        report = h.wait(timeout)
-        if report is None:
-            h.cancel()
-            try:
-                h.wait()
-            except ShardcastError:
-                pass
-            raise ShardcastError(f"push {name}@{version} did not finish within {timeout} s", kind="timeout", code=-21)
-        return report
+        return _finish(h, timeout, f"push {name}@{version}")
+
+
+def _finish(h: PushHandle, timeout: Optional[float], what: str) -> PushReport:
+    """Waits for ``h``; past ``timeout`` cancels it, waits for the cancel, and raises."""
+    report = h.wait(timeout)
+    if report is None:
+        h.cancel()
+        try:
+            h.wait()
+        except ShardcastError:
+            pass
+        raise ShardcastError(f"{what} did not finish within {timeout} s", kind="timeout", code=-21)
+    return report
+
+
+def _plan_toml(plan: Mapping) -> str:
+    """A plan dict as TOML (the schema is flat: strings, integers, and [[node]] tables)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool) or not isinstance(v, (str, int, os.PathLike, list, tuple)):
+            raise TypeError(f"plan value {v!r}: expected a string, an integer or a list of strings")
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(os.fspath(v))  # a JSON string is a valid TOML basic string
+
+    lines = [f"{k} = {value(v)}" for k, v in plan.items() if k != "node"]
+    for node in plan.get("node", []):
+        lines.append("[[node]]")
+        lines += [f"{k} = {value(v)}" for k, v in node.items()]
+    return "\n".join(lines) + "\n"
+
+
+def stage_async(
+    plan: Union[PathLike, Mapping],
+    transport: str = "auto",
+    connect_timeout: float = 0,
+    keep: int = 0,
+) -> PushHandle:
+    """Starts staging an epoch's shards and returns at once (use the handle like a push's).
+
+    ``plan`` is a plan file (TOML, see ``shardcast stage --help``) or the same as a dict::
+
+        {"name": "train", "version": epoch, "source": "/datasets/train",
+         "node": [{"addr": "node1:7071", "files": ["shard-0.tar", "shard-1.tar"]},
+                  {"addr": "node2:7071", "files": ["shard-1.tar", "shard-2.tar"]}]}
+
+    Every node gets exactly its files, published as ``name@version``; each chunk travels down
+    the chain (the nodes in order) only as far as the last node that wants it."""
+    opts = _native.PushOpts(None, None, 0, None, 0, int(connect_timeout), transport.encode(), int(keep))
+    h = ctypes.c_void_p()
+    if isinstance(plan, Mapping):
+        plan = dict(plan)
+        if not os.path.isabs(os.fspath(plan.get("source", "."))):
+            plan["source"] = os.path.abspath(os.fspath(plan.get("source", ".")))
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="shardcast-plan-") as f:
+            f.write(_plan_toml(plan))
+            f.flush()
+            rc = lib.sc_stage_start(ctypes.byref(opts), os.fsencode(f.name), ctypes.byref(h))
+    else:
+        rc = lib.sc_stage_start(ctypes.byref(opts), os.fsencode(plan), ctypes.byref(h))
+    if rc != _native.SC_OK:
+        _raise(rc, "sc_stage_start failed")
+    return PushHandle(h)
+
+
+def stage(
+    plan: Union[PathLike, Mapping],
+    timeout: Optional[float] = None,
+    transport: str = "auto",
+    keep: int = 0,
+) -> PushReport:
+    """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
+    files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""
+    with stage_async(plan, transport=transport, keep=keep) as h:
+        return _finish(h, timeout, "staging")
 
 
 class Server:

@@ -110,6 +110,7 @@ def _load() -> ctypes.CDLL:
         "sc_server_addr": ([ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32),
         "sc_server_stop": ([ctypes.c_void_p], ctypes.c_int32),
         "sc_push_start": ([p(PushOpts), p(ctypes.c_void_p)], ctypes.c_int32),
+        "sc_stage_start": ([p(PushOpts), ctypes.c_char_p, p(ctypes.c_void_p)], ctypes.c_int32),
         "sc_push_start_buffers": ([p(PushOpts), p(Buffer), ctypes.c_size_t, p(ctypes.c_void_p)], ctypes.c_int32),
         "sc_push_poll": ([ctypes.c_void_p, p(Progress)], ctypes.c_int32),
         "sc_push_wait": ([ctypes.c_void_p, ctypes.c_uint32], ctypes.c_int32),

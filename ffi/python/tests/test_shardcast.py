@@ -131,6 +131,31 @@ class PushTests(unittest.TestCase):
         if arr is not None:
             self.assertEqual((out / "tensor.f32").read_bytes(), arr.tobytes())
 
+    def test_stage_gives_each_node_its_files(self):
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "s0") as s0, shardcast.serve(
+            "127.0.0.1:0", root=self.tmp / "s1"
+        ) as s1:
+            plan = {
+                "name": "shards",
+                "version": 4,
+                "source": self.src,
+                "chunk_size": "1MiB",
+                "node": [
+                    {"addr": s0.addr, "files": ["weights.bin"]},
+                    {"addr": s1.addr, "files": ["sub/opt.bin", "weights.bin"]},
+                ],
+            }
+            report = shardcast.stage(plan, timeout=60)
+            self.assertTrue(report.ok)
+            self.assertEqual([r.node for r in report.replicas], [s0.addr, s1.addr])
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.stage({**plan, "version": 5, "node": [{"addr": s0.addr, "files": ["nope.bin"]}]})
+            self.assertIn("nope.bin", str(cm.exception))
+        n0, n1 = self.tmp / "s0" / "shards" / "4", self.tmp / "s1" / "shards" / "4"
+        self.assertEqual(sorted(p.name for p in n0.rglob("*") if p.is_file()), ["weights.bin"])
+        self.assertEqual((n0 / "weights.bin").read_bytes(), (self.src / "weights.bin").read_bytes())
+        self.assertTrue(same_tree(self.src, n1))
+
     def test_bad_buffers_are_refused_before_anything_moves(self):
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "rx") as srv:
             strided = memoryview(bytes(100))[::2]
