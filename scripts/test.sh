@@ -4,11 +4,13 @@
 #      (`cargo test --workspace --no-fail-fast`; the RDMA tests skip here, saying why);
 #   2. the Python package (ffi/python): `pip install ./ffi/python` into a venv under target/,
 #      then its unittest suite against real servers;
-#   3. the torchrun example (ffi/python/examples/torchrun_train.py) under real torchrun with
+#   3. a short fuzzing run (scripts/fuzz.sh, ~10 s per target, stable Rust, --sanitizer none) of
+#      the frame decoder, the handshake and the manifest parser;
+#   4. the torchrun example (ffi/python/examples/torchrun_train.py) under real torchrun with
 #      CPU PyTorch, in its own venv (target/torchvenv, kept between runs: PyTorch is ~5 GB
 #      installed); when the package index cannot give PyTorch, skipped with the reason printed.
 #      SHARDCAST_SKIP_TORCH=1 skips it on purpose;
-#   4. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
+#   5. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
 #      the RDMA tests (tests/rdma.rs) over real verbs devices. When the guest cannot start
 #      (no qemu, no kernel package), this part is skipped with the reason printed; any other
 #      failure fails the suite. SHARDCAST_SKIP_RXE=1 skips it on purpose.
@@ -36,6 +38,12 @@ py_rc=0
 ) || py_rc=$?
 if [[ $py_rc -ne 0 ]]; then
     echo "test: Python package tests FAILED (exit $py_rc)"
+    status=1
+fi
+
+echo "test: short fuzzing run (scripts/fuzz.sh)"
+if ! FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz.sh; then
+    echo "test: fuzzing FAILED (a crash, or the fuzz build failed)"
     status=1
 fi
 

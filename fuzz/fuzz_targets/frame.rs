@@ -1,0 +1,61 @@
+//! The frame decoder and every control payload decoder a peer's bytes reach.
+//!
+//! The input is what a peer sends on a connection: a 40-byte header, then the payload. The
+//! payload decoders also run on the raw input, so they are fuzzed even by inputs whose header
+//! does not decode. What decodes must re-encode to the same value.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shardcast::wire::{self, HEADER_LEN, Header, Kind};
+
+#[global_allocator]
+static ALLOC: shardcast_fuzz::CappedAlloc = shardcast_fuzz::CappedAlloc;
+
+fn payloads(kind: Option<Kind>, payload: &[u8]) {
+    // `None`: raw input, every decoder; `Some(kind)`: the decoder a frame of that kind reaches.
+    let runs = |k: Kind| kind.is_none_or(|kind| kind == k);
+    if (runs(Kind::Reject) || runs(Kind::Result))
+        && let Ok(reports) = wire::decode_reports(payload)
+    {
+        assert_eq!(wire::decode_reports(&wire::encode_reports(&reports)).unwrap(), reports);
+    }
+    if runs(Kind::StatusResp)
+        && let Ok(sets) = wire::decode_status(payload)
+    {
+        assert_eq!(wire::decode_status(&wire::encode_status(&sets)).unwrap(), sets);
+    }
+    if runs(Kind::Transport)
+        && let Ok(msg) = wire::TransportMsg::decode(payload)
+    {
+        assert_eq!(wire::TransportMsg::decode(&msg.encode()).unwrap(), msg);
+    }
+    if runs(Kind::Credit)
+        && let Ok(slots) = wire::decode_credits(payload)
+    {
+        let mut out = Vec::new();
+        wire::encode_credits(&slots, &mut out);
+        assert_eq!(out, payload, "CREDIT payload does not re-encode to itself");
+    }
+    if runs(Kind::Hello)
+        && let Ok(hello) = wire::Hello::decode(payload)
+    {
+        shardcast_fuzz::check_manifest(&hello.manifest);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(first) = data.first_chunk::<HEADER_LEN>()
+        && let Ok(h) = Header::decode(first)
+    {
+        assert!(h.len <= h.kind.max_len());
+        assert_eq!(Header::decode(&h.to_bytes()), Ok(h));
+    }
+    let mut reader = data;
+    if let Ok(frame) = wire::read_frame(&mut reader) {
+        assert_ne!(frame.header.kind, Kind::Chunk, "read_frame let a CHUNK through");
+        assert_eq!(frame.payload.len(), frame.header.len as usize);
+        assert_eq!(&data[HEADER_LEN..HEADER_LEN + frame.payload.len()], &frame.payload[..]);
+        payloads(Some(frame.header.kind), &frame.payload);
+    }
+    payloads(None, data);
+});
