@@ -266,6 +266,8 @@ pub struct Session<'a> {
     /// A replica that stores part of the push: its staging entry for each manifest entry, and
     /// the manifest it publishes.
     own: Option<(Vec<Option<usize>>, Manifest)>,
+    /// Chunks this replica already held, being copied into staging: joined before syncing.
+    prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     ack_counted: u64,
     ack_bytes: u64,
@@ -352,7 +354,18 @@ impl<'a> Session<'a> {
             own: None,
             ack_counted: 0,
             ack_bytes: 0,
+            prefill: None,
         }
+    }
+
+    /// Chunks held from an earlier version are being copied into staging by `prefill`; the
+    /// session waits for it before syncing, and fails the node if the copy failed.
+    pub fn with_prefill(
+        mut self,
+        prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
+    ) -> Self {
+        self.prefill = prefill;
+        self
     }
 
     /// Restricts this node to its route in a routed push, whose manifest carries every digest.
@@ -557,6 +570,15 @@ impl<'a> Session<'a> {
                 }
             }
             Action::Sync => {
+                let copied = match self.prefill.take().map(std::thread::JoinHandle::join) {
+                    None | Some(Ok(Ok(()))) => Ok(()),
+                    Some(Ok(Err(e))) => Err(e.to_node_error()),
+                    Some(Err(_)) => Err(NodeError::new(ErrorKind::Io, "the copy of held chunks panicked")),
+                };
+                if let Err(e) = copied {
+                    self.events.push_back(Event::SyncDone { result: Err(e) });
+                    return;
+                }
                 let Local::Staging(Some(st)) = &mut self.local else { unreachable!("only replicas sync") };
                 let result = st.sync().map_err(|e| e.to_node_error());
                 self.events.push_back(Event::SyncDone { result });
@@ -651,7 +673,8 @@ impl<'a> Session<'a> {
             let Some(slot) = self.pool.lease() else { break };
             let seq = self.next_read;
             let c = self.manifest.chunk(seq).expect("in range");
-            self.next_read += 1;
+            // Routed: only the chunks some node downstream needs.
+            self.next_read = self.route.next_passing(seq + 1, self.manifest.chunk_count());
             let Local::Source(sources) = &self.local else { unreachable!("checked by the loop") };
             match sources[c.entry].as_ref().expect("entries with chunks have a source") {
                 SourceData::File(file) => {

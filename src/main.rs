@@ -144,6 +144,11 @@ enum Cmd {
         /// the current one never (default: each replica's `serve --keep`).
         #[arg(long, env = "SHARDCAST_PUSH_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
         keep: Option<u32>,
+        /// Hash the source first, so that each replica receives only the chunks its current
+        /// version of NAME does not already have (the rest it copies locally): for a checkpoint
+        /// that changed in places, or a re-push after a failure.
+        #[arg(long, env = "SHARDCAST_PUSH_INCREMENTAL")]
+        incremental: bool,
         /// Print one JSON object instead of text.
         #[arg(long, env = "SHARDCAST_PUSH_JSON")]
         json: bool,
@@ -180,6 +185,10 @@ enum Cmd {
         /// newer one is published (default: each replica's `serve --keep`).
         #[arg(long, env = "SHARDCAST_MIRROR_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
         keep: Option<u32>,
+        /// Send each replica only the chunks its previous checkpoint does not have (hashes each
+        /// checkpoint first): worth it when checkpoints change in places.
+        #[arg(long, env = "SHARDCAST_MIRROR_INCREMENTAL")]
+        incremental: bool,
     },
     /// Stage an epoch's dataset shards: every node gets exactly the files a plan assigns it,
     /// published there as NAME@VERSION, each chunk sent only as far down the chain as needed.
@@ -398,6 +407,7 @@ fn main() -> ExitCode {
             connect_timeout,
             idle_timeout,
             keep,
+            incremental,
             json,
         } => {
             init_logging(&cli.log_format, "warn");
@@ -412,6 +422,7 @@ fn main() -> ExitCode {
             opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
             opts.keep = keep.unwrap_or(0);
+            opts.incremental = incremental;
             run_push(&source, &opts, json)
         }
         Cmd::Stage { plan, transport, rdma, connect_timeout, keep, json } => {
@@ -483,12 +494,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Mirror { watch, name, to, marker, interval_ms, once, chunk_size, transport, keep } => {
+        Cmd::Mirror { watch, name, to, marker, interval_ms, once, chunk_size, transport, keep, incremental } => {
             init_logging(&cli.log_format, "warn");
             let mut push = PushOptions::new(name, 0, to);
             push.chunk_size = chunk_size;
             push.transport = transport;
             push.keep = keep.unwrap_or(0);
+            push.incremental = incremental;
             if !watch.is_dir() {
                 eprintln!("error: --watch {}: not a directory", watch.display());
                 return ExitCode::from(EXIT_USAGE);

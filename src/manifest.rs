@@ -329,6 +329,13 @@ impl Manifest {
         Ok((m, order, paths))
     }
 
+    /// Fills in every digest of a plan from its files (`files` as [`Manifest::scan`] returns
+    /// them), hashing on every core.
+    pub fn hash(&mut self, files: &[(usize, PathBuf)]) -> Result<(), ManifestError> {
+        self.digests = hash_files(&self.entries, files, self.chunk_size)?;
+        Ok(())
+    }
+
     /// Records chunk `seq`'s digest (as a plan is filled in during a push).
     pub fn set_digest(&mut self, seq: u64, digest: Digest) {
         self.digests[seq as usize] = digest;

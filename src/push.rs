@@ -46,6 +46,9 @@ pub struct PushOptions {
     /// Versions of this name each replica keeps once this one is published (0: the replica's
     /// `--keep`).
     pub keep: u32,
+    /// Hash the source before sending, so that each replica can say which chunks its current
+    /// version already has and only the others travel (a checkpoint after a checkpoint).
+    pub incremental: bool,
 }
 
 impl PushOptions {
@@ -64,6 +67,7 @@ impl PushOptions {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             keep: 0,
+            incremental: false,
         }
     }
 }
@@ -124,7 +128,12 @@ pub(crate) fn connect(node: &str, timeout: Duration) -> Result<TcpStream, NodeEr
 }
 
 /// Sends HELLO to the first node and waits for the whole chain's answer.
-pub(crate) fn handshake(stream: &mut TcpStream, hello: &Hello, timeout: Duration) -> Result<(), Vec<ReplicaReport>> {
+/// Returns ACCEPT's payload (a routed push's have-sets; empty otherwise).
+pub(crate) fn handshake(
+    stream: &mut TcpStream,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<Vec<u8>, Vec<ReplicaReport>> {
     let node = hello.you.clone();
     let lost = |e: &dyn std::fmt::Display| {
         vec![ReplicaReport::failed(
@@ -145,7 +154,7 @@ pub(crate) fn handshake(stream: &mut TcpStream, hello: &Hello, timeout: Duration
     })?;
     stream.set_read_timeout(None).map_err(|e| lost(&e))?;
     match frame.header.kind {
-        Kind::Accept => Ok(()),
+        Kind::Accept => Ok(frame.payload),
         Kind::Reject => Err(wire::decode_reports(&frame.payload).unwrap_or_else(|e| {
             vec![ReplicaReport::failed(
                 &node,
@@ -167,10 +176,13 @@ pub(crate) fn handshake(stream: &mut TcpStream, hello: &Hello, timeout: Duration
 pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
     let start = Instant::now();
     check_options(opts)?;
-    let (manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
+    let (mut manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
+    if opts.incremental {
+        manifest.hash(&paths)?;
+    }
     let manifest_seconds = start.elapsed().as_secs_f64();
     let sources = open_sources(&manifest, paths)?;
-    run_push(manifest, sources, Vec::new(), opts, progress, start, manifest_seconds)
+    run_push(manifest, sources, everyone(opts), opts, progress, start, manifest_seconds)
 }
 
 /// Pushes a routed shard set: `manifest` (complete with digests) describes the union of what
@@ -218,7 +230,22 @@ pub fn push_memory(
             sources[i] = Some(SourceData::Memory(data));
         }
     }
-    run_push(manifest, sources, Vec::new(), opts, progress, start, 0.0)
+    let mut manifest = manifest;
+    if opts.incremental {
+        for seq in 0..manifest.chunk_count() {
+            let c = manifest.chunk(seq).expect("in range");
+            let Some(SourceData::Memory(m)) = &sources[c.entry] else { unreachable!("buffers only") };
+            let bytes = &(**m).as_ref()[c.offset as usize..c.offset as usize + c.len as usize];
+            manifest.set_digest(seq, crate::manifest::digest(bytes));
+        }
+    }
+    run_push(manifest, sources, everyone(opts), opts, progress, start, 0.0)
+}
+
+/// An incremental push is routed with every replica wanting everything (its have-set does the
+/// rest); an ordinary push is not routed.
+fn everyone(opts: &PushOptions) -> Vec<Option<Vec<u32>>> {
+    if opts.incremental { vec![None; opts.to.len()] } else { Vec::new() }
 }
 
 fn check_options(opts: &PushOptions) -> Result<(), PushError> {
@@ -240,11 +267,6 @@ fn run_push(
     manifest_seconds: f64,
 ) -> Result<PushReport, PushError> {
     let (mut bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
-    // A routed push reads and sends only the chunks some replica wants.
-    let route = (!wants.is_empty()).then(|| Route::for_position(&crate::route::needs(&manifest, &wants), 0));
-    if let Some(r) = &route {
-        bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
-    }
     if let Some(p) = progress {
         use std::sync::atomic::Ordering::Relaxed;
         p.total_bytes.store(bytes, Relaxed);
@@ -280,13 +302,33 @@ fn run_push(
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
     let chain_timeout = opts.connect_timeout * (opts.to.len() as u32 + 1);
-    if let Err(reports) = handshake(&mut stream, &hello, chain_timeout) {
-        let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
-            ReplicaReport::failed(&first, NodeError::new(ErrorKind::Protocol, "refused without a reason"))
-        });
-        let Outcome::Failed(error) = r.outcome else { unreachable!("filtered above") };
-        return Err(PushError::Node { node: r.node, error });
-    }
+    let accept = match handshake(&mut stream, &hello, chain_timeout) {
+        Ok(payload) => payload,
+        Err(reports) => {
+            let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
+                ReplicaReport::failed(&first, NodeError::new(ErrorKind::Protocol, "refused without a reason"))
+            });
+            let Outcome::Failed(error) = r.outcome else { unreachable!("filtered above") };
+            return Err(PushError::Node { node: r.node, error });
+        }
+    };
+    // A routed push reads and sends only the chunks some replica wants and does not hold yet.
+    let route = if wants.is_empty() {
+        None
+    } else {
+        let haves = wire::decode_haves(&accept, chunks).ok().filter(|h| h.len() == opts.to.len()).ok_or_else(|| {
+            PushError::Node {
+                node: first.clone(),
+                error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
+            }
+        })?;
+        let r = Route::for_position(&crate::route::needs(&manifest, &wants, &haves), 0);
+        bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
+        if let Some(p) = progress {
+            p.total_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(r)
+    };
 
     let cfg = SessionConfig {
         pool_bytes: opts.pool_bytes,

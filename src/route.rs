@@ -73,6 +73,15 @@ impl ChunkSet {
         }
     }
 
+    /// Removes every chunk of the `(start, len)` ranges.
+    pub fn remove_ranges(&mut self, ranges: &[(u64, u64)]) {
+        for &(start, len) in ranges {
+            for seq in start..start.saturating_add(len).min(self.total) {
+                self.remove(seq);
+            }
+        }
+    }
+
     /// Number of chunks in the set.
     pub fn len(&self) -> u64 {
         self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -84,13 +93,21 @@ impl ChunkSet {
     }
 }
 
-/// Each node's needed chunks from the entries it wants (None: all of them), in chain order.
-pub fn needs(manifest: &Manifest, wants: &[Option<Vec<u32>>]) -> Vec<ChunkSet> {
+/// Each node's needed chunks, in chain order: those of the entries it wants (None: all of them)
+/// less those it already holds (`haves`, when known: one list of ranges per node).
+pub fn needs(manifest: &Manifest, wants: &[Option<Vec<u32>>], haves: &[Vec<(u64, u64)>]) -> Vec<ChunkSet> {
     wants
         .iter()
-        .map(|w| match w {
-            None => ChunkSet::full(manifest.chunk_count()),
-            Some(list) => ChunkSet::of_entries(manifest, list),
+        .enumerate()
+        .map(|(i, w)| {
+            let mut set = match w {
+                None => ChunkSet::full(manifest.chunk_count()),
+                Some(list) => ChunkSet::of_entries(manifest, list),
+            };
+            if let Some(h) = haves.get(i) {
+                set.remove_ranges(h);
+            }
+            set
         })
         .collect()
 }

@@ -310,8 +310,21 @@ fn push_session(
             return;
         }
     };
+    let routed = !hello.wants.is_empty();
+    // A routed push also says which of its chunks this node already holds (its current version
+    // of the name): those do not travel here, they are copied locally.
+    let (held, copies) = match (routed, store.current_manifest(&hello.name)) {
+        (true, Some((v, old, dir))) => {
+            let wanted = hello.wants.first().and_then(Option::as_deref);
+            let r = crate::store::find_reuse(&hello.manifest, wanted, own.as_ref().map(|(m, _)| &m[..]), &old, &dir);
+            tracing::info!(from = v, chunks = r.0.iter().map(|x| x.1).sum::<u64>(), "chunks already held");
+            r
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
     // Onward connection, then the rest of the chain's answer, before accepting.
     let mut down = None;
+    let mut haves = vec![held];
     if let Some(next) = hello.downstream.first() {
         // On a refusal the reservation is dropped before answering, so that the caller can
         // retry the same version at once.
@@ -331,21 +344,49 @@ fn push_session(
             ..hello.clone()
         };
         let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
-        if let Err(reports) = handshake(&mut stream, &onward, timeout) {
-            tracing::warn!("downstream refused: {:?}", reports.first());
-            drop(staging);
-            let _ = reject_reports(&mut conn, &reports);
-            return;
+        match handshake(&mut stream, &onward, timeout) {
+            Ok(payload) if !routed => drop(payload),
+            Ok(payload) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
+                Ok(h) if h.len() == hello.downstream.len() => haves.extend(h),
+                _ => {
+                    drop(staging);
+                    let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
+                    let _ = reject(&mut conn, next, e);
+                    return;
+                }
+            },
+            Err(reports) => {
+                tracing::warn!("downstream refused: {:?}", reports.first());
+                drop(staging);
+                let _ = reject_reports(&mut conn, &reports);
+                return;
+            }
         }
         down = Some(stream);
     }
-    if let Err(e) = wire::write_frame(&mut conn, Kind::Accept, 0, &[]) {
+    let accept = if routed { wire::encode_haves(&haves) } else { Vec::new() };
+    if let Err(e) = wire::write_frame(&mut conn, Kind::Accept, 0, &accept) {
         tracing::warn!("upstream went away before the push started: {e}");
         return;
     }
     let manifest = hello.manifest;
-    let route =
-        (!hello.wants.is_empty()).then(|| Route::for_position(&crate::route::needs(&manifest, &hello.wants), 1));
+    let route = routed.then(|| Route::for_position(&crate::route::needs(&manifest, &hello.wants, &haves), 1));
+    let prefill = if copies.is_empty() {
+        None
+    } else {
+        match staging.spawn_reuse(copies) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("cannot reuse held chunks: {e}");
+                let reports = std::iter::once(me.as_str())
+                    .chain(hello.downstream.iter().map(String::as_str))
+                    .map(|n| ReplicaReport::failed(n, e.to_node_error()))
+                    .collect::<Vec<_>>();
+                let _ = wire::write_frame(&mut conn, Kind::Result, 0, &wire::encode_reports(&reports));
+                return;
+            }
+        }
+    };
     tracing::info!(
         bytes = manifest.total_bytes(),
         chunks = manifest.chunk_count(),
@@ -418,7 +459,7 @@ fn push_session(
         (up_link, dn_link),
     );
     let session = match route {
-        Some(route) => session.with_route(route, own),
+        Some(route) => session.with_route(route, own).with_prefill(prefill),
         None => session,
     };
     let session = match &opts.metrics {

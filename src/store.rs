@@ -79,6 +79,15 @@ impl Store {
         self.root.join(name).join(format!("{version}.{MANIFEST_EXT}"))
     }
 
+    /// The current published version of `name` and its manifest, if any (an unreadable or
+    /// damaged manifest counts as none: its chunks are then simply sent again).
+    pub fn current_manifest(&self, name: &str) -> Option<(u64, Manifest, PathBuf)> {
+        let v = read_current(&self.root.join(name))?;
+        let bytes = fs::read(self.manifest_path(name, v)).ok()?;
+        let m = Manifest::decode(&bytes).ok()?;
+        Some((v, m, self.root.join(name).join(v.to_string())))
+    }
+
     /// Whether `name@version` is published.
     pub fn exists(&self, name: &str, version: u64) -> bool {
         self.manifest_path(name, version).exists()
@@ -206,6 +215,126 @@ fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// Bytes of an earlier published version copied into staging instead of received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reuse {
+    /// The published file they come from.
+    pub from: PathBuf,
+    /// The staging entry they go to.
+    pub entry: usize,
+    /// Byte offset (the same in both files).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Which chunks of the push described by `manifest` a node already holds in its current version
+/// (`old`, published under `old_dir`): a chunk counts when the file at the same path has, at the
+/// same chunk index, a chunk of the same length and digest (same chunk size). `wanted`: the
+/// entries this node stores (None: all); `map`: their staging entry indices (None: the same).
+/// Returns the held chunks as `(start, len)` ranges of `manifest`'s chunk numbers, and the
+/// copies that fill them in.
+pub fn find_reuse(
+    manifest: &Manifest,
+    wanted: Option<&[u32]>,
+    map: Option<&[Option<usize>]>,
+    old: &Manifest,
+    old_dir: &Path,
+) -> (Vec<(u64, u64)>, Vec<Reuse>) {
+    let (mut held, mut copies) = (Vec::new(), Vec::new());
+    if old.chunk_size() != manifest.chunk_size() {
+        return (held, copies);
+    }
+    let old_index: std::collections::HashMap<&str, usize> =
+        old.entries().iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect();
+    let all: Vec<u32>;
+    let wanted = match wanted {
+        Some(w) => w,
+        None => {
+            all = (0..manifest.entries().len() as u32).collect();
+            &all
+        }
+    };
+    let cs = u64::from(manifest.chunk_size());
+    for &e in wanted {
+        let e = e as usize;
+        let entry = &manifest.entries()[e];
+        let Some(&oi) = old_index.get(entry.path.as_str()) else { continue };
+        if entry.kind != EntryKind::File || old.entries()[oi].kind != EntryKind::File {
+            continue;
+        }
+        let (new_r, old_r) = (manifest.chunk_range(e), old.chunk_range(oi));
+        let staging_entry = map.map_or(Some(e), |m| m[e]).expect("a wanted entry is staged");
+        let mut run: Option<(u64, u64)> = None; // (first chunk index in file, count)
+        let flush = |run: (u64, u64), held: &mut Vec<(u64, u64)>, copies: &mut Vec<Reuse>| {
+            held.push((new_r.start + run.0, run.1));
+            let offset = run.0 * cs;
+            let end = ((run.0 + run.1) * cs).min(entry.size);
+            copies.push(Reuse { from: old_dir.join(&entry.path), entry: staging_entry, offset, len: end - offset });
+        };
+        for i in 0..(new_r.end - new_r.start) {
+            let same = old_r.start + i < old_r.end && {
+                let (a, b) = (manifest.chunk(new_r.start + i), old.chunk(old_r.start + i));
+                a.zip(b).is_some_and(|(a, b)| a.len == b.len && a.digest == b.digest)
+            };
+            run = match (run, same) {
+                (Some((s, n)), true) => Some((s, n + 1)),
+                (None, true) => Some((i, 1)),
+                (Some(r), false) => {
+                    flush(r, &mut held, &mut copies);
+                    None
+                }
+                (None, false) => None,
+            };
+        }
+        if let Some(r) = run {
+            flush(r, &mut held, &mut copies);
+        }
+    }
+    (held, copies)
+}
+
+/// Copies `len` bytes at `offset` from `src` to the same offset of `dst`: copy_file_range (a
+/// reflink or an in-kernel copy where the filesystem can), else read and write.
+fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (mut done, mut kernel) = (0u64, true);
+    let mut buf = Vec::new();
+    while done < len {
+        let (mut off_in, mut off_out) = ((offset + done) as libc::loff_t, (offset + done) as libc::loff_t);
+        let want = (len - done).min(1 << 30) as usize;
+        if kernel {
+            // SAFETY: valid descriptors and offsets we own; no memory is passed.
+            let n =
+                unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+            match n {
+                n if n > 0 => {
+                    done += n as u64;
+                    continue;
+                }
+                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the earlier version is shorter")),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => kernel = false,
+                        Some(libc::EINTR) => {}
+                        _ => return Err(e),
+                    }
+                    continue;
+                }
+            }
+        }
+        use std::os::unix::fs::FileExt;
+        buf.resize(want.min(1 << 20), 0);
+        let n = src.read_at(&mut buf, offset + done)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the earlier version is shorter"));
+        }
+        dst.write_all_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// A version being received. Dropped without [`Staging::publish`], it removes itself.
 #[derive(Debug)]
 pub struct Staging {
@@ -255,6 +384,36 @@ impl Staging {
     /// The descriptor chunks of entry `i` are written to.
     pub fn fd(&self, entry: usize) -> Option<RawFd> {
         self.files.get(entry)?.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Starts copying `copies` (chunks this node already holds) into the staged files on a
+    /// thread; the push joins it before syncing. The ranges never overlap what is received.
+    pub fn spawn_reuse(
+        &self,
+        copies: Vec<Reuse>,
+    ) -> Result<std::thread::JoinHandle<Result<(), StoreError>>, StoreError> {
+        let mut jobs = Vec::with_capacity(copies.len());
+        for c in copies {
+            let f = self.files.get(c.entry).and_then(Option::as_ref).ok_or_else(|| {
+                StoreError::io(
+                    format!("no staged file for entry {}", c.entry),
+                    io::Error::other("not a file with data"),
+                )
+            })?;
+            let f = f.try_clone().map_err(|e| StoreError::io("cannot duplicate a staged file", e))?;
+            jobs.push((c, f));
+        }
+        std::thread::Builder::new()
+            .name("shardcast-reuse".into())
+            .spawn(move || {
+                for (c, dst) in jobs {
+                    let err = |e| StoreError::io(format!("cannot copy held chunks from {}", c.from.display()), e);
+                    let src = File::open(&c.from).map_err(err)?;
+                    copy_range(&src, &dst, c.offset, c.len).map_err(err)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| StoreError::io("cannot start a thread", e))
     }
 
     /// Applies modes and fsyncs every file and directory.

@@ -59,7 +59,10 @@ pub enum Kind {
     Credit = 11,
 }
 
-/// The largest TRANSPORT payload.
+/// Largest ACCEPT payload: a routed push's held-chunk ranges (16 bytes a range; at worst every
+/// other chunk of a large push on each node).
+pub const MAX_HAVES: u32 = 64 << 20;
+/// Largest TRANSPORT payload.
 pub const MAX_TRANSPORT: u32 = 64 << 10;
 /// The largest CREDIT payload (every slot of a pool, twice over).
 pub const MAX_CREDIT: u32 = 4 << 16;
@@ -109,7 +112,8 @@ impl Kind {
             Self::StatusResp => MAX_STATUS,
             Self::Transport => MAX_TRANSPORT,
             Self::Credit => MAX_CREDIT,
-            Self::Accept | Self::End | Self::Ack | Self::StatusReq => 0,
+            Self::Accept => MAX_HAVES,
+            Self::End | Self::Ack | Self::StatusReq => 0,
         }
     }
 }
@@ -408,6 +412,42 @@ impl Hello {
         }
         Ok(Self { name, version, mode, transport, keep, you, downstream, manifest, wants })
     }
+}
+
+/// ACCEPT's payload in a routed push: for this node and each node after it, in chain order,
+/// the chunks it already holds (from its current version) as `(start, len)` ranges; they do
+/// not travel to it. An ordinary push's ACCEPT is empty.
+pub fn encode_haves(haves: &[Vec<(u64, u64)>]) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u64(haves.len() as u64);
+    for ranges in haves {
+        e.u64(ranges.len() as u64);
+        for &(start, len) in ranges {
+            e.u64(start).u64(len);
+        }
+    }
+    e.0
+}
+
+/// Decodes [`encode_haves`]'s payload, checking every range lies below `total` chunks.
+pub fn decode_haves(buf: &[u8], total: u64) -> Result<Vec<Vec<(u64, u64)>>, WireError> {
+    let mut d = Dec::new(buf);
+    let n = d.count("nodes", 8)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = d.count("ranges", 16)?;
+        let mut ranges = Vec::with_capacity(k);
+        for _ in 0..k {
+            let (start, len) = (d.u64("range start")?, d.u64("range length")?);
+            if start.checked_add(len).is_none_or(|end| end > total) {
+                return Err(WireError::Invalid(format!("held chunks {start}+{len} past the {total} chunks")));
+            }
+            ranges.push((start, len));
+        }
+        out.push(ranges);
+    }
+    d.finish("haves")?;
+    Ok(out)
 }
 
 /// What a push achieved on one replica.

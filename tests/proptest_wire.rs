@@ -304,6 +304,16 @@ proptest! {
         prop_assert_eq!(b.len(), slots.len() * 2);
         prop_assert_eq!(wire::decode_credits(&b).unwrap(), slots);
     }
+
+    #[test]
+    fn haves_round_trip_and_stay_in_range(
+        haves in prop::collection::vec(prop::collection::vec((0u64..1000, 0u64..1000), 0..20), 0..6),
+    ) {
+        let b = wire::encode_haves(&haves);
+        prop_assert_eq!(wire::decode_haves(&b, 2000).unwrap(), haves.clone());
+        let past = haves.iter().flatten().any(|&(s, l)| s + l > 1500);
+        prop_assert_eq!(wire::decode_haves(&b, 1500).is_err(), past);
+    }
 }
 
 /// Writes the seed corpora of the fuzz targets (`fuzz/corpus/<target>/`): real encodings of

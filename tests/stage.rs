@@ -3,33 +3,10 @@
 
 mod util;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
 use util::*;
-
-fn metrics_addr(log: &str) -> String {
-    log.lines()
-        .find_map(|l| l.split("metrics on http://").nth(1))
-        .and_then(|r| r.split('/').next())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
-        .to_owned()
-}
-
-/// Bytes of chunk payload a node received (summed over its upstream peers).
-fn received(maddr: &str) -> u64 {
-    let mut s = TcpStream::connect(maddr).expect("connect to the metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("shardcast_received_bytes_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
 
 fn files_under(root: &Path) -> Vec<String> {
     let mut out = Vec::new();

@@ -189,6 +189,11 @@ typedef struct sc_push_opts {
    * setting).
    */
   uint32_t keep;
+  /**
+   * Non-zero: hash first and send each replica only the chunks its current version of
+   * `name` does not have (see `shardcast push --incremental`).
+   */
+  uint32_t incremental;
 } sc_push_opts;
 
 /**

@@ -279,6 +279,9 @@ pub struct ScPushOpts {
     /// Versions of `name` each replica keeps once this one is published (0: the replica's own
     /// setting).
     pub keep: u32,
+    /// Non-zero: hash first and send each replica only the chunks its current version of
+    /// `name` does not have (see `shardcast push --incremental`).
+    pub incremental: u32,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -465,6 +468,7 @@ unsafe fn push_options(o: &ScPushOpts) -> Result<PushOptions, (i32, String)> {
     }
     // SAFETY: the caller's contract.
     unsafe { chain_options(o, &mut po) }?;
+    po.incremental = o.incremental != 0;
     Ok(po)
 }
 

@@ -36,6 +36,11 @@ fn payloads(kind: Option<Kind>, payload: &[u8]) {
         wire::encode_credits(&slots, &mut out);
         assert_eq!(out, payload, "CREDIT payload does not re-encode to itself");
     }
+    if runs(Kind::Accept)
+        && let Ok(haves) = wire::decode_haves(payload, 1 << 40)
+    {
+        assert_eq!(wire::encode_haves(&haves), payload, "ACCEPT payload does not re-encode to itself");
+    }
     if runs(Kind::Hello)
         && let Ok(hello) = wire::Hello::decode(payload)
     {

@@ -949,3 +949,27 @@ pub fn make_small_tree(dir: &Path, seed: u64) {
     write_random_file_mode(&dir.join("sub/deeper/run.sh"), 77, seed + 3, 0o755);
     fs::create_dir_all(dir.join("emptydir")).unwrap();
 }
+
+/// The metrics address a `serve --metrics 127.0.0.1:0` logged.
+#[allow(dead_code)]
+pub fn metrics_addr(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split("metrics on http://").nth(1))
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .to_owned()
+}
+
+/// Bytes of chunk payload a node received (summed over its upstream peers).
+#[allow(dead_code)]
+pub fn received(maddr: &str) -> u64 {
+    let mut s = std::net::TcpStream::connect(maddr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::io::Write::write_fmt(&mut s, format_args!("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("shardcast_received_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}

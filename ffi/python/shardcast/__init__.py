@@ -231,6 +231,7 @@ def push_async(
     transport: str = "auto",
     connect_timeout: float = 0,
     keep: int = 0,
+    incremental: bool = False,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -240,7 +241,8 @@ def push_async(
     buffer-protocol object), published as files without being written to disk on this side.
     Buffers are read while the push runs: do not change them until it has ended (a ``bytearray``
     cannot be resized meanwhile). ``keep``: versions of ``name`` each replica keeps (0: its own
-    setting)."""
+    setting). ``incremental``: hash first, and send each replica only the chunks its current
+    version of ``name`` lacks (a checkpoint that changed in places)."""
     if isinstance(to, str):
         to = [to]
     opts = _native.PushOpts(
@@ -252,6 +254,7 @@ def push_async(
         int(connect_timeout),
         transport.encode(),
         int(keep),
+        int(bool(incremental)),
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -294,6 +297,7 @@ def push(
     chunk_size: int = 0,
     transport: str = "auto",
     keep: int = 0,
+    incremental: bool = False,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -302,7 +306,9 @@ def push(
     cancelled)."""
     if mode != "sync":
         raise ValueError(f"mode {mode!r}: only 'sync' is supported so far")
-    with push_async(source, to, name, version, chunk_size=chunk_size, transport=transport, keep=keep) as h:
+    with push_async(
+        source, to, name, version, chunk_size=chunk_size, transport=transport, keep=keep, incremental=incremental
+    ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 
 
@@ -354,7 +360,7 @@ def stage_async(
 
     Every node gets exactly its files, published as ``name@version``; each chunk travels down
     the chain (the nodes in order) only as far as the last node that wants it."""
-    opts = _native.PushOpts(None, None, 0, None, 0, int(connect_timeout), transport.encode(), int(keep))
+    opts = _native.PushOpts(None, None, 0, None, 0, int(connect_timeout), transport.encode(), int(keep), 0)
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
         plan = dict(plan)
@@ -376,6 +382,7 @@ def stage(
     timeout: Optional[float] = None,
     transport: str = "auto",
     keep: int = 0,
+    incremental: bool = False,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""

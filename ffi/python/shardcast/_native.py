@@ -25,6 +25,7 @@ class PushOpts(ctypes.Structure):
         ("connect_timeout_s", ctypes.c_uint32),
         ("transport", ctypes.c_char_p),
         ("keep", ctypes.c_uint32),
+        ("incremental", ctypes.c_uint32),
     ]
 
 

@@ -131,6 +131,17 @@ class PushTests(unittest.TestCase):
         if arr is not None:
             self.assertEqual((out / "tensor.f32").read_bytes(), arr.tobytes())
 
+    def test_incremental_push_from_memory(self):
+        data = bytearray(os.urandom((3 << 20) + 11))
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "ri") as srv:
+            shardcast.push({"w.bin": bytes(data)}, to=[srv.addr], name="inc", version=1, chunk_size=1 << 20)
+            data[(2 << 20) + 5] ^= 0xFF
+            report = shardcast.push(
+                {"w.bin": data}, to=[srv.addr], name="inc", version=2, chunk_size=1 << 20, incremental=True
+            )
+            self.assertTrue(report.ok)
+        self.assertEqual((self.tmp / "ri" / "inc" / "2" / "w.bin").read_bytes(), bytes(data))
+
     def test_stage_gives_each_node_its_files(self):
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "s0") as s0, shardcast.serve(
             "127.0.0.1:0", root=self.tmp / "s1"
