@@ -1155,7 +1155,19 @@ impl<'a> Session<'a> {
             T_WRITE => {
                 let seq = value;
                 match c.result {
-                    Ok(_) => self.events.push_back(Event::WriteDone { seq }),
+                    Ok(_) => {
+                        // Journaled, so that a failed or interrupted push can be resumed.
+                        let c = self.manifest.chunk(seq).expect("in range");
+                        let index = seq - self.manifest.entries()[c.entry].first_chunk;
+                        let entry = match &self.own {
+                            Some((map, _)) => map[c.entry].expect("only this node's entries are written"),
+                            None => c.entry,
+                        };
+                        if let Local::Staging(Some(st)) = &mut self.local {
+                            st.record(entry, index, c.digest);
+                        }
+                        self.events.push_back(Event::WriteDone { seq });
+                    }
                     Err(e) => {
                         let c = self.manifest.chunk(seq).expect("in range");
                         let path = &self.manifest.entries()[c.entry].path;

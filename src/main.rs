@@ -149,6 +149,14 @@ enum Cmd {
         /// that changed in places, or a re-push after a failure.
         #[arg(long, env = "SHARDCAST_PUSH_INCREMENTAL")]
         incremental: bool,
+        /// Succeed (exit 0) once this many replicas published; the others are reported (default:
+        /// all of them).
+        #[arg(long, env = "SHARDCAST_PUSH_MIN_REPLICAS", value_parser = clap::value_parser!(u32).range(1..))]
+        min_replicas: Option<u32>,
+        /// Do not repair the chain: when a replica dies mid-push, fail the replicas after it
+        /// instead of pushing to them again around it.
+        #[arg(long, env = "SHARDCAST_PUSH_NO_REPAIR")]
+        no_repair: bool,
         /// Print one JSON object instead of text.
         #[arg(long, env = "SHARDCAST_PUSH_JSON")]
         json: bool,
@@ -408,6 +416,8 @@ fn main() -> ExitCode {
             idle_timeout,
             keep,
             incremental,
+            min_replicas,
+            no_repair,
             json,
         } => {
             init_logging(&cli.log_format, "warn");
@@ -423,6 +433,8 @@ fn main() -> ExitCode {
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
             opts.keep = keep.unwrap_or(0);
             opts.incremental = incremental;
+            opts.min_replicas = min_replicas.map(|m| m as usize);
+            opts.repair = !no_repair;
             run_push(&source, &opts, json)
         }
         Cmd::Stage { plan, transport, rdma, connect_timeout, keep, json } => {
@@ -542,7 +554,8 @@ fn report_json(r: &PushReport) -> serde_json::Value {
     json!({
         "name": r.name, "version": r.version, "bytes": r.bytes, "files": r.files, "chunks": r.chunks,
         "seconds": r.seconds, "manifest_seconds": r.manifest_seconds, "gbps": r.rate() / 1e9,
-        "ok": r.ok(), "replicas": replicas,
+        "ok": r.ok(), "published": r.published(), "required": r.required.min(r.replicas.len()),
+        "replicas": replicas,
     })
 }
 

@@ -49,6 +49,12 @@ pub struct PushOptions {
     /// Hash the source before sending, so that each replica can say which chunks its current
     /// version already has and only the others travel (a checkpoint after a checkpoint).
     pub incremental: bool,
+    /// When a replica dies or its link breaks mid-push, go on without it: the replicas after it
+    /// get the push again from the primary (as an incremental push: each resumes from what it
+    /// had journaled), and the dead one is reported as failed.
+    pub repair: bool,
+    /// How many replicas must publish for the push to count as a success (None: all).
+    pub min_replicas: Option<usize>,
 }
 
 impl PushOptions {
@@ -68,6 +74,8 @@ impl PushOptions {
             idle_timeout: Duration::from_secs(120),
             keep: 0,
             incremental: false,
+            repair: true,
+            min_replicas: None,
         }
     }
 }
@@ -91,6 +99,8 @@ pub struct PushReport {
     pub manifest_seconds: f64,
     /// One report per replica, in chain order.
     pub replicas: Vec<ReplicaReport>,
+    /// Replicas that must publish for [`PushReport::ok`] (`--min-replicas`; default all).
+    pub required: usize,
 }
 
 impl PushReport {
@@ -98,8 +108,13 @@ impl PushReport {
     pub fn published(&self) -> usize {
         self.replicas.iter().filter(|r| r.outcome == Outcome::Published).count()
     }
-    /// Whether every replica published.
+    /// Whether enough replicas published (all of them, unless `--min-replicas` says fewer).
     pub fn ok(&self) -> bool {
+        self.published() >= self.required.max(1).min(self.replicas.len())
+    }
+
+    /// Whether every replica published.
+    pub fn complete(&self) -> bool {
         self.published() == self.replicas.len()
     }
     /// Bytes per second of wall time (decimal GB/s = this / 1e9).
@@ -174,6 +189,10 @@ pub(crate) fn handshake(
 /// the push could not start (bad source, unreachable or refusing replica) or the first replica
 /// could not report at all.
 pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
+    with_repair(opts, |o| push_once(source, o, progress))
+}
+
+fn push_once(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
     let start = Instant::now();
     check_options(opts)?;
     let (mut manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
@@ -217,6 +236,14 @@ pub fn push_memory(
     opts: &PushOptions,
     progress: Option<&Progress>,
 ) -> Result<PushReport, PushError> {
+    with_repair(opts, |o| push_memory_once(files.clone(), o, progress))
+}
+
+fn push_memory_once(
+    files: Vec<(String, MemoryData)>,
+    opts: &PushOptions,
+    progress: Option<&Progress>,
+) -> Result<PushReport, PushError> {
     let start = Instant::now();
     check_options(opts)?;
     if files.is_empty() {
@@ -240,6 +267,90 @@ pub fn push_memory(
         }
     }
     run_push(manifest, sources, everyone(opts), opts, progress, start, 0.0)
+}
+
+/// Runs `attempt` with `opts`, then, while replicas were cut off by a replica that died (or
+/// whose link broke), again with the cut-off ones only: an incremental push, so each of them
+/// resumes from the chunks it had journaled and only the rest travels. The dead replica is not
+/// waited for; it is reported with its cause. Replicas in the final report keep the chain order.
+fn with_repair(
+    opts: &PushOptions,
+    mut attempt: impl FnMut(&PushOptions) -> Result<PushReport, PushError>,
+) -> Result<PushReport, PushError> {
+    let start = Instant::now();
+    let first = attempt(opts);
+    if !opts.repair {
+        return first;
+    }
+    let mut outcomes: std::collections::HashMap<String, Outcome> = std::collections::HashMap::new();
+    let mut base: Option<PushReport> = None;
+    let mut result = first;
+    let mut chain = opts.to.clone();
+    for _ in 0..opts.to.len() {
+        let cut_off: Vec<String> = match &result {
+            Ok(r) => {
+                for rep in &r.replicas {
+                    outcomes.insert(rep.node.clone(), rep.outcome.clone());
+                }
+                base.get_or_insert_with(|| r.clone());
+                // Cut off: not reached because the chain broke before them.
+                r.replicas
+                    .iter()
+                    .filter(|rep| matches!(&rep.outcome, Outcome::Failed(e) if e.kind == ErrorKind::Aborted))
+                    .map(|rep| rep.node.clone())
+                    .collect()
+            }
+            // The first replica of this attempt broke: the rest never finished.
+            Err(PushError::Node { node, error })
+                if *node == chain[0]
+                    && matches!(error.kind, ErrorKind::ConnectionLost | ErrorKind::Stalled)
+                    && chain.len() > 1 =>
+            {
+                outcomes.insert(node.clone(), Outcome::Failed(error.clone()));
+                chain[1..].to_vec()
+            }
+            Err(_) if base.is_none() => return result,
+            Err(e) => {
+                let error = NodeError::new(e.kind(), e.to_string());
+                for n in &chain {
+                    outcomes.insert(n.clone(), Outcome::Failed(error.clone()));
+                }
+                Vec::new()
+            }
+        };
+        // Someone must have failed for real: a chain where every failure is "aborted" (e.g.
+        // the push was cancelled) is not repaired.
+        let dead =
+            chain.iter().any(|n| matches!(outcomes.get(n), Some(Outcome::Failed(e)) if e.kind != ErrorKind::Aborted));
+        if cut_off.is_empty() || !dead {
+            break;
+        }
+        tracing::warn!("repairing the chain: going on with {} (resuming what each holds)", cut_off.join(","));
+        let mut o = opts.clone();
+        o.to = cut_off.clone();
+        o.incremental = true;
+        result = attempt(&o);
+        chain = cut_off;
+    }
+    let Some(mut report) = base else { return result };
+    if let Ok(r) = &result {
+        for rep in &r.replicas {
+            outcomes.insert(rep.node.clone(), rep.outcome.clone());
+        }
+    }
+    report.replicas = opts
+        .to
+        .iter()
+        .map(|n| ReplicaReport {
+            node: n.clone(),
+            outcome: outcomes
+                .remove(n)
+                .unwrap_or_else(|| Outcome::Failed(NodeError::new(ErrorKind::Aborted, "no report for this replica"))),
+        })
+        .collect();
+    report.seconds = start.elapsed().as_secs_f64();
+    report.required = opts.min_replicas.unwrap_or(opts.to.len());
+    Ok(report)
 }
 
 /// An incremental push is routed with every replica wanting everything (its have-set does the
@@ -391,6 +502,7 @@ fn run_push(
         chunks,
         seconds: start.elapsed().as_secs_f64(),
         manifest_seconds,
+        required: opts.min_replicas.unwrap_or(replicas.len()),
         replicas,
     })
 }

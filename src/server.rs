@@ -12,10 +12,11 @@ use std::time::Duration;
 use crate::chain::{Local, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, ServeError};
 use crate::io::IoChoice;
+use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::push::{connect, handshake};
-use crate::route::Route;
+use crate::route::{ChunkSet, Route};
 use crate::store::Store;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
@@ -302,7 +303,11 @@ fn push_session(
         },
         _ => None,
     };
-    let staging = match store.begin(&hello.name, hello.version, own.as_ref().map_or(&hello.manifest, |(_, m)| m)) {
+    let routed = !hello.wants.is_empty();
+    // A routed push carries every digest, so a partial staging of this version (an earlier
+    // attempt that failed here) can be taken over and checked chunk by chunk.
+    let staged = own.as_ref().map_or(&hello.manifest, |(_, m)| m);
+    let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("refused: {e}");
@@ -310,18 +315,21 @@ fn push_session(
             return;
         }
     };
-    let routed = !hello.wants.is_empty();
-    // A routed push also says which of its chunks this node already holds (its current version
-    // of the name): those do not travel here, they are copied locally.
-    let (held, copies) = match (routed, store.current_manifest(&hello.name)) {
+    // A routed push also says which of its chunks this node already holds: those it resumed
+    // from a partial staging (journaled, same digest), and those its current version of the
+    // name has (copied locally). They do not travel here.
+    let resumed = resumed_chunks(&hello.manifest, own.as_ref().map(|(m, _)| &m[..]), staging.resumed());
+    let (mut held, copies) = match (routed, store.current_manifest(&hello.name)) {
         (true, Some((v, old, dir))) => {
             let wanted = hello.wants.first().and_then(Option::as_deref);
-            let r = crate::store::find_reuse(&hello.manifest, wanted, own.as_ref().map(|(m, _)| &m[..]), &old, &dir);
+            let map = own.as_ref().map(|(m, _)| &m[..]);
+            let r = crate::store::find_reuse(&hello.manifest, wanted, map, &old, &dir, &|q| resumed.contains(q));
             tracing::info!(from = v, chunks = r.0.iter().map(|x| x.1).sum::<u64>(), "chunks already held");
             r
         }
         _ => (Vec::new(), Vec::new()),
     };
+    held.extend((0..resumed.total()).filter(|&q| resumed.contains(q)).map(|q| (q, 1)));
     // Onward connection, then the rest of the chain's answer, before accepting.
     let mut down = None;
     let mut haves = vec![held];
@@ -502,6 +510,35 @@ fn push_session(
         }
         SessionEnd::UpstreamLost(why) => tracing::warn!("push abandoned, nothing published: {why}"),
     }
+}
+
+/// The chunks (in `manifest`'s numbering) that a resumed partial staging holds with the right
+/// digest. `map`: the push's entry → the staged entry (None: the same).
+fn resumed_chunks(
+    manifest: &Manifest,
+    map: Option<&[Option<usize>]>,
+    records: &[crate::store::JournalRecord],
+) -> ChunkSet {
+    let mut set = ChunkSet::empty(manifest.chunk_count());
+    if records.is_empty() {
+        return set;
+    }
+    let mut staged_to_push = std::collections::HashMap::new();
+    for i in 0..manifest.entries().len() {
+        if let Some(staged) = map.map_or(Some(i), |m| m[i]) {
+            staged_to_push.insert(staged, i);
+        }
+    }
+    for &(entry, chunk, digest) in records {
+        if let Some(&e) = staged_to_push.get(&(entry as usize)) {
+            let r = manifest.chunk_range(e);
+            let seq = r.start + chunk;
+            if seq < r.end && manifest.chunk(seq).is_some_and(|c| c.digest == digest) {
+                set.insert_range(seq, seq + 1);
+            }
+        }
+    }
+    set
 }
 
 fn summary(reports: &[ReplicaReport]) -> String {

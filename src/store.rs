@@ -25,6 +25,17 @@ use crate::manifest::{EntryKind, Manifest, digest, set_mode};
 use crate::wire::SetStatus;
 
 const STAGING: &str = ".staging";
+/// Staging of pushes that did not finish, kept with their journal so a repeat can resume.
+const PARTIAL: &str = ".partial";
+/// The journal inside a staging directory.
+const JOURNAL: &str = "journal";
+const JOURNAL_MAGIC: &[u8; 8] = b"SCJOURN1";
+/// Journal records are made durable in batches of this many chunks (and at the end).
+const JOURNAL_BATCH: usize = 32;
+
+/// One journal record: a chunk written and durable (staged entry, chunk index in the file,
+/// digest).
+pub type JournalRecord = (u32, u64, u128);
 const CURRENT: &str = "current";
 const MANIFEST_EXT: &str = "manifest";
 /// Space a push needs beyond its file bytes (directories, the manifest): 1 MiB plus the
@@ -51,15 +62,28 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) a root that keeps the newest `keep` versions of each name.
-    /// Staging left by an earlier process is removed: this process owns the root.
+    /// Staging left by an earlier process is kept as a partial (when it journaled chunks) or
+    /// removed: this process owns the root.
     pub fn open(root: &Path, keep: usize) -> Result<Arc<Self>, StoreError> {
         let staging = root.join(STAGING);
         fs::create_dir_all(&staging).map_err(|e| StoreError::io(format!("cannot create {}", staging.display()), e))?;
         let root =
             fs::canonicalize(root).map_err(|e| StoreError::io(format!("cannot resolve {}", root.display()), e))?;
+        // Staging left by an earlier process: what it journaled is kept as a partial version
+        // (a repeated push resumes from it); the rest is removed.
         if let Ok(dir) = fs::read_dir(&staging) {
             for entry in dir.flatten() {
-                let _ = fs::remove_dir_all(entry.path());
+                let path = entry.path();
+                // NAME@VERSION.<pid>.<n>: NAME may hold dots, the last two fields do not.
+                let key = entry.file_name().to_str().and_then(|n| n.rsplitn(3, '.').nth(2).map(str::to_owned));
+                match key {
+                    Some(key) if journal_records(&path.join(JOURNAL)).is_some_and(|(_, r)| !r.is_empty()) => {
+                        keep_partial(&root, &key, &path)
+                    }
+                    _ => {
+                        let _ = fs::remove_dir_all(&path);
+                    }
+                }
             }
         }
         Ok(Arc::new(Self {
@@ -96,6 +120,20 @@ impl Store {
     /// Prepares to receive `name@version`: refuses an existing version, a concurrent push of the
     /// same version, or a push larger than the free space; then creates the staging tree.
     pub fn begin(self: &Arc<Self>, name: &str, version: u64, manifest: &Manifest) -> Result<Staging, StoreError> {
+        self.begin_resuming(name, version, manifest, false)
+    }
+
+    /// [`Store::begin`], and with `resume` a partial staging of the same version and the same
+    /// files (a push that failed or a replica that was killed) is taken over instead of starting
+    /// empty: [`Staging::resumed`] lists the chunks it already holds durably. A partial that
+    /// does not match is removed.
+    pub fn begin_resuming(
+        self: &Arc<Self>,
+        name: &str,
+        version: u64,
+        manifest: &Manifest,
+        resume: bool,
+    ) -> Result<Staging, StoreError> {
         check_name(name)?;
         if self.exists(name, version) {
             return Err(StoreError::VersionExists { name: name.into(), version });
@@ -114,6 +152,11 @@ impl Store {
             entries: manifest.entries().to_vec(),
             files: Vec::new(),
             done: false,
+            plan: manifest.encode_plan(),
+            journal: None,
+            pending: Vec::new(),
+            durable: 0,
+            resumed: Vec::new(),
         };
         // A version directory without its manifest is a leftover of a crash during publish.
         let leftover = self.root.join(name).join(version.to_string());
@@ -127,6 +170,21 @@ impl Store {
             free_bytes(&self.root).map_err(|e| StoreError::io(format!("cannot stat {}", self.root.display()), e))?;
         if needed > available {
             return Err(StoreError::NoSpace { root: self.root.clone(), needed, available });
+        }
+        let partial = self.root.join(PARTIAL).join(format!("{name}@{version}"));
+        if partial.exists() {
+            let plan = manifest.encode_plan();
+            match journal_records(&partial.join(JOURNAL)) {
+                Some((header, records)) if resume && header == plan && fs::rename(&partial, &staging.dir).is_ok() => {
+                    staging.open_existing()?;
+                    tracing::info!(name, version, chunks = records.len(), "resuming a partial staging");
+                    staging.resumed = records;
+                    return Ok(staging);
+                }
+                _ => {
+                    let _ = fs::remove_dir_all(&partial);
+                }
+            }
         }
         staging.create()?;
         Ok(staging)
@@ -232,14 +290,16 @@ pub struct Reuse {
 /// (`old`, published under `old_dir`): a chunk counts when the file at the same path has, at the
 /// same chunk index, a chunk of the same length and digest (same chunk size). `wanted`: the
 /// entries this node stores (None: all); `map`: their staging entry indices (None: the same).
-/// Returns the held chunks as `(start, len)` ranges of `manifest`'s chunk numbers, and the
-/// copies that fill them in.
+/// Chunks for which `skip` is true are left out (held already some other way). Returns the
+/// held chunks as `(start, len)` ranges of `manifest`'s chunk numbers, and the copies that fill
+/// them in.
 pub fn find_reuse(
     manifest: &Manifest,
     wanted: Option<&[u32]>,
     map: Option<&[Option<usize>]>,
     old: &Manifest,
     old_dir: &Path,
+    skip: &dyn Fn(u64) -> bool,
 ) -> (Vec<(u64, u64)>, Vec<Reuse>) {
     let (mut held, mut copies) = (Vec::new(), Vec::new());
     if old.chunk_size() != manifest.chunk_size() {
@@ -273,7 +333,7 @@ pub fn find_reuse(
             copies.push(Reuse { from: old_dir.join(&entry.path), entry: staging_entry, offset, len: end - offset });
         };
         for i in 0..(new_r.end - new_r.start) {
-            let same = old_r.start + i < old_r.end && {
+            let same = !skip(new_r.start + i) && old_r.start + i < old_r.end && {
                 let (a, b) = (manifest.chunk(new_r.start + i), old.chunk(old_r.start + i));
                 a.zip(b).is_some_and(|(a, b)| a.len == b.len && a.digest == b.digest)
             };
@@ -335,6 +395,44 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves a staging directory to `.partial/KEY` (KEY = NAME@VERSION), replacing an older one.
+fn keep_partial(root: &Path, key: &str, dir: &Path) {
+    let partials = root.join(PARTIAL);
+    let target = partials.join(key);
+    let moved = fs::create_dir_all(&partials)
+        .and_then(|()| match fs::remove_dir_all(&target) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .and_then(|()| fs::rename(dir, &target));
+    match moved {
+        Ok(()) => tracing::info!(partial = %target.display(), "kept what was received for a resume"),
+        Err(e) => {
+            tracing::warn!("cannot keep the partial staging {}: {e}", dir.display());
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A journal's header (the staged plan) and its complete records; None when unreadable.
+fn journal_records(path: &Path) -> Option<(Vec<u8>, Vec<JournalRecord>)> {
+    let bytes = fs::read(path).ok()?;
+    let rest = bytes.strip_prefix(&JOURNAL_MAGIC[..])?;
+    let n = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
+    let header = rest.get(8..8usize.checked_add(n)?)?.to_vec();
+    // A torn last record (killed while appending) is ignored: it was not durable.
+    let records = rest[8 + n..]
+        .chunks_exact(28)
+        .map(|r| {
+            let entry = u32::from_le_bytes(r[..4].try_into().expect("4 bytes"));
+            let chunk = u64::from_le_bytes(r[4..12].try_into().expect("8 bytes"));
+            let digest = u128::from_le_bytes(r[12..].try_into().expect("16 bytes"));
+            (entry, chunk, digest)
+        })
+        .collect();
+    Some((header, records))
+}
+
 /// A version being received. Dropped without [`Staging::publish`], it removes itself.
 #[derive(Debug)]
 pub struct Staging {
@@ -345,6 +443,17 @@ pub struct Staging {
     entries: Vec<crate::manifest::Entry>,
     files: Vec<Option<File>>,
     done: bool,
+    /// The staged manifest's plan encoding: the journal's header (a partial is resumed only by
+    /// a push of the same files).
+    plan: Vec<u8>,
+    /// Which chunks are written and durable: (entry, chunk index in the file, digest) records.
+    journal: Option<File>,
+    /// Records of written chunks not yet made durable.
+    pending: Vec<JournalRecord>,
+    /// Records made durable so far.
+    durable: usize,
+    /// Records taken over from a partial staging.
+    resumed: Vec<JournalRecord>,
 }
 
 impl Staging {
@@ -356,6 +465,7 @@ impl Staging {
         let data = self.data();
         let io_err = |p: &Path, e| StoreError::io(format!("cannot create {}", p.display()), e);
         fs::create_dir_all(&data).map_err(|e| io_err(&data, e))?;
+        self.create_journal()?;
         for e in &self.entries {
             let path = data.join(&e.path);
             match e.kind {
@@ -378,6 +488,96 @@ impl Staging {
             }
             self.files.push(None);
         }
+        Ok(())
+    }
+
+    fn create_journal(&mut self) -> Result<(), StoreError> {
+        let path = self.dir.join(JOURNAL);
+        let mut f = File::create(&path).map_err(|e| StoreError::io(format!("cannot create {}", path.display()), e))?;
+        let mut head = JOURNAL_MAGIC.to_vec();
+        head.extend_from_slice(&(self.plan.len() as u64).to_le_bytes());
+        head.extend_from_slice(&self.plan);
+        io::Write::write_all(&mut f, &head)
+            .map_err(|e| StoreError::io(format!("cannot write {}", path.display()), e))?;
+        self.journal = Some(f);
+        Ok(())
+    }
+
+    /// Takes over a partial staging's files (already sized) and its journal.
+    fn open_existing(&mut self) -> Result<(), StoreError> {
+        let data = self.data();
+        for e in &self.entries {
+            let path = data.join(&e.path);
+            let err = |err| StoreError::io(format!("cannot reopen {}", path.display()), err);
+            match e.kind {
+                EntryKind::Dir => {
+                    fs::create_dir_all(&path).map_err(err)?;
+                    self.files.push(None);
+                }
+                EntryKind::File => {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .map_err(err)?;
+                    f.set_len(e.size).map_err(err)?;
+                    self.files.push((e.size > 0).then_some(f));
+                }
+            }
+        }
+        let path = self.dir.join(JOURNAL);
+        let f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("cannot reopen {}", path.display()), e))?;
+        self.journal = Some(f);
+        Ok(())
+    }
+
+    /// Chunks a taken-over partial staging already holds: (entry, chunk index, digest).
+    pub fn resumed(&self) -> &[JournalRecord] {
+        &self.resumed
+    }
+
+    /// Notes that chunk `chunk` of entry `entry` (with `digest`) is written; every
+    /// `JOURNAL_BATCH` chunks the files are synced and the records made durable.
+    pub fn record(&mut self, entry: usize, chunk: u64, digest: u128) {
+        self.pending.push((entry as u32, chunk, digest));
+        if self.pending.len() >= JOURNAL_BATCH
+            && let Err(e) = self.flush_journal()
+        {
+            tracing::warn!("journal: {e}");
+        }
+    }
+
+    /// Makes the pending records durable: the data they describe first, then the records.
+    fn flush_journal(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(j) = self.journal.as_mut() else { return Ok(()) };
+        let mut synced = HashSet::new();
+        for &(entry, _, _) in &self.pending {
+            if synced.insert(entry)
+                && let Some(Some(f)) = self.files.get(entry as usize)
+            {
+                f.sync_data()?;
+            }
+        }
+        let mut buf = Vec::with_capacity(self.pending.len() * 28);
+        for &(entry, chunk, digest) in &self.pending {
+            buf.extend_from_slice(&entry.to_le_bytes());
+            buf.extend_from_slice(&chunk.to_le_bytes());
+            buf.extend_from_slice(&digest.to_le_bytes());
+        }
+        io::Write::write_all(j, &buf)?;
+        j.sync_data()?;
+        self.durable += self.pending.len();
+        self.pending.clear();
         Ok(())
     }
 
@@ -483,8 +683,16 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.done {
+            // What was written and synced is kept as a partial version, so that a repeated push
+            // (or a repaired chain) resumes instead of starting over.
+            let kept = self.flush_journal().is_ok() && self.durable + self.resumed.len() > 0;
             self.files.clear();
-            let _ = fs::remove_dir_all(&self.dir);
+            self.journal = None;
+            if kept {
+                keep_partial(&self.store.root, &format!("{}@{}", self.name, self.version), &self.dir);
+            } else {
+                let _ = fs::remove_dir_all(&self.dir);
+            }
         }
         self.store.receiving.lock().expect("store lock").remove(&(self.name.clone(), self.version));
     }
