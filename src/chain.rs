@@ -70,6 +70,9 @@ pub struct SessionConfig {
     /// A relay forwards each chunk in pieces of this many bytes as they arrive (cut-through),
     /// instead of waiting for the whole chunk; 0 forwards whole chunks only (store-and-forward).
     pub piece_bytes: u32,
+    /// A downstream that takes nothing while chunks wait for it, for this long times the number
+    /// of nodes after this one, is reported as stalled and the push goes on without it.
+    pub hop_timeout: Duration,
 }
 
 /// Default cut-through piece: 256 KiB is 2 ms on a 1 Gbit/s link, against 34 ms for a whole
@@ -89,6 +92,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(120),
             verify: true,
             piece_bytes: DEFAULT_PIECE_BYTES,
+            hop_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -268,6 +272,10 @@ pub struct Session<'a> {
     own: Option<(Vec<Option<usize>>, Manifest)>,
     /// Chunks this replica already held, being copied into staging: joined before syncing.
     prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
+    /// When downstream last took or answered something (while this node waited on it).
+    dn_progress: Instant,
+    /// Set when a newer push of the same version supersedes this one (replicas).
+    superseded: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     ack_counted: u64,
     ack_bytes: u64,
@@ -355,7 +363,15 @@ impl<'a> Session<'a> {
             ack_counted: 0,
             ack_bytes: 0,
             prefill: None,
+            dn_progress: Instant::now(),
+            superseded: None,
         }
+    }
+
+    /// The flag that a newer push of the same version sets to make this session give up.
+    pub fn with_superseded(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.superseded = Some(flag);
+        self
     }
 
     /// Chunks held from an earlier version are being copied into staging by `prefill`; the
@@ -443,6 +459,13 @@ impl<'a> Session<'a> {
                 self.abort(NodeError::new(ErrorKind::Aborted, "push cancelled by the caller"));
                 continue;
             }
+            if self.end.is_none()
+                && self.superseded.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                self.abort(NodeError::new(ErrorKind::Aborted, "superseded by a newer push of the same version"));
+                continue;
+            }
+            self.check_hops();
             if let Err(e) = self.pump() {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("submitting I/O", &e)));
                 continue;
@@ -456,7 +479,7 @@ impl<'a> Session<'a> {
             }
             completions.clear();
             // Short slices when a caller watches (and may cancel) the push.
-            let slice = self.cfg.idle_timeout.min(if self.progress.is_some() {
+            let slice = self.cfg.idle_timeout.min(self.cfg.hop_timeout).min(if self.progress.is_some() {
                 Duration::from_millis(100)
             } else {
                 Duration::from_secs(1)
@@ -1051,6 +1074,11 @@ impl<'a> Session<'a> {
     /// Downstream broke or reported: stop sending to it, and tell the machine once no send is
     /// in flight (the machine then releases the slots that waited for their forward).
     fn downstream_settled(&mut self, event: Event) {
+        if self.dn_deferred.is_some() {
+            // Already settled, waiting for the send in flight: the first cause stands (a
+            // stalled hop's send then fails with a broken pipe, which is not the news).
+            return;
+        }
         if let Some(down) = self.down {
             // Wake any op still blocked on the socket; the descriptor stays open until the
             // session's owner closes it.
@@ -1143,9 +1171,41 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The downstream deadline: a downstream that takes nothing while chunks wait for it for
+    /// `hop_timeout` times the number of nodes after this one. Scaled so that the node nearest
+    /// a hung replica gives up on it first: the nodes before it only see backpressure, which
+    /// ends as soon as that node lets go. (Upstream has no deadline of its own: a node cut off
+    /// by a hung upstream waits until the primary's repair supersedes its session, or the idle
+    /// timeout.)
+    fn check_hops(&mut self) {
+        if self.end.is_some() {
+            return;
+        }
+        let waiting_on_down = self.dn_sending.is_some() || !self.dn_queue.is_empty() || self.dn_rdma_inflight > 0;
+        if !waiting_on_down {
+            // Only late while this node waits on it (not while it had nothing to send).
+            self.dn_progress = Instant::now();
+            return;
+        }
+        let limit = self.cfg.hop_timeout * (self.machine.downstream_nodes().len().max(1) as u32);
+        if !self.dn_closed && self.down.is_some() && self.dn_progress.elapsed() >= limit {
+            let name = self.downstream_name.clone();
+            tracing::warn!("{name} took nothing for {} s: going on without it", limit.as_secs());
+            self.downstream_settled(Event::DownstreamLost {
+                error: NodeError::new(
+                    ErrorKind::Stalled,
+                    format!("{name} made no progress for {} s (hung, or its link is down)", limit.as_secs()),
+                ),
+            });
+        }
+    }
+
     fn complete(&mut self, c: Completion) {
         let kind = c.token >> 56;
         let value = c.token & ((1 << 56) - 1);
+        if kind == T_DN_SEND || kind == T_DN_RECV || (kind == T_RDMA_POLL && value == 1) {
+            self.dn_progress = Instant::now();
+        }
         match kind {
             T_UP_RECV => self.up_recv_done(c.result),
             T_READ => {

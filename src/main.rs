@@ -98,6 +98,11 @@ enum Cmd {
         /// Give up on a push that makes no progress for this many seconds.
         #[arg(long, default_value_t = 120, env = "SHARDCAST_SERVE_IDLE_TIMEOUT")]
         idle_timeout: u64,
+        /// A replica after this one that takes nothing for this many seconds (times the number
+        /// of replicas after this one, so the nearest node decides) is reported as stalled
+        /// (hung, or its link down) and the push goes on without it.
+        #[arg(long, default_value_t = 10, env = "SHARDCAST_SERVE_HOP_TIMEOUT")]
+        hop_timeout: u64,
         /// Most concurrent sessions.
         #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_MAX_SESSIONS")]
         max_sessions: usize,
@@ -140,6 +145,10 @@ enum Cmd {
         /// Give up when nothing moves for this many seconds.
         #[arg(long, default_value_t = 120, env = "SHARDCAST_PUSH_IDLE_TIMEOUT")]
         idle_timeout: u64,
+        /// Give up on the first replica when it takes nothing for this many seconds times the
+        /// number of replicas (the push then goes on without it, see --no-repair).
+        #[arg(long, default_value_t = 10, env = "SHARDCAST_PUSH_HOP_TIMEOUT")]
+        hop_timeout: u64,
         /// Versions of NAME each replica keeps once this one is published, oldest removed first,
         /// the current one never (default: each replica's `serve --keep`).
         #[arg(long, env = "SHARDCAST_PUSH_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
@@ -353,7 +362,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     shardcast::raise_nofile_limit();
     let code = match cli.cmd {
-        Cmd::Serve { listen, root, keep, pool_mb, transport, rdma, idle_timeout, max_sessions, metrics } => {
+        Cmd::Serve {
+            listen,
+            root,
+            keep,
+            pool_mb,
+            transport,
+            rdma,
+            idle_timeout,
+            hop_timeout,
+            max_sessions,
+            metrics,
+        } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.keep = keep;
@@ -361,6 +381,7 @@ fn main() -> ExitCode {
             opts.transport = transport;
             opts.rdma = rdma.config();
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
+            opts.hop_timeout = Duration::from_secs(hop_timeout.max(1));
             opts.max_sessions = max_sessions.max(1);
             if let Some(addr) = metrics {
                 let m = std::sync::Arc::new(shardcast::metrics::Metrics::new());
@@ -414,6 +435,7 @@ fn main() -> ExitCode {
             pool_mb,
             connect_timeout,
             idle_timeout,
+            hop_timeout,
             keep,
             incremental,
             min_replicas,
@@ -431,6 +453,7 @@ fn main() -> ExitCode {
             opts.io = IoChoice::from_env();
             opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
+            opts.hop_timeout = Duration::from_secs(hop_timeout.max(1));
             opts.keep = keep.unwrap_or(0);
             opts.incremental = incremental;
             opts.min_replicas = min_replicas.map(|m| m as usize);

@@ -43,6 +43,8 @@ pub struct PushOptions {
     pub connect_timeout: Duration,
     /// Give up when nothing moves for this long.
     pub idle_timeout: Duration,
+    /// Give up on a downstream hop that takes nothing this long (times the nodes after it).
+    pub hop_timeout: Duration,
     /// Versions of this name each replica keeps once this one is published (0: the replica's
     /// `--keep`).
     pub keep: u32,
@@ -72,6 +74,7 @@ impl PushOptions {
             io: IoChoice::from_env(),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            hop_timeout: Duration::from_secs(10),
             keep: 0,
             incremental: false,
             repair: true,
@@ -445,6 +448,7 @@ fn run_push(
         pool_bytes: opts.pool_bytes,
         io: opts.io,
         idle_timeout: opts.idle_timeout,
+        hop_timeout: opts.hop_timeout,
         verify: true,
         // The primary reads whole chunks; only relays cut through.
         piece_bytes: 0,

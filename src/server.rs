@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub io: IoChoice,
     /// A session with no progress for this long is dropped.
     pub idle_timeout: Duration,
+    /// Give up on a downstream hop that takes nothing this long (times the nodes after it).
+    pub hop_timeout: Duration,
     /// How long a peer may take to send its first frame, and downstream to answer.
     pub handshake_timeout: Duration,
     /// Most sessions at once; more are refused.
@@ -63,6 +65,7 @@ impl ServeOptions {
             transport: Transport::Auto,
             io: IoChoice::from_env(),
             idle_timeout: Duration::from_secs(120),
+            hop_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 64,
             verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
@@ -405,6 +408,7 @@ fn push_session(
         pool_bytes: opts.pool_bytes,
         io: opts.io,
         idle_timeout: opts.idle_timeout,
+        hop_timeout: opts.hop_timeout,
         verify: opts.verify,
         piece_bytes: opts.piece_bytes,
     };
@@ -452,6 +456,7 @@ fn push_session(
     });
     let started = std::time::Instant::now();
     let (bytes, chunks) = (manifest.total_bytes(), manifest.chunk_count());
+    let superseded = staging.cancel_flag();
     let session = Session::new(
         Role::Replica,
         &me,
@@ -469,7 +474,8 @@ fn push_session(
     let session = match route {
         Some(route) => session.with_route(route, own).with_prefill(prefill),
         None => session,
-    };
+    }
+    .with_superseded(superseded);
     let session = match &opts.metrics {
         Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
             m,

@@ -32,6 +32,8 @@ const JOURNAL: &str = "journal";
 const JOURNAL_MAGIC: &[u8; 8] = b"SCJOURN1";
 /// Journal records are made durable in batches of this many chunks (and at the end).
 const JOURNAL_BATCH: usize = 32;
+/// How long a resuming push waits for the stuck session it supersedes to let go.
+const SUPERSEDE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One journal record: a chunk written and durable (staged entry, chunk index in the file,
 /// digest).
@@ -56,7 +58,8 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
 pub struct Store {
     root: PathBuf,
     keep: usize,
-    receiving: Mutex<HashSet<(String, u64)>>,
+    /// Versions being received, each with a flag that asks its session to give up.
+    receiving: Mutex<std::collections::HashMap<(String, u64), Arc<std::sync::atomic::AtomicBool>>>,
     counter: AtomicU64,
 }
 
@@ -89,7 +92,7 @@ impl Store {
         Ok(Arc::new(Self {
             root,
             keep: keep.max(1),
-            receiving: Mutex::new(HashSet::new()),
+            receiving: Mutex::new(std::collections::HashMap::new()),
             counter: AtomicU64::new(0),
         }))
     }
@@ -138,8 +141,28 @@ impl Store {
         if self.exists(name, version) {
             return Err(StoreError::VersionExists { name: name.into(), version });
         }
-        if !self.receiving.lock().expect("store lock").insert((name.to_owned(), version)) {
-            return Err(StoreError::Busy { name: name.into(), version });
+        let key = (name.to_owned(), version);
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            let mut receiving = self.receiving.lock().expect("store lock");
+            match receiving.get(&key) {
+                None => {
+                    receiving.insert(key.clone(), Arc::clone(&cancel));
+                    break;
+                }
+                // A resuming push (the primary repairing its chain, or a repeat after a failure)
+                // supersedes an earlier session of the same version that is stuck (its
+                // upstream hung or gone): that one is asked to give up, and what it had
+                // journaled is resumed below.
+                Some(old) if resume && waited < SUPERSEDE_WAIT => {
+                    old.store(true, Ordering::Relaxed);
+                }
+                Some(_) => return Err(StoreError::Busy { name: name.into(), version }),
+            }
+            drop(receiving);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            waited += std::time::Duration::from_millis(20);
         }
         // From here on the guard in Staging releases the reservation, whatever happens.
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +176,7 @@ impl Store {
             files: Vec::new(),
             done: false,
             plan: manifest.encode_plan(),
+            cancel,
             journal: None,
             pending: Vec::new(),
             durable: 0,
@@ -446,6 +470,8 @@ pub struct Staging {
     /// The staged manifest's plan encoding: the journal's header (a partial is resumed only by
     /// a push of the same files).
     plan: Vec<u8>,
+    /// Set when a newer push of the same version supersedes this one.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
     /// Which chunks are written and durable: (entry, chunk index in the file, digest) records.
     journal: Option<File>,
     /// Records of written chunks not yet made durable.
@@ -536,6 +562,11 @@ impl Staging {
             .map_err(|e| StoreError::io(format!("cannot reopen {}", path.display()), e))?;
         self.journal = Some(f);
         Ok(())
+    }
+
+    /// The flag a newer push of the same version sets to make this one give up.
+    pub fn cancel_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.cancel)
     }
 
     /// Chunks a taken-over partial staging already holds: (entry, chunk index, digest).
@@ -694,7 +725,10 @@ impl Drop for Staging {
                 let _ = fs::remove_dir_all(&self.dir);
             }
         }
-        self.store.receiving.lock().expect("store lock").remove(&(self.name.clone(), self.version));
+        let mut receiving = self.store.receiving.lock().expect("store lock");
+        if receiving.get(&(self.name.clone(), self.version)).is_some_and(|c| Arc::ptr_eq(c, &self.cancel)) {
+            receiving.remove(&(self.name.clone(), self.version));
+        }
     }
 }
 

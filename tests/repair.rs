@@ -66,3 +66,41 @@ fn kill_test_20_times() {
         eprintln!("run {i}: {took:.2} s, {mib} MiB to the next replica");
     }
 }
+
+#[test]
+fn a_hung_middle_replica_is_repaired_around() {
+    // SIGSTOP: the process holds its connections open and takes nothing. With 2 s hop
+    // deadlines its upstream gives up on it, and the replicas after it are pushed again.
+    let mut c = Cluster::builder()
+        .serve_arg("--metrics")
+        .serve_arg("127.0.0.1:0")
+        .serve_arg("--hop-timeout")
+        .serve_arg("2")
+        .start(4);
+    let m1 = metrics_addr(&c.log(1));
+    let src = tempdir();
+    let size = 512 * MIB;
+    write_random_file(&src.path().join("ckpt.bin"), size, 6);
+    let mut push = Running::spawn(&mut c.push_cmd(
+        &c.addrs(),
+        src.path(),
+        "ck",
+        1,
+        &["--chunk-size", "1M", "--json", "--hop-timeout", "2"],
+    ));
+    let half = wait_until(Duration::from_secs(60), || received(&m1) >= size / 2 || push.try_wait().is_some());
+    assert!(half && push.try_wait().is_none(), "the push ended before the replica could be stopped");
+    let pid = c.server(1).pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let ended = push.wait_timeout(Duration::from_secs(90)).is_some();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(ended, "push hangs behind a stopped replica\n{}", c.logs());
+    let out = push.finish(Duration::from_secs(5));
+    let j = parse_json(&out);
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas in {j}\n{}", c.logs()));
+    let status: Vec<&str> = reps.iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
+    assert_eq!(status, ["published", "failed", "published", "published"], "{j}\n{}", c.logs());
+    assert_eq!(reps[1]["error"]["kind"].as_str(), Some("stalled"), "{j}");
+    c.assert_published_on(&[0, 2, 3], src.path(), "ck", 1);
+    c.kill(1);
+}
