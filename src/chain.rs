@@ -274,6 +274,10 @@ pub struct Session<'a> {
     prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
     /// When downstream last took or answered something (while this node waited on it).
     dn_progress: Instant,
+    /// Test-only fault (debug builds, `SHARDCAST_TEST_FLIP_FORWARD=N`): this relay flips a bit
+    /// of the digest in the header of every Nth chunk it forwards, so the next node sees a
+    /// chunk whose bytes do not match. Release builds never set it.
+    flip_every: Option<u64>,
     /// Set when a newer push of the same version supersedes this one (replicas).
     superseded: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Routed push progress: chunks counted into `ack_bytes` so far.
@@ -364,6 +368,11 @@ impl<'a> Session<'a> {
             ack_bytes: 0,
             prefill: None,
             dn_progress: Instant::now(),
+            flip_every: if cfg!(debug_assertions) {
+                std::env::var("SHARDCAST_TEST_FLIP_FORWARD").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
+            } else {
+                None
+            },
             superseded: None,
         }
     }
@@ -1331,6 +1340,15 @@ impl<'a> Session<'a> {
                             self.up_recv = UpRecv::Done;
                             self.abort(NodeError::new(kind, message));
                             return;
+                        }
+                        if let Some(n) = self.flip_every
+                            && h.seq % n == n - 1
+                        {
+                            tracing::warn!(seq = h.seq, "test fault: flipping a bit of the forwarded chunk");
+                            // SAFETY: the header of this slot has landed and nothing reads it
+                            // before the forward queued below; this node keeps `h` as it came.
+                            let header = unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) };
+                            header[HEADER_LEN - 1] ^= 1;
                         }
                         if self.cfg.piece_bytes > 0
                             && !self.dn_closed

@@ -296,10 +296,15 @@ fn with_repair(
                     outcomes.insert(rep.node.clone(), rep.outcome.clone());
                 }
                 base.get_or_insert_with(|| r.clone());
-                // Cut off: not reached because the chain broke before them.
+                // Cut off: not reached because the chain broke before them, or sent corrupt
+                // bytes by a node before them (those are fetched again from the primary; what
+                // they verified and journaled is kept).
                 r.replicas
                     .iter()
-                    .filter(|rep| matches!(&rep.outcome, Outcome::Failed(e) if e.kind == ErrorKind::Aborted))
+                    .filter(|rep| {
+                        matches!(&rep.outcome, Outcome::Failed(e)
+                            if matches!(e.kind, ErrorKind::Aborted | ErrorKind::DigestMismatch))
+                    })
                     .map(|rep| rep.node.clone())
                     .collect()
             }

@@ -104,3 +104,24 @@ fn a_hung_middle_replica_is_repaired_around() {
     c.assert_published_on(&[0, 2, 3], src.path(), "ck", 1);
     c.kill(1);
 }
+
+#[test]
+fn chunks_corrupted_by_a_relay_are_fetched_again_and_never_published() {
+    // Every relay flips a bit in every 7th chunk it forwards (a test-only fault of debug
+    // builds). The replica after a relay refuses the bad chunk; the primary pushes again to the
+    // replicas that refused or were cut off, each resuming what it had verified, until each has
+    // every chunk straight (the last one directly from the primary).
+    let mut b = Cluster::builder().serve_arg("--metrics").serve_arg("127.0.0.1:0");
+    b = b.env("SHARDCAST_TEST_FLIP_FORWARD", "7");
+    let c = b.start(3);
+    let src = tempdir();
+    write_random_file(&src.path().join("w.bin"), 40 * MIB + 5, 8);
+    let out = c.push(src.path(), "ck", 1, &["--chunk-size", "1M", "--json"]);
+    let j = parse_json(&out);
+    let status: Vec<&str> =
+        j["replicas"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
+    assert_eq!(status, ["published", "published", "published"], "{j}\n{}", c.logs());
+    assert_eq!(code(&out), 0, "{}", show_output(&out));
+    c.assert_published(src.path(), "ck", 1);
+    assert!(c.log(1).contains("digest"), "the corruption was not noticed:\n{}", c.logs());
+}
