@@ -278,8 +278,10 @@ pub struct Session<'a> {
     /// of the digest in the header of every Nth chunk it forwards, so the next node sees a
     /// chunk whose bytes do not match. Release builds never set it.
     flip_every: Option<u64>,
+    /// Async push: this node has told upstream it published; upstream leaving is expected now.
+    reported_early: bool,
     /// Set when a newer push of the same version supersedes this one (replicas).
-    superseded: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    superseded: Option<std::sync::Arc<crate::store::Receiving>>,
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     ack_counted: u64,
     ack_bytes: u64,
@@ -374,11 +376,20 @@ impl<'a> Session<'a> {
                 None
             },
             superseded: None,
+            reported_early: false,
         }
     }
 
+    /// Async push on the first replica: report upstream once published here (see
+    /// `NodeMachine::with_early_report`).
+    pub fn with_early_report(mut self) -> Self {
+        self.machine = std::mem::replace(&mut self.machine, NodeMachine::new(Role::Replica, "", Vec::new(), 0))
+            .with_early_report();
+        self
+    }
+
     /// The flag that a newer push of the same version sets to make this session give up.
-    pub fn with_superseded(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+    pub fn with_superseded(mut self, flag: std::sync::Arc<crate::store::Receiving>) -> Self {
         self.superseded = Some(flag);
         self
     }
@@ -469,7 +480,7 @@ impl<'a> Session<'a> {
                 continue;
             }
             if self.end.is_none()
-                && self.superseded.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+                && self.superseded.as_ref().is_some_and(|f| f.cancel.load(std::sync::atomic::Ordering::Relaxed))
             {
                 self.abort(NodeError::new(ErrorKind::Aborted, "superseded by a newer push of the same version"));
                 continue;
@@ -627,6 +638,14 @@ impl<'a> Session<'a> {
                     self.up_result = Some(reports.clone());
                 }
                 self.end = Some(SessionEnd::Finished(reports));
+            }
+            Action::ReportEarly { reports } => {
+                // Upstream (the primary of an async push) goes away after this; the rest of
+                // the chain completes on its own.
+                if self.up.is_some() {
+                    self.up_result = Some(reports);
+                    self.reported_early = true;
+                }
             }
             Action::Abort { error } => self.abort(error),
         }
@@ -1070,6 +1089,11 @@ impl<'a> Session<'a> {
     fn upstream_lost(&mut self, why: String) {
         self.up_gone = true;
         self.up_result = None;
+        if self.reported_early {
+            // An async push's primary left after this node's early report: expected.
+            tracing::debug!("upstream gone after the early report ({why}); the chain goes on");
+            return;
+        }
         if !matches!(self.end, Some(SessionEnd::Aborted(_))) {
             self.end = Some(SessionEnd::UpstreamLost(why));
         }
@@ -1233,7 +1257,7 @@ impl<'a> Session<'a> {
                             None => c.entry,
                         };
                         if let Local::Staging(Some(st)) = &mut self.local {
-                            st.record(entry, index, c.digest);
+                            st.record(entry, index, c.digest, c.len);
                         }
                         self.events.push_back(Event::WriteDone { seq });
                     }

@@ -214,6 +214,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<bool> {
         let status = match &r.outcome {
             Outcome::Published => "published".to_owned(),
             Outcome::Failed(e) => format!("FAILED: {e}"),
+            Outcome::Behind => "behind".to_owned(),
         };
         let check = if r.outcome == Outcome::Published {
             match compare_tree(&src, &root.join("ckpt/1"))? {

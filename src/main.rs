@@ -126,8 +126,10 @@ enum Cmd {
         /// Chunk size (bytes, or with K/M/G/KiB/MiB/GiB).
         #[arg(long, default_value = "4MiB", value_parser = parse_size_u32, env = "SHARDCAST_PUSH_CHUNK_SIZE")]
         chunk_size: u32,
-        /// sync: return when the tail has published.
-        #[arg(long, default_value = "sync", value_parser = ["sync"], env = "SHARDCAST_PUSH_MODE")]
+        /// sync: return when every replica (the tail last) has published; async: return when the
+        /// first replica has published, the rest of the chain completes on its own (listed as
+        /// "behind"; `shardcast status NODE` shows how far each is).
+        #[arg(long, default_value = "sync", value_parser = ["sync", "async"], env = "SHARDCAST_PUSH_MODE")]
         mode: String,
         /// Transport of every hop: auto (RDMA where both ends have a hardware RNIC, else TCP),
         /// tcp, or rdma (every hop over RDMA verbs, soft-RoCE included, or fail).
@@ -443,10 +445,9 @@ fn main() -> ExitCode {
             json,
         } => {
             init_logging(&cli.log_format, "warn");
-            debug_assert_eq!(mode, "sync");
             let mut opts = PushOptions::new(name, version, to);
             opts.chunk_size = chunk_size;
-            opts.mode = Mode::Sync;
+            opts.mode = if mode == "async" { Mode::Async } else { Mode::Sync };
             opts.transport = transport;
             opts.rdma = rdma.config();
             opts.pool_bytes = pool_mb.max(1) << 20;
@@ -490,6 +491,15 @@ fn main() -> ExitCode {
                             let cur = s.current.map_or("-".into(), |c| c.to_string());
                             let vs: Vec<String> = s.versions.iter().map(u64::to_string).collect();
                             println!("  {:<24} current {cur:<10} versions {}", s.name, vs.join(", "));
+                            for (v, done, total) in &s.receiving {
+                                let pct = if *total > 0 { 100.0 * *done as f64 / *total as f64 } else { 100.0 };
+                                println!(
+                                    "  {:<24} receiving {v}: {:.1} of {:.1} MiB ({pct:.0} %)",
+                                    "",
+                                    *done as f64 / 1048576.0,
+                                    *total as f64 / 1048576.0
+                                );
+                            }
                         }
                     }
                     0
@@ -569,6 +579,7 @@ fn report_json(r: &PushReport) -> serde_json::Value {
         .iter()
         .map(|rep| match &rep.outcome {
             Outcome::Published => json!({ "node": rep.node, "status": "published" }),
+            Outcome::Behind => json!({ "node": rep.node, "status": "behind" }),
             Outcome::Failed(e) => {
                 json!({ "node": rep.node, "status": "failed", "error": { "kind": e.kind, "message": e.message } })
             }
@@ -665,6 +676,9 @@ fn run_with_progress(
                 for rep in &r.replicas {
                     match &rep.outcome {
                         Outcome::Published => println!("  {:<22} published", rep.node),
+                        Outcome::Behind => {
+                            println!("  {:<22} behind: still receiving (`shardcast status {}`)", rep.node, rep.node)
+                        }
                         Outcome::Failed(e) => println!("  {:<22} failed: {e}", rep.node),
                     }
                 }

@@ -136,6 +136,12 @@ pub enum Action {
         /// One per node, this node first (replica), then downstream in chain order.
         reports: Vec<ReplicaReport>,
     },
+    /// Async push, first replica: it has published, so upstream gets these reports now (this
+    /// node published, the ones after it behind) and the push goes on down the chain.
+    ReportEarly {
+        /// This node first, then the nodes after it.
+        reports: Vec<ReplicaReport>,
+    },
     /// Give up: stop all I/O and report this error for this node.
     Abort {
         /// Why.
@@ -190,6 +196,8 @@ pub struct NodeMachine {
     acked_upstream: u64,
     finished: bool,
     route: Route,
+    /// Async push, first replica: report upstream as soon as this node has published.
+    report_early: bool,
 }
 
 impl NodeMachine {
@@ -214,7 +222,15 @@ impl NodeMachine {
             acked_upstream: 0,
             finished: false,
             route: Route::everything(),
+            report_early: false,
         }
+    }
+
+    /// Async push on the first replica: once this node has published, report it (and the
+    /// nodes after it as behind) upstream without waiting for them.
+    pub fn with_early_report(mut self) -> Self {
+        self.report_early = true;
+        self
     }
 
     /// Restricts the push on this node to its route: it dispatches only the chunks that pass
@@ -475,6 +491,16 @@ impl NodeMachine {
         if through > self.acked_upstream {
             self.acked_upstream = through;
             out.push(Action::AckUpstream { through });
+        }
+
+        // 4b. Async: report early once published here, while downstream still works.
+        if self.report_early && self.own == Own::Done(Outcome::Published) && self.downstream_alive() {
+            self.report_early = false;
+            let mut reports = vec![ReplicaReport { node: self.node.clone(), outcome: Outcome::Published }];
+            reports.extend(
+                self.downstream_nodes.iter().map(|n| ReplicaReport { node: n.clone(), outcome: Outcome::Behind }),
+            );
+            out.push(Action::ReportEarly { reports });
         }
 
         // 5. Finish when this node is settled and downstream has reported.

@@ -357,8 +357,13 @@ fn with_repair(
         })
         .collect();
     report.seconds = start.elapsed().as_secs_f64();
-    report.required = opts.min_replicas.unwrap_or(opts.to.len());
+    report.required = required(opts, opts.to.len());
     Ok(report)
+}
+
+/// Replicas that must publish: `--min-replicas`, else all of them (sync) or the first (async).
+fn required(opts: &PushOptions, replicas: usize) -> usize {
+    opts.min_replicas.unwrap_or(if opts.mode == Mode::Async { 1 } else { replicas })
 }
 
 /// An incremental push is routed with every replica wanting everything (its have-set does the
@@ -511,7 +516,7 @@ fn run_push(
         chunks,
         seconds: start.elapsed().as_secs_f64(),
         manifest_seconds,
-        required: opts.min_replicas.unwrap_or(replicas.len()),
+        required: required(opts, replicas.len()),
         replicas,
     })
 }

@@ -352,6 +352,8 @@ fn push_session(
             you: next.clone(),
             downstream: hello.downstream[1..].to_vec(),
             wants: hello.wants.iter().skip(1).cloned().collect(),
+            // Only the first replica of an async push reports early; the rest run as usual.
+            mode: wire::Mode::Sync,
             ..hello.clone()
         };
         let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
@@ -456,7 +458,7 @@ fn push_session(
     });
     let started = std::time::Instant::now();
     let (bytes, chunks) = (manifest.total_bytes(), manifest.chunk_count());
-    let superseded = staging.cancel_flag();
+    let superseded = staging.receiving();
     let session = Session::new(
         Role::Replica,
         &me,
@@ -476,6 +478,7 @@ fn push_session(
         None => session,
     }
     .with_superseded(superseded);
+    let session = if hello.mode == wire::Mode::Async { session.with_early_report() } else { session };
     let session = match &opts.metrics {
         Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
             m,
@@ -553,6 +556,7 @@ fn summary(reports: &[ReplicaReport]) -> String {
         .map(|r| match &r.outcome {
             wire::Outcome::Published => format!("{} published", r.node),
             wire::Outcome::Failed(e) => format!("{} failed ({})", r.node, e.message),
+            wire::Outcome::Behind => format!("{} behind", r.node),
         })
         .collect::<Vec<_>>()
         .join(", ")

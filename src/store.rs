@@ -53,13 +53,24 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
     if ok { Ok(()) } else { Err(StoreError::BadName(name.to_owned())) }
 }
 
+/// A version being received, as `status` shows it.
+#[derive(Debug, Default)]
+pub struct Receiving {
+    /// Set when a newer push of the same version supersedes this one.
+    pub cancel: std::sync::atomic::AtomicBool,
+    /// Bytes staged so far (received and written, resumed, or copied from the current version).
+    pub done: AtomicU64,
+    /// Bytes of the version on this node.
+    pub total: AtomicU64,
+}
+
 /// A replica's root directory.
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
     keep: usize,
-    /// Versions being received, each with a flag that asks its session to give up.
-    receiving: Mutex<std::collections::HashMap<(String, u64), Arc<std::sync::atomic::AtomicBool>>>,
+    /// Versions being received: how far each is, and a flag that asks its session to give up.
+    receiving: Mutex<std::collections::HashMap<(String, u64), Arc<Receiving>>>,
     counter: AtomicU64,
 }
 
@@ -142,7 +153,8 @@ impl Store {
             return Err(StoreError::VersionExists { name: name.into(), version });
         }
         let key = (name.to_owned(), version);
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancel = Arc::new(Receiving::default());
+        cancel.total.store(manifest.total_bytes(), Ordering::Relaxed);
         let mut waited = std::time::Duration::ZERO;
         loop {
             let mut receiving = self.receiving.lock().expect("store lock");
@@ -156,7 +168,7 @@ impl Store {
                 // upstream hung or gone): that one is asked to give up, and what it had
                 // journaled is resumed below.
                 Some(old) if resume && waited < SUPERSEDE_WAIT => {
-                    old.store(true, Ordering::Relaxed);
+                    old.cancel.store(true, Ordering::Relaxed);
                 }
                 Some(_) => return Err(StoreError::Busy { name: name.into(), version }),
             }
@@ -202,6 +214,14 @@ impl Store {
                 Some((header, records)) if resume && header == plan && fs::rename(&partial, &staging.dir).is_ok() => {
                     staging.open_existing()?;
                     tracing::info!(name, version, chunks = records.len(), "resuming a partial staging");
+                    let cs = u64::from(manifest.chunk_size());
+                    let bytes: u64 = records
+                        .iter()
+                        .filter_map(|&(e, c, _)| {
+                            staging.entries.get(e as usize).map(|e| e.size.saturating_sub(c * cs).min(cs))
+                        })
+                        .sum();
+                    staging.cancel.done.store(bytes, Ordering::Relaxed);
                     staging.resumed = records;
                     return Ok(staging);
                 }
@@ -225,12 +245,27 @@ impl Store {
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| check_name(n).is_ok())
             .collect();
+        let receiving: Vec<((String, u64), (u64, u64))> = self
+            .receiving
+            .lock()
+            .expect("store lock")
+            .iter()
+            .map(|(k, r)| (k.clone(), (r.done.load(Ordering::Relaxed), r.total.load(Ordering::Relaxed))))
+            .collect();
+        for ((name, _), _) in &receiving {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
         names.sort();
         for name in names {
             let versions = self.versions(&name);
             let current = read_current(&self.root.join(&name));
-            if !versions.is_empty() || current.is_some() {
-                out.push(SetStatus { name, current, versions });
+            let mut incoming: Vec<(u64, u64, u64)> =
+                receiving.iter().filter(|((n, _), _)| *n == name).map(|((_, v), (d, t))| (*v, *d, *t)).collect();
+            incoming.sort_unstable();
+            if !versions.is_empty() || current.is_some() || !incoming.is_empty() {
+                out.push(SetStatus { name, current, versions, receiving: incoming });
             }
         }
         Ok(out)
@@ -470,8 +505,8 @@ pub struct Staging {
     /// The staged manifest's plan encoding: the journal's header (a partial is resumed only by
     /// a push of the same files).
     plan: Vec<u8>,
-    /// Set when a newer push of the same version supersedes this one.
-    cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Progress and the flag a newer push of the same version sets.
+    cancel: Arc<Receiving>,
     /// Which chunks are written and durable: (entry, chunk index in the file, digest) records.
     journal: Option<File>,
     /// Records of written chunks not yet made durable.
@@ -564,8 +599,9 @@ impl Staging {
         Ok(())
     }
 
-    /// The flag a newer push of the same version sets to make this one give up.
-    pub fn cancel_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+    /// This staging's progress and the flag a newer push of the same version sets to make it
+    /// give up.
+    pub fn receiving(&self) -> Arc<Receiving> {
         Arc::clone(&self.cancel)
     }
 
@@ -576,7 +612,8 @@ impl Staging {
 
     /// Notes that chunk `chunk` of entry `entry` (with `digest`) is written; every
     /// `JOURNAL_BATCH` chunks the files are synced and the records made durable.
-    pub fn record(&mut self, entry: usize, chunk: u64, digest: u128) {
+    pub fn record(&mut self, entry: usize, chunk: u64, digest: u128, len: u32) {
+        self.cancel.done.fetch_add(u64::from(len), Ordering::Relaxed);
         self.pending.push((entry as u32, chunk, digest));
         if self.pending.len() >= JOURNAL_BATCH
             && let Err(e) = self.flush_journal()
@@ -634,6 +671,7 @@ impl Staging {
             let f = f.try_clone().map_err(|e| StoreError::io("cannot duplicate a staged file", e))?;
             jobs.push((c, f));
         }
+        let progress = Arc::clone(&self.cancel);
         std::thread::Builder::new()
             .name("shardcast-reuse".into())
             .spawn(move || {
@@ -641,6 +679,7 @@ impl Staging {
                     let err = |e| StoreError::io(format!("cannot copy held chunks from {}", c.from.display()), e);
                     let src = File::open(&c.from).map_err(err)?;
                     copy_range(&src, &dst, c.offset, c.len).map_err(err)?;
+                    progress.done.fetch_add(c.len, Ordering::Relaxed);
                 }
                 Ok(())
             })

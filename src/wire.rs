@@ -291,6 +291,9 @@ impl<'a> Dec<'a> {
 pub enum Mode {
     /// The push returns when the tail has published.
     Sync,
+    /// The push returns when the first replica has published; the rest of the chain completes
+    /// on its own (`shardcast status` shows how far each replica is).
+    Async,
 }
 
 /// The first frame of a push.
@@ -327,6 +330,7 @@ impl Hello {
         let mut e = Enc::default();
         e.str(&self.name).u64(self.version).u8(match self.mode {
             Mode::Sync => 0,
+            Mode::Async => 1,
         });
         e.u8(self.transport.code());
         e.u32(self.keep);
@@ -362,6 +366,7 @@ impl Hello {
         let version = d.u64("version").map_err(bad)?;
         let mode = match d.u8("mode").map_err(bad)? {
             0 => Mode::Sync,
+            1 => Mode::Async,
             m => {
                 return Err(NodeError::new(
                     ErrorKind::Unsupported,
@@ -457,6 +462,8 @@ pub enum Outcome {
     Published,
     /// It is not, and why.
     Failed(NodeError),
+    /// Still receiving when an async push returned (it goes on by itself).
+    Behind,
 }
 
 /// One replica's report.
@@ -488,10 +495,16 @@ pub fn encode_reports(reports: &[ReplicaReport]) -> Vec<u8> {
             Outcome::Failed(err) => {
                 e.u8(err.kind.code()).str(&err.message);
             }
+            Outcome::Behind => {
+                e.u8(BEHIND);
+            }
         }
     }
     e.0
 }
+
+/// The status byte of a report that says [`Outcome::Behind`].
+const BEHIND: u8 = 255;
 
 /// Decodes a list of reports.
 pub fn decode_reports(buf: &[u8]) -> Result<Vec<ReplicaReport>, WireError> {
@@ -502,6 +515,7 @@ pub fn decode_reports(buf: &[u8]) -> Result<Vec<ReplicaReport>, WireError> {
         let node = d.str("report node")?;
         let outcome = match d.u8("report status")? {
             0 => Outcome::Published,
+            BEHIND => Outcome::Behind,
             code => Outcome::Failed(NodeError::new(ErrorKind::from_code(code), d.str("report message")?)),
         };
         out.push(ReplicaReport { node, outcome });
@@ -519,6 +533,8 @@ pub struct SetStatus {
     pub current: Option<u64>,
     /// Every published version, ascending.
     pub versions: Vec<u64>,
+    /// Versions being received: (version, bytes written so far, bytes in all).
+    pub receiving: Vec<(u64, u64, u64)>,
 }
 
 /// Encodes a STATUS_RESP payload.
@@ -534,6 +550,10 @@ pub fn encode_status(sets: &[SetStatus]) -> Vec<u8> {
         e.u64(s.versions.len() as u64);
         for v in &s.versions {
             e.u64(*v);
+        }
+        e.u64(s.receiving.len() as u64);
+        for &(v, done, total) in &s.receiving {
+            e.u64(v).u64(done).u64(total);
         }
     }
     e.0
@@ -556,7 +576,12 @@ pub fn decode_status(buf: &[u8]) -> Result<Vec<SetStatus>, WireError> {
         for _ in 0..nv {
             versions.push(d.u64("version")?);
         }
-        out.push(SetStatus { name, current, versions });
+        let nr = d.count("receiving", 24)?;
+        let mut receiving = Vec::with_capacity(nr);
+        for _ in 0..nr {
+            receiving.push((d.u64("version")?, d.u64("bytes done")?, d.u64("bytes")?));
+        }
+        out.push(SetStatus { name, current, versions, receiving });
     }
     d.finish("status")?;
     Ok(out)

@@ -153,8 +153,13 @@ fn reports() -> impl Strategy<Value = Vec<ReplicaReport>> {
 
 fn status() -> impl Strategy<Value = Vec<SetStatus>> {
     prop::collection::vec(
-        (".{0,30}", any::<Option<u64>>(), prop::collection::vec(any::<u64>(), 0..6))
-            .prop_map(|(name, current, versions)| SetStatus { name, current, versions }),
+        (
+            ".{0,30}",
+            any::<Option<u64>>(),
+            prop::collection::vec(any::<u64>(), 0..6),
+            prop::collection::vec(any::<(u64, u64, u64)>(), 0..3),
+        )
+            .prop_map(|(name, current, versions, receiving)| SetStatus { name, current, versions, receiving }),
         0..6,
     )
 }
@@ -360,7 +365,12 @@ fn write_fuzz_seeds() {
         ReplicaReport { node: "10.0.0.3:7070".into(), outcome: Outcome::Published },
         ReplicaReport::failed("10.0.0.4:7070", NodeError::new(ErrorKind::DiskFull, "not enough free space")),
     ];
-    let status = vec![SetStatus { name: "llama-7b".into(), current: Some(42), versions: vec![41, 42] }];
+    let status = vec![SetStatus {
+        name: "llama-7b".into(),
+        current: Some(42),
+        versions: vec![41, 42],
+        receiving: vec![(43, 1 << 30, 4 << 30)],
+    }];
     let rdma = TransportMsg::Rdma {
         device: "mlx5_0".into(),
         qpn: 17,

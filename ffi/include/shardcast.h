@@ -117,6 +117,11 @@
 #define SC_REPLICA_FAILED 1
 
 /**
+ * Replica outcome: still receiving when an async push returned (it completes on its own).
+ */
+#define SC_REPLICA_BEHIND 2
+
+/**
  * A push running in the background (opaque).
  */
 typedef struct sc_push sc_push;

@@ -69,6 +69,8 @@ pub const SC_ERR_PANIC: i32 = -23;
 pub const SC_REPLICA_PUBLISHED: i32 = 0;
 /// Replica outcome: failed (see `error`).
 pub const SC_REPLICA_FAILED: i32 = 1;
+/// Replica outcome: still receiving when an async push returned (it completes on its own).
+pub const SC_REPLICA_BEHIND: i32 = 2;
 
 fn code_of(kind: ErrorKind) -> i32 {
     match kind {
@@ -565,7 +567,7 @@ fn outcome_code(r: &Outcome2, cancelled: bool) -> Result<i32, (i32, String)> {
                 .iter()
                 .filter_map(|r| match &r.outcome {
                     Outcome::Failed(e) => Some(format!("{}: {}", r.node, e.message)),
-                    Outcome::Published => None,
+                    Outcome::Published | Outcome::Behind => None,
                 })
                 .collect();
             let code = if rep.published() > 0 {
@@ -679,6 +681,7 @@ pub unsafe extern "C" fn sc_push_replica_result(
                 ScReplicaResult { status: SC_REPLICA_FAILED, error: code_of(e.kind) },
                 format!("{}: {}", r.node, e.message),
             ),
+            Outcome::Behind => (ScReplicaResult { status: SC_REPLICA_BEHIND, error: 0 }, r.node.clone()),
         };
         // SAFETY: out is writable; msg per the caller's contract.
         unsafe {
