@@ -289,6 +289,7 @@ fn with_repair(
     let mut base: Option<PushReport> = None;
     let mut result = first;
     let mut chain = opts.to.clone();
+    let mut repairing = false;
     for _ in 0..opts.to.len() {
         let cut_off: Vec<String> = match &result {
             Ok(r) => {
@@ -299,23 +300,41 @@ fn with_repair(
                 // Cut off: not reached because the chain broke before them, or sent corrupt
                 // bytes by a node before them (those are fetched again from the primary; what
                 // they verified and journaled is kept).
+                // A lost connection is tried once more too: a replica that went away after
+                // refusing a corrupt chunk looks the same from upstream as a dead one, and a
+                // dead one is refused at once and left out.
                 r.replicas
                     .iter()
                     .filter(|rep| {
                         matches!(&rep.outcome, Outcome::Failed(e)
-                            if matches!(e.kind, ErrorKind::Aborted | ErrorKind::DigestMismatch))
+                            if matches!(e.kind, ErrorKind::Aborted | ErrorKind::DigestMismatch | ErrorKind::ConnectionLost))
                     })
                     .map(|rep| rep.node.clone())
                     .collect()
             }
-            // The first replica of this attempt broke: the rest never finished.
+            // A replica broke before the chain could report: the first one mid-push, or, while
+            // repairing, any one (also one that cannot be reached any more). Go on with the
+            // others. (A replica unreachable when the push starts is refused whole, as before:
+            // the caller hears at once and can leave it out.)
             Err(PushError::Node { node, error })
-                if *node == chain[0]
-                    && matches!(error.kind, ErrorKind::ConnectionLost | ErrorKind::Stalled)
-                    && chain.len() > 1 =>
+                if chain.len() > 1
+                    && ((*node == chain[0]
+                        && matches!(error.kind, ErrorKind::ConnectionLost | ErrorKind::Stalled))
+                        || (repairing
+                            && chain.contains(node)
+                            && matches!(
+                                error.kind,
+                                ErrorKind::ConnectionLost | ErrorKind::Stalled | ErrorKind::Unreachable
+                            ))) =>
             {
-                outcomes.insert(node.clone(), Outcome::Failed(error.clone()));
-                chain[1..].to_vec()
+                // The first real cause stands (a dead replica's lost connection, not the refused
+                // connect of the retry).
+                let known = matches!(outcomes.get(node), Some(Outcome::Failed(e))
+                    if !matches!(e.kind, ErrorKind::Aborted | ErrorKind::DigestMismatch));
+                if !known {
+                    outcomes.insert(node.clone(), Outcome::Failed(error.clone()));
+                }
+                chain.iter().filter(|n| *n != node).cloned().collect()
             }
             Err(_) if base.is_none() => return result,
             Err(e) => {
@@ -337,6 +356,7 @@ fn with_repair(
         let mut o = opts.clone();
         o.to = cut_off.clone();
         o.incremental = true;
+        repairing = true;
         result = attempt(&o);
         chain = cut_off;
     }

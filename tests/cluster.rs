@@ -100,6 +100,10 @@ struct NetCluster {
 
 impl NetCluster {
     fn up(n: usize, rate_mbit: u64) -> NetCluster {
+        Self::up_with(n, rate_mbit, &[])
+    }
+
+    fn up_with(n: usize, rate_mbit: u64, serve_args: &[&str]) -> NetCluster {
         let out = cluster_sh(&["up", &n.to_string(), "--rate", &format!("{rate_mbit}mbit"), "--mtu", "1500"]);
         assert!(out.status.success(), "cluster.sh up failed\n{}", show_output(&out));
         let dir = tempdir();
@@ -112,7 +116,7 @@ impl NetCluster {
             let root = c.dir.path().join(&node);
             let ns = format!("{PREFIX}-{node}");
             let mut cmd = shardcast_via(&["ip", "netns", "exec", &ns]);
-            cmd.arg("serve").arg("--listen").arg(&addr).arg("--root").arg(&root);
+            cmd.arg("serve").arg("--listen").arg(&addr).arg("--root").arg(&root).args(serve_args);
             let srv = Server::start_with(cmd, &root);
             assert_eq!(srv.addr().to_string(), addr, "r{k} listens on the wrong address");
             c.servers.push(srv);
@@ -136,13 +140,17 @@ impl NetCluster {
     /// `shardcast push SRC --name NAME --version V --to r1,…,rN --json EXTRA…` from the primary's
     /// namespace.
     fn push(&self, src: &Path, name: &str, version: u64, extra: &[&str]) -> Output {
+        run(&mut self.push_cmd(src, name, version, extra))
+    }
+
+    fn push_cmd(&self, src: &Path, name: &str, version: u64, extra: &[&str]) -> Command {
         let ns = format!("{PREFIX}-p");
         let mut cmd = shardcast_via(&["ip", "netns", "exec", &ns]);
         cmd.arg("push")
             .arg(src)
             .args(["--name", name, "--version", &version.to_string(), "--to", &self.addrs.join(","), "--json"])
             .args(extra);
-        run(&mut cmd)
+        cmd
     }
 
     /// Bytes the root qdisc on NODE's link has sent since `up`.
@@ -248,4 +256,45 @@ fn chain_through_shaped_namespaces() {
     assert!(left.is_empty(), "namespaces left after down: {left:?}");
     let links = stdout_str(&ip(&["-o", "link", "show"]));
     assert!(!links.contains("scv"), "a cluster link leaked into the host namespace:\n{links}");
+}
+
+#[test]
+fn a_link_taken_down_mid_push_is_repaired_around() {
+    let skip = |why: &str| {
+        let _ = writeln!(std::io::stderr(), "skipped link-down test: {why}");
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("not running as root: network namespaces need CAP_SYS_ADMIN");
+    }
+    let _lock = Lock::take();
+    if let Some(why) = netns_unavailable() {
+        return skip(&why);
+    }
+    // 2 s hop deadlines (r1 waits 2 x 2 s: two replicas after it).
+    let c = NetCluster::up_with(REPLICAS, RATE_MBIT, &["--hop-timeout", "2"]);
+    let src = tempdir();
+    let size = 96 * MIB;
+    write_random_file(&src.path().join("ckpt.bin"), size, 41);
+    let mut push =
+        Running::spawn(&mut c.push_cmd(src.path(), "ck", 1, &["--chunk-size", "1MiB", "--hop-timeout", "2"]));
+    // r2's link goes down once about half has reached it.
+    let staging = c.root(2).join(".staging");
+    let half = wait_until(Duration::from_secs(60), || bytes_under(&staging) >= size / 2 || push.try_wait().is_some());
+    assert!(half && push.try_wait().is_none(), "the push ended before the link could be cut\n{}", c.logs());
+    let out = ip(&["-n", &format!("{PREFIX}-r2"), "link", "set", "scv0", "down"]);
+    assert!(out.status.success(), "ip link set down\n{}", show_output(&out));
+    assert!(push.wait_timeout(Duration::from_secs(90)).is_some(), "push hangs after the link went down\n{}", c.logs());
+    let out = push.finish(Duration::from_secs(5));
+    let j = parse_json(&out);
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas: {j}\n{}", c.logs()));
+    let status: Vec<&str> = reps.iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
+    assert_eq!(status, ["published", "failed", "published"], "{j}\n{}", c.logs());
+    assert_eq!(reps[1]["node"].as_str(), Some(c.addrs[1].as_str()), "{j}");
+    for k in [1, 3] {
+        assert_tree_identical(src.path(), &c.root(k).join("ck").join("1"));
+        let v = verify(&c.root(k), "ck", &[]);
+        assert_eq!(code(&v), 0, "r{k}: {}", show_output(&v));
+    }
+    assert!(!c.root(2).join("ck/1.manifest").exists(), "r2 published without its link");
 }

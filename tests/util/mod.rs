@@ -767,7 +767,7 @@ pub fn list_names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Total bytes of regular files under `dir` (0 when missing).
+/// Bytes allocated to regular files under `dir` (0 when missing).
 pub fn bytes_under(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -778,7 +778,9 @@ pub fn bytes_under(dir: &Path) -> u64 {
             if m.is_dir() {
                 stack.push(e.path());
             } else if m.is_file() {
-                total += m.len();
+                // Allocated bytes, not the length: staged files are created at full length
+                // (sparse) before any data arrives.
+                total += std::os::unix::fs::MetadataExt::blocks(&m) * 512;
             }
         }
     }
