@@ -199,6 +199,19 @@ typedef struct sc_push_opts {
    * `name` does not have (see `shardcast push --incremental`).
    */
   uint32_t incremental;
+  /**
+   * 0 sync (return when every replica published), 1 async (return when the first one has;
+   * the others complete on their own and are reported `SC_REPLICA_BEHIND`).
+   */
+  uint32_t mode;
+  /**
+   * Replicas that must publish for `SC_OK` (0: all, or the first in async mode).
+   */
+  uint32_t min_replicas;
+  /**
+   * Non-zero: do not repair the chain around a replica that dies mid-push.
+   */
+  uint32_t no_repair;
 } sc_push_opts;
 
 /**

@@ -284,6 +284,13 @@ pub struct ScPushOpts {
     /// Non-zero: hash first and send each replica only the chunks its current version of
     /// `name` does not have (see `shardcast push --incremental`).
     pub incremental: u32,
+    /// 0 sync (return when every replica published), 1 async (return when the first one has;
+    /// the others complete on their own and are reported `SC_REPLICA_BEHIND`).
+    pub mode: u32,
+    /// Replicas that must publish for `SC_OK` (0: all, or the first in async mode).
+    pub min_replicas: u32,
+    /// Non-zero: do not repair the chain around a replica that dies mid-push.
+    pub no_repair: u32,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -471,6 +478,13 @@ unsafe fn push_options(o: &ScPushOpts) -> Result<PushOptions, (i32, String)> {
     // SAFETY: the caller's contract.
     unsafe { chain_options(o, &mut po) }?;
     po.incremental = o.incremental != 0;
+    po.mode = match o.mode {
+        0 => shardcast::wire::Mode::Sync,
+        1 => shardcast::wire::Mode::Async,
+        m => return Err(invalid(format!("mode {m}: 0 (sync) or 1 (async)"))),
+    };
+    po.min_replicas = (o.min_replicas > 0).then_some(o.min_replicas as usize);
+    po.repair = o.no_repair == 0;
     Ok(po)
 }
 

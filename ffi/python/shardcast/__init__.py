@@ -98,12 +98,14 @@ def version() -> str:
 
 @dataclass(frozen=True)
 class ReplicaResult:
-    """One replica's outcome: ``published``, else ``kind`` and ``message`` say why not."""
+    """One replica's outcome: ``published``; ``behind`` (an async push returned while it was
+    still receiving: it completes on its own); else ``kind`` and ``message`` say why not."""
 
     node: str
     published: bool
     kind: Optional[str] = None
     message: Optional[str] = None
+    behind: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class PushReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.replicas) and all(r.published for r in self.replicas)
+        return bool(self.replicas) and all(r.published or r.behind for r in self.replicas)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ class PushHandle:
             node, _, message = text.partition(": ")
             if r.status == _native.SC_REPLICA_PUBLISHED:
                 out.append(ReplicaResult(node=node, published=True))
+            elif r.status == _native.SC_REPLICA_BEHIND:
+                out.append(ReplicaResult(node=node, published=False, behind=True))
             else:
                 kind = _native.ERROR_KINDS.get(r.error, "internal")
                 out.append(ReplicaResult(node=node, published=False, kind=kind, message=message))
@@ -232,6 +236,9 @@ def push_async(
     connect_timeout: float = 0,
     keep: int = 0,
     incremental: bool = False,
+    mode: str = "sync",
+    min_replicas: int = 0,
+    repair: bool = True,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -242,7 +249,12 @@ def push_async(
     Buffers are read while the push runs: do not change them until it has ended (a ``bytearray``
     cannot be resized meanwhile). ``keep``: versions of ``name`` each replica keeps (0: its own
     setting). ``incremental``: hash first, and send each replica only the chunks its current
-    version of ``name`` lacks (a checkpoint that changed in places)."""
+    version of ``name`` lacks (a checkpoint that changed in places). ``mode="async"``: done once
+    the first replica has published (the rest are ``behind`` and complete on their own).
+    ``min_replicas``: how many must publish for success (0: all; the first in async mode).
+    ``repair``: go on around a replica that dies mid-push (the others resume)."""
+    if mode not in ("sync", "async"):
+        raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if isinstance(to, str):
         to = [to]
     opts = _native.PushOpts(
@@ -255,6 +267,9 @@ def push_async(
         transport.encode(),
         int(keep),
         int(bool(incremental)),
+        1 if mode == "async" else 0,
+        int(min_replicas),
+        0 if repair else 1,
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -298,16 +313,26 @@ def push(
     transport: str = "auto",
     keep: int = 0,
     incremental: bool = False,
+    min_replicas: int = 0,
+    repair: bool = True,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
-    (``mode="sync"``, the only mode so far). Raises :class:`ShardcastError` (with ``node`` and
-    ``kind``) on failure, and when ``timeout`` seconds pass first (the push is then
-    cancelled)."""
-    if mode != "sync":
-        raise ValueError(f"mode {mode!r}: only 'sync' is supported so far")
+    (``mode="sync"``) or the first one has (``mode="async"``). Raises :class:`ShardcastError`
+    (with ``node`` and ``kind``) on failure, and when ``timeout`` seconds pass first (the push
+    is then cancelled)."""
     with push_async(
-        source, to, name, version, chunk_size=chunk_size, transport=transport, keep=keep, incremental=incremental
+        source,
+        to,
+        name,
+        version,
+        chunk_size=chunk_size,
+        transport=transport,
+        keep=keep,
+        incremental=incremental,
+        mode=mode,
+        min_replicas=min_replicas,
+        repair=repair,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 
@@ -360,7 +385,7 @@ def stage_async(
 
     Every node gets exactly its files, published as ``name@version``; each chunk travels down
     the chain (the nodes in order) only as far as the last node that wants it."""
-    opts = _native.PushOpts(None, None, 0, None, 0, int(connect_timeout), transport.encode(), int(keep), 0)
+    opts = _native.PushOpts(None, None, 0, None, 0, int(connect_timeout), transport.encode(), int(keep), 0, 0, 0, 0)
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
         plan = dict(plan)
@@ -383,6 +408,8 @@ def stage(
     transport: str = "auto",
     keep: int = 0,
     incremental: bool = False,
+    min_replicas: int = 0,
+    repair: bool = True,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""

@@ -26,6 +26,9 @@ class PushOpts(ctypes.Structure):
         ("transport", ctypes.c_char_p),
         ("keep", ctypes.c_uint32),
         ("incremental", ctypes.c_uint32),
+        ("mode", ctypes.c_uint32),
+        ("min_replicas", ctypes.c_uint32),
+        ("no_repair", ctypes.c_uint32),
     ]
 
 
@@ -137,6 +140,7 @@ SC_PARTIAL = 1
 SC_ERR_TIMEOUT = -21
 SC_ERR_CANCELLED = -22
 SC_REPLICA_PUBLISHED = 0
+SC_REPLICA_BEHIND = 2
 
 ERROR_KINDS = {
     -1: "unreachable",

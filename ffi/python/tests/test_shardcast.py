@@ -142,6 +142,23 @@ class PushTests(unittest.TestCase):
             self.assertTrue(report.ok)
         self.assertEqual((self.tmp / "ri" / "inc" / "2" / "w.bin").read_bytes(), bytes(data))
 
+    def test_async_push_returns_after_the_first_replica(self):
+        big = self.tmp / "big"
+        big.mkdir()
+        (big / "w.bin").write_bytes(os.urandom(64 << 20))
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "a0") as s0, shardcast.serve(
+            "127.0.0.1:0", root=self.tmp / "a1"
+        ) as s1:
+            report = shardcast.push(big, to=[s0.addr, s1.addr], name="as", version=1, mode="async", timeout=60)
+            self.assertTrue(report.ok)
+            self.assertTrue(report.replicas[0].published)
+            self.assertTrue(report.replicas[1].published or report.replicas[1].behind)
+            self.assertEqual((self.tmp / "a0" / "as" / "1" / "w.bin").read_bytes(), (big / "w.bin").read_bytes())
+            deadline = time.monotonic() + 60
+            while not (self.tmp / "a1" / "as" / "1.manifest").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.assertTrue(same_tree(big, self.tmp / "a1" / "as" / "1"))
+
     def test_stage_gives_each_node_its_files(self):
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "s0") as s0, shardcast.serve(
             "127.0.0.1:0", root=self.tmp / "s1"
