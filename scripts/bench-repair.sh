@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Chain repair on the emulated cluster (scripts/cluster.sh): a push down a chain of N replicas
+# (egress shaped to RATE) with the middle replica SIGKILLed once it has received half, against
+# the same push without a fault.
+#
+# Each rep:
+#   clean  `shardcast push SRC --json` as version 2k-1 to every replica;
+#   kill   the same as version 2k, and `kill -9` of replica MID once its Prometheus counter
+#          shows SIZE/2 received; the push repairs around it (the replicas after it get the
+#          rest again from the primary, resuming what they journaled) and reports it failed.
+# Before every push each chunk of the source gets new bytes, so no replica can reuse its current
+# version. Every surviving replica's copy is compared with the source (cmp); the killed replica
+# is restarted between reps. Target (issue 5): kill time <= 1.3 x clean time.
+#
+# Env: SIZE (1G), FILES (8), N (4 replicas), MID (2), REPS (3), RATE (1gbit), CHUNK (4MiB),
+#      PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1.
+# Output: the table on stdout, also saved to results/bench-repair-<date>.md.
+# Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+SIZE=${SIZE:-1G}
+FILES=${FILES:-8}
+N=${N:-4}
+MID=${MID:-2}
+REPS=${REPS:-3}
+RATE=${RATE:-1gbit}
+CHUNK=${CHUNK:-4MiB}
+PORT=${PORT:-7071}
+export SC_CLUSTER=${SC_CLUSTER:-sc}
+CLUSTER=scripts/cluster.sh
+
+bytes=$(parse_size "$SIZE")
+chunk=$(parse_size "$CHUNK")
+((bytes > 0 && chunk > 0)) || die "SIZE and CHUNK must be > 0"
+[[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$N'"
+((MID >= 1 && MID < N)) || die "MID must be a replica with one after it (1..N-1), got '$MID'"
+[[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
+[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces)"
+command -v tc >/dev/null || die "tc not found: run scripts/deps.sh (iproute2)"
+
+# Source + two versions on each replica.
+need=$(((2 * N + 1) * bytes + (512 << 20)))
+avail=$(avail_bytes /dev/shm)
+((avail >= need)) || die "/dev/shm has $(fmt_bytes "$avail") free, this run needs $(fmt_bytes "$need")"
+
+log "building release binary"
+cargo build --release --quiet
+work=$(mktemp -d /dev/shm/shardcast-bench-repair.XXXXXX)
+if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register_dir "$work"; fi
+cp "$BIN" "$work/shardcast"
+bin=$work/shardcast
+
+_bench_exit() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    [[ "$BASHPID" == "$$" ]] || exit "$rc"
+    local pid
+    for pid in "${_PIDS[@]}"; do stop_pid "$pid"; done
+    "$CLUSTER" down >/dev/null 2>&1 || echo "warning: '$CLUSTER down' failed; run it by hand" >&2
+    (exit "$rc")
+    _cleanup
+}
+trap _bench_exit EXIT
+
+log "generating $(fmt_bytes "$bytes") in $FILES file(s)"
+mkdir -p "$work/src"
+per=$((bytes / FILES))
+for ((i = 0; i < FILES; i++)); do
+    sz=$per
+    ((i == FILES - 1)) && sz=$((bytes - per * (FILES - 1)))
+    gen_random_file "$(printf '%s/src/shard-%03d.bin' "$work" "$i")" "$sz"
+done
+
+log "cluster: primary + $N replicas, $RATE per node egress"
+"$CLUSTER" up "$N" --rate "$RATE" >/dev/null
+addrs=() roots=() maddrs=()
+for ((k = 1; k <= N; k++)); do
+    addr=$("$CLUSTER" addr "r$k")
+    addrs+=("$addr:$PORT") roots+=("$work/root-r$k") maddrs+=("$addr:9100")
+done
+# The replicas are started (and the killed one restarted) by the python loop below, through
+# this helper: `serve K` starts replica K in its namespace and prints its PID.
+cat >"$work/serve.sh" <<SH
+#!/usr/bin/env bash
+k=\$1
+addr=\$($PWD/$CLUSTER addr "r\$k")
+logf=$work/serve-r\$k.\$(date +%s%N).log
+$PWD/$CLUSTER exec "r\$k" env NO_COLOR=1 $bin serve --listen "\$addr:$PORT" --root "$work/root-r\$k" \\
+    --keep 2 --metrics "\$addr:9100" >/dev/null 2>>"\$logf" &
+pid=\$!
+for ((i = 0; i < 300; i++)); do
+    grep -q "listening on \$addr:$PORT" "\$logf" 2>/dev/null && break
+    sleep 0.1
+done
+echo "\$pid"
+SH
+chmod +x "$work/serve.sh"
+
+
+mkdir -p results
+out=results/bench-repair-$(date +%Y%m%d-%H%M%S).md
+BR_BIN=$bin BR_SRC=$work/src BR_ADDRS="${addrs[*]}" BR_ROOTS="${roots[*]}" BR_MADDRS="${maddrs[*]}" \
+    BR_N=$N BR_MID=$MID BR_REPS=$REPS BR_CHUNK=$chunk BR_SERVE=$work/serve.sh BR_BYTES=$bytes \
+    BR_CMD="SIZE=$SIZE FILES=$FILES N=$N MID=$MID REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-repair.sh" \
+    python3 - <<'PY' | tee "$out"
+import json, os, signal, statistics, subprocess, time
+
+E = os.environ
+BIN, SRC, N, MID, REPS, CHUNK = E["BR_BIN"], E["BR_SRC"], int(E["BR_N"]), int(E["BR_MID"]), int(E["BR_REPS"]), int(E["BR_CHUNK"])
+BYTES = int(E["BR_BYTES"])
+ADDRS, ROOTS, MADDRS = E["BR_ADDRS"].split(), E["BR_ROOTS"].split(), E["BR_MADDRS"].split()
+CL = "scripts/cluster.sh"
+pids = {}
+
+def serve(k):
+    pids[k] = int(subprocess.run([E["BR_SERVE"], str(k)], check=True, capture_output=True, text=True).stdout.split()[-1])
+
+def received(k):
+    code = ("import urllib.request;t=urllib.request.urlopen('http://%s/metrics').read().decode();"
+            "print(sum(float(l.rsplit(' ',1)[1]) for l in t.splitlines() if l.startswith('shardcast_received_bytes_total{')))") % MADDRS[k - 1]
+    r = subprocess.run([CL, "exec", f"r{k}", "python3", "-c", code], capture_output=True, text=True)
+    return int(float(r.stdout)) if r.returncode == 0 and r.stdout.strip() else 0
+
+def fresh():
+    # Every chunk differs from every earlier version: the replicas cannot reuse their current
+    # version (have-sets), so what a repair moves is what a new checkpoint would.
+    for f in sorted(os.listdir(SRC)):
+        path = os.path.join(SRC, f)
+        size = os.path.getsize(path)
+        with open(path, "r+b") as fh:
+            for off in range(0, size, CHUNK):
+                fh.seek(off)
+                fh.write(os.urandom(min(8, size - off)))
+
+def push(version, kill):
+    fresh()
+    cmd = [CL, "exec", "p", BIN, "push", SRC, "--name", "ck", "--version", str(version), "--to", ",".join(ADDRS),
+           "--chunk-size", str(CHUNK), "--json"]
+    base = received(MID)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    if kill:
+        while p.poll() is None and received(MID) - base < BYTES // 2:
+            time.sleep(0.05)
+        os.kill(pids[MID], signal.SIGKILL)
+    out, _ = p.communicate()
+    j = json.loads(out)
+    survivors = [k for k in range(1, N + 1) if not (kill and k == MID)]
+    st = [r["status"] for r in j["replicas"]]
+    for k in survivors:
+        for f in sorted(os.listdir(SRC)):
+            subprocess.run(["cmp", os.path.join(SRC, f), os.path.join(ROOTS[k - 1], "ck", str(version), f)], check=True)
+    return j["seconds"], st
+
+for k in range(1, N + 1):
+    serve(k)
+rows = []
+for rep in range(REPS):
+    t_clean, st_clean = push(2 * rep + 1, False)
+    t_kill, st_kill = push(2 * rep + 2, True)
+    serve(MID)
+    rows.append((t_clean, t_kill))
+    print(f"rep {rep}: clean {t_clean:.3f} s {st_clean}; killed r{MID} at half: {t_kill:.3f} s ({t_kill / t_clean:.3f} x) {st_kill}", flush=True)
+for k, pid in pids.items():
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+tc = statistics.median(r[0] for r in rows)
+tk = statistics.median(r[1] for r in rows)
+print()
+print(f"# bench-repair {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+print(f"command: {E['BR_CMD']}")
+print()
+print("| push | median s | ratio |")
+print("|---|---|---|")
+print(f"| no fault | {tc:.3f} | 1 |")
+print(f"| r{MID} of {N} killed at half | {tk:.3f} | {tk / tc:.3f} (target <= 1.3) |")
+PY
+log "saved $out"
