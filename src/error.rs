@@ -40,6 +40,8 @@ pub enum ErrorKind {
     Aborted,
     /// The node does not support what was asked (a transport, a protocol version).
     Unsupported,
+    /// Authentication failed: no key, a wrong key, or a peer that could not prove it.
+    Unauthorized,
 }
 
 impl ErrorKind {
@@ -59,6 +61,7 @@ impl ErrorKind {
             Self::Stalled => 11,
             Self::Aborted => 12,
             Self::Unsupported => 13,
+            Self::Unauthorized => 14,
         }
     }
 
@@ -77,6 +80,7 @@ impl ErrorKind {
             11 => Self::Stalled,
             12 => Self::Aborted,
             13 => Self::Unsupported,
+            14 => Self::Unauthorized,
             _ => Self::Protocol,
         }
     }

@@ -42,6 +42,11 @@ struct Cli {
     /// file, then the built-in defaults.
     #[arg(long, global = true, env = "SHARDCAST_CONFIG")]
     config: Option<PathBuf>,
+    /// The cluster key (a file of at least 32 secret bytes, mode 600): every connection between
+    /// nodes then authenticates both ways with it (HMAC challenge-response), and a peer without
+    /// it is refused before anything is staged. Same file on every node.
+    #[arg(long, global = true, env = "SHARDCAST_KEY_FILE")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -363,6 +368,13 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     shardcast::raise_nofile_limit();
+    let key = match cli.key_file.as_deref().map(shardcast::auth::ClusterKey::load).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let code = match cli.cmd {
         Cmd::Serve {
             listen,
@@ -378,6 +390,7 @@ fn main() -> ExitCode {
         } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
+            opts.key = key.clone();
             opts.keep = keep;
             opts.pool_bytes = pool_mb << 20;
             opts.transport = transport;
@@ -446,6 +459,7 @@ fn main() -> ExitCode {
         } => {
             init_logging(&cli.log_format, "warn");
             let mut opts = PushOptions::new(name, version, to);
+            opts.key = key.clone();
             opts.chunk_size = chunk_size;
             opts.mode = if mode == "async" { Mode::Async } else { Mode::Sync };
             opts.transport = transport;
@@ -471,6 +485,7 @@ fn main() -> ExitCode {
                 }
             };
             let mut opts = PushOptions::new(plan.name.clone(), plan.version, plan.chain());
+            opts.key = key.clone();
             opts.transport = transport;
             opts.rdma = rdma.config();
             opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
@@ -479,7 +494,7 @@ fn main() -> ExitCode {
         }
         Cmd::Status { addr, json } => {
             init_logging(&cli.log_format, "warn");
-            match shardcast::server::status(&addr, Duration::from_secs(10)) {
+            match shardcast::server::status(&addr, Duration::from_secs(10), key.as_ref()) {
                 Ok(sets) => {
                     if json {
                         println!("{}", json!({ "node": addr, "sets": sets }));
@@ -542,6 +557,7 @@ fn main() -> ExitCode {
         Cmd::Mirror { watch, name, to, marker, interval_ms, once, chunk_size, transport, keep, incremental } => {
             init_logging(&cli.log_format, "warn");
             let mut push = PushOptions::new(name, 0, to);
+            push.key = key.clone();
             push.chunk_size = chunk_size;
             push.transport = transport;
             push.keep = keep.unwrap_or(0);

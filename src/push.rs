@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::auth::ClusterKey;
 use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
 use crate::error::{ErrorKind, NodeError, PushError};
 use crate::io::IoChoice;
@@ -57,6 +58,8 @@ pub struct PushOptions {
     pub repair: bool,
     /// How many replicas must publish for the push to count as a success (None: all).
     pub min_replicas: Option<usize>,
+    /// The cluster key every hop authenticates with (None: no authentication).
+    pub key: Option<ClusterKey>,
 }
 
 impl PushOptions {
@@ -79,6 +82,7 @@ impl PushOptions {
             incremental: false,
             repair: true,
             min_replicas: None,
+            key: None,
         }
     }
 }
@@ -126,8 +130,17 @@ impl PushReport {
     }
 }
 
+/// Connects to `node` within `timeout` and, with a cluster key, authenticates both ways.
+pub(crate) fn connect(node: &str, timeout: Duration, key: Option<&ClusterKey>) -> Result<TcpStream, NodeError> {
+    let mut s = connect_plain(node, timeout)?;
+    if let Some(k) = key {
+        crate::auth::client(&mut s, node, k, timeout)?;
+    }
+    Ok(s)
+}
+
 /// Connects to `node` within `timeout`, trying each address it resolves to.
-pub(crate) fn connect(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
+fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
     let unreachable = |e: &dyn std::fmt::Display| {
         NodeError::new(ErrorKind::Unreachable, format!("unreachable: {e} (is `shardcast serve` running at {node}?)"))
     };
@@ -430,8 +443,8 @@ fn run_push(
         .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
 
     let first = opts.to[0].clone();
-    let mut stream =
-        connect(&first, opts.connect_timeout).map_err(|error| PushError::Node { node: first.clone(), error })?;
+    let mut stream = connect(&first, opts.connect_timeout, opts.key.as_ref())
+        .map_err(|error| PushError::Node { node: first.clone(), error })?;
     let hello = Hello {
         name: opts.name.clone(),
         version: opts.version,

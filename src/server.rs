@@ -52,6 +52,8 @@ pub struct ServeOptions {
     pub rdma: crate::rdma::RdmaConfig,
     /// Prometheus metrics to update (`serve --metrics`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The cluster key every peer must prove it holds (None: no authentication).
+    pub key: Option<crate::auth::ClusterKey>,
 }
 
 impl ServeOptions {
@@ -72,6 +74,7 @@ impl ServeOptions {
             piece_bytes: crate::chain::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
+            key: None,
         }
     }
 }
@@ -235,18 +238,47 @@ fn linger_close(conn: &mut TcpStream) {
 fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: &PoolCache, opts: &ServeOptions) {
     let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
-    let frame = match wire::read_frame(&mut conn) {
-        Ok(f) => f,
+    let read = |conn: &mut TcpStream| match wire::read_frame(conn) {
+        Ok(f) => Some(f),
         Err(ReadFrameError::Io(e)) => {
             tracing::debug!(%peer, "connection closed before a full frame: {e}");
-            return;
+            None
         }
         Err(ReadFrameError::Wire(e)) => {
             tracing::warn!(%peer, "refused: {e}");
-            let _ = reject(&mut conn, me, NodeError::new(ErrorKind::Protocol, format!("refused: {e}")));
-            return;
+            let _ = reject(conn, me, NodeError::new(ErrorKind::Protocol, format!("refused: {e}")));
+            None
         }
     };
+    let Some(mut frame) = read(&mut conn) else { return };
+    // With a cluster key, nothing but a peer that proves it holds the key gets further.
+    let unauthorized = |conn: &mut TcpStream, why: String| {
+        tracing::warn!(%peer, "refused: {why}");
+        let _ = reject(conn, me, NodeError::new(ErrorKind::Unauthorized, why));
+    };
+    match (&opts.key, frame.header.kind) {
+        (Some(key), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, key, opts.handshake_timeout) {
+            Ok(id) => {
+                tracing::debug!(%peer, key = %id, "peer authenticated");
+                let Some(next) = read(&mut conn) else { return };
+                frame = next;
+            }
+            Err(why) => return unauthorized(&mut conn, why),
+        },
+        (Some(key), _) => {
+            return unauthorized(
+                &mut conn,
+                format!("authentication required: this replica needs the cluster key {} (--key-file)", key.id()),
+            );
+        }
+        (None, Kind::Auth) => {
+            return unauthorized(
+                &mut conn,
+                "this replica has no cluster key: start it with --key-file, or push without one".into(),
+            );
+        }
+        (None, _) => {}
+    }
     match frame.header.kind {
         Kind::StatusReq => {
             let result = store.list().map(|sets| wire::encode_status(&sets));
@@ -339,7 +371,7 @@ fn push_session(
     if let Some(next) = hello.downstream.first() {
         // On a refusal the reservation is dropped before answering, so that the caller can
         // retry the same version at once.
-        let mut stream = match connect(next, opts.handshake_timeout) {
+        let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("refused: {e}");
@@ -563,8 +595,12 @@ fn summary(reports: &[ReplicaReport]) -> String {
 }
 
 /// Asks a replica what it holds.
-pub fn status(node: &str, timeout: Duration) -> Result<Vec<wire::SetStatus>, NodeError> {
-    let mut s = connect(node, timeout)?;
+pub fn status(
+    node: &str,
+    timeout: Duration,
+    key: Option<&crate::auth::ClusterKey>,
+) -> Result<Vec<wire::SetStatus>, NodeError> {
+    let mut s = connect(node, timeout, key)?;
     let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
     s.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
     wire::write_frame(&mut s, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;

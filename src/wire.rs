@@ -57,6 +57,8 @@ pub enum Kind {
     /// RDMA hops: pool slots the receiver grants the sender to write into; payload: u16 slot
     /// numbers.
     Credit = 11,
+    /// Authentication with the cluster key (see `auth.rs`): the first frames of a connection.
+    Auth = 12,
 }
 
 /// Largest ACCEPT payload: a routed push's held-chunk ranges (16 bytes a range; at worst every
@@ -82,6 +84,7 @@ impl Kind {
             9 => Self::StatusResp,
             10 => Self::Transport,
             11 => Self::Credit,
+            12 => Self::Auth,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -100,6 +103,7 @@ impl Kind {
             Self::StatusResp => "STATUS_RESP",
             Self::Transport => "TRANSPORT",
             Self::Credit => "CREDIT",
+            Self::Auth => "AUTH",
         }
     }
 
@@ -113,6 +117,7 @@ impl Kind {
             Self::Transport => MAX_TRANSPORT,
             Self::Credit => MAX_CREDIT,
             Self::Accept => MAX_HAVES,
+            Self::Auth => 1024,
             Self::End | Self::Ack | Self::StatusReq => 0,
         }
     }

@@ -87,6 +87,11 @@
 #define SC_ERR_UNSUPPORTED -13
 
 /**
+ * Authentication with the cluster key failed (no key, a wrong key, a peer without it).
+ */
+#define SC_ERR_UNAUTHORIZED -14
+
+/**
  * A bad argument: NULL handle, non-UTF-8 string, buffer too small, etc.
  */
 #define SC_ERR_INVALID_ARG -20
@@ -155,6 +160,10 @@ typedef struct sc_server_opts {
    * Seconds without progress before a push is dropped (default 120).
    */
   uint32_t idle_timeout_s;
+  /**
+   * The cluster key file every peer must prove it holds (NULL: no authentication).
+   */
+  const char *key_file;
 } sc_server_opts;
 
 /**
@@ -212,6 +221,10 @@ typedef struct sc_push_opts {
    * Non-zero: do not repair the chain around a replica that dies mid-push.
    */
   uint32_t no_repair;
+  /**
+   * The cluster key file to authenticate with (NULL: no authentication).
+   */
+  const char *key_file;
 } sc_push_opts;
 
 /**

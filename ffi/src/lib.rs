@@ -56,6 +56,8 @@ pub const SC_ERR_STALLED: i32 = -11;
 pub const SC_ERR_ABORTED: i32 = -12;
 /// Asked for something this build or node cannot do (e.g. `--transport rdma` without RDMA).
 pub const SC_ERR_UNSUPPORTED: i32 = -13;
+/// Authentication with the cluster key failed (no key, a wrong key, a peer without it).
+pub const SC_ERR_UNAUTHORIZED: i32 = -14;
 /// A bad argument: NULL handle, non-UTF-8 string, buffer too small, etc.
 pub const SC_ERR_INVALID_ARG: i32 = -20;
 /// The wait timed out; the push is still running.
@@ -87,6 +89,7 @@ fn code_of(kind: ErrorKind) -> i32 {
         ErrorKind::Stalled => SC_ERR_STALLED,
         ErrorKind::Aborted => SC_ERR_ABORTED,
         ErrorKind::Unsupported => SC_ERR_UNSUPPORTED,
+        ErrorKind::Unauthorized => SC_ERR_UNAUTHORIZED,
     }
 }
 
@@ -183,6 +186,8 @@ pub struct ScServerOpts {
     pub pool_mb: u32,
     /// Seconds without progress before a push is dropped (default 120).
     pub idle_timeout_s: u32,
+    /// The cluster key file every peer must prove it holds (NULL: no authentication).
+    pub key_file: *const c_char,
 }
 
 /// A running replica server (opaque).
@@ -216,6 +221,8 @@ pub unsafe extern "C" fn sc_server_start(opts: *const ScServerOpts, out: *mut *m
         if o.idle_timeout_s > 0 {
             so.idle_timeout = Duration::from_secs(u64::from(o.idle_timeout_s));
         }
+        // SAFETY: NULL or NUL-terminated by the caller's contract.
+        so.key = unsafe { key_arg(o.key_file) }?;
         let server = Server::bind(so).map_err(|e| (SC_ERR_IO, format!("cannot start the server: {e}")))?;
         let boxed = Box::new(ScServer { handle: server.spawn() });
         // SAFETY: out is writable.
@@ -291,6 +298,8 @@ pub struct ScPushOpts {
     pub min_replicas: u32,
     /// Non-zero: do not repair the chain around a replica that dies mid-push.
     pub no_repair: u32,
+    /// The cluster key file to authenticate with (NULL: no authentication).
+    pub key_file: *const c_char,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -502,7 +511,22 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
         po.transport = t.parse().map_err(invalid)?;
     }
     po.keep = o.keep;
+    // SAFETY: NULL or NUL-terminated by the caller's contract.
+    po.key = unsafe { key_arg(o.key_file) }?;
     Ok(())
+}
+
+/// The cluster key from a key file argument (NULL: none).
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn key_arg(p: *const c_char) -> Result<Option<shardcast::auth::ClusterKey>, (i32, String)> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: the caller's contract.
+    let path = unsafe { str_arg(p, "key_file") }?;
+    shardcast::auth::ClusterKey::load(path.as_ref()).map(Some).map_err(invalid)
 }
 
 /// Runs `push` on a new thread with the handle's progress, and stores the handle in `out`.

@@ -239,6 +239,7 @@ def push_async(
     mode: str = "sync",
     min_replicas: int = 0,
     repair: bool = True,
+    key_file: Optional[PathLike] = None,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -252,7 +253,8 @@ def push_async(
     version of ``name`` lacks (a checkpoint that changed in places). ``mode="async"``: done once
     the first replica has published (the rest are ``behind`` and complete on their own).
     ``min_replicas``: how many must publish for success (0: all; the first in async mode).
-    ``repair``: go on around a replica that dies mid-push (the others resume)."""
+    ``repair``: go on around a replica that dies mid-push (the others resume). ``key_file``:
+    the cluster key every hop authenticates with (see ``shardcast --key-file``)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if isinstance(to, str):
@@ -270,6 +272,7 @@ def push_async(
         1 if mode == "async" else 0,
         int(min_replicas),
         0 if repair else 1,
+        os.fsencode(key_file) if key_file is not None else None,
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -315,6 +318,7 @@ def push(
     incremental: bool = False,
     min_replicas: int = 0,
     repair: bool = True,
+    key_file: Optional[PathLike] = None,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -333,6 +337,7 @@ def push(
         mode=mode,
         min_replicas=min_replicas,
         repair=repair,
+        key_file=key_file,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 
@@ -374,6 +379,7 @@ def stage_async(
     transport: str = "auto",
     connect_timeout: float = 0,
     keep: int = 0,
+    key_file: Optional[PathLike] = None,
 ) -> PushHandle:
     """Starts staging an epoch's shards and returns at once (use the handle like a push's).
 
@@ -385,7 +391,21 @@ def stage_async(
 
     Every node gets exactly its files, published as ``name@version``; each chunk travels down
     the chain (the nodes in order) only as far as the last node that wants it."""
-    opts = _native.PushOpts(None, None, 0, None, 0, int(connect_timeout), transport.encode(), int(keep), 0, 0, 0, 0)
+    opts = _native.PushOpts(
+        None,
+        None,
+        0,
+        None,
+        0,
+        int(connect_timeout),
+        transport.encode(),
+        int(keep),
+        0,
+        0,
+        0,
+        0,
+        os.fsencode(key_file) if key_file is not None else None,
+    )
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
         plan = dict(plan)
@@ -410,10 +430,11 @@ def stage(
     incremental: bool = False,
     min_replicas: int = 0,
     repair: bool = True,
+    key_file: Optional[PathLike] = None,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""
-    with stage_async(plan, transport=transport, keep=keep) as h:
+    with stage_async(plan, transport=transport, keep=keep, key_file=key_file) as h:
         return _finish(h, timeout, "staging")
 
 
@@ -440,10 +461,24 @@ class Server:
         self.stop()
 
 
-def serve(listen: str = "0.0.0.0:7071", root: PathLike = ".", keep: int = 2, pool_mb: int = 0) -> Server:
+def serve(
+    listen: str = "0.0.0.0:7071",
+    root: PathLike = ".",
+    keep: int = 2,
+    pool_mb: int = 0,
+    key_file: Optional[PathLike] = None,
+) -> Server:
     """Starts a replica server in this process, listening on ``listen`` ("127.0.0.1:0" picks a
-    free port; see :attr:`Server.addr`) and publishing under ``root``."""
-    opts = _native.ServerOpts(listen.encode(), os.fsencode(root), int(keep), int(pool_mb), 0)
+    free port; see :attr:`Server.addr`) and publishing under ``root``. With ``key_file`` every
+    peer must prove it holds the cluster key."""
+    opts = _native.ServerOpts(
+        listen.encode(),
+        os.fsencode(root),
+        int(keep),
+        int(pool_mb),
+        0,
+        os.fsencode(key_file) if key_file is not None else None,
+    )
     h = ctypes.c_void_p()
     rc = lib.sc_server_start(ctypes.byref(opts), ctypes.byref(h))
     if rc != _native.SC_OK:

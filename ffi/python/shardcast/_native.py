@@ -12,6 +12,7 @@ class ServerOpts(ctypes.Structure):
         ("keep", ctypes.c_uint32),
         ("pool_mb", ctypes.c_uint32),
         ("idle_timeout_s", ctypes.c_uint32),
+        ("key_file", ctypes.c_char_p),
     ]
 
 
@@ -29,6 +30,7 @@ class PushOpts(ctypes.Structure):
         ("mode", ctypes.c_uint32),
         ("min_replicas", ctypes.c_uint32),
         ("no_repair", ctypes.c_uint32),
+        ("key_file", ctypes.c_char_p),
     ]
 
 
@@ -156,6 +158,7 @@ ERROR_KINDS = {
     -11: "stalled",
     -12: "aborted",
     -13: "unsupported",
+    -14: "unauthorized",
     -20: "invalid_argument",
     -21: "timeout",
     -22: "cancelled",

@@ -159,6 +159,22 @@ class PushTests(unittest.TestCase):
                 time.sleep(0.05)
         self.assertTrue(same_tree(big, self.tmp / "a1" / "as" / "1"))
 
+    def test_cluster_key(self):
+        good, bad = self.tmp / "good.key", self.tmp / "bad.key"
+        good.write_bytes(b"k" * 40)
+        bad.write_bytes(b"x" * 40)
+        os.chmod(good, 0o600)
+        os.chmod(bad, 0o600)
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "k0", key_file=good) as srv:
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.push(self.src, to=[srv.addr], name="k", version=1, key_file=bad)
+            self.assertEqual(cm.exception.kind, "unauthorized")
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.push(self.src, to=[srv.addr], name="k", version=1)
+            self.assertEqual(cm.exception.kind, "unauthorized")
+            self.assertTrue(shardcast.push(self.src, to=[srv.addr], name="k", version=1, key_file=good).ok)
+        self.assertTrue(same_tree(self.src, self.tmp / "k0" / "k" / "1"))
+
     def test_stage_gives_each_node_its_files(self):
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "s0") as s0, shardcast.serve(
             "127.0.0.1:0", root=self.tmp / "s1"

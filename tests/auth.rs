@@ -1,0 +1,191 @@
+//! Authentication with a cluster key (`--key-file`): real `serve` and `push` processes; a wrong
+//! key, no key, a fake replica and a replayed handshake are refused before anything is staged,
+//! the key never shows in output, and a good push right after still works.
+
+mod util;
+
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shardcast::wire::{self, Kind};
+use util::*;
+
+const SECRET_A: &str = "correct-horse-battery-staple-0123456789abcdef";
+const SECRET_B: &str = "another-cluster-entirely-0123456789abcdef0000";
+
+fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, secret).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// Replicas with the key (through the environment, which the cluster's own commands share:
+/// `status`, the checks of `assert_published`).
+fn keyed_cluster(n: usize, key: &Path) -> Cluster {
+    Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(n)
+}
+
+/// A push with `key` on the command line (over the environment's), or with no key at all.
+fn push_with(c: &Cluster, src: &Path, name: &str, key: Option<&Path>) -> std::process::Output {
+    let mut cmd = c.push_cmd(&c.addrs(), src, name, 1, &["--json"]);
+    match key {
+        Some(k) => cmd.arg("--key-file").arg(k),
+        None => cmd.env_remove("SHARDCAST_KEY_FILE"),
+    };
+    run(&mut cmd)
+}
+
+fn assert_refused(c: &Cluster, out: &std::process::Output, name: &str, needle: &str) {
+    assert_eq!(code(out), 1, "{}\n{}", show_output(out), c.logs());
+    let all = all_output(out);
+    assert!(all.contains("unauthorized"), "no unauthorized kind:\n{all}");
+    assert!(all.contains(needle), "expected {needle:?} in:\n{all}");
+    for i in 0..c.len() {
+        assert!(!c.root(i).join(name).exists(), "replica {i} staged or published {name}");
+        assert!(bytes_under(&c.root(i).join(".staging")) == 0, "replica {i} has staging data");
+    }
+}
+
+#[test]
+fn wrong_or_missing_keys_are_refused_and_a_good_push_works_after() {
+    let t = tempdir();
+    let a = key_file(t.path(), "a.key", SECRET_A);
+    let b = key_file(t.path(), "b.key", SECRET_B);
+    let c = keyed_cluster(2, &a);
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 3 << 20, 1);
+
+    let out = push_with(&c, &src, "wrong", Some(&b));
+    assert_refused(&c, &out, "wrong", "wrong cluster key");
+    let out = push_with(&c, &src, "none", None);
+    assert_refused(&c, &out, "none", "authentication required");
+    // The key never shows: not in the push's output, not in the servers' logs.
+    for text in [all_output(&out), c.logs()] {
+        assert!(!text.contains(SECRET_A) && !text.contains(SECRET_B), "a key leaked:\n{text}");
+    }
+    // A good push right after, through both hops (the relay authenticates to the tail too).
+    let out = push_with(&c, &src, "good", Some(&a));
+    c.assert_push_ok(&out);
+    c.assert_published(&src, "good", 1);
+    // status needs the key too.
+    let st = run(shardcast().arg("status").arg(c.addr(0)).env_remove("SHARDCAST_KEY_FILE"));
+    assert_ne!(code(&st), 0, "status without the key answered\n{}", show_output(&st));
+    let st = run(shardcast().arg("status").arg(c.addr(0)).env_remove("SHARDCAST_KEY_FILE").arg("--key-file").arg(&a));
+    assert_eq!(code(&st), 0, "{}", show_output(&st));
+}
+
+#[test]
+fn a_key_on_one_side_only_is_refused_with_a_clear_message() {
+    let t = tempdir();
+    let a = key_file(t.path(), "a.key", SECRET_A);
+    let c = Cluster::start(1);
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 1 << 20, 2);
+    let out = push_with(&c, &src, "x", Some(&a));
+    assert_refused(&c, &out, "x", "has no cluster key");
+}
+
+#[test]
+fn a_key_file_others_can_read_or_too_short_is_a_usage_error() {
+    let t = tempdir();
+    let loose = t.path().join("loose.key");
+    std::fs::write(&loose, SECRET_A).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let short = key_file(t.path(), "short.key", "tooshort");
+    for (k, needle) in [(&loose, "chmod 600"), (&short, "at least 32")] {
+        let out = run(shardcast()
+            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(t.path().join("r"))
+            .arg("--key-file")
+            .arg(k));
+        assert_eq!(code(&out), 2, "{}", show_output(&out));
+        assert!(stderr_str(&out).contains(needle), "{}", show_output(&out));
+    }
+}
+
+/// A fake replica that knows the protocol but not the key: the primary must not send it HELLO.
+#[test]
+fn a_fake_replica_cannot_make_the_primary_talk() {
+    let t = tempdir();
+    let a = key_file(t.path(), "a.key", SECRET_A);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let f = wire::read_frame(&mut s).unwrap();
+        assert_eq!(f.header.kind, Kind::Auth);
+        // A challenge with a made-up proof.
+        let mut p = vec![2u8];
+        p.extend_from_slice(&[9u8; 64]);
+        wire::write_frame(&mut s, Kind::Auth, 0, &p).unwrap();
+        // Whatever comes next must not be a HELLO.
+        match wire::read_frame(&mut s) {
+            Ok(f) => f.header.kind != Kind::Hello,
+            Err(_) => true,
+        }
+    });
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 1 << 20, 3);
+    let out = run(shardcast()
+        .arg("push")
+        .arg(&src)
+        .args(["--name", "x", "--version", "1", "--to", &addr, "--key-file"])
+        .arg(&a));
+    assert_eq!(code(&out), 1, "{}", show_output(&out));
+    assert!(all_output(&out).contains("does not hold cluster key"), "{}", show_output(&out));
+    assert!(fake.join().unwrap(), "the primary sent HELLO to a replica that failed authentication");
+}
+
+/// A recorded good handshake, replayed: the server's new nonce makes the old proof worthless.
+#[test]
+fn a_replayed_handshake_is_refused() {
+    let t = tempdir();
+    let a = key_file(t.path(), "a.key", SECRET_A);
+    let c = keyed_cluster(1, &a);
+    // A recording proxy between a real push and the replica.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = l.local_addr().unwrap().to_string();
+    let target = c.addr(0);
+    let recorder = std::thread::spawn(move || {
+        let (mut client, _) = l.accept().unwrap();
+        let mut server = TcpStream::connect(&target).unwrap();
+        let mut sent = Vec::new();
+        // Client's AUTH hello, server's challenge, client's proof: record the client's two.
+        for step in 0..3 {
+            let (from, to) = if step == 1 { (&mut server, &mut client) } else { (&mut client, &mut server) };
+            let f = wire::read_frame(from).unwrap();
+            wire::write_frame(to, f.header.kind, f.header.seq, &f.payload).unwrap();
+            if step != 1 {
+                sent.push(f);
+            }
+        }
+        drop((client, server));
+        sent
+    });
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 1 << 20, 4);
+    let _ = run(shardcast()
+        .arg("push")
+        .arg(&src)
+        .args(["--name", "x", "--version", "1", "--to", &proxy, "--key-file"])
+        .arg(&a));
+    let recorded = recorder.join().unwrap();
+    // Replay both client frames on a fresh connection.
+    let mut s = TcpStream::connect(c.addr(0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    wire::write_frame(&mut s, Kind::Auth, 0, &recorded[0].payload).unwrap();
+    let challenge = wire::read_frame(&mut s).unwrap();
+    assert_eq!(challenge.header.kind, Kind::Auth);
+    wire::write_frame(&mut s, Kind::Auth, 0, &recorded[1].payload).unwrap();
+    let answer = wire::read_frame(&mut s).unwrap();
+    assert_eq!(answer.header.kind, Kind::Reject, "a replayed proof was accepted");
+    let _ = s.flush();
+    // The server logs the refusal (its log is read by a thread: give it a moment).
+    assert!(wait_until(Duration::from_secs(10), || c.logs().contains("wrong proof")), "{}", c.logs());
+    assert!(!c.root(0).join("x").exists());
+}
