@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod audit;
 pub mod auth;
 pub mod chain;
 pub mod error;

@@ -114,6 +114,10 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9471).
         #[arg(long, env = "SHARDCAST_SERVE_METRICS")]
         metrics: Option<String>,
+        /// Append one JSON line per push and per refusal to this file: time, peer, key id,
+        /// name, version, bytes, outcome, reason.
+        #[arg(long, env = "SHARDCAST_SERVE_AUDIT_LOG")]
+        audit_log: Option<PathBuf>,
     },
     /// Push a directory or file as NAME@VERSION to a chain of replicas.
     Push {
@@ -387,10 +391,20 @@ fn main() -> ExitCode {
             hop_timeout,
             max_sessions,
             metrics,
+            audit_log,
         } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.key = key.clone();
+            if let Some(path) = audit_log {
+                match shardcast::audit::AuditLog::open(&path) {
+                    Ok(log) => opts.audit = Some(log),
+                    Err(e) => {
+                        eprintln!("error: cannot open the audit log {}: {e}", path.display());
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+            }
             opts.keep = keep;
             opts.pool_bytes = pool_mb << 20;
             opts.transport = transport;

@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The cluster key every peer must prove it holds (None: no authentication).
     pub key: Option<crate::auth::ClusterKey>,
+    /// Where every push and refusal is recorded (JSON lines).
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl ServeOptions {
@@ -75,6 +77,7 @@ impl ServeOptions {
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
             key: None,
+            audit: None,
         }
     }
 }
@@ -246,20 +249,24 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
         }
         Err(ReadFrameError::Wire(e)) => {
             tracing::warn!(%peer, "refused: {e}");
+            audit_refusal(opts, peer, None, format!("bad frame: {e}"));
             let _ = reject(conn, me, NodeError::new(ErrorKind::Protocol, format!("refused: {e}")));
             None
         }
     };
     let Some(mut frame) = read(&mut conn) else { return };
+    let mut key_id = None;
     // With a cluster key, nothing but a peer that proves it holds the key gets further.
     let unauthorized = |conn: &mut TcpStream, why: String| {
         tracing::warn!(%peer, "refused: {why}");
+        audit_refusal(opts, peer, None, why.clone());
         let _ = reject(conn, me, NodeError::new(ErrorKind::Unauthorized, why));
     };
     match (&opts.key, frame.header.kind) {
         (Some(key), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, key, opts.handshake_timeout) {
             Ok(id) => {
                 tracing::debug!(%peer, key = %id, "peer authenticated");
+                key_id = Some(id);
                 let Some(next) = read(&mut conn) else { return };
                 frame = next;
             }
@@ -296,14 +303,16 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(%peer, "refused HELLO: {e}");
+                    audit_refusal(opts, peer, key_id.as_deref(), format!("bad HELLO: {}", e.message));
                     let _ = reject(&mut conn, me, e);
                     return;
                 }
             };
-            push_session(conn, peer, hello, store, pools, opts);
+            push_session(conn, peer, key_id.as_deref(), hello, store, pools, opts);
         }
         k => {
             tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());
+            audit_refusal(opts, peer, key_id.as_deref(), format!("unexpected {} frame", k.name()));
             let _ = reject(
                 &mut conn,
                 me,
@@ -319,6 +328,7 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
 fn push_session(
     mut conn: TcpStream,
     peer: &str,
+    key_id: Option<&str>,
     hello: Hello,
     store: &Arc<Store>,
     pools: &PoolCache,
@@ -327,12 +337,24 @@ fn push_session(
     let me = hello.you.clone();
     let span = tracing::info_span!("push", name = %hello.name, version = hello.version, %peer);
     let _enter = span.enter();
+    // Written when this function returns, however it returns: refused (the default), or the
+    // push's outcome set at the end.
+    let mut audit = AuditGuard {
+        log: opts.audit.clone(),
+        peer,
+        key_id,
+        name: hello.name.clone(),
+        version: hello.version,
+        bytes: hello.manifest.total_bytes(),
+        outcome: "refused",
+        reason: None,
+    };
     // A routed push (epoch staging): this node stores only the entries it wants.
     let own = match hello.wants.first() {
         Some(Some(wanted)) => match hello.manifest.subset(wanted) {
             Ok((m, map)) => Some((map, m)),
             Err(e) => {
-                let _ = reject(&mut conn, &me, NodeError::new(ErrorKind::BadManifest, e.to_string()));
+                let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::BadManifest, e.to_string()));
                 return;
             }
         },
@@ -346,7 +368,7 @@ fn push_session(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("refused: {e}");
-            let _ = reject(&mut conn, &me, e.to_node_error());
+            let _ = audit.reject(&mut conn, &me, e.to_node_error());
             return;
         }
     };
@@ -376,7 +398,7 @@ fn push_session(
             Err(e) => {
                 tracing::warn!("refused: {e}");
                 drop(staging);
-                let _ = reject(&mut conn, next, e);
+                let _ = audit.reject(&mut conn, next, e);
                 return;
             }
         };
@@ -396,13 +418,14 @@ fn push_session(
                 _ => {
                     drop(staging);
                     let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
-                    let _ = reject(&mut conn, next, e);
+                    let _ = audit.reject(&mut conn, next, e);
                     return;
                 }
             },
             Err(reports) => {
                 tracing::warn!("downstream refused: {:?}", reports.first());
                 drop(staging);
+                audit.reason = Some(summary(&reports));
                 let _ = reject_reports(&mut conn, &reports);
                 return;
             }
@@ -461,18 +484,28 @@ fn push_session(
     };
     let mut pool = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
         Ok(pool) => pool,
-        Err(e) => return fail(&mut conn, &me, NodeError::io("cannot set up the buffer pool", &e)),
+        Err(e) => {
+            let e = NodeError::io("cannot set up the buffer pool", &e);
+            (audit.outcome, audit.reason) = ("failed", Some(e.message.clone()));
+            return fail(&mut conn, &me, e);
+        }
     };
     // The transport of the hop from upstream, then of the hop downstream (each hop on its own:
     // a chain may mix RDMA and TCP).
     let up_link = match crate::rdma::answer(&mut conn, peer, hello.transport, &opts.rdma, &mut pool) {
         Ok(l) => l,
-        Err(e) => return fail(&mut conn, &me, e),
+        Err(e) => {
+            (audit.outcome, audit.reason) = ("failed", Some(e.message.clone()));
+            return fail(&mut conn, &me, e);
+        }
     };
     let dn_link = match (down.as_mut(), hello.downstream.first()) {
         (Some(d), Some(next)) => match crate::rdma::offer(d, &me, next, hello.transport, &opts.rdma, &pool) {
             Ok(l) => l,
-            Err((node, e)) => return fail(&mut conn, &node, e),
+            Err((node, e)) => {
+                (audit.outcome, audit.reason) = ("failed", Some(format!("{node}: {}", e.message)));
+                return fail(&mut conn, &node, e);
+            }
         },
         _ => None,
     };
@@ -542,14 +575,73 @@ fn push_session(
     match end {
         SessionEnd::Finished(reports) => {
             tracing::info!("push finished: {}", summary(&reports));
+            let mine = reports.first().map(|r| r.outcome.clone());
+            (audit.outcome, audit.reason) = match mine {
+                Some(wire::Outcome::Published) => ("published", None),
+                Some(wire::Outcome::Failed(e)) => ("failed", Some(e.message)),
+                _ => ("failed", Some(summary(&reports))),
+            };
             linger_close(&mut conn);
             store.retain(&hello.name, (hello.keep > 0).then_some(hello.keep as usize));
         }
         SessionEnd::Aborted(e) => {
             tracing::warn!("push aborted: {e}");
+            (audit.outcome, audit.reason) = ("aborted", Some(e.message.clone()));
             linger_close(&mut conn);
         }
-        SessionEnd::UpstreamLost(why) => tracing::warn!("push abandoned, nothing published: {why}"),
+        SessionEnd::UpstreamLost(why) => {
+            tracing::warn!("push abandoned, nothing published: {why}");
+            (audit.outcome, audit.reason) = ("upstream_lost", Some(why));
+        }
+    }
+}
+
+/// Records one push (or refusal) in the audit log when dropped.
+struct AuditGuard<'a> {
+    log: Option<Arc<crate::audit::AuditLog>>,
+    peer: &'a str,
+    key_id: Option<&'a str>,
+    name: String,
+    version: u64,
+    bytes: u64,
+    outcome: &'static str,
+    reason: Option<String>,
+}
+
+impl AuditGuard<'_> {
+    /// Refuses the push with `error` (a REJECT naming `node`) and remembers why.
+    fn reject(&mut self, conn: &mut TcpStream, node: &str, error: NodeError) -> io::Result<()> {
+        self.reason = Some(format!("{node}: {}", error.message));
+        reject(conn, node, error)
+    }
+}
+
+impl Drop for AuditGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(log) = &self.log {
+            log.record(&crate::audit::Record {
+                peer: self.peer,
+                key_id: self.key_id,
+                name: Some(&self.name),
+                version: Some(self.version),
+                bytes: self.bytes,
+                outcome: self.outcome,
+                reason: self.reason.take(),
+            });
+        }
+    }
+}
+
+/// Records a connection refused before any push (bad frames, authentication).
+fn audit_refusal(opts: &ServeOptions, peer: &str, key_id: Option<&str>, reason: String) {
+    if let Some(log) = &opts.audit {
+        log.record(&crate::audit::Record {
+            peer,
+            key_id,
+            outcome: "refused",
+            reason: Some(reason),
+            ..Default::default()
+        });
     }
 }
 

@@ -189,3 +189,45 @@ fn a_replayed_handshake_is_refused() {
     assert!(wait_until(Duration::from_secs(10), || c.logs().contains("wrong proof")), "{}", c.logs());
     assert!(!c.root(0).join("x").exists());
 }
+
+#[test]
+fn the_audit_log_records_pushes_and_refusals() {
+    let t = tempdir();
+    let a = key_file(t.path(), "a.key", SECRET_A);
+    let b = key_file(t.path(), "b.key", SECRET_B);
+    let log = t.path().join("audit.jsonl");
+    let c = Cluster::builder()
+        .env("SHARDCAST_KEY_FILE", a.to_str().unwrap())
+        .serve_arg("--audit-log")
+        .serve_arg(log.to_str().unwrap())
+        .start(1);
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 1 << 20, 5);
+    assert_eq!(code(&push_with(&c, &src, "aud", Some(&b))), 1);
+    c.assert_push_ok(&push_with(&c, &src, "aud", Some(&a)));
+    assert_eq!(code(&push_with(&c, &src, "aud", Some(&a))), 1, "the same version twice");
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(10), || lines().len() >= 3), "{:?}", lines());
+    let l = lines();
+    let key_id = shardcast::auth::ClusterKey::from_secret(SECRET_A.as_bytes()).id().to_owned();
+    assert_eq!(l[0]["outcome"], "refused", "{l:?}");
+    assert!(l[0]["reason"].as_str().unwrap_or("").contains("wrong cluster key"), "{l:?}");
+    assert!(l[0]["key_id"].is_null(), "{l:?}");
+    assert_eq!(l[1]["outcome"], "published", "{l:?}");
+    assert_eq!(l[1]["key_id"], key_id.as_str(), "{l:?}");
+    assert_eq!(
+        (l[1]["name"].as_str(), l[1]["version"].as_u64(), l[1]["bytes"].as_u64()),
+        (Some("aud"), Some(1), Some(1 << 20))
+    );
+    assert!(l[1]["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{l:?}");
+    assert_eq!(l[2]["outcome"], "refused", "{l:?}");
+    assert!(l[2]["reason"].as_str().unwrap_or("").contains("already"), "{l:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(SECRET_A) && !text.contains(SECRET_B), "a key in the audit log");
+}
