@@ -209,6 +209,18 @@ pub enum StoreError {
         /// The version.
         version: u64,
     },
+    /// Accepting the push would put more bytes in staging than `--max-staging` allows.
+    #[error(
+        "staging limit: {receiving} bytes are being received, this push needs {needed} more, the limit is {limit} (serve --max-staging-mb); try again later"
+    )]
+    StagingLimit {
+        /// Bytes being received by other pushes.
+        receiving: u64,
+        /// This push's bytes.
+        needed: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Not enough free space for the shard set.
     #[error("not enough free space in {root}: the push needs {needed} bytes, {available} are free")]
     NoSpace {
@@ -242,7 +254,7 @@ impl StoreError {
     pub fn to_node_error(&self) -> NodeError {
         let kind = match self {
             Self::VersionExists { .. } => ErrorKind::VersionExists,
-            Self::Busy { .. } => ErrorKind::Busy,
+            Self::Busy { .. } | Self::StagingLimit { .. } => ErrorKind::Busy,
             Self::NoSpace { .. } => ErrorKind::DiskFull,
             Self::BadName(_) => ErrorKind::BadManifest,
             Self::Io { source, .. } => ErrorKind::of_io(source),

@@ -118,6 +118,10 @@ enum Cmd {
         /// name, version, bytes, outcome, reason.
         #[arg(long, env = "SHARDCAST_SERVE_AUDIT_LOG")]
         audit_log: Option<PathBuf>,
+        /// Refuse a push (as busy, with the numbers) when the pushes being received would add up
+        /// to more than this many MiB (0: no limit beyond the free-disk check).
+        #[arg(long, default_value_t = 0, env = "SHARDCAST_SERVE_MAX_STAGING_MB")]
+        max_staging_mb: u64,
     },
     /// Push a directory or file as NAME@VERSION to a chain of replicas.
     Push {
@@ -392,10 +396,12 @@ fn main() -> ExitCode {
             max_sessions,
             metrics,
             audit_log,
+            max_staging_mb,
         } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.key = key.clone();
+            opts.max_staging = max_staging_mb << 20;
             if let Some(path) = audit_log {
                 match shardcast::audit::AuditLog::open(&path) {
                     Ok(log) => opts.audit = Some(log),

@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub key: Option<crate::auth::ClusterKey>,
     /// Where every push and refusal is recorded (JSON lines).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
+    /// Most bytes the pushes being received may add up to (0: no limit).
+    pub max_staging: u64,
 }
 
 impl ServeOptions {
@@ -78,6 +80,7 @@ impl ServeOptions {
             metrics: None,
             key: None,
             audit: None,
+            max_staging: 0,
         }
     }
 }
@@ -125,6 +128,7 @@ impl Server {
             opts.rdma.disabled.get_or_insert_with(|| "this replica serves with --transport tcp".into());
         }
         let store = Store::open(&opts.root, opts.keep)?;
+        store.set_max_staging(opts.max_staging);
         let listener =
             TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;

@@ -71,6 +71,8 @@ pub struct Store {
     keep: usize,
     /// Versions being received: how far each is, and a flag that asks its session to give up.
     receiving: Mutex<std::collections::HashMap<(String, u64), Arc<Receiving>>>,
+    /// Most bytes all pushes being received may add up to (0: no limit).
+    max_staging: AtomicU64,
     counter: AtomicU64,
 }
 
@@ -104,8 +106,15 @@ impl Store {
             root,
             keep: keep.max(1),
             receiving: Mutex::new(std::collections::HashMap::new()),
+            max_staging: AtomicU64::new(0),
             counter: AtomicU64::new(0),
         }))
+    }
+
+    /// Caps the bytes all pushes being received may add up to (0: no cap); a push that would
+    /// go over is refused as busy, with the numbers.
+    pub fn set_max_staging(&self, bytes: u64) {
+        self.max_staging.store(bytes, Ordering::Relaxed);
     }
 
     /// The root directory.
@@ -149,6 +158,20 @@ impl Store {
         resume: bool,
     ) -> Result<Staging, StoreError> {
         check_name(name)?;
+        // The set's directory must be a directory of this root, not a symlink to elsewhere:
+        // publishing renames into it, and nothing may land outside the root.
+        let set_dir = self.root.join(name);
+        if let Ok(m) = fs::symlink_metadata(&set_dir)
+            && !m.is_dir()
+        {
+            return Err(StoreError::io(
+                format!(
+                    "{} is not a directory of the root (a symlink or a file): refusing to publish through it",
+                    set_dir.display()
+                ),
+                io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
+            ));
+        }
         if self.exists(name, version) {
             return Err(StoreError::VersionExists { name: name.into(), version });
         }
@@ -160,6 +183,15 @@ impl Store {
             let mut receiving = self.receiving.lock().expect("store lock");
             match receiving.get(&key) {
                 None => {
+                    let limit = self.max_staging.load(Ordering::Relaxed);
+                    let busy: u64 = receiving.values().map(|r| r.total.load(Ordering::Relaxed)).sum();
+                    if limit > 0 && busy + manifest.total_bytes() > limit {
+                        return Err(StoreError::StagingLimit {
+                            receiving: busy,
+                            needed: manifest.total_bytes(),
+                            limit,
+                        });
+                    }
                     receiving.insert(key.clone(), Arc::clone(&cancel));
                     break;
                 }
