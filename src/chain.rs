@@ -383,8 +383,7 @@ impl<'a> Session<'a> {
     /// Async push on the first replica: report upstream once published here (see
     /// `NodeMachine::with_early_report`).
     pub fn with_early_report(mut self) -> Self {
-        self.machine = std::mem::replace(&mut self.machine, NodeMachine::new(Role::Replica, "", Vec::new(), 0))
-            .with_early_report();
+        self.machine.set_report_early();
         self
     }
 

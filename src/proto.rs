@@ -229,8 +229,13 @@ impl NodeMachine {
     /// Async push on the first replica: once this node has published, report it (and the
     /// nodes after it as behind) upstream without waiting for them.
     pub fn with_early_report(mut self) -> Self {
-        self.report_early = true;
+        self.set_report_early();
         self
+    }
+
+    /// [`NodeMachine::with_early_report`] on a machine in place.
+    pub fn set_report_early(&mut self) {
+        self.report_early = true;
     }
 
     /// Restricts the push on this node to its route: it dispatches only the chunks that pass
