@@ -152,9 +152,10 @@ pub fn client(conn: &mut TcpStream, node: &str, key: &ClusterKey, timeout: Durat
     Ok(())
 }
 
-/// The accepting side, after the peer's first frame was `AUTH{1, …}` (its payload): answers
-/// the challenge and checks the peer's proof. Returns the peer's key id.
-pub fn server(conn: &mut TcpStream, first: &[u8], key: &ClusterKey, timeout: Duration) -> Result<String, String> {
+/// The accepting side, after the peer's first frame was `AUTH{1, …}` (its payload): finds the
+/// peer's key among `keys` by its id, answers the challenge and checks the peer's proof.
+/// Returns the peer's key id.
+pub fn server(conn: &mut TcpStream, first: &[u8], keys: &[&ClusterKey], timeout: Duration) -> Result<String, String> {
     let mut d = Dec::new(first);
     let step = d.u8("step").map_err(|e| e.to_string())?;
     let their_id = d.str("key id").map_err(|e| e.to_string())?;
@@ -162,9 +163,10 @@ pub fn server(conn: &mut TcpStream, first: &[u8], key: &ClusterKey, timeout: Dur
     if step != STEP_HELLO || cn.len() != NONCE {
         return Err("malformed authentication".into());
     }
-    if their_id != key.id() {
-        return Err(format!("wrong cluster key: the peer has key {their_id}, this replica {}", key.id()));
-    }
+    let Some(key) = keys.iter().find(|k| k.id() == their_id) else {
+        let ours: Vec<&str> = keys.iter().map(|k| k.id()).collect();
+        return Err(format!("wrong cluster key: the peer has key {their_id}, this replica {}", ours.join(", ")));
+    };
     let sn = nonce().map_err(|e| e.to_string())?;
     let tag = key.proof(b"shardcast server", cn, &sn);
     let mut out = vec![STEP_CHALLENGE];
@@ -200,4 +202,59 @@ mod tests {
         assert_ne!(k.id(), other.id());
         assert_eq!(format!("{k:?}"), format!("ClusterKey({})", k.id()));
     }
+}
+
+/// Which names a key may push, and whether its pushes may move `current` (`serve --acl FILE`).
+#[derive(Debug, Clone)]
+pub struct AclEntry {
+    /// The key.
+    pub key: ClusterKey,
+    /// Name prefixes it may push (an empty prefix: any name).
+    pub names: Vec<String>,
+    /// Whether a version it pushes may become `current` (else it is published beside it).
+    pub replace_current: bool,
+}
+
+impl AclEntry {
+    /// Whether this key may push `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        self.names.iter().any(|p| name.starts_with(p.as_str()))
+    }
+}
+
+/// Reads an ACL file:
+/// ```toml
+/// [[key]]
+/// file = "/etc/shardcast/trainer.key"   # a key file, as for --key-file
+/// names = ["ckpt-", "llm-"]             # name prefixes it may push ("" = any)
+/// replace_current = true                # may its versions become `current`? (default true)
+/// ```
+pub fn load_acl(path: &Path) -> Result<Vec<AclEntry>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        key: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        file: std::path::PathBuf,
+        names: Vec<String>,
+        #[serde(default = "yes")]
+        replace_current: bool,
+    }
+    fn yes() -> bool {
+        true
+    }
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the ACL {shown}: {e}"))?;
+    let f: File = toml::from_str(&text).map_err(|e| format!("ACL {shown}: {}", e.message()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    f.key
+        .into_iter()
+        .map(|e| {
+            let file = if e.file.is_relative() { base.join(&e.file) } else { e.file };
+            Ok(AclEntry { key: ClusterKey::load(&file)?, names: e.names, replace_current: e.replace_current })
+        })
+        .collect()
 }

@@ -122,6 +122,11 @@ enum Cmd {
         /// to more than this many MiB (0: no limit beyond the free-disk check).
         #[arg(long, default_value_t = 0, env = "SHARDCAST_SERVE_MAX_STAGING_MB")]
         max_staging_mb: u64,
+        /// More keys this replica accepts, each limited to name prefixes and to whether its
+        /// versions may become `current` (TOML: [[key]] file, names, replace_current).
+        /// `--key-file` stays the key with every right (and the one used downstream).
+        #[arg(long, env = "SHARDCAST_SERVE_ACL")]
+        acl: Option<PathBuf>,
     },
     /// Push a directory or file as NAME@VERSION to a chain of replicas.
     Push {
@@ -397,11 +402,21 @@ fn main() -> ExitCode {
             metrics,
             audit_log,
             max_staging_mb,
+            acl,
         } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.key = key.clone();
             opts.max_staging = max_staging_mb << 20;
+            if let Some(path) = acl {
+                match shardcast::auth::load_acl(&path) {
+                    Ok(a) => opts.acl = a,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+            }
             if let Some(path) = audit_log {
                 match shardcast::audit::AuditLog::open(&path) {
                     Ok(log) => opts.audit = Some(log),

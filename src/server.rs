@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Most bytes the pushes being received may add up to (0: no limit).
     pub max_staging: u64,
+    /// More keys this replica accepts, each limited to some names (`--acl`); `key` (when set)
+    /// may push anything.
+    pub acl: Vec<crate::auth::AclEntry>,
 }
 
 impl ServeOptions {
@@ -81,6 +84,7 @@ impl ServeOptions {
             key: None,
             audit: None,
             max_staging: 0,
+            acl: Vec::new(),
         }
     }
 }
@@ -266,8 +270,9 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
         audit_refusal(opts, peer, None, why.clone());
         let _ = reject(conn, me, NodeError::new(ErrorKind::Unauthorized, why));
     };
-    match (&opts.key, frame.header.kind) {
-        (Some(key), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, key, opts.handshake_timeout) {
+    let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
+    match (keys.first(), frame.header.kind) {
+        (Some(_), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, &keys, opts.handshake_timeout) {
             Ok(id) => {
                 tracing::debug!(%peer, key = %id, "peer authenticated");
                 key_id = Some(id);
@@ -364,12 +369,34 @@ fn push_session(
         },
         _ => None,
     };
+    // A key from the ACL may push only its names, and perhaps not move `current`.
+    let rule = key_id.and_then(|id| {
+        (opts.key.as_ref().is_none_or(|k| k.id() != id)).then(|| opts.acl.iter().find(|e| e.key.id() == id)).flatten()
+    });
+    if let Some(rule) = rule
+        && !rule.allows(&hello.name)
+    {
+        let why = format!(
+            "key {} may not push '{}' (it may push names starting with {:?})",
+            rule.key.id(),
+            hello.name,
+            rule.names
+        );
+        tracing::warn!("refused: {why}");
+        let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::Unauthorized, why));
+        return;
+    }
     let routed = !hello.wants.is_empty();
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
     let staged = own.as_ref().map_or(&hello.manifest, |(_, m)| m);
     let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
-        Ok(s) => s,
+        Ok(mut s) => {
+            if rule.is_some_and(|r| !r.replace_current) {
+                s.keep_current();
+            }
+            s
+        }
         Err(e) => {
             tracing::warn!("refused: {e}");
             let _ = audit.reject(&mut conn, &me, e.to_node_error());

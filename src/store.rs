@@ -225,6 +225,7 @@ impl Store {
             pending: Vec::new(),
             durable: 0,
             resumed: Vec::new(),
+            keep_current: false,
         };
         // A version directory without its manifest is a leftover of a crash during publish.
         let leftover = self.root.join(name).join(version.to_string());
@@ -547,6 +548,8 @@ pub struct Staging {
     durable: usize,
     /// Records taken over from a partial staging.
     resumed: Vec<JournalRecord>,
+    /// Publish beside `current` without moving it (a key that may not replace it).
+    keep_current: bool,
 }
 
 impl Staging {
@@ -635,6 +638,11 @@ impl Staging {
     /// give up.
     pub fn receiving(&self) -> Arc<Receiving> {
         Arc::clone(&self.cancel)
+    }
+
+    /// Publishes without moving `current` (the pusher's key may not replace it).
+    pub fn keep_current(&mut self) {
+        self.keep_current = true;
     }
 
     /// Chunks a taken-over partial staging already holds: (entry, chunk index, digest).
@@ -767,7 +775,7 @@ impl Staging {
         })()
         .map_err(|e| io_err(format!("cannot write {}", manifest_path.display()), e))?;
         // `current` moves forward only: publishing an older version keeps the newer one current.
-        if read_current(&set_dir).is_none_or(|c| c < self.version) {
+        if !self.keep_current && read_current(&set_dir).is_none_or(|c| c < self.version) {
             let link_tmp = set_dir.join(".current.tmp");
             let _ = fs::remove_file(&link_tmp);
             std::os::unix::fs::symlink(self.version.to_string(), &link_tmp)

@@ -231,3 +231,43 @@ fn the_audit_log_records_pushes_and_refusals() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(SECRET_A) && !text.contains(SECRET_B), "a key in the audit log");
 }
+
+#[test]
+fn acl_keys_push_only_their_names_and_may_be_kept_from_moving_current() {
+    let t = tempdir();
+    let admin = key_file(t.path(), "admin.key", SECRET_A);
+    let trainer = key_file(t.path(), "trainer.key", SECRET_B);
+    let stranger = key_file(t.path(), "stranger.key", "a-third-key-nobody-listed-0123456789abcdefgh");
+    let acl = t.path().join("acl.toml");
+    std::fs::write(&acl, "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\nreplace_current = false\n").unwrap();
+    let c = Cluster::builder()
+        .env("SHARDCAST_KEY_FILE", admin.to_str().unwrap())
+        .serve_arg("--acl")
+        .serve_arg(acl.to_str().unwrap())
+        .start(1);
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 1 << 20, 6);
+    let push = |name: &str, v: u64, key: &Path| {
+        let mut cmd = c.push_cmd(&c.addrs(), &src, name, v, &["--json"]);
+        cmd.arg("--key-file").arg(key);
+        run(&mut cmd)
+    };
+    // The trainer's key: its names only.
+    let out = push("other", 1, &trainer);
+    assert_eq!(code(&out), 1, "{}", show_output(&out));
+    assert!(all_output(&out).contains("may not push 'other'"), "{}", show_output(&out));
+    assert!(!c.root(0).join("other").exists());
+    // Its versions are published beside `current`, never as it.
+    c.assert_push_ok(&push("ckpt-a", 1, &trainer));
+    assert!(c.root(0).join("ckpt-a/1.manifest").exists());
+    assert!(std::fs::symlink_metadata(c.root(0).join("ckpt-a/current")).is_err(), "the trainer's push became current");
+    c.assert_push_ok(&push("ckpt-a", 2, &admin));
+    assert_current(&c.root(0), "ckpt-a", 2);
+    c.assert_push_ok(&push("ckpt-a", 3, &trainer));
+    assert_current(&c.root(0), "ckpt-a", 2);
+    assert_tree_identical(&src, &c.root(0).join("ckpt-a/3"));
+    // A key in neither place.
+    let out = push("ckpt-b", 1, &stranger);
+    assert_eq!(code(&out), 1);
+    assert!(all_output(&out).contains("wrong cluster key"), "{}", show_output(&out));
+}
