@@ -115,13 +115,7 @@ _bench_exit() {
 trap _bench_exit EXIT
 
 log "generating $(fmt_bytes "$bytes") of random data in $FILES file(s) under $work/src"
-mkdir -p "$work/src"
-per=$((bytes / FILES))
-for ((i = 0; i < FILES; i++)); do
-    sz=$per
-    ((i == FILES - 1)) && sz=$((bytes - per * (FILES - 1)))
-    gen_random_file "$(printf '%s/src/shard-%03d.bin' "$work" "$i")" "$sz"
-done
+gen_shard_set "$work/src" "$bytes" "$FILES"
 
 log "cluster: primary + $maxn replicas, $RATE per node egress ($QDISC), MTU $MTU"
 cc_args=()

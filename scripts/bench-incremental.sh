@@ -55,27 +55,10 @@ if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register
 cp "$BIN" "$work/shardcast"
 bin=$work/shardcast
 
-_bench_exit() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM
-    [[ "$BASHPID" == "$$" ]] || exit "$rc"
-    local pid
-    for pid in "${_PIDS[@]}"; do stop_pid "$pid"; done
-    "$CLUSTER" down >/dev/null 2>&1 || echo "warning: '$CLUSTER down' failed; run it by hand" >&2
-    (exit "$rc")
-    _cleanup
-}
-trap _bench_exit EXIT
+trap cluster_bench_exit EXIT
 
 log "generating $(fmt_bytes "$bytes") in $FILES file(s)"
-mkdir -p "$work/src"
-per=$((bytes / FILES))
-for ((i = 0; i < FILES; i++)); do
-    sz=$per
-    ((i == FILES - 1)) && sz=$((bytes - per * (FILES - 1)))
-    gen_random_file "$(printf '%s/src/shard-%03d.bin' "$work" "$i")" "$sz"
-done
+gen_shard_set "$work/src" "$bytes" "$FILES"
 
 log "cluster: primary + $N replicas, $RATE per node egress"
 "$CLUSTER" up "$N" --rate "$RATE" >/dev/null

@@ -125,6 +125,31 @@ os.rename(tmp, path)
 PY
 }
 
+# gen_shard_set DIR BYTES FILES: FILES random files (shard-000.bin, …) adding up to BYTES in DIR.
+gen_shard_set() {
+    local dir=$1 bytes=$2 files=$3 per sz i
+    mkdir -p "$dir"
+    per=$((bytes / files))
+    for ((i = 0; i < files; i++)); do
+        sz=$per
+        ((i == files - 1)) && sz=$((bytes - per * (files - 1)))
+        gen_random_file "$(printf '%s/shard-%03d.bin' "$dir" "$i")" "$sz"
+    done
+}
+
+# cluster_bench_exit: an EXIT trap for the benchmarks on scripts/cluster.sh (CLUSTER names the
+# script): stops the background processes, tears the cluster down, then the usual cleanup.
+cluster_bench_exit() {
+    local rc=$? pid
+    set +e
+    trap - EXIT INT TERM
+    [[ "$BASHPID" == "$$" ]] || exit "$rc"
+    for pid in "${_PIDS[@]}"; do stop_pid "$pid"; done
+    "$CLUSTER" down >/dev/null 2>&1 || echo "warning: '$CLUSTER down' failed; run it by hand" >&2
+    (exit "$rc")
+    _cleanup
+}
+
 # start_serve LOG ROOT [serve args...]: starts `shardcast serve` on 127.0.0.1:0 in the background
 # with the extra environment in the array SERVE_ENV (e.g. SERVE_ENV=(SHARDCAST_BENCH_NO_VERIFY=1)).
 # Sets SERVE_PID and SERVE_ADDR (127.0.0.1:PORT, parsed from the "listening on" line).

@@ -427,9 +427,6 @@ def stage(
     timeout: Optional[float] = None,
     transport: str = "auto",
     keep: int = 0,
-    incremental: bool = False,
-    min_replicas: int = 0,
-    repair: bool = True,
     key_file: Optional[PathLike] = None,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
