@@ -45,20 +45,7 @@ command -v tc >/dev/null || die "tc not found: run scripts/deps.sh (iproute2)"
 
 # Source + two versions on each replica.
 need=$(((2 * N + 1) * bytes + (512 << 20)))
-avail=$(avail_bytes /dev/shm)
-((avail >= need)) || die "/dev/shm has $(fmt_bytes "$avail") free, this run needs $(fmt_bytes "$need")"
-
-log "building release binary"
-cargo build --release --quiet
-work=$(mktemp -d /dev/shm/shardcast-bench-incr.XXXXXX)
-if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register_dir "$work"; fi
-cp "$BIN" "$work/shardcast"
-bin=$work/shardcast
-
-trap cluster_bench_exit EXIT
-
-log "generating $(fmt_bytes "$bytes") in $FILES file(s)"
-gen_shard_set "$work/src" "$bytes" "$FILES"
+cluster_bench_prepare bench-incr "$need"
 
 log "cluster: primary + $N replicas, $RATE per node egress"
 "$CLUSTER" up "$N" --rate "$RATE" >/dev/null

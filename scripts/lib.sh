@@ -150,6 +150,26 @@ cluster_bench_exit() {
     _cleanup
 }
 
+# cluster_bench_prepare NAME NEED: the common start of a cluster benchmark: checks that
+# /dev/shm has NEED bytes free, builds release, makes the work dir /dev/shm/shardcast-NAME.*
+# (kept with KEEP_WORK=1), copies the binary into it (a rebuild during the run cannot change
+# what is measured), installs cluster_bench_exit, and writes SIZE bytes in FILES files to
+# $work/src. Sets `work` and `bin`. Expects `bytes` and FILES.
+cluster_bench_prepare() {
+    local name=$1 need=$2 avail
+    avail=$(avail_bytes /dev/shm)
+    ((avail >= need)) || die "/dev/shm has $(fmt_bytes "$avail") free, this run needs $(fmt_bytes "$need")"
+    log "building release binary"
+    cargo build --release --quiet
+    work=$(mktemp -d "/dev/shm/shardcast-$name.XXXXXX")
+    if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register_dir "$work"; fi
+    cp "$BIN" "$work/shardcast"
+    bin=$work/shardcast
+    trap cluster_bench_exit EXIT
+    log "generating $(fmt_bytes "$bytes") in $FILES file(s)"
+    gen_shard_set "$work/src" "$bytes" "$FILES"
+}
+
 # start_serve LOG ROOT [serve args...]: starts `shardcast serve` on 127.0.0.1:0 in the background
 # with the extra environment in the array SERVE_ENV (e.g. SERVE_ENV=(SHARDCAST_BENCH_NO_VERIFY=1)).
 # Sets SERVE_PID and SERVE_ADDR (127.0.0.1:PORT, parsed from the "listening on" line).
