@@ -32,14 +32,8 @@ PORT=${PORT:-7071}
 export SC_CLUSTER=${SC_CLUSTER:-sc}
 CLUSTER=scripts/cluster.sh
 
-bytes=$(parse_size "$SIZE")
-chunk=$(parse_size "$CHUNK")
-((bytes > 0 && chunk > 0)) || die "SIZE and CHUNK must be > 0"
-[[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$N'"
+cluster_bench_args
 ((MID >= 1 && MID < N)) || die "MID must be a replica with one after it (1..N-1), got '$MID'"
-[[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
-[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces)"
-command -v tc >/dev/null || die "tc not found: run scripts/deps.sh (iproute2)"
 
 # Source + two versions on each replica.
 need=$(((2 * N + 1) * bytes + (512 << 20)))

@@ -150,6 +150,18 @@ cluster_bench_exit() {
     _cleanup
 }
 
+# cluster_bench_args: the common checks of a cluster benchmark's settings: sets `bytes` and
+# `chunk` from SIZE and CHUNK, checks N and REPS, root and tc.
+cluster_bench_args() {
+    bytes=$(parse_size "$SIZE")
+    chunk=$(parse_size "$CHUNK")
+    ((bytes > 0 && chunk > 0)) || die "SIZE and CHUNK must be > 0"
+    [[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$N'"
+    [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
+    [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces)"
+    command -v tc >/dev/null || die "tc not found: run scripts/deps.sh (iproute2)"
+}
+
 # cluster_bench_prepare NAME NEED: the common start of a cluster benchmark: checks that
 # /dev/shm has NEED bytes free, builds release, makes the work dir /dev/shm/shardcast-NAME.*
 # (kept with KEEP_WORK=1), copies the binary into it (a rebuild during the run cannot change

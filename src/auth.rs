@@ -86,6 +86,13 @@ impl ClusterKey {
         ctx.sign()
     }
 
+    /// The secret of the connection whose handshake exchanged `cn` and `sn`: both ends compute
+    /// it, nobody without the key can, and no other connection has it (the nonces are new).
+    fn session(&self, cn: &[u8], sn: &[u8]) -> crate::crypt::SessionSecret {
+        let tag = self.proof(b"shardcast session", cn, sn);
+        crate::crypt::SessionSecret(tag.as_ref().try_into().expect("HMAC-SHA256 is 32 bytes"))
+    }
+
     fn verify(&self, who: &[u8], cn: &[u8], sn: &[u8], tag: &[u8]) -> bool {
         let mut msg = Vec::with_capacity(who.len() + cn.len() + sn.len());
         msg.extend_from_slice(who);
@@ -106,8 +113,14 @@ fn refused(node: &str, why: impl Into<String>) -> NodeError {
     NodeError::new(ErrorKind::Unauthorized, format!("{node}: {}", why.into()))
 }
 
-/// The dialing side: proves the key to `node` and checks that `node` holds it too.
-pub fn client(conn: &mut TcpStream, node: &str, key: &ClusterKey, timeout: Duration) -> Result<(), NodeError> {
+/// The dialing side: proves the key to `node` and checks that `node` holds it too. Returns the
+/// connection's session secret (the key of encrypted chunks).
+pub fn client(
+    conn: &mut TcpStream,
+    node: &str,
+    key: &ClusterKey,
+    timeout: Duration,
+) -> Result<crate::crypt::SessionSecret, NodeError> {
     let lost = |e: &dyn std::fmt::Display| {
         NodeError::new(ErrorKind::ConnectionLost, format!("connection to {node} lost during authentication: {e}"))
     };
@@ -149,13 +162,18 @@ pub fn client(conn: &mut TcpStream, node: &str, key: &ClusterKey, timeout: Durat
     out.extend_from_slice(tag.as_ref());
     wire::write_frame(conn, Kind::Auth, 0, &out).map_err(|e| lost(&e))?;
     conn.set_read_timeout(None).map_err(|e| lost(&e))?;
-    Ok(())
+    Ok(key.session(&cn, sn))
 }
 
 /// The accepting side, after the peer's first frame was `AUTH{1, …}` (its payload): finds the
 /// peer's key among `keys` by its id, answers the challenge and checks the peer's proof.
-/// Returns the peer's key id.
-pub fn server(conn: &mut TcpStream, first: &[u8], keys: &[&ClusterKey], timeout: Duration) -> Result<String, String> {
+/// Returns the peer's key id and the connection's session secret.
+pub fn server(
+    conn: &mut TcpStream,
+    first: &[u8],
+    keys: &[&ClusterKey],
+    timeout: Duration,
+) -> Result<(String, crate::crypt::SessionSecret), String> {
     let mut d = Dec::new(first);
     let step = d.u8("step").map_err(|e| e.to_string())?;
     let their_id = d.str("key id").map_err(|e| e.to_string())?;
@@ -182,7 +200,7 @@ pub fn server(conn: &mut TcpStream, first: &[u8], keys: &[&ClusterKey], timeout:
     if !key.verify(b"shardcast client", cn, &sn, &p[1..]) {
         return Err("wrong proof: the peer does not hold the cluster key (or replayed an old handshake)".into());
     }
-    Ok(their_id)
+    Ok((their_id, key.session(cn, &sn)))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::crypt::TAG_LEN;
 use crate::error::{ErrorKind, NodeError};
 use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
@@ -285,6 +286,15 @@ pub struct Session<'a> {
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     ack_counted: u64,
     ack_bytes: u64,
+    /// Encrypted hop upstream: opens each chunk that arrives.
+    open: Option<crate::crypt::Opener>,
+    /// Encrypted hop downstream: seals each chunk sent, in `seal_buf` (sends go one at a time,
+    /// so one buffer does; it is not touched while a send from it is in flight).
+    seal: Option<crate::crypt::Sealer>,
+    seal_buf: Box<[u8]>,
+    /// The header of the chunk being received, as it came (an encrypted chunk's associated
+    /// data; the test fault may change the slot's copy).
+    up_header: [u8; HEADER_LEN],
 }
 
 impl<'a> Session<'a> {
@@ -377,6 +387,10 @@ impl<'a> Session<'a> {
             },
             superseded: None,
             reported_early: false,
+            open: None,
+            seal: None,
+            seal_buf: Box::default(),
+            up_header: [0; HEADER_LEN],
         }
     }
 
@@ -384,6 +398,25 @@ impl<'a> Session<'a> {
     /// `NodeMachine::with_early_report`).
     pub fn with_early_report(mut self) -> Self {
         self.machine.set_report_early();
+        self
+    }
+
+    /// A relay of a push the primary repairs: when a node after it dies, it stops too (see
+    /// [`NodeMachine::set_stop_on_loss`]).
+    pub fn with_stop_on_loss(mut self) -> Self {
+        self.machine.set_stop_on_loss();
+        self
+    }
+
+    /// Encrypted hops (`--encrypt`): `open` decrypts the chunks from upstream, `seal`
+    /// encrypts those sent downstream. Either hop then moves whole chunks (no cut-through: a
+    /// chunk is checked before any of it is used), and sealing needs one chunk-sized buffer.
+    pub fn with_crypt(mut self, open: Option<crate::crypt::Opener>, seal: Option<crate::crypt::Sealer>) -> Self {
+        if seal.is_some() {
+            self.seal_buf = vec![0; HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN].into_boxed_slice();
+        }
+        self.open = open;
+        self.seal = seal;
         self
     }
 
@@ -647,6 +680,7 @@ impl<'a> Session<'a> {
                 }
             }
             Action::Abort { error } => self.abort(error),
+            Action::Stop { error, downstream } => self.abort_with(error, Some(downstream)),
         }
     }
 
@@ -654,17 +688,28 @@ impl<'a> Session<'a> {
     /// it were not finished) and cuts the downstream connection, so the rest of the chain
     /// drops its staging too.
     fn abort(&mut self, error: NodeError) {
+        self.abort_with(error, None);
+    }
+
+    /// [`Session::abort`], with the reports of the nodes after this one when they are known
+    /// (a relay stopping because one of them died).
+    fn abort_with(&mut self, error: NodeError, downstream: Option<Vec<ReplicaReport>>) {
         if self.end.is_some() {
             return;
         }
         tracing::warn!(%error, "push aborted");
         if !self.up_gone {
             let mut reports = vec![ReplicaReport::failed(self.machine.node(), error.clone())];
-            for n in self.machine.downstream_nodes() {
-                reports.push(ReplicaReport::failed(
-                    n,
-                    NodeError::new(ErrorKind::Aborted, format!("push aborted upstream: {}", error.message)),
-                ));
+            match downstream {
+                Some(d) => reports.extend(d),
+                None => {
+                    for n in self.machine.downstream_nodes() {
+                        reports.push(ReplicaReport::failed(
+                            n,
+                            NodeError::new(ErrorKind::Aborted, format!("push aborted upstream: {}", error.message)),
+                        ));
+                    }
+                }
             }
             self.up_result = Some(reports);
         }
@@ -760,6 +805,16 @@ impl<'a> Session<'a> {
             && let Some(item) = self.dn_queue.pop_front()
         {
             let (buf, len) = match item {
+                DnItem::Chunk(seq, slot) if self.seal.is_some() => {
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    let len = HEADER_LEN + c.len as usize;
+                    // SAFETY: the slot holds the whole frame (its payload is checked or read,
+                    // and nothing writes it while it waits to be forwarded).
+                    let frame = unsafe { self.pool.slot_bytes(slot, 0, len) };
+                    self.seal_buf[..len].copy_from_slice(frame);
+                    self.seal.as_mut().expect("checked").seal(&mut self.seal_buf, HEADER_LEN, len);
+                    (self.seal_buf.as_mut_ptr(), (len + TAG_LEN) as u32)
+                }
                 DnItem::Chunk(seq, slot) => {
                     let c = self.manifest.chunk(seq).expect("in range");
                     (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len)
@@ -1145,6 +1200,11 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Bytes an encrypted hop upstream adds after each chunk's payload (its tag).
+    fn tag_len(&self) -> u32 {
+        if self.open.is_some() { TAG_LEN as u32 } else { 0 }
+    }
+
     /// Receives the next piece of chunk `seq`'s payload into `slot` after `got` bytes.
     fn recv_piece(&mut self, slot: SlotId, seq: u64, digest: u128, got: u32, len: u32) -> std::io::Result<()> {
         let piece = if self.cut.back().is_some_and(|c| c.seq == seq) { self.cfg.piece_bytes } else { 0 };
@@ -1373,15 +1433,19 @@ impl<'a> Session<'a> {
                             let header = unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) };
                             header[HEADER_LEN - 1] ^= 1;
                         }
+                        self.up_header = bytes;
                         if self.cfg.piece_bytes > 0
                             && !self.dn_closed
                             && self.dn_rdma.is_none()
+                            && self.open.is_none()
+                            && self.seal.is_none()
                             && h.len > 0
                             && self.route.onward(h.seq)
                         {
                             self.cut.push_back(CutThrough { seq: h.seq, pending: 0, complete: false, asked: false });
                         }
-                        if let Err(e) = self.recv_piece(slot, h.seq, h.digest, 0, h.len) {
+                        let wire_len = h.len + self.tag_len();
+                        if let Err(e) = self.recv_piece(slot, h.seq, h.digest, 0, wire_len) {
                             self.pool.release(slot);
                             self.up_recv = UpRecv::Done;
                             self.abort(NodeError::io("submitting a receive", &e));
@@ -1418,14 +1482,31 @@ impl<'a> Session<'a> {
                     ct.pending += 1;
                     ct.complete = now == c.len;
                 }
-                if now < c.len {
-                    if let Err(e) = self.recv_piece(slot, seq, announced, now, c.len) {
+                let wire_len = c.len + self.tag_len();
+                if now < wire_len {
+                    if let Err(e) = self.recv_piece(slot, seq, announced, now, wire_len) {
                         self.up_recv = UpRecv::Done;
                         self.abort(NodeError::io("submitting a receive", &e));
                     }
                     return;
                 }
                 self.up_recv = UpRecv::Idle;
+                if let Some(open) = self.open.as_mut() {
+                    // SAFETY: the whole frame has landed in this leased slot and nothing else
+                    // uses it until the machine has it.
+                    let sealed = unsafe { self.pool.slot_bytes_mut(slot, HEADER_LEN, wire_len as usize) };
+                    if open.open(&self.up_header, sealed).is_err() {
+                        self.pool.release(slot);
+                        self.up_recv = UpRecv::Done;
+                        return self.abort(NodeError::new(
+                            ErrorKind::Unauthorized,
+                            format!(
+                                "encrypted chunk {seq} from upstream does not authenticate: changed in transit, \
+                                 dropped or replayed, or sealed with another key"
+                            ),
+                        ));
+                    }
+                }
                 self.chunk_arrived(slot, seq, announced);
             }
             (UpRecv::Header(slot) | UpRecv::Payload(slot, ..), res) => {
@@ -1532,7 +1613,9 @@ impl Drop for Session<'_> {
                 unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
             }
             if !self.io.drain() {
-                // The kernel or a worker may still write into the pool: never unmap it.
+                // The kernel or a worker may still write into the pool (or read the sealing
+                // buffer): never free them.
+                std::mem::forget(std::mem::take(&mut self.seal_buf));
                 return;
             }
         }

@@ -30,6 +30,7 @@
 pub mod audit;
 pub mod auth;
 pub mod chain;
+pub mod crypt;
 pub mod error;
 pub mod io;
 pub mod manifest;

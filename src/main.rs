@@ -47,6 +47,11 @@ struct Cli {
     /// it is refused before anything is staged. Same file on every node.
     #[arg(long, global = true, env = "SHARDCAST_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Encrypt the chunks on every hop (AES-256-GCM, each hop with its own key derived from its
+    /// authentication; needs --key-file, and means TCP on every hop). On `serve`: accept only
+    /// pushes that encrypt.
+    #[arg(long, global = true, env = "SHARDCAST_ENCRYPT")]
+    encrypt: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -407,6 +412,7 @@ fn main() -> ExitCode {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.key = key.clone();
+            opts.require_encrypt = cli.encrypt;
             opts.max_staging = max_staging_mb << 20;
             if let Some(path) = acl {
                 match shardcast::auth::load_acl(&path) {
@@ -495,6 +501,7 @@ fn main() -> ExitCode {
             init_logging(&cli.log_format, "warn");
             let mut opts = PushOptions::new(name, version, to);
             opts.key = key.clone();
+            opts.encrypt = cli.encrypt;
             opts.chunk_size = chunk_size;
             opts.mode = if mode == "async" { Mode::Async } else { Mode::Sync };
             opts.transport = transport;
@@ -521,6 +528,7 @@ fn main() -> ExitCode {
             };
             let mut opts = PushOptions::new(plan.name.clone(), plan.version, plan.chain());
             opts.key = key.clone();
+            opts.encrypt = cli.encrypt;
             opts.transport = transport;
             opts.rdma = rdma.config();
             opts.connect_timeout = Duration::from_secs(connect_timeout.max(1));
@@ -593,6 +601,7 @@ fn main() -> ExitCode {
             init_logging(&cli.log_format, "warn");
             let mut push = PushOptions::new(name, 0, to);
             push.key = key.clone();
+            push.encrypt = cli.encrypt;
             push.chunk_size = chunk_size;
             push.transport = transport;
             push.keep = keep.unwrap_or(0);

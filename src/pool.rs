@@ -203,7 +203,8 @@ impl Pool {
 /// Slot size for a chunk size: a header and the chunk, rounded to 4 KiB so that every payload
 /// starts at the same offset in a page.
 fn slot_size(chunk_size: u32) -> usize {
-    (HEADER_LEN + chunk_size as usize).next_multiple_of(4096)
+    // Room for an encrypted hop's tag after the payload.
+    (HEADER_LEN + chunk_size as usize + crate::crypt::TAG_LEN).next_multiple_of(4096)
 }
 
 fn slots_for(bytes: usize, chunk_size: u32) -> usize {

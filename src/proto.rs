@@ -147,6 +147,14 @@ pub enum Action {
         /// Why.
         error: NodeError,
     },
+    /// A relay of a repaired push stops because a node after it died: like `Abort`, with the
+    /// downstream reports as they came (the dead node's cause, the others cut off).
+    Stop {
+        /// Why this node stopped.
+        error: NodeError,
+        /// One per node after this one, in chain order.
+        downstream: Vec<ReplicaReport>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +206,9 @@ pub struct NodeMachine {
     route: Route,
     /// Async push, first replica: report upstream as soon as this node has published.
     report_early: bool,
+    /// The primary repairs the chain: stop when a node downstream dies (see
+    /// [`NodeMachine::set_stop_on_loss`]).
+    stop_on_loss: bool,
 }
 
 impl NodeMachine {
@@ -223,6 +234,7 @@ impl NodeMachine {
             finished: false,
             route: Route::everything(),
             report_early: false,
+            stop_on_loss: false,
         }
     }
 
@@ -236,6 +248,15 @@ impl NodeMachine {
     /// [`NodeMachine::with_early_report`] on a machine in place.
     pub fn set_report_early(&mut self) {
         self.report_early = true;
+    }
+
+    /// A push the primary repairs: when a node after this one dies (the connection to it breaks
+    /// or stalls, or its report names a node that did) before END arrived, this relay stops too,
+    /// keeping what it journaled, rather than take the rest of the push alone. The primary then
+    /// feeds it and the nodes cut off behind it in one repair push over the chain closed
+    /// around the dead node, instead of one after the other over its own link.
+    pub fn set_stop_on_loss(&mut self) {
+        self.stop_on_loss = true;
     }
 
     /// Restricts the push on this node to its route: it dispatches only the chunks that pass
@@ -339,7 +360,12 @@ impl NodeMachine {
                     *acked = (*acked).max(through.min(self.next_dispatch));
                 }
             }
-            Event::DownstreamResult { reports } => self.settle_downstream(reports, out),
+            Event::DownstreamResult { reports } => {
+                self.settle_downstream(reports, out);
+                if self.maybe_stop(out) {
+                    return;
+                }
+            }
             Event::DownstreamLost { error } => {
                 if self.downstream_alive() {
                     let first = self.downstream_nodes[0].clone();
@@ -351,6 +377,9 @@ impl NodeMachine {
                         ));
                     }
                     self.settle_downstream(reports, out);
+                    if self.maybe_stop(out) {
+                        return;
+                    }
                 }
             }
             Event::SyncDone { result } => {
@@ -379,6 +408,29 @@ impl NodeMachine {
     fn abort(&mut self, kind: ErrorKind, message: String, out: &mut Vec<Action>) {
         self.finished = true;
         out.push(Action::Abort { error: NodeError::new(kind, message) });
+    }
+
+    /// A relay with `stop_on_loss` stops when a node after it died (lost or stalled; not one
+    /// that refused corrupt bytes, which the primary retries on its own) while chunks are still
+    /// to come. Returns whether it stopped.
+    fn maybe_stop(&mut self, out: &mut Vec<Action>) -> bool {
+        if !self.stop_on_loss || self.role != Role::Replica || self.end_received || self.own != Own::Receiving {
+            return false;
+        }
+        let Downstream::Settled(reports) = &self.downstream else { return false };
+        let Some(dead) = reports.iter().find(|r| {
+            matches!(&r.outcome, Outcome::Failed(e) if matches!(e.kind, ErrorKind::ConnectionLost | ErrorKind::Stalled))
+        }) else {
+            return false;
+        };
+        let error = NodeError::new(
+            ErrorKind::Aborted,
+            format!("stopped so that the primary repairs the chain around {}", dead.node),
+        );
+        let downstream = reports.clone();
+        self.finished = true;
+        out.push(Action::Stop { error, downstream });
+        true
     }
 
     fn settle_downstream(&mut self, mut reports: Vec<ReplicaReport>, out: &mut Vec<Action>) {
@@ -627,6 +679,57 @@ mod tests {
         assert_eq!(reports[0], published("r1"));
         assert_eq!(reports[1], ReplicaReport::failed("r2", lost));
         assert!(matches!(&reports[2].outcome, Outcome::Failed(e) if e.kind == ErrorKind::Aborted));
+    }
+
+    #[test]
+    fn repaired_push_relay_stops_when_a_node_after_it_dies() {
+        let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 3);
+        m.set_stop_on_loss();
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::WriteDone { seq: 0 });
+        let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
+        let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
+        let Some(Action::Stop { error, downstream }) = a.last() else { panic!("{a:?}") };
+        assert_eq!(error.kind, ErrorKind::Aborted);
+        assert!(error.message.contains("around r2"), "{error}");
+        assert_eq!(downstream[0], ReplicaReport::failed("r2", lost));
+        assert!(matches!(&downstream[1].outcome, Outcome::Failed(e) if e.kind == ErrorKind::Aborted));
+        assert!(m.is_finished());
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) }), vec![], "nothing after stopping");
+    }
+
+    #[test]
+    fn repaired_push_relay_stops_on_a_report_naming_a_dead_node_but_not_a_corrupt_one() {
+        let dead = NodeError::new(ErrorKind::ConnectionLost, "connection to r3 lost");
+        let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 3);
+        m.set_stop_on_loss();
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        let stopped = NodeError::new(ErrorKind::Aborted, "stopped");
+        let a = step(
+            &mut m,
+            Event::DownstreamResult {
+                reports: vec![ReplicaReport::failed("r2", stopped), ReplicaReport::failed("r3", dead)],
+            },
+        );
+        assert!(matches!(a.last(), Some(Action::Stop { .. })), "{a:?}");
+
+        let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 3);
+        m.set_stop_on_loss();
+        let corrupt = NodeError::new(ErrorKind::DigestMismatch, "chunk 0");
+        let a = step(&mut m, Event::DownstreamResult { reports: vec![ReplicaReport::failed("r2", corrupt)] });
+        assert!(!a.iter().any(|a| matches!(a, Action::Stop { .. })), "{a:?}");
+        assert!(!m.is_finished());
+    }
+
+    #[test]
+    fn repaired_push_relay_with_every_chunk_finishes_instead_of_stopping() {
+        let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 1);
+        m.set_stop_on_loss();
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::UpstreamEnd);
+        let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
+        let a = step(&mut m, Event::DownstreamLost { error: lost });
+        assert!(!a.iter().any(|a| matches!(a, Action::Stop { .. })), "{a:?}");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct PushOptions {
     pub min_replicas: Option<usize>,
     /// The cluster key every hop authenticates with (None: no authentication).
     pub key: Option<ClusterKey>,
+    /// Encrypt chunks on every hop (AES-256-GCM, per-hop keys from the authentication; needs
+    /// `key`, and means TCP on every hop).
+    pub encrypt: bool,
 }
 
 impl PushOptions {
@@ -83,6 +86,7 @@ impl PushOptions {
             repair: true,
             min_replicas: None,
             key: None,
+            encrypt: false,
         }
     }
 }
@@ -130,13 +134,19 @@ impl PushReport {
     }
 }
 
-/// Connects to `node` within `timeout` and, with a cluster key, authenticates both ways.
-pub(crate) fn connect(node: &str, timeout: Duration, key: Option<&ClusterKey>) -> Result<TcpStream, NodeError> {
+/// Connects to `node` within `timeout` and, with a cluster key, authenticates both ways (the
+/// connection's session secret then comes back too).
+pub(crate) fn connect(
+    node: &str,
+    timeout: Duration,
+    key: Option<&ClusterKey>,
+) -> Result<(TcpStream, Option<crate::crypt::SessionSecret>), NodeError> {
     let mut s = connect_plain(node, timeout)?;
-    if let Some(k) = key {
-        crate::auth::client(&mut s, node, k, timeout)?;
-    }
-    Ok(s)
+    let secret = match key {
+        Some(k) => Some(crate::auth::client(&mut s, node, k, timeout)?),
+        None => None,
+    };
+    Ok((s, secret))
 }
 
 /// Connects to `node` within `timeout`, trying each address it resolves to.
@@ -411,6 +421,18 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
         return Err(PushError::BadInput("no replicas given (--to ADDR[,ADDR…])".into()));
     }
     opts.transport.resolve().map_err(PushError::Unsupported)?;
+    if opts.encrypt && opts.key.is_none() {
+        return Err(PushError::BadInput(
+            "--encrypt needs a cluster key (--key-file): each hop's key comes from its authentication".into(),
+        ));
+    }
+    if opts.encrypt && opts.transport == Transport::Rdma {
+        return Err(PushError::BadInput(
+            "--encrypt covers TCP hops only (RDMA writes land in the replica's memory as they are): \
+             use --transport tcp or auto with --encrypt"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -443,14 +465,18 @@ fn run_push(
         .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
 
     let first = opts.to[0].clone();
-    let mut stream = connect(&first, opts.connect_timeout, opts.key.as_ref())
+    let (mut stream, secret) = connect(&first, opts.connect_timeout, opts.key.as_ref())
         .map_err(|error| PushError::Node { node: first.clone(), error })?;
     let hello = Hello {
         name: opts.name.clone(),
         version: opts.version,
         mode: opts.mode,
-        transport: opts.transport,
         keep: opts.keep,
+        flags: wire::HelloFlags::default()
+            .with(wire::HelloFlags::REPAIR, opts.repair && opts.mode == Mode::Sync)
+            .with(wire::HelloFlags::ENCRYPT, opts.encrypt),
+        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC).
+        transport: if opts.encrypt { Transport::Tcp } else { opts.transport },
         you: first.clone(),
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
@@ -502,8 +528,12 @@ fn run_push(
         .unwrap_or_else(|_| Err(std::io::Error::other("the pool set-up thread panicked")))
         .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
     // The first hop's transport (the replicas negotiate the hops after it themselves).
-    let dn_link = crate::rdma::offer(&mut stream, "primary", &first, opts.transport, &opts.rdma, &pool)
+    let dn_link = crate::rdma::offer(&mut stream, "primary", &first, hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
+    let sealer = match (opts.encrypt, &secret) {
+        (true, Some(s)) => Some(crate::crypt::Sealer::new(s)),
+        _ => None,
+    };
     let session = Session::new(
         Role::Primary,
         "",
@@ -521,7 +551,8 @@ fn run_push(
     let session = match route {
         Some(r) => session.with_route(r, None),
         None => session,
-    };
+    }
+    .with_crypt(None, sealer);
     tracing::debug!(
         io = session.io_name(),
         pinned = session.pool_locked(),

@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The cluster key every peer must prove it holds (None: no authentication).
     pub key: Option<crate::auth::ClusterKey>,
+    /// Accept only pushes that encrypt their chunks (`serve --encrypt`).
+    pub require_encrypt: bool,
     /// Where every push and refusal is recorded (JSON lines).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Most bytes the pushes being received may add up to (0: no limit).
@@ -82,6 +84,7 @@ impl ServeOptions {
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
             key: None,
+            require_encrypt: false,
             audit: None,
             max_staging: 0,
             acl: Vec::new(),
@@ -264,6 +267,7 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
     };
     let Some(mut frame) = read(&mut conn) else { return };
     let mut key_id = None;
+    let mut secret = None;
     // With a cluster key, nothing but a peer that proves it holds the key gets further.
     let unauthorized = |conn: &mut TcpStream, why: String| {
         tracing::warn!(%peer, "refused: {why}");
@@ -273,9 +277,10 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
     let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
     match (keys.first(), frame.header.kind) {
         (Some(_), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, &keys, opts.handshake_timeout) {
-            Ok(id) => {
+            Ok((id, s)) => {
                 tracing::debug!(%peer, key = %id, "peer authenticated");
                 key_id = Some(id);
+                secret = Some(s);
                 let Some(next) = read(&mut conn) else { return };
                 frame = next;
             }
@@ -317,7 +322,7 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
                     return;
                 }
             };
-            push_session(conn, peer, key_id.as_deref(), hello, store, pools, opts);
+            push_session(conn, peer, key_id.as_deref(), secret, hello, store, pools, opts);
         }
         k => {
             tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());
@@ -334,10 +339,12 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn push_session(
     mut conn: TcpStream,
     peer: &str,
     key_id: Option<&str>,
+    up_secret: Option<crate::crypt::SessionSecret>,
     hello: Hello,
     store: &Arc<Store>,
     pools: &PoolCache,
@@ -358,6 +365,32 @@ fn push_session(
         outcome: "refused",
         reason: None,
     };
+    // Encrypted chunks: each hop's key comes from its authentication, so both hops of this
+    // node must have authenticated, and chunks go over TCP.
+    let encrypt = hello.flags.has(wire::HelloFlags::ENCRYPT);
+    if encrypt && up_secret.is_none() {
+        let e = NodeError::new(
+            ErrorKind::Unsupported,
+            "the push asks for encryption (--encrypt), but this replica has no cluster key to derive a key \
+             from: start it with --key-file",
+        );
+        let _ = audit.reject(&mut conn, &me, e);
+        return;
+    }
+    if opts.require_encrypt && !encrypt {
+        let e = NodeError::new(
+            ErrorKind::Unauthorized,
+            "this replica accepts only encrypted pushes (serve --encrypt): push with --encrypt and the cluster key",
+        );
+        tracing::warn!(%peer, "refused: {}", e.message);
+        let _ = audit.reject(&mut conn, &me, e);
+        return;
+    }
+    if encrypt && hello.transport == crate::transport::Transport::Rdma {
+        let e = NodeError::new(ErrorKind::Unsupported, "encrypted pushes travel over TCP, not RDMA");
+        let _ = audit.reject(&mut conn, &me, e);
+        return;
+    }
     // A routed push (epoch staging): this node stores only the entries it wants.
     let own = match hello.wants.first() {
         Some(Some(wanted)) => match hello.manifest.subset(wanted) {
@@ -420,12 +453,27 @@ fn push_session(
     held.extend((0..resumed.total()).filter(|&q| resumed.contains(q)).map(|q| (q, 1)));
     // Onward connection, then the rest of the chain's answer, before accepting.
     let mut down = None;
+    let mut down_secret = None;
     let mut haves = vec![held];
     if let Some(next) = hello.downstream.first() {
         // On a refusal the reservation is dropped before answering, so that the caller can
         // retry the same version at once.
         let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref()) {
-            Ok(s) => s,
+            Ok((_, None)) if encrypt => {
+                drop(staging);
+                let e = NodeError::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "the push asks for encryption, but this replica has no cluster key of its own to reach {next} with (--key-file)"
+                    ),
+                );
+                let _ = audit.reject(&mut conn, &me, e);
+                return;
+            }
+            Ok((s, secret)) => {
+                down_secret = secret;
+                s
+            }
             Err(e) => {
                 tracing::warn!("refused: {e}");
                 drop(staging);
@@ -575,6 +623,15 @@ fn push_session(
     }
     .with_superseded(superseded);
     let session = if hello.mode == wire::Mode::Async { session.with_early_report() } else { session };
+    let session = if hello.flags.has(wire::HelloFlags::REPAIR) { session.with_stop_on_loss() } else { session };
+    let session = if encrypt {
+        session.with_crypt(
+            up_secret.as_ref().map(crate::crypt::Opener::new),
+            down_secret.as_ref().map(crate::crypt::Sealer::new),
+        )
+    } else {
+        session
+    };
     let session = match &opts.metrics {
         Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
             m,
@@ -723,7 +780,7 @@ pub fn status(
     timeout: Duration,
     key: Option<&crate::auth::ClusterKey>,
 ) -> Result<Vec<wire::SetStatus>, NodeError> {
-    let mut s = connect(node, timeout, key)?;
+    let (mut s, _) = connect(node, timeout, key)?;
     let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
     s.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
     wire::write_frame(&mut s, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;

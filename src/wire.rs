@@ -15,7 +15,7 @@ pub const HEADER_LEN: usize = 40;
 /// The magic that opens every frame.
 pub const MAGIC: [u8; 4] = *b"SHCS";
 /// The protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 3;
+pub const PROTO_VERSION: u16 = 4;
 /// The largest chunk a manifest may declare.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// The smallest chunk a manifest may declare.
@@ -291,6 +291,44 @@ impl<'a> Dec<'a> {
     }
 }
 
+/// Flags a HELLO carries to every node of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HelloFlags(pub u8);
+
+impl HelloFlags {
+    /// The primary repairs the chain when a replica dies: a relay whose downstream dies (or
+    /// reports a dead node) stops at once, keeping what it journaled, instead of receiving the
+    /// rest alone, so that one repair push feeds it and every node cut off together.
+    pub const REPAIR: u8 = 1;
+    /// Chunk payloads are encrypted on every TCP hop (AES-256-GCM, per-hop keys from the
+    /// authentication handshake; see `crypt.rs`).
+    pub const ENCRYPT: u8 = 2;
+    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT;
+
+    /// From the wire byte; unknown bits are refused (a newer primary asks for something this
+    /// replica cannot do).
+    pub fn from_bits(b: u8) -> Result<Self, NodeError> {
+        if b & !Self::KNOWN != 0 {
+            return Err(NodeError::new(
+                ErrorKind::Unsupported,
+                format!("HELLO asks for features this replica does not have (flags {b:#04x}); upgrade it"),
+            ));
+        }
+        Ok(Self(b))
+    }
+
+    /// Whether `bit` is set.
+    pub fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    /// With `bit` set or cleared.
+    #[must_use]
+    pub fn with(self, bit: u8, on: bool) -> Self {
+        Self(if on { self.0 | bit } else { self.0 & !bit })
+    }
+}
+
 /// Replication mode of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -315,6 +353,8 @@ pub struct Hello {
     /// How many versions of this name each replica keeps after publishing (0: the replica's
     /// own `--keep`).
     pub keep: u32,
+    /// [`HelloFlags`]: what the push asks of every node besides the data.
+    pub flags: HelloFlags,
     /// The receiver's name in the chain (the address its upstream dialed); replicas report
     /// themselves under it.
     pub you: String,
@@ -339,6 +379,7 @@ impl Hello {
         });
         e.u8(self.transport.code());
         e.u32(self.keep);
+        e.u8(self.flags.0);
         e.str(&self.you);
         e.u64(self.downstream.len() as u64);
         for node in &self.downstream {
@@ -382,6 +423,7 @@ impl Hello {
         let transport = crate::transport::Transport::from_code(d.u8("transport").map_err(bad)?)
             .ok_or_else(|| NodeError::new(ErrorKind::Protocol, "bad HELLO: unknown transport code"))?;
         let keep = d.u32("keep").map_err(bad)?;
+        let flags = HelloFlags::from_bits(d.u8("flags").map_err(bad)?)?;
         let you = d.str("you").map_err(bad)?;
         let n = d.count("downstream", 4).map_err(bad)?;
         let mut downstream = Vec::with_capacity(n);
@@ -420,7 +462,7 @@ impl Hello {
                 format!("a wanted entry ({i}) is past the manifest's {entries} entries"),
             ));
         }
-        Ok(Self { name, version, mode, transport, keep, you, downstream, manifest, wants })
+        Ok(Self { name, version, mode, transport, keep, flags, you, downstream, manifest, wants })
     }
 }
 

@@ -284,6 +284,7 @@ fn rogue_push(lie: Lie) {
         mode: Mode::Sync,
         transport: shardcast::transport::Transport::Tcp,
         keep: 0,
+        flags: wire::HelloFlags::default(),
         you: c.addr(0),
         downstream: vec![c.addr(1)],
         manifest: manifest.clone(),

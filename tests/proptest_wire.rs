@@ -12,8 +12,8 @@ use shardcast::error::{ErrorKind, NodeError};
 use shardcast::manifest::{Entry, EntryKind, Manifest, check_path};
 use shardcast::transport::Transport;
 use shardcast::wire::{
-    self, HEADER_LEN, Header, Hello, Kind, MAX_CHUNK, MAX_STR, MIN_CHUNK, Mode, Outcome, ReplicaReport, SetStatus,
-    TransportMsg,
+    self, HEADER_LEN, Header, Hello, HelloFlags, Kind, MAX_CHUNK, MAX_STR, MIN_CHUNK, Mode, Outcome, ReplicaReport,
+    SetStatus, TransportMsg,
 };
 
 const KINDS: [Kind; 11] = [
@@ -120,8 +120,9 @@ fn hello() -> impl Strategy<Value = Hello> {
         manifest(),
         any::<bool>(),
         any::<u64>(),
+        0u8..4,
     )
-        .prop_map(|(name, version, transport, keep, you, downstream, manifest, routed, seed)| {
+        .prop_map(|(name, version, transport, keep, you, downstream, manifest, routed, seed, flags)| {
             // An ordinary push carries a plan (digests zero); a routed one the whole manifest and
             // each node's wanted entries (None: all).
             let (manifest, wants) = if routed {
@@ -136,7 +137,18 @@ fn hello() -> impl Strategy<Value = Hello> {
             } else {
                 (Manifest::decode_plan(&manifest.encode_plan()).expect("a plan decodes"), Vec::new())
             };
-            Hello { name, version, mode: Mode::Sync, transport, keep, you, downstream, manifest, wants }
+            Hello {
+                name,
+                version,
+                mode: Mode::Sync,
+                transport,
+                keep,
+                flags: HelloFlags(flags),
+                you,
+                downstream,
+                manifest,
+                wants,
+            }
         })
 }
 
@@ -345,6 +357,7 @@ fn write_fuzz_seeds() {
         mode: Mode::Sync,
         transport: Transport::Auto,
         keep: 3,
+        flags: HelloFlags::default(),
         you: "10.0.0.2:7070".into(),
         downstream: vec!["10.0.0.3:7070".into(), "10.0.0.4:7070".into()],
         manifest: plan,
@@ -356,6 +369,7 @@ fn write_fuzz_seeds() {
         mode: Mode::Sync,
         transport: Transport::Tcp,
         keep: 0,
+        flags: HelloFlags::default(),
         you: String::new(),
         downstream: Vec::new(),
         manifest: Manifest::new(cs, Vec::new(), Vec::new()).unwrap(),

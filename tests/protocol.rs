@@ -40,6 +40,7 @@ fn start_push(cluster: &Cluster, manifest: &Manifest, version: u64) -> TcpStream
         mode: Mode::Sync,
         transport: shardcast::transport::Transport::Tcp,
         keep: 0,
+        flags: wire::HelloFlags::default(),
         you: cluster.addr(0),
         downstream: (1..cluster.len()).map(|i| cluster.addr(i)).collect(),
         manifest: manifest.clone(),

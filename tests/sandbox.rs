@@ -43,7 +43,8 @@ fn the_staging_limit_refuses_a_push_that_would_go_over() {
 /// encoded by hand: the library refuses to build such manifests.
 fn hello_with_paths(you: &str, paths: &[&str]) -> Vec<u8> {
     let mut e = shardcast::wire::Enc::default();
-    e.str("bad").u64(1).u8(0).u8(shardcast::transport::Transport::Tcp.code()).u32(0).str(you).u64(0).u64(0);
+    // name, version, mode, transport, keep, flags, you, no downstream, no wants; then the plan.
+    e.str("bad").u64(1).u8(0).u8(shardcast::transport::Transport::Tcp.code()).u32(0).u8(0).str(you).u64(0).u64(0);
     e.u32(1 << 20).u64(paths.len() as u64);
     for p in paths {
         let (kind, path, size) = match p.strip_prefix("dir:") {

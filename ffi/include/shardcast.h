@@ -164,6 +164,10 @@ typedef struct sc_server_opts {
    * The cluster key file every peer must prove it holds (NULL: no authentication).
    */
   const char *key_file;
+  /**
+   * Non-zero: accept only pushes that encrypt their chunks (`serve --encrypt`).
+   */
+  uint32_t require_encrypt;
 } sc_server_opts;
 
 /**
@@ -225,6 +229,10 @@ typedef struct sc_push_opts {
    * The cluster key file to authenticate with (NULL: no authentication).
    */
   const char *key_file;
+  /**
+   * Non-zero: encrypt the chunks on every hop (AES-256-GCM; needs `key_file`; TCP hops).
+   */
+  uint32_t encrypt;
 } sc_push_opts;
 
 /**

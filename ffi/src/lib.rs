@@ -188,6 +188,8 @@ pub struct ScServerOpts {
     pub idle_timeout_s: u32,
     /// The cluster key file every peer must prove it holds (NULL: no authentication).
     pub key_file: *const c_char,
+    /// Non-zero: accept only pushes that encrypt their chunks (`serve --encrypt`).
+    pub require_encrypt: u32,
 }
 
 /// A running replica server (opaque).
@@ -223,6 +225,7 @@ pub unsafe extern "C" fn sc_server_start(opts: *const ScServerOpts, out: *mut *m
         }
         // SAFETY: NULL or NUL-terminated by the caller's contract.
         so.key = unsafe { key_arg(o.key_file) }?;
+        so.require_encrypt = o.require_encrypt != 0;
         let server = Server::bind(so).map_err(|e| (SC_ERR_IO, format!("cannot start the server: {e}")))?;
         let boxed = Box::new(ScServer { handle: server.spawn() });
         // SAFETY: out is writable.
@@ -300,6 +303,8 @@ pub struct ScPushOpts {
     pub no_repair: u32,
     /// The cluster key file to authenticate with (NULL: no authentication).
     pub key_file: *const c_char,
+    /// Non-zero: encrypt the chunks on every hop (AES-256-GCM; needs `key_file`; TCP hops).
+    pub encrypt: u32,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -513,6 +518,7 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
     po.keep = o.keep;
     // SAFETY: NULL or NUL-terminated by the caller's contract.
     po.key = unsafe { key_arg(o.key_file) }?;
+    po.encrypt = o.encrypt != 0;
     Ok(())
 }
 

@@ -240,6 +240,7 @@ def push_async(
     min_replicas: int = 0,
     repair: bool = True,
     key_file: Optional[PathLike] = None,
+    encrypt: bool = False,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -254,7 +255,8 @@ def push_async(
     the first replica has published (the rest are ``behind`` and complete on their own).
     ``min_replicas``: how many must publish for success (0: all; the first in async mode).
     ``repair``: go on around a replica that dies mid-push (the others resume). ``key_file``:
-    the cluster key every hop authenticates with (see ``shardcast --key-file``)."""
+    the cluster key every hop authenticates with (see ``shardcast --key-file``). ``encrypt``:
+    encrypt the chunks on every hop (AES-256-GCM; needs ``key_file``)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if isinstance(to, str):
@@ -273,6 +275,7 @@ def push_async(
         int(min_replicas),
         0 if repair else 1,
         os.fsencode(key_file) if key_file is not None else None,
+        int(bool(encrypt)),
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -319,6 +322,7 @@ def push(
     min_replicas: int = 0,
     repair: bool = True,
     key_file: Optional[PathLike] = None,
+    encrypt: bool = False,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -338,6 +342,7 @@ def push(
         min_replicas=min_replicas,
         repair=repair,
         key_file=key_file,
+        encrypt=encrypt,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 
@@ -380,6 +385,7 @@ def stage_async(
     connect_timeout: float = 0,
     keep: int = 0,
     key_file: Optional[PathLike] = None,
+    encrypt: bool = False,
 ) -> PushHandle:
     """Starts staging an epoch's shards and returns at once (use the handle like a push's).
 
@@ -405,6 +411,7 @@ def stage_async(
         0,
         0,
         os.fsencode(key_file) if key_file is not None else None,
+        int(bool(encrypt)),
     )
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
@@ -428,10 +435,11 @@ def stage(
     transport: str = "auto",
     keep: int = 0,
     key_file: Optional[PathLike] = None,
+    encrypt: bool = False,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""
-    with stage_async(plan, transport=transport, keep=keep, key_file=key_file) as h:
+    with stage_async(plan, transport=transport, keep=keep, key_file=key_file, encrypt=encrypt) as h:
         return _finish(h, timeout, "staging")
 
 
@@ -464,10 +472,12 @@ def serve(
     keep: int = 2,
     pool_mb: int = 0,
     key_file: Optional[PathLike] = None,
+    require_encrypt: bool = False,
 ) -> Server:
     """Starts a replica server in this process, listening on ``listen`` ("127.0.0.1:0" picks a
     free port; see :attr:`Server.addr`) and publishing under ``root``. With ``key_file`` every
-    peer must prove it holds the cluster key."""
+    peer must prove it holds the cluster key; with ``require_encrypt`` only pushes that encrypt
+    their chunks are accepted."""
     opts = _native.ServerOpts(
         listen.encode(),
         os.fsencode(root),
@@ -475,6 +485,7 @@ def serve(
         int(pool_mb),
         0,
         os.fsencode(key_file) if key_file is not None else None,
+        int(bool(require_encrypt)),
     )
     h = ctypes.c_void_p()
     rc = lib.sc_server_start(ctypes.byref(opts), ctypes.byref(h))

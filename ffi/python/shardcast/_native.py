@@ -13,6 +13,7 @@ class ServerOpts(ctypes.Structure):
         ("pool_mb", ctypes.c_uint32),
         ("idle_timeout_s", ctypes.c_uint32),
         ("key_file", ctypes.c_char_p),
+        ("require_encrypt", ctypes.c_uint32),
     ]
 
 
@@ -31,6 +32,7 @@ class PushOpts(ctypes.Structure):
         ("min_replicas", ctypes.c_uint32),
         ("no_repair", ctypes.c_uint32),
         ("key_file", ctypes.c_char_p),
+        ("encrypt", ctypes.c_uint32),
     ]
 
 

@@ -175,6 +175,21 @@ class PushTests(unittest.TestCase):
             self.assertTrue(shardcast.push(self.src, to=[srv.addr], name="k", version=1, key_file=good).ok)
         self.assertTrue(same_tree(self.src, self.tmp / "k0" / "k" / "1"))
 
+    def test_encrypted_push(self):
+        key = self.tmp / "enc.key"
+        key.write_bytes(b"e" * 40)
+        os.chmod(key, 0o600)
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "e0", key_file=key, require_encrypt=True) as srv:
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.push(self.src, to=[srv.addr], name="e", version=1, key_file=key)
+            self.assertEqual(cm.exception.kind, "unauthorized")
+            self.assertIn("only encrypted", str(cm.exception))
+            with self.assertRaises(shardcast.ShardcastError):
+                shardcast.push(self.src, to=[srv.addr], name="e", version=1, encrypt=True)  # no key
+            report = shardcast.push(self.src, to=[srv.addr], name="e", version=1, key_file=key, encrypt=True)
+            self.assertTrue(report.ok)
+        self.assertTrue(same_tree(self.src, self.tmp / "e0" / "e" / "1"))
+
     def test_stage_gives_each_node_its_files(self):
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "s0") as s0, shardcast.serve(
             "127.0.0.1:0", root=self.tmp / "s1"

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# What --encrypt costs on the emulated cluster (scripts/cluster.sh): pushes of SIZE bytes down a
+# chain of N replicas (egress shaped to RATE), every node with the same cluster key, alternating
+# a push without and one with --encrypt (so both authenticate; only the chunk encryption
+# differs). Each push publishes a new version; every replica's copy is compared with the source.
+# Reports the medians of the push's own "seconds" and their ratio. Target (issue 7): encrypted
+# time <= 1.15 x (encryption costs at most 15 % of hop throughput at 1 Gbit/s).
+#
+# Env: SIZE (1G), FILES (8), N (2 replicas), REPS (5), RATE (1gbit), CHUNK (4MiB), PORT (7071),
+#      SC_CLUSTER (sc), KEEP_WORK=1.
+# Output: the table on stdout, also saved to results/bench-encrypt-<date>.md.
+# Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+SIZE=${SIZE:-1G}
+FILES=${FILES:-8}
+N=${N:-2}
+REPS=${REPS:-5}
+RATE=${RATE:-1gbit}
+CHUNK=${CHUNK:-4MiB}
+PORT=${PORT:-7071}
+export SC_CLUSTER=${SC_CLUSTER:-sc}
+CLUSTER=scripts/cluster.sh
+
+cluster_bench_args
+
+# Source + two versions on each replica.
+need=$(((2 * N + 1) * bytes + (512 << 20)))
+cluster_bench_prepare bench-encrypt "$need"
+head -c 48 /dev/urandom | base64 >"$work/cluster.key"
+chmod 600 "$work/cluster.key"
+
+log "cluster: primary + $N replicas, $RATE per node egress"
+"$CLUSTER" up "$N" --rate "$RATE" >/dev/null
+addrs=() roots=()
+for ((k = 1; k <= N; k++)); do
+    addr=$("$CLUSTER" addr "r$k")
+    logf=$work/serve-r$k.log
+    : >"$logf"
+    "$CLUSTER" exec "r$k" env NO_COLOR=1 "$bin" serve --listen "$addr:$PORT" --root "$work/root-r$k" --keep 2 \
+        --key-file "$work/cluster.key" >/dev/null 2>"$logf" &
+    bg_started $!
+    addrs+=("$addr:$PORT") roots+=("$work/root-r$k")
+done
+for ((k = 1; k <= N; k++)); do
+    for ((i = 0; i < 300; i++)); do
+        grep -q "listening on" "$work/serve-r$k.log" && break
+        sleep 0.1
+    done
+    grep -q "listening on" "$work/serve-r$k.log" || die "replica r$k did not start: $(cat "$work/serve-r$k.log")"
+done
+
+mkdir -p results
+out=results/bench-encrypt-$(date +%Y%m%d-%H%M%S).md
+BE_BIN=$bin BE_SRC=$work/src BE_ADDRS="${addrs[*]}" BE_ROOTS="${roots[*]}" BE_REPS=$REPS BE_CHUNK=$chunk \
+    BE_KEY=$work/cluster.key BE_BYTES=$bytes \
+    BE_CMD="SIZE=$SIZE FILES=$FILES N=$N REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-encrypt.sh" \
+    python3 - <<'PY' | tee "$out"
+import json, os, statistics, subprocess, time
+
+E = os.environ
+BIN, SRC, REPS, CHUNK, BYTES = E["BE_BIN"], E["BE_SRC"], int(E["BE_REPS"]), int(E["BE_CHUNK"]), int(E["BE_BYTES"])
+ADDRS, ROOTS = E["BE_ADDRS"].split(), E["BE_ROOTS"].split()
+CL = "scripts/cluster.sh"
+
+def push(version, encrypt):
+    cmd = [CL, "exec", "p", BIN, "push", SRC, "--name", "ck", "--version", str(version), "--to", ",".join(ADDRS),
+           "--chunk-size", str(CHUNK), "--transport", "tcp", "--key-file", E["BE_KEY"], "--json"]
+    if encrypt:
+        cmd.append("--encrypt")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    j = json.loads(out.stdout)
+    assert j["ok"], out
+    for root in ROOTS:
+        for f in sorted(os.listdir(SRC)):
+            subprocess.run(["cmp", os.path.join(SRC, f), os.path.join(root, "ck", str(version), f)], check=True)
+    return j["seconds"]
+
+rows = []
+for rep in range(REPS):
+    plain = push(2 * rep + 1, False)
+    enc = push(2 * rep + 2, True)
+    rows.append((plain, enc))
+    print(f"rep {rep}: plain {plain:.3f} s ({BYTES * 8 / plain / 1e9:.3f} Gbit/s), encrypted {enc:.3f} s "
+          f"({BYTES * 8 / enc / 1e9:.3f} Gbit/s), {enc / plain:.3f} x", flush=True)
+tp = statistics.median(r[0] for r in rows)
+te = statistics.median(r[1] for r in rows)
+print()
+print(f"# bench-encrypt {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+print(f"command: {E['BE_CMD']}")
+print()
+print("| push | median s | Gbit/s | ratio |")
+print("|---|---|---|---|")
+print(f"| key, chunks in clear | {tp:.3f} | {BYTES * 8 / tp / 1e9:.3f} | 1 |")
+print(f"| key, --encrypt | {te:.3f} | {BYTES * 8 / te / 1e9:.3f} | {te / tp:.3f} (target <= 1.15) |")
+PY
+log "saved $out"
