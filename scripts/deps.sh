@@ -12,6 +12,7 @@
 #   clang libclang-dev          bindgen, which the rdma-sys crate runs at build time (feature `rdma`)
 #   libibverbs-dev librdmacm-dev  the verbs and RDMA CM headers and libraries rdma-sys links
 #   ibverbs-providers rdma-core   the user-space drivers (rxe among them) the RDMA transport loads
+#   openssl                     the test CA and certificates of tests/tls.rs (mutual TLS)
 #   libhwloc-dev libudev-dev    hwloc (pool placement on the NIC's NUMA node, feature `numa`);
 #                               hwlocality links it statically, which needs libudev
 #
@@ -19,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2
+PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2 openssl
     clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev)
 
 missing=()

@@ -46,6 +46,7 @@ pub mod server;
 pub mod stage;
 pub mod store;
 pub mod tcpinfo;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

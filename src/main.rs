@@ -52,6 +52,17 @@ struct Cli {
     /// pushes that encrypt.
     #[arg(long, global = true, env = "SHARDCAST_ENCRYPT")]
     encrypt: bool,
+    /// Mutual TLS instead of a cluster key, for sites with a PKI: this node's certificate
+    /// chain (PEM; valid for the address peers dial it at, for serving, and usable as a client
+    /// certificate). Needs --tls-key and --tls-ca.
+    #[arg(long, global = true, env = "SHARDCAST_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "SHARDCAST_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) every peer's certificate must chain to.
+    #[arg(long, global = true, env = "SHARDCAST_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -393,6 +404,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let tls = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
+        (Some(c), Some(k), Some(ca)) if key.is_none() => match shardcast::tls::TlsIdentity::load(c, k, ca) {
+            Ok(id) => Some(std::sync::Arc::new(id)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        (Some(_), ..) => {
+            eprintln!("error: --key-file and --tls-cert are two ways to authenticate: give one of them");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        _ => None,
+    };
     let code = match cli.cmd {
         Cmd::Serve {
             listen,
@@ -412,8 +437,16 @@ fn main() -> ExitCode {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
             opts.key = key.clone();
+            opts.tls = tls.clone();
             opts.require_encrypt = cli.encrypt;
             opts.max_staging = max_staging_mb << 20;
+            if acl.is_some() && tls.is_some() {
+                eprintln!(
+                    "error: --acl lists cluster keys, and this replica authenticates with mutual TLS (every \
+                     certificate from --tls-ca may push): use one or the other"
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
             if let Some(path) = acl {
                 match shardcast::auth::load_acl(&path) {
                     Ok(a) => opts.acl = a,
@@ -501,6 +534,7 @@ fn main() -> ExitCode {
             init_logging(&cli.log_format, "warn");
             let mut opts = PushOptions::new(name, version, to);
             opts.key = key.clone();
+            opts.tls = tls.clone();
             opts.encrypt = cli.encrypt;
             opts.chunk_size = chunk_size;
             opts.mode = if mode == "async" { Mode::Async } else { Mode::Sync };
@@ -528,6 +562,7 @@ fn main() -> ExitCode {
             };
             let mut opts = PushOptions::new(plan.name.clone(), plan.version, plan.chain());
             opts.key = key.clone();
+            opts.tls = tls.clone();
             opts.encrypt = cli.encrypt;
             opts.transport = transport;
             opts.rdma = rdma.config();
@@ -537,7 +572,7 @@ fn main() -> ExitCode {
         }
         Cmd::Status { addr, json } => {
             init_logging(&cli.log_format, "warn");
-            match shardcast::server::status(&addr, Duration::from_secs(10), key.as_ref()) {
+            match shardcast::server::status(&addr, Duration::from_secs(10), key.as_ref(), tls.as_deref()) {
                 Ok(sets) => {
                     if json {
                         println!("{}", json!({ "node": addr, "sets": sets }));
@@ -601,6 +636,7 @@ fn main() -> ExitCode {
             init_logging(&cli.log_format, "warn");
             let mut push = PushOptions::new(name, 0, to);
             push.key = key.clone();
+            push.tls = tls.clone();
             push.encrypt = cli.encrypt;
             push.chunk_size = chunk_size;
             push.transport = transport;

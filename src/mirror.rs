@@ -128,7 +128,9 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
 /// The newest version of the shard set on the first replica (None when none, or unknown).
 fn newest_published(opts: &MirrorOptions) -> Option<u64> {
     let first = opts.push.to.first()?;
-    let sets = crate::server::status(first, opts.push.connect_timeout, opts.push.key.as_ref()).ok()?;
+    let sets =
+        crate::server::status(first, opts.push.connect_timeout, opts.push.key.as_ref(), opts.push.tls.as_deref())
+            .ok()?;
     sets.into_iter().find(|s| s.name == opts.push.name).and_then(|s| s.versions.into_iter().max())
 }
 

@@ -5,6 +5,7 @@ use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::ClusterKey;
@@ -61,8 +62,10 @@ pub struct PushOptions {
     /// The cluster key every hop authenticates with (None: no authentication).
     pub key: Option<ClusterKey>,
     /// Encrypt chunks on every hop (AES-256-GCM, per-hop keys from the authentication; needs
-    /// `key`, and means TCP on every hop).
+    /// `key` or `tls`, and means TCP on every hop).
     pub encrypt: bool,
+    /// Mutual TLS instead of the cluster key (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    pub tls: Option<Arc<crate::tls::TlsIdentity>>,
 }
 
 impl PushOptions {
@@ -87,6 +90,7 @@ impl PushOptions {
             min_replicas: None,
             key: None,
             encrypt: false,
+            tls: None,
         }
     }
 }
@@ -134,17 +138,19 @@ impl PushReport {
     }
 }
 
-/// Connects to `node` within `timeout` and, with a cluster key, authenticates both ways (the
-/// connection's session secret then comes back too).
+/// Connects to `node` within `timeout` and, with a cluster key or a TLS identity, authenticates
+/// both ways (the connection's session secret then comes back too).
 pub(crate) fn connect(
     node: &str,
     timeout: Duration,
     key: Option<&ClusterKey>,
+    tls: Option<&crate::tls::TlsIdentity>,
 ) -> Result<(TcpStream, Option<crate::crypt::SessionSecret>), NodeError> {
     let mut s = connect_plain(node, timeout)?;
-    let secret = match key {
-        Some(k) => Some(crate::auth::client(&mut s, node, k, timeout)?),
-        None => None,
+    let secret = match (tls, key) {
+        (Some(id), _) => Some(crate::tls::client(&mut s, node, id, timeout)?),
+        (None, Some(k)) => Some(crate::auth::client(&mut s, node, k, timeout)?),
+        (None, None) => None,
     };
     Ok((s, secret))
 }
@@ -421,9 +427,11 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
         return Err(PushError::BadInput("no replicas given (--to ADDR[,ADDR…])".into()));
     }
     opts.transport.resolve().map_err(PushError::Unsupported)?;
-    if opts.encrypt && opts.key.is_none() {
+    if opts.encrypt && opts.key.is_none() && opts.tls.is_none() {
         return Err(PushError::BadInput(
-            "--encrypt needs a cluster key (--key-file): each hop's key comes from its authentication".into(),
+            "--encrypt needs a cluster key (--key-file) or mutual TLS (--tls-cert, --tls-key, --tls-ca): each \
+             hop's key comes from its authentication"
+                .into(),
         ));
     }
     if opts.encrypt && opts.transport == Transport::Rdma {
@@ -465,7 +473,7 @@ fn run_push(
         .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
 
     let first = opts.to[0].clone();
-    let (mut stream, secret) = connect(&first, opts.connect_timeout, opts.key.as_ref())
+    let (mut stream, secret) = connect(&first, opts.connect_timeout, opts.key.as_ref(), opts.tls.as_deref())
         .map_err(|error| PushError::Node { node: first.clone(), error })?;
     let hello = Hello {
         name: opts.name.clone(),

@@ -56,6 +56,9 @@ pub struct ServeOptions {
     pub key: Option<crate::auth::ClusterKey>,
     /// Accept only pushes that encrypt their chunks (`serve --encrypt`).
     pub require_encrypt: bool,
+    /// Mutual TLS instead of the cluster key (`--tls-cert`, `--tls-key`, `--tls-ca`): every
+    /// connection must present a certificate from the CA.
+    pub tls: Option<Arc<crate::tls::TlsIdentity>>,
     /// Where every push and refusal is recorded (JSON lines).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Most bytes the pushes being received may add up to (0: no limit).
@@ -85,6 +88,7 @@ impl ServeOptions {
             metrics: None,
             key: None,
             require_encrypt: false,
+            tls: None,
             audit: None,
             max_staging: 0,
             acl: Vec::new(),
@@ -265,9 +269,33 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
             None
         }
     };
-    let Some(mut frame) = read(&mut conn) else { return };
     let mut key_id = None;
     let mut secret = None;
+    if let Some(tls) = &opts.tls {
+        // A peer speaking shardcast frames without TLS is told so in a frame it can read.
+        let mut first = [0u8; 4];
+        let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
+        if conn.peek(&mut first).is_ok_and(|n| n == 4) && first == wire::MAGIC {
+            let why = "this replica requires mutual TLS: connect with --tls-cert, --tls-key and --tls-ca".to_owned();
+            tracing::warn!(%peer, "refused: {why}");
+            audit_refusal(opts, peer, None, why.clone());
+            let _ = reject(&mut conn, me, NodeError::new(ErrorKind::Unauthorized, why));
+            return;
+        }
+        match crate::tls::server(&mut conn, tls, opts.handshake_timeout) {
+            Ok((id, s)) => {
+                tracing::debug!(%peer, cert = %id, "peer authenticated (mutual TLS)");
+                key_id = Some(id);
+                secret = Some(s);
+            }
+            Err(why) => {
+                tracing::warn!(%peer, "refused: {why}");
+                audit_refusal(opts, peer, None, why);
+                return;
+            }
+        }
+    }
+    let Some(mut frame) = read(&mut conn) else { return };
     // With a cluster key, nothing but a peer that proves it holds the key gets further.
     let unauthorized = |conn: &mut TcpStream, why: String| {
         tracing::warn!(%peer, "refused: {why}");
@@ -276,6 +304,10 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
     };
     let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
     match (keys.first(), frame.header.kind) {
+        _ if opts.tls.is_some() && frame.header.kind == Kind::Auth => {
+            return unauthorized(&mut conn, "this replica authenticates with mutual TLS, not a cluster key".into());
+        }
+        _ if opts.tls.is_some() => {}
         (Some(_), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, &keys, opts.handshake_timeout) {
             Ok((id, s)) => {
                 tracing::debug!(%peer, key = %id, "peer authenticated");
@@ -458,7 +490,7 @@ fn push_session(
     if let Some(next) = hello.downstream.first() {
         // On a refusal the reservation is dropped before answering, so that the caller can
         // retry the same version at once.
-        let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref()) {
+        let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref(), opts.tls.as_deref()) {
             Ok((_, None)) if encrypt => {
                 drop(staging);
                 let e = NodeError::new(
@@ -779,8 +811,9 @@ pub fn status(
     node: &str,
     timeout: Duration,
     key: Option<&crate::auth::ClusterKey>,
+    tls: Option<&crate::tls::TlsIdentity>,
 ) -> Result<Vec<wire::SetStatus>, NodeError> {
-    let (mut s, _) = connect(node, timeout, key)?;
+    let (mut s, _) = connect(node, timeout, key, tls)?;
     let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
     s.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
     wire::write_frame(&mut s, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;

@@ -168,6 +168,19 @@ typedef struct sc_server_opts {
    * Non-zero: accept only pushes that encrypt their chunks (`serve --encrypt`).
    */
   uint32_t require_encrypt;
+  /**
+   * Mutual TLS instead of a cluster key: this node's certificate chain, its key and the CA
+   * (PEM files; all three or none; NULL: no TLS).
+   */
+  const char *tls_cert;
+  /**
+   * See `tls_cert`.
+   */
+  const char *tls_key;
+  /**
+   * See `tls_cert`.
+   */
+  const char *tls_ca;
 } sc_server_opts;
 
 /**
@@ -230,9 +243,22 @@ typedef struct sc_push_opts {
    */
   const char *key_file;
   /**
-   * Non-zero: encrypt the chunks on every hop (AES-256-GCM; needs `key_file`; TCP hops).
+   * Non-zero: encrypt the chunks on every hop (AES-256-GCM; needs `key_file` or TLS; TCP hops).
    */
   uint32_t encrypt;
+  /**
+   * Mutual TLS instead of a cluster key: this node's certificate chain, its key and the CA
+   * (PEM files; all three or none; NULL: no TLS).
+   */
+  const char *tls_cert;
+  /**
+   * See `tls_cert`.
+   */
+  const char *tls_key;
+  /**
+   * See `tls_cert`.
+   */
+  const char *tls_ca;
 } sc_push_opts;
 
 /**

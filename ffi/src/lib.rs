@@ -190,6 +190,13 @@ pub struct ScServerOpts {
     pub key_file: *const c_char,
     /// Non-zero: accept only pushes that encrypt their chunks (`serve --encrypt`).
     pub require_encrypt: u32,
+    /// Mutual TLS instead of a cluster key: this node's certificate chain, its key and the CA
+    /// (PEM files; all three or none; NULL: no TLS).
+    pub tls_cert: *const c_char,
+    /// See `tls_cert`.
+    pub tls_key: *const c_char,
+    /// See `tls_cert`.
+    pub tls_ca: *const c_char,
 }
 
 /// A running replica server (opaque).
@@ -226,6 +233,11 @@ pub unsafe extern "C" fn sc_server_start(opts: *const ScServerOpts, out: *mut *m
         // SAFETY: NULL or NUL-terminated by the caller's contract.
         so.key = unsafe { key_arg(o.key_file) }?;
         so.require_encrypt = o.require_encrypt != 0;
+        // SAFETY: NULL or NUL-terminated by the caller's contract.
+        so.tls = unsafe { tls_arg(o.tls_cert, o.tls_key, o.tls_ca) }?;
+        if so.tls.is_some() && so.key.is_some() {
+            return Err(invalid("key_file and tls_cert are two ways to authenticate: give one of them"));
+        }
         let server = Server::bind(so).map_err(|e| (SC_ERR_IO, format!("cannot start the server: {e}")))?;
         let boxed = Box::new(ScServer { handle: server.spawn() });
         // SAFETY: out is writable.
@@ -303,8 +315,15 @@ pub struct ScPushOpts {
     pub no_repair: u32,
     /// The cluster key file to authenticate with (NULL: no authentication).
     pub key_file: *const c_char,
-    /// Non-zero: encrypt the chunks on every hop (AES-256-GCM; needs `key_file`; TCP hops).
+    /// Non-zero: encrypt the chunks on every hop (AES-256-GCM; needs `key_file` or TLS; TCP hops).
     pub encrypt: u32,
+    /// Mutual TLS instead of a cluster key: this node's certificate chain, its key and the CA
+    /// (PEM files; all three or none; NULL: no TLS).
+    pub tls_cert: *const c_char,
+    /// See `tls_cert`.
+    pub tls_key: *const c_char,
+    /// See `tls_cert`.
+    pub tls_ca: *const c_char,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -519,7 +538,39 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
     // SAFETY: NULL or NUL-terminated by the caller's contract.
     po.key = unsafe { key_arg(o.key_file) }?;
     po.encrypt = o.encrypt != 0;
+    // SAFETY: NULL or NUL-terminated by the caller's contract.
+    po.tls = unsafe { tls_arg(o.tls_cert, o.tls_key, o.tls_ca) }?;
+    if po.tls.is_some() && po.key.is_some() {
+        return Err(invalid("key_file and tls_cert are two ways to authenticate: give one of them"));
+    }
     Ok(())
+}
+
+/// A TLS identity from its three file arguments (all NULL: none).
+///
+/// # Safety
+/// Each pointer is NULL or a NUL-terminated string.
+unsafe fn tls_arg(
+    cert: *const c_char,
+    key: *const c_char,
+    ca: *const c_char,
+) -> Result<Option<std::sync::Arc<shardcast::tls::TlsIdentity>>, (i32, String)> {
+    match (cert.is_null(), key.is_null(), ca.is_null()) {
+        (true, true, true) => Ok(None),
+        (false, false, false) => {
+            // SAFETY: the caller's contract.
+            let (cert, key, ca) =
+                unsafe { (str_arg(cert, "tls_cert")?, str_arg(key, "tls_key")?, str_arg(ca, "tls_ca")?) };
+            shardcast::tls::TlsIdentity::load(
+                PathBuf::from(cert).as_path(),
+                PathBuf::from(key).as_path(),
+                PathBuf::from(ca).as_path(),
+            )
+            .map(|id| Some(std::sync::Arc::new(id)))
+            .map_err(invalid)
+        }
+        _ => Err(invalid("tls_cert, tls_key and tls_ca go together: give all three or none")),
+    }
 }
 
 /// The cluster key from a key file argument (NULL: none).

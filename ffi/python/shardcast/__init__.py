@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._native import lib
@@ -241,6 +241,7 @@ def push_async(
     repair: bool = True,
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
+    tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -256,7 +257,8 @@ def push_async(
     ``min_replicas``: how many must publish for success (0: all; the first in async mode).
     ``repair``: go on around a replica that dies mid-push (the others resume). ``key_file``:
     the cluster key every hop authenticates with (see ``shardcast --key-file``). ``encrypt``:
-    encrypt the chunks on every hop (AES-256-GCM; needs ``key_file``)."""
+    encrypt the chunks on every hop (AES-256-GCM; needs ``key_file`` or ``tls``). ``tls``:
+    ``(cert, key, ca)`` PEM files for mutual TLS instead of a cluster key."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if isinstance(to, str):
@@ -276,6 +278,7 @@ def push_async(
         0 if repair else 1,
         os.fsencode(key_file) if key_file is not None else None,
         int(bool(encrypt)),
+        *_tls_args(tls),
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -323,6 +326,7 @@ def push(
     repair: bool = True,
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
+    tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -343,8 +347,17 @@ def push(
         repair=repair,
         key_file=key_file,
         encrypt=encrypt,
+        tls=tls,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
+
+
+def _tls_args(tls: Optional[Tuple[PathLike, PathLike, PathLike]]) -> Tuple[Optional[bytes], ...]:
+    if tls is None:
+        return (None, None, None)
+    if len(tls) != 3:
+        raise ValueError("tls: (cert, key, ca), three PEM files")
+    return tuple(os.fsencode(p) for p in tls)
 
 
 def _finish(h: PushHandle, timeout: Optional[float], what: str) -> PushReport:
@@ -386,6 +399,7 @@ def stage_async(
     keep: int = 0,
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
+    tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
 ) -> PushHandle:
     """Starts staging an epoch's shards and returns at once (use the handle like a push's).
 
@@ -412,6 +426,7 @@ def stage_async(
         0,
         os.fsencode(key_file) if key_file is not None else None,
         int(bool(encrypt)),
+        *_tls_args(tls),
     )
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
@@ -436,10 +451,11 @@ def stage(
     keep: int = 0,
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
+    tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""
-    with stage_async(plan, transport=transport, keep=keep, key_file=key_file, encrypt=encrypt) as h:
+    with stage_async(plan, transport=transport, keep=keep, key_file=key_file, encrypt=encrypt, tls=tls) as h:
         return _finish(h, timeout, "staging")
 
 
@@ -473,11 +489,13 @@ def serve(
     pool_mb: int = 0,
     key_file: Optional[PathLike] = None,
     require_encrypt: bool = False,
+    tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
 ) -> Server:
     """Starts a replica server in this process, listening on ``listen`` ("127.0.0.1:0" picks a
     free port; see :attr:`Server.addr`) and publishing under ``root``. With ``key_file`` every
-    peer must prove it holds the cluster key; with ``require_encrypt`` only pushes that encrypt
-    their chunks are accepted."""
+    peer must prove it holds the cluster key; with ``tls=(cert, key, ca)`` every peer must present
+    a certificate from the CA instead; with ``require_encrypt`` only pushes that encrypt their
+    chunks are accepted."""
     opts = _native.ServerOpts(
         listen.encode(),
         os.fsencode(root),
@@ -486,6 +504,7 @@ def serve(
         0,
         os.fsencode(key_file) if key_file is not None else None,
         int(bool(require_encrypt)),
+        *_tls_args(tls),
     )
     h = ctypes.c_void_p()
     rc = lib.sc_server_start(ctypes.byref(opts), ctypes.byref(h))

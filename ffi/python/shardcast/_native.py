@@ -14,6 +14,9 @@ class ServerOpts(ctypes.Structure):
         ("idle_timeout_s", ctypes.c_uint32),
         ("key_file", ctypes.c_char_p),
         ("require_encrypt", ctypes.c_uint32),
+        ("tls_cert", ctypes.c_char_p),
+        ("tls_key", ctypes.c_char_p),
+        ("tls_ca", ctypes.c_char_p),
     ]
 
 
@@ -33,6 +36,9 @@ class PushOpts(ctypes.Structure):
         ("no_repair", ctypes.c_uint32),
         ("key_file", ctypes.c_char_p),
         ("encrypt", ctypes.c_uint32),
+        ("tls_cert", ctypes.c_char_p),
+        ("tls_key", ctypes.c_char_p),
+        ("tls_ca", ctypes.c_char_p),
     ]
 
 
