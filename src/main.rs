@@ -127,6 +127,10 @@ enum Cmd {
         /// Most concurrent sessions.
         #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_MAX_SESSIONS")]
         max_sessions: usize,
+        /// Most concurrent connections from one peer address (a peer that opens connections
+        /// and sends nothing cannot take every session).
+        #[arg(long, default_value_t = 16, env = "SHARDCAST_SERVE_MAX_SESSIONS_PER_PEER")]
+        max_sessions_per_peer: usize,
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9471).
         #[arg(long, env = "SHARDCAST_SERVE_METRICS")]
         metrics: Option<String>,
@@ -429,6 +433,7 @@ fn main() -> ExitCode {
             idle_timeout,
             hop_timeout,
             max_sessions,
+            max_sessions_per_peer,
             metrics,
             audit_log,
             max_staging_mb,
@@ -472,6 +477,7 @@ fn main() -> ExitCode {
             opts.idle_timeout = Duration::from_secs(idle_timeout.max(1));
             opts.hop_timeout = Duration::from_secs(hop_timeout.max(1));
             opts.max_sessions = max_sessions.max(1);
+            opts.max_per_peer = max_sessions_per_peer.max(1);
             if let Some(addr) = metrics {
                 let m = std::sync::Arc::new(shardcast::metrics::Metrics::new());
                 match shardcast::metrics::serve(&addr, std::sync::Arc::clone(&m)) {

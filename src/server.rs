@@ -44,6 +44,9 @@ pub struct ServeOptions {
     pub handshake_timeout: Duration,
     /// Most sessions at once; more are refused.
     pub max_sessions: usize,
+    /// Most concurrent connections from one peer address (so that one peer that opens
+    /// connections and sends nothing cannot take every session).
+    pub max_per_peer: usize,
     /// Verify chunk digests on arrival (turned off only to measure what verifying costs).
     pub verify: bool,
     /// Cut-through piece size for relaying (0: forward whole chunks); see `SessionConfig`.
@@ -82,6 +85,7 @@ impl ServeOptions {
             hop_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 64,
+            max_per_peer: 16,
             verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
             piece_bytes: crate::chain::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
@@ -170,6 +174,7 @@ impl Server {
 
     fn run_until(self, stop: &AtomicBool) {
         let active = Arc::new(AtomicUsize::new(0));
+        let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
         let opts = Arc::new(self.opts);
         // One idle pool is kept for the next push (see `PoolCache`).
         let pools = Arc::new(PoolCache::new(1));
@@ -198,11 +203,27 @@ impl Server {
                 let _ = wire::write_frame(&mut conn, Kind::Reject, 0, &wire::encode_reports(&reports));
                 continue;
             }
+            let ip = conn.peer_addr().map(|a| a.ip()).ok();
+            let peer_guard = match ip.map(|ip| PeerGuard::new(&per_peer, ip, opts.max_per_peer)) {
+                Some(Err(n)) => {
+                    tracing::warn!(%peer, "refused: {n} connections from this address already open");
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                    let busy = NodeError::new(
+                        ErrorKind::Busy,
+                        format!("replica busy: {n} connections from your address already open; retry later"),
+                    );
+                    let reports = [ReplicaReport::failed(self.addr.to_string(), busy)];
+                    let _ = wire::write_frame(&mut conn, Kind::Reject, 0, &wire::encode_reports(&reports));
+                    continue;
+                }
+                Some(Ok(g)) => Some(g),
+                None => None,
+            };
             let guard = ActiveGuard::new(&active);
             let (store, opts, pools, me) =
                 (Arc::clone(&self.store), Arc::clone(&opts), Arc::clone(&pools), self.addr.to_string());
             let spawned = std::thread::Builder::new().name("shardcast-session".into()).spawn(move || {
-                let _guard = guard;
+                let _guard = (guard, peer_guard);
                 handle(conn, &peer, &me, &store, &pools, &opts);
             });
             if let Err(e) = spawned {
@@ -225,6 +246,41 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts a peer address's open connections; the count drops with the guard.
+struct PeerGuard {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerGuard {
+    /// A guard for one more connection from `ip`, or the count already open when it is `max`.
+    fn new(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Result<Self, usize> {
+        let mut m = map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(Self { map: Arc::clone(map), ip })
+    }
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -224,6 +224,60 @@ fn stalled_connections_do_not_block_pushes() {
     assert_still_serving(&mut c, "stalled connections closed");
 }
 
+/// A TCP connection to `dst` from the local address `src` (another loopback address stands in
+/// for another host).
+fn connect_from(src: std::net::Ipv4Addr, dst: &str) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let dst: std::net::SocketAddrV4 = dst.parse().expect("an IPv4 address");
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns, with sockaddr_in values
+    // that live across each call; the descriptor goes to a TcpStream, which closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        let a = sockaddr(src, 0);
+        assert_eq!(libc::bind(fd, (&raw const a).cast(), len), 0, "bind {src}: {}", std::io::Error::last_os_error());
+        let d = sockaddr(*dst.ip(), dst.port());
+        assert_eq!(libc::connect(fd, (&raw const d).cast(), len), 0, "connect: {}", std::io::Error::last_os_error());
+        s
+    }
+}
+
+/// One peer opening connections and sending nothing takes at most its own share of sessions:
+/// pushes from elsewhere go on, and the connections over its share are told why.
+#[test]
+fn one_silent_peer_cannot_take_every_session() {
+    let mut c = Cluster::builder()
+        .serve_arg("--max-sessions")
+        .serve_arg("8")
+        .serve_arg("--max-sessions-per-peer")
+        .serve_arg("4")
+        .start(1);
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut silent: Vec<TcpStream> = (0..12).map(|_| connect_from(other, &c.addr(0))).collect();
+    // Without the per-peer cap, these 12 would hold all 8 sessions and the push below would be
+    // refused as busy; with it, connections 5 to 12 are refused at once.
+    let mut refused = 0;
+    for s in &mut silent[4..] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let f = shardcast::wire::read_frame(s).expect("a REJECT for a connection over the cap");
+        assert_eq!(f.header.kind as u8, REJECT);
+        let text = format!("{:?}", shardcast::wire::decode_reports(&f.payload).unwrap());
+        assert!(text.contains("from your address") && text.contains("Busy"), "{text}");
+        refused += 1;
+    }
+    assert_eq!(refused, 8);
+    assert_still_serving(&mut c, "a silent peer holding its share of sessions");
+    assert!(c.logs().contains("connections from this address already open"), "{}", c.logs());
+}
+
 /// Many hostile connections at once.
 #[test]
 fn many_garbage_connections_in_parallel() {
