@@ -292,6 +292,10 @@ pub struct Session<'a> {
     /// so one buffer does; it is not touched while a send from it is in flight).
     seal: Option<crate::crypt::Sealer>,
     seal_buf: Box<[u8]>,
+    /// Authenticated connections: the session secrets of the hop upstream (RESULT sent there
+    /// carries a MAC) and downstream (RESULT from there must carry one).
+    up_secret: Option<crate::crypt::SessionSecret>,
+    dn_secret: Option<crate::crypt::SessionSecret>,
     /// The header of the chunk being received, as it came (an encrypted chunk's associated
     /// data; the test fault may change the slot's copy).
     up_header: [u8; HEADER_LEN],
@@ -391,6 +395,8 @@ impl<'a> Session<'a> {
             seal: None,
             seal_buf: Box::default(),
             up_header: [0; HEADER_LEN],
+            up_secret: None,
+            dn_secret: None,
         }
     }
 
@@ -417,6 +423,18 @@ impl<'a> Session<'a> {
         }
         self.open = open;
         self.seal = seal;
+        self
+    }
+
+    /// Authenticated hops: the RESULT this node sends upstream carries a MAC under `up`, and the
+    /// one from downstream must carry one under `dn` (see `crypt::seal_frame`).
+    pub fn with_macs(
+        mut self,
+        up: Option<crate::crypt::SessionSecret>,
+        dn: Option<crate::crypt::SessionSecret>,
+    ) -> Self {
+        self.up_secret = up;
+        self.dn_secret = dn;
         self
     }
 
@@ -1121,7 +1139,11 @@ impl<'a> Session<'a> {
                 self.up_ack_sent = through;
                 (UpItem::Ack, Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec())
             } else if let Some(reports) = self.up_result.take() {
-                let payload = wire::encode_reports(&reports);
+                let payload = crate::crypt::seal_frame(
+                    self.up_secret.as_ref(),
+                    crate::crypt::LABEL_RESULT,
+                    wire::encode_reports(&reports),
+                );
                 let h = Header { kind: Kind::Result, len: payload.len() as u32, seq: 0, digest: 0 };
                 let mut b = h.to_bytes().to_vec();
                 b.extend_from_slice(&payload);
@@ -1585,7 +1607,16 @@ impl<'a> Session<'a> {
                 self.dn_recv = DnRecv::Done;
                 // SAFETY: the payload receive has completed.
                 let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
-                match wire::decode_reports(&bytes[HEADER_LEN..]) {
+                let Ok(body) =
+                    crate::crypt::open_frame(self.dn_secret.as_ref(), crate::crypt::LABEL_RESULT, &bytes[HEADER_LEN..])
+                else {
+                    let error = NodeError::new(
+                        ErrorKind::Unauthorized,
+                        format!("the result from {name} does not authenticate: changed in transit, or not from {name}"),
+                    );
+                    return self.downstream_settled(Event::DownstreamLost { error });
+                };
+                match wire::decode_reports(body) {
                     Ok(reports) => self.downstream_settled(Event::DownstreamResult { reports }),
                     Err(e) => self.downstream_settled(lost(format!("{name} sent a bad result: {e}"))),
                 }

@@ -30,13 +30,54 @@ impl std::fmt::Debug for SessionSecret {
     }
 }
 
+/// The MAC label of HELLO.
+pub const LABEL_HELLO: &[u8] = b"shardcast hello";
+/// The MAC label of RESULT.
+pub const LABEL_RESULT: &[u8] = b"shardcast result";
+
+/// Bytes a control frame's MAC adds to its payload on an authenticated connection.
+pub const MAC_LEN: usize = 32;
+
 impl SessionSecret {
+    fn mac_key(&self) -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, &self.0)
+    }
+
     fn chunk_key(&self) -> LessSafeKey {
         let tag =
             hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &self.0), b"shardcast v4 chunks, upstream to downstream");
         let key = UnboundKey::new(&AES_256_GCM, tag.as_ref()).expect("a 32-byte key is valid for AES-256-GCM");
         LessSafeKey::new(key)
     }
+}
+
+/// On an authenticated connection, the control frames whose content matters (HELLO: what is
+/// written where; RESULT: what was published) carry an HMAC of their payload under the
+/// connection's session secret, after it: appends it when there is a secret.
+pub fn seal_frame(secret: Option<&SessionSecret>, label: &[u8], mut payload: Vec<u8>) -> Vec<u8> {
+    if let Some(s) = secret {
+        let mut ctx = hmac::Context::with_key(&s.mac_key());
+        ctx.update(label);
+        ctx.update(&payload);
+        payload.extend_from_slice(ctx.sign().as_ref());
+    }
+    payload
+}
+
+/// Checks and strips the MAC [`seal_frame`] added (when there is a secret).
+pub fn open_frame<'a>(
+    secret: Option<&SessionSecret>,
+    label: &[u8],
+    payload: &'a [u8],
+) -> Result<&'a [u8], Unauthentic> {
+    let Some(s) = secret else { return Ok(payload) };
+    let body_len = payload.len().checked_sub(MAC_LEN).ok_or(Unauthentic)?;
+    let (body, tag) = payload.split_at(body_len);
+    let mut msg = Vec::with_capacity(label.len() + body.len());
+    msg.extend_from_slice(label);
+    msg.extend_from_slice(body);
+    hmac::verify(&s.mac_key(), &msg, tag).map_err(|_| Unauthentic)?;
+    Ok(body)
 }
 
 fn nonce(counter: u64) -> Nonce {
@@ -127,6 +168,21 @@ mod tests {
         let (h, p) = f.split_at_mut(40);
         rx.open(h, p)?;
         Ok(f)
+    }
+
+    #[test]
+    fn control_frames_open_only_unchanged_under_their_label_and_secret() {
+        let (s, other) = (SessionSecret([1; 32]), SessionSecret([2; 32]));
+        let sealed = seal_frame(Some(&s), b"hello", b"payload".to_vec());
+        assert_eq!(sealed.len(), 7 + MAC_LEN);
+        assert_eq!(open_frame(Some(&s), b"hello", &sealed), Ok(&b"payload"[..]));
+        assert!(open_frame(Some(&s), b"result", &sealed).is_err(), "another label");
+        assert!(open_frame(Some(&other), b"hello", &sealed).is_err(), "another secret");
+        let mut changed = sealed.clone();
+        changed[0] ^= 1;
+        assert!(open_frame(Some(&s), b"hello", &changed).is_err(), "a changed byte");
+        assert!(open_frame(Some(&s), b"hello", &sealed[..10]).is_err(), "cut short");
+        assert_eq!(seal_frame(None, b"hello", b"x".to_vec()), b"x", "no secret, no MAC");
     }
 
     #[test]

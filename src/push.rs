@@ -180,6 +180,7 @@ pub(crate) fn handshake(
     stream: &mut TcpStream,
     hello: &Hello,
     timeout: Duration,
+    secret: Option<&crate::crypt::SessionSecret>,
 ) -> Result<Vec<u8>, Vec<ReplicaReport>> {
     let node = hello.you.clone();
     let lost = |e: &dyn std::fmt::Display| {
@@ -189,7 +190,8 @@ pub(crate) fn handshake(
         )]
     };
     stream.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
-    wire::write_frame(stream, Kind::Hello, 0, &hello.encode()).map_err(|e| lost(&e))?;
+    let payload = crate::crypt::seal_frame(secret, crate::crypt::LABEL_HELLO, hello.encode());
+    wire::write_frame(stream, Kind::Hello, 0, &payload).map_err(|e| lost(&e))?;
     let frame = wire::read_frame(stream).map_err(|e| match e {
         wire::ReadFrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
             vec![ReplicaReport::failed(
@@ -493,7 +495,7 @@ fn run_push(
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
     let chain_timeout = opts.connect_timeout * (opts.to.len() as u32 + 1);
-    let accept = match handshake(&mut stream, &hello, chain_timeout) {
+    let accept = match handshake(&mut stream, &hello, chain_timeout, secret.as_ref()) {
         Ok(payload) => payload,
         Err(reports) => {
             let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
@@ -560,7 +562,8 @@ fn run_push(
         Some(r) => session.with_route(r, None),
         None => session,
     }
-    .with_crypt(None, sealer);
+    .with_crypt(None, sealer)
+    .with_macs(None, secret);
     tracing::debug!(
         io = session.io_name(),
         pinned = session.pool_locked(),

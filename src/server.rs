@@ -401,7 +401,14 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
             }
         }
         Kind::Hello => {
-            let hello = match Hello::decode(&frame.payload) {
+            let Ok(payload) = crate::crypt::open_frame(secret.as_ref(), crate::crypt::LABEL_HELLO, &frame.payload)
+            else {
+                return unauthorized(
+                    &mut conn,
+                    "HELLO does not authenticate under this connection's key: changed in transit".into(),
+                );
+            };
+            let hello = match Hello::decode(payload) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(%peer, "refused HELLO: {e}");
@@ -578,7 +585,7 @@ fn push_session(
             ..hello.clone()
         };
         let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
-        match handshake(&mut stream, &onward, timeout) {
+        match handshake(&mut stream, &onward, timeout, down_secret.as_ref()) {
             Ok(payload) if !routed => drop(payload),
             Ok(payload) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
                 Ok(h) if h.len() == hello.downstream.len() => haves.extend(h),
@@ -617,7 +624,12 @@ fn push_session(
                     .chain(hello.downstream.iter().map(String::as_str))
                     .map(|n| ReplicaReport::failed(n, e.to_node_error()))
                     .collect::<Vec<_>>();
-                let _ = wire::write_frame(&mut conn, Kind::Result, 0, &wire::encode_reports(&reports));
+                let payload = crate::crypt::seal_frame(
+                    up_secret.as_ref(),
+                    crate::crypt::LABEL_RESULT,
+                    wire::encode_reports(&reports),
+                );
+                let _ = wire::write_frame(&mut conn, Kind::Result, 0, &payload);
                 return;
             }
         }
@@ -647,7 +659,9 @@ fn push_session(
                 ReplicaReport::failed(n, NodeError::new(ErrorKind::Aborted, format!("push aborted: {node} failed")))
             });
         }
-        let _ = wire::write_frame(conn, Kind::Result, 0, &wire::encode_reports(&reports));
+        let payload =
+            crate::crypt::seal_frame(up_secret.as_ref(), crate::crypt::LABEL_RESULT, wire::encode_reports(&reports));
+        let _ = wire::write_frame(conn, Kind::Result, 0, &payload);
     };
     let mut pool = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
         Ok(pool) => pool,
@@ -719,7 +733,8 @@ fn push_session(
         )
     } else {
         session
-    };
+    }
+    .with_macs(up_secret.clone(), down_secret.clone());
     let session = match &opts.metrics {
         Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
             m,

@@ -24,9 +24,18 @@ fn key_file(dir: &Path) -> PathBuf {
     p
 }
 
+/// How a proxy alters the first connection it forwards.
+#[derive(Clone, Copy)]
+enum Tamper {
+    None,
+    /// Flip the byte at this offset of the stream towards the target.
+    Forward(usize),
+    /// Flip a payload byte of the first frame of this kind coming back from the target.
+    BackFrame(u8),
+}
+
 /// A TCP proxy in front of `target`: every connection it accepts is forwarded both ways, and
-/// what flows towards `target` is recorded. With `flip_at`, the byte at that offset of the
-/// first connection's forward stream is changed on its way.
+/// what flows towards `target` is recorded; the first connection is altered as `tamper` says.
 struct Proxy {
     addr: String,
     seen: Arc<Mutex<Vec<u8>>>,
@@ -34,7 +43,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(target: String, flip_at: Option<usize>) -> Proxy {
+    fn start(target: String, tamper: Tamper) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -44,12 +53,12 @@ impl Proxy {
             for client in l.incoming() {
                 let Ok(client) = client else { return };
                 let Ok(server) = TcpStream::connect(&target) else { return };
-                let flip = if first { flip_at } else { None };
+                let t = if first { tamper } else { Tamper::None };
                 first = false;
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let rec = rec.clone();
-                std::thread::spawn(move || pipe(client, server, Some((rec, flip))));
-                std::thread::spawn(move || pipe(s2, c2, None));
+                std::thread::spawn(move || pipe(client, server, Some(rec), t));
+                std::thread::spawn(move || pipe(s2, c2, None, t));
             }
         });
         Proxy { addr, seen, _accept: accept }
@@ -60,23 +69,30 @@ impl Proxy {
     }
 }
 
-/// Where a pipe records what passes, and the offset of the byte it alters (if any).
-type Recording = Option<(Arc<Mutex<Vec<u8>>>, Option<usize>)>;
-
-fn pipe(mut from: TcpStream, mut to: TcpStream, record: Recording) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, record: Option<Arc<Mutex<Vec<u8>>>>, tamper: Tamper) {
     let mut buf = vec![0u8; 64 << 10];
     let mut at = 0usize;
+    let mut done = false;
+    let v = shardcast::wire::PROTO_VERSION.to_le_bytes();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some((rec, flip)) = &record {
-            if let Some(f) = *flip
-                && (at..at + n).contains(&f)
-            {
-                buf[f - at] ^= 0x20;
+        match (tamper, &record) {
+            (Tamper::Forward(f), Some(_)) if (at..at + n).contains(&f) => buf[f - at] ^= 0x20,
+            (Tamper::BackFrame(kind), None) if !done => {
+                let pat = [b'S', b'H', b'C', b'S', v[0], v[1], kind];
+                if let Some(i) = buf[..n].windows(pat.len()).position(|w| w == pat)
+                    && i + 42 < n
+                {
+                    buf[i + 42] ^= 0x20;
+                    done = true;
+                }
             }
+            _ => {}
+        }
+        if let Some(rec) = &record {
             rec.lock().unwrap().extend_from_slice(&buf[..n]);
         }
         at += n;
@@ -101,8 +117,8 @@ fn windows_seen(src: &[u8], wire: &[u8]) -> usize {
 
 /// Two keyed replicas with a recording proxy in front of each: the chain is proxy0, proxy1,
 /// so both hops (primary to r0, r0 to r1) pass a proxy.
-fn proxied(c: &Cluster, flip_first_hop_at: Option<usize>) -> (Proxy, Proxy) {
-    (Proxy::start(c.addr(0), flip_first_hop_at), Proxy::start(c.addr(1), None))
+fn proxied(c: &Cluster, first_hop: Tamper) -> (Proxy, Proxy) {
+    (Proxy::start(c.addr(0), first_hop), Proxy::start(c.addr(1), Tamper::None))
 }
 
 #[test]
@@ -116,14 +132,14 @@ fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
     let data = std::fs::read(src.join("a.bin")).unwrap();
 
     // The control: a plain push through the same proxies shows the bytes on both hops.
-    let (p0, p1) = proxied(&c, None);
+    let (p0, p1) = proxied(&c, Tamper::None);
     let to = format!("{},{}", p0.addr, p1.addr);
     let out = run(&mut c.push_cmd(&to, &src, "plain", 1, &["--chunk-size", "1MiB", "--json"]));
     c.assert_push_ok(&out);
     assert!(windows_seen(&data, &p0.seen()) > 60, "the proxy did not see a plain push's bytes");
     assert!(windows_seen(&data, &p1.seen()) > 60, "the second hop's proxy did not see them");
 
-    let (p0, p1) = proxied(&c, None);
+    let (p0, p1) = proxied(&c, Tamper::None);
     let to = format!("{},{}", p0.addr, p1.addr);
     let out = run(&mut c.push_cmd(&to, &src, "secret", 1, &["--chunk-size", "1MiB", "--encrypt", "--json"]));
     c.assert_push_ok(&out);
@@ -148,7 +164,7 @@ fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 4 << 20, 3);
     // 2.5 MiB into the first hop's stream: inside the third chunk's ciphertext.
-    let (p0, p1) = proxied(&c, Some((5 << 20) / 2));
+    let (p0, p1) = proxied(&c, Tamper::Forward((5 << 20) / 2));
     let to = format!("{},{}", p0.addr, p1.addr);
     let out = run(&mut c.push_cmd(&to, &src, "tampered", 1, &["--chunk-size", "1MiB", "--encrypt", "--json"]));
     // Exit 3: some replicas published, not all.
@@ -164,6 +180,33 @@ fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
     let out = run(&mut c.push_cmd(&to, &src, "tampered", 2, &["--chunk-size", "1MiB", "--encrypt", "--json"]));
     c.assert_push_ok(&out);
     c.assert_published(&src, "tampered", 2);
+}
+
+/// With a cluster key (no --encrypt), the HELLO (what is written where) and the RESULT (what was
+/// published) carry a MAC: altered in transit, they are refused, never acted on.
+#[test]
+fn altered_hello_or_result_frames_are_refused() {
+    let t = tempdir();
+    let key = key_file(t.path());
+    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let src = t.path().join("src");
+    write_random_file(&src.join("a.bin"), 2 << 20, 5);
+
+    // A byte of the HELLO's payload (after the two AUTH frames: 93 and 73 bytes, and HELLO's
+    // 40-byte header) changed on the first hop.
+    let (p0, p1) = proxied(&c, Tamper::Forward(93 + 73 + 40 + 20));
+    let to = format!("{},{}", p0.addr, p1.addr);
+    let out = run(&mut c.push_cmd(&to, &src, "h", 1, &["--json"]));
+    assert_eq!(code(&out), 1, "{}\n{}", show_output(&out), c.logs());
+    assert!(all_output(&out).contains("HELLO does not authenticate"), "{}\n{}", show_output(&out), c.logs());
+    assert!(!c.root(0).join("h").exists() && !c.root(1).join("h").exists());
+
+    // A byte of the RESULT coming back to the primary changed: the primary does not believe it.
+    let (p0, p1) = proxied(&c, Tamper::BackFrame(7));
+    let to = format!("{},{}", p0.addr, p1.addr);
+    let out = run(&mut c.push_cmd(&to, &src, "r", 1, &["--json", "--no-repair"]));
+    assert_ne!(code(&out), 0, "{}\n{}", show_output(&out), c.logs());
+    assert!(all_output(&out).contains("does not authenticate"), "{}", show_output(&out));
 }
 
 #[test]
