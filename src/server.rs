@@ -466,8 +466,9 @@ fn push_session(
     if encrypt && up_secret.is_none() {
         let e = NodeError::new(
             ErrorKind::Unsupported,
-            "the push asks for encryption (--encrypt), but this replica has no cluster key to derive a key \
-             from: start it with --key-file",
+            "the push asks for encryption (--encrypt), but the connection to this replica is not \
+             authenticated, so there is no key to derive: start it with --key-file (or --tls-cert, --tls-key \
+             and --tls-ca)",
         );
         let _ = audit.reject(&mut conn, &me, e);
         return;
@@ -559,7 +560,8 @@ fn push_session(
                 let e = NodeError::new(
                     ErrorKind::Unsupported,
                     format!(
-                        "the push asks for encryption, but this replica has no cluster key of its own to reach {next} with (--key-file)"
+                        "the push asks for encryption, but this replica reaches {next} unauthenticated: start it with \
+                         --key-file (or --tls-cert, --tls-key and --tls-ca)"
                     ),
                 );
                 let _ = audit.reject(&mut conn, &me, e);
