@@ -10,6 +10,7 @@
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +92,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait()
+        # The source and the replica's copies live on tmpfs (memory): never leave them behind.
+        shutil.rmtree(work, ignore_errors=True)
 
     fm, bm = statistics.median(times["file"]), statistics.median(times["buffer"])
     print()
