@@ -48,7 +48,7 @@ struct Cli {
     #[arg(long, global = true, env = "SHARDCAST_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// Encrypt the chunks on every hop (AES-256-GCM, each hop with its own key derived from its
-    /// authentication; needs --key-file, and means TCP on every hop). On `serve`: accept only
+    /// authentication; needs --key-file or --tls-cert, and means TCP on every hop). On `serve`: accept only
     /// pushes that encrypt.
     #[arg(long, global = true, env = "SHARDCAST_ENCRYPT")]
     encrypt: bool,
