@@ -156,6 +156,39 @@ fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
     }
 }
 
+/// A routed push under encryption: the relay holds most of the new version already (it copies
+/// those chunks locally), and still relays every chunk to the replica after it, which has
+/// nothing: sealed again on the second hop, exact on both.
+#[test]
+fn an_encrypted_incremental_push_relays_chunks_the_relay_does_not_store() {
+    let t = tempdir();
+    let key = key_file(t.path());
+    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), (6 << 20) + 3, 6);
+    let out = run(&mut c.push_cmd(&c.addr(0), &src, "inc", 1, &["--chunk-size", "1MiB"]));
+    c.assert_push_ok(&out);
+    // Change one chunk in the middle.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(src.join("w.bin")).unwrap();
+        f.write_all_at(&[0xA5; 4096], (3 << 20) + 17).unwrap();
+    }
+    let data = std::fs::read(src.join("w.bin")).unwrap();
+    let (p0, p1) = proxied(&c, Tamper::None);
+    let to = format!("{},{}", p0.addr, p1.addr);
+    let extra = ["--chunk-size", "1MiB", "--incremental", "--encrypt", "--json"];
+    let out = run(&mut c.push_cmd(&to, &src, "inc", 2, &extra));
+    c.assert_push_ok(&out);
+    c.assert_published(&src, "inc", 2);
+    // Every chunk crossed both hops (the second replica had nothing), none in clear.
+    for (hop, p) in [("primary to r0", &p0), ("r0 to r1", &p1)] {
+        let wire = p.seen();
+        assert!(wire.len() as u64 > 6 << 20, "{hop}: only {} bytes passed", wire.len());
+        assert_eq!(windows_seen(&data, &wire), 0, "{hop}: source bytes in clear on the wire");
+    }
+}
+
 #[test]
 fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
     let t = tempdir();
