@@ -115,6 +115,15 @@ fn windows_seen(src: &[u8], wire: &[u8]) -> usize {
         .count()
 }
 
+/// Both hops carried more than 6 MiB, and none of it shows `data` in clear.
+fn assert_sealed_on_both_hops(data: &[u8], p0: &Proxy, p1: &Proxy) {
+    for (hop, p) in [("primary to r0", p0), ("r0 to r1", p1)] {
+        let wire = p.seen();
+        assert!(wire.len() as u64 > 6 << 20, "{hop}: only {} bytes passed", wire.len());
+        assert_eq!(windows_seen(data, &wire), 0, "{hop}: source bytes in clear on the wire");
+    }
+}
+
 /// Two keyed replicas with a recording proxy in front of each: the chain is proxy0, proxy1,
 /// so both hops (primary to r0, r0 to r1) pass a proxy.
 fn proxied(c: &Cluster, first_hop: Tamper) -> (Proxy, Proxy) {
@@ -144,11 +153,7 @@ fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
     let out = run(&mut c.push_cmd(&to, &src, "secret", 1, &["--chunk-size", "1MiB", "--encrypt", "--json"]));
     c.assert_push_ok(&out);
     c.assert_published(&src, "secret", 1);
-    for (hop, p) in [("primary to r0", &p0), ("r0 to r1", &p1)] {
-        let wire = p.seen();
-        assert!(wire.len() as u64 > 6 << 20, "{hop}: only {} bytes passed", wire.len());
-        assert_eq!(windows_seen(&data, &wire), 0, "{hop}: source bytes in clear on the wire");
-    }
+    assert_sealed_on_both_hops(&data, &p0, &p1);
     // Every replica verifies what it published.
     for i in 0..2 {
         let v = c.verify(i, "secret", &[]);
@@ -182,11 +187,7 @@ fn an_encrypted_incremental_push_relays_chunks_the_relay_does_not_store() {
     c.assert_push_ok(&out);
     c.assert_published(&src, "inc", 2);
     // Every chunk crossed both hops (the second replica had nothing), none in clear.
-    for (hop, p) in [("primary to r0", &p0), ("r0 to r1", &p1)] {
-        let wire = p.seen();
-        assert!(wire.len() as u64 > 6 << 20, "{hop}: only {} bytes passed", wire.len());
-        assert_eq!(windows_seen(&data, &wire), 0, "{hop}: source bytes in clear on the wire");
-    }
+    assert_sealed_on_both_hops(&data, &p0, &p1);
 }
 
 #[test]
