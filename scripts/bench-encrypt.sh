@@ -15,15 +15,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-SIZE=${SIZE:-1G}
-FILES=${FILES:-8}
 N=${N:-2}
 REPS=${REPS:-5}
-RATE=${RATE:-1gbit}
-CHUNK=${CHUNK:-4MiB}
-PORT=${PORT:-7071}
-export SC_CLUSTER=${SC_CLUSTER:-sc}
-CLUSTER=scripts/cluster.sh
 
 cluster_bench_args
 

@@ -23,16 +23,9 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-SIZE=${SIZE:-1G}
-FILES=${FILES:-8}
 N=${N:-3}
 PCT=${PCT:-10}
 REPS=${REPS:-3}
-RATE=${RATE:-1gbit}
-CHUNK=${CHUNK:-4MiB}
-PORT=${PORT:-7071}
-export SC_CLUSTER=${SC_CLUSTER:-sc}
-CLUSTER=scripts/cluster.sh
 
 cluster_bench_args
 [[ "$PCT" =~ ^[1-9][0-9]?$ ]] || die "PCT must be 1..99, got '$PCT'"

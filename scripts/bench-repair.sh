@@ -21,16 +21,9 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-SIZE=${SIZE:-1G}
-FILES=${FILES:-8}
 N=${N:-4}
 MID=${MID:-2}
 REPS=${REPS:-3}
-RATE=${RATE:-1gbit}
-CHUNK=${CHUNK:-4MiB}
-PORT=${PORT:-7071}
-export SC_CLUSTER=${SC_CLUSTER:-sc}
-CLUSTER=scripts/cluster.sh
 
 cluster_bench_args
 ((MID >= 1 && MID < N)) || die "MID must be a replica with one after it (1..N-1), got '$MID'"

@@ -150,9 +150,14 @@ cluster_bench_exit() {
     _cleanup
 }
 
-# cluster_bench_args: the common checks of a cluster benchmark's settings: sets `bytes` and
-# `chunk` from SIZE and CHUNK, checks N and REPS, root and tc.
+# cluster_bench_args: the common settings of a cluster benchmark: defaults for SIZE (1G), FILES
+# (8), RATE (1gbit), CHUNK (4MiB), PORT (7071) and SC_CLUSTER (sc) where the environment has none
+# (the script sets its own N and REPS first); sets CLUSTER, and `bytes` and `chunk` from SIZE and
+# CHUNK; checks N and REPS, root and tc.
 cluster_bench_args() {
+    : "${SIZE:=1G}" "${FILES:=8}" "${RATE:=1gbit}" "${CHUNK:=4MiB}" "${PORT:=7071}"
+    export SC_CLUSTER=${SC_CLUSTER:-sc}
+    CLUSTER=scripts/cluster.sh
     bytes=$(parse_size "$SIZE")
     chunk=$(parse_size "$CHUNK")
     ((bytes > 0 && chunk > 0)) || die "SIZE and CHUNK must be > 0"
