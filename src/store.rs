@@ -227,6 +227,12 @@ impl Store {
             resumed: Vec::new(),
             keep_current: false,
         };
+        // Look again now that this session holds the version: the session it superseded may
+        // have published it while this one waited (its reservation goes only after publish).
+        // A version that has its manifest is never removed.
+        if self.exists(name, version) {
+            return Err(StoreError::VersionExists { name: name.into(), version });
+        }
         // A version directory without its manifest is a leftover of a crash during publish.
         let leftover = self.root.join(name).join(version.to_string());
         if leftover.exists() {
