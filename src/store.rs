@@ -74,6 +74,8 @@ pub struct Store {
     /// Most bytes all pushes being received may add up to (0: no limit).
     max_staging: AtomicU64,
     counter: AtomicU64,
+    /// One lock per name, held while `current` is read and moved.
+    current_locks: Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Store {
@@ -108,6 +110,7 @@ impl Store {
             receiving: Mutex::new(std::collections::HashMap::new()),
             max_staging: AtomicU64::new(0),
             counter: AtomicU64::new(0),
+            current_locks: Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -133,6 +136,12 @@ impl Store {
         let bytes = fs::read(self.manifest_path(name, v)).ok()?;
         let m = Manifest::decode(&bytes).ok()?;
         Some((v, m, self.root.join(name).join(v.to_string())))
+    }
+
+    /// The lock that makes moving `name`'s `current` one step.
+    fn current_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.current_locks.lock().expect("store lock");
+        Arc::clone(locks.entry(name.to_owned()).or_default())
     }
 
     /// Whether `name@version` is published.
@@ -781,12 +790,22 @@ impl Staging {
         })()
         .map_err(|e| io_err(format!("cannot write {}", manifest_path.display()), e))?;
         // `current` moves forward only: publishing an older version keeps the newer one current.
-        if !self.keep_current && read_current(&set_dir).is_none_or(|c| c < self.version) {
-            let link_tmp = set_dir.join(".current.tmp");
-            let _ = fs::remove_file(&link_tmp);
-            std::os::unix::fs::symlink(self.version.to_string(), &link_tmp)
-                .and_then(|()| fs::rename(&link_tmp, set_dir.join(CURRENT)))
-                .map_err(|e| io_err(format!("cannot update {}/current", set_dir.display()), e))?;
+        // The read, the comparison and the rename are one step per name (concurrent publishes
+        // of one name would otherwise move it backwards), and each publish has its own
+        // temporary link.
+        if !self.keep_current {
+            let lock = store.current_lock(&self.name);
+            let _moving = lock.lock().expect("current lock");
+            if read_current(&set_dir).is_none_or(|c| c < self.version) {
+                let n = store.counter.fetch_add(1, Ordering::Relaxed);
+                let link_tmp = set_dir.join(format!(".current.{}.{n}.tmp", self.version));
+                std::os::unix::fs::symlink(self.version.to_string(), &link_tmp)
+                    .and_then(|()| fs::rename(&link_tmp, set_dir.join(CURRENT)))
+                    .map_err(|e| {
+                        let _ = fs::remove_file(&link_tmp);
+                        io_err(format!("cannot update {}/current", set_dir.display()), e)
+                    })?;
+            }
         }
         fsync_dir(&set_dir).map_err(|e| io_err(format!("cannot sync {}", set_dir.display()), e))?;
         self.done = true;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use shardcast::error::StoreError;
@@ -52,3 +52,41 @@ fn a_resuming_push_never_removes_a_version_published_while_it_waited() {
     assert_eq!(current(store.root(), "ckpt"), Some(5));
 }
 
+#[test]
+fn concurrent_publishes_of_one_name_move_current_to_the_highest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1000).unwrap();
+    let m = small_manifest();
+    const ROUNDS: usize = 40;
+    const VERSIONS: u64 = 16;
+    for round in 0..ROUNDS {
+        let name = format!("set{round}");
+        // Every version staged and synced, then all published at once.
+        let stagings: Vec<_> = (1..=VERSIONS)
+            .map(|v| {
+                let mut s = store.begin(&name, v, &m).unwrap();
+                s.sync().unwrap();
+                s
+            })
+            .collect();
+        let barrier = Arc::new(Barrier::new(stagings.len()));
+        let threads: Vec<_> = stagings
+            .into_iter()
+            .map(|s| {
+                let (barrier, m) = (Arc::clone(&barrier), m.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    s.publish(&m)
+                })
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let r = t.join().unwrap();
+            assert!(r.is_ok(), "round {round}: the publish of version {} failed: {r:?}", i + 1);
+        }
+        assert_eq!(current(store.root(), &name), Some(VERSIONS), "round {round}: current is not the highest version");
+        for v in 1..=VERSIONS {
+            assert!(store.exists(&name, v), "round {round}: version {v} missing");
+        }
+    }
+}
