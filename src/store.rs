@@ -87,6 +87,7 @@ impl Store {
         fs::create_dir_all(&staging).map_err(|e| StoreError::io(format!("cannot create {}", staging.display()), e))?;
         let root =
             fs::canonicalize(root).map_err(|e| StoreError::io(format!("cannot resolve {}", root.display()), e))?;
+        fsync_dir(&root).map_err(|e| StoreError::io(format!("cannot sync {}", root.display()), e))?;
         // Staging left by an earlier process: what it journaled is kept as a partial version
         // (a repeated push resumes from it); the rest is removed.
         if let Ok(dir) = fs::read_dir(&staging) {
@@ -260,7 +261,22 @@ impl Store {
             let plan = manifest.encode_plan();
             match journal_records(&partial.join(JOURNAL)) {
                 Some((header, records)) if resume && header == plan && fs::rename(&partial, &staging.dir).is_ok() => {
+                    sync_parents(&[&self.root.join(PARTIAL), &self.root.join(STAGING)]);
                     staging.open_existing()?;
+                    // The journal says which chunks were written and synced, but after a power
+                    // loss a file can come back short or as zeros (its directory entry or its
+                    // blocks were not durable): a chunk counts as held only when its bytes
+                    // still hash to the journaled digest.
+                    let journaled = records.len();
+                    let records = staging.rehash(records, manifest.chunk_size());
+                    if records.len() < journaled {
+                        tracing::warn!(
+                            name,
+                            version,
+                            bad = journaled - records.len(),
+                            "journaled chunks whose bytes no longer match their digest are received again"
+                        );
+                    }
                     tracing::info!(name, version, chunks = records.len(), "resuming a partial staging");
                     let cs = u64::from(manifest.chunk_size());
                     let bytes: u64 = records
@@ -378,6 +394,16 @@ fn unsafe_zeroed_statvfs() -> libc::statvfs {
 
 fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
+}
+
+/// Syncs directories whose entries were renamed (best effort: the move itself succeeded, and a
+/// move that is lost to a power loss leaves a partial or staging that is found again).
+fn sync_parents(dirs: &[&Path]) {
+    for d in dirs {
+        if let Err(e) = fsync_dir(d) {
+            tracing::warn!("cannot sync {}: {e}", d.display());
+        }
+    }
 }
 
 /// Bytes of an earlier published version copied into staging instead of received.
@@ -512,6 +538,11 @@ fn keep_partial(root: &Path, key: &str, dir: &Path) {
             _ => Ok(()),
         })
         .and_then(|()| fs::rename(dir, &target));
+    if moved.is_ok()
+        && let Some(from) = dir.parent()
+    {
+        sync_parents(&[&partials, from, root]);
+    }
     match moved {
         Ok(()) => tracing::info!(partial = %target.display(), "kept what was received for a resume"),
         Err(e) => {
@@ -572,6 +603,41 @@ impl Staging {
         self.dir.join("data")
     }
 
+    /// Makes the staged tree's directory entries durable (the files' and directories' names, the
+    /// journal's, and the staging directory's own in `.staging`): a journal record is only
+    /// worth something if the file it names is still there after a power loss.
+    fn sync_dirs(&self) -> Result<(), StoreError> {
+        let data = self.data();
+        let err = |p: &Path, e| StoreError::io(format!("cannot sync {}", p.display()), e);
+        for e in self.entries.iter().rev().filter(|e| e.kind == EntryKind::Dir) {
+            let path = data.join(&e.path);
+            fsync_dir(&path).map_err(|err_| err(&path, err_))?;
+        }
+        for p in [data, self.dir.clone(), self.store.root.join(STAGING)] {
+            fsync_dir(&p).map_err(|e| err(&p, e))?;
+        }
+        Ok(())
+    }
+
+    /// The journal `records` whose chunk bytes, read back from the staged files, still have
+    /// the journaled digest (xxh3-128).
+    fn rehash(&self, records: Vec<JournalRecord>, chunk_size: u32) -> Vec<JournalRecord> {
+        use std::os::unix::fs::FileExt;
+        let cs = u64::from(chunk_size);
+        let mut buf = vec![0u8; chunk_size as usize];
+        records
+            .into_iter()
+            .filter(|&(e, c, d)| {
+                let (Some(entry), Some(Some(f))) = (self.entries.get(e as usize), self.files.get(e as usize)) else {
+                    return false;
+                };
+                let Some(offset) = c.checked_mul(cs).filter(|&o| o < entry.size) else { return false };
+                let b = &mut buf[..(entry.size - offset).min(cs) as usize];
+                f.read_exact_at(b, offset).is_ok() && digest(b) == d
+            })
+            .collect()
+    }
+
     fn create(&mut self) -> Result<(), StoreError> {
         let data = self.data();
         let io_err = |p: &Path, e| StoreError::io(format!("cannot create {}", p.display()), e);
@@ -599,7 +665,7 @@ impl Staging {
             }
             self.files.push(None);
         }
-        Ok(())
+        self.sync_dirs()
     }
 
     fn create_journal(&mut self) -> Result<(), StoreError> {
@@ -646,7 +712,8 @@ impl Staging {
             .open(&path)
             .map_err(|e| StoreError::io(format!("cannot reopen {}", path.display()), e))?;
         self.journal = Some(f);
-        Ok(())
+        // Files that were missing came back empty: their names must be durable too.
+        self.sync_dirs()
     }
 
     /// This staging's progress and the flag a newer push of the same version sets to make it
@@ -774,10 +841,16 @@ impl Staging {
         let store = &self.store;
         let set_dir = store.root.join(&self.name);
         let io_err = |what: String, e| StoreError::io(what, e);
-        fs::create_dir_all(&set_dir).map_err(|e| io_err(format!("cannot create {}", set_dir.display()), e))?;
+        if !set_dir.is_dir() {
+            fs::create_dir_all(&set_dir).map_err(|e| io_err(format!("cannot create {}", set_dir.display()), e))?;
+            // The name's directory is an entry of the root: durable before anything in it is.
+            fsync_dir(&store.root).map_err(|e| io_err(format!("cannot sync {}", store.root.display()), e))?;
+        }
         let target = set_dir.join(self.version.to_string());
         fs::rename(self.data(), &target)
             .map_err(|e| io_err(format!("cannot move staged data to {}", target.display()), e))?;
+        // The data's new name is durable before the manifest that makes it a version.
+        fsync_dir(&set_dir).map_err(|e| io_err(format!("cannot sync {}", set_dir.display()), e))?;
         // The data has moved: if anything below fails, the version directory (without manifest)
         // is a leftover that the next push of this version removes.
         let tmp = set_dir.join(format!(".{}.manifest.tmp", self.version));
