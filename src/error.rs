@@ -222,7 +222,9 @@ pub enum StoreError {
         limit: u64,
     },
     /// Not enough free space for the shard set.
-    #[error("not enough free space in {root}: the push needs {needed} bytes, {available} are free")]
+    #[error(
+        "not enough free space in {root}: the push needs {needed} bytes, {available} are free and {reserved} of them are reserved by pushes being received; free space or try again later"
+    )]
     NoSpace {
         /// The replica root.
         root: PathBuf,
@@ -230,6 +232,8 @@ pub enum StoreError {
         needed: u64,
         /// Bytes free.
         available: u64,
+        /// Bytes of the free space that pushes being received still need.
+        reserved: u64,
     },
     /// A name that is not a valid shard set name.
     #[error("invalid shard set name {0:?} (use letters, digits, '.', '_' and '-', not starting with '.')")]

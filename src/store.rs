@@ -62,6 +62,9 @@ pub struct Receiving {
     pub done: AtomicU64,
     /// Bytes of the version on this node.
     pub total: AtomicU64,
+    /// Free space this push reserved at admission (its bytes and margin); what it has not
+    /// written yet (`reserved - done`) stays reserved until the session ends.
+    pub reserved: AtomicU64,
 }
 
 /// A replica's root directory.
@@ -188,6 +191,8 @@ impl Store {
         let key = (name.to_owned(), version);
         let cancel = Arc::new(Receiving::default());
         cancel.total.store(manifest.total_bytes(), Ordering::Relaxed);
+        let needed =
+            manifest.total_bytes() + SPACE_MARGIN + manifest.chunk_count() * 16 + manifest.entries().len() as u64 * 64;
         let mut waited = std::time::Duration::ZERO;
         loop {
             let mut receiving = self.receiving.lock().expect("store lock");
@@ -202,6 +207,19 @@ impl Store {
                             limit,
                         });
                     }
+                    // Free space is reserved, not only checked: what the pushes being received
+                    // have yet to write is not free for this one. Checked and reserved under
+                    // the lock, so two pushes cannot both count the same bytes.
+                    let reserved: u64 = receiving
+                        .values()
+                        .map(|r| r.reserved.load(Ordering::Relaxed).saturating_sub(r.done.load(Ordering::Relaxed)))
+                        .sum();
+                    let available = free_bytes(&self.root)
+                        .map_err(|e| StoreError::io(format!("cannot stat {}", self.root.display()), e))?;
+                    if needed.saturating_add(reserved) > available {
+                        return Err(StoreError::NoSpace { root: self.root.clone(), needed, available, reserved });
+                    }
+                    cancel.reserved.store(needed, Ordering::Relaxed);
                     receiving.insert(key.clone(), Arc::clone(&cancel));
                     break;
                 }
@@ -248,13 +266,6 @@ impl Store {
         if leftover.exists() {
             fs::remove_dir_all(&leftover)
                 .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
-        }
-        let needed =
-            manifest.total_bytes() + SPACE_MARGIN + manifest.chunk_count() * 16 + manifest.entries().len() as u64 * 64;
-        let available =
-            free_bytes(&self.root).map_err(|e| StoreError::io(format!("cannot stat {}", self.root.display()), e))?;
-        if needed > available {
-            return Err(StoreError::NoSpace { root: self.root.clone(), needed, available });
         }
         let partial = self.root.join(PARTIAL).join(format!("{name}@{version}"));
         if partial.exists() {
