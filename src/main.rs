@@ -142,6 +142,14 @@ enum Cmd {
         /// to more than this many MiB (0: no limit beyond the free-disk check).
         #[arg(long, default_value_t = 0, env = "SHARDCAST_SERVE_MAX_STAGING_MB")]
         max_staging_mb: u64,
+        /// Remove partial stagings (kept by pushes that did not finish, so that a repeat
+        /// resumes) this many hours after their last chunk arrived (0: never).
+        #[arg(long, default_value_t = 24, env = "SHARDCAST_SERVE_PARTIAL_MAX_AGE_HOURS")]
+        partial_max_age_hours: u64,
+        /// Keep at most this many MiB of partial stagings in all, removing the oldest first
+        /// (0: no cap). Checked at start and at every push.
+        #[arg(long, default_value_t = 102_400, env = "SHARDCAST_SERVE_PARTIAL_MAX_MB")]
+        partial_max_mb: u64,
         /// More keys this replica accepts, each limited to name prefixes and to whether its
         /// versions may become `current` (TOML: [[key]] file, names, replace_current).
         /// `--key-file` stays the key with every right (and the one used downstream).
@@ -437,6 +445,8 @@ fn main() -> ExitCode {
             metrics,
             audit_log,
             max_staging_mb,
+            partial_max_age_hours,
+            partial_max_mb,
             acl,
         } => {
             init_logging(&cli.log_format, "info");
@@ -445,6 +455,9 @@ fn main() -> ExitCode {
             opts.tls = tls.clone();
             opts.require_encrypt = cli.encrypt;
             opts.max_staging = max_staging_mb << 20;
+            opts.partial_max_age =
+                (partial_max_age_hours > 0).then(|| Duration::from_secs(partial_max_age_hours * 3600));
+            opts.partial_max_bytes = partial_max_mb << 20;
             if acl.is_some() && tls.is_some() {
                 eprintln!(
                     "error: --acl lists cluster keys, and this replica authenticates with mutual TLS (every \

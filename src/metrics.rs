@@ -63,6 +63,10 @@ pub struct Metrics {
     pub hops: Family<TransportLabel, Gauge>,
     /// Sessions running.
     pub sessions: Gauge,
+    /// Partial stagings kept for resumes (after expiry).
+    pub partials: Gauge,
+    /// Bytes the partial stagings take on disk.
+    pub partial_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -87,6 +91,8 @@ impl Metrics {
         let pool_slots_in_use = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         let hops = Family::<TransportLabel, Gauge>::default();
         let sessions = Gauge::default();
+        let partials = Gauge::default();
+        let partial_bytes = Gauge::default();
         registry.register("received_bytes", "Chunk bytes received from upstream, by peer", bytes_in.clone());
         registry.register("forwarded_bytes", "Chunk bytes sent downstream, by peer", bytes_out.clone());
         registry.register("chunks_verified", "Chunks whose xxh3-128 digest checked out", chunks_verified.clone());
@@ -109,6 +115,8 @@ impl Metrics {
         );
         registry.register("hops", "Open hops by transport and direction", hops.clone());
         registry.register("sessions", "Push sessions running", sessions.clone());
+        registry.register("partials", "Partial stagings kept for resumes", partials.clone());
+        registry.register("partial_bytes", "Bytes the partial stagings take on disk", partial_bytes.clone());
         Self {
             registry,
             bytes_in,
@@ -121,6 +129,8 @@ impl Metrics {
             pool_slots_in_use,
             hops,
             sessions,
+            partials,
+            partial_bytes,
         }
     }
 

@@ -66,6 +66,10 @@ pub struct ServeOptions {
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Most bytes the pushes being received may add up to (0: no limit).
     pub max_staging: u64,
+    /// Partial stagings (kept for resumes) older than this are removed (None: never).
+    pub partial_max_age: Option<Duration>,
+    /// Partial stagings beyond this many bytes in all are removed, oldest first (0: no cap).
+    pub partial_max_bytes: u64,
     /// More keys this replica accepts, each limited to some names (`--acl`); `key` (when set)
     /// may push anything.
     pub acl: Vec<crate::auth::AclEntry>,
@@ -95,6 +99,8 @@ impl ServeOptions {
             tls: None,
             audit: None,
             max_staging: 0,
+            partial_max_age: Some(Duration::from_secs(24 * 3600)),
+            partial_max_bytes: 100 << 30,
             acl: Vec::new(),
         }
     }
@@ -144,6 +150,8 @@ impl Server {
         }
         let store = Store::open(&opts.root, opts.keep)?;
         store.set_max_staging(opts.max_staging);
+        store.set_partial_limits(opts.partial_max_age, opts.partial_max_bytes);
+        expire_partials(&store, &opts);
         let listener =
             TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
@@ -519,6 +527,7 @@ fn push_session(
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
     let staged = own.as_ref().map_or(&hello.manifest, |(_, m)| m);
+    expire_partials(store, opts);
     let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
         Ok(mut s) => {
             if rule.is_some_and(|r| !r.replace_current) {
@@ -746,6 +755,8 @@ fn push_session(
         None => session,
     };
     let end = session.run();
+    // The session's staging is gone: published, or kept as a partial.
+    expire_partials(store, opts);
     if let (Some(m), Some((up, dn))) = (&opts.metrics, gauges) {
         up.dec();
         if let Some(g) = dn {
@@ -835,6 +846,15 @@ fn audit_refusal(opts: &ServeOptions, peer: &str, key_id: Option<&str>, reason: 
             reason: Some(reason),
             ..Default::default()
         });
+    }
+}
+
+/// Expires partial stagings by the serve limits and updates their gauges.
+fn expire_partials(store: &Store, opts: &ServeOptions) {
+    let stats = store.expire_partials();
+    if let Some(m) = &opts.metrics {
+        m.partials.set(stats.count as i64);
+        m.partial_bytes.set(stats.bytes as i64);
     }
 }
 

@@ -79,6 +79,23 @@ pub struct Store {
     counter: AtomicU64,
     /// One lock per name, held while `current` is read and moved.
     current_locks: Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
+    /// Partial stagings older than this are removed (None: kept however old).
+    partial_max_age: Mutex<Option<std::time::Duration>>,
+    /// Partial stagings beyond this many bytes in all are removed, oldest first (0: no cap).
+    partial_max_bytes: AtomicU64,
+    /// Held while partials are taken over, kept, or expired.
+    partials: Mutex<()>,
+}
+
+/// The partial stagings a root keeps for resumes, after expiry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialStats {
+    /// How many there are.
+    pub count: u64,
+    /// Bytes they take on disk.
+    pub bytes: u64,
+    /// How many this expiry removed.
+    pub removed: u64,
 }
 
 impl Store {
@@ -115,6 +132,9 @@ impl Store {
             max_staging: AtomicU64::new(0),
             counter: AtomicU64::new(0),
             current_locks: Mutex::new(std::collections::HashMap::new()),
+            partial_max_age: Mutex::new(None),
+            partial_max_bytes: AtomicU64::new(0),
+            partials: Mutex::new(()),
         }))
     }
 
@@ -122,6 +142,51 @@ impl Store {
     /// go over is refused as busy, with the numbers.
     pub fn set_max_staging(&self, bytes: u64) {
         self.max_staging.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Expires partial stagings (see [`Store::expire_partials`]) older than `max_age` (None:
+    /// never) or, oldest first, beyond `max_bytes` in all (0: no cap).
+    pub fn set_partial_limits(&self, max_age: Option<std::time::Duration>, max_bytes: u64) {
+        *self.partial_max_age.lock().expect("store lock") = max_age;
+        self.partial_max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    /// Removes the partial stagings (kept by pushes that did not finish, for a resume) that
+    /// are older than the age limit, then the oldest ones until the rest fit the size cap, and
+    /// counts what is left. A partial's age is the time since its journal last grew.
+    pub fn expire_partials(&self) -> PartialStats {
+        let _held = self.partials.lock().expect("store lock");
+        let max_age = *self.partial_max_age.lock().expect("store lock");
+        let max_bytes = self.partial_max_bytes.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now();
+        let mut stats = PartialStats::default();
+        // (last change, bytes, path)
+        let mut kept: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(self.root.join(PARTIAL)).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let changed = fs::metadata(path.join(JOURNAL))
+                .or_else(|_| fs::symlink_metadata(&path))
+                .and_then(|m| m.modified())
+                .unwrap_or(now);
+            let age = now.duration_since(changed).unwrap_or_default();
+            if max_age.is_some_and(|max| age > max) {
+                remove_partial(&path, "older than the age limit", &mut stats);
+                continue;
+            }
+            kept.push((changed, disk_bytes(&path), path));
+        }
+        kept.sort();
+        let mut total: u64 = kept.iter().map(|k| k.1).sum();
+        for (_, bytes, path) in kept {
+            if max_bytes > 0 && total > max_bytes {
+                total -= bytes;
+                remove_partial(&path, "over the size cap of all partials", &mut stats);
+            } else {
+                stats.count += 1;
+                stats.bytes += bytes;
+            }
+        }
+        stats
     }
 
     /// The root directory.
@@ -268,6 +333,7 @@ impl Store {
                 .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
         }
         let partial = self.root.join(PARTIAL).join(format!("{name}@{version}"));
+        let partials = self.partials.lock().expect("store lock");
         if partial.exists() {
             let plan = manifest.encode_plan();
             match journal_records(&partial.join(JOURNAL)) {
@@ -298,6 +364,7 @@ impl Store {
                         .sum();
                     staging.cancel.done.store(bytes, Ordering::Relaxed);
                     staging.resumed = records;
+                    drop(partials);
                     return Ok(staging);
                 }
                 _ => {
@@ -305,6 +372,7 @@ impl Store {
                 }
             }
         }
+        drop(partials);
         staging.create()?;
         Ok(staging)
     }
@@ -537,6 +605,34 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
         done += n as u64;
     }
     Ok(())
+}
+
+/// Removes one expired partial staging.
+fn remove_partial(path: &Path, why: &str, stats: &mut PartialStats) {
+    match fs::remove_dir_all(path) {
+        Ok(()) => {
+            stats.removed += 1;
+            tracing::info!(partial = %path.display(), "removed a partial staging: {why}");
+        }
+        Err(e) => tracing::warn!("cannot remove the partial staging {}: {e}", path.display()),
+    }
+}
+
+/// Bytes the files under `dir` take on disk (allocated blocks: staged files are sparse until
+/// their chunks arrive).
+fn disk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
 }
 
 /// Moves a staging directory to `.partial/KEY` (KEY = NAME@VERSION), replacing an older one.
@@ -908,6 +1004,7 @@ impl Drop for Staging {
             self.files.clear();
             self.journal = None;
             if kept {
+                let _held = self.store.partials.lock().expect("store lock");
                 keep_partial(&self.store.root, &format!("{}@{}", self.name, self.version), &self.dir);
             } else {
                 let _ = fs::remove_dir_all(&self.dir);

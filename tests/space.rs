@@ -1,9 +1,10 @@
-//! Disk space a replica holds for others: free space reserved by the pushes it is receiving.
+//! Disk space a replica holds for others: free space reserved by the pushes it is receiving,
+//! and the partial stagings it keeps for resumes (expired by age and by total size).
 
 mod util;
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -115,4 +116,75 @@ fn a_push_that_does_not_fit_beside_the_pushes_being_received_is_refused_up_front
         c.logs()
     );
     c.assert_published(&f, "second", 1);
+}
+
+/// A partial staging as a push that did not finish leaves it: a journal and a data file of
+/// `mib` MiB of real blocks, last changed `age` ago.
+fn make_partial(root: &Path, key: &str, mib: u64, age: Duration) -> PathBuf {
+    let dir = root.join(".partial").join(key);
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    write_random_file(&dir.join("data/model.bin"), mib * MIB, 3);
+    std::fs::write(dir.join("journal"), b"SCJOURN1\0\0\0\0\0\0\0\0").unwrap();
+    let when = std::time::SystemTime::now() - age;
+    for p in [dir.join("journal"), dir.clone()] {
+        std::fs::File::open(&p).unwrap().set_modified(when).unwrap();
+    }
+    dir
+}
+
+/// A gauge's value in a server's metrics.
+fn gauge(maddr: &str, name: &str) -> u64 {
+    let mut s = TcpStream::connect(maddr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[test]
+fn partials_expire_by_age_at_start_and_at_each_push_and_are_counted() {
+    let root = tempdir();
+    let old = make_partial(root.path(), "old@1", 1, 30 * HOUR);
+    let fresh = make_partial(root.path(), "fresh@1", 2, Duration::ZERO);
+    let metrics = ["--metrics".to_string(), "127.0.0.1:0".to_string()];
+    let server = Server::start(root.path(), &metrics, &[]);
+    // Default age limit 24 h: the 30 h old one goes at start, the fresh one stays.
+    assert!(!old.exists(), "a partial 30 h old survived the start\n{}", server.log());
+    assert!(fresh.exists(), "a fresh partial was removed\n{}", server.log());
+    let m = metrics_addr(&server.log());
+    assert_eq!(gauge(&m, "shardcast_partials"), 1);
+    let bytes = gauge(&m, "shardcast_partial_bytes");
+    assert!((2 * MIB..3 * MIB).contains(&bytes), "partial bytes {bytes}, the fresh one holds 2 MiB");
+    // One that grows old while the server runs goes at the next push.
+    let stale = make_partial(root.path(), "stale@1", 1, 25 * HOUR);
+    let src = tempdir();
+    make_small_tree(src.path(), 4);
+    let mut push = shardcast();
+    push.arg("push").arg(src.path()).args(["--name", "other", "--version", "1", "--to"]);
+    let out = run(push.arg(server.addr().to_string()));
+    assert_eq!(code(&out), 0, "{}", show_output(&out));
+    assert!(!stale.exists(), "a partial 25 h old survived a push\n{}", server.log());
+    assert!(fresh.exists());
+    assert_eq!(gauge(&m, "shardcast_partials"), 1);
+}
+
+#[test]
+fn partials_beyond_the_size_cap_are_removed_oldest_first() {
+    let root = tempdir();
+    let oldest = make_partial(root.path(), "a@1", 2, 3 * HOUR);
+    let middle = make_partial(root.path(), "b@1", 2, 2 * HOUR);
+    let newest = make_partial(root.path(), "c@1", 2, HOUR);
+    let args = ["--partial-max-mb", "5", "--partial-max-age-hours", "0", "--metrics", "127.0.0.1:0"].map(String::from);
+    let server = Server::start(root.path(), &args, &[]);
+    assert!(!oldest.exists(), "6 MiB of partials with a 5 MiB cap: the oldest stayed\n{}", server.log());
+    assert!(middle.exists() && newest.exists(), "a newer partial was removed\n{}", server.log());
+    assert_eq!(gauge(&metrics_addr(&server.log()), "shardcast_partials"), 2);
 }
