@@ -30,7 +30,7 @@ command -v iperf3 >/dev/null || die "iperf3 not found: run scripts/deps.sh"
 command -v python3 >/dev/null || die "python3 not found: run scripts/deps.sh"
 
 log "building release binary"
-cargo build --release --quiet
+cargo build --release --quiet --features bench-switches
 [[ -x "$BIN" ]] || die "$BIN missing after cargo build --release"
 
 # tmpfs holds the source plus one replica copy at a time.

@@ -503,11 +503,7 @@ fn main() -> ExitCode {
                         "listening on {} (root {}, keep {keep}, pool {pool_mb} MiB per push, memlock limit {pinned}{})",
                         server.local_addr(),
                         root.display(),
-                        if std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_some() {
-                            ", DIGEST VERIFICATION OFF (benchmark)"
-                        } else {
-                            ""
-                        }
+                        if shardcast::server::bench_no_verify() { ", DIGEST VERIFICATION OFF (benchmark)" } else { "" }
                     );
                     server.run();
                     0

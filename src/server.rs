@@ -86,7 +86,7 @@ impl ServeOptions {
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 64,
             max_per_peer: 16,
-            verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
+            verify: !bench_no_verify(),
             piece_bytes: crate::chain::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
@@ -98,6 +98,12 @@ impl ServeOptions {
             acl: Vec::new(),
         }
     }
+}
+
+/// Whether `SHARDCAST_BENCH_NO_VERIFY` turns digest verification off: only in a build with the
+/// `bench-switches` feature (benchmarks); a user's build always verifies.
+pub fn bench_no_verify() -> bool {
+    cfg!(feature = "bench-switches") && std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_some()
 }
 
 /// A bound replica server.
