@@ -142,8 +142,9 @@ enum Cmd {
         /// to more than this many MiB (0: no limit beyond the free-disk check).
         #[arg(long, default_value_t = 0, env = "SHARDCAST_SERVE_MAX_STAGING_MB")]
         max_staging_mb: u64,
-        /// More keys this replica accepts, each limited to name prefixes and to whether its
-        /// versions may become `current` (TOML: [[key]] file, names, replace_current).
+        /// More keys this replica accepts, each limited to name prefixes, to whether its
+        /// versions may become `current` and to whether it may prune (TOML: [[key]] file, names,
+        /// replace_current, prune). The limits hold at every replica of the chain.
         /// `--key-file` stays the key with every right (and the one used downstream).
         #[arg(long, env = "SHARDCAST_SERVE_ACL")]
         acl: Option<PathBuf>,

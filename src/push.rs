@@ -491,6 +491,8 @@ fn run_push(
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
         wants: wants.clone(),
+        // The replicas know the key's limits (from their ACL); the primary claims none.
+        grant: wire::Grant { origin: opts.key.as_ref().map(|k| k.id().to_owned()).unwrap_or_default(), limits: None },
     };
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
