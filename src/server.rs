@@ -631,6 +631,7 @@ fn push_session(
         down = Some(stream);
     }
     let accept = if routed { wire::encode_haves(&haves) } else { Vec::new() };
+    let accept = crate::crypt::seal_frame(up_secret.as_ref(), crate::crypt::LABEL_ACCEPT, accept);
     if let Err(e) = wire::write_frame(&mut conn, Kind::Accept, 0, &accept) {
         tracing::warn!("upstream went away before the push started: {e}");
         return;
