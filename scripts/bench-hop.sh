@@ -7,7 +7,10 @@
 #   iperf3        iperf3 -s -1 / iperf3 -c 127.0.0.1 -n SIZE -J (one stream), receiver's rate
 #   hop           shardcast serve + shardcast push SRC --json; rate = bytes / seconds from its JSON
 #   hop-noverify  the same, replica started with SHARDCAST_BENCH_NO_VERIFY=1 (skips digest checks:
-#                 the difference is what verification costs)
+#                 the difference is what verification costs; the binary is built with
+#                 --features bench-switches, the only build that obeys it)
+#   hop-key       the same with a cluster key on both sides (SHARDCAST_KEY_FILE): authentication,
+#                 and the MAC on every chunk header, END and ACK (issue 14: <= 5 % against hop)
 # Source file and replica roots live on tmpfs (/dev/shm), so disks are not measured.
 #
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
@@ -30,7 +33,7 @@ command -v iperf3 >/dev/null || die "iperf3 not found: run scripts/deps.sh"
 command -v python3 >/dev/null || die "python3 not found: run scripts/deps.sh"
 
 log "building release binary"
-cargo build --release --quiet
+cargo build --release --quiet --features bench-switches
 [[ -x "$BIN" ]] || die "$BIN missing after cargo build --release"
 
 # tmpfs holds the source plus one replica copy at a time.
@@ -93,11 +96,13 @@ start_hop() {
     HOP_ADDR[$measure]=$SERVE_ADDR
 }
 
-# run_hop MEASURE: one push to MEASURE's replica, checked, then the version removed.
+# run_hop MEASURE [ENV=VAL…]: one push to MEASURE's replica (with that environment), checked,
+# then the version removed.
 run_hop() {
     local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall
+    shift
     t0=$(date +%s.%N)
-    timeout 900 "$BIN" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
+    env "$@" timeout 900 "$BIN" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
         "${push_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
     wall=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.4f}")' "$t0" "$(date +%s.%N)")
     if ((rc != 0)) || [[ "$(json_get "$out" ok 2>/dev/null)" != True ]]; then
@@ -115,14 +120,20 @@ run_hop() {
     rm -rf "$root/bench/$rep" "$root/bench/$rep.manifest"
 }
 
+head -c 32 /dev/urandom | base64 >"$work/cluster.key"
+chmod 600 "$work/cluster.key"
+KEY_ENV=(SHARDCAST_KEY_FILE="$work/cluster.key")
+
 start_hop hop
 start_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
+start_hop hop-key "${KEY_ENV[@]}"
 
 log "SIZE=$(fmt_bytes "$bytes") REPS=$REPS CHUNK=${CHUNK:-default} io=$io_mode -> $csv"
 for ((rep = 1; rep <= REPS; rep++)); do
     run_iperf3
     run_hop hop
     run_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
+    run_hop hop-key "${KEY_ENV[@]}"
 done
 
 # Summary: median/min/max per measure, and the ratios (of medians, plus the per-rep range).
@@ -140,8 +151,9 @@ print(f"\nshardcast single-hop loopback benchmark  ({len(by['iperf3'])} reps, "
 print("GB/s = 1e9 bytes/s; hop rates use the push's own \"seconds\", 'wall' rows the whole process\n")
 print(f"{'measure':<26}{'median':>9}{'min':>9}{'max':>9}")
 names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
-         ("hop-noverify", "shardcast hop, no verify"), ("hop-wall", "  hop, process wall"),
-         ("hop-noverify-wall", "  no verify, wall")]
+         ("hop-noverify", "shardcast hop, no verify"), ("hop-key", "shardcast hop, cluster key"),
+         ("hop-wall", "  hop, process wall"), ("hop-noverify-wall", "  no verify, wall"),
+         ("hop-key-wall", "  cluster key, wall")]
 for key, label in names:
     v = list(by[key].values())
     print(f"{label:<26}{statistics.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
@@ -155,5 +167,6 @@ def ratio(a, b, label, target=None):
     print(line)
 ratio("hop", "iperf3", "hop / iperf3", 0.8)
 ratio("hop", "hop-noverify", "hop / hop-no-verify")
+ratio("hop-key", "hop", "hop-key / hop", 0.95)
 PY
 echo "raw rows: $csv"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers a malicious peer can reach (fuzz/fuzz_targets/): `frame` (headers, frames,
-# every control payload), `handshake` (HELLO) and `manifest` (manifests and plans).
+# every control payload), `handshake` (HELLO), `manifest` (manifests and plans) and `secure`
+# (HELLO's grant and limits, data-plane frame MACs).
 #
 #   scripts/fuzz.sh                      # each target for FUZZ_SECONDS (default 15) seconds
 #   FUZZ_RUNS=10000000 scripts/fuzz.sh   # each target for that many executions instead
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-15}"
 runs="${FUZZ_RUNS:-}"
-targets="${FUZZ_TARGETS:-frame handshake manifest}"
+targets="${FUZZ_TARGETS:-frame handshake manifest secure}"
 
 # cargo-fuzz drives libFuzzer through libfuzzer-sys; 0.13 is the version this script is written
 # against (its `--sanitizer none` and corpus arguments).

@@ -222,7 +222,9 @@ mod tests {
     }
 }
 
-/// Which names a key may push, and whether its pushes may move `current` (`serve --acl FILE`).
+/// Which names a key may push, whether its pushes may move `current`, and whether they may
+/// prune versions (`serve --acl FILE`). The limits travel with the push down the chain (see
+/// [`crate::wire::Grant`]), so they hold at every node, not only the first.
 #[derive(Debug, Clone)]
 pub struct AclEntry {
     /// The key.
@@ -231,12 +233,19 @@ pub struct AclEntry {
     pub names: Vec<String>,
     /// Whether a version it pushes may become `current` (else it is published beside it).
     pub replace_current: bool,
+    /// Whether its pushes may prune versions (HELLO's `keep`, `push --keep`).
+    pub prune: bool,
 }
 
 impl AclEntry {
     /// Whether this key may push `name`.
     pub fn allows(&self, name: &str) -> bool {
         self.names.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// The limits this entry puts on a push.
+    pub fn limits(&self) -> crate::wire::Limits {
+        crate::wire::Limits { names: self.names.clone(), replace_current: self.replace_current, prune: self.prune }
     }
 }
 
@@ -246,6 +255,7 @@ impl AclEntry {
 /// file = "/etc/shardcast/trainer.key"   # a key file, as for --key-file
 /// names = ["ckpt-", "llm-"]             # name prefixes it may push ("" = any)
 /// replace_current = true                # may its versions become `current`? (default true)
+/// prune = false                         # may its pushes prune versions (push --keep)? (default false)
 /// ```
 pub fn load_acl(path: &Path) -> Result<Vec<AclEntry>, String> {
     #[derive(serde::Deserialize)]
@@ -260,6 +270,8 @@ pub fn load_acl(path: &Path) -> Result<Vec<AclEntry>, String> {
         names: Vec<String>,
         #[serde(default = "yes")]
         replace_current: bool,
+        #[serde(default)]
+        prune: bool,
     }
     fn yes() -> bool {
         true
@@ -272,7 +284,12 @@ pub fn load_acl(path: &Path) -> Result<Vec<AclEntry>, String> {
         .into_iter()
         .map(|e| {
             let file = if e.file.is_relative() { base.join(&e.file) } else { e.file };
-            Ok(AclEntry { key: ClusterKey::load(&file)?, names: e.names, replace_current: e.replace_current })
+            Ok(AclEntry {
+                key: ClusterKey::load(&file)?,
+                names: e.names,
+                replace_current: e.replace_current,
+                prune: e.prune,
+            })
         })
         .collect()
 }

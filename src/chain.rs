@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::crypt::TAG_LEN;
+use crate::crypt::{FRAME_MAC_LEN, FrameMacs, TAG_LEN};
 use crate::error::{ErrorKind, NodeError};
 use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
@@ -161,6 +161,8 @@ enum UpRecv {
     /// Receiving chunk `seq`'s payload; its header's digest; payload bytes received before the
     /// receive in flight, and how many that receive asked for.
     Payload(SlotId, u64, u128, u32, u32),
+    /// Authenticated hop: receiving the MAC after a frame other than CHUNK (END).
+    Trailer(SlotId),
     /// RDMA hop: chunks arrive by RDMA; a receive on the socket only watches for it closing.
     Watch,
     Done,
@@ -299,6 +301,10 @@ pub struct Session<'a> {
     /// The header of the chunk being received, as it came (an encrypted chunk's associated
     /// data; the test fault may change the slot's copy).
     up_header: [u8; HEADER_LEN],
+    /// Authenticated hops: the MACs of the data-plane frames (CHUNK, END, ACK, CREDIT; see
+    /// `crypt::FrameMacs`) from and to upstream, and to and from downstream.
+    up_macs: Option<FrameMacs>,
+    dn_macs: Option<FrameMacs>,
 }
 
 impl<'a> Session<'a> {
@@ -397,6 +403,8 @@ impl<'a> Session<'a> {
             up_header: [0; HEADER_LEN],
             up_secret: None,
             dn_secret: None,
+            up_macs: None,
+            dn_macs: None,
         }
     }
 
@@ -427,15 +435,33 @@ impl<'a> Session<'a> {
     }
 
     /// Authenticated hops: the RESULT this node sends upstream carries a MAC under `up`, and the
-    /// one from downstream must carry one under `dn` (see `crypt::seal_frame`).
+    /// one from downstream must carry one under `dn` (see `crypt::seal_frame`); so do the
+    /// data-plane frames each way (see `crypt::FrameMacs`).
     pub fn with_macs(
         mut self,
         up: Option<crate::crypt::SessionSecret>,
         dn: Option<crate::crypt::SessionSecret>,
     ) -> Self {
+        self.up_macs = up.as_ref().map(FrameMacs::downstream_end);
+        self.dn_macs = dn.as_ref().map(FrameMacs::upstream_end);
         self.up_secret = up;
         self.dn_secret = dn;
         self
+    }
+
+    /// Authenticated hop downstream without encryption: writes the MAC of the chunk frame in
+    /// `slot` (its header as it is sent) after its payload, and returns its length (0 without).
+    fn mac_chunk(&mut self, seq: u64, slot: SlotId) -> u32 {
+        let Some(m) = self.dn_macs.as_mut() else { return 0 };
+        let c = self.manifest.chunk(seq).expect("in range");
+        // SAFETY: the slot is leased and holds the chunk's header; nothing writes the header
+        // while the chunk waits to be forwarded.
+        let header: [u8; HEADER_LEN] = unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
+        let mac = m.sign(&header, &[]);
+        // SAFETY: the bytes after the payload (room the pool leaves for a tag) are used by no
+        // other op: disk writes cover the payload only, and the frame is not being sent yet.
+        unsafe { self.pool.slot_bytes_mut(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN) }.copy_from_slice(&mac);
+        FRAME_MAC_LEN as u32
     }
 
     /// The flag that a newer push of the same version sets to make this session give up.
@@ -835,9 +861,18 @@ impl<'a> Session<'a> {
                 }
                 DnItem::Chunk(seq, slot) => {
                     let c = self.manifest.chunk(seq).expect("in range");
-                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len)
+                    let mac = self.mac_chunk(seq, slot);
+                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len + mac)
                 }
-                DnItem::Piece { slot, off, len, .. } => (self.pool.slot_ptr(slot, off as usize), len),
+                DnItem::Piece { seq, slot, off, len } => {
+                    // The last piece of a cut-through chunk on an authenticated hop is its MAC,
+                    // queued once the chunk from upstream authenticated; made now, in send order.
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    if off == HEADER_LEN as u32 + c.len && len == FRAME_MAC_LEN as u32 {
+                        self.mac_chunk(seq, slot);
+                    }
+                    (self.pool.slot_ptr(slot, off as usize), len)
+                }
                 DnItem::End => self.end_frame(),
             };
             let op = Op { kind: OpKind::Send, fd: self.down.expect("downstream open"), buf, len };
@@ -866,9 +901,14 @@ impl<'a> Session<'a> {
     /// is known, and END carries the completed manifest's digest, which each replica checks.
     fn end_frame(&mut self) -> (*mut u8, u32) {
         let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: self.manifest.digest() };
+        let mut frame = h.to_bytes().to_vec();
+        if let Some(m) = self.dn_macs.as_mut() {
+            let mac = m.sign(&frame, &[]);
+            frame.extend_from_slice(&mac);
+        }
         // SAFETY: the END area is written once, and no op uses it before END is sent.
-        unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
-        (self.pool.ctrl_ptr(Ctrl::DownSend), HEADER_LEN as u32)
+        unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, frame.len()) }.copy_from_slice(&frame);
+        (self.pool.ctrl_ptr(Ctrl::DownSend), frame.len() as u32)
     }
 
     fn pump_rdma_polls(&mut self) -> std::io::Result<()> {
@@ -899,8 +939,11 @@ impl<'a> Session<'a> {
             let remote_slot = self.dn_rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
             let (buf, len, wr) = match item {
                 DnItem::Chunk(seq, slot) => {
+                    // The MAC travels in the slot too, after the payload (the receiver's slots
+                    // leave room for it).
                     let c = self.manifest.chunk(seq).expect("in range");
-                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len, seq)
+                    let mac = self.mac_chunk(seq, slot);
+                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len + mac, seq)
                 }
                 DnItem::End => {
                     let (b, l) = self.end_frame();
@@ -1036,9 +1079,25 @@ impl<'a> Session<'a> {
                     self.abort(NodeError::new(kind, message));
                     return;
                 }
+                if let Some(m) = self.up_macs.as_mut() {
+                    // SAFETY: as above; the frame's MAC follows its payload in the slot.
+                    let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN + h.len as usize, FRAME_MAC_LEN) };
+                    if m.verify(&bytes, &[], mac).is_err() {
+                        self.pool.release(slot);
+                        return self.abort(unauthentic_chunk(h.seq));
+                    }
+                }
                 self.chunk_arrived(slot, h.seq, h.digest);
             }
             Ok(h) => {
+                if let Some(m) = self.up_macs.as_mut() {
+                    // SAFETY: as above; the frame's MAC follows its header in the slot.
+                    let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, FRAME_MAC_LEN) };
+                    if m.verify(&bytes, &[], mac).is_err() {
+                        self.pool.release(slot);
+                        return self.abort(unauthentic_frame(h.kind));
+                    }
+                }
                 self.pool.release(slot);
                 self.frame_after_chunks(h);
             }
@@ -1129,15 +1188,24 @@ impl<'a> Session<'a> {
             // Credits first (the sender may be waiting for a slot), then the newest ack, which
             // goes before the result so that upstream's progress reaches 100 %.
             let (item, bytes) = if !self.up_credits.is_empty() {
-                let n = self.up_credits.len().min((CTRL_LEN - HEADER_LEN) / 2);
+                let n = self.up_credits.len().min((CTRL_LEN - HEADER_LEN - FRAME_MAC_LEN) / 2);
                 let slots: Vec<u16> = self.up_credits.drain(..n).collect();
                 let h = Header { kind: Kind::Credit, len: 2 * n as u32, seq: 0, digest: 0 };
                 let mut b = h.to_bytes().to_vec();
                 wire::encode_credits(&slots, &mut b);
+                if let Some(m) = self.up_macs.as_mut() {
+                    let mac = m.sign(&b[..HEADER_LEN], &b[HEADER_LEN..]);
+                    b.extend_from_slice(&mac);
+                }
                 (UpItem::Credit, b)
             } else if let Some(through) = self.up_ack.take().filter(|t| *t > self.up_ack_sent) {
                 self.up_ack_sent = through;
-                (UpItem::Ack, Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec())
+                let mut b = Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec();
+                if let Some(m) = self.up_macs.as_mut() {
+                    let mac = m.sign(&b, &[]);
+                    b.extend_from_slice(&mac);
+                }
+                (UpItem::Ack, b)
             } else if let Some(reports) = self.up_result.take() {
                 let payload = crate::crypt::seal_frame(
                     self.up_secret.as_ref(),
@@ -1222,9 +1290,16 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Bytes an encrypted hop upstream adds after each chunk's payload (its tag).
+    /// Bytes the hop upstream adds after each chunk's payload: an encrypted hop its GCM tag,
+    /// an authenticated one its MAC.
     fn tag_len(&self) -> u32 {
-        if self.open.is_some() { TAG_LEN as u32 } else { 0 }
+        if self.open.is_some() {
+            TAG_LEN as u32
+        } else if self.up_macs.is_some() {
+            FRAME_MAC_LEN as u32
+        } else {
+            0
+        }
     }
 
     /// Receives the next piece of chunk `seq`'s payload into `slot` after `got` bytes.
@@ -1413,7 +1488,7 @@ impl<'a> Session<'a> {
 
     fn up_recv_done(&mut self, result: std::io::Result<usize>) {
         if self.end.is_some() {
-            if let UpRecv::Header(slot) | UpRecv::Payload(slot, ..) = self.up_recv {
+            if let UpRecv::Header(slot) | UpRecv::Payload(slot, ..) | UpRecv::Trailer(slot) = self.up_recv {
                 self.pool.release(slot);
             }
             self.up_recv = UpRecv::Done;
@@ -1473,6 +1548,25 @@ impl<'a> Session<'a> {
                             self.abort(NodeError::io("submitting a receive", &e));
                         }
                     }
+                    Ok(_) if self.up_macs.is_some() => {
+                        // Its MAC follows: taken into the same slot, after the header.
+                        self.up_header = bytes;
+                        let op = Op {
+                            kind: OpKind::Recv,
+                            fd: self.up.expect("replica has upstream"),
+                            buf: self.pool.slot_ptr(slot, HEADER_LEN),
+                            len: FRAME_MAC_LEN as u32,
+                        };
+                        // SAFETY: the slot is leased; it is released only after this receive completes.
+                        match unsafe { self.io.submit(token(T_UP_RECV, 0), op) } {
+                            Ok(()) => self.up_recv = UpRecv::Trailer(slot),
+                            Err(e) => {
+                                self.pool.release(slot);
+                                self.up_recv = UpRecv::Done;
+                                self.abort(NodeError::io("submitting a receive", &e));
+                            }
+                        }
+                    }
                     Ok(h) => {
                         self.pool.release(slot);
                         self.up_recv = UpRecv::Done;
@@ -1495,16 +1589,22 @@ impl<'a> Session<'a> {
                     return;
                 }
                 let now = got + want;
-                if cutting && !self.dn_closed {
+                let wire_len = c.len + self.tag_len();
+                // Payload bytes of this receive (not the MAC after them, which is this hop's).
+                let payload_end = now.min(c.len);
+                if cutting && !self.dn_closed && payload_end > got {
                     // The first piece carries the chunk's header, exactly as it arrived.
-                    let (off, len) =
-                        if got == 0 { (0, HEADER_LEN as u32 + want) } else { (HEADER_LEN as u32 + got, want) };
+                    let (off, len) = if got == 0 {
+                        (0, HEADER_LEN as u32 + payload_end)
+                    } else {
+                        (HEADER_LEN as u32 + got, payload_end - got)
+                    };
                     self.dn_queue.push_back(DnItem::Piece { seq, slot, off, len });
                     let ct = self.cut.back_mut().expect("cutting");
                     ct.pending += 1;
-                    ct.complete = now == c.len;
+                    // Authenticated downstream: complete once its MAC is queued (below).
+                    ct.complete = payload_end == c.len && self.dn_macs.is_none();
                 }
-                let wire_len = c.len + self.tag_len();
                 if now < wire_len {
                     if let Err(e) = self.recv_piece(slot, seq, announced, now, wire_len) {
                         self.up_recv = UpRecv::Done;
@@ -1528,10 +1628,44 @@ impl<'a> Session<'a> {
                             ),
                         ));
                     }
+                } else if let Some(m) = self.up_macs.as_mut() {
+                    // SAFETY: the whole frame has landed in this leased slot; its MAC follows
+                    // the payload.
+                    let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN) };
+                    if m.verify(&self.up_header, &[], mac).is_err() {
+                        self.pool.release(slot);
+                        self.up_recv = UpRecv::Done;
+                        return self.abort(unauthentic_chunk(seq));
+                    }
+                }
+                if cutting && !self.dn_closed && self.dn_macs.is_some() {
+                    // Only now, the chunk's header authentic, does this node vouch for it
+                    // downstream: its own MAC goes last (made when sent, in send order).
+                    let off = HEADER_LEN as u32 + c.len;
+                    self.dn_queue.push_back(DnItem::Piece { seq, slot, off, len: FRAME_MAC_LEN as u32 });
+                    let ct = self.cut.back_mut().expect("cutting");
+                    ct.pending += 1;
+                    ct.complete = true;
                 }
                 self.chunk_arrived(slot, seq, announced);
             }
-            (UpRecv::Header(slot) | UpRecv::Payload(slot, ..), res) => {
+            (UpRecv::Trailer(slot), Ok(n)) if n == FRAME_MAC_LEN => {
+                self.up_recv = UpRecv::Done;
+                // SAFETY: the MAC's receive into this leased slot has completed.
+                let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, FRAME_MAC_LEN) };
+                let ok = self.up_macs.as_mut().expect("a trailer only on authenticated hops").verify(
+                    &self.up_header,
+                    &[],
+                    mac,
+                );
+                self.pool.release(slot);
+                match Header::decode(&self.up_header) {
+                    Ok(h) if ok.is_ok() => self.frame_after_chunks(h),
+                    Ok(h) => self.abort(unauthentic_frame(h.kind)),
+                    Err(e) => self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}"))),
+                }
+            }
+            (UpRecv::Header(slot) | UpRecv::Payload(slot, ..) | UpRecv::Trailer(slot), res) => {
                 self.pool.release(slot);
                 self.up_recv = UpRecv::Done;
                 let why = match res {
@@ -1553,22 +1687,28 @@ impl<'a> Session<'a> {
                 // SAFETY: the header receive into the DownRecv area has completed.
                 let bytes: [u8; HEADER_LEN] =
                     unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN) }[..].try_into().expect("header-sized");
+                // Authenticated hop: ACK and CREDIT carry a MAC after their payload.
+                let macs = self.dn_macs.is_some();
+                let mac_len = |k: Kind| if macs && k != Kind::Result { FRAME_MAC_LEN as u32 } else { 0 };
                 match Header::decode(&bytes) {
-                    Ok(h) if h.kind == Kind::Ack => {
+                    Ok(h) if h.kind == Kind::Ack && self.dn_macs.is_none() => {
                         self.dn_recv = DnRecv::Idle;
                         self.events.push_back(Event::DownstreamAck { through: h.seq });
                     }
-                    Ok(h) if h.kind == Kind::Credit && h.len == 0 => self.dn_recv = DnRecv::Idle,
+                    Ok(h) if h.kind == Kind::Credit && h.len == 0 && self.dn_macs.is_none() => {
+                        self.dn_recv = DnRecv::Idle;
+                    }
                     Ok(h)
-                        if matches!(h.kind, Kind::Result | Kind::Credit)
-                            && (h.len as usize) < CTRL_LEN - HEADER_LEN =>
+                        if matches!(h.kind, Kind::Result | Kind::Credit | Kind::Ack)
+                            && ((h.len + mac_len(h.kind)) as usize) < CTRL_LEN - HEADER_LEN =>
                     {
+                        let len = h.len + mac_len(h.kind);
                         // SAFETY (pointer): the payload follows the header inside the area.
                         let buf = unsafe { self.pool.ctrl_ptr(Ctrl::DownRecv).add(HEADER_LEN) };
-                        let op = Op { kind: OpKind::Recv, fd: self.down.expect("downstream"), buf, len: h.len };
+                        let op = Op { kind: OpKind::Recv, fd: self.down.expect("downstream"), buf, len };
                         // SAFETY: the DownRecv area is used by this receive alone.
                         match unsafe { self.io.submit(token(T_DN_RECV, 0), op) } {
-                            Ok(()) => self.dn_recv = DnRecv::Payload(h.kind, h.len),
+                            Ok(()) => self.dn_recv = DnRecv::Payload(h.kind, len),
                             Err(e) => {
                                 self.dn_recv = DnRecv::Done;
                                 self.downstream_settled(lost(format!("{name}: cannot receive its result: {e}")));
@@ -1585,10 +1725,32 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            (DnRecv::Payload(Kind::Credit, len), Ok(n)) if n == len as usize => {
+            (DnRecv::Payload(kind @ (Kind::Ack | Kind::Credit), len), Ok(n)) if n == len as usize => {
                 // SAFETY: the payload receive has completed.
                 let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
-                match (wire::decode_credits(&bytes[HEADER_LEN..]), self.dn_rdma.as_mut()) {
+                let (header, rest) = bytes.split_at(HEADER_LEN);
+                let mac_len = if self.dn_macs.is_some() { FRAME_MAC_LEN.min(n) } else { 0 };
+                let (payload, mac) = rest.split_at(n - mac_len);
+                let authentic = self.dn_macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
+                if !authentic {
+                    self.dn_recv = DnRecv::Done;
+                    let error = NodeError::new(
+                        ErrorKind::Unauthorized,
+                        format!(
+                            "{} from {name} does not authenticate: changed, dropped or replayed in transit, or not \
+                             from {name}",
+                            kind.name()
+                        ),
+                    );
+                    return self.downstream_settled(Event::DownstreamLost { error });
+                }
+                if kind == Kind::Ack {
+                    let through = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+                    self.dn_recv = DnRecv::Idle;
+                    self.events.push_back(Event::DownstreamAck { through });
+                    return;
+                }
+                match (wire::decode_credits(payload), self.dn_rdma.as_mut()) {
                     (Ok(slots), Some(link)) => {
                         link.credits.extend(slots);
                         self.dn_recv = DnRecv::Idle;
@@ -1631,6 +1793,29 @@ impl<'a> Session<'a> {
             }
         }
     }
+}
+
+/// A chunk from an authenticated hop whose MAC does not check out.
+fn unauthentic_chunk(seq: u64) -> NodeError {
+    NodeError::new(
+        ErrorKind::Unauthorized,
+        format!(
+            "chunk {seq} from upstream does not authenticate: its header (with the digest) was changed in transit, \
+             or it was dropped, replayed or reordered, or not sent by the node before this one"
+        ),
+    )
+}
+
+/// A frame from an authenticated hop (END) whose MAC does not check out.
+fn unauthentic_frame(kind: Kind) -> NodeError {
+    NodeError::new(
+        ErrorKind::Unauthorized,
+        format!(
+            "{} from upstream does not authenticate: changed, dropped or replayed in transit, or not sent by the \
+             node before this one",
+            kind.name()
+        ),
+    )
 }
 
 impl Drop for Session<'_> {

@@ -123,7 +123,10 @@ pub enum WireError {
     #[error("not a shardcast peer (bad magic {0:02x?})")]
     BadMagic([u8; 4]),
     /// A protocol version this build does not speak.
-    #[error("unsupported protocol version {0} (this build speaks 1)")]
+    #[error(
+        "unsupported protocol version {0} (this build speaks {v}): run the same shardcast release on every node",
+        v = crate::wire::PROTO_VERSION
+    )]
     BadVersion(u16),
     /// A frame kind this build does not know.
     #[error("unknown frame kind {0}")]

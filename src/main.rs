@@ -150,8 +150,9 @@ enum Cmd {
         /// (0: no cap). Checked at start and at every push.
         #[arg(long, default_value_t = 102_400, env = "SHARDCAST_SERVE_PARTIAL_MAX_MB")]
         partial_max_mb: u64,
-        /// More keys this replica accepts, each limited to name prefixes and to whether its
-        /// versions may become `current` (TOML: [[key]] file, names, replace_current).
+        /// More keys this replica accepts, each limited to name prefixes, to whether its
+        /// versions may become `current` and to whether it may prune (TOML: [[key]] file, names,
+        /// replace_current, prune). The limits hold at every replica of the chain.
         /// `--key-file` stays the key with every right (and the one used downstream).
         #[arg(long, env = "SHARDCAST_SERVE_ACL")]
         acl: Option<PathBuf>,
@@ -516,11 +517,7 @@ fn main() -> ExitCode {
                         "listening on {} (root {}, keep {keep}, pool {pool_mb} MiB per push, memlock limit {pinned}{})",
                         server.local_addr(),
                         root.display(),
-                        if std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_some() {
-                            ", DIGEST VERIFICATION OFF (benchmark)"
-                        } else {
-                            ""
-                        }
+                        if shardcast::server::bench_no_verify() { ", DIGEST VERIFICATION OFF (benchmark)" } else { "" }
                     );
                     server.run();
                     0

@@ -19,7 +19,9 @@ use prometheus_client::registry::Registry;
 /// A peer label: the address of the node at the other end of a hop.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
-    /// "IP:PORT" as the chain names it (upstream: the connecting address).
+    /// Downstream: "IP:PORT" as the chain names it (its listening address). Upstream: the
+    /// connecting IP address alone, without its ephemeral port (one series per peer, not one
+    /// per connection).
     pub peer: String,
 }
 
@@ -164,14 +166,21 @@ pub struct SessionMetrics {
 }
 
 impl SessionMetrics {
-    /// Takes the per-peer counters for a session.
+    /// Takes the per-peer counters for a session. `upstream` is the connecting address (its
+    /// port, new for every connection, is left out of the label).
     pub fn new(all: &Arc<Metrics>, upstream: &str, downstream: &str) -> Self {
         Self {
             all: Arc::clone(all),
-            bytes_in: all.bytes_in.get_or_create(&PeerLabel { peer: upstream.into() }).clone(),
+            bytes_in: all.bytes_in.get_or_create(&PeerLabel { peer: peer_host(upstream) }).clone(),
             bytes_out: all.bytes_out.get_or_create(&PeerLabel { peer: downstream.into() }).clone(),
         }
     }
+}
+
+/// The address of `peer` without its port ("10.0.0.1:41234" -> "10.0.0.1", "[::1]:5" -> "::1");
+/// anything that is not a socket address is kept as it is.
+pub fn peer_host(peer: &str) -> String {
+    peer.parse::<SocketAddr>().map_or_else(|_| peer.to_owned(), |a| a.ip().to_string())
 }
 
 /// Serves `GET /metrics` on `listen` from a background thread; returns the bound address.

@@ -203,7 +203,17 @@ pub(crate) fn handshake(
     })?;
     stream.set_read_timeout(None).map_err(|e| lost(&e))?;
     match frame.header.kind {
-        Kind::Accept => Ok(frame.payload),
+        // What each node already holds (a routed push) decides what travels: authenticated.
+        Kind::Accept => match crate::crypt::open_frame(secret, crate::crypt::LABEL_ACCEPT, &frame.payload) {
+            Ok(body) => Ok(body.to_vec()),
+            Err(_) => Err(vec![ReplicaReport::failed(
+                &node,
+                NodeError::new(
+                    ErrorKind::Unauthorized,
+                    format!("the ACCEPT from {node} does not authenticate: changed in transit, or not from {node}"),
+                ),
+            )]),
+        },
         Kind::Reject => Err(wire::decode_reports(&frame.payload).unwrap_or_else(|e| {
             vec![ReplicaReport::failed(
                 &node,
@@ -491,6 +501,8 @@ fn run_push(
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
         wants: wants.clone(),
+        // The replicas know the key's limits (from their ACL); the primary claims none.
+        grant: wire::Grant { origin: opts.key.as_ref().map(|k| k.id().to_owned()).unwrap_or_default(), limits: None },
     };
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.

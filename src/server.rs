@@ -90,7 +90,7 @@ impl ServeOptions {
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 64,
             max_per_peer: 16,
-            verify: std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_none(),
+            verify: !bench_no_verify(),
             piece_bytes: crate::chain::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
@@ -104,6 +104,12 @@ impl ServeOptions {
             acl: Vec::new(),
         }
     }
+}
+
+/// Whether `SHARDCAST_BENCH_NO_VERIFY` turns digest verification off: only in a build with the
+/// `bench-switches` feature (benchmarks); a user's build always verifies.
+pub fn bench_no_verify() -> bool {
+    cfg!(feature = "bench-switches") && std::env::var_os("SHARDCAST_BENCH_NO_VERIFY").is_some()
 }
 
 /// A bound replica server.
@@ -506,22 +512,35 @@ fn push_session(
         },
         _ => None,
     };
-    // A key from the ACL may push only its names, and perhaps not move `current`.
-    let rule = key_id.and_then(|id| {
-        (opts.key.as_ref().is_none_or(|k| k.id() != id)).then(|| opts.acl.iter().find(|e| e.key.id() == id)).flatten()
-    });
-    if let Some(rule) = rule
-        && !rule.allows(&hello.name)
-    {
-        let why = format!(
-            "key {} may not push '{}' (it may push names starting with {:?})",
-            rule.key.id(),
-            hello.name,
-            rule.names
-        );
-        tracing::warn!("refused: {why}");
-        let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::Unauthorized, why));
-        return;
+    // The push's rights here: the limits the nodes before this one put on it (HELLO's grant),
+    // narrowed by this replica's ACL rule for the key the peer authenticated with and for the
+    // key the push started with. A relay forwards on the pusher's behalf, never with more.
+    let rule = |id: &str| {
+        let limited = opts.key.as_ref().is_none_or(|k| k.id() != id);
+        limited.then(|| opts.acl.iter().find(|e| e.key.id() == id).map(crate::auth::AclEntry::limits)).flatten()
+    };
+    let origin = if hello.grant.origin.is_empty() { key_id.unwrap_or_default() } else { &hello.grant.origin };
+    let limits = [key_id.and_then(rule), rule(origin)]
+        .iter()
+        .fold(hello.grant.limits.clone(), |acc, l| wire::Limits::intersect(acc.as_ref(), l.as_ref()));
+    if let Some(l) = &limits {
+        let who = if origin.is_empty() { "this push".to_owned() } else { format!("key {origin}") };
+        let why = if !l.allows(&hello.name) {
+            Some(format!("{who} may not push '{}' (it may push names starting with {:?})", hello.name, l.names))
+        } else if hello.keep > 0 && !l.prune {
+            Some(format!(
+                "{who} may not prune versions (the push asks to keep {}): push without --keep (each replica keeps \
+                 its own --keep), or allow it with `prune = true` in the ACL",
+                hello.keep
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::warn!("refused: {why}");
+            let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::Unauthorized, why));
+            return;
+        }
     }
     let routed = !hello.wants.is_empty();
     // A routed push carries every digest, so a partial staging of this version (an earlier
@@ -530,7 +549,7 @@ fn push_session(
     expire_partials(store, opts);
     let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
         Ok(mut s) => {
-            if rule.is_some_and(|r| !r.replace_current) {
+            if limits.as_ref().is_some_and(|l| !l.replace_current) {
                 s.keep_current();
             }
             s
@@ -593,6 +612,9 @@ fn push_session(
             wants: hello.wants.iter().skip(1).cloned().collect(),
             // Only the first replica of an async push reports early; the rest run as usual.
             mode: wire::Mode::Sync,
+            // The pusher's rights as far as this node knows them: the next node narrows them
+            // with its own rules (this node's key may have more).
+            grant: wire::Grant { origin: origin.to_owned(), limits: limits.clone() },
             ..hello.clone()
         };
         let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
@@ -618,6 +640,7 @@ fn push_session(
         down = Some(stream);
     }
     let accept = if routed { wire::encode_haves(&haves) } else { Vec::new() };
+    let accept = crate::crypt::seal_frame(up_secret.as_ref(), crate::crypt::LABEL_ACCEPT, accept);
     if let Err(e) = wire::write_frame(&mut conn, Kind::Accept, 0, &accept) {
         tracing::warn!("upstream went away before the push started: {e}");
         return;

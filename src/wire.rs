@@ -15,7 +15,7 @@ pub const HEADER_LEN: usize = 40;
 /// The magic that opens every frame.
 pub const MAGIC: [u8; 4] = *b"SHCS";
 /// The protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 4;
+pub const PROTO_VERSION: u16 = 5;
 /// The largest chunk a manifest may declare.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// The smallest chunk a manifest may declare.
@@ -367,6 +367,111 @@ pub struct Hello {
     /// after it in chain order (None: all of them). Empty: an ordinary push (everything to
     /// everyone). Routed pushes carry every digest.
     pub wants: Vec<Option<Vec<u32>>>,
+    /// The rights the push travels with: whose key started it and the limits the nodes before
+    /// the receiver put on it (protocol 5). Every node narrows them with its own rules, never
+    /// widens them.
+    pub grant: Grant,
+}
+
+/// On whose behalf a push travels, and what it may do (HELLO, protocol 5).
+///
+/// The first replica sets it from the key the primary authenticated with; each relay forwards
+/// what it allowed, so the limits of a key hold at every node of the chain, though the relays
+/// dial onward with their own keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grant {
+    /// The id of the key the push started with (the primary's); empty: none known.
+    pub origin: String,
+    /// The limits on the push (None: none).
+    pub limits: Option<Limits>,
+}
+
+/// What a limited key may do (`serve --acl`), as a push carries it down the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Name prefixes it may push (an empty prefix: any name).
+    pub names: Vec<String>,
+    /// Whether its versions may become `current`.
+    pub replace_current: bool,
+    /// Whether it may prune versions (HELLO's `keep`).
+    pub prune: bool,
+}
+
+impl Limits {
+    /// Whether these limits allow pushing `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        self.names.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// What both `a` and `b` allow (None: no limit).
+    pub fn intersect(a: Option<&Self>, b: Option<&Self>) -> Option<Self> {
+        match (a, b) {
+            (None, None) => None,
+            (Some(x), None) | (None, Some(x)) => Some(x.clone()),
+            (Some(a), Some(b)) => {
+                // A name passes both lists when it starts with a prefix of each: the longer of
+                // two prefixes where one extends the other.
+                let mut names: Vec<String> = Vec::new();
+                for p in &a.names {
+                    for q in &b.names {
+                        let both = if p.starts_with(q.as_str()) {
+                            p
+                        } else if q.starts_with(p.as_str()) {
+                            q
+                        } else {
+                            continue;
+                        };
+                        if !names.contains(both) {
+                            names.push(both.clone());
+                        }
+                    }
+                }
+                Some(Self { names, replace_current: a.replace_current && b.replace_current, prune: a.prune && b.prune })
+            }
+        }
+    }
+}
+
+impl Grant {
+    fn encode(&self, e: &mut Enc) {
+        e.str(&self.origin);
+        match &self.limits {
+            None => {
+                e.u8(0);
+            }
+            Some(l) => {
+                e.u8(1).u64(l.names.len() as u64);
+                for n in &l.names {
+                    e.str(n);
+                }
+                e.u8(u8::from(l.replace_current)).u8(u8::from(l.prune));
+            }
+        }
+    }
+
+    fn decode(d: &mut Dec<'_>) -> Result<Self, WireError> {
+        let origin = d.str("grant origin")?;
+        let limits = match d.u8("limits flag")? {
+            0 => None,
+            1 => {
+                let n = d.count("limit names", 4)?;
+                let mut names = Vec::with_capacity(n);
+                for _ in 0..n {
+                    names.push(d.str("limit name")?);
+                }
+                let flag = |d: &mut Dec<'_>, what| match d.u8(what)? {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    f => Err(WireError::Invalid(format!("{what} {f}"))),
+                };
+                let replace_current = flag(d, "replace_current")?;
+                let prune = flag(d, "prune")?;
+                Some(Limits { names, replace_current, prune })
+            }
+            f => return Err(WireError::Invalid(format!("limits flag {f}"))),
+        };
+        Ok(Self { origin, limits })
+    }
 }
 
 impl Hello {
@@ -399,6 +504,8 @@ impl Hello {
                 }
             }
         }
+        // Protocol 5: the grant, after every fixed field (the manifest takes the rest).
+        self.grant.encode(&mut e);
         let manifest = if self.wants.is_empty() { self.manifest.encode_plan() } else { self.manifest.encode() };
         e.0.extend_from_slice(&manifest);
         e.0
@@ -452,6 +559,7 @@ impl Hello {
                 f => return Err(NodeError::new(ErrorKind::Protocol, format!("bad HELLO: wants flag {f}"))),
             });
         }
+        let grant = Grant::decode(&mut d).map_err(bad)?;
         let rest = &buf[buf.len() - d.remaining()..];
         let manifest = if wants.is_empty() { Manifest::decode_plan(rest) } else { Manifest::decode(rest) }
             .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
@@ -462,7 +570,7 @@ impl Hello {
                 format!("a wanted entry ({i}) is past the manifest's {entries} entries"),
             ));
         }
-        Ok(Self { name, version, mode, transport, keep, flags, you, downstream, manifest, wants })
+        Ok(Self { name, version, mode, transport, keep, flags, you, downstream, manifest, wants, grant })
     }
 }
 
@@ -801,6 +909,52 @@ mod tests {
         let mut b = Header::new(Kind::Hello).to_bytes();
         b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(Header::decode(&b), Err(WireError::TooLong { .. })));
+    }
+
+    #[test]
+    fn an_older_version_is_refused_naming_both_versions() {
+        let mut b = Header::new(Kind::Hello).to_bytes();
+        b[4..6].copy_from_slice(&4u16.to_le_bytes());
+        let e = Header::decode(&b).unwrap_err();
+        assert_eq!(e, WireError::BadVersion(4));
+        let msg = e.to_string();
+        assert!(msg.contains("version 4") && msg.contains(&format!("speaks {PROTO_VERSION}")), "{msg}");
+    }
+
+    #[test]
+    fn grants_round_trip_in_hello_and_limits_intersect() {
+        let lim = |names: &[&str], rc, prune| Limits {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            replace_current: rc,
+            prune,
+        };
+        let a = lim(&["ckpt-", "llm-"], true, false);
+        let b = lim(&["ckpt-big", "data"], false, true);
+        let both = Limits::intersect(Some(&a), Some(&b)).unwrap();
+        assert_eq!(both, lim(&["ckpt-big"], false, false));
+        assert!(both.allows("ckpt-big-1") && !both.allows("ckpt-small") && !both.allows("data-1"));
+        assert_eq!(Limits::intersect(None, Some(&a)), Some(a.clone()));
+        assert_eq!(Limits::intersect(None, None), None);
+        let any = lim(&[""], true, true);
+        assert_eq!(Limits::intersect(Some(&any), Some(&a)).unwrap().names, a.names);
+
+        let (m, _) = crate::manifest::Manifest::plan_for_files(1 << 20, &[("a.bin", 3 << 20)]).unwrap();
+        for grant in [Grant::default(), Grant { origin: "0123abcd".into(), limits: Some(both) }] {
+            let h = Hello {
+                name: "ckpt-big-1".into(),
+                version: 3,
+                mode: Mode::Sync,
+                transport: crate::transport::Transport::Tcp,
+                keep: 0,
+                flags: HelloFlags::default(),
+                you: "a:1".into(),
+                downstream: vec!["b:2".into()],
+                manifest: m.clone(),
+                wants: Vec::new(),
+                grant,
+            };
+            assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        }
     }
 
     #[test]

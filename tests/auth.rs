@@ -271,3 +271,80 @@ fn acl_keys_push_only_their_names_and_may_be_kept_from_moving_current() {
     assert_eq!(code(&out), 1);
     assert!(all_output(&out).contains("wrong cluster key"), "{}", show_output(&out));
 }
+
+/// A limited key's push relayed by nodes whose own key is unlimited: its limits travel in the
+/// authenticated HELLO and hold at r2 and r3 too (each also applies its own ACL to the key the
+/// push started with), so a relay never lends the pusher its own rights.
+#[test]
+fn acl_limits_hold_at_every_replica_of_the_chain() {
+    let t = tempdir();
+    let (d1, d2) = (t.path().join("acl1"), t.path().join("acl2"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let admin = key_file(t.path(), "admin.key", SECRET_A);
+    let trainer = key_file(t.path(), "trainer.key", SECRET_B);
+    for d in [&d1, &d2] {
+        key_file(d, "trainer.key", SECRET_B);
+    }
+    // r1 lets the trainer push "other" and prune, but not move `current`; r2 and r3 let it move
+    // `current` (only r1's limit, carried in HELLO, keeps it from doing so there), but not push
+    // "other" nor prune.
+    let acl1 = d1.join("acl.toml");
+    std::fs::write(
+        &acl1,
+        "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\", \"other\"]\nreplace_current = false\nprune = true\n",
+    )
+    .unwrap();
+    let acl2 = d2.join("acl.toml");
+    std::fs::write(&acl2, "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\nreplace_current = true\n").unwrap();
+    let keyed = |acl: &Path, n| {
+        Cluster::builder()
+            .env("SHARDCAST_KEY_FILE", admin.to_str().unwrap())
+            .serve_arg("--acl")
+            .serve_arg(acl.to_str().unwrap())
+            .start(n)
+    };
+    let (c1, c23) = (keyed(&acl1, 1), keyed(&acl2, 2));
+    let roots = [c1.root(0), c23.root(0), c23.root(1)];
+    let to = format!("{},{}", c1.addr(0), c23.addrs());
+    let logs = || format!("{}{}", c1.logs(), c23.logs());
+    let src = t.path().join("src");
+    write_random_file(&src.join("w.bin"), 1 << 20, 7);
+    let push = |name: &str, v: u64, key: &Path, extra: &[&str]| {
+        let mut cmd = c1.push_cmd(&to, &src, name, v, &["--json"]);
+        cmd.args(extra).arg("--key-file").arg(key);
+        run(&mut cmd)
+    };
+
+    // The admin's version is current everywhere; the trainer's is published beside it, on
+    // every replica.
+    let out = push("ckpt-a", 1, &admin, &[]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs());
+    let out = push("ckpt-a", 2, &trainer, &[]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs());
+    for (i, root) in roots.iter().enumerate() {
+        assert!(root.join("ckpt-a/2.manifest").exists(), "replica {i} did not publish ckpt-a@2");
+        assert_tree_identical(&src, &root.join("ckpt-a/2"));
+        assert_current(root, "ckpt-a", 1);
+    }
+
+    // A name r2 and r3 do not allow the trainer: refused there, published nowhere.
+    let out = push("other", 1, &trainer, &[]);
+    assert_eq!(code(&out), 1, "{}\n{}", show_output(&out), logs());
+    let all = all_output(&out);
+    assert!(all.contains("unauthorized") && all.contains("may not push 'other'"), "{all}");
+    for (i, root) in roots.iter().enumerate() {
+        assert!(!root.join("other/1.manifest").exists(), "replica {i} published a name the trainer may not push");
+    }
+
+    // Pruning through HELLO's keep: refused at r2, nothing pruned or published anywhere.
+    let out = push("ckpt-a", 3, &trainer, &["--keep", "1"]);
+    assert_eq!(code(&out), 1, "{}\n{}", show_output(&out), logs());
+    let all = all_output(&out);
+    assert!(all.contains("unauthorized") && all.contains("may not prune"), "{all}");
+    for (i, root) in roots.iter().enumerate() {
+        assert!(root.join("ckpt-a/2.manifest").exists(), "replica {i} pruned ckpt-a@2 for a limited key");
+        assert!(!root.join("ckpt-a/3.manifest").exists(), "replica {i} published ckpt-a@3");
+        assert_current(root, "ckpt-a", 1);
+    }
+}

@@ -271,3 +271,112 @@ fn misconfigured_encryption_is_refused_with_what_to_do() {
     c.assert_push_ok(&out);
     c.assert_published(&src, "y", 1);
 }
+
+/// A proxy in front of `target` that rewrites, on the first connection towards the target, the
+/// payload of CHUNK number `victim` AND its header's digest (so that they agree), and then END's
+/// manifest digest to match: what someone on the path could do to an authenticated but
+/// unencrypted hop if its frames carried no MAC. Frames after a chunk's payload that do not
+/// start with the magic are taken as its MAC and passed on untouched. Later connections pass
+/// as they are.
+fn rewriting_proxy(target: String, victim: u64) -> String {
+    use shardcast::wire::{HEADER_LEN, Hello, Kind, MAGIC};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for client in l.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&target) else { return };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || pipe(s2, c2, None, Tamper::None));
+            if !std::mem::take(&mut first) {
+                std::thread::spawn(move || pipe(client, server, None, Tamper::None));
+                continue;
+            }
+            std::thread::spawn(move || {
+                let mut from = std::io::BufReader::with_capacity(1 << 20, client);
+                let mut to = server;
+                let mut manifest = None;
+                let mut header = [0u8; HEADER_LEN];
+                let mut raw_after = false;
+                while !raw_after && from.read_exact(&mut header).is_ok() {
+                    let kind = header[6];
+                    let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+                    let mut payload = vec![0u8; len];
+                    if from.read_exact(&mut payload).is_err() {
+                        return;
+                    }
+                    if kind == Kind::Hello as u8 {
+                        // The HELLO's MAC (32 bytes) follows its encoding.
+                        let h = Hello::decode(&payload[..len - 32]).expect("a HELLO");
+                        manifest = Some(h.manifest);
+                    } else if kind == Kind::Chunk as u8 {
+                        let seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
+                        if seq == victim {
+                            for b in &mut payload {
+                                *b = !*b;
+                            }
+                            let d = shardcast::manifest::digest(&payload);
+                            header[24..40].copy_from_slice(&d.to_le_bytes());
+                        }
+                        let d = u128::from_le_bytes(header[24..40].try_into().unwrap());
+                        manifest.as_mut().expect("HELLO first").set_digest(seq, d);
+                    } else if kind == Kind::End as u8 {
+                        let d = manifest.as_ref().expect("HELLO first").digest();
+                        header[24..40].copy_from_slice(&d.to_le_bytes());
+                        raw_after = true;
+                    }
+                    if to.write_all(&header).and_then(|()| to.write_all(&payload)).is_err() {
+                        return;
+                    }
+                    // A MAC after a chunk: whatever does not start a frame.
+                    if kind == Kind::Chunk as u8 {
+                        let Ok(next) = std::io::BufRead::fill_buf(&mut from) else { return };
+                        if next.len() >= 4 && next[..4] != MAGIC {
+                            let mut mac = [0u8; 16];
+                            if from.read_exact(&mut mac).is_err() || to.write_all(&mac).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                // The rest (END's MAC, if any) as it comes.
+                let rest = from.buffer().to_vec();
+                if to.write_all(&rest).is_ok() {
+                    pipe(from.into_inner(), to, None, Tamper::None);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Without --encrypt, a cluster key still makes the data authentic: a chunk and its digest
+/// changed together on the path (and END's manifest digest to match) are refused as
+/// `unauthorized` by the replica after the change, and no replica publishes other bytes.
+#[test]
+fn a_chunk_and_its_digest_changed_together_on_an_authenticated_hop_are_refused() {
+    let t = tempdir();
+    let key = key_file(t.path());
+    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let src = t.path().join("src");
+    write_random_file(&src.join("a.bin"), 4 << 20, 9);
+    let p0 = rewriting_proxy(c.addr(0), 2);
+    let to = format!("{p0},{}", c.addr(1));
+    let out = run(&mut c.push_cmd(&to, &src, "swapped", 1, &["--chunk-size", "1MiB", "--json", "--no-repair"]));
+    let all = all_output(&out);
+    assert!(all.contains("unauthorized") && all.contains("does not authenticate"), "{all}\n{}", c.logs());
+    assert_ne!(code(&out), 0, "{all}");
+    // Nothing wrong is published anywhere: a replica that published has the source's bytes.
+    for i in 0..2 {
+        let published = c.root(i).join("swapped/1");
+        if published.exists() {
+            assert_tree_identical(&src, &published);
+        }
+    }
+    assert!(!c.root(0).join("swapped/1").exists(), "r0 published after refusing a chunk\n{}", c.logs());
+    // A good push right after, through the same proxy (it alters only its first connection).
+    let out = run(&mut c.push_cmd(&to, &src, "swapped", 2, &["--chunk-size", "1MiB", "--json"]));
+    c.assert_push_ok(&out);
+    c.assert_published(&src, "swapped", 2);
+}

@@ -343,6 +343,7 @@ fn rogue_push(lie: Lie) {
         downstream: vec![c.addr(1)],
         manifest: manifest.clone(),
         wants: Vec::new(),
+        grant: Default::default(),
     };
     let mut s = connect(&c);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -148,6 +148,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 downstream,
                 manifest,
                 wants,
+                grant: Default::default(),
             }
         })
 }
@@ -362,6 +363,7 @@ fn write_fuzz_seeds() {
         downstream: vec!["10.0.0.3:7070".into(), "10.0.0.4:7070".into()],
         manifest: plan,
         wants: Vec::new(),
+        grant: Default::default(),
     };
     let tiny_hello = Hello {
         name: "s".into(),
@@ -374,6 +376,7 @@ fn write_fuzz_seeds() {
         downstream: Vec::new(),
         manifest: Manifest::new(cs, Vec::new(), Vec::new()).unwrap(),
         wants: Vec::new(),
+        grant: Default::default(),
     };
     let reports = vec![
         ReplicaReport { node: "10.0.0.3:7070".into(), outcome: Outcome::Published },
@@ -398,6 +401,22 @@ fn write_fuzz_seeds() {
     };
     let mut credits = Vec::new();
     wire::encode_credits(&[0, 1, 7], &mut credits);
+    let granted = Hello {
+        grant: wire::Grant {
+            origin: "0123456789abcdef".into(),
+            limits: Some(wire::Limits {
+                names: vec!["ckpt-".into(), "llm-".into()],
+                replace_current: false,
+                prune: false,
+            }),
+        },
+        ..hello.clone()
+    };
+    // The `secure` target's MAC input: a secret, a CHUNK header, a bit position, a payload.
+    let mut mac_seed = vec![7u8; 32];
+    mac_seed.extend_from_slice(&Header { kind: Kind::Chunk, len: 5, seq: 3, digest: 0x4444 }.to_bytes());
+    mac_seed.push(200);
+    mac_seed.extend_from_slice(&[0x5a; 24]);
 
     let frame = |kind, seq, payload: &[u8]| {
         let mut b = Vec::new();
@@ -424,6 +443,8 @@ fn write_fuzz_seeds() {
         ("manifest", "manifest", full.encode()),
         ("manifest", "manifest_single", single.encode()),
         ("manifest", "plan", full.encode_plan()),
+        ("secure", "hello_grant", granted.encode()),
+        ("secure", "frame_mac", mac_seed),
     ];
     for (target, name, bytes) in seeds {
         let dir = root.join(target);

@@ -45,6 +45,7 @@ fn start_push(cluster: &Cluster, manifest: &Manifest, version: u64) -> TcpStream
         downstream: (1..cluster.len()).map(|i| cluster.addr(i)).collect(),
         manifest: manifest.clone(),
         wants: Vec::new(),
+        grant: Default::default(),
     };
     wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode()).unwrap();
     let f = wire::read_frame(&mut s).unwrap();
