@@ -85,6 +85,9 @@ pub struct Store {
     partial_max_bytes: AtomicU64,
     /// Held while partials are taken over, kept, or expired.
     partials: Mutex<()>,
+    /// Journal received chunks for resumes (off only to measure what journaling costs:
+    /// `SHARDCAST_BENCH_NO_JOURNAL`).
+    journaling: bool,
 }
 
 /// The partial stagings a root keeps for resumes, after expiry.
@@ -135,6 +138,7 @@ impl Store {
             partial_max_age: Mutex::new(None),
             partial_max_bytes: AtomicU64::new(0),
             partials: Mutex::new(()),
+            journaling: std::env::var_os("SHARDCAST_BENCH_NO_JOURNAL").is_none(),
         }))
     }
 
@@ -317,6 +321,7 @@ impl Store {
             journal: None,
             pending: Vec::new(),
             durable: 0,
+            writer: None,
             resumed: Vec::new(),
             keep_current: false,
         };
@@ -678,6 +683,63 @@ fn journal_records(path: &Path) -> Option<(Vec<u8>, Vec<JournalRecord>)> {
     Some((header, records))
 }
 
+/// A batch for the journal's thread: records, and the files their chunks were written to.
+type JournalBatch = (Vec<JournalRecord>, Vec<Arc<File>>);
+
+/// The thread that makes journal batches durable, off the session's event loop. For each batch
+/// it syncs the files the chunks were written to first, then appends the records and syncs the
+/// journal: the journal never names bytes that are not durable. It stops at the first error
+/// (later batches are then not journaled, which costs a resume only the chunks they name).
+#[derive(Debug)]
+struct JournalWriter {
+    tx: crossbeam_channel::Sender<JournalBatch>,
+    thread: std::thread::JoinHandle<(usize, io::Result<()>)>,
+}
+
+impl JournalWriter {
+    fn start(mut journal: File) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<JournalBatch>();
+        let thread = std::thread::Builder::new().name("shardcast-journal".into()).spawn(move || {
+            let mut durable = 0;
+            for (records, files) in rx {
+                if let Err(e) = append_durably(&mut journal, &records, &files) {
+                    return (durable, Err(e));
+                }
+                durable += records.len();
+            }
+            (durable, Ok(()))
+        })?;
+        Ok(Self { tx, thread })
+    }
+
+    fn send(&self, records: Vec<JournalRecord>, files: Vec<Arc<File>>) {
+        // A thread that stopped at an error has said so when it is finished.
+        let _ = self.tx.send((records, files));
+    }
+
+    /// Waits until every batch sent is durable (or the thread failed): the records made
+    /// durable, and the first error.
+    fn finish(self) -> (usize, io::Result<()>) {
+        drop(self.tx);
+        self.thread.join().unwrap_or_else(|_| (0, Err(io::Error::other("the journal thread panicked"))))
+    }
+}
+
+/// Syncs `files`, then appends `records` to the journal and syncs it.
+fn append_durably(journal: &mut File, records: &[JournalRecord], files: &[Arc<File>]) -> io::Result<()> {
+    for f in files {
+        f.sync_data()?;
+    }
+    let mut buf = Vec::with_capacity(records.len() * 28);
+    for &(entry, chunk, digest) in records {
+        buf.extend_from_slice(&entry.to_le_bytes());
+        buf.extend_from_slice(&chunk.to_le_bytes());
+        buf.extend_from_slice(&digest.to_le_bytes());
+    }
+    io::Write::write_all(journal, &buf)?;
+    journal.sync_data()
+}
+
 /// A version being received. Dropped without [`Staging::publish`], it removes itself.
 #[derive(Debug)]
 pub struct Staging {
@@ -686,7 +748,8 @@ pub struct Staging {
     version: u64,
     dir: PathBuf,
     entries: Vec<crate::manifest::Entry>,
-    files: Vec<Option<File>>,
+    /// Shared with the journal's thread, which syncs them.
+    files: Vec<Option<Arc<File>>>,
     done: bool,
     /// The staged manifest's plan encoding: the journal's header (a partial is resumed only by
     /// a push of the same files).
@@ -697,8 +760,10 @@ pub struct Staging {
     journal: Option<File>,
     /// Records of written chunks not yet made durable.
     pending: Vec<JournalRecord>,
-    /// Records made durable so far.
+    /// Records made durable so far (counted when the journal's thread is done).
     durable: usize,
+    /// The journal's thread, once the first batch is sent.
+    writer: Option<JournalWriter>,
     /// Records taken over from a partial staging.
     resumed: Vec<JournalRecord>,
     /// Publish beside `current` without moving it (a key that may not replace it).
@@ -766,7 +831,7 @@ impl Staging {
                         .map_err(|err| io_err(&path, err))?;
                     f.set_len(e.size).map_err(|err| io_err(&path, err))?;
                     // Only files with chunks keep a descriptor open for the data path.
-                    self.files.push((e.size > 0).then_some(f));
+                    self.files.push((e.size > 0).then(|| Arc::new(f)));
                     continue;
                 }
             }
@@ -809,7 +874,7 @@ impl Staging {
                         .open(&path)
                         .map_err(err)?;
                     f.set_len(e.size).map_err(err)?;
-                    self.files.push((e.size > 0).then_some(f));
+                    self.files.push((e.size > 0).then(|| Arc::new(f)));
                 }
             }
         }
@@ -840,47 +905,66 @@ impl Staging {
     }
 
     /// Notes that chunk `chunk` of entry `entry` (with `digest`) is written; every
-    /// `JOURNAL_BATCH` chunks the files are synced and the records made durable.
+    /// `JOURNAL_BATCH` chunks the batch goes to the journal's thread, which syncs the files and
+    /// then makes the records durable (the session's event loop never waits for an fsync).
     pub fn record(&mut self, entry: usize, chunk: u64, digest: u128, len: u32) {
         self.cancel.done.fetch_add(u64::from(len), Ordering::Relaxed);
+        if !self.store.journaling {
+            return;
+        }
         self.pending.push((entry as u32, chunk, digest));
-        if self.pending.len() >= JOURNAL_BATCH
-            && let Err(e) = self.flush_journal()
-        {
-            tracing::warn!("journal: {e}");
+        if self.pending.len() >= JOURNAL_BATCH {
+            self.send_batch();
         }
     }
 
-    /// Makes the pending records durable: the data they describe first, then the records.
-    fn flush_journal(&mut self) -> io::Result<()> {
+    /// Hands the pending records, with the files they were written to, to the journal's
+    /// thread (started with the first batch).
+    fn send_batch(&mut self) {
         if self.pending.is_empty() {
-            return Ok(());
+            return;
         }
-        let Some(j) = self.journal.as_mut() else { return Ok(()) };
-        let mut synced = HashSet::new();
-        for &(entry, _, _) in &self.pending {
-            if synced.insert(entry)
-                && let Some(Some(f)) = self.files.get(entry as usize)
-            {
-                f.sync_data()?;
+        if self.writer.is_none() {
+            let Some(journal) = self.journal.take() else { return };
+            match JournalWriter::start(journal) {
+                Ok(w) => self.writer = Some(w),
+                Err(e) => {
+                    // Not journaled: a resume receives these chunks again.
+                    tracing::warn!("journal: cannot start its thread: {e}");
+                    self.pending.clear();
+                    return;
+                }
             }
         }
-        let mut buf = Vec::with_capacity(self.pending.len() * 28);
-        for &(entry, chunk, digest) in &self.pending {
-            buf.extend_from_slice(&entry.to_le_bytes());
-            buf.extend_from_slice(&chunk.to_le_bytes());
-            buf.extend_from_slice(&digest.to_le_bytes());
+        let mut entries = HashSet::new();
+        let files = self
+            .pending
+            .iter()
+            .filter(|&&(e, _, _)| entries.insert(e))
+            .filter_map(|&(e, _, _)| self.files.get(e as usize).cloned().flatten())
+            .collect();
+        let records = std::mem::take(&mut self.pending);
+        if let Some(w) = &self.writer {
+            w.send(records, files);
         }
-        io::Write::write_all(j, &buf)?;
-        j.sync_data()?;
-        self.durable += self.pending.len();
-        self.pending.clear();
-        Ok(())
+    }
+
+    /// Makes every pending record durable and waits for the journal's thread to finish.
+    fn flush_journal(&mut self) -> io::Result<()> {
+        self.send_batch();
+        match self.writer.take() {
+            Some(w) => {
+                let (durable, result) = w.finish();
+                self.durable += durable;
+                result
+            }
+            None => Ok(()),
+        }
     }
 
     /// The descriptor chunks of entry `i` are written to.
     pub fn fd(&self, entry: usize) -> Option<RawFd> {
-        self.files.get(entry)?.as_ref().map(AsRawFd::as_raw_fd)
+        self.files.get(entry)?.as_ref().map(|f| f.as_raw_fd())
     }
 
     /// Starts copying `copies` (chunks this node already holds) into the staged files on a
@@ -1000,7 +1084,11 @@ impl Drop for Staging {
         if !self.done {
             // What was written and synced is kept as a partial version, so that a repeated push
             // (or a repaired chain) resumes instead of starting over.
-            let kept = self.flush_journal().is_ok() && self.durable + self.resumed.len() > 0;
+            let flushed = self.flush_journal();
+            if let Err(e) = &flushed {
+                tracing::warn!("journal: {e}");
+            }
+            let kept = flushed.is_ok() && self.durable + self.resumed.len() > 0;
             self.files.clear();
             self.journal = None;
             if kept {

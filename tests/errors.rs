@@ -12,16 +12,6 @@ use util::*;
 
 const MIB: u64 = 1 << 20;
 
-/// The stderr has an `error:` line that contains every needle (case-sensitive).
-fn assert_error_line(out: &std::process::Output, needles: &[&str]) {
-    let lines = error_lines(out);
-    assert!(
-        lines.iter().any(|l| needles.iter().all(|n| l.contains(n))),
-        "expected an `error:` line containing {needles:?}; got {lines:?}\n{}",
-        show_output(out)
-    );
-}
-
 /// No replica exposes NAME@V (no version dir, no manifest, no `current`).
 fn assert_not_published(c: &Cluster, idx: &[usize], name: &str, v: u64) {
     for &i in idx {
@@ -314,17 +304,6 @@ fn middle_replica_killed_mid_push() {
 // ------------------------------------------------------------------------------------------
 // disk full
 // ------------------------------------------------------------------------------------------
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.0).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
 
 #[test]
 fn not_enough_disk_space() {

@@ -14,27 +14,6 @@ use util::*;
 
 const MIB: u64 = 1 << 20;
 
-/// The stderr has an `error:` line that contains every needle (case-sensitive).
-fn assert_error_line(out: &std::process::Output, needles: &[&str]) {
-    let lines = error_lines(out);
-    assert!(
-        lines.iter().any(|l| needles.iter().all(|n| l.contains(n))),
-        "expected an `error:` line containing {needles:?}; got {lines:?}\n{}",
-        show_output(out)
-    );
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.0).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
 /// A tmpfs of `mib` MiB mounted on a new temp dir (None when this is not root or mount fails:
 /// the test says it was skipped).
 fn small_fs(mib: u64) -> Option<(tempfile::TempDir, Unmount)> {

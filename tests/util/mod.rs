@@ -975,3 +975,25 @@ pub fn received(maddr: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
+
+/// The stderr has an `error:` line that contains every needle (case-sensitive).
+pub fn assert_error_line(out: &Output, needles: &[&str]) {
+    let lines = error_lines(out);
+    assert!(
+        lines.iter().any(|l| needles.iter().all(|n| l.contains(n))),
+        "expected an `error:` line containing {needles:?}; got {lines:?}\n{}",
+        show_output(out)
+    );
+}
+
+/// Unmounts its mount point when dropped (lazily when it is busy).
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(&self.0).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
