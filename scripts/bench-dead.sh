@@ -6,7 +6,7 @@
 # each of SIZE bytes as a new version; medians of the process wall time and of the push's own
 # "seconds", and their ratio B/A. Target: B <= 1.1 x A. Raw rounds in results/bench-dead-*.csv.
 # Env: REPS (9), SIZE (1GiB), CHUNK (4M), KILLED (2), BIN (target/release/shardcast; PROFILE=dev
-# uses target/debug). The replicas' roots are in /dev/shm when it has room.
+# uses target/debug; NO_BUILD=1 runs the binary as it is). The replicas' roots are in /dev/shm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -16,10 +16,10 @@ SIZE=${SIZE:-1GiB}
 CHUNK=${CHUNK:-4M}
 KILLED=${KILLED:-2}
 if [[ "${PROFILE:-release}" == dev ]]; then
-    cargo build --quiet --bin shardcast
+    [[ -n "${NO_BUILD:-}" ]] || cargo build --quiet --bin shardcast
     BIN=target/debug/shardcast
 else
-    cargo build --release --quiet --bin shardcast
+    [[ -n "${NO_BUILD:-}" ]] || cargo build --release --quiet --bin shardcast
 fi
 base=/tmp
 [[ -d /dev/shm ]] && base=/dev/shm
