@@ -528,6 +528,18 @@ impl<'a> Session<'a> {
 
     /// Runs the push to its end.
     pub fn run(mut self) -> SessionEnd {
+        self.drive()
+    }
+
+    /// Runs the push to its end and returns, with the end, the manifest as this node knows it
+    /// then: on the primary of an ordinary push, the digest of every chunk it read (zero for
+    /// chunks it never read), which a repair of the push must keep to.
+    pub fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest) {
+        let end = self.drive();
+        (end, self.manifest.clone())
+    }
+
+    fn drive(&mut self) -> SessionEnd {
         self.machine.start(&mut self.actions);
         for a in std::mem::take(&mut self.actions) {
             self.act(a);

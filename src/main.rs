@@ -690,6 +690,9 @@ fn report_json(r: &PushReport) -> serde_json::Value {
         .replicas
         .iter()
         .map(|rep| match &rep.outcome {
+            Outcome::Published if r.already_held.contains(&rep.node) => {
+                json!({ "node": rep.node, "status": "published", "already_held": true })
+            }
             Outcome::Published => json!({ "node": rep.node, "status": "published" }),
             Outcome::Behind => json!({ "node": rep.node, "status": "behind" }),
             Outcome::Failed(e) => {
@@ -787,6 +790,9 @@ fn run_with_progress(
                 );
                 for rep in &r.replicas {
                     match &rep.outcome {
+                        Outcome::Published if r.already_held.contains(&rep.node) => {
+                            println!("  {:<22} published (already held: took no data)", rep.node)
+                        }
                         Outcome::Published => println!("  {:<22} published", rep.node),
                         Outcome::Behind => {
                             println!("  {:<22} behind: still receiving (`shardcast status {}`)", rep.node, rep.node)

@@ -11,8 +11,12 @@
 //!   polls (the write-then-rename convention makes it appear complete at once; a slow writer
 //!   that writes in place is caught by the second look).
 //!
-//! Only versions newer than the newest one already pushed (or published on the first replica
-//! when mirroring starts) are pushed, oldest first; a failed push is retried at the next poll.
+//! Only versions newer than the newest one already done are pushed, oldest first. A step is
+//! done once the push's rule is met (`--min-replicas`, else every replica; the first one in
+//! async mode): when mirroring starts, the newest version published on that many replicas.
+//! A step that fails or publishes on too few replicas is retried at the next poll, before any
+//! later step (pushes are idempotent: the replicas that already hold it take no data); a step
+//! that a replica holds with other bytes (`version_exists`) cannot be completed and is skipped.
 //! Retention: `--keep K` travels with each push, so every replica keeps the last K mirrored
 //! checkpoints of the name (their own `serve --keep` when it is not given).
 
@@ -69,15 +73,19 @@ fn signature(path: &Path) -> Option<(u64, u64, SystemTime)> {
 /// (two looks, `interval` apart, so the stability check can pass), else never.
 /// `on_push` hears every attempt: the step and the outcome line.
 pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str)) {
-    let mut pushed = newest_published(opts);
+    let mut pushed = newest_done(opts);
     let mut seen: HashMap<String, (u64, u64, SystemTime)> = HashMap::new();
+    let mut conflicts: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut looks = 0;
     loop {
         let mut ready: Vec<(u64, PathBuf)> = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&opts.watch) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some(step) = step_of(&name).filter(|s| pushed.is_none_or(|p| *s > p)) else { continue };
+                let Some(step) = step_of(&name).filter(|s| pushed.is_none_or(|p| *s > p) && !conflicts.contains(s))
+                else {
+                    continue;
+                };
                 if temporary(&name) {
                     continue;
                 }
@@ -98,24 +106,44 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
         for (step, path) in ready {
             let mut po = opts.push.clone();
             po.version = step;
-            let line = match push(&path, &po, None) {
+            let (line, retry) = match push(&path, &po, None) {
                 Ok(r) if r.ok() => {
                     pushed = Some(step);
-                    format!("{}@{step}: published on {} replica(s), {:.2} s", po.name, r.published(), r.seconds)
+                    let held = if r.already_held.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} already held it)", r.already_held.len())
+                    };
+                    (
+                        format!(
+                            "{}@{step}: published on {} replica(s){held}, {:.2} s",
+                            po.name,
+                            r.published(),
+                            r.seconds
+                        ),
+                        false,
+                    )
                 }
-                Ok(r) => format!(
-                    "{}@{step}: published on {} of {} replicas; retrying",
-                    po.name,
-                    r.published(),
-                    r.replicas.len()
+                Ok(r) => (
+                    format!(
+                        "{}@{step}: published on {} of {} replicas; retrying at the next poll",
+                        po.name,
+                        r.published(),
+                        r.replicas.len()
+                    ),
+                    true,
                 ),
                 Err(e) if e.kind() == crate::ErrorKind::VersionExists => {
-                    pushed = Some(step);
-                    format!("{}@{step}: already there ({e})", po.name)
+                    conflicts.insert(step);
+                    (format!("{}@{step}: a replica holds other bytes as this version, skipped ({e})", po.name), false)
                 }
-                Err(e) => format!("{}@{step}: {e}; retrying at the next poll", po.name),
+                Err(e) => (format!("{}@{step}: {e}; retrying at the next poll", po.name), true),
             };
             on_push(step, &line);
+            // Steps complete in order: a later one waits until this one meets the rule.
+            if retry {
+                break;
+            }
         }
         looks += 1;
         if once && looks >= 2 {
@@ -125,13 +153,21 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
     }
 }
 
-/// The newest version of the shard set on the first replica (None when none, or unknown).
-fn newest_published(opts: &MirrorOptions) -> Option<u64> {
-    let first = opts.push.to.first()?;
-    let sets =
-        crate::server::status(first, opts.push.connect_timeout, opts.push.key.as_ref(), opts.push.tls.as_deref())
-            .ok()?;
-    sets.into_iter().find(|s| s.name == opts.push.name).and_then(|s| s.versions.into_iter().max())
+/// The newest version of the shard set published on as many replicas as a push must reach
+/// (None when none, or unknown). A replica that cannot be asked counts as holding nothing.
+fn newest_done(opts: &MirrorOptions) -> Option<u64> {
+    let p = &opts.push;
+    let need = p.min_replicas.unwrap_or(if p.mode == crate::wire::Mode::Async { 1 } else { p.to.len() }).max(1);
+    let mut holders: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for node in &p.to {
+        let Ok(sets) = crate::server::status(node, p.connect_timeout, p.key.as_ref(), p.tls.as_deref()) else {
+            continue;
+        };
+        for v in sets.into_iter().filter(|s| s.name == p.name).flat_map(|s| s.versions) {
+            *holders.entry(v).or_default() += 1;
+        }
+    }
+    holders.into_iter().rev().find(|&(_, n)| n >= need).map(|(v, _)| v)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::ClusterKey;
 use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
-use crate::error::{ErrorKind, NodeError, PushError};
+use crate::error::{ErrorKind, ManifestError, NodeError, PushError};
 use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
@@ -116,6 +116,9 @@ pub struct PushReport {
     pub replicas: Vec<ReplicaReport>,
     /// Replicas that must publish for [`PushReport::ok`] (`--min-replicas`; default all).
     pub required: usize,
+    /// Replicas that already held this version with the same manifest: reported published,
+    /// they took no data.
+    pub already_held: Vec<String>,
 }
 
 impl PushReport {
@@ -174,6 +177,10 @@ fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> 
     Err(unreachable(&last))
 }
 
+/// The MAC label of a REJECT that says a node already holds the version (its report is
+/// "published").
+pub(crate) const LABEL_HELD: &[u8] = b"shardcast held";
+
 /// Sends HELLO to the first node and waits for the whole chain's answer.
 /// Returns ACCEPT's payload (a routed push's have-sets; empty otherwise).
 pub(crate) fn handshake(
@@ -214,12 +221,28 @@ pub(crate) fn handshake(
                 ),
             )]),
         },
-        Kind::Reject => Err(wire::decode_reports(&frame.payload).unwrap_or_else(|e| {
-            vec![ReplicaReport::failed(
-                &node,
-                NodeError::new(ErrorKind::Protocol, format!("{node} sent a bad REJECT: {e}")),
-            )]
-        })),
+        Kind::Reject => {
+            // A REJECT that says "published" (a node already holds this version) carries a MAC
+            // on an authenticated connection, like RESULT: who published must not be forgeable.
+            let held = secret.and_then(|_| crate::crypt::open_frame(secret, LABEL_HELD, &frame.payload).ok());
+            let mut reports = wire::decode_reports(held.unwrap_or(&frame.payload)).unwrap_or_else(|e| {
+                vec![ReplicaReport::failed(
+                    &node,
+                    NodeError::new(ErrorKind::Protocol, format!("{node} sent a bad REJECT: {e}")),
+                )]
+            });
+            if secret.is_some() && held.is_none() {
+                for r in &mut reports {
+                    if r.outcome == Outcome::Published {
+                        r.outcome = Outcome::Failed(NodeError::new(
+                            ErrorKind::Unauthorized,
+                            format!("{} said it already holds the version without authenticating it", r.node),
+                        ));
+                    }
+                }
+            }
+            Err(reports)
+        }
         k => Err(vec![ReplicaReport::failed(
             &node,
             NodeError::new(ErrorKind::Protocol, format!("{node} answered HELLO with {}", k.name())),
@@ -233,19 +256,116 @@ pub(crate) fn handshake(
 /// the push could not start (bad source, unreachable or refusing replica) or the first replica
 /// could not report at all.
 pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
-    with_repair(opts, |o| push_once(source, o, progress))
+    with_repair(opts, |o, pinned| push_once(source, o, progress, pinned))
 }
 
-fn push_once(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
+/// Why an attempt failed, and whether that was before any chunk left the primary (the chain
+/// did not form: a replica unreachable, or a relay that could not reach the next one). Such a
+/// failure can be retried without the node it names and sends nothing twice.
+#[derive(Debug)]
+struct Failure {
+    error: PushError,
+    at_start: bool,
+    /// The node the error names already holds this version, with the same manifest: it is
+    /// published there and takes no data (the chain is formed again without it).
+    held: bool,
+}
+
+impl From<PushError> for Failure {
+    fn from(error: PushError) -> Self {
+        Self { error, at_start: false, held: false }
+    }
+}
+
+impl Failure {
+    fn at_start(error: PushError) -> Self {
+        Self { error, at_start: true, held: false }
+    }
+}
+
+impl From<ManifestError> for Failure {
+    fn from(error: ManifestError) -> Self {
+        PushError::from(error).into()
+    }
+}
+
+/// One attempt of a push from files. `pinned`: the digests of the push's first pass, which a
+/// repair keeps to (set by the first attempt that streamed).
+fn push_once(
+    source: &Path,
+    opts: &PushOptions,
+    progress: Option<&Progress>,
+    pinned: &mut Option<Manifest>,
+) -> Result<PushReport, Failure> {
     let start = Instant::now();
     check_options(opts)?;
     let (mut manifest, paths) = Manifest::scan(source, opts.chunk_size)?;
-    if opts.incremental {
+    if opts.incremental && pinned.is_none() {
         manifest.hash(&paths)?;
     }
-    let manifest_seconds = start.elapsed().as_secs_f64();
     let sources = open_sources(&manifest, paths)?;
-    run_push(manifest, sources, everyone(opts), opts, progress, start, manifest_seconds)
+    if let Some(first) = pinned.as_ref() {
+        manifest = keep_digests(&manifest, first, &sources)?;
+    }
+    let manifest_seconds = start.elapsed().as_secs_f64();
+    run_push(manifest, sources, everyone(opts), opts, progress, (start, manifest_seconds), pinned)
+}
+
+/// A repair pushes against the first pass's digests (`first`), not against what the source
+/// holds now: replicas of one version must never get different bytes. `now` is the source's
+/// plan as scanned (or built) for the repair: it must list the same entries with the same
+/// sizes. Chunks the first pass never read get their digests now; a chunk it read that reads
+/// differently now makes the repair fail naming the file (checked as it is read).
+fn keep_digests(now: &Manifest, first: &Manifest, sources: &[Option<SourceData>]) -> Result<Manifest, Failure> {
+    let changed = |path: &str, what: &str| -> Failure {
+        PushError::Node {
+            node: "primary".into(),
+            error: NodeError::new(
+                ErrorKind::Source,
+                format!(
+                    "source {path} changed during the push ({what}); the replicas repaired would get other bytes \
+                     than those already sent: push it again as a new version, and do not change a source until \
+                     its push returns"
+                ),
+            ),
+        }
+        .into()
+    };
+    if now.chunk_size() != first.chunk_size() || now.entries().len() != first.entries().len() {
+        return Err(changed(first.entries().first().map_or("", |e| e.path.as_str()), "its files differ"));
+    }
+    for (a, b) in now.entries().iter().zip(first.entries()) {
+        if a.path != b.path || a.kind != b.kind || a.size != b.size {
+            return Err(changed(&b.path, "its size or kind differs"));
+        }
+    }
+    let mut pinned = first.clone();
+    for seq in 0..pinned.chunk_count() {
+        let c = pinned.chunk(seq).expect("in range");
+        if c.digest != 0 {
+            continue;
+        }
+        let path = &pinned.entries()[c.entry].path;
+        let d = match &sources[c.entry] {
+            Some(SourceData::File(f)) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; c.len as usize];
+                f.read_exact_at(&mut buf, c.offset).map_err(|e| {
+                    Failure::from(PushError::Node {
+                        node: "primary".into(),
+                        error: NodeError::new(ErrorKind::Source, format!("cannot read source file {path}: {e}")),
+                    })
+                })?;
+                crate::manifest::digest(&buf)
+            }
+            Some(SourceData::Memory(m)) => {
+                crate::manifest::digest(&(**m).as_ref()[c.offset as usize..c.offset as usize + c.len as usize])
+            }
+            None => return Err(changed(path, "it has no data")),
+        };
+        pinned.set_digest(seq, d);
+    }
+    Ok(pinned)
 }
 
 /// Pushes a routed shard set: `manifest` (complete with digests) describes the union of what
@@ -265,33 +385,35 @@ pub fn push_routed(
         return Err(PushError::BadInput(format!("{} want lists for {} replicas", wants.len(), opts.to.len())));
     }
     let sources = open_sources(&manifest, paths)?;
-    run_push(manifest, sources, wants, opts, progress, start, 0.0)
+    run_push(manifest, sources, wants, opts, progress, (start, 0.0), &mut None).map_err(|f| f.error)
 }
 
 /// Pushes buffers held in memory, each published as the file at its relative path (nested paths
 /// get their directories), without writing them anywhere on the primary first.
 ///
 /// The bytes are copied chunk by chunk into the pinned pool as the chain takes them, so the
-/// primary's memory does not grow with their size. Each buffer is read once; if the caller
-/// changes it during the push, every replica still gets the same bytes (those that were read),
-/// and their digests match.
+/// primary's memory does not grow with their size. The buffers must not change until the push
+/// returns: a repair reads them again, checks them against the first pass's digests and fails
+/// the repaired replicas naming the file when they differ (so that one version never has two
+/// contents).
 pub fn push_memory(
     files: Vec<(String, MemoryData)>,
     opts: &PushOptions,
     progress: Option<&Progress>,
 ) -> Result<PushReport, PushError> {
-    with_repair(opts, |o| push_memory_once(files.clone(), o, progress))
+    with_repair(opts, |o, pinned| push_memory_once(files.clone(), o, progress, pinned))
 }
 
 fn push_memory_once(
     files: Vec<(String, MemoryData)>,
     opts: &PushOptions,
     progress: Option<&Progress>,
-) -> Result<PushReport, PushError> {
+    pinned: &mut Option<Manifest>,
+) -> Result<PushReport, Failure> {
     let start = Instant::now();
     check_options(opts)?;
     if files.is_empty() {
-        return Err(PushError::BadInput("no buffers to push".into()));
+        return Err(PushError::BadInput("no buffers to push".into()).into());
     }
     let sizes: Vec<(&str, u64)> = files.iter().map(|(p, d)| (p.as_str(), (**d).as_ref().len() as u64)).collect();
     let (manifest, index) = Manifest::plan_for_files(opts.chunk_size, &sizes)?;
@@ -302,7 +424,9 @@ fn push_memory_once(
         }
     }
     let mut manifest = manifest;
-    if opts.incremental {
+    if let Some(first) = pinned.as_ref() {
+        manifest = keep_digests(&manifest, first, &sources)?;
+    } else if opts.incremental {
         for seq in 0..manifest.chunk_count() {
             let c = manifest.chunk(seq).expect("in range");
             let Some(SourceData::Memory(m)) = &sources[c.entry] else { unreachable!("buffers only") };
@@ -310,34 +434,50 @@ fn push_memory_once(
             manifest.set_digest(seq, crate::manifest::digest(bytes));
         }
     }
-    run_push(manifest, sources, everyone(opts), opts, progress, start, 0.0)
+    run_push(manifest, sources, everyone(opts), opts, progress, (start, 0.0), pinned)
 }
 
 /// Runs `attempt` with `opts`, then, while replicas were cut off by a replica that died (or
 /// whose link broke), again with the cut-off ones only: an incremental push, so each of them
 /// resumes from the chunks it had journaled and only the rest travels. The dead replica is not
 /// waited for; it is reported with its cause. Replicas in the final report keep the chain order.
+///
+/// A replica that cannot be reached when the chain forms (connect refused or timed out, or its
+/// connection lost before it answered HELLO; at the primary's own connect or at a relay's
+/// onward one) is treated the same way: it is reported `unreachable` and the chain is formed
+/// again at once without it. No chunk moved yet, so that retry is the same push, not a repair.
+/// A deliberate refusal (`version_exists`, `unauthorized`, `busy`, ...) still fails the push.
 fn with_repair(
     opts: &PushOptions,
-    mut attempt: impl FnMut(&PushOptions) -> Result<PushReport, PushError>,
+    mut attempt: impl FnMut(&PushOptions, &mut Option<Manifest>) -> Result<PushReport, Failure>,
 ) -> Result<PushReport, PushError> {
     let start = Instant::now();
-    let first = attempt(opts);
-    if !opts.repair {
-        return first;
-    }
+    // The digests of the first attempt that streamed: every repair pushes against them.
+    let mut pinned = None;
+    let first = attempt(opts, &mut pinned);
+    // Leaving out a replica that is down is on with repair, or when fewer than all replicas
+    // are required.
+    let leave_out_dead = opts.repair || opts.min_replicas.is_some();
     let mut outcomes: std::collections::HashMap<String, Outcome> = std::collections::HashMap::new();
     let mut base: Option<PushReport> = None;
     let mut result = first;
-    let mut chain = opts.to.clone();
+    let mut current = opts.clone();
     let mut repairing = false;
-    for _ in 0..opts.to.len() {
+    let mut held: Vec<String> = Vec::new();
+    let mut asked_routed = false;
+    // Each round leaves out at least one replica (but for the one that asks again routed, and
+    // a replica whose lost connection is tried once more).
+    for _ in 0..2 * opts.to.len() + 1 {
+        let chain = current.to.clone();
         let cut_off: Vec<String> = match &result {
             Ok(r) => {
                 for rep in &r.replicas {
                     outcomes.insert(rep.node.clone(), rep.outcome.clone());
                 }
                 base.get_or_insert_with(|| r.clone());
+                if !opts.repair {
+                    break;
+                }
                 // Cut off: not reached because the chain broke before them, or sent corrupt
                 // bytes by a node before them (those are fetched again from the primary; what
                 // they verified and journaled is kept).
@@ -353,12 +493,51 @@ fn with_repair(
                     .map(|rep| rep.node.clone())
                     .collect()
             }
+            // A replica holds this very version already (same manifest): it is published there;
+            // form the chain without it (nothing was sent yet).
+            Err(Failure { error: PushError::Node { node, .. }, held: true, .. }) if chain.contains(node) => {
+                tracing::info!("{node} already holds {}@{}: going on without it", opts.name, opts.version);
+                outcomes.insert(node.clone(), Outcome::Published);
+                held.push(node.clone());
+                current.to.retain(|n| n != node);
+                if current.to.is_empty() {
+                    break;
+                }
+                result = attempt(&current, &mut pinned);
+                continue;
+            }
+            // A plain push carries no digests, so a replica that has published this version
+            // cannot tell whether it holds the same bytes: ask again as a routed push (hashed
+            // first), which it can compare (and which resumes from anything staged).
+            Err(Failure { error: PushError::Node { error, .. }, at_start: true, held: false })
+                if error.kind == ErrorKind::VersionExists && !current.incremental && !asked_routed =>
+            {
+                asked_routed = true;
+                current.incremental = true;
+                result = attempt(&current, &mut pinned);
+                continue;
+            }
+            // The chain did not form because a replica in it is down: form it without that one,
+            // at once, as the same push (nothing was sent yet).
+            Err(Failure { error: PushError::Node { node, error }, at_start: true, .. })
+                if leave_out_dead && chain.len() > 1 && chain.contains(node) && down_at_start(error.kind) =>
+            {
+                let known = matches!(outcomes.get(node), Some(Outcome::Failed(e)) if e.kind != ErrorKind::Aborted);
+                if !known {
+                    let e = NodeError::new(ErrorKind::Unreachable, error.message.clone());
+                    outcomes.insert(node.clone(), Outcome::Failed(e));
+                }
+                tracing::warn!("{node} cannot be reached: going on without it ({error})");
+                current.to.retain(|n| n != node);
+                result = attempt(&current, &mut pinned);
+                continue;
+            }
             // A replica broke before the chain could report: the first one mid-push, or, while
             // repairing, any one (also one that cannot be reached any more). Go on with the
-            // others. (A replica unreachable when the push starts is refused whole, as before:
-            // the caller hears at once and can leave it out.)
-            Err(PushError::Node { node, error })
-                if chain.len() > 1
+            // others.
+            Err(Failure { error: PushError::Node { node, error }, .. })
+                if opts.repair
+                    && chain.len() > 1
                     && ((*node == chain[0]
                         && matches!(error.kind, ErrorKind::ConnectionLost | ErrorKind::Stalled))
                         || (repairing
@@ -377,9 +556,9 @@ fn with_repair(
                 }
                 chain.iter().filter(|n| *n != node).cloned().collect()
             }
-            Err(_) if base.is_none() => return result,
-            Err(e) => {
-                let error = NodeError::new(e.kind(), e.to_string());
+            Err(_) if base.is_none() && outcomes.is_empty() => return result.map_err(|f| f.error),
+            Err(f) => {
+                let error = NodeError::new(f.error.kind(), f.error.to_string());
                 for n in &chain {
                     outcomes.insert(n.clone(), Outcome::Failed(error.clone()));
                 }
@@ -394,19 +573,37 @@ fn with_repair(
             break;
         }
         tracing::warn!("repairing the chain: going on with {} (resuming what each holds)", cut_off.join(","));
-        let mut o = opts.clone();
-        o.to = cut_off.clone();
-        o.incremental = true;
+        current = opts.clone();
+        current.to = cut_off;
+        current.incremental = true;
         repairing = true;
-        result = attempt(&o);
-        chain = cut_off;
+        result = attempt(&current, &mut pinned);
     }
-    let Some(mut report) = base else { return result };
     if let Ok(r) = &result {
         for rep in &r.replicas {
             outcomes.insert(rep.node.clone(), rep.outcome.clone());
         }
+        base.get_or_insert_with(|| r.clone());
     }
+    if current.to.is_empty() {
+        // Every replica already held it: nothing to send.
+        base.get_or_insert_with(|| PushReport {
+            name: opts.name.clone(),
+            version: opts.version,
+            bytes: 0,
+            files: 0,
+            chunks: 0,
+            seconds: 0.0,
+            manifest_seconds: 0.0,
+            replicas: Vec::new(),
+            required: 0,
+            already_held: Vec::new(),
+        });
+    }
+    let Some(mut report) = base else {
+        // Only replicas that were down, and a last attempt that failed: that failure stands.
+        return result.map_err(|f| f.error);
+    };
     report.replicas = opts
         .to
         .iter()
@@ -419,7 +616,14 @@ fn with_repair(
         .collect();
     report.seconds = start.elapsed().as_secs_f64();
     report.required = required(opts, opts.to.len());
+    report.already_held = held;
     Ok(report)
+}
+
+/// Failures of a replica when the chain forms that mean it is down (not that it refused): the
+/// connect refused or timed out, or the connection lost or silent before it answered.
+fn down_at_start(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Unreachable | ErrorKind::ConnectionLost | ErrorKind::Stalled)
 }
 
 /// Replicas that must publish: `--min-replicas`, else all of them (sync) or the first (async).
@@ -462,9 +666,9 @@ fn run_push(
     wants: Vec<Option<Vec<u32>>>,
     opts: &PushOptions,
     progress: Option<&Progress>,
-    start: Instant,
-    manifest_seconds: f64,
-) -> Result<PushReport, PushError> {
+    (start, manifest_seconds): (Instant, f64),
+    pinned: &mut Option<Manifest>,
+) -> Result<PushReport, Failure> {
     let (mut bytes, file_count, chunks) = (manifest.total_bytes(), manifest.file_count(), manifest.chunk_count());
     if let Some(p) = progress {
         use std::sync::atomic::Ordering::Relaxed;
@@ -486,7 +690,7 @@ fn run_push(
 
     let first = opts.to[0].clone();
     let (mut stream, secret) = connect(&first, opts.connect_timeout, opts.key.as_ref(), opts.tls.as_deref())
-        .map_err(|error| PushError::Node { node: first.clone(), error })?;
+        .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
     let hello = Hello {
         name: opts.name.clone(),
         version: opts.version,
@@ -510,11 +714,25 @@ fn run_push(
     let accept = match handshake(&mut stream, &hello, chain_timeout, secret.as_ref()) {
         Ok(payload) => payload,
         Err(reports) => {
+            // Only reports that say "published": that node already holds this version.
+            if let Some(r) = reports.iter().find(|r| r.outcome == Outcome::Published)
+                && reports.iter().all(|r| r.outcome == Outcome::Published)
+            {
+                let error = NodeError::new(
+                    ErrorKind::VersionExists,
+                    format!("{}@{} is already published there with the same manifest", opts.name, opts.version),
+                );
+                return Err(Failure {
+                    error: PushError::Node { node: r.node.clone(), error },
+                    at_start: true,
+                    held: true,
+                });
+            }
             let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
                 ReplicaReport::failed(&first, NodeError::new(ErrorKind::Protocol, "refused without a reason"))
             });
             let Outcome::Failed(error) = r.outcome else { unreachable!("filtered above") };
-            return Err(PushError::Node { node: r.node, error });
+            return Err(Failure::at_start(PushError::Node { node: r.node, error }));
         }
     };
     // A routed push reads and sends only the chunks some replica wants and does not hold yet.
@@ -585,14 +803,18 @@ fn run_push(
     if let Some(p) = progress {
         p.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let end = session.run();
+    let (end, streamed) = session.run_keeping_manifest();
     drop(stream);
+    // Chunks moved: whatever a later attempt of this push sends must match what was read now.
+    if pinned.is_none() {
+        *pinned = Some(streamed);
+    }
     let replicas = match end {
         SessionEnd::Finished(reports) => reports,
         SessionEnd::Aborted(error) if error.kind == ErrorKind::Source => {
-            return Err(PushError::Node { node: "primary".into(), error });
+            return Err(PushError::Node { node: "primary".into(), error }.into());
         }
-        SessionEnd::Aborted(error) => return Err(PushError::Node { node: first, error }),
+        SessionEnd::Aborted(error) => return Err(PushError::Node { node: first, error }.into()),
         SessionEnd::UpstreamLost(why) => unreachable!("the primary has no upstream ({why})"),
     };
     Ok(PushReport {
@@ -605,6 +827,7 @@ fn run_push(
         manifest_seconds,
         required: required(opts, replicas.len()),
         replicas,
+        already_held: Vec::new(),
     })
 }
 
@@ -620,4 +843,165 @@ fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec
         files[i] = Some(SourceData::File(f));
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(to: &[String], outcome: impl Fn(&str) -> Outcome) -> PushReport {
+        PushReport {
+            name: "n".into(),
+            version: 1,
+            bytes: 10,
+            files: 1,
+            chunks: 1,
+            seconds: 0.0,
+            manifest_seconds: 0.0,
+            replicas: to.iter().map(|n| ReplicaReport { node: n.clone(), outcome: outcome(n) }).collect(),
+            required: to.len(),
+            already_held: Vec::new(),
+        }
+    }
+
+    fn opts(min: Option<usize>) -> PushOptions {
+        let mut o = PushOptions::new("n", 1, ["a", "b", "c", "d"].map(String::from).to_vec());
+        o.min_replicas = min;
+        o
+    }
+
+    fn node_err(node: &str, kind: ErrorKind) -> PushError {
+        PushError::Node { node: node.into(), error: NodeError::new(kind, "x") }
+    }
+
+    fn statuses(r: &PushReport) -> Vec<(String, Option<ErrorKind>)> {
+        r.replicas
+            .iter()
+            .map(|x| {
+                (
+                    x.node.clone(),
+                    match &x.outcome {
+                        Outcome::Failed(e) => Some(e.kind),
+                        _ => None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replica_down_at_the_start_is_left_out_at_once_and_reported_unreachable() {
+        for (dead, kind) in
+            [("a", ErrorKind::Unreachable), ("c", ErrorKind::Unreachable), ("b", ErrorKind::ConnectionLost)]
+        {
+            let mut tried: Vec<(Vec<String>, bool)> = Vec::new();
+            let r = with_repair(&opts(Some(3)), |o, _| {
+                tried.push((o.to.clone(), o.incremental));
+                if o.to.iter().any(|n| n == dead) {
+                    Err(Failure::at_start(node_err(dead, kind)))
+                } else {
+                    Ok(report(&o.to, |_| Outcome::Published))
+                }
+            })
+            .unwrap();
+            let live: Vec<String> = ["a", "b", "c", "d"].into_iter().filter(|n| *n != dead).map(String::from).collect();
+            // One more attempt, the same push (not a repair) without the dead one.
+            assert_eq!(tried.len(), 2);
+            assert_eq!(tried[1], (live, false));
+            assert!(r.ok() && r.published() == 3, "{r:?}");
+            for (n, k) in statuses(&r) {
+                assert_eq!(k, (n == dead).then_some(ErrorKind::Unreachable), "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_deliberate_refusal_at_the_start_still_fails_the_push() {
+        for kind in [ErrorKind::VersionExists, ErrorKind::Unauthorized, ErrorKind::Busy] {
+            let mut n = 0;
+            let e = with_repair(&opts(Some(3)), |_, _| {
+                n += 1;
+                Err(Failure::at_start(node_err("b", kind)))
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), kind);
+            // version_exists is asked once more, routed (the replica can then compare digests).
+            assert_eq!(n, if kind == ErrorKind::VersionExists { 2 } else { 1 });
+        }
+    }
+
+    #[test]
+    fn without_repair_or_min_replicas_a_dead_replica_fails_the_push() {
+        let mut o = opts(None);
+        o.repair = false;
+        let e = with_repair(&o, |_, _| Err(Failure::at_start(node_err("b", ErrorKind::Unreachable)))).unwrap_err();
+        assert_eq!(e.node(), Some("b"));
+    }
+
+    #[test]
+    fn holders_are_published_already_held_and_the_rest_get_the_push() {
+        let mut tried: Vec<(Vec<String>, bool)> = Vec::new();
+        let r = with_repair(&opts(None), |o, _| {
+            tried.push((o.to.clone(), o.incremental));
+            // "b" and "d" hold it: a plain push is refused, a routed one answered "held".
+            match o.to.iter().find(|n| *n == "b" || *n == "d") {
+                Some(h) if !o.incremental => Err(Failure::at_start(node_err(h, ErrorKind::VersionExists))),
+                Some(h) => Err(Failure { error: node_err(h, ErrorKind::VersionExists), at_start: true, held: true }),
+                None => Ok(report(&o.to, |_| Outcome::Published)),
+            }
+        })
+        .unwrap();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            tried,
+            vec![
+                (s(&["a", "b", "c", "d"]), false),
+                (s(&["a", "b", "c", "d"]), true),
+                (s(&["a", "c", "d"]), true),
+                (s(&["a", "c"]), true),
+            ]
+        );
+        assert!(r.complete() && r.ok(), "{r:?}");
+        assert_eq!(r.already_held, s(&["b", "d"]));
+    }
+
+    #[test]
+    fn when_every_replica_holds_it_nothing_is_sent_and_all_are_published() {
+        let mut n = 0;
+        let r = with_repair(&opts(None), |o, _| {
+            n += 1;
+            Err(Failure { error: node_err(&o.to[0], ErrorKind::VersionExists), at_start: true, held: true })
+        })
+        .unwrap();
+        assert_eq!(n, 4);
+        assert!(r.complete() && r.bytes == 0, "{r:?}");
+        assert_eq!(r.already_held.len(), 4);
+    }
+
+    #[test]
+    fn a_repair_gets_the_first_pass_digests() {
+        let m = Manifest::plan_for_files(crate::wire::MIN_CHUNK, &[("f", 10)]).unwrap().0;
+        let mut seen = Vec::new();
+        let r = with_repair(&opts(None), |o, pinned| {
+            seen.push(pinned.clone());
+            if pinned.is_none() {
+                *pinned = Some(m.clone());
+                Ok(report(&o.to, |n| match n {
+                    "b" => Outcome::Failed(NodeError::new(ErrorKind::ConnectionLost, "killed")),
+                    "c" | "d" => Outcome::Failed(NodeError::new(ErrorKind::Aborted, "cut off")),
+                    _ => Outcome::Published,
+                }))
+            } else if o.to.iter().any(|n| n == "b") {
+                Err(Failure::at_start(node_err("b", ErrorKind::Unreachable)))
+            } else {
+                Ok(report(&o.to, |_| Outcome::Published))
+            }
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 3, "b is tried once more, then left out");
+        assert!(seen[1..].iter().all(|p| p.as_ref() == Some(&m)));
+        assert_eq!(r.published(), 3);
+        // The first real cause stands.
+        assert_eq!(statuses(&r)[1], ("b".to_owned(), Some(ErrorKind::ConnectionLost)));
+    }
 }

@@ -308,6 +308,24 @@ fn reject_reports(conn: &mut TcpStream, reports: &[ReplicaReport]) -> io::Result
     Ok(())
 }
 
+/// [`reject_reports`], with a MAC (on an authenticated connection) when a report says
+/// "published": a node after this one already holds the version (see `push::handshake`).
+fn reject_reports_sealed(
+    conn: &mut TcpStream,
+    reports: &[ReplicaReport],
+    secret: Option<&crate::crypt::SessionSecret>,
+) -> io::Result<()> {
+    let payload = wire::encode_reports(reports);
+    let payload = if reports.iter().any(|r| r.outcome == wire::Outcome::Published) {
+        crate::crypt::seal_frame(secret, crate::push::LABEL_HELD, payload)
+    } else {
+        payload
+    };
+    wire::write_frame(conn, Kind::Reject, 0, &payload)?;
+    linger_close(conn);
+    Ok(())
+}
+
 /// Closes our sending side and reads until the peer closes, for at most a moment, so that the
 /// last frame we sent is not destroyed by a reset caused by unread data.
 fn linger_close(conn: &mut TcpStream) {
@@ -547,6 +565,17 @@ fn push_session(
     // attempt that failed here) can be taken over and checked chunk by chunk.
     let staged = own.as_ref().map_or(&hello.manifest, |(_, m)| m);
     expire_partials(store, opts);
+    // Pushes are idempotent: a routed push (every digest known) of a version published here with
+    // the same manifest is answered with a REJECT whose report says "published": this node
+    // takes no data and the primary forms the chain again without it. (A plain push carries no
+    // digests; it is refused as `version_exists` and the primary asks again, routed.)
+    if routed && store.published_manifest(&hello.name, hello.version).is_some_and(|m| m.digest() == staged.digest()) {
+        tracing::info!("already held: the same manifest is published here; taking no data");
+        audit.outcome = "already held";
+        let held = [ReplicaReport { node: me.clone(), outcome: wire::Outcome::Published }];
+        let _ = reject_reports_sealed(&mut conn, &held, up_secret.as_ref());
+        return;
+    }
     let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
         Ok(mut s) => {
             if limits.as_ref().is_some_and(|l| !l.replace_current) {
@@ -633,7 +662,7 @@ fn push_session(
                 tracing::warn!("downstream refused: {:?}", reports.first());
                 drop(staging);
                 audit.reason = Some(summary(&reports));
-                let _ = reject_reports(&mut conn, &reports);
+                let _ = reject_reports_sealed(&mut conn, &reports, up_secret.as_ref());
                 return;
             }
         }

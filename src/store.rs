@@ -217,6 +217,12 @@ impl Store {
         Arc::clone(locks.entry(name.to_owned()).or_default())
     }
 
+    /// The manifest of the published `name@version`, if it is published and its manifest reads
+    /// and decodes.
+    pub fn published_manifest(&self, name: &str, version: u64) -> Option<Manifest> {
+        Manifest::decode(&fs::read(self.manifest_path(name, version)).ok()?).ok()
+    }
+
     /// Whether `name@version` is published.
     pub fn exists(&self, name: &str, version: u64) -> bool {
         self.manifest_path(name, version).exists()

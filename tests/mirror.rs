@@ -129,3 +129,30 @@ fn keep_travels_with_each_push_and_prunes_old_checkpoints() {
         assert_tree_identical(&watch.join("step-5"), &c.root(i).join("k/5"));
     }
 }
+
+#[test]
+fn a_partly_failed_step_is_completed_on_the_replicas_that_lack_it() {
+    // Step 7 reached the first replica only (a push that failed part way, then mirror was
+    // restarted). The step is not done: mirror pushes it again; the first replica already holds
+    // it (takes no data, its files untouched), the second gets it.
+    let c = Cluster::start(2);
+    let t = tempdir();
+    let watch = t.path().join("ckpts");
+    checkpoint(&watch.join("step-7"), 7);
+    c.assert_push_ok(&c.push_to(&c.addr(0), &watch.join("step-7"), "job", 7, &[]));
+    let model = c.root(0).join("job/7/model.bin");
+    let before = std::fs::metadata(&model).unwrap();
+    let out = run_timeout(
+        shardcast()
+            .args(["mirror", "--once", "--interval-ms", "50", "--name", "job", "--to", &c.addrs()])
+            .arg("--watch")
+            .arg(&watch),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&out), 0, "{}", show_output(&out));
+    assert!(stdout_str(&out).contains("job@7: published on 2 replica(s) (1 already held it)"), "{}", show_output(&out));
+    c.assert_published_on(&[0, 1], &watch.join("step-7"), "job", 7);
+    let after = std::fs::metadata(&model).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((before.ino(), before.mtime(), before.mtime_nsec()), (after.ino(), after.mtime(), after.mtime_nsec()));
+}

@@ -58,6 +58,7 @@ fn hold_a_push(addr: &str, name: &str, size: u64) -> TcpStream {
         downstream: Vec::new(),
         manifest,
         wants: Vec::new(),
+        grant: Default::default(),
     };
     wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode()).unwrap();
     let f = wire::read_frame(&mut s).unwrap();

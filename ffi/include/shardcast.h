@@ -376,8 +376,11 @@ int32_t sc_push_start(const struct sc_push_opts *opts, struct sc_push **out);
 /**
  * Starts a push of `count` buffers in memory (no file is written on this side) and returns at
  * once; `opts->source` is ignored. Paths are copied now; the bytes are read while the push
- * runs, so they must stay valid (and should stay unchanged) until [`sc_push_wait`] has
- * returned something other than `SC_ERR_TIMEOUT`, or [`sc_push_free`] has returned.
+ * runs, so they must stay valid and unchanged until [`sc_push_wait`] has returned something
+ * other than `SC_ERR_TIMEOUT`, or [`sc_push_free`] has returned. A repair (a replica lost
+ * mid-push) reads them again and checks them against the digests of the first pass: a buffer
+ * changed meanwhile fails the replicas being repaired (kind `source`, naming the file) rather
+ * than giving replicas different bytes under one version.
  *
  * # Safety
  * `opts` as for [`sc_push_start`]; `buffers` points to `count` `ScBuffer`s whose `data` point

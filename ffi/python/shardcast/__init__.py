@@ -250,7 +250,9 @@ def push_async(
     buffers (``bytes``, ``bytearray``, ``memoryview``, numpy arrays: any C-contiguous
     buffer-protocol object), published as files without being written to disk on this side.
     Buffers are read while the push runs: do not change them until it has ended (a ``bytearray``
-    cannot be resized meanwhile). ``keep``: versions of ``name`` each replica keeps (0: its own
+    cannot be resized meanwhile). A repair reads them again and checks them against the digests
+    of the first pass: a buffer changed meanwhile fails the replicas being repaired (kind
+    ``"source"``, naming the file) rather than giving replicas different bytes. ``keep``: versions of ``name`` each replica keeps (0: its own
     setting). ``incremental``: hash first, and send each replica only the chunks its current
     version of ``name`` lacks (a checkpoint that changed in places). ``mode="async"``: done once
     the first replica has published (the rest are ``behind`` and complete on their own).
