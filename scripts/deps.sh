@@ -15,13 +15,15 @@
 #   openssl                     the test CA and certificates of tests/tls.rs (mutual TLS)
 #   libhwloc-dev libudev-dev    hwloc (pool placement on the NIC's NUMA node, feature `numa`);
 #                               hwlocality links it statically, which needs libudev
+#   e2fsprogs                   mkfs.ext4 for scripts/bench-journal.sh (ext4 on a loop device)
 #
 # Rust itself comes from rustup (preinstalled on these machines); this script only checks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2 openssl
-    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev)
+    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev
+    e2fsprogs)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
