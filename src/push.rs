@@ -384,8 +384,52 @@ pub fn push_routed(
     if wants.len() != opts.to.len() {
         return Err(PushError::BadInput(format!("{} want lists for {} replicas", wants.len(), opts.to.len())));
     }
-    let sources = open_sources(&manifest, paths)?;
-    run_push(manifest, sources, wants, opts, progress, (start, 0.0), &mut None).map_err(|f| f.error)
+    // A replica that already holds its part of this version (same manifest) is published there
+    // and left out; the chain is formed again without it.
+    let (mut current, mut wants, mut held) = (opts.clone(), wants, Vec::new());
+    loop {
+        let sources = open_sources(&manifest, paths.clone())?;
+        match run_push(manifest.clone(), sources, wants.clone(), &current, progress, (start, 0.0), &mut None) {
+            Err(Failure { error: PushError::Node { node, .. }, held: true, .. }) if current.to.contains(&node) => {
+                let i = current.to.iter().position(|n| *n == node).expect("contained");
+                current.to.remove(i);
+                wants.remove(i);
+                held.push(node);
+                if current.to.is_empty() {
+                    return Ok(PushReport {
+                        name: opts.name.clone(),
+                        version: opts.version,
+                        bytes: 0,
+                        files: 0,
+                        chunks: 0,
+                        seconds: start.elapsed().as_secs_f64(),
+                        manifest_seconds: 0.0,
+                        replicas: opts
+                            .to
+                            .iter()
+                            .map(|n| ReplicaReport { node: n.clone(), outcome: Outcome::Published })
+                            .collect(),
+                        required: required(opts, opts.to.len()),
+                        already_held: held,
+                    });
+                }
+            }
+            Err(f) => return Err(f.error),
+            Ok(mut r) if !held.is_empty() => {
+                let mut got: std::collections::HashMap<String, Outcome> =
+                    r.replicas.drain(..).map(|x| (x.node, x.outcome)).collect();
+                r.replicas = opts
+                    .to
+                    .iter()
+                    .map(|n| ReplicaReport { node: n.clone(), outcome: got.remove(n).unwrap_or(Outcome::Published) })
+                    .collect();
+                r.required = required(opts, opts.to.len());
+                r.already_held = held;
+                return Ok(r);
+            }
+            Ok(r) => return Ok(r),
+        }
+    }
 }
 
 /// Pushes buffers held in memory, each published as the file at its relative path (nested paths

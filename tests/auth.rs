@@ -205,7 +205,9 @@ fn the_audit_log_records_pushes_and_refusals() {
     write_random_file(&src.join("w.bin"), 1 << 20, 5);
     assert_eq!(code(&push_with(&c, &src, "aud", Some(&b))), 1);
     c.assert_push_ok(&push_with(&c, &src, "aud", Some(&a)));
-    assert_eq!(code(&push_with(&c, &src, "aud", Some(&a))), 1, "the same version twice");
+    // The same version twice: the plain push is refused (version exists), the primary asks
+    // again routed, and the replica answers that it already holds it (idempotent push).
+    assert_eq!(code(&push_with(&c, &src, "aud", Some(&a))), 0, "the same version twice");
     let lines = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -213,7 +215,7 @@ fn the_audit_log_records_pushes_and_refusals() {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect()
     };
-    assert!(wait_until(Duration::from_secs(10), || lines().len() >= 3), "{:?}", lines());
+    assert!(wait_until(Duration::from_secs(10), || lines().len() >= 4), "{:?}", lines());
     let l = lines();
     let key_id = shardcast::auth::ClusterKey::from_secret(SECRET_A.as_bytes()).id().to_owned();
     assert_eq!(l[0]["outcome"], "refused", "{l:?}");
@@ -228,6 +230,7 @@ fn the_audit_log_records_pushes_and_refusals() {
     assert!(l[1]["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{l:?}");
     assert_eq!(l[2]["outcome"], "refused", "{l:?}");
     assert!(l[2]["reason"].as_str().unwrap_or("").contains("already"), "{l:?}");
+    assert_eq!(l[3]["outcome"], "already held", "{l:?}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(SECRET_A) && !text.contains(SECRET_B), "a key in the audit log");
 }

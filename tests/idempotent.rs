@@ -118,3 +118,35 @@ fn other_bytes_under_a_published_version_are_still_refused() {
     assert_eq!(stamps(&c.root(1), "ck", 1), before);
     assert_tree_identical(a.path(), &c.root(1).join("ck/1"));
 }
+
+#[test]
+fn a_stage_plan_run_again_leaves_out_the_nodes_that_hold_their_part() {
+    // Staged once to the middle node only, then to all three: the middle one holds exactly its
+    // part already (same manifest), takes no data, and the others get theirs.
+    let c = Cluster::start(3);
+    let src = tempdir();
+    write_random_file(&src.path().join("a.bin"), (2 << 20) + 5, 1);
+    write_random_file(&src.path().join("b.bin"), (1 << 20) + 7, 2);
+    let plan = |nodes: &[(usize, &str)]| {
+        let mut t = String::from("name = \"train\"\nversion = 3\nsource = \".\"\nchunk_size = \"1MiB\"\n");
+        for (i, f) in nodes {
+            t.push_str(&format!("\n[[node]]\naddr = \"{}\"\nfiles = [\"{f}\"]\n", c.addr(*i)));
+        }
+        let p = src.path().join(format!("plan{}.toml", nodes.len()));
+        std::fs::write(&p, t).unwrap();
+        p
+    };
+    let stage = |p: &Path| {
+        run_timeout(shardcast().args(["stage", "--json", "--plan"]).arg(p), std::time::Duration::from_secs(60))
+    };
+    let out = stage(&plan(&[(1, "b.bin")]));
+    assert_eq!(code(&out), 0, "{}", show_output(&out));
+    let before = stamps(&c.root(1), "train", 3);
+    let out = stage(&plan(&[(0, "a.bin"), (1, "b.bin"), (2, "a.bin")]));
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), c.logs());
+    assert_eq!(statuses(&out), (vec!["published".to_owned(); 3], vec![false, true, false]), "{}", show_output(&out));
+    assert_eq!(stamps(&c.root(1), "train", 3), before, "the holder's files were touched");
+    for (i, f) in [(0, "a.bin"), (1, "b.bin"), (2, "a.bin")] {
+        assert_file_identical(&src.path().join(f), &c.root(i).join("train/3").join(f));
+    }
+}
