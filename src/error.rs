@@ -123,7 +123,7 @@ pub enum WireError {
     #[error("not a shardcast peer (bad magic {0:02x?})")]
     BadMagic([u8; 4]),
     /// A protocol version this build does not speak.
-    #[error("unsupported protocol version {0} (this build speaks 1)")]
+    #[error("unsupported protocol version {0} (this build speaks {v})", v = crate::wire::PROTO_VERSION)]
     BadVersion(u16),
     /// A frame kind this build does not know.
     #[error("unknown frame kind {0}")]
@@ -188,6 +188,17 @@ pub enum ManifestError {
     /// The encoding did not decode.
     #[error("bad manifest encoding: {0}")]
     Wire(#[from] WireError),
+    /// An entry whose mode has setuid, setgid or sticky bits: never published.
+    #[error(
+        "{path:?} has mode {mode:04o}: setuid, setgid and sticky bits are never published \
+         (clear them in the source, e.g. `chmod ug-s,o-t`)"
+    )]
+    SpecialMode {
+        /// The entry's path.
+        path: String,
+        /// Its mode bits.
+        mode: u32,
+    },
 }
 
 /// Errors of a replica's store (staging, publish, listing).
