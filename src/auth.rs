@@ -130,7 +130,8 @@ pub fn client(
     e.u8(STEP_HELLO).str(key.id());
     e.0.extend_from_slice(&cn);
     wire::write_frame(conn, Kind::Auth, 0, &e.0).map_err(|e| lost(&e))?;
-    let frame = wire::read_frame(conn).map_err(|e| lost(&e))?;
+    // The peer is not authenticated yet: its answer is an AUTH or a REJECT, nothing larger.
+    let frame = wire::read_frame_max(conn, wire::MAX_REPORTS).map_err(|e| lost(&e))?;
     match frame.header.kind {
         Kind::Auth => {}
         Kind::Reject => {
@@ -182,8 +183,11 @@ pub fn server(
         return Err("malformed authentication".into());
     }
     let Some(key) = keys.iter().find(|k| k.id() == their_id) else {
+        // The ids of this replica's keys go to its own log only, never to a peer that has not
+        // proved it holds one of them.
         let ours: Vec<&str> = keys.iter().map(|k| k.id()).collect();
-        return Err(format!("wrong cluster key: the peer has key {their_id}, this replica {}", ours.join(", ")));
+        tracing::warn!("a peer offered cluster key {their_id}; this replica has {}", ours.join(", "));
+        return Err(format!("wrong cluster key: the peer's key {their_id} is not one this replica accepts"));
     };
     let sn = nonce().map_err(|e| e.to_string())?;
     let tag = key.proof(b"shardcast server", cn, &sn);
@@ -192,7 +196,7 @@ pub fn server(
     out.extend_from_slice(tag.as_ref());
     wire::write_frame(conn, Kind::Auth, 0, &out).map_err(|e| e.to_string())?;
     conn.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let frame = wire::read_frame(conn).map_err(|e| format!("no proof from the peer: {e}"))?;
+    let frame = wire::read_frame_max(conn, 1 + 32).map_err(|e| format!("no proof from the peer: {e}"))?;
     let p = &frame.payload;
     if frame.header.kind != Kind::Auth || p.len() != 1 + 32 || p[0] != STEP_PROOF {
         return Err("malformed authentication proof".into());

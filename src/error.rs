@@ -191,6 +191,17 @@ pub enum ManifestError {
     /// The encoding did not decode.
     #[error("bad manifest encoding: {0}")]
     Wire(#[from] WireError),
+    /// An entry whose mode has setuid, setgid or sticky bits: never published.
+    #[error(
+        "{path:?} has mode {mode:04o}: setuid, setgid and sticky bits are never published \
+         (clear them in the source, e.g. `chmod ug-s,o-t`)"
+    )]
+    SpecialMode {
+        /// The entry's path.
+        path: String,
+        /// Its mode bits.
+        mode: u32,
+    },
 }
 
 /// Errors of a replica's store (staging, publish, listing).

@@ -156,6 +156,31 @@ enum Cmd {
         /// `--key-file` stays the key with every right (and the one used downstream).
         #[arg(long, env = "SHARDCAST_SERVE_ACL")]
         acl: Option<PathBuf>,
+        /// A connection must finish its handshake (TLS or key authentication, then HELLO or a
+        /// status request) within this many seconds in all, else it is closed; a replica also
+        /// gives the chain after it this long per node to answer.
+        #[arg(long, default_value_t = 5, env = "SHARDCAST_SERVE_HANDSHAKE_TIMEOUT")]
+        handshake_timeout: u64,
+        /// Most connections in their handshake at once (counted apart from sessions, so that
+        /// slow or silent peers cannot take the session slots).
+        #[arg(long, default_value_t = 128, env = "SHARDCAST_SERVE_MAX_HANDSHAKES")]
+        max_handshakes: usize,
+        /// Most connections in their handshake at once from one peer address.
+        #[arg(long, default_value_t = 8, env = "SHARDCAST_SERVE_MAX_HANDSHAKES_PER_PEER")]
+        max_handshakes_per_peer: usize,
+        /// Longest chain a push may name, counted from this replica to the tail.
+        #[arg(long, default_value_t = 16, env = "SHARDCAST_SERVE_MAX_CHAIN")]
+        max_chain: usize,
+        /// Most entries (files and directories) a pushed version may have.
+        #[arg(long, default_value_t = 1_000_000, env = "SHARDCAST_SERVE_MAX_ENTRIES")]
+        max_entries: usize,
+        /// Largest manifest a push may send, in MiB (it travels in HELLO).
+        #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_MAX_MANIFEST_MB")]
+        max_manifest_mb: u32,
+        /// Refuse a version more than this far beyond the name's `current` (which only moves
+        /// forward, so one huge version would pin it); 0: no limit.
+        #[arg(long, default_value_t = 1 << 32, env = "SHARDCAST_SERVE_MAX_VERSION_AHEAD")]
+        max_version_ahead: u64,
     },
     /// Push a directory or file as NAME@VERSION to a chain of replicas.
     Push {
@@ -449,6 +474,13 @@ fn main() -> ExitCode {
             partial_max_age_hours,
             partial_max_mb,
             acl,
+            handshake_timeout,
+            max_handshakes,
+            max_handshakes_per_peer,
+            max_chain,
+            max_entries,
+            max_manifest_mb,
+            max_version_ahead,
         } => {
             init_logging(&cli.log_format, "info");
             let mut opts = ServeOptions::new(listen, root);
@@ -492,6 +524,13 @@ fn main() -> ExitCode {
             opts.hop_timeout = Duration::from_secs(hop_timeout.max(1));
             opts.max_sessions = max_sessions.max(1);
             opts.max_per_peer = max_sessions_per_peer.max(1);
+            opts.handshake_timeout = Duration::from_secs(handshake_timeout.max(1));
+            opts.max_handshakes = max_handshakes.max(1);
+            opts.max_handshakes_per_peer = max_handshakes_per_peer.max(1);
+            opts.max_chain = max_chain.max(1);
+            opts.max_entries = max_entries;
+            opts.max_manifest = max_manifest_mb.clamp(1, shardcast::wire::MAX_HELLO >> 20) << 20;
+            opts.max_version_ahead = max_version_ahead;
             if let Some(addr) = metrics {
                 let m = std::sync::Arc::new(shardcast::metrics::Metrics::new());
                 match shardcast::metrics::serve(&addr, std::sync::Arc::clone(&m)) {
@@ -508,8 +547,20 @@ fn main() -> ExitCode {
             if let Err(why) = shardcast::pool::check_memlock(pool_mb << 20, 2) {
                 tracing::warn!("{why}");
             }
+            let open_to_anyone = opts.key.is_none() && opts.acl.is_empty() && opts.tls.is_none();
             match Server::bind(opts) {
                 Ok(server) => {
+                    // Without a key or TLS nothing is authenticated: say so loudly where others can
+                    // reach the replica (loopback is this host's business).
+                    if open_to_anyone && !server.local_addr().ip().is_loopback() {
+                        tracing::warn!(
+                            "INSECURE: no --key-file or --tls-cert: anyone who can reach {} can push to this \
+                             replica (write under {}) and, as a replica after it, lie about what was published; \
+                             give every node a cluster key (--key-file) or mutual TLS",
+                            server.local_addr(),
+                            root.display()
+                        );
+                    }
                     let pinned = shardcast::pool::memlock_limit().map_or("unknown".into(), |l| {
                         if l == u64::MAX { "unlimited".into() } else { format!("{} KiB", l >> 10) }
                     });

@@ -149,6 +149,12 @@ impl Manifest {
                 dirs.insert(e.path.clone());
             }
             e.mode &= 0o7777;
+            // A replica running as root would publish a setuid-root file on a peer's say-so:
+            // setuid, setgid and sticky bits are refused, on the pusher (its source) and on the
+            // replica (the plan), never silently dropped.
+            if e.mode & 0o7000 != 0 {
+                return Err(ManifestError::SpecialMode { path: e.path.clone(), mode: e.mode });
+            }
             e.first_chunk = next;
             next = next
                 .checked_add(chunks_of(e.size, chunk_size))
@@ -599,7 +605,8 @@ fn hash_files(entries: &[Entry], files: &[(usize, PathBuf)], chunk_size: u32) ->
 
 /// Applies an entry's permission bits to a path.
 pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+    // Permission bits only: never setuid, setgid or sticky (manifests refuse them too).
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o777))
 }
 
 #[cfg(test)]

@@ -85,9 +85,12 @@ impl Pool {
         Ok(Self { map, slot_size, slots, free, leased: vec![false; slots], locked })
     }
 
-    /// A pool that holds about `bytes` bytes of chunk slots (at least 4 slots).
+    /// A pool whose slots hold at most `bytes` bytes of chunks; refused (`InvalidInput`, the
+    /// message names both numbers) when fewer than [`MIN_SLOTS`] chunks fit (see
+    /// [`check_budget`]).
     pub fn with_budget(bytes: usize, chunk_size: u32) -> io::Result<Self> {
-        Self::new(slots_for(bytes, chunk_size), chunk_size)
+        let slots = check_budget(bytes, chunk_size).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+        Self::new(slots, chunk_size)
     }
 
     /// Whether the pool is pinned (mlocked).
@@ -207,8 +210,37 @@ fn slot_size(chunk_size: u32) -> usize {
     (HEADER_LEN + chunk_size as usize + crate::crypt::TAG_LEN).next_multiple_of(4096)
 }
 
-fn slots_for(bytes: usize, chunk_size: u32) -> usize {
-    (bytes / (HEADER_LEN + chunk_size as usize)).max(4)
+/// The fewest chunk slots a session works with (reading ahead, sending and writing at once).
+pub const MIN_SLOTS: usize = 4;
+
+/// The slots a pool of `bytes` has for chunks of `chunk_size` bytes: as many chunks as fit in
+/// `bytes` (each slot also holds a frame header and is rounded up to a page, and the pool adds
+/// its small control areas). Never more than that: a chunk size of which fewer than
+/// [`MIN_SLOTS`] fit is refused, with both numbers, rather than pinning more than the budget.
+pub fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
+    let slots = bytes / (chunk_size.max(1) as usize);
+    if slots < MIN_SLOTS {
+        return Err(format!(
+            "a buffer pool of {} holds {slots} chunks of {}, and a session needs {MIN_SLOTS}: \
+             use chunks of at most {}, or a pool of at least {} MiB",
+            show_bytes(bytes as u64),
+            show_bytes(chunk_size.into()),
+            show_bytes((bytes / MIN_SLOTS) as u64),
+            (chunk_size as usize * MIN_SLOTS).div_ceil(1 << 20),
+        ));
+    }
+    Ok(slots.min(usize::from(u16::MAX)))
+}
+
+/// Bytes as "N MiB" / "N KiB" / "N bytes", exactly.
+fn show_bytes(n: u64) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
+    }
 }
 
 /// Pools kept between sessions of a long-lived process (a replica server).
@@ -228,9 +260,10 @@ impl PoolCache {
         Self { idle: Mutex::new(Vec::new()), max }
     }
 
-    /// An idle pool of about `bytes` for `chunk_size` chunks, or a new one.
+    /// An idle pool of at most `bytes` of `chunk_size` chunks, or a new one (refused as
+    /// [`Pool::with_budget`] is).
     pub fn get(&self, bytes: usize, chunk_size: u32) -> io::Result<Pool> {
-        let slots = slots_for(bytes, chunk_size).clamp(2, usize::from(u16::MAX));
+        let slots = check_budget(bytes, chunk_size).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         let mut idle = self.idle.lock().expect("pool cache lock");
         if let Some(i) = idle.iter().position(|p| p.fits(slots, chunk_size)) {
             return Ok(idle.swap_remove(i));
@@ -336,6 +369,17 @@ mod tests {
         assert!(q.lease().is_some());
         let other = cache.get(1 << 20, 128 << 10).unwrap();
         assert_ne!(other.base(), base);
+    }
+
+    #[test]
+    fn budget_is_a_bound() {
+        // The issue's case: 64 MiB chunks in a 64 MiB pool used to get 4 slots (256 MiB).
+        let why = check_budget(64 << 20, 64 << 20).unwrap_err();
+        assert!(why.contains("64 MiB") && why.contains("256 MiB"), "{why}");
+        assert!(Pool::with_budget(64 << 20, 64 << 20).is_err());
+        assert!(PoolCache::new(1).get(64 << 20, 64 << 20).is_err());
+        assert_eq!(check_budget(16 << 20, 4 << 20), Ok(4));
+        assert_eq!(check_budget(64 << 20, 4 << 20), Ok(16));
     }
 
     #[test]

@@ -687,6 +687,10 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
         return Err(PushError::BadInput("no replicas given (--to ADDR[,ADDR…])".into()));
     }
     opts.transport.resolve().map_err(PushError::Unsupported)?;
+    // The pool is the bound on pinned memory it says it is: a chunk size it cannot hold enough
+    // of is refused here, not rounded up.
+    crate::pool::check_budget(opts.pool_bytes, opts.chunk_size)
+        .map_err(|why| PushError::BadInput(format!("{why} (--pool-mb, --chunk-size)")))?;
     if opts.encrypt && opts.key.is_none() && opts.tls.is_none() {
         return Err(PushError::BadInput(
             "--encrypt needs a cluster key (--key-file) or mutual TLS (--tls-cert, --tls-key, --tls-ca): each \

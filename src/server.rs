@@ -73,10 +73,27 @@ pub struct ServeOptions {
     /// More keys this replica accepts, each limited to some names (`--acl`); `key` (when set)
     /// may push anything.
     pub acl: Vec<crate::auth::AclEntry>,
+    /// Most connections at once that have not finished their handshake (not yet authenticated
+    /// and admitted); counted apart from sessions, so that slow peers cannot take the session
+    /// slots, and closed when they take longer than `handshake_timeout` in all.
+    pub max_handshakes: usize,
+    /// Most connections from one peer address that have not finished their handshake.
+    pub max_handshakes_per_peer: usize,
+    /// Most nodes a HELLO's chain may name (this node and the ones after it).
+    pub max_chain: usize,
+    /// Most entries (files and directories) a pushed manifest may list.
+    pub max_entries: usize,
+    /// Most bytes a HELLO (the encoded manifest) may take.
+    pub max_manifest: u32,
+    /// How far beyond a name's `current` a pushed version may go (0: no limit), so that one push
+    /// of a huge version cannot pin `current` (it only moves forward).
+    pub max_version_ahead: u64,
 }
 
 impl ServeOptions {
-    /// Defaults: keep 2, 64 MiB pool per session, 120 s idle timeout, 64 sessions.
+    /// Defaults: keep 2, 64 MiB pool per session, 120 s idle timeout, 64 sessions, 5 s to finish
+    /// a handshake (128 at once, 8 per peer address), chains of 16 nodes, 1 000 000 entries and
+    /// 64 MiB per manifest, versions at most 2^32 beyond `current`.
     pub fn new(listen: impl Into<String>, root: impl Into<PathBuf>) -> Self {
         Self {
             listen: listen.into(),
@@ -87,7 +104,7 @@ impl ServeOptions {
             io: IoChoice::from_env(),
             idle_timeout: Duration::from_secs(120),
             hop_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(5),
             max_sessions: 64,
             max_per_peer: 16,
             verify: !bench_no_verify(),
@@ -102,6 +119,12 @@ impl ServeOptions {
             partial_max_age: Some(Duration::from_secs(24 * 3600)),
             partial_max_bytes: 100 << 30,
             acl: Vec::new(),
+            max_handshakes: 128,
+            max_handshakes_per_peer: 8,
+            max_chain: 16,
+            max_entries: 1_000_000,
+            max_manifest: 64 << 20,
+            max_version_ahead: 1 << 32,
         }
     }
 }
@@ -187,9 +210,10 @@ impl Server {
     }
 
     fn run_until(self, stop: &AtomicBool) {
-        let active = Arc::new(AtomicUsize::new(0));
-        let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
         let opts = Arc::new(self.opts);
+        let slots = Arc::new(Slots { active: Arc::new(AtomicUsize::new(0)), per_peer: Arc::default() });
+        // Connections still in their handshake, counted and timed apart from sessions.
+        let gate = Gate::start(&opts);
         // One idle pool is kept for the next push (see `PoolCache`).
         let pools = Arc::new(PoolCache::new(1));
         for conn in self.listener.incoming() {
@@ -205,43 +229,162 @@ impl Server {
                 }
             };
             let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
-            if active.load(Ordering::SeqCst) >= opts.max_sessions {
-                tracing::warn!(%peer, "refused: {} sessions already running", opts.max_sessions);
-                // Answered on the accept thread, so it must not block: no lingering.
-                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                let busy = NodeError::new(
-                    ErrorKind::Busy,
-                    format!("replica busy: {} sessions already running; retry later", opts.max_sessions),
-                );
-                let reports = [ReplicaReport::failed(self.addr.to_string(), busy)];
-                let _ = wire::write_frame(&mut conn, Kind::Reject, 0, &wire::encode_reports(&reports));
-                continue;
-            }
-            let ip = conn.peer_addr().map(|a| a.ip()).ok();
-            let peer_guard = match ip.map(|ip| PeerGuard::new(&per_peer, ip, opts.max_per_peer)) {
-                Some(Err(n)) => {
-                    tracing::warn!(%peer, "refused: {n} connections from this address already open");
+            let pending = match gate.enter(&conn) {
+                Ok(p) => p,
+                Err(why) => {
+                    tracing::warn!(%peer, "refused: {why}");
+                    // Answered on the accept thread, so it must not block: no lingering.
                     let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                    let busy = NodeError::new(
-                        ErrorKind::Busy,
-                        format!("replica busy: {n} connections from your address already open; retry later"),
-                    );
+                    let busy = NodeError::new(ErrorKind::Busy, format!("replica busy: {why}; retry later"));
                     let reports = [ReplicaReport::failed(self.addr.to_string(), busy)];
                     let _ = wire::write_frame(&mut conn, Kind::Reject, 0, &wire::encode_reports(&reports));
                     continue;
                 }
-                Some(Ok(g)) => Some(g),
-                None => None,
             };
-            let guard = ActiveGuard::new(&active);
-            let (store, opts, pools, me) =
-                (Arc::clone(&self.store), Arc::clone(&opts), Arc::clone(&pools), self.addr.to_string());
+            let (store, opts, pools, slots, me) = (
+                Arc::clone(&self.store),
+                Arc::clone(&opts),
+                Arc::clone(&pools),
+                Arc::clone(&slots),
+                self.addr.to_string(),
+            );
             let spawned = std::thread::Builder::new().name("shardcast-session".into()).spawn(move || {
-                let _guard = (guard, peer_guard);
-                handle(conn, &peer, &me, &store, &pools, &opts);
+                handle(conn, &peer, &me, &store, &pools, &opts, pending, &slots);
             });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a session thread: {e}");
+            }
+        }
+    }
+}
+
+/// The session slots: sessions running, and per peer address.
+#[derive(Debug)]
+struct Slots {
+    active: Arc<AtomicUsize>,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Slots {
+    /// A session slot for a peer whose handshake is done, or why there is none.
+    fn take(&self, conn: &TcpStream, opts: &ServeOptions) -> Result<(ActiveGuard, Option<PeerGuard>), String> {
+        if self.active.load(Ordering::SeqCst) >= opts.max_sessions {
+            return Err(format!("{} sessions already running", opts.max_sessions));
+        }
+        let peer = match conn.peer_addr().map(|a| a.ip()) {
+            Ok(ip) => Some(
+                PeerGuard::new(&self.per_peer, ip, opts.max_per_peer)
+                    .map_err(|n| format!("{n} sessions from your address already running"))?,
+            ),
+            Err(_) => None,
+        };
+        Ok((ActiveGuard::new(&self.active), peer))
+    }
+}
+
+/// Connections that have not finished their handshake (authentication, HELLO or STATUS_REQ):
+/// at most `max` at once and `max_per_peer` per address, and each closed when it is not done
+/// within the handshake timeout in all, however slowly its bytes trickle in (each read's own
+/// timeout would not bound that). Sessions are counted apart ([`Slots`]), once a peer is through.
+#[derive(Debug)]
+struct Gate {
+    inner: std::sync::Mutex<GateInner>,
+    max: usize,
+    max_per_peer: usize,
+    timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct GateInner {
+    next: u64,
+    /// Each connection in its handshake (a handle to close it) and its deadline.
+    conns: std::collections::HashMap<u64, (TcpStream, std::time::Instant)>,
+    per_peer: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// One connection in its handshake; leaves the gate when dropped.
+#[derive(Debug)]
+struct Pending {
+    gate: Arc<Gate>,
+    id: u64,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl Gate {
+    /// The gate, and its reaper thread (which ends with the gate).
+    fn start(opts: &ServeOptions) -> Arc<Self> {
+        let gate = Arc::new(Self {
+            inner: std::sync::Mutex::default(),
+            max: opts.max_handshakes.max(1),
+            max_per_peer: opts.max_handshakes_per_peer.max(1),
+            timeout: opts.handshake_timeout,
+        });
+        let weak = Arc::downgrade(&gate);
+        let spawned = std::thread::Builder::new().name("shardcast-gate".into()).spawn(move || {
+            while let Some(gate) = weak.upgrade() {
+                gate.reap();
+                drop(gate);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the handshake reaper: {e}; slow handshakes are bounded per read only");
+        }
+        gate
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lets `conn` in, or says why not.
+    fn enter(self: &Arc<Self>, conn: &TcpStream) -> Result<Pending, String> {
+        let ip = conn.peer_addr().map(|a| a.ip()).ok();
+        let handle = conn.try_clone().map_err(|e| format!("cannot track the connection: {e}"))?;
+        let mut g = self.lock();
+        if g.conns.len() >= self.max {
+            return Err(format!("{} connections already in their handshake", self.max));
+        }
+        if let Some(ip) = ip {
+            let n = g.per_peer.entry(ip).or_insert(0);
+            if *n >= self.max_per_peer {
+                let n = *n;
+                return Err(format!("{n} connections from your address already in their handshake"));
+            }
+            *n += 1;
+        }
+        let id = g.next;
+        g.next += 1;
+        g.conns.insert(id, (handle, std::time::Instant::now() + self.timeout));
+        Ok(Pending { gate: Arc::clone(self), id, ip })
+    }
+
+    /// Closes every connection past its deadline (its thread then sees the connection end).
+    fn reap(&self) {
+        let now = std::time::Instant::now();
+        let mut g = self.lock();
+        g.conns.retain(|_, (conn, deadline)| {
+            if *deadline > now {
+                return true;
+            }
+            let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            tracing::warn!(%peer, "closed: handshake not done within {} s", self.timeout.as_secs_f64());
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            false
+        });
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock();
+        g.conns.remove(&self.id);
+        if let Some(ip) = self.ip
+            && let Some(n) = g.per_peer.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                g.per_peer.remove(&ip);
             }
         }
     }
@@ -341,10 +484,24 @@ fn linger_close(conn: &mut TcpStream) {
     }
 }
 
-fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: &PoolCache, opts: &ServeOptions) {
+/// The most an AUTH frame carries (what a peer may send before it is authenticated).
+const MAX_AUTH: u32 = 1024;
+
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    mut conn: TcpStream,
+    peer: &str,
+    me: &str,
+    store: &Arc<Store>,
+    pools: &PoolCache,
+    opts: &ServeOptions,
+    pending: Pending,
+    slots: &Slots,
+) {
     let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
-    let read = |conn: &mut TcpStream| match wire::read_frame(conn) {
+    // A frame at most `max` bytes long: before a peer is authenticated, only AUTH's size.
+    let read = |conn: &mut TcpStream, max: u32| match wire::read_frame_max(conn, max) {
         Ok(f) => Some(f),
         Err(ReadFrameError::Io(e)) => {
             tracing::debug!(%peer, "connection closed before a full frame: {e}");
@@ -383,14 +540,15 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
             }
         }
     }
-    let Some(mut frame) = read(&mut conn) else { return };
+    let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
+    let first_max = if keys.is_empty() || opts.tls.is_some() { opts.max_manifest } else { MAX_AUTH };
+    let Some(mut frame) = read(&mut conn, first_max) else { return };
     // With a cluster key, nothing but a peer that proves it holds the key gets further.
     let unauthorized = |conn: &mut TcpStream, why: String| {
         tracing::warn!(%peer, "refused: {why}");
         audit_refusal(opts, peer, None, why.clone());
         let _ = reject(conn, me, NodeError::new(ErrorKind::Unauthorized, why));
     };
-    let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
     match (keys.first(), frame.header.kind) {
         _ if opts.tls.is_some() && frame.header.kind == Kind::Auth => {
             return unauthorized(&mut conn, "this replica authenticates with mutual TLS, not a cluster key".into());
@@ -401,15 +559,16 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
                 tracing::debug!(%peer, key = %id, "peer authenticated");
                 key_id = Some(id);
                 secret = Some(s);
-                let Some(next) = read(&mut conn) else { return };
+                let Some(next) = read(&mut conn, opts.max_manifest) else { return };
                 frame = next;
             }
             Err(why) => return unauthorized(&mut conn, why),
         },
-        (Some(key), _) => {
+        (Some(_), _) => {
+            // Which key is not said to a peer that has not proved it holds one.
             return unauthorized(
                 &mut conn,
-                format!("authentication required: this replica needs the cluster key {} (--key-file)", key.id()),
+                "authentication required: this replica needs its cluster key (--key-file)".into(),
             );
         }
         (None, Kind::Auth) => {
@@ -440,12 +599,24 @@ fn handle(mut conn: TcpStream, peer: &str, me: &str, store: &Arc<Store>, pools: 
                     "HELLO does not authenticate under this connection's key: changed in transit".into(),
                 );
             };
-            let hello = match Hello::decode(payload) {
+            let hello = match Hello::decode(payload).and_then(|h| admit(&h, opts).map(|()| h)) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(%peer, "refused HELLO: {e}");
                     audit_refusal(opts, peer, key_id.as_deref(), format!("bad HELLO: {}", e.message));
                     let _ = reject(&mut conn, me, e);
+                    return;
+                }
+            };
+            // The handshake is done: from here on the connection counts as a session.
+            drop(pending);
+            let _slot = match slots.take(&conn, opts) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    tracing::warn!(%peer, "refused: {why}");
+                    audit_refusal(opts, peer, key_id.as_deref(), format!("busy: {why}"));
+                    let busy = NodeError::new(ErrorKind::Busy, format!("replica busy: {why}; retry later"));
+                    let _ = reject(&mut conn, me, busy);
                     return;
                 }
             };
@@ -560,6 +731,22 @@ fn push_session(
             return;
         }
     }
+    // `current` only moves forward, so one push of a huge version would pin it for good: a
+    // version too far beyond `current` is refused (`--max-version-ahead`).
+    if let Some(cur) = store.current_version(&hello.name)
+        && opts.max_version_ahead > 0
+        && hello.version > cur.saturating_add(opts.max_version_ahead)
+    {
+        let why = format!(
+            "version {} of '{}' is more than {} beyond its current version {cur}: refused so that one push \
+             cannot pin `current` (which only moves forward); push a nearer version, or raise serve \
+             --max-version-ahead (0: no limit)",
+            hello.version, hello.name, opts.max_version_ahead
+        );
+        tracing::warn!("refused: {why}");
+        let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::Unauthorized, why));
+        return;
+    }
     let routed = !hello.wants.is_empty();
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
@@ -609,6 +796,10 @@ fn push_session(
     let mut down_secret = None;
     let mut haves = vec![held];
     if let Some(next) = hello.downstream.first() {
+        // The onward handshake as a whole (connect, authenticate, the rest of the chain's
+        // answer) is bounded: one handshake timeout per node from here to the tail, so that the
+        // nearest node to a silent one times out first and is the one that reports it.
+        let onward_deadline = std::time::Instant::now() + opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
         // On a refusal the reservation is dropped before answering, so that the caller can
         // retry the same version at once.
         let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref(), opts.tls.as_deref()) {
@@ -646,7 +837,8 @@ fn push_session(
             grant: wire::Grant { origin: origin.to_owned(), limits: limits.clone() },
             ..hello.clone()
         };
-        let timeout = opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
+        let timeout =
+            onward_deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
         match handshake(&mut stream, &onward, timeout, down_secret.as_ref()) {
             Ok(payload) if !routed => drop(payload),
             Ok(payload) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
@@ -838,7 +1030,7 @@ fn push_session(
                 _ => ("failed", Some(summary(&reports))),
             };
             linger_close(&mut conn);
-            store.retain(&hello.name, (hello.keep > 0).then_some(hello.keep as usize));
+            store.retain(&hello.name, (hello.keep > 0).then_some(hello.keep as usize), hello.version);
         }
         SessionEnd::Aborted(e) => {
             tracing::warn!("push aborted: {e}");
@@ -849,6 +1041,54 @@ fn push_session(
             tracing::warn!("push abandoned, nothing published: {why}");
             (audit.outcome, audit.reason) = ("upstream_lost", Some(why));
         }
+    }
+}
+
+/// The checks a HELLO must pass before anything is staged or dialed: the limits this replica
+/// sets (`--max-chain`, `--max-entries`, `--pool-mb`) and node names that are addresses.
+/// Pure, so that the fuzz targets run it on every HELLO they decode.
+pub fn admit(hello: &Hello, opts: &ServeOptions) -> Result<(), NodeError> {
+    let nodes = hello.downstream.len() + 1;
+    if nodes > opts.max_chain {
+        return Err(NodeError::new(
+            ErrorKind::Unsupported,
+            format!(
+                "a chain of {nodes} nodes from here is longer than this replica allows (serve --max-chain {})",
+                opts.max_chain
+            ),
+        ));
+    }
+    let entries = hello.manifest.entries().len();
+    if entries > opts.max_entries {
+        return Err(NodeError::new(
+            ErrorKind::BadManifest,
+            format!(
+                "the manifest lists {entries} entries, more than this replica accepts (serve --max-entries {})",
+                opts.max_entries
+            ),
+        ));
+    }
+    crate::pool::check_budget(opts.pool_bytes, hello.manifest.chunk_size())
+        .map_err(|why| NodeError::new(ErrorKind::Unsupported, format!("{why} (serve --pool-mb)")))?;
+    for node in std::iter::once(&hello.you).chain(&hello.downstream) {
+        check_node(node)
+            .map_err(|why| NodeError::new(ErrorKind::Protocol, format!("bad HELLO: node {node:?} {why}")))?;
+    }
+    Ok(())
+}
+
+/// A node name as the chain lists it: `HOST:PORT`, printable, no spaces (it is dialed, logged
+/// and reported, so nothing else passes).
+fn check_node(node: &str) -> Result<(), &'static str> {
+    if node.is_empty() || node.len() > 255 {
+        return Err("is not 1 to 255 bytes long");
+    }
+    if !node.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("holds characters that are not printable ASCII");
+    }
+    match node.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err("is not HOST:PORT"),
     }
 }
 

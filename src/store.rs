@@ -440,16 +440,23 @@ impl Store {
         v
     }
 
+    /// The version `current` of `name` points at, if any.
+    pub fn current_version(&self, name: &str) -> Option<u64> {
+        read_current(&self.root.join(name))
+    }
+
     /// Removes the oldest versions of `name` beyond `keep` (the push's choice, else the store's),
-    /// never the current one. Called after a push has reported (deleting a large old version is
-    /// off the push's critical path).
-    pub fn retain(&self, name: &str, keep: Option<usize>) {
+    /// never the current one and never `published` (the version the push just published, even
+    /// when it is older than `current`: a push that reported it published must find it there).
+    /// Called after a push has reported (deleting a large old version is off the push's
+    /// critical path).
+    pub fn retain(&self, name: &str, keep: Option<usize>, published: u64) {
         let versions = self.versions(name);
         let current = read_current(&self.root.join(name));
         let keep = keep.unwrap_or(self.keep).max(1);
         let excess = versions.len().saturating_sub(keep);
         for &v in versions.iter().take(excess) {
-            if Some(v) == current {
+            if Some(v) == current || v == published {
                 continue;
             }
             // Manifest first: the version stops existing before its data goes.

@@ -172,6 +172,15 @@ impl Header {
             return Err(WireError::BadVersion(version));
         }
         let kind = Kind::from_u8(buf[6])?;
+        // No kind uses the flags byte or the reserved bytes yet: refusing anything but zero
+        // keeps them usable later (a peer that sets them speaks something this build does not).
+        if buf[7] != 0 || buf[12..16] != [0; 4] {
+            return Err(WireError::Invalid(format!(
+                "frame header: flags {:#04x} and reserved bytes {:02x?} must be zero",
+                buf[7],
+                &buf[12..16]
+            )));
+        }
         let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
         if len > kind.max_len() {
             return Err(WireError::TooLong { kind: kind.name(), len: len.into(), max: kind.max_len().into() });
@@ -861,9 +870,19 @@ pub enum ReadFrameError {
 
 /// Reads one frame; the payload is bounded by the header's kind.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ReadFrameError> {
+    read_frame_max(r, u32::MAX)
+}
+
+/// Reads one frame whose payload is at most `max` bytes (and its kind's bound): a frame that
+/// announces more is refused from its header, before anything is allocated for it (what an
+/// unauthenticated peer may send is small).
+pub fn read_frame_max(r: &mut impl Read, max: u32) -> Result<Frame, ReadFrameError> {
     let mut hdr = [0u8; HEADER_LEN];
     r.read_exact(&mut hdr)?;
     let header = Header::decode(&hdr)?;
+    if header.len > max {
+        return Err(WireError::TooLong { kind: header.kind.name(), len: header.len.into(), max: max.into() }.into());
+    }
     if header.kind == Kind::Chunk {
         // Chunks never travel through the blocking path; refusing here keeps a control read
         // from allocating a chunk-sized buffer on a peer's say-so.

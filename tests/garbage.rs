@@ -224,32 +224,6 @@ fn stalled_connections_do_not_block_pushes() {
     assert_still_serving(&mut c, "stalled connections closed");
 }
 
-/// A TCP connection to `dst` from the local address `src` (another loopback address stands in
-/// for another host).
-fn connect_from(src: std::net::Ipv4Addr, dst: &str) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let dst: std::net::SocketAddrV4 = dst.parse().expect("an IPv4 address");
-    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor this function owns, with sockaddr_in values
-    // that live across each call; the descriptor goes to a TcpStream, which closes it.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let s = TcpStream::from_raw_fd(fd);
-        let a = sockaddr(src, 0);
-        assert_eq!(libc::bind(fd, (&raw const a).cast(), len), 0, "bind {src}: {}", std::io::Error::last_os_error());
-        let d = sockaddr(*dst.ip(), dst.port());
-        assert_eq!(libc::connect(fd, (&raw const d).cast(), len), 0, "connect: {}", std::io::Error::last_os_error());
-        s
-    }
-}
-
 /// One peer opening connections and sending nothing takes at most its own share of sessions:
 /// pushes from elsewhere go on, and the connections over its share are told why.
 #[test]
@@ -259,9 +233,11 @@ fn one_silent_peer_cannot_take_every_session() {
         .serve_arg("8")
         .serve_arg("--max-sessions-per-peer")
         .serve_arg("4")
+        .serve_arg("--max-handshakes-per-peer")
+        .serve_arg("4")
         .start(1);
     let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
-    let mut silent: Vec<TcpStream> = (0..12).map(|_| connect_from(other, &c.addr(0))).collect();
+    let mut silent: Vec<TcpStream> = (0..12).map(|_| connect_from(other, &c.addr(0)).expect("connect")).collect();
     // Without the per-peer cap, these 12 would hold all 8 sessions and the push below would be
     // refused as busy; with it, connections 5 to 12 are refused at once.
     let mut refused = 0;
@@ -275,7 +251,7 @@ fn one_silent_peer_cannot_take_every_session() {
     }
     assert_eq!(refused, 8);
     assert_still_serving(&mut c, "a silent peer holding its share of sessions");
-    assert!(c.logs().contains("connections from this address already open"), "{}", c.logs());
+    assert!(c.logs().contains("connections from your address already in their handshake"), "{}", c.logs());
 }
 
 /// Many hostile connections at once.

@@ -53,7 +53,14 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(h) = Header::decode(first)
     {
         assert!(h.len <= h.kind.max_len());
+        assert_eq!(first[7], 0, "a header with flags decoded");
+        assert_eq!(first[12..16], [0; 4], "a header with reserved bytes decoded");
         assert_eq!(Header::decode(&h.to_bytes()), Ok(h));
+    }
+    // What a replica reads before a peer is authenticated: nothing longer than an AUTH.
+    let mut reader = data;
+    if let Ok(frame) = wire::read_frame_max(&mut reader, 1024) {
+        assert!(frame.payload.len() <= 1024, "read_frame_max let a longer frame through");
     }
     let mut reader = data;
     if let Ok(frame) = wire::read_frame(&mut reader) {

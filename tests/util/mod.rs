@@ -388,6 +388,38 @@ impl Server {
     }
 }
 
+/// A TCP connection to `dst` from the local address `src` (another loopback address stands in
+/// for another host).
+pub fn connect_from(src: std::net::Ipv4Addr, dst: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let dst: std::net::SocketAddrV4 = dst.parse().expect("an IPv4 address");
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns, with sockaddr_in values
+    // that live across each call; the descriptor goes to a TcpStream, which closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = std::net::TcpStream::from_raw_fd(fd);
+        let a = sockaddr(src, 0);
+        if libc::bind(fd, (&raw const a).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let d = sockaddr(*dst.ip(), dst.port());
+        if libc::connect(fd, (&raw const d).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
 /// Finds `listening on <addr>` in a log line and parses the address.
 pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     let idx = line.find("listening on ")?;
