@@ -775,8 +775,9 @@ pub struct Staging {
     pending: Vec<JournalRecord>,
     /// Records made durable so far (counted when the journal's thread is done).
     durable: usize,
-    /// The journal's thread, once the first batch is sent.
-    writer: Option<JournalWriter>,
+    /// The journal's thread, once the first batch is sent (boxed: a session holds its staging
+    /// in an enum beside the primary's small variant).
+    writer: Option<Box<JournalWriter>>,
     /// Records taken over from a partial staging.
     resumed: Vec<JournalRecord>,
     /// Publish beside `current` without moving it (a key that may not replace it).
@@ -940,7 +941,7 @@ impl Staging {
         if self.writer.is_none() {
             let Some(journal) = self.journal.take() else { return };
             match JournalWriter::start(journal) {
-                Ok(w) => self.writer = Some(w),
+                Ok(w) => self.writer = Some(Box::new(w)),
                 Err(e) => {
                     // Not journaled: a resume receives these chunks again.
                     tracing::warn!("journal: cannot start its thread: {e}");
