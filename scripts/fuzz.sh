@@ -29,6 +29,13 @@ fi
 # safe Rust, so ASan would add little; what it would catch that matters here (huge allocations
 # from length fields) the targets' capped allocator catches instead. Coverage instrumentation,
 # debug assertions and overflow checks stay on (cargo-fuzz's defaults).
+# The fuzz crate's lock file is checked in: a stale one (a dependency of the library missing
+# from it) fails here, loudly, instead of being rewritten by the build (which left the tree
+# dirty after every test run). Refresh it with `cargo metadata --manifest-path fuzz/Cargo.toml`.
+if ! cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then
+    echo "fuzz: fuzz/Cargo.lock is stale; refresh it (cargo metadata --manifest-path fuzz/Cargo.toml) and commit it"
+    exit 1
+fi
 cargo fuzz build --sanitizer none
 
 target_dir="${CARGO_TARGET_DIR:-fuzz/target}"

@@ -11,7 +11,6 @@ mod util;
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -187,9 +186,7 @@ impl Drop for NetCluster {
 #[test]
 fn chain_through_shaped_namespaces() {
     // Straight to stderr: libtest captures eprintln! of passing tests.
-    let skip = |why: &str| {
-        let _ = writeln!(std::io::stderr(), "skipped cluster test: {why}");
-    };
+    let skip = |why: &str| skip("cluster::chain_through_shaped_namespaces", why);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip("not running as root: network namespaces need CAP_SYS_ADMIN");
@@ -260,9 +257,7 @@ fn chain_through_shaped_namespaces() {
 
 #[test]
 fn a_link_taken_down_mid_push_is_repaired_around() {
-    let skip = |why: &str| {
-        let _ = writeln!(std::io::stderr(), "skipped link-down test: {why}");
-    };
+    let skip = |why: &str| skip("cluster::a_link_taken_down_mid_push_is_repaired_around", why);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return skip("not running as root: network namespaces need CAP_SYS_ADMIN");

@@ -311,20 +311,18 @@ fn middle_replica_killed_mid_push() {
 fn not_enough_disk_space() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: not running as root");
-        return;
+        return skip("errors::not_enough_disk_space", "not running as root: mounting a tmpfs needs it");
     }
     let mnt = tempdir();
     let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(mnt.path()).output();
     match st {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            eprintln!("skipped: mount tmpfs failed: {}", String::from_utf8_lossy(&o.stderr).trim());
-            return;
+            let why = format!("mount tmpfs failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+            return skip("errors::not_enough_disk_space", &why);
         }
         Err(e) => {
-            eprintln!("skipped: cannot run mount: {e}");
-            return;
+            return skip("errors::not_enough_disk_space", &format!("cannot run mount: {e}"));
         }
     }
     // Drop order: cluster (servers killed), then unmount, then the temp dir.

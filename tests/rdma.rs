@@ -30,9 +30,12 @@ fn rxe() -> Option<Rxe> {
     let (Some(dev), Some(ip), Some(gid), Some(peer_dev), Some(peer_gid)) =
         (get("RXEVM_DEV"), get("RXEVM_IP"), get("RXEVM_GID"), get("RXEVM_PEER_DEV"), get("RXEVM_PEER_GID"))
     else {
-        eprintln!(
-            "SKIPPED: no soft-RoCE device here (RXEVM_* unset: this host's kernel has no RDMA); \
-             scripts/test.sh runs these tests inside the scripts/rxe-vm.sh guest"
+        // libtest names each test's thread after the test.
+        let test = std::thread::current().name().map(|n| format!("rdma::{n}")).unwrap_or_else(|| "rdma".into());
+        skip(
+            &test,
+            "no soft-RoCE device here (RXEVM_* unset: this host's kernel has no RDMA); \
+             scripts/test.sh runs these tests inside the scripts/rxe-vm.sh guest",
         );
         return None;
     };

@@ -170,8 +170,10 @@ fn a_disk_that_fills_mid_push_fails_clearly_and_keeps_the_previous_version() {
     let st =
         std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"]).arg(mnt.path()).output();
     if !st.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: cannot mount a tmpfs here: {st:?}");
-        return;
+        return skip(
+            "repair::a_disk_that_fills_mid_push_fails_clearly_and_keeps_the_previous_version",
+            &format!("cannot mount a tmpfs here: {st:?}"),
+        );
     }
     let _guard = Unmount(mnt.path().to_path_buf());
     let root = mnt.path().join("root");

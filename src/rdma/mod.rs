@@ -368,13 +368,54 @@ mod tests {
         assert!(parse_gid("zz00:0000:0000:0000:0000:ffff:c612:0101").is_none());
     }
 
+    /// The devices in sysfs, and each device's IPv4-mapped GIDs on port 1 (what `choose`
+    /// matches a hop's address against), read independently of `choose`.
+    fn sysfs_devices() -> Vec<(String, Vec<std::net::Ipv4Addr>)> {
+        let mut out = Vec::new();
+        for dev in std::fs::read_dir(SYS_IB).into_iter().flatten().flatten() {
+            let name = dev.file_name().to_string_lossy().into_owned();
+            let mut ips = Vec::new();
+            for g in std::fs::read_dir(dev.path().join("ports/1/gids")).into_iter().flatten().flatten() {
+                let text = std::fs::read_to_string(g.path()).unwrap_or_default();
+                let hex: String = text.trim().chars().filter(|c| *c != ':').collect();
+                // ::ffff:a.b.c.d is 20 hex zeros, ffff, then the address.
+                if hex.len() == 32 && hex[..20].chars().all(|c| c == '0') && hex[20..24].eq_ignore_ascii_case("ffff") {
+                    let v = u32::from_str_radix(&hex[24..], 16).unwrap();
+                    ips.push(std::net::Ipv4Addr::from(v));
+                }
+            }
+            out.push((name, ips));
+        }
+        out
+    }
+
     #[test]
-    fn no_rdma_here_is_a_reason_not_a_panic() {
-        // On a host without RDMA (this CI host) choosing fails with a reason; inside the rxe
-        // guest it finds the device for the veth address.
-        match choose(&RdmaConfig::default(), "127.0.0.1".parse().unwrap()) {
-            Ok(c) => assert!(!c.device.is_empty()),
-            Err(reason) => assert!(!reason.is_empty()),
+    fn choose_finds_the_device_holding_the_address_or_says_why_not() {
+        let devices = sysfs_devices();
+        // No device ever holds a GID for the loopback address (rdma_rxe cannot bind lo): the
+        // answer is a reason, and the reason says which case this machine is in.
+        let err = match choose(&RdmaConfig::default(), "127.0.0.1".parse().unwrap()) {
+            Ok(c) => panic!("chose {c:?} for 127.0.0.1"),
+            Err(e) => e,
+        };
+        if devices.is_empty() {
+            assert!(err.contains("RDMA"), "no RDMA device here, but the reason does not say so: {err}");
+        } else {
+            assert!(err.contains("127.0.0.1"), "the reason does not name the address: {err}");
+            for (name, _) in &devices {
+                assert!(err.contains(name.as_str()), "the reason does not list device {name}: {err}");
+            }
+        }
+        // Every address a device holds a GID for chooses that device (in the rxe guest: the
+        // veth address); on a host without RDMA this loop has nothing to check.
+        for (name, ips) in &devices {
+            for ip in ips {
+                let holders: Vec<&String> = devices.iter().filter(|(_, i)| i.contains(ip)).map(|(n, _)| n).collect();
+                let c = choose(&RdmaConfig::default(), (*ip).into())
+                    .unwrap_or_else(|e| panic!("{name} holds a GID for {ip}, but choose says: {e}"));
+                assert!(holders.contains(&&c.device), "{ip} is on {holders:?}, choose picked {}", c.device);
+                assert_eq!(c.port, 1);
+            }
         }
     }
 }
