@@ -10,11 +10,10 @@
 #                               namespaces, veth, bridge, tc shaping) and tests/cluster.rs
 #   python3                     JSON/CSV handling and data generation in the bench scripts
 #   clang libclang-dev          bindgen, which the rdma-sys crate runs at build time (feature `rdma`)
-#   libibverbs-dev librdmacm-dev  the verbs and RDMA CM headers and libraries rdma-sys links
+#   libibverbs-dev librdmacm-dev  the verbs and RDMA CM headers rdma-sys generates its bindings
+#                               from (the binary loads libibverbs at run time; it links neither)
 #   ibverbs-providers rdma-core   the user-space drivers (rxe among them) the RDMA transport loads
 #   openssl                     the test CA and certificates of tests/tls.rs (mutual TLS)
-#   libhwloc-dev libudev-dev    hwloc (pool placement on the NIC's NUMA node, feature `numa`);
-#                               hwlocality links it statically, which needs libudev
 #   e2fsprogs                   mkfs.ext4 for scripts/bench-journal.sh (ext4 on a loop device)
 #
 # Rust itself comes from rustup (preinstalled on these machines); this script only checks it.
@@ -22,8 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2 openssl
-    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core libhwloc-dev libudev-dev
-    e2fsprogs)
+    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core e2fsprogs)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -89,6 +89,8 @@ if [[ $py_rc -ne 0 ]]; then
     status=1
 fi
 
+scripts/test-wheel.sh || { echo "test: wheel and release binary (scripts/test-wheel.sh) FAILED"; status=1; }
+
 echo "test: short fuzzing run (scripts/fuzz.sh)"
 if ! FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz.sh; then
     echo "test: fuzzing FAILED (a crash, or the fuzz build failed)"

@@ -24,8 +24,11 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_PARTIAL: u8 = 3;
 
+/// `shardcast --version`: the crate version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SHARDCAST_GIT_COMMIT"), ")");
+
 #[derive(Parser)]
-#[command(name = "shardcast", version, about = "Replicate checkpoints and dataset shards down a chain of replicas")]
+#[command(name = "shardcast", version = VERSION, about = "Replicate checkpoints and dataset shards down a chain of replicas")]
 #[command(after_help = "Examples:\n  \
     shardcast serve --listen 0.0.0.0:7071 --root /data/replica\n  \
     shardcast push ./ckpt --name ckpt --version 100 --to node1:7071,node2:7071,node3:7071\n  \

@@ -1,4 +1,13 @@
-//! The one place shardcast calls libibverbs (through the `rdma-sys` bindings).
+//! The one place shardcast calls libibverbs.
+//!
+//! libibverbs is loaded at run time (`dlopen("libibverbs.so.1")` on first use), not linked: the
+//! binary and the Python wheel's library have no DT_NEEDED on it, so they start on nodes without
+//! rdma-core and run TCP there. `rdma-sys` still provides the types (struct layouts, enums) and
+//! its Rust versions of the verbs that are `static inline` in the C headers (`ibv_post_send`,
+//! `ibv_post_recv`, `ibv_poll_cq`, `ibv_req_notify_cq`: calls through the provider's ops table
+//! inside the context, no libibverbs symbol). Every exported libibverbs function is called
+//! through the [`Api`] table of function pointers resolved with `dlsym`; none is referenced by
+//! name, so the linker (`--as-needed`) drops the library that rdma-sys's build script asks for.
 //!
 //! Everything else sees [`Endpoint`]: one side of a reliable-connected (RC) queue pair with its
 //! device context, protection domain, the buffer pool registered once as a memory region, and a
@@ -10,14 +19,126 @@
 //! by the verb that creates it and is freed exactly once by the wrapper's `Drop`; the wrappers
 //! are owned by one `Endpoint`, which is used from one thread at a time.
 
-use std::ffi::{CStr, c_int, c_void};
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::OnceLock;
 
 use rdma_sys as ffi;
 
 pub use super::types::{PeerInfo, WcError, WorkCompletion};
+
+/// The library loaded at run time, by its SONAME (the ABI shardcast was built against).
+const LIBIBVERBS: &str = "libibverbs.so.1";
+
+/// Where the library comes from, for the message when it is missing.
+const PACKAGES: &str = "install libibverbs1 and ibverbs-providers (Debian/Ubuntu: apt-get install libibverbs1 \
+                        ibverbs-providers) or libibverbs (RHEL/Fedora: dnf install libibverbs), or your NIC \
+                        vendor's OFED";
+
+/// Declares the exported libibverbs functions shardcast calls: one function-pointer field each,
+/// resolved by name from the loaded library. The types are rdma-sys's bindgen signatures.
+macro_rules! verbs_api {
+    ($($name:ident: fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
+        /// The exported libibverbs functions, resolved with `dlsym` from `libibverbs.so.1`.
+        struct Api {
+            $($name: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
+        }
+
+        impl Api {
+            /// Resolves every function in `handle`.
+            ///
+            /// # Safety
+            /// `handle` is a live `dlopen` handle of libibverbs.so.1 that is never closed.
+            unsafe fn resolve(handle: *mut c_void) -> Result<Self, String> {
+                Ok(Self {
+                    $($name: {
+                        let sym = concat!(stringify!($name), "\0");
+                        // SAFETY: handle is live; the name is NUL-terminated.
+                        let p = unsafe { libc::dlsym(handle, sym.as_ptr().cast::<c_char>()) };
+                        if p.is_null() {
+                            return Err(format!(
+                                "{LIBIBVERBS} has no {} (rdma-core too old?): {}", stringify!($name), dl_error()
+                            ));
+                        }
+                        // SAFETY: the symbol is the libibverbs function of that name, whose C
+                        // signature is the one rdma-sys generated from the same headers; the
+                        // library stays loaded for the life of the process.
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) $(-> $ret)?>(p)
+                        }
+                    },)*
+                })
+            }
+        }
+    };
+}
+
+verbs_api! {
+    ibv_get_device_list: fn(*mut c_int) -> *mut *mut ffi::ibv_device;
+    ibv_free_device_list: fn(*mut *mut ffi::ibv_device);
+    ibv_get_device_name: fn(*mut ffi::ibv_device) -> *const c_char;
+    ibv_open_device: fn(*mut ffi::ibv_device) -> *mut ffi::ibv_context;
+    ibv_close_device: fn(*mut ffi::ibv_context) -> c_int;
+    ibv_alloc_pd: fn(*mut ffi::ibv_context) -> *mut ffi::ibv_pd;
+    ibv_dealloc_pd: fn(*mut ffi::ibv_pd) -> c_int;
+    // `ibv_reg_mr` is a macro in the C header (it picks ibv_reg_mr_iova2 for optional access
+    // flags); without those flags it calls the exported ibv_reg_mr, as here.
+    ibv_reg_mr: fn(*mut ffi::ibv_pd, *mut c_void, usize, c_int) -> *mut ffi::ibv_mr;
+    ibv_dereg_mr: fn(*mut ffi::ibv_mr) -> c_int;
+    ibv_create_comp_channel: fn(*mut ffi::ibv_context) -> *mut ffi::ibv_comp_channel;
+    ibv_destroy_comp_channel: fn(*mut ffi::ibv_comp_channel) -> c_int;
+    ibv_create_cq: fn(*mut ffi::ibv_context, c_int, *mut c_void, *mut ffi::ibv_comp_channel, c_int) -> *mut ffi::ibv_cq;
+    ibv_destroy_cq: fn(*mut ffi::ibv_cq) -> c_int;
+    ibv_ack_cq_events: fn(*mut ffi::ibv_cq, c_uint);
+    ibv_create_qp: fn(*mut ffi::ibv_pd, *mut ffi::ibv_qp_init_attr) -> *mut ffi::ibv_qp;
+    ibv_destroy_qp: fn(*mut ffi::ibv_qp) -> c_int;
+    ibv_modify_qp: fn(*mut ffi::ibv_qp, *mut ffi::ibv_qp_attr, c_int) -> c_int;
+    // `ibv_query_port` is a macro in the C header too; the exported symbol takes the older,
+    // shorter `_compat_ibv_port_attr` and fills that prefix of `ibv_port_attr`.
+    ibv_query_port: fn(*mut ffi::ibv_context, u8, *mut ffi::_compat_ibv_port_attr) -> c_int;
+    ibv_query_gid: fn(*mut ffi::ibv_context, u8, c_int, *mut ffi::ibv_gid) -> c_int;
+    ibv_get_cq_event: fn(*mut ffi::ibv_comp_channel, *mut *mut ffi::ibv_cq, *mut *mut c_void) -> c_int;
+    ibv_wc_status_str: fn(ffi::ibv_wc_status::Type) -> *const c_char;
+}
+
+/// The last `dlerror` message.
+fn dl_error() -> String {
+    // SAFETY: dlerror returns NULL or a NUL-terminated string valid until the next dl* call on
+    // this thread; it is copied at once.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        return "unknown error".into();
+    }
+    // SAFETY: as above.
+    unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
+}
+
+/// libibverbs, loaded on first use, or why it cannot be (said once, at debug level: under
+/// `--transport auto` a node without rdma-core is not an error; `--transport rdma` reports the
+/// same reason as an error where it refuses to run).
+fn api() -> Result<&'static Api, &'static str> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let name = format!("{LIBIBVERBS}\0");
+        // SAFETY: the name is NUL-terminated. The handle is never closed, so the resolved
+        // function pointers stay valid for the life of the process.
+        let handle = unsafe { libc::dlopen(name.as_ptr().cast::<c_char>(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        let r = if handle.is_null() {
+            Err(format!("cannot load {LIBIBVERBS} ({}); to use RDMA, {PACKAGES}", dl_error()))
+        } else {
+            // SAFETY: a live handle of libibverbs.so.1, never closed.
+            unsafe { Api::resolve(handle) }.map_err(|e| format!("{e}; {PACKAGES}"))
+        };
+        if let Err(why) = &r {
+            tracing::debug!("{why}");
+        }
+        r
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
 
 /// A verb failed: which one, at which step, and why.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +179,10 @@ impl VerbsError {
 /// (a kernel without RDMA gives ENOSYS, a host without rdma-core's providers none): "no RDMA" is
 /// not an error for `--transport auto`.
 pub fn device_names() -> Result<Vec<String>, String> {
+    let v = api()?;
     let mut n: c_int = 0;
     // SAFETY: ibv_get_device_list writes the count and returns a NULL-terminated array (or NULL).
-    let list = unsafe { ffi::ibv_get_device_list(&mut n) };
+    let list = unsafe { (v.ibv_get_device_list)(&mut n) };
     if list.is_null() {
         let e = io::Error::last_os_error();
         return Err(match e.raw_os_error() {
@@ -73,11 +195,11 @@ pub fn device_names() -> Result<Vec<String>, String> {
         // SAFETY: the list holds `n` valid device pointers until it is freed below.
         let dev = unsafe { *list.add(i) };
         // SAFETY: the name is a NUL-terminated string owned by the device.
-        let name = unsafe { CStr::from_ptr(ffi::ibv_get_device_name(dev)) };
+        let name = unsafe { CStr::from_ptr((v.ibv_get_device_name)(dev)) };
         names.push(name.to_string_lossy().into_owned());
     }
     // SAFETY: the list came from ibv_get_device_list and is freed once.
-    unsafe { ffi::ibv_free_device_list(list) };
+    unsafe { (v.ibv_free_device_list)(list) };
     if names.is_empty() {
         return Err("no RDMA devices (libibverbs found none)".into());
     }
@@ -85,14 +207,18 @@ pub fn device_names() -> Result<Vec<String>, String> {
 }
 
 struct Context {
+    v: &'static Api,
     ptr: *mut ffi::ibv_context,
 }
 
 impl Context {
     fn open(name: &str) -> Result<Self, VerbsError> {
+        let v = api().map_err(|why| {
+            VerbsError::new("dlopen", format!("looking for {name}"), io::Error::new(io::ErrorKind::NotFound, why))
+        })?;
         let mut n: c_int = 0;
         // SAFETY: as in device_names.
-        let list = unsafe { ffi::ibv_get_device_list(&mut n) };
+        let list = unsafe { (v.ibv_get_device_list)(&mut n) };
         if list.is_null() {
             return Err(VerbsError::last("ibv_get_device_list", format!("looking for {name}")));
         }
@@ -102,17 +228,17 @@ impl Context {
             // SAFETY: as in device_names.
             let dev = unsafe { *list.add(i) };
             // SAFETY: as in device_names.
-            let dn = unsafe { CStr::from_ptr(ffi::ibv_get_device_name(dev)) };
+            let dn = unsafe { CStr::from_ptr((v.ibv_get_device_name)(dev)) };
             if dn.to_bytes() == name.as_bytes() {
                 found = true;
                 // SAFETY: dev is a valid device from the list, which is still alive.
-                ctx = unsafe { ffi::ibv_open_device(dev) };
+                ctx = unsafe { (v.ibv_open_device)(dev) };
                 break;
             }
         }
         let err = io::Error::last_os_error();
         // SAFETY: freed once; an opened context stays valid after the list is freed.
-        unsafe { ffi::ibv_free_device_list(list) };
+        unsafe { (v.ibv_free_device_list)(list) };
         if !found {
             return Err(VerbsError::new(
                 "ibv_get_device_list",
@@ -123,7 +249,7 @@ impl Context {
         if ctx.is_null() {
             return Err(VerbsError::new("ibv_open_device", name.to_owned(), err));
         }
-        Ok(Self { ptr: ctx })
+        Ok(Self { v, ptr: ctx })
     }
 }
 
@@ -131,35 +257,36 @@ impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: opened by ibv_open_device, closed once, after every child resource (field order
         // of Endpoint).
-        unsafe { ffi::ibv_close_device(self.ptr) };
+        unsafe { (self.v.ibv_close_device)(self.ptr) };
     }
 }
 
-struct Pd(*mut ffi::ibv_pd);
+struct Pd(&'static Api, *mut ffi::ibv_pd);
 impl Drop for Pd {
     fn drop(&mut self) {
         // SAFETY: allocated by ibv_alloc_pd, freed once after the MR and QP that use it.
-        unsafe { ffi::ibv_dealloc_pd(self.0) };
+        unsafe { (self.0.ibv_dealloc_pd)(self.1) };
     }
 }
 
-struct Mr(*mut ffi::ibv_mr);
+struct Mr(&'static Api, *mut ffi::ibv_mr);
 impl Drop for Mr {
     fn drop(&mut self) {
         // SAFETY: registered by ibv_reg_mr, deregistered once after the QP is destroyed.
-        unsafe { ffi::ibv_dereg_mr(self.0) };
+        unsafe { (self.0.ibv_dereg_mr)(self.1) };
     }
 }
 
-struct Channel(*mut ffi::ibv_comp_channel);
+struct Channel(&'static Api, *mut ffi::ibv_comp_channel);
 impl Drop for Channel {
     fn drop(&mut self) {
         // SAFETY: created by ibv_create_comp_channel, destroyed once after its CQ.
-        unsafe { ffi::ibv_destroy_comp_channel(self.0) };
+        unsafe { (self.0.ibv_destroy_comp_channel)(self.1) };
     }
 }
 
 struct Cq {
+    v: &'static Api,
     ptr: *mut ffi::ibv_cq,
     /// Events taken from the channel and not yet acknowledged (acknowledged before destroy).
     unacked: u32,
@@ -170,25 +297,27 @@ impl Drop for Cq {
         // destroyed, once, after the QP that used it.
         unsafe {
             if self.unacked > 0 {
-                ffi::ibv_ack_cq_events(self.ptr, self.unacked);
+                (self.v.ibv_ack_cq_events)(self.ptr, self.unacked);
             }
-            ffi::ibv_destroy_cq(self.ptr);
+            (self.v.ibv_destroy_cq)(self.ptr);
         }
     }
 }
 
-struct Qp(*mut ffi::ibv_qp);
+struct Qp(&'static Api, *mut ffi::ibv_qp);
 impl Drop for Qp {
     fn drop(&mut self) {
         // SAFETY: created by ibv_create_qp, destroyed once, first of the endpoint's resources.
-        unsafe { ffi::ibv_destroy_qp(self.0) };
+        unsafe { (self.0.ibv_destroy_qp)(self.1) };
     }
 }
 
 impl fmt::Display for WcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A work completion exists only once libibverbs is loaded.
+        let Ok(v) = api() else { return write!(f, "status {}", self.0) };
         // SAFETY: ibv_wc_status_str returns a static string for any value.
-        let s = unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(self.0)) };
+        let s = unsafe { CStr::from_ptr((v.ibv_wc_status_str)(self.0)) };
         write!(f, "{} (status {})", s.to_string_lossy(), self.0)
     }
 }
@@ -242,39 +371,40 @@ impl Endpoint {
         depth: u32,
     ) -> Result<Self, VerbsError> {
         let ctx = Context::open(device)?;
+        let v = ctx.v;
         // SAFETY: ctx is a live context.
-        let pd = unsafe { ffi::ibv_alloc_pd(ctx.ptr) };
+        let pd = unsafe { (v.ibv_alloc_pd)(ctx.ptr) };
         if pd.is_null() {
             return Err(VerbsError::last("ibv_alloc_pd", device.to_owned()));
         }
-        let pd = Pd(pd);
+        let pd = Pd(v, pd);
         let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
         // SAFETY: the caller keeps the range mapped for the endpoint's life; pd is live.
-        let mr = unsafe { ffi::ibv_reg_mr(pd.0, base.cast::<c_void>(), len, access as c_int) };
+        let mr = unsafe { (v.ibv_reg_mr)(pd.1, base.cast::<c_void>(), len, access as c_int) };
         if mr.is_null() {
             return Err(VerbsError::last("ibv_reg_mr", format!("registering the {} MiB pool on {device}", len >> 20)));
         }
-        let mr = Mr(mr);
+        let mr = Mr(v, mr);
         // SAFETY: ctx is live.
-        let ch = unsafe { ffi::ibv_create_comp_channel(ctx.ptr) };
+        let ch = unsafe { (v.ibv_create_comp_channel)(ctx.ptr) };
         if ch.is_null() {
             return Err(VerbsError::last("ibv_create_comp_channel", device.to_owned()));
         }
-        let channel = Channel(ch);
+        let channel = Channel(v, ch);
         // SAFETY: the channel's fd is a descriptor libibverbs owns; making it non-blocking lets
         // the session drain events without waiting.
         unsafe {
-            let fd = (*channel.0).fd;
+            let fd = (*channel.1).fd;
             let fl = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
         let cqe = (2 * depth + 16) as c_int;
         // SAFETY: ctx and channel are live.
-        let cq = unsafe { ffi::ibv_create_cq(ctx.ptr, cqe, std::ptr::null_mut(), channel.0, 0) };
+        let cq = unsafe { (v.ibv_create_cq)(ctx.ptr, cqe, std::ptr::null_mut(), channel.1, 0) };
         if cq.is_null() {
             return Err(VerbsError::last("ibv_create_cq", device.to_owned()).detail(format!("{cqe} entries")));
         }
-        let cq = Cq { ptr: cq, unacked: 0 };
+        let cq = Cq { v, ptr: cq, unacked: 0 };
         // SAFETY: zeroed is a valid init attr; the fields that matter are set below.
         let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = cq.ptr;
@@ -286,23 +416,24 @@ impl Endpoint {
         init.cap.max_send_sge = 1;
         init.cap.max_recv_sge = 1;
         // SAFETY: pd is live and init is a valid attr.
-        let qp = unsafe { ffi::ibv_create_qp(pd.0, &mut init) };
+        let qp = unsafe { (v.ibv_create_qp)(pd.1, &mut init) };
         if qp.is_null() {
             return Err(VerbsError::last("ibv_create_qp", format!("RC on {device}")).detail(format!("depth {depth}")));
         }
-        let qp = Qp(qp);
+        let qp = Qp(v, qp);
 
         // SAFETY: zeroed port_attr is valid output space; ctx is live.
         let mut pattr: ffi::ibv_port_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let rc = unsafe { ffi::___ibv_query_port(&mut *ctx.ptr, port, &mut pattr) };
+        // SAFETY: ctx is live; the exported ibv_query_port fills the `_compat_ibv_port_attr`
+        // prefix of the (larger, zeroed) ibv_port_attr, which holds every field read here.
+        let rc = unsafe { (v.ibv_query_port)(ctx.ptr, port, (&raw mut pattr).cast::<ffi::_compat_ibv_port_attr>()) };
         if rc != 0 {
             return Err(VerbsError::code("ibv_query_port", format!("{device} port {port}"), rc));
         }
         // SAFETY: zeroed gid is valid output space.
         let mut gid: ffi::ibv_gid = unsafe { std::mem::zeroed() };
         // SAFETY: ctx is live; gid is valid output space.
-        let rc = unsafe { ffi::ibv_query_gid(ctx.ptr, port, c_int::from(gid_index), &mut gid) };
+        let rc = unsafe { (v.ibv_query_gid)(ctx.ptr, port, c_int::from(gid_index), &mut gid) };
         if rc != 0 {
             return Err(VerbsError::last("ibv_query_gid", format!("{device} port {port}"))
                 .detail(format!("gid index {gid_index}")));
@@ -310,7 +441,7 @@ impl Endpoint {
         // SAFETY: the union's raw view covers all 16 bytes.
         let gid = unsafe { gid.raw };
         // SAFETY: qp and mr are live.
-        let (qpn, rkey) = unsafe { ((*qp.0).qp_num, (*mr.0).rkey) };
+        let (qpn, rkey) = unsafe { ((*qp.1).qp_num, (*mr.1).rkey) };
         let psn = psn_for(qpn);
         let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, rkey, addr: base as u64 };
         let ep = Self { qp, cq, channel, mr, _pd: pd, _ctx: ctx, device: device.to_owned(), port, gid_index, local };
@@ -332,12 +463,12 @@ impl Endpoint {
     /// The registered pool's local key.
     pub fn lkey(&self) -> u32 {
         // SAFETY: the MR is live.
-        unsafe { (*self.mr.0).lkey }
+        unsafe { (*self.mr.1).lkey }
     }
 
     fn modify(&self, attr: &mut ffi::ibv_qp_attr, mask: u32, step: &str) -> Result<(), VerbsError> {
         // SAFETY: the QP is live; attr is a valid attribute struct for the mask.
-        let rc = unsafe { ffi::ibv_modify_qp(self.qp.0, attr, mask as c_int) };
+        let rc = unsafe { (self.qp.0.ibv_modify_qp)(self.qp.1, attr, mask as c_int) };
         if rc != 0 {
             return Err(VerbsError::code("ibv_modify_qp", format!("{step} on {}", self.device), rc)
                 .detail(format!("gid index {}", self.gid_index)));
@@ -439,7 +570,7 @@ impl Endpoint {
         wr.wr.rdma = ffi::rdma_t { remote_addr, rkey };
         let mut bad = std::ptr::null_mut();
         // SAFETY: the QP is live; wr and sge live across the call (the provider copies them).
-        let rc = unsafe { ffi::ibv_post_send(self.qp.0, &mut wr, &mut bad) };
+        let rc = unsafe { ffi::ibv_post_send(self.qp.1, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(VerbsError::code("ibv_post_send", format!("RDMA WRITE WITH IMM on {}", self.device), rc)
                 .detail(format!("{len} bytes")));
@@ -454,7 +585,7 @@ impl Endpoint {
         wr.wr_id = wr_id;
         let mut bad = std::ptr::null_mut();
         // SAFETY: the QP is live; wr lives across the call.
-        let rc = unsafe { ffi::ibv_post_recv(self.qp.0, &mut wr, &mut bad) };
+        let rc = unsafe { ffi::ibv_post_recv(self.qp.1, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(VerbsError::code("ibv_post_recv", self.device.clone(), rc));
         }
@@ -465,7 +596,7 @@ impl Endpoint {
     /// [`Endpoint::arm`]).
     pub fn event_fd(&self) -> RawFd {
         // SAFETY: the channel is live.
-        unsafe { (*self.channel.0).fd }
+        unsafe { (*self.channel.1).fd }
     }
 
     fn arm(&self) -> Result<(), VerbsError> {
@@ -484,7 +615,7 @@ impl Endpoint {
             let mut cq = std::ptr::null_mut();
             let mut cq_ctx = std::ptr::null_mut();
             // SAFETY: the channel is live and non-blocking; outputs are valid pointers.
-            let rc = unsafe { ffi::ibv_get_cq_event(self.channel.0, &mut cq, &mut cq_ctx) };
+            let rc = unsafe { (self.channel.0.ibv_get_cq_event)(self.channel.1, &mut cq, &mut cq_ctx) };
             if rc != 0 {
                 break;
             }
@@ -492,7 +623,7 @@ impl Endpoint {
         }
         if self.cq.unacked >= 64 {
             // SAFETY: the events were taken from this CQ's channel.
-            unsafe { ffi::ibv_ack_cq_events(self.cq.ptr, self.cq.unacked) };
+            unsafe { (self.cq.v.ibv_ack_cq_events)(self.cq.ptr, self.cq.unacked) };
             self.cq.unacked = 0;
         }
         self.arm()?;
