@@ -869,6 +869,11 @@ impl Staging {
     /// Takes over a partial staging's files (already sized) and its journal.
     fn open_existing(&mut self) -> Result<(), StoreError> {
         let data = self.data();
+        // The journal can be durable while `data/` is not (a power loss before its directory
+        // entry was synced), or gone (a crash after publish renamed it away, before the manifest
+        // was written): recreate what is missing; the journaled chunks of files that come back
+        // empty fail their re-hash and are received again.
+        fs::create_dir_all(&data).map_err(|e| StoreError::io(format!("cannot recreate {}", data.display()), e))?;
         for e in &self.entries {
             let path = data.join(&e.path);
             let err = |err| StoreError::io(format!("cannot reopen {}", path.display()), err);
@@ -878,6 +883,9 @@ impl Staging {
                     self.files.push(None);
                 }
                 EntryKind::File => {
+                    if let Some(parent) = path.parent() {
+                        fs::create_dir_all(parent).map_err(err)?;
+                    }
                     let f = OpenOptions::new()
                         .read(true)
                         .write(true)

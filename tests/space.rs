@@ -19,7 +19,7 @@ const MIB: u64 = 1 << 20;
 fn small_fs(mib: u64) -> Option<(tempfile::TempDir, Unmount)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: not running as root");
+        skip("space", "not running as root: cannot mount a small tmpfs");
         return None;
     }
     let mnt = tempdir();
@@ -31,11 +31,11 @@ fn small_fs(mib: u64) -> Option<(tempfile::TempDir, Unmount)> {
             Some((mnt, guard))
         }
         Ok(o) => {
-            eprintln!("skipped: mount tmpfs failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+            skip("space", &format!("mount tmpfs failed: {}", String::from_utf8_lossy(&o.stderr).trim()));
             None
         }
         Err(e) => {
-            eprintln!("skipped: cannot run mount: {e}");
+            skip("space", &format!("cannot run mount: {e}"));
             None
         }
     }
