@@ -85,7 +85,8 @@ fn layout(raw: Vec<RawEntry>, chunk_size: u32) -> Vec<Entry> {
             let size = u64::from(chunks % 4) * u64::from(chunk_size) + u64::from(rest) % u64::from(chunk_size);
             (EntryKind::File, size)
         };
-        entries.push(Entry { path, kind, mode, size, first_chunk: 0 });
+        // Only permission bits: setuid, setgid and sticky are refused (never published).
+        entries.push(Entry { path, kind, mode: mode & 0o777, size, first_chunk: 0 });
     }
     entries
 }

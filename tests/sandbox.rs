@@ -45,6 +45,8 @@ fn hello_with_paths(you: &str, paths: &[&str]) -> Vec<u8> {
     let mut e = shardcast::wire::Enc::default();
     // name, version, mode, transport, keep, flags, you, no downstream, no wants; then the plan.
     e.str("bad").u64(1).u8(0).u8(shardcast::transport::Transport::Tcp.code()).u32(0).u8(0).str(you).u64(0).u64(0);
+    // Protocol 5: the grant (no origin key, no limits).
+    e.str("").u8(0);
     e.u32(1 << 20).u64(paths.len() as u64);
     for p in paths {
         let (kind, path, size) = match p.strip_prefix("dir:") {

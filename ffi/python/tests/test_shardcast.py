@@ -87,8 +87,11 @@ class PushTests(unittest.TestCase):
         self.assertEqual(cm.exception.node, dead)
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "r1") as srv:
             shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3)
+            # Pushes are idempotent: the same bytes again are "already held", not an error...
+            shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3)
+            # ...but other bytes under a published version are refused.
             with self.assertRaises(shardcast.ShardcastError) as cm:
-                shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3)
+                shardcast.push({"other.bin": b"not the same bytes"}, to=[srv.addr], name="ckpt", version=3)
             self.assertEqual(cm.exception.kind, "version_exists")
 
     def test_push_from_memory_buffers(self):
