@@ -1043,6 +1043,9 @@ pub fn skip(test: &str, reason: &str) {
     if let Some(path) = std::env::var_os("SHARDCAST_SKIP_LOG")
         && let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path)
     {
-        let _ = writeln!(f, "{test}: {reason}");
+        // One write(2) per line: tests skip in parallel, and O_APPEND keeps a single write whole
+        // (writeln! may split a line into several writes that interleave with another test's).
+        let line = format!("{test}: {reason}\n");
+        let _ = std::io::Write::write_all(&mut f, line.as_bytes());
     }
 }
