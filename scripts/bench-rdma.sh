@@ -51,8 +51,11 @@ root = os.path.join(work, "root")
 serve = subprocess.Popen([BIN, "serve", "--listen", f"{IP}:7391", "--root", root, "--keep", "1",
                           "--rdma-device", DEV, "--gid-index", GID],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+# serve may log other lines first (the INSECURE warning of a key-less replica beyond loopback).
 line = serve.stderr.readline()
-assert "listening on" in line, line
+while line and "listening on" not in line:
+    line = serve.stderr.readline()
+assert "listening on" in line, "serve exited before listening"
 
 def push(transport, v):
     c0 = cpu(serve.pid)

@@ -50,6 +50,8 @@ p = subprocess.Popen([bin_, "serve", "--listen", "127.0.0.1:0", "--root", str(tm
                      stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
 try:
     line = p.stderr.readline()
+    while line and "listening on" not in line:  # serve may log other lines first
+        line = p.stderr.readline()
     addr = line.split("listening on ")[1].split()[0]
     report = shardcast.push(str(src), to=[addr], name="w", version=1, transport="auto")
     assert report.ok, report

@@ -58,6 +58,8 @@ class PushTests(unittest.TestCase):
                 )
                 procs.append(p)
                 line = p.stderr.readline()
+                while line and "listening on" not in line:  # serve may log other lines first
+                    line = p.stderr.readline()
                 addrs.append(line.split("listening on ")[1].split()[0])
             h = shardcast.push_async(self.src, to=addrs, name="ckpt", version=7, chunk_size=1 << 20)
             seen = []
