@@ -23,14 +23,12 @@ fn hidden() -> Option<Vec<&'static str>> {
     match probe {
         Ok(o) if o.status.success() => Some(vec!["unshare", "-m", HIDE]),
         Ok(o) => {
-            eprintln!(
-                "SKIPPED: cannot hide the libraries (unshare -m + mount): {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
+            let why = format!("cannot hide the libraries (unshare -m + mount): {}", String::from_utf8_lossy(&o.stderr));
+            util::skip("no_rdma_libs::without_rdma_libraries", why.trim());
             None
         }
         Err(e) => {
-            eprintln!("SKIPPED: no unshare here: {e}");
+            util::skip("no_rdma_libs::without_rdma_libraries", &format!("no unshare here: {e}"));
             None
         }
     }
