@@ -91,10 +91,10 @@ fn kill_test_20_times() {
     eprintln!("20 of 20 repaired; median {:.2} s = {:.2} x fault-free", times[10], times[10] / base);
 }
 
-#[test]
-fn a_hung_middle_replica_is_repaired_around() {
-    // SIGSTOP: the process holds its connections open and takes nothing. With 2 s hop
-    // deadlines its upstream gives up on it, and the replicas after it are pushed again.
+/// Starts four replicas with 2 s hop deadlines, pushes `src` to them (1 MiB chunks) and, once
+/// the first relay (replica 1) has received `at` bytes, SIGSTOPs it: the process keeps its
+/// connections open and takes nothing. Returns the cluster, the running push and the stopped pid.
+fn stop_relay_mid_push(src: &std::path::Path, at: u64) -> (Cluster, Running, String) {
     let mut c = Cluster::builder()
         .serve_arg("--metrics")
         .serve_arg("127.0.0.1:0")
@@ -102,20 +102,28 @@ fn a_hung_middle_replica_is_repaired_around() {
         .serve_arg("2")
         .start(4);
     let m1 = metrics_addr(&c.log(1));
-    let src = tempdir();
-    let size = 512 * MIB;
-    write_random_file(&src.path().join("ckpt.bin"), size, 6);
     let mut push = Running::spawn(&mut c.push_cmd(
         &c.addrs(),
-        src.path(),
+        src,
         "ck",
         1,
         &["--chunk-size", "1M", "--json", "--hop-timeout", "2"],
     ));
-    let half = wait_until(Duration::from_secs(60), || received(&m1) >= size / 2 || push.try_wait().is_some());
-    assert!(half && push.try_wait().is_none(), "the push ended before the replica could be stopped");
+    let reached = wait_until(Duration::from_secs(60), || received(&m1) >= at || push.try_wait().is_some());
+    assert!(reached && push.try_wait().is_none(), "the push ended before the relay could be stopped");
     let pid = c.server(1).pid().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    (c, push, pid)
+}
+
+#[test]
+fn a_hung_middle_replica_is_repaired_around() {
+    // SIGSTOP: the process holds its connections open and takes nothing. With 2 s hop
+    // deadlines its upstream gives up on it, and the replicas after it are pushed again.
+    let src = tempdir();
+    let size = 512 * MIB;
+    write_random_file(&src.path().join("ckpt.bin"), size, 6);
+    let (mut c, mut push, pid) = stop_relay_mid_push(src.path(), size / 2);
     let ended = push.wait_timeout(Duration::from_secs(90)).is_some();
     let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
     assert!(ended, "push hangs behind a stopped replica\n{}", c.logs());
@@ -213,30 +221,13 @@ fn a_source_changed_before_its_repair_never_gives_one_version_two_contents() {
     // in place. The repair then reads chunks the first pass had already read and sent: they no
     // longer match, so the push must fail naming the file, or (had it read none of them again)
     // every replica that published must hold exactly the original bytes.
-    let mut c = Cluster::builder()
-        .serve_arg("--metrics")
-        .serve_arg("127.0.0.1:0")
-        .serve_arg("--hop-timeout")
-        .serve_arg("2")
-        .start(4);
-    let m1 = metrics_addr(&c.log(1));
     let src = tempdir();
     let size = 256 * MIB;
     let file = src.path().join("ckpt.bin");
     write_random_file(&file, size, 31);
     let original = tempdir();
     std::fs::copy(&file, original.path().join("ckpt.bin")).unwrap();
-    let mut push = Running::spawn(&mut c.push_cmd(
-        &c.addrs(),
-        src.path(),
-        "ck",
-        1,
-        &["--chunk-size", "1M", "--json", "--hop-timeout", "2"],
-    ));
-    let quarter = wait_until(Duration::from_secs(60), || received(&m1) >= size / 4 || push.try_wait().is_some());
-    assert!(quarter && push.try_wait().is_none(), "the push ended before the relay could be stopped");
-    let pid = c.server(1).pid().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let (mut c, mut push, pid) = stop_relay_mid_push(src.path(), size / 4);
     // Rewrite the file in place (same inode, same size), every byte different.
     {
         use std::io::Write;
