@@ -12,24 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use shardcast::manifest::{Entry, EntryKind, Manifest};
-use shardcast::wire::{self, Header, Hello, Kind, Mode, Outcome, ReplicaReport};
+use shardcast::wire::{self, Header, Hello, Kind, Outcome, ReplicaReport};
 use util::*;
 
 /// A HELLO for `name@version` of `manifest`, to `you` and then `downstream`.
 fn hello(you: &str, downstream: Vec<String>, manifest: Manifest, version: u64) -> Hello {
-    Hello {
-        name: "ckpt".into(),
-        version,
-        mode: Mode::Sync,
-        transport: shardcast::transport::Transport::Tcp,
-        keep: 0,
-        flags: wire::HelloFlags::default(),
-        you: you.into(),
-        downstream,
-        manifest,
-        wants: Vec::new(),
-        grant: Default::default(),
-    }
+    plain_hello("ckpt", version, you, downstream, manifest)
 }
 
 /// A plan of one file of `size` bytes in `chunk` chunks.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use shardcast::ErrorKind;
 use shardcast::manifest::Manifest;
-use shardcast::wire::{self, Header, Hello, Kind, Mode, Outcome};
+use shardcast::wire::{self, Header, Kind, Outcome};
 use util::*;
 
 const CHUNK: u32 = 64 << 10;
@@ -34,19 +34,13 @@ fn chunk_bytes(manifest: &Manifest, dir: &Path, seq: u64) -> Vec<u8> {
 fn start_push(cluster: &Cluster, manifest: &Manifest, version: u64) -> TcpStream {
     let mut s = TcpStream::connect(cluster.addr(0)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let hello = Hello {
-        name: "ckpt".into(),
+    let hello = plain_hello(
+        "ckpt",
         version,
-        mode: Mode::Sync,
-        transport: shardcast::transport::Transport::Tcp,
-        keep: 0,
-        flags: wire::HelloFlags::default(),
-        you: cluster.addr(0),
-        downstream: (1..cluster.len()).map(|i| cluster.addr(i)).collect(),
-        manifest: manifest.clone(),
-        wants: Vec::new(),
-        grant: Default::default(),
-    };
+        &cluster.addr(0),
+        (1..cluster.len()).map(|i| cluster.addr(i)).collect(),
+        manifest.clone(),
+    );
     wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode()).unwrap();
     let f = wire::read_frame(&mut s).unwrap();
     assert_eq!(

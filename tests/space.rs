@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use shardcast::manifest::Manifest;
-use shardcast::wire::{self, Hello, Kind, Mode};
+use shardcast::wire::{self, Kind};
 use util::*;
 
 const MIB: u64 = 1 << 20;
@@ -47,19 +47,7 @@ fn hold_a_push(addr: &str, name: &str, size: u64) -> TcpStream {
     let manifest = Manifest::plan_for_files(1 << 20, &[("held.bin", size)]).unwrap().0;
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let hello = Hello {
-        name: name.into(),
-        version: 1,
-        mode: Mode::Sync,
-        transport: shardcast::transport::Transport::Tcp,
-        keep: 0,
-        flags: wire::HelloFlags::default(),
-        you: addr.into(),
-        downstream: Vec::new(),
-        manifest,
-        wants: Vec::new(),
-        grant: Default::default(),
-    };
+    let hello = plain_hello(name, 1, addr, Vec::new(), manifest);
     wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode()).unwrap();
     let f = wire::read_frame(&mut s).unwrap();
     assert_eq!(f.header.kind, Kind::Accept, "the held push was refused: {:?}", wire::decode_reports(&f.payload));

@@ -1049,3 +1049,28 @@ pub fn skip(test: &str, reason: &str) {
         let _ = std::io::Write::write_all(&mut f, line.as_bytes());
     }
 }
+
+/// An ordinary (plain, sync, TCP) HELLO for `name@version` of `manifest`, to `you` and then
+/// `downstream`: the one place tests build a HELLO by hand, so a new HELLO field is added once.
+#[allow(dead_code)]
+pub fn plain_hello(
+    name: &str,
+    version: u64,
+    you: &str,
+    downstream: Vec<String>,
+    manifest: shardcast::manifest::Manifest,
+) -> shardcast::wire::Hello {
+    shardcast::wire::Hello {
+        name: name.into(),
+        version,
+        mode: shardcast::wire::Mode::Sync,
+        transport: shardcast::transport::Transport::Tcp,
+        keep: 0,
+        flags: shardcast::wire::HelloFlags::default(),
+        you: you.into(),
+        downstream,
+        manifest,
+        wants: Vec::new(),
+        grant: Default::default(),
+    }
+}
