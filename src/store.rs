@@ -711,7 +711,11 @@ struct JournalWriter {
 
 impl JournalWriter {
     fn start(mut journal: File) -> io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<JournalBatch>();
+        // A rendezvous channel: a batch is handed over only once the previous one is durable,
+        // so at most two batches (the one being synced and the one filling) are not durable
+        // yet. Unbounded, a disk slower than the link let the undurable window grow without
+        // bound, and a resume after a crash then sent all of it again.
+        let (tx, rx) = crossbeam_channel::bounded::<JournalBatch>(0);
         let thread = std::thread::Builder::new().name("shardcast-journal".into()).spawn(move || {
             let mut durable = 0;
             for (records, files) in rx {
