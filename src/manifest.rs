@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::{ManifestError, WireError};
-use crate::wire::{Dec, Enc, MAX_CHUNK, MAX_STR, MIN_CHUNK};
+use crate::wire::codec::{Dec, Enc, MAX_STR};
+use crate::wire::frame::{MAX_CHUNK, MIN_CHUNK};
 
 /// The default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK: u32 = 4 << 20;

@@ -1,0 +1,243 @@
+//! The frame header, frame kinds and their payload bounds, and blocking frame I/O for the
+//! control plane.
+
+use std::io::{self, Read, Write};
+
+use crate::error::WireError;
+
+/// Length of a frame header in bytes.
+pub const HEADER_LEN: usize = 40;
+/// The magic that opens every frame.
+pub const MAGIC: [u8; 4] = *b"SHCS";
+/// The protocol version this build speaks.
+pub const PROTO_VERSION: u16 = 5;
+/// The largest chunk a manifest may declare.
+pub const MAX_CHUNK: u32 = 64 << 20;
+/// The smallest chunk a manifest may declare.
+pub const MIN_CHUNK: u32 = 4 << 10;
+/// The largest HELLO (it carries the manifest).
+pub const MAX_HELLO: u32 = 256 << 20;
+/// The largest REJECT / RESULT payload (a list of replica reports).
+pub const MAX_REPORTS: u32 = 1 << 20;
+/// The largest STATUS_RESP payload.
+pub const MAX_STATUS: u32 = 16 << 20;
+
+/// The kinds of frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Start of a push: name, version, the rest of the chain, the manifest.
+    Hello = 1,
+    /// Every node from here to the tail accepted the push.
+    Accept = 2,
+    /// A node refused the push; payload: reports.
+    Reject = 3,
+    /// One chunk: `seq` its number, `digest` its xxh3-128, payload its bytes.
+    Chunk = 4,
+    /// No more chunks; `seq` is the chunk count, `digest` the completed manifest's digest.
+    End = 5,
+    /// Chunks `0..seq` are written here and at every node after this one (progress; durability is what RESULT reports).
+    Ack = 6,
+    /// The outcome of the push for this node and every node after it; payload: reports.
+    Result = 7,
+    /// Asks a replica what it holds.
+    StatusReq = 8,
+    /// What a replica holds; payload: a list of shard sets.
+    StatusResp = 9,
+    /// Per-hop transport negotiation after ACCEPT (when the push allows RDMA); payload: a
+    /// [`TransportMsg`].
+    Transport = 10,
+    /// RDMA hops: pool slots the receiver grants the sender to write into; payload: u16 slot
+    /// numbers.
+    Credit = 11,
+    /// Authentication with the cluster key (see `auth.rs`): the first frames of a connection.
+    Auth = 12,
+}
+
+/// Largest ACCEPT payload: a routed push's held-chunk ranges (16 bytes a range; at worst every
+/// other chunk of a large push on each node).
+pub const MAX_HAVES: u32 = 64 << 20;
+/// Largest TRANSPORT payload.
+pub const MAX_TRANSPORT: u32 = 64 << 10;
+/// The largest CREDIT payload (every slot of a pool, twice over).
+pub const MAX_CREDIT: u32 = 4 << 16;
+
+impl Kind {
+    /// Decodes a kind byte.
+    pub fn from_u8(b: u8) -> Result<Self, WireError> {
+        Ok(match b {
+            1 => Self::Hello,
+            2 => Self::Accept,
+            3 => Self::Reject,
+            4 => Self::Chunk,
+            5 => Self::End,
+            6 => Self::Ack,
+            7 => Self::Result,
+            8 => Self::StatusReq,
+            9 => Self::StatusResp,
+            10 => Self::Transport,
+            11 => Self::Credit,
+            12 => Self::Auth,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+
+    /// The frame's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "HELLO",
+            Self::Accept => "ACCEPT",
+            Self::Reject => "REJECT",
+            Self::Chunk => "CHUNK",
+            Self::End => "END",
+            Self::Ack => "ACK",
+            Self::Result => "RESULT",
+            Self::StatusReq => "STATUS_REQ",
+            Self::StatusResp => "STATUS_RESP",
+            Self::Transport => "TRANSPORT",
+            Self::Credit => "CREDIT",
+            Self::Auth => "AUTH",
+        }
+    }
+
+    /// The largest payload a frame of this kind may carry.
+    pub fn max_len(self) -> u32 {
+        match self {
+            Self::Hello => MAX_HELLO,
+            Self::Chunk => MAX_CHUNK,
+            Self::Reject | Self::Result => MAX_REPORTS,
+            Self::StatusResp => MAX_STATUS,
+            Self::Transport => MAX_TRANSPORT,
+            Self::Credit => MAX_CREDIT,
+            Self::Accept => MAX_HAVES,
+            Self::Auth => 1024,
+            Self::End | Self::Ack | Self::StatusReq => 0,
+        }
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The frame kind.
+    pub kind: Kind,
+    /// Payload length in bytes.
+    pub len: u32,
+    /// Kind-specific number (chunk number, ack point, chunk count).
+    pub seq: u64,
+    /// xxh3-128 of a CHUNK's payload; zero otherwise.
+    pub digest: u128,
+}
+
+impl Header {
+    /// A header of `kind` with everything else zero.
+    pub fn new(kind: Kind) -> Self {
+        Self { kind, len: 0, seq: 0, digest: 0 }
+    }
+
+    /// Encodes into `out`.
+    pub fn encode(&self, out: &mut [u8; HEADER_LEN]) {
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&PROTO_VERSION.to_le_bytes());
+        out[6] = self.kind as u8;
+        out[7] = 0;
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&[0; 4]);
+        out[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        out[24..40].copy_from_slice(&self.digest.to_le_bytes());
+    }
+
+    /// Encodes into a new array.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0; HEADER_LEN];
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes and checks a header: magic, version, kind, and the kind's length bound.
+    pub fn decode(buf: &[u8; HEADER_LEN]) -> Result<Self, WireError> {
+        let magic: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes(buf[4..6].try_into().expect("2 bytes"));
+        if version != PROTO_VERSION {
+            return Err(WireError::BadVersion(version));
+        }
+        let kind = Kind::from_u8(buf[6])?;
+        // No kind uses the flags byte or the reserved bytes yet: refusing anything but zero
+        // keeps them usable later (a peer that sets them speaks something this build does not).
+        if buf[7] != 0 || buf[12..16] != [0; 4] {
+            return Err(WireError::Invalid(format!(
+                "frame header: flags {:#04x} and reserved bytes {:02x?} must be zero",
+                buf[7],
+                &buf[12..16]
+            )));
+        }
+        let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+        if len > kind.max_len() {
+            return Err(WireError::TooLong { kind: kind.name(), len: len.into(), max: kind.max_len().into() });
+        }
+        Ok(Self {
+            kind,
+            len,
+            seq: u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes")),
+            digest: u128::from_le_bytes(buf[24..40].try_into().expect("16 bytes")),
+        })
+    }
+}
+
+/// A frame read with blocking I/O (control plane only; chunks go through the data plane).
+#[derive(Debug)]
+pub struct Frame {
+    /// The header.
+    pub header: Header,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    /// The connection failed or closed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The bytes are not a valid frame.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+}
+
+/// Reads one frame; the payload is bounded by the header's kind.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, ReadFrameError> {
+    read_frame_max(r, u32::MAX)
+}
+
+/// Reads one frame whose payload is at most `max` bytes (and its kind's bound): a frame that
+/// announces more is refused from its header, before anything is allocated for it (what an
+/// unauthenticated peer may send is small).
+pub fn read_frame_max(r: &mut impl Read, max: u32) -> Result<Frame, ReadFrameError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    r.read_exact(&mut hdr)?;
+    let header = Header::decode(&hdr)?;
+    if header.len > max {
+        return Err(WireError::TooLong { kind: header.kind.name(), len: header.len.into(), max: max.into() }.into());
+    }
+    if header.kind == Kind::Chunk {
+        // Chunks never travel through the blocking path; refusing here keeps a control read
+        // from allocating a chunk-sized buffer on a peer's say-so.
+        return Err(WireError::Unexpected { got: "CHUNK", expected: "a control frame" }.into());
+    }
+    let mut payload = vec![0u8; header.len as usize];
+    r.read_exact(&mut payload)?;
+    Ok(Frame { header, payload })
+}
+
+/// Writes one frame with a payload.
+pub fn write_frame(w: &mut impl Write, kind: Kind, seq: u64, payload: &[u8]) -> io::Result<()> {
+    let header = Header { kind, len: payload.len() as u32, seq, digest: 0 };
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+    buf.extend_from_slice(&header.to_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf)?;
+    w.flush()
+}
