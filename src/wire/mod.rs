@@ -18,6 +18,7 @@ pub use messages::*;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ErrorKind, NodeError, WireError};
     use proptest::prelude::*;
 
     #[test]
