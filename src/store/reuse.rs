@@ -1,0 +1,130 @@
+//! Chunks of a push that the current version already holds, and copying them into staging.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::manifest::{EntryKind, Manifest};
+
+/// Bytes of an earlier published version copied into staging instead of received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reuse {
+    /// The published file they come from.
+    pub from: PathBuf,
+    /// The staging entry they go to.
+    pub entry: usize,
+    /// Byte offset (the same in both files).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Which chunks of the push described by `manifest` a node already holds in its current version
+/// (`old`, published under `old_dir`): a chunk counts when the file at the same path has, at the
+/// same chunk index, a chunk of the same length and digest (same chunk size). `wanted`: the
+/// entries this node stores (None: all); `map`: their staging entry indices (None: the same).
+/// Chunks for which `skip` is true are left out (held already some other way). Returns the
+/// held chunks as `(start, len)` ranges of `manifest`'s chunk numbers, and the copies that fill
+/// them in.
+pub fn find_reuse(
+    manifest: &Manifest,
+    wanted: Option<&[u32]>,
+    map: Option<&[Option<usize>]>,
+    old: &Manifest,
+    old_dir: &Path,
+    skip: &dyn Fn(u64) -> bool,
+) -> (Vec<(u64, u64)>, Vec<Reuse>) {
+    let (mut held, mut copies) = (Vec::new(), Vec::new());
+    if old.chunk_size() != manifest.chunk_size() {
+        return (held, copies);
+    }
+    let old_index: std::collections::HashMap<&str, usize> =
+        old.entries().iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect();
+    let all: Vec<u32>;
+    let wanted = match wanted {
+        Some(w) => w,
+        None => {
+            all = (0..manifest.entries().len() as u32).collect();
+            &all
+        }
+    };
+    let cs = u64::from(manifest.chunk_size());
+    for &e in wanted {
+        let e = e as usize;
+        let entry = &manifest.entries()[e];
+        let Some(&oi) = old_index.get(entry.path.as_str()) else { continue };
+        if entry.kind != EntryKind::File || old.entries()[oi].kind != EntryKind::File {
+            continue;
+        }
+        let (new_r, old_r) = (manifest.chunk_range(e), old.chunk_range(oi));
+        let staging_entry = map.map_or(Some(e), |m| m[e]).expect("a wanted entry is staged");
+        let mut run: Option<(u64, u64)> = None; // (first chunk index in file, count)
+        let flush = |run: (u64, u64), held: &mut Vec<(u64, u64)>, copies: &mut Vec<Reuse>| {
+            held.push((new_r.start + run.0, run.1));
+            let offset = run.0 * cs;
+            let end = ((run.0 + run.1) * cs).min(entry.size);
+            copies.push(Reuse { from: old_dir.join(&entry.path), entry: staging_entry, offset, len: end - offset });
+        };
+        for i in 0..(new_r.end - new_r.start) {
+            let same = !skip(new_r.start + i) && old_r.start + i < old_r.end && {
+                let (a, b) = (manifest.chunk(new_r.start + i), old.chunk(old_r.start + i));
+                a.zip(b).is_some_and(|(a, b)| a.len == b.len && a.digest == b.digest)
+            };
+            run = match (run, same) {
+                (Some((s, n)), true) => Some((s, n + 1)),
+                (None, true) => Some((i, 1)),
+                (Some(r), false) => {
+                    flush(r, &mut held, &mut copies);
+                    None
+                }
+                (None, false) => None,
+            };
+        }
+        if let Some(r) = run {
+            flush(r, &mut held, &mut copies);
+        }
+    }
+    (held, copies)
+}
+
+/// Copies `len` bytes at `offset` from `src` to the same offset of `dst`: copy_file_range (a
+/// reflink or an in-kernel copy where the filesystem can), else read and write.
+pub(super) fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (mut done, mut kernel) = (0u64, true);
+    let mut buf = Vec::new();
+    while done < len {
+        let (mut off_in, mut off_out) = ((offset + done) as libc::loff_t, (offset + done) as libc::loff_t);
+        let want = (len - done).min(1 << 30) as usize;
+        if kernel {
+            // SAFETY: valid descriptors and offsets we own; no memory is passed.
+            let n =
+                unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+            match n {
+                n if n > 0 => {
+                    done += n as u64;
+                    continue;
+                }
+                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the earlier version is shorter")),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => kernel = false,
+                        Some(libc::EINTR) => {}
+                        _ => return Err(e),
+                    }
+                    continue;
+                }
+            }
+        }
+        use std::os::unix::fs::FileExt;
+        buf.resize(want.min(1 << 20), 0);
+        let n = src.read_at(&mut buf, offset + done)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the earlier version is shorter"));
+        }
+        dst.write_all_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
