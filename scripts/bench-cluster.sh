@@ -20,8 +20,8 @@
 #      (/proc/PID/stat), the rusage of the push processes (wait4), host CPU (/proc/stat) and each
 #      node's shaper byte counter (tc -s); after each case it compares every replica's copy of
 #      every file with the source (cmp), then deletes it (keeps tmpfs at SIZE x (1 + MAXN) max);
-#   5. prints the summary table and the targets, saves it to results/bench-cluster-<date>.md,
-#      raw rows (one per case and rep) to results/bench-cluster-<date>.csv.
+#   5. prints the summary table and the targets, saves it to results/cluster/bench-cluster-<date>.md,
+#      raw rows (one per case and rep) to results/cluster/bench-cluster-<date>.csv.
 #
 # Seconds: a chain's time is the push's own "seconds" (start, manifest, handshake, transfer,
 # fsync, publish, until the tail's report is back); a star's is the largest "seconds" of its N
@@ -167,7 +167,7 @@ cmdline=""
 [[ -n "${SHARDCAST_PIECE_BYTES:-}" ]] && cmdline+="SHARDCAST_PIECE_BYTES=$SHARDCAST_PIECE_BYTES "
 cmdline+="./scripts/bench-cluster.sh"
 
-mkdir -p results
+mkdir -p results/cluster
 stamp=$(date +%Y%m%d-%H%M%S)
 dirty=""
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || dirty="+dirty"
@@ -569,7 +569,7 @@ BC_BIN=$bin BC_SRC=$work/src BC_WORK=$work BC_BYTES=$bytes BC_FILES=$FILES BC_RE
     BC_PREFIX=$SC_CLUSTER BC_SERVE_PIDS="${serve_pids[*]}" BC_ADDRS="${addrs[*]}" BC_ROOTS="${roots[*]}" \
     BC_PUSH_ARGS="${push_args[*]}" BC_CHUNK=${CHUNK:-default} BC_POOL=${POOL_MB:-default} \
     BC_IO=${SHARDCAST_IO:-auto}${SHARDCAST_ZEROCOPY:+,zerocopy=$SHARDCAST_ZEROCOPY}${SHARDCAST_PIECE_BYTES:+,piece=$SHARDCAST_PIECE_BYTES} BC_COMMIT="$(git_rev)$dirty" BC_STAMP=$stamp \
-    BC_CSV=results/bench-cluster-$stamp.csv BC_MD=results/bench-cluster-$stamp.md BC_CMD=$cmdline \
+    BC_CSV=results/cluster/bench-cluster-$stamp.csv BC_MD=results/cluster/bench-cluster-$stamp.md BC_CMD=$cmdline \
     python3 "$work/bench.py" &
 py_pid=$!
 bg_started "$py_pid"

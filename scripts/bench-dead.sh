@@ -4,7 +4,7 @@
 #   B: a push to four replicas of which one (KILLED: 0 = the first, 2 = a middle one) is down
 #      from the start, with --min-replicas 3 (the chain is formed again without it),
 # each of SIZE bytes as a new version; medians of the process wall time and of the push's own
-# "seconds", and their ratio B/A. Target: B <= 1.1 x A. Raw rounds in results/bench-dead-*.csv.
+# "seconds", and their ratio B/A. Target: B <= 1.1 x A. Raw rounds in results/dead/bench-dead-*.csv.
 # Env: REPS (9), SIZE (1GiB), CHUNK (4M), KILLED (2), BIN (target/release/shardcast; PROFILE=dev
 # uses target/debug; NO_BUILD=1 runs the binary as it is). The replicas' roots are in /dev/shm.
 set -euo pipefail
@@ -25,8 +25,8 @@ base=/tmp
 [[ -d /dev/shm ]] && base=/dev/shm
 work=$(mktemp -d "$base/bench-dead.XXXXXX")
 cleanup_register_dir "$work"
-mkdir -p results
-out=results/bench-dead-$(date -u +%Y%m%d-%H%M%S).csv
+mkdir -p results/dead
+out=results/dead/bench-dead-$(date -u +%Y%m%d-%H%M%S).csv
 BD_BIN=$PWD/$BIN BD_WORK=$work BD_REPS=$REPS BD_SIZE=$(parse_size "$SIZE") BD_CHUNK=$CHUNK BD_KILLED=$KILLED BD_OUT=$out \
     python3 - <<'PY'
 import json, os, shutil, statistics, subprocess, time

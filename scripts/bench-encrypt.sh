@@ -8,7 +8,7 @@
 #
 # Env: SIZE (1G), FILES (8), N (2 replicas), REPS (5), RATE (1gbit), CHUNK (4MiB), PORT (7071),
 #      SC_CLUSTER (sc), KEEP_WORK=1.
-# Output: the table on stdout, also saved to results/bench-encrypt-<date>.md.
+# Output: the table on stdout, also saved to results/encrypt/bench-encrypt-<date>.md.
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +46,8 @@ for ((k = 1; k <= N; k++)); do
     grep -q "listening on" "$work/serve-r$k.log" || die "replica r$k did not start: $(cat "$work/serve-r$k.log")"
 done
 
-mkdir -p results
-out=results/bench-encrypt-$(date +%Y%m%d-%H%M%S).md
+mkdir -p results/encrypt
+out=results/encrypt/bench-encrypt-$(date +%Y%m%d-%H%M%S).md
 BE_BIN=$bin BE_SRC=$work/src BE_ADDRS="${addrs[*]}" BE_ROOTS="${roots[*]}" BE_REPS=$REPS BE_CHUNK=$chunk \
     BE_KEY=$work/cluster.key BE_BYTES=$bytes \
     BE_CMD="SIZE=$SIZE FILES=$FILES N=$N REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-encrypt.sh" \

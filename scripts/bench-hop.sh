@@ -16,7 +16,7 @@
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
 #      tmpfs work dir for inspection).
-# Output: a summary table on stdout; raw rows in results/bench-hop-<date>.csv.
+# Output: a summary table on stdout; raw rows in results/hop/bench-hop-<date>.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -47,9 +47,9 @@ src=$work/src.bin
 log "generating $(fmt_bytes "$bytes") of random data in $src"
 gen_random_file "$src" "$bytes"
 
-mkdir -p results
+mkdir -p results/hop
 stamp=$(date +%Y%m%d-%H%M%S)
-csv=results/bench-hop-$stamp.csv
+csv=results/hop/bench-hop-$stamp.csv
 io_mode=${SHARDCAST_IO:-auto}
 rev=$(git_rev)
 echo "run,rep,measure,bytes,seconds,gb_per_s,wall_seconds,chunk,io,commit,kernel" >"$csv"

@@ -16,7 +16,7 @@
 #
 # Env: SIZE (1G), FILES (8), N (3 replicas), PCT (10), REPS (3), RATE (1gbit), CHUNK (4MiB),
 #      PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1.
-# Output: the table on stdout, also saved to results/bench-incremental-<date>.md.
+# Output: the table on stdout, also saved to results/incremental/bench-incremental-<date>.md.
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,8 +51,8 @@ for ((k = 1; k <= N; k++)); do
     addrs+=("$addr:$PORT") roots+=("$work/root-r$k") maddrs+=("$addr:9100")
 done
 
-mkdir -p results
-out=results/bench-incremental-$(date +%Y%m%d-%H%M%S).md
+mkdir -p results/incremental
+out=results/incremental/bench-incremental-$(date +%Y%m%d-%H%M%S).md
 BI_BIN=$bin BI_SRC=$work/src BI_ADDRS="${addrs[*]}" BI_ROOTS="${roots[*]}" BI_MADDRS="${maddrs[*]}" \
     BI_N=$N BI_PCT=$PCT BI_REPS=$REPS BI_CHUNK=$chunk BI_PREFIX=$SC_CLUSTER \
     BI_CMD="SIZE=$SIZE FILES=$FILES N=$N PCT=$PCT REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-incremental.sh" \

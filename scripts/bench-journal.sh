@@ -5,7 +5,7 @@
 # replica of the same filesystem), and, when OLD_BIN is set, a third replica running that binary
 # (e.g. a build from before the journal's fsync moved off the event loop). Each push is preceded
 # by `sync`, so it starts with no dirty pages. Prints the median of the push's own "seconds"
-# per variant and the ratios; the raw lines go to results/bench-journal-DATE.txt.
+# per variant and the ratios; the raw lines go to results/journal/bench-journal-DATE.txt.
 # Target (issue 13): journaling on <= 1.10 x journaling off.
 # Env: SIZE (1G), ROUNDS (5), CHUNK (4M), BIN (target/release/shardcast; PROFILE=dev uses
 # target/debug), OLD_BIN (unset), IMG_DIR (/var/tmp: where the image file lives; must be disk).
@@ -52,8 +52,8 @@ mkdir -p "$MNT"
 mount "$LOOP" "$MNT"
 log "ext4 on $LOOP ($(fmt_bytes "$img_bytes")), image $work/img on $(df --output=source "$work" | tail -1)"
 gen_random_file "$work/src.bin" "$bytes"
-out="results/bench-journal-$(date +%Y%m%d-%H%M%S).txt"
-mkdir -p results
+out="results/journal/bench-journal-$(date +%Y%m%d-%H%M%S).txt"
+mkdir -p results/journal
 {
     echo "# scripts/bench-journal.sh SIZE=$SIZE ROUNDS=$ROUNDS CHUNK=$CHUNK BIN=$BIN OLD_BIN=${OLD_BIN:-} rev $(git_rev)"
     echo "# $(uname -r), $(nproc) cores, image on $(df --output=source "$work" | tail -1)"

@@ -14,7 +14,7 @@
 #
 # Env: SIZE (1G), FILES (8), N (4 replicas), MID (2), REPS (3), RATE (1gbit), CHUNK (4MiB),
 #      PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1.
-# Output: the table on stdout, also saved to results/bench-repair-<date>.md.
+# Output: the table on stdout, also saved to results/repair/bench-repair-<date>.md.
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +58,8 @@ SH
 chmod +x "$work/serve.sh"
 
 
-mkdir -p results
-out=results/bench-repair-$(date +%Y%m%d-%H%M%S).md
+mkdir -p results/repair
+out=results/repair/bench-repair-$(date +%Y%m%d-%H%M%S).md
 BR_BIN=$bin BR_SRC=$work/src BR_ADDRS="${addrs[*]}" BR_ROOTS="${roots[*]}" BR_MADDRS="${maddrs[*]}" \
     BR_N=$N BR_MID=$MID BR_REPS=$REPS BR_CHUNK=$chunk BR_SERVE=$work/serve.sh BR_BYTES=$bytes \
     BR_CMD="SIZE=$SIZE FILES=$FILES N=$N MID=$MID REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-repair.sh" \
