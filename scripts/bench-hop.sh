@@ -137,8 +137,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
 done
 
 # Summary: median/min/max per measure, and the ratios (of medians, plus the per-rep range).
-python3 - "$csv" <<'PY'
-import csv, statistics, sys
+PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH} python3 - "$csv" <<'PY'
+import csv, sys
+import benchlib as bl
 rows = list(csv.DictReader(open(sys.argv[1])))
 by = {}
 for r in rows:
@@ -156,12 +157,11 @@ names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
          ("hop-key-wall", "  cluster key, wall")]
 for key, label in names:
     v = list(by[key].values())
-    print(f"{label:<26}{statistics.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
+    print(f"{label:<26}{bl.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
 print()
 def ratio(a, b, label, target=None):
-    med = statistics.median(by[a].values()) / statistics.median(by[b].values())
-    per = [by[a][i] / by[b][i] for i in by[a] if i in by[b]]
-    line = f"{label:<26}{med:>9.3f}   (per rep {min(per):.3f} .. {max(per):.3f})"
+    med, lo, hi = bl.ratio(by[a], by[b])
+    line = f"{label:<26}{med:>9.3f}   (per rep {lo:.3f} .. {hi:.3f})"
     if target is not None:
         line += f"   target >= {target}: {'PASS' if med >= target else 'FAIL'}"
     print(line)
