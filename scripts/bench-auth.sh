@@ -29,36 +29,21 @@ echo hi >"$work/f.txt"
     printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' >ext.cnf
     openssl x509 -req -in n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out n.pem -days 2 -extfile ext.cnf 2>/dev/null
 )
+export PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
 BA_BIN=$PWD/$BIN BA_WORK=$work BA_REPS=$REPS python3 - <<'PY'
-import json, os, statistics, subprocess, time
-E = os.environ
-BIN, W, REPS = E["BA_BIN"], E["BA_WORK"], int(E["BA_REPS"])
+import os
+import benchlib as bl
+BIN, W, REPS = bl.env("BA_BIN"), bl.env("BA_WORK"), bl.env("BA_REPS", int)
 TLS = ["--tls-cert", os.path.join(W, "n.pem"), "--tls-key", os.path.join(W, "n.key"), "--tls-ca", os.path.join(W, "ca.pem")]
-def serve(root, auth):
-    args = [BIN, "serve", "--listen", "127.0.0.1:0", "--root", os.path.join(W, root)] + auth
-    p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "listening on" in line:
-            return p, line.split("listening on ")[1].split()[0]
 KEY = ["--key-file", os.path.join(W, "k")]
-plain, pa = serve("ra", [])
-keyed, ka = serve("rb", KEY)
-tls, ta = serve("rc", TLS)
 res = {"no key": [], "key": [], "tls": []}
-try:
+with bl.Replicas(BIN) as replicas:
+    cases = [(kind, replicas.start(os.path.join(W, root), auth)[1], auth)
+             for kind, root, auth in (("no key", "ra", []), ("key", "rb", KEY), ("tls", "rc", TLS))]
     for i in range(1, REPS + 1):
-        for kind, addr, extra in (("no key", pa, []), ("key", ka, KEY), ("tls", ta, TLS)):
-            t = time.monotonic()
-            out = subprocess.run([BIN, "push", os.path.join(W, "f.txt"), "--name", "s", "--version", str(i), "--to", addr, "--json"] + extra,
-                                 capture_output=True, text=True)
-            wall = time.monotonic() - t
-            j = json.loads(out.stdout)
-            assert j["ok"], out
+        for kind, addr, extra in cases:
+            j, wall = bl.push(BIN, os.path.join(W, "f.txt"), "s", i, [addr], *extra)
             res[kind].append((j["seconds"] * 1e3, wall * 1e3))
-finally:
-    plain.terminate()
-    keyed.terminate()
-    tls.terminate()
 for k, v in res.items():
-    print(f"{k:7s} push seconds median {statistics.median(x[0] for x in v):.2f} ms, process wall median {statistics.median(x[1] for x in v):.2f} ms")
+    print(f"{k:7s} push seconds median {bl.median(x[0] for x in v):.2f} ms, process wall median {bl.median(x[1] for x in v):.2f} ms")
 PY

@@ -20,8 +20,8 @@
 #      (/proc/PID/stat), the rusage of the push processes (wait4), host CPU (/proc/stat) and each
 #      node's shaper byte counter (tc -s); after each case it compares every replica's copy of
 #      every file with the source (cmp), then deletes it (keeps tmpfs at SIZE x (1 + MAXN) max);
-#   5. prints the summary table and the targets, saves it to results/bench-cluster-<date>.md,
-#      raw rows (one per case and rep) to results/bench-cluster-<date>.csv.
+#   5. prints the summary table and the targets, saves it to results/cluster/bench-cluster-<date>.md,
+#      raw rows (one per case and rep) to results/cluster/bench-cluster-<date>.csv.
 #
 # Seconds: a chain's time is the push's own "seconds" (start, manifest, handshake, transfer,
 # fsync, publish, until the tail's report is back); a star's is the largest "seconds" of its N
@@ -167,7 +167,7 @@ cmdline=""
 [[ -n "${SHARDCAST_PIECE_BYTES:-}" ]] && cmdline+="SHARDCAST_PIECE_BYTES=$SHARDCAST_PIECE_BYTES "
 cmdline+="./scripts/bench-cluster.sh"
 
-mkdir -p results
+mkdir -p results/cluster
 stamp=$(date +%Y%m%d-%H%M%S)
 dirty=""
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || dirty="+dirty"
@@ -175,6 +175,8 @@ git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || dirty="+dirty"
 # The measurement loop and the summary (python: timing, wait4 rusage, JSON, CSV).
 cat >"$work/bench.py" <<'PY'
 import csv, json, os, shutil, statistics, subprocess, sys, time
+import benchlib as bl
+from benchlib import host_cpu, log, proc_cpu
 
 E = os.environ
 BIN, SRC, WORK = E["BC_BIN"], E["BC_SRC"], E["BC_WORK"]
@@ -186,7 +188,6 @@ PIDS = [int(x) for x in E["BC_SERVE_PIDS"].split()]
 ADDRS, ROOTS = E["BC_ADDRS"].split(), E["BC_ROOTS"].split()
 PUSH_ARGS = E["BC_PUSH_ARGS"].split()
 MAXN = len(PIDS)
-TICK = os.sysconf("SC_CLK_TCK")
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 num = RATE.rstrip("abcdefghijklmnopqrstuvwxyz")
 RATE_BPS = int(num) * UNITS[RATE[len(num):]]
@@ -194,27 +195,11 @@ LIMIT = BYTES * 8 / RATE_BPS                 # seconds: SIZE / RATE
 TCP_BOUND = (MTU + 14) / (MTU - 52)          # frame bytes per payload byte, timestamps on
 FILES = sorted(os.listdir(SRC))
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
 def ns(node):
     return f"{PREFIX}-{node}"
 
 def in_ns(node, *cmd):
     return ["ip", "netns", "exec", ns(node), *cmd]
-
-def proc_cpu(pid):
-    """utime + stime of a whole process (all its threads, live and exited), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / TICK
-
-def host_cpu():
-    """(busy, softirq) seconds summed over all CPUs since boot (busy: not idle, iowait or steal)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    return (user + nice + system + irq + softirq) / TICK, softirq / TICK
 
 def shaper_bytes(node):
     """Bytes the node's root qdisc has sent (Ethernet frames as the shaper charges them)."""
@@ -274,10 +259,7 @@ def verify_and_clean(ks, version):
         got = sorted(os.listdir(vdir)) if os.path.isdir(vdir) else None
         if got != FILES:
             sys.exit(f"error: r{k}: {vdir} holds {got}, expected {FILES}")
-        for f in FILES:
-            r = subprocess.run(["cmp", os.path.join(SRC, f), os.path.join(vdir, f)], capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"error: r{k}: {f} differs from the source: {r.stdout.strip()} {r.stderr.strip()}")
+        bl.check_copies(SRC, [ROOTS[k - 1]], "bench", version)
         shutil.rmtree(os.path.join(ROOTS[k - 1], "bench"))
 
 version = 0
@@ -569,8 +551,8 @@ BC_BIN=$bin BC_SRC=$work/src BC_WORK=$work BC_BYTES=$bytes BC_FILES=$FILES BC_RE
     BC_PREFIX=$SC_CLUSTER BC_SERVE_PIDS="${serve_pids[*]}" BC_ADDRS="${addrs[*]}" BC_ROOTS="${roots[*]}" \
     BC_PUSH_ARGS="${push_args[*]}" BC_CHUNK=${CHUNK:-default} BC_POOL=${POOL_MB:-default} \
     BC_IO=${SHARDCAST_IO:-auto}${SHARDCAST_ZEROCOPY:+,zerocopy=$SHARDCAST_ZEROCOPY}${SHARDCAST_PIECE_BYTES:+,piece=$SHARDCAST_PIECE_BYTES} BC_COMMIT="$(git_rev)$dirty" BC_STAMP=$stamp \
-    BC_CSV=results/bench-cluster-$stamp.csv BC_MD=results/bench-cluster-$stamp.md BC_CMD=$cmdline \
-    python3 "$work/bench.py" &
+    BC_CSV=results/cluster/bench-cluster-$stamp.csv BC_MD=results/cluster/bench-cluster-$stamp.md BC_CMD=$cmdline \
+    PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH} python3 "$work/bench.py" &
 py_pid=$!
 bg_started "$py_pid"
 # `wait` (unlike a foreground child) lets a TERM reach the trap at once; the trap stops python,

@@ -8,7 +8,7 @@
 #
 # Env: SIZE (1G), FILES (8), N (2 replicas), REPS (5), RATE (1gbit), CHUNK (4MiB), PORT (7071),
 #      SC_CLUSTER (sc), KEEP_WORK=1.
-# Output: the table on stdout, also saved to results/bench-encrypt-<date>.md.
+# Output: the table on stdout, also saved to results/encrypt/bench-encrypt-<date>.md.
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,48 +46,42 @@ for ((k = 1; k <= N; k++)); do
     grep -q "listening on" "$work/serve-r$k.log" || die "replica r$k did not start: $(cat "$work/serve-r$k.log")"
 done
 
-mkdir -p results
-out=results/bench-encrypt-$(date +%Y%m%d-%H%M%S).md
+mkdir -p results/encrypt
+out=results/encrypt/bench-encrypt-$(date +%Y%m%d-%H%M%S).md
+export PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
 BE_BIN=$bin BE_SRC=$work/src BE_ADDRS="${addrs[*]}" BE_ROOTS="${roots[*]}" BE_REPS=$REPS BE_CHUNK=$chunk \
     BE_KEY=$work/cluster.key BE_BYTES=$bytes \
     BE_CMD="SIZE=$SIZE FILES=$FILES N=$N REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-encrypt.sh" \
     python3 - <<'PY' | tee "$out"
-import json, os, statistics, subprocess, time
+import benchlib as bl
 
-E = os.environ
-BIN, SRC, REPS, CHUNK, BYTES = E["BE_BIN"], E["BE_SRC"], int(E["BE_REPS"]), int(E["BE_CHUNK"]), int(E["BE_BYTES"])
-ADDRS, ROOTS = E["BE_ADDRS"].split(), E["BE_ROOTS"].split()
-CL = "scripts/cluster.sh"
+BIN, SRC, REPS, CHUNK, BYTES = bl.env("BE_BIN"), bl.env("BE_SRC"), bl.env("BE_REPS", int), bl.env("BE_CHUNK", int), bl.env("BE_BYTES", int)
+ADDRS, ROOTS = bl.env("BE_ADDRS").split(), bl.env("BE_ROOTS").split()
+PRIMARY = ["scripts/cluster.sh", "exec", "p"]
 
 def push(version, encrypt):
-    cmd = [CL, "exec", "p", BIN, "push", SRC, "--name", "ck", "--version", str(version), "--to", ",".join(ADDRS),
-           "--chunk-size", str(CHUNK), "--transport", "tcp", "--key-file", E["BE_KEY"], "--json"]
-    if encrypt:
-        cmd.append("--encrypt")
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    j = json.loads(out.stdout)
-    assert j["ok"], out
-    for root in ROOTS:
-        for f in sorted(os.listdir(SRC)):
-            subprocess.run(["cmp", os.path.join(SRC, f), os.path.join(root, "ck", str(version), f)], check=True)
+    extra = ["--transport", "tcp", "--key-file", bl.env("BE_KEY")] + (["--encrypt"] if encrypt else [])
+    j, _ = bl.push(BIN, SRC, "ck", version, ADDRS, *extra, chunk=CHUNK, wrap=PRIMARY)
+    bl.check_copies(SRC, ROOTS, "ck", version)
     return j["seconds"]
+
+def gbps(s):
+    return BYTES * 8 / s / 1e9
 
 rows = []
 for rep in range(REPS):
     plain = push(2 * rep + 1, False)
     enc = push(2 * rep + 2, True)
     rows.append((plain, enc))
-    print(f"rep {rep}: plain {plain:.3f} s ({BYTES * 8 / plain / 1e9:.3f} Gbit/s), encrypted {enc:.3f} s "
-          f"({BYTES * 8 / enc / 1e9:.3f} Gbit/s), {enc / plain:.3f} x", flush=True)
-tp = statistics.median(r[0] for r in rows)
-te = statistics.median(r[1] for r in rows)
+    print(f"rep {rep}: plain {plain:.3f} s ({gbps(plain):.3f} Gbit/s), encrypted {enc:.3f} s "
+          f"({gbps(enc):.3f} Gbit/s), {enc / plain:.3f} x", flush=True)
+tp = bl.median(r[0] for r in rows)
+te = bl.median(r[1] for r in rows)
 print()
-print(f"# bench-encrypt {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-print(f"command: {E['BE_CMD']}")
-print()
-print("| push | median s | Gbit/s | ratio |")
-print("|---|---|---|---|")
-print(f"| key, chunks in clear | {tp:.3f} | {BYTES * 8 / tp / 1e9:.3f} | 1 |")
-print(f"| key, --encrypt | {te:.3f} | {BYTES * 8 / te / 1e9:.3f} | {te / tp:.3f} (target <= 1.15) |")
+print(bl.md_header("bench-encrypt", bl.env("BE_CMD")))
+print(bl.md_table(["push", "median s", "Gbit/s", "ratio"], [
+    ["key, chunks in clear", f"{tp:.3f}", f"{gbps(tp):.3f}", "1"],
+    ["key, --encrypt", f"{te:.3f}", f"{gbps(te):.3f}", f"{te / tp:.3f} (target <= 1.15)"],
+]))
 PY
 log "saved $out"

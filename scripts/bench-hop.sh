@@ -16,7 +16,7 @@
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
 #      tmpfs work dir for inspection).
-# Output: a summary table on stdout; raw rows in results/bench-hop-<date>.csv.
+# Output: a summary table on stdout; raw rows in results/hop/bench-hop-<date>.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -47,9 +47,9 @@ src=$work/src.bin
 log "generating $(fmt_bytes "$bytes") of random data in $src"
 gen_random_file "$src" "$bytes"
 
-mkdir -p results
+mkdir -p results/hop
 stamp=$(date +%Y%m%d-%H%M%S)
-csv=results/bench-hop-$stamp.csv
+csv=results/hop/bench-hop-$stamp.csv
 io_mode=${SHARDCAST_IO:-auto}
 rev=$(git_rev)
 echo "run,rep,measure,bytes,seconds,gb_per_s,wall_seconds,chunk,io,commit,kernel" >"$csv"
@@ -137,8 +137,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
 done
 
 # Summary: median/min/max per measure, and the ratios (of medians, plus the per-rep range).
-python3 - "$csv" <<'PY'
-import csv, statistics, sys
+PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH} python3 - "$csv" <<'PY'
+import csv, sys
+import benchlib as bl
 rows = list(csv.DictReader(open(sys.argv[1])))
 by = {}
 for r in rows:
@@ -156,12 +157,11 @@ names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
          ("hop-key-wall", "  cluster key, wall")]
 for key, label in names:
     v = list(by[key].values())
-    print(f"{label:<26}{statistics.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
+    print(f"{label:<26}{bl.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
 print()
 def ratio(a, b, label, target=None):
-    med = statistics.median(by[a].values()) / statistics.median(by[b].values())
-    per = [by[a][i] / by[b][i] for i in by[a] if i in by[b]]
-    line = f"{label:<26}{med:>9.3f}   (per rep {min(per):.3f} .. {max(per):.3f})"
+    med, lo, hi = bl.ratio(by[a], by[b])
+    line = f"{label:<26}{med:>9.3f}   (per rep {lo:.3f} .. {hi:.3f})"
     if target is not None:
         line += f"   target >= {target}: {'PASS' if med >= target else 'FAIL'}"
     print(line)

@@ -16,7 +16,7 @@
 #
 # Env: SIZE (1G), FILES (8), N (3 replicas), PCT (10), REPS (3), RATE (1gbit), CHUNK (4MiB),
 #      PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1.
-# Output: the table on stdout, also saved to results/bench-incremental-<date>.md.
+# Output: the table on stdout, also saved to results/incremental/bench-incremental-<date>.md.
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,44 +51,34 @@ for ((k = 1; k <= N; k++)); do
     addrs+=("$addr:$PORT") roots+=("$work/root-r$k") maddrs+=("$addr:9100")
 done
 
-mkdir -p results
-out=results/bench-incremental-$(date +%Y%m%d-%H%M%S).md
+mkdir -p results/incremental
+out=results/incremental/bench-incremental-$(date +%Y%m%d-%H%M%S).md
+export PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
 BI_BIN=$bin BI_SRC=$work/src BI_ADDRS="${addrs[*]}" BI_ROOTS="${roots[*]}" BI_MADDRS="${maddrs[*]}" \
     BI_N=$N BI_PCT=$PCT BI_REPS=$REPS BI_CHUNK=$chunk BI_PREFIX=$SC_CLUSTER \
     BI_CMD="SIZE=$SIZE FILES=$FILES N=$N PCT=$PCT REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-incremental.sh" \
     python3 - <<'PY' | tee "$out"
-import json, os, random, re, statistics, subprocess, time
+import os, random, re, subprocess
+import benchlib as bl
 
-E = os.environ
-BIN, SRC, N, PCT, REPS, CHUNK = E["BI_BIN"], E["BI_SRC"], int(E["BI_N"]), int(E["BI_PCT"]), int(E["BI_REPS"]), int(E["BI_CHUNK"])
-ADDRS, ROOTS, MADDRS = E["BI_ADDRS"].split(), E["BI_ROOTS"].split(), E["BI_MADDRS"].split()
+BIN, SRC, N, PCT, REPS, CHUNK = bl.env("BI_BIN"), bl.env("BI_SRC"), bl.env("BI_N", int), bl.env("BI_PCT", int), bl.env("BI_REPS", int), bl.env("BI_CHUNK", int)
+ADDRS, ROOTS, MADDRS = bl.env("BI_ADDRS").split(), bl.env("BI_ROOTS").split(), bl.env("BI_MADDRS").split()
 CL = "scripts/cluster.sh"
 
-def sh(*a):
-    return subprocess.run(a, check=True, capture_output=True, text=True).stdout
-
 def tc_bytes(node):
-    out = sh(CL, "exec", node, "tc", "-s", "qdisc", "show", "dev", "scv0")
+    out = subprocess.run([CL, "exec", node, "tc", "-s", "qdisc", "show", "dev", "scv0"],
+                         check=True, capture_output=True, text=True).stdout
     return int(re.search(r"Sent (\d+) bytes", out).group(1))
 
-def received(k):
-    code = ("import urllib.request,sys;t=urllib.request.urlopen('http://%s/metrics').read().decode();"
-            "print(sum(float(l.rsplit(' ',1)[1]) for l in t.splitlines() if l.startswith('shardcast_received_bytes_total{')))") % MADDRS[k]
-    return int(float(sh(CL, "exec", f"r{k+1}", "python3", "-c", code)))
-
 def counters():
-    return [tc_bytes("p")] + [tc_bytes(f"r{k+1}") for k in range(N)], [received(k) for k in range(N)]
+    return ([tc_bytes("p")] + [tc_bytes(f"r{k+1}") for k in range(N)],
+            [bl.received_bytes(MADDRS[k], wrap=[CL, "exec", f"r{k+1}"]) for k in range(N)])
 
 def push(version, extra):
     c0 = counters()
-    out = sh(CL, "exec", "p", BIN, "push", SRC, "--name", "ck", "--version", str(version), "--to", ",".join(ADDRS),
-             "--chunk-size", str(CHUNK), "--json", *extra)
-    j = json.loads(out)
-    assert j.get("ok"), out
+    j, _ = bl.push(BIN, SRC, "ck", version, ADDRS, *extra, chunk=CHUNK, wrap=[CL, "exec", "p"])
     c1 = counters()
-    for root in ROOTS:
-        for f in sorted(os.listdir(SRC)):
-            subprocess.run(["cmp", os.path.join(SRC, f), os.path.join(root, "ck", str(version), f)], check=True)
+    bl.check_copies(SRC, ROOTS, "ck", version)
     links = [b - a for a, b in zip(c0[0], c1[0])]          # p->r1, r1->r2, ... (egress of each node)
     recv = [b - a for a, b in zip(c0[1], c1[1])]
     return j["seconds"], links[:N], recv
@@ -113,18 +103,16 @@ for rep in range(REPS):
     print(f"rep {rep}: full {t_full:.3f} s, incremental {t_inc:.3f} s ({t_inc / t_full:.3f} x); changed {changed} B;"
           f" link bytes {links_inc}; chunk bytes received {recv_inc}", flush=True)
 
-tf = statistics.median(r[0] for r in rows)
-ti = statistics.median(r[1] for r in rows)
-link_ratio = max(max(l) / r[2] for r in rows for l in [r[3]])
-recv_ratio = max(max(v) / r[2] for r in rows for v in [r[4]])
+tf = bl.median(r[0] for r in rows)
+ti = bl.median(r[1] for r in rows)
+link_ratio = max(max(r[3]) / r[2] for r in rows)
+recv_ratio = max(max(r[4]) / r[2] for r in rows)
 print()
-print(f"# bench-incremental {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-print(f"command: {E['BI_CMD']}")
-print()
-print("| | median s | ratio |")
-print("|---|---|---|")
-print(f"| full push | {tf:.3f} | 1 |")
-print(f"| incremental ({PCT} % of chunks changed) | {ti:.3f} | {ti / tf:.3f} (target <= 0.15) |")
+print(bl.md_header("bench-incremental", bl.env("BI_CMD")))
+print(bl.md_table(["", "median s", "ratio"], [
+    ["full push", f"{tf:.3f}", "1"],
+    [f"incremental ({PCT} % of chunks changed)", f"{ti:.3f}", f"{ti / tf:.3f} (target <= 0.15)"],
+]))
 print()
 print(f"bytes on the busiest link / changed bytes: {link_ratio:.3f} (Ethernet frames: TCP/IP headers, acks,"
       f" handshake and manifest included; target <= 1.05 plus manifests)")

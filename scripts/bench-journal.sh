@@ -5,7 +5,7 @@
 # replica of the same filesystem), and, when OLD_BIN is set, a third replica running that binary
 # (e.g. a build from before the journal's fsync moved off the event loop). Each push is preceded
 # by `sync`, so it starts with no dirty pages. Prints the median of the push's own "seconds"
-# per variant and the ratios; the raw lines go to results/bench-journal-DATE.txt.
+# per variant and the ratios; the raw lines go to results/journal/bench-journal-DATE.txt.
 # Target (issue 13): journaling on <= 1.10 x journaling off.
 # Env: SIZE (1G), ROUNDS (5), CHUNK (4M), BIN (target/release/shardcast; PROFILE=dev uses
 # target/debug), OLD_BIN (unset), IMG_DIR (/var/tmp: where the image file lives; must be disk).
@@ -52,60 +52,41 @@ mkdir -p "$MNT"
 mount "$LOOP" "$MNT"
 log "ext4 on $LOOP ($(fmt_bytes "$img_bytes")), image $work/img on $(df --output=source "$work" | tail -1)"
 gen_random_file "$work/src.bin" "$bytes"
-out="results/bench-journal-$(date +%Y%m%d-%H%M%S).txt"
-mkdir -p results
+out="results/journal/bench-journal-$(date +%Y%m%d-%H%M%S).txt"
+mkdir -p results/journal
 {
     echo "# scripts/bench-journal.sh SIZE=$SIZE ROUNDS=$ROUNDS CHUNK=$CHUNK BIN=$BIN OLD_BIN=${OLD_BIN:-} rev $(git_rev)"
     echo "# $(uname -r), $(nproc) cores, image on $(df --output=source "$work" | tail -1)"
 } >"$out"
+export PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
 BJ_BIN=$PWD/$BIN BJ_OLD=${OLD_BIN:-} BJ_MNT=$MNT BJ_SRC=$work/src.bin BJ_ROUNDS=$ROUNDS BJ_CHUNK=$CHUNK \
     BJ_OUT=$out python3 - <<'PY'
-import json, os, statistics, subprocess
-E = os.environ
-BIN, OLD, MNT, SRC = E["BJ_BIN"], E["BJ_OLD"], E["BJ_MNT"], E["BJ_SRC"]
-ROUNDS, CHUNK, OUT = int(E["BJ_ROUNDS"]), E["BJ_CHUNK"], E["BJ_OUT"]
-procs = []
-def serve(binary, root, env):
-    args = [binary, "serve", "--listen", "127.0.0.1:0", "--root", os.path.join(MNT, root), "--keep", "1"]
-    p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    procs.append(p)
-    for line in p.stderr:
-        if "listening on" in line:
-            return line.split("listening on ")[1].split()[0]
-    raise SystemExit(f"{root}: serve exited")
-variants = [("journal on", serve(BIN, "on", {}), BIN), ("journal off", serve(BIN, "off", {"SHARDCAST_BENCH_NO_JOURNAL": "1"}), BIN)]
-if OLD:
-    variants.append(("journal on, before", serve(OLD, "old", {}), OLD))
-res = {v[0]: [] for v in variants}
-try:
-    with open(OUT, "a") as raw:
-        for r in range(1, ROUNDS + 1):
-            # Alternate the order of the variants from round to round.
-            order = variants if r % 2 else list(reversed(variants))
-            for kind, addr, binary in order:
-                subprocess.run(["sync"], check=True)
-                out = subprocess.run([binary, "push", SRC, "--name", "bench", "--version", str(r), "--to", addr,
-                                      "--chunk-size", CHUNK, "--json"], capture_output=True, text=True)
-                j = json.loads(out.stdout)
-                assert j["ok"], out
-                res[kind].append(j["seconds"])
-                line = f"round {r} {kind}: {j['seconds']:.3f} s"
-                print(line, flush=True)
-                raw.write(line + "\n")
-        lines = []
-        for kind, v in res.items():
-            lines.append(f"{kind}: median {statistics.median(v):.3f} s over {len(v)} pushes")
-        off = statistics.median(res["journal off"])
-        for kind, v in res.items():
-            if kind != "journal off":
-                lines.append(f"{kind} / journal off: {statistics.median(v) / off:.3f}")
-        for l in lines:
-            print(l)
-            raw.write(l + "\n")
-finally:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.wait()
+import os, subprocess
+import benchlib as bl
+BIN, OLD, MNT, SRC = bl.env("BJ_BIN"), bl.env("BJ_OLD"), bl.env("BJ_MNT"), bl.env("BJ_SRC")
+ROUNDS, CHUNK, OUT = bl.env("BJ_ROUNDS", int), bl.env("BJ_CHUNK"), bl.env("BJ_OUT")
+with bl.Replicas(BIN) as replicas, open(OUT, "a") as raw:
+    def serve(binary, root, env):
+        return replicas.start(os.path.join(MNT, root), ["--keep", "1"], env=env, binary=binary)[1]
+    variants = [("journal on", serve(BIN, "on", {}), BIN),
+                ("journal off", serve(BIN, "off", {"SHARDCAST_BENCH_NO_JOURNAL": "1"}), BIN)]
+    if OLD:
+        variants.append(("journal on, before", serve(OLD, "old", {}), OLD))
+    res = {v[0]: [] for v in variants}
+    for r in range(1, ROUNDS + 1):
+        # Alternate the order of the variants from round to round.
+        for kind, addr, binary in bl.alternate(r - 1, variants):
+            subprocess.run(["sync"], check=True)
+            j, _ = bl.push(binary, SRC, "bench", r, [addr], chunk=CHUNK)
+            res[kind].append(j["seconds"])
+            line = f"round {r} {kind}: {j['seconds']:.3f} s"
+            print(line, flush=True)
+            raw.write(line + "\n")
+    lines = [f"{kind}: median {bl.median(v):.3f} s over {len(v)} pushes" for kind, v in res.items()]
+    off = bl.median(res["journal off"])
+    lines += [f"{kind} / journal off: {bl.median(v) / off:.3f}" for kind, v in res.items() if kind != "journal off"]
+    for l in lines:
+        print(l)
+        raw.write(l + "\n")
 PY
 log "raw results in $out"

@@ -8,7 +8,7 @@
 # disks are not measured.
 #
 # Env: SIZE_MB (default 1024), REPS (default 5).
-# Output: the table on stdout, also saved to results/bench-python-<date>.md.
+# Output: the table on stdout, also saved to results/python/bench-python-<date>.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -30,8 +30,8 @@ need=$(((4 * SIZE_MB + 256) << 20))
 avail=$(avail_bytes /dev/shm)
 ((avail >= need)) || die "/dev/shm has $(fmt_bytes "$avail") free, this run needs $(fmt_bytes "$need")"
 
-mkdir -p results
-out=results/bench-python-$(date -u +%Y%m%d-%H%M%S).md
+mkdir -p results/python
+out=results/python/bench-python-$(date -u +%Y%m%d-%H%M%S).md
 {
     echo "# bench-python $(date -u +%FT%TZ)"
     echo "command: SIZE_MB=$SIZE_MB REPS=$REPS ./scripts/bench-python.sh; load before: $(cut -d' ' -f1-3 /proc/loadavg)"

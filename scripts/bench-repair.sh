@@ -14,7 +14,7 @@
 #
 # Env: SIZE (1G), FILES (8), N (4 replicas), MID (2), REPS (3), RATE (1gbit), CHUNK (4MiB),
 #      PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1.
-# Output: the table on stdout, also saved to results/bench-repair-<date>.md.
+# Output: the table on stdout, also saved to results/repair/bench-repair-<date>.md.
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,29 +58,27 @@ SH
 chmod +x "$work/serve.sh"
 
 
-mkdir -p results
-out=results/bench-repair-$(date +%Y%m%d-%H%M%S).md
+mkdir -p results/repair
+out=results/repair/bench-repair-$(date +%Y%m%d-%H%M%S).md
+export PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
 BR_BIN=$bin BR_SRC=$work/src BR_ADDRS="${addrs[*]}" BR_ROOTS="${roots[*]}" BR_MADDRS="${maddrs[*]}" \
     BR_N=$N BR_MID=$MID BR_REPS=$REPS BR_CHUNK=$chunk BR_SERVE=$work/serve.sh BR_BYTES=$bytes \
     BR_CMD="SIZE=$SIZE FILES=$FILES N=$N MID=$MID REPS=$REPS RATE=$RATE CHUNK=$CHUNK ./scripts/bench-repair.sh" \
     python3 - <<'PY' | tee "$out"
-import json, os, signal, statistics, subprocess, time
+import json, os, signal, subprocess, time
+import benchlib as bl
 
-E = os.environ
-BIN, SRC, N, MID, REPS, CHUNK = E["BR_BIN"], E["BR_SRC"], int(E["BR_N"]), int(E["BR_MID"]), int(E["BR_REPS"]), int(E["BR_CHUNK"])
-BYTES = int(E["BR_BYTES"])
-ADDRS, ROOTS, MADDRS = E["BR_ADDRS"].split(), E["BR_ROOTS"].split(), E["BR_MADDRS"].split()
+BIN, SRC, N, MID, REPS, CHUNK = bl.env("BR_BIN"), bl.env("BR_SRC"), bl.env("BR_N", int), bl.env("BR_MID", int), bl.env("BR_REPS", int), bl.env("BR_CHUNK", int)
+BYTES = bl.env("BR_BYTES", int)
+ADDRS, ROOTS, MADDRS = bl.env("BR_ADDRS").split(), bl.env("BR_ROOTS").split(), bl.env("BR_MADDRS").split()
 CL = "scripts/cluster.sh"
 pids = {}
 
 def serve(k):
-    pids[k] = int(subprocess.run([E["BR_SERVE"], str(k)], check=True, capture_output=True, text=True).stdout.split()[-1])
+    pids[k] = int(subprocess.run([bl.env("BR_SERVE"), str(k)], check=True, capture_output=True, text=True).stdout.split()[-1])
 
 def received(k):
-    code = ("import urllib.request;t=urllib.request.urlopen('http://%s/metrics').read().decode();"
-            "print(sum(float(l.rsplit(' ',1)[1]) for l in t.splitlines() if l.startswith('shardcast_received_bytes_total{')))") % MADDRS[k - 1]
-    r = subprocess.run([CL, "exec", f"r{k}", "python3", "-c", code], capture_output=True, text=True)
-    return int(float(r.stdout)) if r.returncode == 0 and r.stdout.strip() else 0
+    return bl.received_bytes(MADDRS[k - 1], wrap=[CL, "exec", f"r{k}"])
 
 def fresh():
     # Every chunk differs from every earlier version: the replicas cannot reuse their current
@@ -95,8 +93,8 @@ def fresh():
 
 def push(version, kill):
     fresh()
-    cmd = [CL, "exec", "p", BIN, "push", SRC, "--name", "ck", "--version", str(version), "--to", ",".join(ADDRS),
-           "--chunk-size", str(CHUNK), "--json"]
+    # Started in the background: the replica is killed while the push runs.
+    cmd = bl.push_cmd(BIN, SRC, "ck", version, ADDRS, chunk=CHUNK, wrap=[CL, "exec", "p"])
     base = received(MID)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     if kill:
@@ -106,11 +104,8 @@ def push(version, kill):
     out, _ = p.communicate()
     j = json.loads(out)
     survivors = [k for k in range(1, N + 1) if not (kill and k == MID)]
-    st = [r["status"] for r in j["replicas"]]
-    for k in survivors:
-        for f in sorted(os.listdir(SRC)):
-            subprocess.run(["cmp", os.path.join(SRC, f), os.path.join(ROOTS[k - 1], "ck", str(version), f)], check=True)
-    return j["seconds"], st
+    bl.check_copies(SRC, [ROOTS[k - 1] for k in survivors], "ck", version)
+    return j["seconds"], bl.statuses(j)
 
 for k in range(1, N + 1):
     serve(k)
@@ -126,15 +121,13 @@ for k, pid in pids.items():
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-tc = statistics.median(r[0] for r in rows)
-tk = statistics.median(r[1] for r in rows)
+tc = bl.median(r[0] for r in rows)
+tk = bl.median(r[1] for r in rows)
 print()
-print(f"# bench-repair {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-print(f"command: {E['BR_CMD']}")
-print()
-print("| push | median s | ratio |")
-print("|---|---|---|")
-print(f"| no fault | {tc:.3f} | 1 |")
-print(f"| r{MID} of {N} killed at half | {tk:.3f} | {tk / tc:.3f} (target <= 1.3) |")
+print(bl.md_header("bench-repair", bl.env("BR_CMD")))
+print(bl.md_table(["push", "median s", "ratio"], [
+    ["no fault", f"{tc:.3f}", "1"],
+    [f"r{MID} of {N} killed at half", f"{tk:.3f}", f"{tk / tc:.3f} (target <= 1.3)"],
+]))
 PY
 log "saved $out"

@@ -8,7 +8,7 @@
 #
 # Env: SIZE (default 4G), POOL_MB (default 64, passed as --pool-mb to serve and push),
 #      CHUNK (optional, --chunk-size), SHARDCAST_IO=plain (optional).
-# Output: a short report on stdout and one row appended to results/bench-rss.csv.
+# Output: a short report on stdout and one row appended to results/rss/bench-rss.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -92,8 +92,8 @@ verdict=FAIL
 ((relay_hwm_kb <= target_kb)) && verdict=PASS
 mib() { python3 -c 'import sys; print(f"{int(sys.argv[1]) / 1024:.1f}")' "$1"; }
 
-mkdir -p results
-csv=results/bench-rss.csv
+mkdir -p results/rss
+csv=results/rss/bench-rss.csv
 [[ -f "$csv" ]] || echo "date,bytes,chunk,pool_mb,target_mib,relay_vmhwm_mib,relay_vmrss_end_mib,relay_rss_anon_mib,relay_rss_file_mib,relay_rss_shmem_mib,tail_vmhwm_mib,push_seconds,verdict,io,commit,kernel" >"$csv"
 echo "$(date -Iseconds),$bytes,${CHUNK:-default},$POOL_MB,$((POOL_MB + 64)),$(mib "$relay_hwm_kb"),$(mib "$relay_rss_kb"),$(mib "$relay_anon_kb"),$(mib "$relay_file_kb"),$(mib "$relay_shmem_kb"),$(mib "$tail_hwm_kb"),$seconds,$verdict,${SHARDCAST_IO:-auto},$(git_rev),$(uname -r)" >>"$csv"
 

@@ -1,0 +1,206 @@
+"""What the benchmark scripts (scripts/bench-*.sh) share: starting replicas, timing pushes,
+checking copies, CPU and byte counters, and the medians and tables at the end.
+
+The scripts run their Python with ``PYTHONPATH`` set to this directory (see
+``scripts/bench-*.sh``) and ``import benchlib``. Their configuration arrives in environment
+variables; :func:`env` reads one and says which is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+_REQUIRED = object()
+
+
+def env(name: str, kind=str, default=_REQUIRED):
+    """The environment variable ``name`` converted by ``kind``; ``default`` when unset (no
+    default: the script that set up the run forgot it, which is a bug worth a clear stop)."""
+    v = os.environ.get(name)
+    if v is None:
+        if default is _REQUIRED:
+            sys.exit(f"error: {name} is not set (the calling script passes it)")
+        return default
+    return kind(v)
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr (stdout carries the results)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- replicas ---------------------------------------------------------------------------------
+
+
+class Replicas:
+    """``shardcast serve`` processes on loopback, stopped together (a context manager)."""
+
+    def __init__(self, binary: str):
+        self.binary = binary
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self, root: str, args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
+              binary: Optional[str] = None) -> Tuple[subprocess.Popen, str]:
+        """Starts ``serve --listen 127.0.0.1:0 --root ROOT ARGS`` and returns (process, address)
+        once it listens. Its log keeps being read so that it never blocks on a full pipe."""
+        cmd = [binary or self.binary, "serve", "--listen", "127.0.0.1:0", "--root", root, *args]
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
+        self.procs.append(p)
+        for line in p.stderr:
+            if "listening on" in line:
+                addr = line.split("listening on ")[1].split()[0]
+                threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+                return p, addr
+        sys.exit(f"error: {' '.join(cmd)} exited ({p.wait()}) before listening")
+
+    def stop(self) -> None:
+        """Terminates every replica still running and waits for it."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            p.wait()
+
+    def __enter__(self) -> "Replicas":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- pushes -----------------------------------------------------------------------------------
+
+
+def push_cmd(binary: str, src: str, name: str, version: int, to: Sequence[str], *extra: str,
+             chunk=None, wrap: Sequence[str] = ()) -> List[str]:
+    """The command line of ``shardcast push SRC --json`` (``wrap``: a prefix such as
+    ``scripts/cluster.sh exec p`` to run it in the primary's namespace)."""
+    cmd = [*wrap, binary, "push", src, "--name", name, "--version", str(version), "--to", ",".join(to)]
+    if chunk is not None:
+        cmd += ["--chunk-size", str(chunk)]
+    return cmd + ["--json", *extra]
+
+
+def push(binary: str, src: str, name: str, version: int, to: Sequence[str], *extra: str,
+         chunk=None, wrap: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
+         check_ok: bool = True) -> Tuple[dict, float]:
+    """Runs one push and returns (its JSON report, the process's wall seconds). Stops the
+    benchmark with the push's output when it did not succeed (``check_ok=False``: the caller
+    judges the report)."""
+    cmd = push_cmd(binary, src, name, version, to, *extra, chunk=chunk, wrap=wrap)
+    t = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.monotonic() - t
+    try:
+        j = json.loads(r.stdout)
+    except ValueError:
+        j = {}
+    if check_ok and (r.returncode != 0 or not j.get("ok")):
+        sys.exit(f"error: {' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n"
+                 f"--- stderr\n{r.stderr[-4000:]}")
+    if not j:
+        sys.exit(f"error: {' '.join(cmd)} printed no JSON ({r.returncode}): {r.stderr[-4000:]}")
+    return j, wall
+
+
+def statuses(report: dict) -> List[str]:
+    """Each replica's status in a push's JSON report, in chain order."""
+    return [r["status"] for r in report["replicas"]]
+
+
+def check_copies(src: str, roots: Iterable[str], name: str, version: int) -> None:
+    """Every file of the directory ``src`` is byte-identical in each replica root's
+    ``NAME/VERSION/``; stops the benchmark naming the first that is not."""
+    files = sorted(os.listdir(src))
+    for root in roots:
+        vdir = os.path.join(root, name, str(version))
+        for f in files:
+            r = subprocess.run(["cmp", os.path.join(src, f), os.path.join(vdir, f)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"error: {vdir}/{f} differs from the source: {r.stdout.strip()} {r.stderr.strip()}")
+
+
+def random_file(path: str, size: int) -> None:
+    """Writes ``size`` random bytes (real data, not sparse) to ``path``."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+# ---- counters ---------------------------------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a whole process (all its threads, live and exited), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / TICK
+
+
+def host_cpu() -> Tuple[float, float]:
+    """(busy, softirq) seconds summed over all CPUs since boot (busy: not idle, iowait or steal)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq) / TICK, softirq / TICK
+
+
+METRIC_RECEIVED = "shardcast_received_bytes_total{"
+
+
+def received_bytes(metrics_addr: str, wrap: Sequence[str] = ()) -> int:
+    """A replica's chunk bytes received so far (the sum of ``shardcast_received_bytes_total``
+    at ``http://ADDR/metrics``), read from inside ``wrap`` (e.g. the replica's namespace);
+    0 while the endpoint does not answer (a replica being restarted)."""
+    code = ("import urllib.request;t=urllib.request.urlopen('http://%s/metrics').read().decode();"
+            "print(sum(float(l.rsplit(' ',1)[1]) for l in t.splitlines() if l.startswith(%r)))"
+            % (metrics_addr, METRIC_RECEIVED))
+    r = subprocess.run([*wrap, sys.executable if not wrap else "python3", "-c", code],
+                       capture_output=True, text=True)
+    return int(float(r.stdout)) if r.returncode == 0 and r.stdout.strip() else 0
+
+
+# ---- summaries --------------------------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def ratio(a: Dict[int, float], b: Dict[int, float]) -> Tuple[float, float, float]:
+    """(median(a) / median(b), and the lowest and highest per-rep ratio a[i] / b[i])."""
+    per = [a[i] / b[i] for i in a if i in b]
+    return median(a.values()) / median(b.values()), min(per), max(per)
+
+
+def alternate(rep: int, cases: Sequence):
+    """The cases of round ``rep`` in A B, B A, A B… order, so that drift hits them alike."""
+    return list(cases) if rep % 2 == 0 else list(reversed(cases))
+
+
+def md_header(title: str, command: str) -> str:
+    """The heading the saved tables start with: the benchmark, the UTC time, the command."""
+    return (f"# {title} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+            f"command: {command}\n")
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
