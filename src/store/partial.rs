@@ -67,8 +67,37 @@ impl Store {
         resume: bool,
     ) -> Result<Staging, StoreError> {
         check_name(name)?;
-        // The set's directory must be a directory of this root, not a symlink to elsewhere:
-        // publishing renames into it, and nothing may land outside the root.
+        self.check_set_dir(name)?;
+        if self.exists(name, version) {
+            return Err(StoreError::VersionExists { name: name.into(), version });
+        }
+        let cancel = self.reserve(name, version, manifest, resume)?;
+        // From here on the guard in Staging releases the reservation, whatever happens.
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join(STAGING).join(format!("{name}@{version}.{}.{n}", std::process::id()));
+        let mut staging = Staging::new(Arc::clone(self), name, version, dir, manifest, cancel);
+        // Look again now that this session holds the version: the session it superseded may
+        // have published it while this one waited (its reservation goes only after publish).
+        // A version that has its manifest is never removed.
+        if self.exists(name, version) {
+            return Err(StoreError::VersionExists { name: name.into(), version });
+        }
+        // A version directory without its manifest is a leftover of a crash during publish.
+        let leftover = self.root.join(name).join(version.to_string());
+        if leftover.exists() {
+            fs::remove_dir_all(&leftover)
+                .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
+        }
+        if self.take_over_partial(&mut staging, manifest, resume)? {
+            return Ok(staging);
+        }
+        staging.create()?;
+        Ok(staging)
+    }
+
+    /// The set's directory must be a directory of this root, not a symlink to elsewhere:
+    /// publishing renames into it, and nothing may land outside the root.
+    fn check_set_dir(&self, name: &str) -> Result<(), StoreError> {
         let set_dir = self.root.join(name);
         if let Ok(m) = fs::symlink_metadata(&set_dir)
             && !m.is_dir()
@@ -81,9 +110,19 @@ impl Store {
                 io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
             ));
         }
-        if self.exists(name, version) {
-            return Err(StoreError::VersionExists { name: name.into(), version });
-        }
+        Ok(())
+    }
+
+    /// Registers `NAME@VERSION` as being received, within the staging limit, with its free
+    /// space reserved; with `resume`, an earlier stuck session of the same version is asked to
+    /// give up first (for up to [`SUPERSEDE_WAIT`]).
+    fn reserve(
+        &self,
+        name: &str,
+        version: u64,
+        manifest: &Manifest,
+        resume: bool,
+    ) -> Result<Arc<Receiving>, StoreError> {
         let key = (name.to_owned(), version);
         let cancel = Arc::new(Receiving::default());
         cancel.total.store(manifest.total_bytes(), Ordering::Relaxed);
@@ -116,13 +155,13 @@ impl Store {
                         return Err(StoreError::NoSpace { root: self.root.clone(), needed, available, reserved });
                     }
                     cancel.reserved.store(needed, Ordering::Relaxed);
-                    receiving.insert(key.clone(), Arc::clone(&cancel));
-                    break;
+                    receiving.insert(key, Arc::clone(&cancel));
+                    return Ok(cancel);
                 }
                 // A resuming push (the primary repairing its chain, or a repeat after a failure)
                 // supersedes an earlier session of the same version that is stuck (its
                 // upstream hung or gone): that one is asked to give up, and what it had
-                // journaled is resumed below.
+                // journaled is resumed by the caller.
                 Some(old) if resume && waited < SUPERSEDE_WAIT => {
                     old.cancel.store(true, Ordering::Relaxed);
                 }
@@ -132,81 +171,53 @@ impl Store {
             std::thread::sleep(std::time::Duration::from_millis(20));
             waited += std::time::Duration::from_millis(20);
         }
-        // From here on the guard in Staging releases the reservation, whatever happens.
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let dir = self.root.join(STAGING).join(format!("{name}@{version}.{}.{n}", std::process::id()));
-        let mut staging = Staging {
-            store: Arc::clone(self),
-            name: name.to_owned(),
-            version,
-            dir,
-            entries: manifest.entries().to_vec(),
-            files: Vec::new(),
-            done: false,
-            plan: manifest.encode_plan(),
-            cancel,
-            journal: None,
-            pending: Vec::new(),
-            durable: 0,
-            writer: None,
-            resumed: Vec::new(),
-            keep_current: false,
-        };
-        // Look again now that this session holds the version: the session it superseded may
-        // have published it while this one waited (its reservation goes only after publish).
-        // A version that has its manifest is never removed.
-        if self.exists(name, version) {
-            return Err(StoreError::VersionExists { name: name.into(), version });
-        }
-        // A version directory without its manifest is a leftover of a crash during publish.
-        let leftover = self.root.join(name).join(version.to_string());
-        if leftover.exists() {
-            fs::remove_dir_all(&leftover)
-                .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
-        }
+    }
+
+    /// With `resume`, takes over the partial staging of the same version and the same files
+    /// (returns true); a partial that does not match is removed (returns false).
+    fn take_over_partial(&self, staging: &mut Staging, manifest: &Manifest, resume: bool) -> Result<bool, StoreError> {
+        let (name, version) = (staging.name.clone(), staging.version);
         let partial = self.root.join(PARTIAL).join(format!("{name}@{version}"));
-        let partials = self.partials.lock().expect("store lock");
-        if partial.exists() {
-            let plan = manifest.encode_plan();
-            match journal_records(&partial.join(JOURNAL)) {
-                Some((header, records)) if resume && header == plan && fs::rename(&partial, &staging.dir).is_ok() => {
-                    sync_parents(&[&self.root.join(PARTIAL), &self.root.join(STAGING)]);
-                    staging.open_existing()?;
-                    // The journal says which chunks were written and synced, but after a power
-                    // loss a file can come back short or as zeros (its directory entry or its
-                    // blocks were not durable): a chunk counts as held only when its bytes
-                    // still hash to the journaled digest.
-                    let journaled = records.len();
-                    let records = staging.rehash(records, manifest.chunk_size());
-                    if records.len() < journaled {
-                        tracing::warn!(
-                            name,
-                            version,
-                            bad = journaled - records.len(),
-                            "journaled chunks whose bytes no longer match their digest are received again"
-                        );
-                    }
-                    tracing::info!(name, version, chunks = records.len(), "resuming a partial staging");
-                    let cs = u64::from(manifest.chunk_size());
-                    let bytes: u64 = records
-                        .iter()
-                        .filter_map(|&(e, c, _)| {
-                            staging.entries.get(e as usize).map(|e| e.size.saturating_sub(c * cs).min(cs))
-                        })
-                        .sum();
-                    staging.cancel.done.store(bytes, Ordering::Relaxed);
-                    staging.resumed = records;
-                    drop(partials);
-                    return Ok(staging);
+        let _partials = self.partials.lock().expect("store lock");
+        if !partial.exists() {
+            return Ok(false);
+        }
+        let plan = manifest.encode_plan();
+        match journal_records(&partial.join(JOURNAL)) {
+            Some((header, records)) if resume && header == plan && fs::rename(&partial, &staging.dir).is_ok() => {
+                sync_parents(&[&self.root.join(PARTIAL), &self.root.join(STAGING)]);
+                staging.open_existing()?;
+                // The journal says which chunks were written and synced, but after a power
+                // loss a file can come back short or as zeros (its directory entry or its
+                // blocks were not durable): a chunk counts as held only when its bytes
+                // still hash to the journaled digest.
+                let journaled = records.len();
+                let records = staging.rehash(records, manifest.chunk_size());
+                if records.len() < journaled {
+                    tracing::warn!(
+                        name,
+                        version,
+                        bad = journaled - records.len(),
+                        "journaled chunks whose bytes no longer match their digest are received again"
+                    );
                 }
-                _ => {
-                    let _ = fs::remove_dir_all(&partial);
-                }
+                tracing::info!(name, version, chunks = records.len(), "resuming a partial staging");
+                let cs = u64::from(manifest.chunk_size());
+                let bytes: u64 = records
+                    .iter()
+                    .filter_map(|&(e, c, _)| {
+                        staging.entries.get(e as usize).map(|e| e.size.saturating_sub(c * cs).min(cs))
+                    })
+                    .sum();
+                staging.cancel.done.store(bytes, Ordering::Relaxed);
+                staging.resumed = records;
+                Ok(true)
+            }
+            _ => {
+                let _ = fs::remove_dir_all(&partial);
+                Ok(false)
             }
         }
-        drop(partials);
-        staging.create()?;
-        Ok(staging)
     }
 }
 

@@ -52,6 +52,34 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// A staging that holds the reservation `cancel` and has no directory yet.
+    pub(super) fn new(
+        store: Arc<Store>,
+        name: &str,
+        version: u64,
+        dir: PathBuf,
+        manifest: &Manifest,
+        cancel: Arc<Receiving>,
+    ) -> Self {
+        Self {
+            store,
+            name: name.to_owned(),
+            version,
+            dir,
+            entries: manifest.entries().to_vec(),
+            files: Vec::new(),
+            done: false,
+            plan: manifest.encode_plan(),
+            cancel,
+            journal: None,
+            pending: Vec::new(),
+            durable: 0,
+            writer: None,
+            resumed: Vec::new(),
+            keep_current: false,
+        }
+    }
+
     pub(super) fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
