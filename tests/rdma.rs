@@ -204,3 +204,110 @@ fn walk_sizes(dir: &Path) -> u64 {
 }
 
 use std::os::unix::fs::MetadataExt;
+
+/// A cluster key file (mode 0600, as `--key-file` requires).
+fn key_file(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("cluster.key");
+    std::fs::write(&p, "rdma-hops-carry-macs-too-0123456789abcdef").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A keyed replica on the rxe device that logs at debug level (where it says "peer
+/// authenticated").
+fn serve_keyed(r: &Rxe, root: &Path, key: &Path, extra: &[&str]) -> Server {
+    let mut cmd = shardcast();
+    cmd.args(["serve", "--listen", &format!("{}:0", r.ip), "--root"])
+        .arg(root)
+        .args(["--rdma-device", &r.dev, "--gid-index", &r.gid, "--key-file"])
+        .arg(key)
+        .args(extra)
+        .env("SHARDCAST_LOG", "shardcast=debug");
+    Server::start_with(cmd, root)
+}
+
+/// Issue 14: a keyed push down a chain of two over RDMA. Both hops authenticate with the
+/// cluster key and move chunks by RDMA WRITE, each chunk's frame MAC written into the slot after
+/// its payload (files of exactly the chunk size need the slot's room for it); both replicas
+/// publish the source's bytes.
+#[test]
+fn rdma_keyed_chain_of_two_publishes_identical_bytes() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let key = key_file(t.path());
+    let src = t.path().join("src");
+    tree(&src, &[0, 1, MIB - 1, MIB, 3 * MIB, 2 * MIB + 333], 50);
+    let a = serve_keyed(&r, &t.path().join("r0"), &key, &[]);
+    let b = serve_keyed(&r, &t.path().join("r1"), &key, &[]);
+    let k = key.to_str().unwrap();
+    let mut cmd =
+        push(&r, &src, &[&a, &b], "keyed", 1, &["--transport", "rdma", "--chunk-size", "1M", "--key-file", k]);
+    let out = finish(&mut cmd, Duration::from_secs(120), &[&a, &b]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&[&a, &b]));
+    for s in [&a, &b] {
+        published(s, &src, "keyed", 1);
+        let log = s.log();
+        assert!(log.contains("peer authenticated"), "{} did not authenticate its upstream\n{log}", s.addr());
+        assert!(log.contains("hop transport: rdma (receiving)"), "a hop into {} was not RDMA\n{log}", s.addr());
+    }
+
+    // The same replicas refuse a push without the key: the chain above really was keyed.
+    let mut cmd = push(&r, &src, &[&a, &b], "keyed", 2, &["--transport", "rdma", "--chunk-size", "1M"]);
+    cmd.env_remove("SHARDCAST_KEY_FILE");
+    let out = finish(&mut cmd, Duration::from_secs(60), &[&a, &b]);
+    assert_ne!(code(&out), 0, "{}", show_output(&out));
+    assert!(!a.root().join("keyed/2").exists() && !b.root().join("keyed/2").exists(), "an unkeyed push published");
+}
+
+/// Issue 14, "Also": RDMA hops are not encrypted, so `--encrypt` never travels over RDMA.
+/// `--encrypt --transport rdma` is refused before any connection (a usage error that says what
+/// to do), and `--encrypt` under `auto` (with soft-RoCE allowed, where the same push without
+/// `--encrypt` takes RDMA on both hops) moves every hop over TCP: never plaintext over RDMA.
+#[test]
+fn rdma_with_encrypt_is_refused_or_goes_over_tcp_never_plaintext() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let key = key_file(t.path());
+    let k = key.to_str().unwrap();
+    let src = t.path().join("src");
+    tree(&src, &[2 * MIB + 5, MIB], 60);
+    let a = serve_keyed(&r, &t.path().join("r0"), &key, &["--rdma-allow-soft"]);
+    let b = serve_keyed(&r, &t.path().join("r1"), &key, &["--rdma-allow-soft"]);
+    let servers = [&a, &b];
+
+    let mut cmd = push(
+        &r,
+        &src,
+        &servers,
+        "enc",
+        1,
+        &["--transport", "rdma", "--encrypt", "--chunk-size", "1M", "--key-file", k],
+    );
+    let out = finish(&mut cmd, Duration::from_secs(60), &servers);
+    assert_eq!(code(&out), 2, "not a usage error\n{}", show_output(&out));
+    assert!(all_output(&out).contains("--encrypt covers TCP hops only"), "{}", show_output(&out));
+    for s in servers {
+        assert!(!s.root().join("enc").exists(), "a refused push reached {}", s.addr());
+        assert!(!s.log().contains("peer authenticated"), "the refused push connected to {}\n{}", s.addr(), s.log());
+    }
+
+    let auto = ["--transport", "auto", "--rdma-allow-soft", "--chunk-size", "1M", "--key-file", k];
+    let mut cmd = push(&r, &src, &servers, "enc", 2, &auto);
+    cmd.arg("--encrypt");
+    let out = finish(&mut cmd, Duration::from_secs(120), &servers);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&servers));
+    for s in servers {
+        published(s, &src, "enc", 2);
+        assert!(!s.log().contains("hop transport: rdma"), "an encrypted push used RDMA into {}\n{}", s.addr(), s.log());
+    }
+
+    // The control: the same push without --encrypt takes RDMA on both hops.
+    let mut cmd = push(&r, &src, &servers, "enc", 3, &auto);
+    let out = finish(&mut cmd, Duration::from_secs(120), &servers);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&servers));
+    for s in servers {
+        published(s, &src, "enc", 3);
+        assert!(s.log().contains("hop transport: rdma (receiving)"), "{}", s.log());
+    }
+}
