@@ -8,8 +8,14 @@
 # serve process over the push (wait4 and /proc), divided by GiB moved. The guest runs under TCG,
 # so only the ratios within one run mean anything (see BENCHMARKS.md).
 #
+# OLD_BIN=path (another build of shardcast, e.g. an older commit's target/release/shardcast) adds
+# the case `rdma-old`: the same RDMA push with that binary, to a `serve` of that binary, in the
+# same rounds as `rdma`, the two alternating which goes first; the table then gives both and the
+# ratio new/old (medians, and the median of the per-round ratios). Unset: the table as before.
+#
 #   SIZE=256M REPS=3 MSG=4M ./scripts/bench-rdma.sh        # the BENCHMARKS.md run
 #   SIZE=64M REPS=1 ./scripts/bench-rdma.sh                # the short one .ci/run prints
+#   SIZE=256M REPS=5 MSG=4M OLD_BIN=../old/target/release/shardcast ./scripts/bench-rdma.sh
 #
 # Prints a markdown table; saves it under results/bench-rdma-<date>.md. Exit 4 when the guest
 # cannot start (as rxe-vm.sh).
@@ -18,6 +24,12 @@ cd "$(dirname "$0")/.."
 SIZE=${SIZE:-256M}
 REPS=${REPS:-3}
 MSG=${MSG:-4M}
+OLD_BIN=${OLD_BIN:-}
+if [[ -n "$OLD_BIN" ]]; then
+    # The guest sees the host's tree at the same paths: an absolute path works there too.
+    OLD_BIN=$(realpath "$OLD_BIN")
+    [[ -x "$OLD_BIN" ]] || { echo "bench-rdma: OLD_BIN=$OLD_BIN is not an executable" >&2; exit 2; }
+fi
 
 cargo build --release >/dev/null
 mkdir -p results
@@ -29,7 +41,9 @@ cat >"$job" <<'PY'
 import json, os, re, shutil, statistics, subprocess, sys, tempfile, time
 
 E = os.environ
-BIN = os.path.abspath("target/release/shardcast")
+BINS = {"new": os.path.abspath("target/release/shardcast")}
+if E.get("B_OLD_BIN"):
+    BINS["old"] = E["B_OLD_BIN"]
 def size(s):
     m = re.fullmatch(r"(\d+)([KMG]?)", s)
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
@@ -47,27 +61,33 @@ def cpu(pid):
         rest = f.read().rsplit(")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
-root = os.path.join(work, "root")
-serve = subprocess.Popen([BIN, "serve", "--listen", f"{IP}:7391", "--root", root, "--keep", "1",
-                          "--rdma-device", DEV, "--gid-index", GID],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-# serve may log other lines first (the INSECURE warning of a key-less replica beyond loopback).
-line = serve.stderr.readline()
-while line and "listening on" not in line:
+# One replica per binary (a push goes to the serve of its own binary: both ends of the hop).
+serves, ports, roots = {}, {}, {}
+for i, (which, bin_) in enumerate(BINS.items()):
+    ports[which] = 7391 + i
+    roots[which] = os.path.join(work, "root-" + which)
+    serve = subprocess.Popen([bin_, "serve", "--listen", f"{IP}:{ports[which]}", "--root", roots[which],
+                              "--keep", "1", "--rdma-device", DEV, "--gid-index", GID],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # serve may log other lines first (the INSECURE warning of a key-less replica beyond loopback).
     line = serve.stderr.readline()
-assert "listening on" in line, "serve exited before listening"
+    while line and "listening on" not in line:
+        line = serve.stderr.readline()
+    assert "listening on" in line, f"serve ({which}) exited before listening"
+    serves[which] = serve
 
-def push(transport, v):
+def push(transport, v, which="new"):
+    serve, bin_ = serves[which], BINS[which]
     c0 = cpu(serve.pid)
     t0 = time.monotonic()
-    p = subprocess.Popen([BIN, "push", src, "--name", "b", "--version", str(v), "--to", f"{IP}:7391",
+    p = subprocess.Popen([bin_, "push", src, "--name", "b", "--version", str(v), "--to", f"{IP}:{ports[which]}",
                           "--transport", transport, "--chunk-size", str(MSG), "--json",
                           "--rdma-device", PDEV, "--gid-index", PGID], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
     out = p.stdout.read().decode()
     if status != 0:
-        sys.exit(f"push --transport {transport} failed: {out}\n{p.stderr.read().decode()}")
+        sys.exit(f"push --transport {transport} ({which}) failed: {out}\n{p.stderr.read().decode()}")
     rep = json.loads(out)
     c1 = cpu(serve.pid)
     return {"s": rep["seconds"], "cpu_push": ru.ru_utime + ru.ru_stime, "cpu_serve": c1 - c0}
@@ -90,18 +110,28 @@ def ib_write_bw():
             return float(f[3])   # BW average [Gb/sec]
     sys.exit("ib_write_bw printed no result:\n" + cli.stdout + cli.stderr)
 
-rows = {"ib_write_bw": [], "rdma": [], "tcp": []}
+# (case, transport, binary); with an old binary its RDMA push alternates with the new one's
+# which goes first, round by round.
+cases = [("rdma", "rdma", "new"), ("tcp", "tcp", "new")]
+if "old" in BINS:
+    cases.insert(1, ("rdma-old", "rdma", "old"))
+rows = {"ib_write_bw": [], **{c: [] for c, _, _ in cases}}
 v = 0
 for r in range(REPS):
     rows["ib_write_bw"].append({"gbps": ib_write_bw()})
-    for t in ("rdma", "tcp"):
+    order = list(cases)
+    if "old" in BINS and r % 2 == 1:
+        order[0], order[1] = order[1], order[0]
+    for c, t, which in order:
         v += 1
-        x = push(t, v)
+        x = push(t, v, which)
         x["gbps"] = SIZE * 8 / x["s"] / 1e9
-        rows[t].append(x)
-        shutil.rmtree(os.path.join(root, "b"), ignore_errors=True)
-    print(f"rep {r+1}: ib_write_bw {rows['ib_write_bw'][-1]['gbps']:.3f} Gb/s, rdma {rows['rdma'][-1]['gbps']:.3f}, tcp {rows['tcp'][-1]['gbps']:.3f}", file=sys.stderr, flush=True)
-serve.terminate()
+        rows[c].append(x)
+        shutil.rmtree(os.path.join(roots[which], "b"), ignore_errors=True)
+    done = ", ".join(f"{c} {rows[c][-1]['gbps']:.3f}" for c, _, _ in order)
+    print(f"rep {r+1}: ib_write_bw {rows['ib_write_bw'][-1]['gbps']:.3f} Gb/s, {done}", file=sys.stderr, flush=True)
+for s in serves.values():
+    s.terminate()
 med = lambda xs: statistics.median(xs)
 gib = SIZE / (1 << 30)
 ib = med([x["gbps"] for x in rows["ib_write_bw"]])
@@ -109,25 +139,38 @@ print(f"| case | median Gb/s | min | max | ratio to ib_write_bw | CPU s/GiB push
 print(f"| --- | --- | --- | --- | --- | --- | --- |")
 g = [x["gbps"] for x in rows["ib_write_bw"]]
 print(f"| ib_write_bw {MSG} B × {max(SIZE // MSG, 20)} | {ib:.3f} | {min(g):.3f} | {max(g):.3f} | 1.00 | | |")
-for t in ("rdma", "tcp"):
-    g = [x["gbps"] for x in rows[t]]
-    cp = med([x["cpu_push"] for x in rows[t]]) / gib
-    cs = med([x["cpu_serve"] for x in rows[t]]) / gib
-    print(f"| shardcast --transport {t}, {SIZE >> 20} MiB, {MSG >> 20} MiB chunks | {med(g):.3f} | {min(g):.3f} | {max(g):.3f} | {med(g)/ib:.2f} | {cp:.2f} | {cs:.2f} |")
+for c, t, which in cases:
+    g = [x["gbps"] for x in rows[c]]
+    cp = med([x["cpu_push"] for x in rows[c]]) / gib
+    cs = med([x["cpu_serve"] for x in rows[c]]) / gib
+    label = f"shardcast --transport {t}" + (" (OLD_BIN)" if which == "old" else "")
+    print(f"| {label}, {SIZE >> 20} MiB, {MSG >> 20} MiB chunks | {med(g):.3f} | {min(g):.3f} | {max(g):.3f} | {med(g)/ib:.2f} | {cp:.2f} | {cs:.2f} |")
+if "old" in BINS:
+    new = [x["gbps"] for x in rows["rdma"]]
+    old = [x["gbps"] for x in rows["rdma-old"]]
+    per_round = [a / b for a, b in zip(new, old)]
+    print()
+    print(f"RDMA hop, new/old throughput: {med(new) / med(old):.3f} (ratio of medians); "
+          f"per round {', '.join(f'{q:.3f}' for q in per_round)} (median {med(per_round):.3f}); "
+          f"old = {BINS['old']}")
 shutil.rmtree(work, ignore_errors=True)
 PY
-echo "bench-rdma: SIZE=$SIZE REPS=$REPS MSG=$MSG (guest under TCG: compare within this table only)" >&2
+echo "bench-rdma: SIZE=$SIZE REPS=$REPS MSG=$MSG${OLD_BIN:+ OLD_BIN=$OLD_BIN} (guest under TCG: compare within this table only)" >&2
 rc=0
-B_SIZE=$SIZE B_REPS=$REPS B_MSG=$MSG RXEVM_PASS_ENV="B_SIZE B_REPS B_MSG" \
+B_SIZE=$SIZE B_REPS=$REPS B_MSG=$MSG B_OLD_BIN=$OLD_BIN RXEVM_PASS_ENV="B_SIZE B_REPS B_MSG B_OLD_BIN" \
     scripts/rxe-vm.sh --timeout 900 --mem 4096 -- python3 "$job" | tee "$out.tmp" || rc=$?
 if [[ $rc -ne 0 ]]; then
     rm -f "$out.tmp"
     exit "$rc"
 fi
 {
-    echo "command: \`SIZE=$SIZE REPS=$REPS MSG=$MSG ./scripts/bench-rdma.sh\` ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD))"
+    echo "command: \`SIZE=$SIZE REPS=$REPS MSG=$MSG${OLD_BIN:+ OLD_BIN=$OLD_BIN} ./scripts/bench-rdma.sh\` ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD))"
     echo
     grep '^|' "$out.tmp"
+    if grep -q '^RDMA hop, new/old' "$out.tmp"; then
+        echo
+        grep '^RDMA hop, new/old' "$out.tmp"
+    fi
 } >"$out"
 rm -f "$out.tmp"
 echo "saved $out" >&2

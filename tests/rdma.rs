@@ -204,3 +204,217 @@ fn walk_sizes(dir: &Path) -> u64 {
 }
 
 use std::os::unix::fs::MetadataExt;
+
+/// A cluster key file (mode 0600, as `--key-file` requires).
+fn key_file(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("cluster.key");
+    std::fs::write(&p, "rdma-hops-carry-macs-too-0123456789abcdef").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A keyed replica on the rxe device that logs at debug level (where it says "peer
+/// authenticated").
+fn serve_keyed(r: &Rxe, root: &Path, key: &Path, extra: &[&str]) -> Server {
+    let mut cmd = shardcast();
+    cmd.args(["serve", "--listen", &format!("{}:0", r.ip), "--root"])
+        .arg(root)
+        .args(["--rdma-device", &r.dev, "--gid-index", &r.gid, "--key-file"])
+        .arg(key)
+        .args(extra)
+        .env("SHARDCAST_LOG", "shardcast=debug");
+    Server::start_with(cmd, root)
+}
+
+/// Issue 14: a keyed push down a chain of two over RDMA. Both hops authenticate with the
+/// cluster key and move chunks by RDMA WRITE, each chunk's frame MAC written into the slot after
+/// its payload (files of exactly the chunk size need the slot's room for it); both replicas
+/// publish the source's bytes.
+#[test]
+fn rdma_keyed_chain_of_two_publishes_identical_bytes() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let key = key_file(t.path());
+    let src = t.path().join("src");
+    tree(&src, &[0, 1, MIB - 1, MIB, 3 * MIB, 2 * MIB + 333], 50);
+    let a = serve_keyed(&r, &t.path().join("r0"), &key, &[]);
+    let b = serve_keyed(&r, &t.path().join("r1"), &key, &[]);
+    let k = key.to_str().unwrap();
+    let mut cmd =
+        push(&r, &src, &[&a, &b], "keyed", 1, &["--transport", "rdma", "--chunk-size", "1M", "--key-file", k]);
+    let out = finish(&mut cmd, Duration::from_secs(120), &[&a, &b]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&[&a, &b]));
+    for s in [&a, &b] {
+        published(s, &src, "keyed", 1);
+        let log = s.log();
+        assert!(log.contains("peer authenticated"), "{} did not authenticate its upstream\n{log}", s.addr());
+        assert!(log.contains("hop transport: rdma (receiving)"), "a hop into {} was not RDMA\n{log}", s.addr());
+    }
+
+    // The same replicas refuse a push without the key: the chain above really was keyed.
+    let mut cmd = push(&r, &src, &[&a, &b], "keyed", 2, &["--transport", "rdma", "--chunk-size", "1M"]);
+    cmd.env_remove("SHARDCAST_KEY_FILE");
+    let out = finish(&mut cmd, Duration::from_secs(60), &[&a, &b]);
+    assert_ne!(code(&out), 0, "{}", show_output(&out));
+    assert!(!a.root().join("keyed/2").exists() && !b.root().join("keyed/2").exists(), "an unkeyed push published");
+}
+
+/// Issue 14, "Also": RDMA hops are not encrypted, so `--encrypt` never travels over RDMA.
+/// `--encrypt --transport rdma` is refused before any connection (a usage error that says what
+/// to do), and `--encrypt` under `auto` (with soft-RoCE allowed, where the same push without
+/// `--encrypt` takes RDMA on both hops) moves every hop over TCP: never plaintext over RDMA.
+#[test]
+fn rdma_with_encrypt_is_refused_or_goes_over_tcp_never_plaintext() {
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let key = key_file(t.path());
+    let k = key.to_str().unwrap();
+    let src = t.path().join("src");
+    tree(&src, &[2 * MIB + 5, MIB], 60);
+    let a = serve_keyed(&r, &t.path().join("r0"), &key, &["--rdma-allow-soft"]);
+    let b = serve_keyed(&r, &t.path().join("r1"), &key, &["--rdma-allow-soft"]);
+    let servers = [&a, &b];
+
+    let mut cmd = push(
+        &r,
+        &src,
+        &servers,
+        "enc",
+        1,
+        &["--transport", "rdma", "--encrypt", "--chunk-size", "1M", "--key-file", k],
+    );
+    let out = finish(&mut cmd, Duration::from_secs(60), &servers);
+    assert_eq!(code(&out), 2, "not a usage error\n{}", show_output(&out));
+    assert!(all_output(&out).contains("--encrypt covers TCP hops only"), "{}", show_output(&out));
+    for s in servers {
+        assert!(!s.root().join("enc").exists(), "a refused push reached {}", s.addr());
+        assert!(!s.log().contains("peer authenticated"), "the refused push connected to {}\n{}", s.addr(), s.log());
+    }
+
+    let auto = ["--transport", "auto", "--rdma-allow-soft", "--chunk-size", "1M", "--key-file", k];
+    let mut cmd = push(&r, &src, &servers, "enc", 2, &auto);
+    cmd.arg("--encrypt");
+    let out = finish(&mut cmd, Duration::from_secs(120), &servers);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&servers));
+    for s in servers {
+        published(s, &src, "enc", 2);
+        assert!(!s.log().contains("hop transport: rdma"), "an encrypted push used RDMA into {}\n{}", s.addr(), s.log());
+    }
+
+    // The control: the same push without --encrypt takes RDMA on both hops.
+    let mut cmd = push(&r, &src, &servers, "enc", 3, &auto);
+    let out = finish(&mut cmd, Duration::from_secs(120), &servers);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), logs(&servers));
+    for s in servers {
+        published(s, &src, "enc", 3);
+        assert!(s.log().contains("hop transport: rdma (receiving)"), "{}", s.log());
+    }
+}
+
+/// Issue 14.3: the sending end of a hop grants its peer nothing. A fake replica answers the
+/// push's HELLO, takes its RDMA offer, connects a queue pair to the push's and, once the push
+/// says its side is connected, RDMA-WRITEs into the push's pool with the key and address the
+/// offer advertised: the push's queue pair refuses the operation itself (it grants no remote
+/// write access: a remote invalid request error, before any key is looked at). Before the fix
+/// the sender's whole pool was registered with remote write access and its key and address
+/// sent downstream, and the write landed in the sender's slots.
+#[cfg(feature = "rdma")]
+#[test]
+fn rdma_a_peer_cannot_write_into_the_senders_pool() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+
+    use shardcast::rdma::{Access, Endpoint, PeerInfo};
+    use shardcast::wire::{self, Kind, TransportMsg};
+
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let src = t.path().join("src");
+    tree(&src, &[4 * MIB], 70);
+    let l = std::net::TcpListener::bind(format!("{}:0", r.ip)).unwrap();
+    let to = l.local_addr().unwrap().to_string();
+    let mut cmd = shardcast();
+    cmd.arg("push")
+        .arg(&src)
+        .args(["--name", "x", "--version", "1", "--to", &to, "--transport", "rdma", "--chunk-size", "1M"])
+        .args(["--rdma-device", &r.peer_dev, "--gid-index", &r.peer_gid])
+        .env("SHARDCAST_LOG", "shardcast=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _push = Kill(child);
+
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(wire::read_frame(&mut s).unwrap().header.kind, Kind::Hello);
+    wire::write_frame(&mut s, Kind::Accept, 0, &[]).unwrap();
+    let offer = wire::read_frame(&mut s).unwrap();
+    assert_eq!(offer.header.kind, Kind::Transport);
+    let TransportMsg::Rdma { qpn, psn, gid, mtu, rkey, addr, .. } = TransportMsg::decode(&offer.payload).unwrap()
+    else {
+        panic!("the push offered TCP: {offer:?}")
+    };
+
+    // The fake's own registered memory (declared before the endpoint: dropped after it).
+    let mut mem = vec![0x5au8; MIB as usize];
+    let gid_index: u8 = r.gid.parse().unwrap();
+    // SAFETY: `mem` outlives `ep` (dropped after it) and is never reallocated.
+    let mut ep = unsafe { Endpoint::open(&r.dev, 1, gid_index, mem.as_mut_ptr(), mem.len(), 16, Access::RemoteWrite) }
+        .expect("open the fake replica's endpoint");
+    ep.connect(&PeerInfo { qpn, psn, gid, mtu, rkey, addr }).expect("connect to the push's queue pair");
+    let l = ep.local();
+    let answer = TransportMsg::Rdma {
+        device: r.dev.clone(),
+        qpn: l.qpn,
+        psn: l.psn,
+        gid: l.gid,
+        mtu: l.mtu,
+        rkey: l.rkey,
+        addr: l.addr,
+        slot_size: MIB as u32,
+        credits: Vec::new(),
+    };
+    wire::write_frame(&mut s, Kind::Transport, 0, &answer.encode()).unwrap();
+    // The push logs "hop transport: rdma" once its queue pair is connected to ours.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("hop transport: rdma") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the push never connected its RDMA side ({e})"),
+        }
+    }
+
+    // SAFETY: the source lies in `mem`, which is registered and not written while in flight.
+    unsafe { ep.post_write(7, mem.as_ptr(), 4096, addr, rkey, None) }.expect("post the RDMA WRITE");
+    let mut done = Vec::new();
+    while done.is_empty() {
+        assert!(Instant::now() < deadline, "the RDMA WRITE into the push's pool never completed");
+        ep.poll(&mut done).expect("poll");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(done[0].wr_id, 7);
+    // IBV_WC_REM_INV_REQ_ERR (9): the responder's queue pair does not allow RDMA WRITE.
+    match done[0].status {
+        Ok(()) => panic!("a write with the offer's key (0x{rkey:x}) landed in the sender's pool at 0x{addr:x}"),
+        Err(e) => assert_eq!(e.0, 9, "expected the push's queue pair to refuse remote writes, got {e}"),
+    }
+}

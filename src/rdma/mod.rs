@@ -30,7 +30,7 @@ use crate::error::{ErrorKind, NodeError};
 use crate::pool::{Pool, SlotId};
 use crate::transport::Transport;
 use crate::wire::{self, Kind, TransportMsg};
-pub use verbs::{Endpoint, PeerInfo, VerbsError, WorkCompletion};
+pub use verbs::{Access, Endpoint, PeerInfo, VerbsError, WorkCompletion};
 
 /// Explicit device choices (`--rdma-device`, `--gid-index`); found automatically when unset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -155,7 +155,7 @@ fn depth_for(pool: &Pool) -> u32 {
     (pool.slots() as u32 + 8).max(16)
 }
 
-fn open_endpoint(c: &Chosen, pool: &Pool) -> Result<Endpoint, String> {
+fn open_endpoint(c: &Chosen, pool: &Pool, access: Access) -> Result<Endpoint, String> {
     // Before registration pins the pages: move them next to the NIC.
     // SAFETY: the pool is mapped and idle (negotiation happens before the session's first I/O).
     match unsafe { crate::numa::place_for_device(pool.base(), pool.len(), &c.device) } {
@@ -164,7 +164,7 @@ fn open_endpoint(c: &Chosen, pool: &Pool) -> Result<Endpoint, String> {
     }
     // SAFETY: the session keeps the pool mapped for as long as the endpoint lives (it drops its
     // endpoints before it returns or frees the pool), and the pool is never remapped.
-    unsafe { Endpoint::open(&c.device, c.port, c.gid_index, pool.base(), pool.len(), depth_for(pool)) }
+    unsafe { Endpoint::open(&c.device, c.port, c.gid_index, pool.base(), pool.len(), depth_for(pool), access) }
         .map_err(|e| e.to_string())
 }
 
@@ -257,7 +257,8 @@ pub fn offer(
         let node = node.to_owned();
         move |e: NodeError| (node, e)
     };
-    let mine = usable(policy, cfg, local_ip(stream).map_err(at(me))?).and_then(|c| open_endpoint(&c, pool));
+    let mine =
+        usable(policy, cfg, local_ip(stream).map_err(at(me))?).and_then(|c| open_endpoint(&c, pool, Access::SendOnly));
     let (ep, offer) = match mine {
         Ok(ep) => {
             let m = msg_of(&ep, pool.slot_size() as u32, Vec::new());
@@ -324,7 +325,7 @@ pub fn answer(
             .map_err(|e| NodeError::io(format!("{peer}: answering the transport offer"), &e))?;
         return Ok(None);
     };
-    let mine = usable(policy, cfg, local_ip(stream)?).and_then(|c| open_endpoint(&c, pool));
+    let mine = usable(policy, cfg, local_ip(stream)?).and_then(|c| open_endpoint(&c, pool, Access::RemoteWrite));
     let mut ep = match mine {
         Ok(ep) => ep,
         Err(reason) => {

@@ -31,3 +31,14 @@ pub struct WorkCompletion {
 /// A work completion's error status (`ibv_wc_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WcError(pub u32);
+
+/// What an endpoint lets its peer do to the memory it registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The sending end of a hop: its pool is only read, by its own NIC, for the RDMA WRITEs it
+    /// posts. The region and the queue pair grant no remote access, and the endpoint advertises
+    /// no key or address (both 0): a downstream peer cannot write into the sender's slots.
+    SendOnly,
+    /// The receiving end: the peer RDMA-WRITEs chunks into the slots it is granted.
+    RemoteWrite,
+}

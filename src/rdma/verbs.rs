@@ -10,8 +10,9 @@
 //! name, so the linker (`--as-needed`) drops the library that rdma-sys's build script asks for.
 //!
 //! Everything else sees [`Endpoint`]: one side of a reliable-connected (RC) queue pair with its
-//! device context, protection domain, the buffer pool registered once as a memory region, and a
-//! completion queue whose event channel is a pollable descriptor. Resources are freed in `Drop`
+//! device context, protection domain, the buffer pool registered once as a memory region (with
+//! remote write access only on the receiving end: [`Access`]), and a completion queue whose event
+//! channel is a pollable descriptor. Resources are freed in `Drop`
 //! in the reverse order of creation (the struct's field order), and every failure names the verb
 //! and the step, e.g. `ibv_modify_qp INIT->RTR on rxe_v0: Invalid argument (gid index 1)`.
 //!
@@ -27,7 +28,7 @@ use std::sync::OnceLock;
 
 use rdma_sys as ffi;
 
-pub use super::types::{PeerInfo, WcError, WorkCompletion};
+pub use super::types::{Access, PeerInfo, WcError, WorkCompletion};
 
 /// The library loaded at run time, by its SONAME (the ABI shardcast was built against).
 const LIBIBVERBS: &str = "libibverbs.so.1";
@@ -336,7 +337,22 @@ pub struct Endpoint {
     device: String,
     port: u8,
     gid_index: u8,
+    access: Access,
     local: PeerInfo,
+}
+
+impl Access {
+    /// The region's and the queue pair's access flags. The sending end needs none beyond the
+    /// local read every region has: its NIC reads the frames it writes out, and nothing is ever
+    /// written into its pool by the NIC (no receive buffers, no RDMA READ).
+    fn flags(self) -> u32 {
+        match self {
+            Access::SendOnly => 0,
+            Access::RemoteWrite => {
+                ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            }
+        }
+    }
 }
 
 // SAFETY: the endpoint's verbs objects are used from one thread at a time (it moves between
@@ -349,15 +365,16 @@ impl fmt::Debug for Endpoint {
             .field("device", &self.device)
             .field("port", &self.port)
             .field("gid_index", &self.gid_index)
+            .field("access", &self.access)
             .field("local", &self.local)
             .finish()
     }
 }
 
 impl Endpoint {
-    /// Opens `device`, registers `len` bytes at `base` (the pool) for local and remote writes,
-    /// and creates an RC queue pair with room for `depth` outstanding sends and receives, moved
-    /// to INIT.
+    /// Opens `device`, registers `len` bytes at `base` (the pool) with `access` (remote writes
+    /// only for [`Access::RemoteWrite`]), and creates an RC queue pair with room for `depth`
+    /// outstanding sends and receives, moved to INIT with the same access.
     ///
     /// # Safety
     /// `base..base+len` must stay mapped (and not be unmapped or remapped) for the life of the
@@ -369,6 +386,7 @@ impl Endpoint {
         base: *mut u8,
         len: usize,
         depth: u32,
+        access: Access,
     ) -> Result<Self, VerbsError> {
         let ctx = Context::open(device)?;
         let v = ctx.v;
@@ -378,9 +396,8 @@ impl Endpoint {
             return Err(VerbsError::last("ibv_alloc_pd", device.to_owned()));
         }
         let pd = Pd(v, pd);
-        let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
         // SAFETY: the caller keeps the range mapped for the endpoint's life; pd is live.
-        let mr = unsafe { (v.ibv_reg_mr)(pd.1, base.cast::<c_void>(), len, access as c_int) };
+        let mr = unsafe { (v.ibv_reg_mr)(pd.1, base.cast::<c_void>(), len, access.flags() as c_int) };
         if mr.is_null() {
             return Err(VerbsError::last("ibv_reg_mr", format!("registering the {} MiB pool on {device}", len >> 20)));
         }
@@ -443,8 +460,15 @@ impl Endpoint {
         // SAFETY: qp and mr are live.
         let (qpn, rkey) = unsafe { ((*qp.1).qp_num, (*mr.1).rkey) };
         let psn = psn_for(qpn);
-        let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, rkey, addr: base as u64 };
-        let ep = Self { qp, cq, channel, mr, _pd: pd, _ctx: ctx, device: device.to_owned(), port, gid_index, local };
+        // A send-only region's key grants nothing remotely: it is not advertised, nor is the
+        // pool's address.
+        let (rkey, addr) = match access {
+            Access::SendOnly => (0, 0),
+            Access::RemoteWrite => (rkey, base as u64),
+        };
+        let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, rkey, addr };
+        let ep =
+            Self { qp, cq, channel, mr, _pd: pd, _ctx: ctx, device: device.to_owned(), port, gid_index, access, local };
         ep.to_init()?;
         ep.arm()?;
         Ok(ep)
@@ -483,8 +507,7 @@ impl Endpoint {
         a.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = self.port;
-        a.qp_access_flags =
-            ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        a.qp_access_flags = self.access.flags();
         let mask = m::IBV_QP_STATE.0 | m::IBV_QP_PKEY_INDEX.0 | m::IBV_QP_PORT.0 | m::IBV_QP_ACCESS_FLAGS.0;
         self.modify(&mut a, mask, "RESET->INIT")
     }
@@ -558,21 +581,45 @@ impl Endpoint {
         rkey: u32,
         imm: u32,
     ) -> Result<(), VerbsError> {
+        // SAFETY: the caller's contract is post_write's.
+        unsafe { self.post_write(wr_id, local, len, remote_addr, rkey, Some(imm)) }
+    }
+
+    /// Posts an RDMA WRITE of `len` bytes at `local` (inside the registered pool) to
+    /// `remote_addr` with `rkey`, WITH IMM `imm` when given (that consumes a receive on the peer;
+    /// a plain WRITE does not). shardcast's hops use the IMM form; the plain one is what a peer
+    /// that writes where it was not granted would use (tests/rdma.rs).
+    ///
+    /// # Safety
+    /// As [`Endpoint::post_write_imm`].
+    pub unsafe fn post_write(
+        &self,
+        wr_id: u64,
+        local: *const u8,
+        len: u32,
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    ) -> Result<(), VerbsError> {
         let mut sge = ffi::ibv_sge { addr: local as u64, length: len, lkey: self.lkey() };
         // SAFETY: zeroed is a valid send WR; the fields used are set below.
         let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
         wr.sg_list = &mut sge;
         wr.num_sge = 1;
-        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        wr.opcode = match imm {
+            Some(_) => ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+            None => ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+        };
         wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
-        wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        wr.imm_data_invalidated_rkey_union.imm_data = imm.unwrap_or(0).to_be();
         wr.wr.rdma = ffi::rdma_t { remote_addr, rkey };
         let mut bad = std::ptr::null_mut();
         // SAFETY: the QP is live; wr and sge live across the call (the provider copies them).
         let rc = unsafe { ffi::ibv_post_send(self.qp.1, &mut wr, &mut bad) };
         if rc != 0 {
-            return Err(VerbsError::code("ibv_post_send", format!("RDMA WRITE WITH IMM on {}", self.device), rc)
+            let op = if imm.is_some() { "RDMA WRITE WITH IMM" } else { "RDMA WRITE" };
+            return Err(VerbsError::code("ibv_post_send", format!("{op} on {}", self.device), rc)
                 .detail(format!("{len} bytes")));
         }
         Ok(())

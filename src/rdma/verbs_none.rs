@@ -22,7 +22,7 @@ pub fn device_names() -> Result<Vec<String>, String> {
     Err("this build of shardcast has no RDMA transport (built without the `rdma` feature)".into())
 }
 
-pub use super::types::{PeerInfo, WcError, WorkCompletion};
+pub use super::types::{Access, PeerInfo, WcError, WorkCompletion};
 
 impl fmt::Display for WcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -39,7 +39,7 @@ impl Endpoint {
     ///
     /// # Safety
     /// None needed; the signature matches `verbs.rs`.
-    pub unsafe fn open(_: &str, _: u8, _: u8, _: *mut u8, _: usize, _: u32) -> Result<Self, VerbsError> {
+    pub unsafe fn open(_: &str, _: u8, _: u8, _: *mut u8, _: usize, _: u32, _: Access) -> Result<Self, VerbsError> {
         Err(VerbsError { verb: "ibv_open_device", source: io::Error::from(io::ErrorKind::Unsupported) })
     }
     /// Unreachable.
