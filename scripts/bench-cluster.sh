@@ -29,7 +29,9 @@
 # 10^9 bit/s, charged on Ethernet frames incl. the 14-byte header, see cluster.sh); the best a TCP
 # stream can do is (MTU+14)/(MTU-52) = 1514/1448 = 1.046 times that.
 #
-# Env: SIZE (1G), FILES (8), REPS (3), NS ("1 2 4 8"), TOPOS ("chain star"), RATE (1gbit),
+# Env: SIZE (1G), FILES (8), REPS (3), NS ("1 2 4 8"), TOPOS ("chain star"; chain-old with OLD_BIN),
+#      OLD_BIN (an older release binary: adds chain-old, the same chain through replicas running
+#      it, in the same reps, and the ratio this / old per N), RATE (1gbit),
 #      MTU (1500), QDISC (htb|tbf, htb), CC (TCP congestion control in the namespaces, cluster.sh
 #      --cc; default what they inherit from the host), CHUNK (push --chunk-size, default the engine's),
 #      POOL_MB (serve and push --pool-mb, default the engine's), IPERF (1; 0 skips iperf3),
@@ -73,8 +75,15 @@ for n in $NS; do
 done
 ((maxn > 0)) || die "NS is empty"
 for t in $TOPOS; do
-    [[ "$t" == chain || "$t" == star ]] || die "TOPOS may hold chain and star, got '$t'"
+    [[ "$t" == chain || "$t" == star || "$t" == chain-old ]] || die "TOPOS may hold chain, star and chain-old, got '$t'"
 done
+OLD_BIN=${OLD_BIN:-}
+if [[ -n "$OLD_BIN" ]]; then
+    [[ -x "$OLD_BIN" ]] || die "OLD_BIN=$OLD_BIN is not an executable"
+    [[ " $TOPOS " == *" chain-old "* ]] || TOPOS="$TOPOS chain-old"
+elif [[ " $TOPOS " == *" chain-old "* ]]; then
+    die "TOPOS chain-old needs OLD_BIN=path to an older release binary"
+fi
 
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces)"
 command -v ip >/dev/null || die "ip not found: run scripts/deps.sh (iproute2)"
@@ -96,6 +105,12 @@ work=$(mktemp -d /dev/shm/shardcast-bench-cluster.XXXXXX)
 if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register_dir "$work"; fi
 cp "$BIN" "$work/shardcast"
 bin=$work/shardcast
+old_bin=
+if [[ -n "$OLD_BIN" ]]; then
+    cp "$OLD_BIN" "$work/shardcast-old"
+    old_bin=$work/shardcast-old
+    log "old binary for chain-old: $OLD_BIN ($("$OLD_BIN" --version))"
+fi
 
 # On exit (normal, error or signal): stop the servers, tear the cluster down, then lib.sh's
 # cleanup (remaining processes, the work dir).
@@ -124,24 +139,35 @@ cc_args=()
 
 serve_args=(--keep 1)
 [[ -n "$POOL_MB" ]] && serve_args+=(--pool-mb "$POOL_MB")
-serve_pids=() addrs=() roots=()
-for ((k = 1; k <= maxn; k++)); do
-    addr=$("$CLUSTER" addr "r$k")
-    root=$work/root-r$k
-    logf=$work/serve-r$k.log
-    : >"$logf"
-    "$CLUSTER" exec "r$k" env NO_COLOR=1 "$bin" serve --listen "$addr:$PORT" --root "$root" "${serve_args[@]}" \
-        >/dev/null 2>"$logf" &
-    pid=$!
-    bg_started "$pid"
-    for ((i = 0; i < 300; i++)); do
-        sed 's/\x1b\[[0-9;]*m//g' "$logf" | grep -q "listening on $addr:$PORT" && break
-        kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; die "serve on r$k exited before listening"; }
-        sleep 0.1
+# start_serves BIN PORT TAG: one `serve` per replica namespace; sets serve_pids, addrs, roots.
+start_serves() {
+    local sbin=$1 port=$2 tag=$3 k addr root logf pid i
+    serve_pids=() addrs=() roots=()
+    for ((k = 1; k <= maxn; k++)); do
+        addr=$("$CLUSTER" addr "r$k")
+        root=$work/root$tag-r$k
+        logf=$work/serve$tag-r$k.log
+        : >"$logf"
+        "$CLUSTER" exec "r$k" env NO_COLOR=1 "$sbin" serve --listen "$addr:$port" --root "$root" "${serve_args[@]}" \
+            >/dev/null 2>"$logf" &
+        pid=$!
+        bg_started "$pid"
+        for ((i = 0; i < 300; i++)); do
+            sed 's/\x1b\[[0-9;]*m//g' "$logf" | grep -q "listening on $addr:$port" && break
+            kill -0 "$pid" 2>/dev/null || { cat "$logf" >&2; die "serve$tag on r$k exited before listening"; }
+            sleep 0.1
+        done
+        ((i < 300)) || { cat "$logf" >&2; die "serve$tag on r$k did not print 'listening on $addr:$port' within 30 s"; }
+        serve_pids+=("$pid") addrs+=("$addr:$port") roots+=("$root")
     done
-    ((i < 300)) || { cat "$logf" >&2; die "serve on r$k did not print 'listening on $addr:$PORT' within 30 s"; }
-    serve_pids+=("$pid") addrs+=("$addr:$PORT") roots+=("$root")
-done
+}
+old_pids=() old_addrs=() old_roots=()
+if [[ -n "$old_bin" ]]; then
+    start_serves "$old_bin" $((PORT + 1)) -old
+    old_pids=("${serve_pids[@]}") old_addrs=("${addrs[@]}") old_roots=("${roots[@]}")
+    log "old binary serving on ${old_addrs[*]}"
+fi
+start_serves "$bin" "$PORT" ""
 log "serving on ${addrs[*]}"
 
 push_args=()
@@ -165,6 +191,7 @@ cmdline=""
 [[ -n "${SHARDCAST_IO:-}" ]] && cmdline+="SHARDCAST_IO=$SHARDCAST_IO "
 [[ -n "${SHARDCAST_ZEROCOPY:-}" ]] && cmdline+="SHARDCAST_ZEROCOPY=$SHARDCAST_ZEROCOPY "
 [[ -n "${SHARDCAST_PIECE_BYTES:-}" ]] && cmdline+="SHARDCAST_PIECE_BYTES=$SHARDCAST_PIECE_BYTES "
+[[ -n "$OLD_BIN" ]] && cmdline+="OLD_BIN=$OLD_BIN "
 cmdline+="./scripts/bench-cluster.sh"
 
 mkdir -p results/cluster
@@ -186,6 +213,11 @@ TOPOS = E["BC_TOPOS"].split()
 RATE, MTU, PREFIX = E["BC_RATE"], int(E["BC_MTU"]), E["BC_PREFIX"]
 PIDS = [int(x) for x in E["BC_SERVE_PIDS"].split()]
 ADDRS, ROOTS = E["BC_ADDRS"].split(), E["BC_ROOTS"].split()
+# chain-old: the same chain through a second set of replicas that run an older binary (OLD_BIN),
+# pushed by that binary, in the same reps: how a change moved the chain's speed, side by side.
+OLD_BIN = E.get("BC_OLD_BIN", "")
+OLD_PIDS = [int(x) for x in E.get("BC_OLD_PIDS", "").split()]
+OLD_ADDRS, OLD_ROOTS = E.get("BC_OLD_ADDRS", "").split(), E.get("BC_OLD_ROOTS", "").split()
 PUSH_ARGS = E["BC_PUSH_ARGS"].split()
 MAXN = len(PIDS)
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
@@ -210,12 +242,12 @@ def shaper_bytes(node):
             return int(q["bytes"])
     return 0
 
-def sample(nodes):
-    for pid in PIDS:
+def sample(nodes, pids=PIDS):
+    for pid in PIDS + OLD_PIDS:
         if not os.path.exists(f"/proc/{pid}"):
             sys.exit(f"error: serve process {pid} is gone (see {WORK}/serve-r*.log)")
     return {
-        "cpu": [proc_cpu(p) for p in PIDS],
+        "cpu": [proc_cpu(p) for p in pids],
         "host": host_cpu(),
         "tx": {n: shaper_bytes(n) for n in nodes},
         "t": time.monotonic(),
@@ -252,15 +284,15 @@ def show(path):
     except OSError:
         return ""
 
-def verify_and_clean(ks, version):
+def verify_and_clean(ks, version, roots=ROOTS):
     """Every file on every replica in ks equals the source; then the copies go."""
     for k in ks:
-        vdir = os.path.join(ROOTS[k - 1], "bench", str(version))
+        vdir = os.path.join(roots[k - 1], "bench", str(version))
         got = sorted(os.listdir(vdir)) if os.path.isdir(vdir) else None
         if got != FILES:
             sys.exit(f"error: r{k}: {vdir} holds {got}, expected {FILES}")
-        bl.check_copies(SRC, [ROOTS[k - 1]], "bench", version)
-        shutil.rmtree(os.path.join(ROOTS[k - 1], "bench"))
+        bl.check_copies(SRC, [roots[k - 1]], "bench", version)
+        shutil.rmtree(os.path.join(roots[k - 1], "bench"))
 
 version = 0
 rows = []
@@ -322,20 +354,23 @@ def push_case(rep, n, topo):
     version += 1
     ks = list(range(1, n + 1))
     nodes = ["p"] + [f"r{k}" for k in ks]
-    base = [BIN, "push", SRC, "--name", "bench", "--version", str(version), "--json", *PUSH_ARGS]
-    if topo == "chain":
-        cmds = [in_ns("p", *base, "--to", ",".join(ADDRS[k - 1] for k in ks))]
+    old = topo == "chain-old"
+    bin_, addrs, roots, pids = (OLD_BIN, OLD_ADDRS, OLD_ROOTS, OLD_PIDS) if old else (BIN, ADDRS, ROOTS, PIDS)
+    chain = topo.startswith("chain")
+    base = [bin_, "push", SRC, "--name", "bench", "--version", str(version), "--json", *PUSH_ARGS]
+    if chain:
+        cmds = [in_ns("p", *base, "--to", ",".join(addrs[k - 1] for k in ks))]
     else:
         cmds = [in_ns("p", *base, "--to", ADDRS[k - 1]) for k in ks]
     outs = [os.path.join(WORK, f"push-{topo}-{n}-{rep}-{i}.json") for i in range(len(cmds))]
     expect = LIMIT * TCP_BOUND * (n if topo == "star" else 1)
     load = os.getloadavg()[0]
-    senders = nodes[:-1] if topo == "chain" else ["p"]
+    senders = nodes[:-1] if chain else ["p"]
     stop, samplers = start_samplers(senders, f"{topo}-{n}-{rep}")
-    before = sample(nodes)
+    before = sample(nodes, pids)
     t0 = time.monotonic()
     res, wall = run_group(cmds, outs, timeout=3 * expect + 120)
-    after = sample(nodes)
+    after = sample(nodes, pids)
     tl = stop_samplers(stop, samplers, t0, {x: after["tx"][x] - before["tx"][x] for x in senders})
     secs = []
     for (code, _), out in zip(res, outs):
@@ -344,13 +379,13 @@ def push_case(rep, n, topo):
         except ValueError:
             j = {}
         pub = [r for r in j.get("replicas", []) if r.get("status") == "published"]
-        want = n if topo == "chain" else 1
+        want = n if chain else 1
         if code != 0 or not j.get("ok") or len(pub) != want or j.get("bytes") != BYTES:
             sys.exit(f"error: {topo} N={n} rep {rep}: push exited {code}\n--- stdout\n{show(out)}\n"
                      f"--- stderr\n{show(out + '.err')}\n--- serve logs in {WORK}")
         secs.append(float(j["seconds"]))
     seconds = max(secs)
-    verify_and_clean(ks, version)
+    verify_and_clean(ks, version, roots)
     cpu = [a - b for a, b in zip(after["cpu"], before["cpu"])]
     busy = after["host"][0] - before["host"][0]
     soft = after["host"][1] - before["host"][1]
@@ -364,17 +399,17 @@ def push_case(rep, n, topo):
         "link_util_min": f"{min(u for _, u, _ in tl.values()):.4f}" if tl else "",
         # From the last data byte on the last sender's link to the push's exit: the tail's last
         # writes, sync and publish, and the reports travelling back up the chain.
-        "tail_ms": f"{(wall - tl[senders[-1]][2]) * 1000:.0f}" if topo == "chain" and senders[-1] in tl else "",
+        "tail_ms": f"{(wall - tl[senders[-1]][2]) * 1000:.0f}" if chain and senders[-1] in tl else "",
         "hop_lag_ms": (f"{(tl[senders[-1]][0] - tl['p'][0]) / (len(senders) - 1) * 1000:.1f}"
-                       if topo == "chain" and len(senders) > 1 and senders[-1] in tl and "p" in tl else ""),
+                       if chain and len(senders) > 1 and senders[-1] in tl and "p" in tl else ""),
     }
     for k in range(1, MAXN + 1):
         row[f"cpu_r{k}"] = f"{cpu[k - 1]:.3f}" if k <= n else ""
     for node in ["p"] + [f"r{k}" for k in range(1, MAXN + 1)]:
         row[f"tx_{node}"] = str(after["tx"][node] - before["tx"][node]) if node in nodes else ""
     rows.append(row)
-    relays = [float(row[f"cpu_r{k}"]) for k in ks[:-1]] if topo == "chain" else []
-    log(f"rep {rep}/{REPS} {topo:<5} N={n}: {seconds:7.3f} s = {seconds / LIMIT:.4f} x size/rate"
+    relays = [float(row[f"cpu_r{k}"]) for k in ks[:-1]] if chain else []
+    log(f"rep {rep}/{REPS} {topo:<9} N={n}: {seconds:7.3f} s = {seconds / LIMIT:.4f} x size/rate"
         f"  cpu p {row['cpu_p']} s" + (f", relays {statistics.mean(relays):.2f} s" if relays else "")
         + f", tail(s) {statistics.mean(float(row[f'cpu_r{k}']) for k in (ks[-1:] if topo == 'chain' else ks)):.2f} s"
         + f", host busy {busy:.1f} s, load {load:.1f}"
@@ -442,6 +477,14 @@ if r.returncode != 0:
 for root in ROOTS:
     shutil.rmtree(os.path.join(root, "warmup"))
 log(f"warm-up push through all {MAXN} replicas: {json.loads(r.stdout)['seconds']:.3f} s")
+if OLD_BIN:
+    version += 1
+    r = subprocess.run(in_ns("p", OLD_BIN, "push", warm, "--name", "warmup", "--version", str(version), "--json",
+                             *PUSH_ARGS, "--to", ",".join(OLD_ADDRS)), capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        sys.exit(f"error: warm-up push of the old binary failed ({r.returncode}): {r.stdout} {r.stderr}")
+    for root in OLD_ROOTS:
+        shutil.rmtree(os.path.join(root, "warmup"))
 
 for rep in range(1, REPS + 1):
     if E["BC_IPERF"] == "1":
@@ -498,7 +541,7 @@ for topo, n in order:
             f"| | | | | {med(float(r['host_busy_s']) for r in rs):.1f} | | | | |")
         continue
     cp = med(float(r["cpu_p"]) for r in rs)
-    if topo == "chain":
+    if topo.startswith("chain"):
         relays = [med(float(r[f"cpu_r{k}"]) for r in rs) for k in range(1, n)]
         tails = [med(float(r[f"cpu_r{n}"]) for r in rs)]
     else:
@@ -539,6 +582,13 @@ if ("star", 4) in summary and ("chain", 1) in summary:
     out(f"- star N=4 / chain N=1: {summary[('star', 4)] / summary[('chain', 1)]:.3f} (expected near 4)")
 if ("star", 8) in summary and ("chain", 8) in summary:
     out(f"- star N=8 / chain N=8: {summary[('star', 8)] / summary[('chain', 8)]:.3f}")
+for n in NS:
+    if ("chain", n) in summary and ("chain-old", n) in summary:
+        per = [float(a["seconds"]) / float(b["seconds"]) for a in rows for b in rows
+               if a["topology"] == "chain" and b["topology"] == "chain-old" and a["n"] == b["n"] == n
+               and a["rep"] == b["rep"]]
+        out(f"- chain N={n} this binary / old binary (median seconds): "
+            f"{summary[('chain', n)] / summary[('chain-old', n)]:.3f} (per rep {min(per):.3f} .. {max(per):.3f})")
 out()
 out(f"raw rows: {E['BC_CSV']}")
 with open(E["BC_MD"], "w") as f:
@@ -549,6 +599,7 @@ PY
 BC_BIN=$bin BC_SRC=$work/src BC_WORK=$work BC_BYTES=$bytes BC_FILES=$FILES BC_REPS=$REPS \
     BC_NS=$NS BC_TOPOS=$TOPOS BC_RATE=$RATE BC_MTU=$MTU BC_QDISC=$QDISC BC_IPERF=$IPERF \
     BC_PREFIX=$SC_CLUSTER BC_SERVE_PIDS="${serve_pids[*]}" BC_ADDRS="${addrs[*]}" BC_ROOTS="${roots[*]}" \
+    BC_OLD_BIN=$old_bin BC_OLD_PIDS="${old_pids[*]}" BC_OLD_ADDRS="${old_addrs[*]}" BC_OLD_ROOTS="${old_roots[*]}" \
     BC_PUSH_ARGS="${push_args[*]}" BC_CHUNK=${CHUNK:-default} BC_POOL=${POOL_MB:-default} \
     BC_IO=${SHARDCAST_IO:-auto}${SHARDCAST_ZEROCOPY:+,zerocopy=$SHARDCAST_ZEROCOPY}${SHARDCAST_PIECE_BYTES:+,piece=$SHARDCAST_PIECE_BYTES} BC_COMMIT="$(git_rev)$dirty" BC_STAMP=$stamp \
     BC_CSV=results/cluster/bench-cluster-$stamp.csv BC_MD=results/cluster/bench-cluster-$stamp.md BC_CMD=$cmdline \

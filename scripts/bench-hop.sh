@@ -15,7 +15,9 @@
 #
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
-#      tmpfs work dir for inspection).
+#      tmpfs work dir for inspection), OLD_BIN=path (optional: adds the measure hop-old, the same
+#      push with an older release binary on both ends, in the same reps, and the ratio hop / hop-old:
+#      how a change moved the hop's speed, measured side by side).
 # Output: a summary table on stdout; raw rows in results/hop/bench-hop-<date>.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,10 +101,11 @@ start_hop() {
 # run_hop MEASURE [ENV=VAL…]: one push to MEASURE's replica (with that environment), checked,
 # then the version removed.
 run_hop() {
-    local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall
+    local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall bin=$BIN
     shift
+    [[ $measure == hop-old ]] && bin=$OLD_BIN
     t0=$(date +%s.%N)
-    env "$@" timeout 900 "$BIN" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
+    env "$@" timeout 900 "$bin" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
         "${push_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
     wall=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.4f}")' "$t0" "$(date +%s.%N)")
     if ((rc != 0)) || [[ "$(json_get "$out" ok 2>/dev/null)" != True ]]; then
@@ -127,6 +130,13 @@ KEY_ENV=(SHARDCAST_KEY_FILE="$work/cluster.key")
 start_hop hop
 start_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
 start_hop hop-key "${KEY_ENV[@]}"
+if [[ -n "${OLD_BIN:-}" ]]; then
+    [[ -x "$OLD_BIN" ]] || die "OLD_BIN=$OLD_BIN is not an executable"
+    log "old binary: $OLD_BIN ($("$OLD_BIN" --version))"
+    BIN_NEW=$BIN BIN=$OLD_BIN
+    start_hop hop-old
+    BIN=$BIN_NEW
+fi
 
 log "SIZE=$(fmt_bytes "$bytes") REPS=$REPS CHUNK=${CHUNK:-default} io=$io_mode -> $csv"
 for ((rep = 1; rep <= REPS; rep++)); do
@@ -134,6 +144,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     run_hop hop
     run_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
     run_hop hop-key "${KEY_ENV[@]}"
+    [[ -n "${OLD_BIN:-}" ]] && run_hop hop-old
 done
 
 # Summary: median/min/max per measure, and the ratios (of medians, plus the per-rep range).
@@ -154,8 +165,9 @@ print(f"{'measure':<26}{'median':>9}{'min':>9}{'max':>9}")
 names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
          ("hop-noverify", "shardcast hop, no verify"), ("hop-key", "shardcast hop, cluster key"),
          ("hop-wall", "  hop, process wall"), ("hop-noverify-wall", "  no verify, wall"),
-         ("hop-key-wall", "  cluster key, wall")]
-for key, label in names:
+         ("hop-key-wall", "  cluster key, wall"), ("hop-old", "old binary hop"),
+         ("hop-old-wall", "  old binary, wall")]
+for key, label in [n for n in names if n[0] in by]:
     v = list(by[key].values())
     print(f"{label:<26}{bl.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
 print()
@@ -168,5 +180,8 @@ def ratio(a, b, label, target=None):
 ratio("hop", "iperf3", "hop / iperf3", 0.8)
 ratio("hop", "hop-noverify", "hop / hop-no-verify")
 ratio("hop-key", "hop", "hop-key / hop", 0.95)
+if "hop-old" in by:
+    ratio("hop", "hop-old", "hop / hop-old (this vs old)")
+    ratio("hop-wall", "hop-old-wall", "  wall: this / old")
 PY
 echo "raw rows: $csv"
