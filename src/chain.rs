@@ -23,9 +23,9 @@ use crate::error::{ErrorKind, NodeError};
 use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
 use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
+use crate::proto::route::Route;
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::rdma::{DnLink, UpLink, WorkCompletion};
-use crate::route::Route;
 use crate::store::Staging;
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 

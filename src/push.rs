@@ -15,7 +15,7 @@ use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
 use crate::proto::Role;
-use crate::route::Route;
+use crate::proto::route::Route;
 use crate::store::check_name;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, Mode, Outcome, ReplicaReport};
@@ -793,7 +793,7 @@ fn run_push(
                 error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
             }
         })?;
-        let r = Route::for_position(&crate::route::needs(&manifest, &wants, &haves), 0);
+        let r = Route::for_position(&crate::proto::route::needs(&manifest, &wants, &haves), 0);
         bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
         if let Some(p) = progress {
             p.total_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);

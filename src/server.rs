@@ -15,8 +15,8 @@ use crate::io::IoChoice;
 use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
+use crate::proto::route::{ChunkSet, Route};
 use crate::push::{connect, handshake};
-use crate::route::{ChunkSet, Route};
 use crate::store::Store;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
@@ -867,7 +867,7 @@ fn push_session(
         return;
     }
     let manifest = hello.manifest;
-    let route = routed.then(|| Route::for_position(&crate::route::needs(&manifest, &hello.wants, &haves), 1));
+    let route = routed.then(|| Route::for_position(&crate::proto::route::needs(&manifest, &hello.wants, &haves), 1));
     let prefill = if copies.is_empty() {
         None
     } else {
