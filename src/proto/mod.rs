@@ -9,9 +9,8 @@
 //! - [`route`]: which chunks of a push go where ([`Route`], [`ChunkSet`]).
 //! - [`admission`]: a HELLO against this replica's serve policy: admit (with its own entries,
 //!   its rights and whether chunks are sealed) or reject (with the error to send back).
-//! - [`repair`]: the reports of one attempt of a push -> the next attempt, or the final result.
-//! - [`stall`]: the downstream hop's deadline, driven by `Tick { now }`.
 
+pub mod admission;
 pub mod machine;
 pub mod route;
 
