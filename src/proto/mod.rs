@@ -9,9 +9,11 @@
 //! - [`route`]: which chunks of a push go where ([`Route`], [`ChunkSet`]).
 //! - [`admission`]: a HELLO against this replica's serve policy: admit (with its own entries,
 //!   its rights and whether chunks are sealed) or reject (with the error to send back).
+//! - [`repair`]: the reports of one attempt of a push -> the next attempt, or the final result.
 
 pub mod admission;
 pub mod machine;
+pub mod repair;
 pub mod route;
 
 pub use machine::{Action, Event, NodeMachine, Role};
