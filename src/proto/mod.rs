@@ -10,11 +10,13 @@
 //! - [`admission`]: a HELLO against this replica's serve policy: admit (with its own entries,
 //!   its rights and whether chunks are sealed) or reject (with the error to send back).
 //! - [`repair`]: the reports of one attempt of a push -> the next attempt, or the final result.
+//! - [`stall`]: the downstream hop's deadline, driven by `Tick { now }`.
 
 pub mod admission;
 pub mod machine;
 pub mod repair;
 pub mod route;
+pub mod stall;
 
 pub use machine::{Action, Event, NodeMachine, Role};
 pub use route::{ChunkSet, Route, needs};
