@@ -16,6 +16,8 @@ pub mod admission;
 pub mod machine;
 pub mod repair;
 pub mod route;
+#[cfg(test)]
+mod sim;
 pub mod stall;
 
 pub use machine::{Action, Event, NodeMachine, Role};
