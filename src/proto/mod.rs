@@ -12,6 +12,8 @@
 //! - [`repair`]: the reports of one attempt of a push -> the next attempt, or the final result.
 //! - [`stall`]: the downstream hop's deadline, driven by `Tick { now }`.
 
+#![deny(unsafe_code)]
+
 pub mod admission;
 pub mod machine;
 pub mod repair;

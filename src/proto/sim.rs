@@ -122,6 +122,8 @@ enum Fault {
     Die,
     /// It takes nothing more, and says nothing.
     Hang,
+    /// The chunk that arrives then has bytes that do not match its digest (once).
+    Corrupt,
 }
 
 /// One attempt's end at the primary.
@@ -497,9 +499,14 @@ impl Sim {
                     let slot = self.nodes[n].free.pop().expect("a free slot");
                     self.nodes[n].held.insert(slot);
                     self.replicas[i].arrived.push(seq);
-                    let d = self.rng.delay();
-                    self.at(d, Ev::Local(n, Event::ChunkReady { seq, slot }));
                     let count = self.replicas[i].arrived.len() as u64;
+                    let d = self.rng.delay();
+                    if self.replicas[i].fault == Some((count, Fault::Corrupt)) {
+                        self.replicas[i].fault = None;
+                        self.at(d, Ev::Local(n, Event::ChunkCorrupt { seq, slot }));
+                        continue;
+                    }
+                    self.at(d, Ev::Local(n, Event::ChunkReady { seq, slot }));
                     match self.replicas[i].fault {
                         Some((after, Fault::Die)) if count >= after => return self.kill(n),
                         Some((after, Fault::Hang)) if count >= after => {
@@ -698,4 +705,24 @@ fn a_replica_that_dies_mid_push_is_repaired_around_and_the_others_resume() {
         vec![("r1:1", None), ("r2:2", Some(ErrorKind::ConnectionLost)), ("r3:3", Some(ErrorKind::Aborted))]
     );
     assert!(!sim.replicas[2].published);
+}
+
+#[test]
+fn a_corrupt_chunk_fails_one_replica_and_the_repair_refetches_from_where_it_stopped() {
+    let mut sim = Sim::new(11, &CHAIN, 40);
+    sim.replica("r2:2").fault = Some((20, Fault::Corrupt));
+    let reports = sim.push(true).unwrap();
+    assert_eq!(names(&reports), vec![("r1:1", None), ("r2:2", None), ("r3:3", None)]);
+    assert!(sim.replicas.iter().all(|r| r.published && r.journal.len() == 40));
+    // r1 is not stopped by a corrupt chunk after it (the primary refetches it on its own):
+    // it finishes; r2 (which refused chunk 19) and r3 (cut off behind it) get one routed push.
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    assert_eq!(sim.attempts, vec![(s(&CHAIN), false), (s(&["r2:2", "r3:3"]), true)]);
+    let (r2, r3) = (&sim.replicas[1], &sim.replicas[2]);
+    assert!(!r2.before[1].contains(&19), "the corrupt chunk was not journaled");
+    assert!(r2.arrived.contains(&19));
+    // A chunk travels to r2 only when r2 or r3 (after it) lacks it; none to r3 that it has.
+    assert!(r2.arrived.iter().all(|q| !r2.before[1].contains(q) || !r3.before[1].contains(q)));
+    assert!(r3.arrived.iter().all(|q| !r3.before[1].contains(q)), "a journaled chunk travelled again");
+    assert!(r2.arrived.len() < 40, "r2 resumed");
 }
