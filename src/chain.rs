@@ -23,9 +23,9 @@ use crate::error::{ErrorKind, NodeError};
 use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
 use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
+use crate::proto::route::Route;
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::rdma::{DnLink, UpLink, WorkCompletion};
-use crate::route::Route;
 use crate::store::Staging;
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
@@ -276,7 +276,7 @@ pub struct Session<'a> {
     /// Chunks this replica already held, being copied into staging: joined before syncing.
     prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
     /// When downstream last took or answered something (while this node waited on it).
-    dn_progress: Instant,
+    dn_progress: crate::proto::stall::HopStall,
     /// Test-only fault (debug builds, `SHARDCAST_TEST_FLIP_FORWARD=N`): this relay flips a bit
     /// of the digest in the header of every Nth chunk it forwards, so the next node sees a
     /// chunk whose bytes do not match. Release builds never set it.
@@ -389,7 +389,7 @@ impl<'a> Session<'a> {
             ack_counted: 0,
             ack_bytes: 0,
             prefill: None,
-            dn_progress: Instant::now(),
+            dn_progress: crate::proto::stall::HopStall::new(Instant::now()),
             flip_every: if cfg!(debug_assertions) {
                 std::env::var("SHARDCAST_TEST_FLIP_FORWARD").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
             } else {
@@ -1379,25 +1379,20 @@ impl<'a> Session<'a> {
     /// by a hung upstream waits until the primary's repair supersedes its session, or the idle
     /// timeout.)
     fn check_hops(&mut self) {
+        use crate::proto::stall::{Tick, hop_limit};
         if self.end.is_some() {
             return;
         }
-        let waiting_on_down = self.dn_sending.is_some() || !self.dn_queue.is_empty() || self.dn_rdma_inflight > 0;
-        if !waiting_on_down {
-            // Only late while this node waits on it (not while it had nothing to send).
-            self.dn_progress = Instant::now();
-            return;
-        }
-        let limit = self.cfg.hop_timeout * (self.machine.downstream_nodes().len().max(1) as u32);
-        if !self.dn_closed && self.down.is_some() && self.dn_progress.elapsed() >= limit {
+        let waiting = self.dn_sending.is_some() || !self.dn_queue.is_empty() || self.dn_rdma_inflight > 0;
+        let limit = hop_limit(self.cfg.hop_timeout, self.machine.downstream_nodes().len());
+        let stalled = self.dn_progress.tick(Tick { now: Instant::now(), waiting }, limit);
+        if let Some(stalled) = stalled
+            && !self.dn_closed
+            && self.down.is_some()
+        {
             let name = self.downstream_name.clone();
             tracing::warn!("{name} took nothing for {} s: going on without it", limit.as_secs());
-            self.downstream_settled(Event::DownstreamLost {
-                error: NodeError::new(
-                    ErrorKind::Stalled,
-                    format!("{name} made no progress for {} s (hung, or its link is down)", limit.as_secs()),
-                ),
-            });
+            self.downstream_settled(Event::DownstreamLost { error: stalled.error(&name) });
         }
     }
 
@@ -1405,7 +1400,7 @@ impl<'a> Session<'a> {
         let kind = c.token >> 56;
         let value = c.token & ((1 << 56) - 1);
         if kind == T_DN_SEND || kind == T_DN_RECV || (kind == T_RDMA_POLL && value == 1) {
-            self.dn_progress = Instant::now();
+            self.dn_progress.progress(Instant::now());
         }
         match kind {
             T_UP_RECV => self.up_recv_done(c.result),

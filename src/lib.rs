@@ -41,7 +41,6 @@ pub mod pool;
 pub mod proto;
 pub mod push;
 pub mod rdma;
-pub mod route;
 pub mod server;
 pub mod stage;
 pub mod store;

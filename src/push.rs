@@ -15,7 +15,8 @@ use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
 use crate::proto::Role;
-use crate::route::Route;
+use crate::proto::repair::{Attempted, Failed, Repair, Step, Why};
+use crate::proto::route::Route;
 use crate::store::check_name;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, Mode, Outcome, ReplicaReport};
@@ -498,138 +499,48 @@ fn with_repair(
     let start = Instant::now();
     // The digests of the first attempt that streamed: every repair pushes against them.
     let mut pinned = None;
-    let first = attempt(opts, &mut pinned);
-    // Leaving out a replica that is down is on with repair, or when fewer than all replicas
-    // are required.
-    let leave_out_dead = opts.repair || opts.min_replicas.is_some();
-    let mut outcomes: std::collections::HashMap<String, Outcome> = std::collections::HashMap::new();
-    let mut base: Option<PushReport> = None;
-    let mut result = first;
+    let mut repair = Repair::new(opts.to.clone(), opts.incremental, opts.repair, opts.min_replicas.is_some());
     let mut current = opts.clone();
-    let mut repairing = false;
-    let mut held: Vec<String> = Vec::new();
-    let mut asked_routed = false;
-    // Each round leaves out at least one replica (but for the one that asks again routed, and
-    // a replica whose lost connection is tried once more).
-    for _ in 0..2 * opts.to.len() + 1 {
-        let chain = current.to.clone();
-        let cut_off: Vec<String> = match &result {
+    // The first report: the push's totals (bytes, files, chunks) are the first pass's.
+    let mut base: Option<PushReport> = None;
+    let mut result = attempt(opts, &mut pinned);
+    loop {
+        let step = match &result {
             Ok(r) => {
-                for rep in &r.replicas {
-                    outcomes.insert(rep.node.clone(), rep.outcome.clone());
-                }
                 base.get_or_insert_with(|| r.clone());
-                if !opts.repair {
-                    break;
-                }
-                // Cut off: not reached because the chain broke before them, or sent corrupt
-                // bytes by a node before them (those are fetched again from the primary; what
-                // they verified and journaled is kept).
-                // A lost connection is tried once more too: a replica that went away after
-                // refusing a corrupt chunk looks the same from upstream as a dead one, and a
-                // dead one is refused at once and left out.
-                r.replicas
-                    .iter()
-                    .filter(|rep| {
-                        matches!(&rep.outcome, Outcome::Failed(e)
-                            if matches!(e.kind, ErrorKind::Aborted | ErrorKind::DigestMismatch | ErrorKind::ConnectionLost))
-                    })
-                    .map(|rep| rep.node.clone())
-                    .collect()
+                repair.next(Attempted::Reported(&r.replicas))
             }
-            // A replica holds this very version already (same manifest): it is published there;
-            // form the chain without it (nothing was sent yet).
-            Err(Failure { error: PushError::Node { node, .. }, held: true, .. }) if chain.contains(node) => {
-                tracing::info!("{node} already holds {}@{}: going on without it", opts.name, opts.version);
-                outcomes.insert(node.clone(), Outcome::Published);
-                held.push(node.clone());
-                current.to.retain(|n| n != node);
-                if current.to.is_empty() {
-                    break;
-                }
-                result = attempt(&current, &mut pinned);
-                continue;
-            }
-            // A plain push carries no digests, so a replica that has published this version
-            // cannot tell whether it holds the same bytes: ask again as a routed push (hashed
-            // first), which it can compare (and which resumes from anything staged).
-            Err(Failure { error: PushError::Node { error, .. }, at_start: true, held: false })
-                if error.kind == ErrorKind::VersionExists && !current.incremental && !asked_routed =>
-            {
-                asked_routed = true;
-                current.incremental = true;
-                result = attempt(&current, &mut pinned);
-                continue;
-            }
-            // The chain did not form because a replica in it is down: form it without that one,
-            // at once, as the same push (nothing was sent yet).
-            Err(Failure { error: PushError::Node { node, error }, at_start: true, .. })
-                if leave_out_dead && chain.len() > 1 && chain.contains(node) && down_at_start(error.kind) =>
-            {
-                let known = matches!(outcomes.get(node), Some(Outcome::Failed(e)) if e.kind != ErrorKind::Aborted);
-                if !known {
-                    let e = NodeError::new(ErrorKind::Unreachable, error.message.clone());
-                    outcomes.insert(node.clone(), Outcome::Failed(e));
-                }
-                tracing::warn!("{node} cannot be reached: going on without it ({error})");
-                current.to.retain(|n| n != node);
-                result = attempt(&current, &mut pinned);
-                continue;
-            }
-            // A replica broke before the chain could report: the first one mid-push, or, while
-            // repairing, any one (also one that cannot be reached any more). Go on with the
-            // others.
-            Err(Failure { error: PushError::Node { node, error }, .. })
-                if opts.repair
-                    && chain.len() > 1
-                    && ((*node == chain[0]
-                        && matches!(error.kind, ErrorKind::ConnectionLost | ErrorKind::Stalled))
-                        || (repairing
-                            && chain.contains(node)
-                            && matches!(
-                                error.kind,
-                                ErrorKind::ConnectionLost | ErrorKind::Stalled | ErrorKind::Unreachable
-                            ))) =>
-            {
-                // The first real cause stands (a dead replica's lost connection, not the refused
-                // connect of the retry).
-                let known = matches!(outcomes.get(node), Some(Outcome::Failed(e))
-                    if !matches!(e.kind, ErrorKind::Aborted | ErrorKind::DigestMismatch));
-                if !known {
-                    outcomes.insert(node.clone(), Outcome::Failed(error.clone()));
-                }
-                chain.iter().filter(|n| *n != node).cloned().collect()
-            }
-            Err(_) if base.is_none() && outcomes.is_empty() => return result.map_err(|f| f.error),
             Err(f) => {
-                let error = NodeError::new(f.error.kind(), f.error.to_string());
-                for n in &chain {
-                    outcomes.insert(n.clone(), Outcome::Failed(error.clone()));
-                }
-                Vec::new()
+                let whole = NodeError::new(f.error.kind(), f.error.to_string());
+                let node = match &f.error {
+                    PushError::Node { node, error } => Some((node.as_str(), error)),
+                    _ => None,
+                };
+                repair.next(Attempted::Failed(Failed { node, error: &whole, at_start: f.at_start, held: f.held }))
             }
         };
-        // Someone must have failed for real: a chain where every failure is "aborted" (e.g.
-        // the push was cancelled) is not repaired.
-        let dead =
-            chain.iter().any(|n| matches!(outcomes.get(n), Some(Outcome::Failed(e)) if e.kind != ErrorKind::Aborted));
-        if cut_off.is_empty() || !dead {
-            break;
+        match step {
+            Step::Stop => break,
+            Step::Attempt(Why::Held(node)) => {
+                tracing::info!("{node} already holds {}@{}: going on without it", opts.name, opts.version);
+            }
+            Step::Attempt(Why::AskRouted) => {}
+            Step::Attempt(Why::LeftOut(node, error)) => {
+                tracing::warn!("{node} cannot be reached: going on without it ({error})");
+            }
+            Step::Attempt(Why::Repair(nodes)) => {
+                tracing::warn!("repairing the chain: going on with {} (resuming what each holds)", nodes.join(","));
+            }
         }
-        tracing::warn!("repairing the chain: going on with {} (resuming what each holds)", cut_off.join(","));
-        current = opts.clone();
-        current.to = cut_off;
-        current.incremental = true;
-        repairing = true;
+        current.to = repair.chain().to_vec();
+        current.incremental = repair.incremental();
         result = attempt(&current, &mut pinned);
     }
     if let Ok(r) = &result {
-        for rep in &r.replicas {
-            outcomes.insert(rep.node.clone(), rep.outcome.clone());
-        }
         base.get_or_insert_with(|| r.clone());
     }
-    if current.to.is_empty() {
+    let end = repair.finish(result.as_ref().ok().map(|r| r.replicas.as_slice()));
+    if end.nothing_sent {
         // Every replica already held it: nothing to send.
         base.get_or_insert_with(|| PushReport {
             name: opts.name.clone(),
@@ -648,26 +559,11 @@ fn with_repair(
         // Only replicas that were down, and a last attempt that failed: that failure stands.
         return result.map_err(|f| f.error);
     };
-    report.replicas = opts
-        .to
-        .iter()
-        .map(|n| ReplicaReport {
-            node: n.clone(),
-            outcome: outcomes
-                .remove(n)
-                .unwrap_or_else(|| Outcome::Failed(NodeError::new(ErrorKind::Aborted, "no report for this replica"))),
-        })
-        .collect();
+    report.replicas = end.replicas;
     report.seconds = start.elapsed().as_secs_f64();
     report.required = required(opts, opts.to.len());
-    report.already_held = held;
+    report.already_held = end.already_held;
     Ok(report)
-}
-
-/// Failures of a replica when the chain forms that mean it is down (not that it refused): the
-/// connect refused or timed out, or the connection lost or silent before it answered.
-fn down_at_start(kind: ErrorKind) -> bool {
-    matches!(kind, ErrorKind::Unreachable | ErrorKind::ConnectionLost | ErrorKind::Stalled)
 }
 
 /// Replicas that must publish: `--min-replicas`, else all of them (sync) or the first (async).
@@ -793,7 +689,7 @@ fn run_push(
                 error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
             }
         })?;
-        let r = Route::for_position(&crate::route::needs(&manifest, &wants, &haves), 0);
+        let r = Route::for_position(&crate::proto::route::needs(&manifest, &wants, &haves), 0);
         bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
         if let Some(p) = progress {
             p.total_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);

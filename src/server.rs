@@ -15,8 +15,9 @@ use crate::io::IoChoice;
 use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
+use crate::proto::admission::{self, Admit, Peer};
+use crate::proto::route::{ChunkSet, Route};
 use crate::push::{connect, handshake};
-use crate::route::{ChunkSet, Route};
 use crate::store::Store;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
@@ -663,90 +664,17 @@ fn push_session(
         outcome: "refused",
         reason: None,
     };
-    // Encrypted chunks: each hop's key comes from its authentication, so both hops of this
-    // node must have authenticated, and chunks go over TCP.
-    let encrypt = hello.flags.has(wire::HelloFlags::ENCRYPT);
-    if encrypt && up_secret.is_none() {
-        let e = NodeError::new(
-            ErrorKind::Unsupported,
-            "the push asks for encryption (--encrypt), but the connection to this replica is not \
-             authenticated, so there is no key to derive: start it with --key-file (or --tls-cert, --tls-key \
-             and --tls-ca)",
-        );
-        let _ = audit.reject(&mut conn, &me, e);
-        return;
-    }
-    if opts.require_encrypt && !encrypt {
-        let e = NodeError::new(
-            ErrorKind::Unauthorized,
-            "this replica accepts only encrypted pushes (serve --encrypt): push with --encrypt and the cluster key",
-        );
-        tracing::warn!(%peer, "refused: {}", e.message);
-        let _ = audit.reject(&mut conn, &me, e);
-        return;
-    }
-    if encrypt && hello.transport == crate::transport::Transport::Rdma {
-        let e = NodeError::new(ErrorKind::Unsupported, "encrypted pushes travel over TCP, not RDMA");
-        let _ = audit.reject(&mut conn, &me, e);
-        return;
-    }
-    // A routed push (epoch staging): this node stores only the entries it wants.
-    let own = match hello.wants.first() {
-        Some(Some(wanted)) => match hello.manifest.subset(wanted) {
-            Ok((m, map)) => Some((map, m)),
-            Err(e) => {
-                let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::BadManifest, e.to_string()));
-                return;
-            }
-        },
-        _ => None,
-    };
-    // The push's rights here: the limits the nodes before this one put on it (HELLO's grant),
-    // narrowed by this replica's ACL rule for the key the peer authenticated with and for the
-    // key the push started with. A relay forwards on the pusher's behalf, never with more.
-    let rule = |id: &str| {
-        let limited = opts.key.as_ref().is_none_or(|k| k.id() != id);
-        limited.then(|| opts.acl.iter().find(|e| e.key.id() == id).map(crate::auth::AclEntry::limits)).flatten()
-    };
-    let origin = if hello.grant.origin.is_empty() { key_id.unwrap_or_default() } else { &hello.grant.origin };
-    let limits = [key_id.and_then(rule), rule(origin)]
-        .iter()
-        .fold(hello.grant.limits.clone(), |acc, l| wire::Limits::intersect(acc.as_ref(), l.as_ref()));
-    if let Some(l) = &limits {
-        let who = if origin.is_empty() { "this push".to_owned() } else { format!("key {origin}") };
-        let why = if !l.allows(&hello.name) {
-            Some(format!("{who} may not push '{}' (it may push names starting with {:?})", hello.name, l.names))
-        } else if hello.keep > 0 && !l.prune {
-            Some(format!(
-                "{who} may not prune versions (the push asks to keep {}): push without --keep (each replica keeps \
-                 its own --keep), or allow it with `prune = true` in the ACL",
-                hello.keep
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            tracing::warn!("refused: {why}");
-            let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::Unauthorized, why));
+    // Encryption, own entries, rights and the version bound (proto::admission).
+    let peer_info =
+        Peer { authenticated: up_secret.is_some(), key_id, current_version: store.current_version(&hello.name) };
+    let Admit { encrypt, own, origin, limits } = match admission::admit(&hello, &opts.into(), &peer_info) {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            tracing::warn!(%peer, "refused: {}", e.message);
+            let _ = audit.reject(&mut conn, &me, e);
             return;
         }
-    }
-    // `current` only moves forward, so one push of a huge version would pin it for good: a
-    // version too far beyond `current` is refused (`--max-version-ahead`).
-    if let Some(cur) = store.current_version(&hello.name)
-        && opts.max_version_ahead > 0
-        && hello.version > cur.saturating_add(opts.max_version_ahead)
-    {
-        let why = format!(
-            "version {} of '{}' is more than {} beyond its current version {cur}: refused so that one push \
-             cannot pin `current` (which only moves forward); push a nearer version, or raise serve \
-             --max-version-ahead (0: no limit)",
-            hello.version, hello.name, opts.max_version_ahead
-        );
-        tracing::warn!("refused: {why}");
-        let _ = audit.reject(&mut conn, &me, NodeError::new(ErrorKind::Unauthorized, why));
-        return;
-    }
+    };
     let routed = !hello.wants.is_empty();
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
@@ -867,7 +795,7 @@ fn push_session(
         return;
     }
     let manifest = hello.manifest;
-    let route = routed.then(|| Route::for_position(&crate::route::needs(&manifest, &hello.wants, &haves), 1));
+    let route = routed.then(|| Route::for_position(&crate::proto::route::needs(&manifest, &hello.wants, &haves), 1));
     let prefill = if copies.is_empty() {
         None
     } else {
@@ -1046,50 +974,10 @@ fn push_session(
 
 /// The checks a HELLO must pass before anything is staged or dialed: the limits this replica
 /// sets (`--max-chain`, `--max-entries`, `--pool-mb`) and node names that are addresses.
-/// Pure, so that the fuzz targets run it on every HELLO they decode.
+/// Pure, so that the fuzz targets run it on every HELLO they decode
+/// ([`crate::proto::admission::check_hello`]).
 pub fn admit(hello: &Hello, opts: &ServeOptions) -> Result<(), NodeError> {
-    let nodes = hello.downstream.len() + 1;
-    if nodes > opts.max_chain {
-        return Err(NodeError::new(
-            ErrorKind::Unsupported,
-            format!(
-                "a chain of {nodes} nodes from here is longer than this replica allows (serve --max-chain {})",
-                opts.max_chain
-            ),
-        ));
-    }
-    let entries = hello.manifest.entries().len();
-    if entries > opts.max_entries {
-        return Err(NodeError::new(
-            ErrorKind::BadManifest,
-            format!(
-                "the manifest lists {entries} entries, more than this replica accepts (serve --max-entries {})",
-                opts.max_entries
-            ),
-        ));
-    }
-    crate::pool::check_budget(opts.pool_bytes, hello.manifest.chunk_size())
-        .map_err(|why| NodeError::new(ErrorKind::Unsupported, format!("{why} (serve --pool-mb)")))?;
-    for node in std::iter::once(&hello.you).chain(&hello.downstream) {
-        check_node(node)
-            .map_err(|why| NodeError::new(ErrorKind::Protocol, format!("bad HELLO: node {node:?} {why}")))?;
-    }
-    Ok(())
-}
-
-/// A node name as the chain lists it: `HOST:PORT`, printable, no spaces (it is dialed, logged
-/// and reported, so nothing else passes).
-fn check_node(node: &str) -> Result<(), &'static str> {
-    if node.is_empty() || node.len() > 255 {
-        return Err("is not 1 to 255 bytes long");
-    }
-    if !node.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("holds characters that are not printable ASCII");
-    }
-    match node.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err("is not HOST:PORT"),
-    }
+    crate::proto::admission::check_hello(hello, &opts.into())
 }
 
 /// Records one push (or refusal) in the audit log when dropped.

@@ -20,9 +20,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::route::Route;
 use crate::error::{ErrorKind, NodeError};
 use crate::pool::SlotId;
-use crate::route::Route;
 use crate::wire::{Outcome, ReplicaReport};
 
 /// What a node is in the chain.
