@@ -28,10 +28,9 @@
 //! ```
 
 pub mod audit;
-pub mod auth;
 pub mod chain;
-pub mod crypt;
 pub mod error;
+pub mod hop;
 pub mod io;
 pub mod manifest;
 pub mod metrics;
@@ -45,12 +44,13 @@ pub mod server;
 pub mod stage;
 pub mod store;
 pub mod tcpinfo;
-pub mod tls;
-pub mod transport;
 pub mod wire;
 
 pub use chain::MemoryData;
+// The hop's parts under their old paths (`shardcast::auth::ClusterKey`, `crate::crypt::...`).
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
+pub use hop::policy as transport;
+pub use hop::{auth, crypt, tls};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
 

@@ -1,8 +1,6 @@
 //! The primary side of a push: describe the source, set up the chain, stream, collect reports.
 
 use std::fs::File;
-use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::auth::ClusterKey;
 use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
 use crate::error::{ErrorKind, ManifestError, NodeError, PushError};
+use crate::hop::Hop;
 use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
@@ -19,7 +18,7 @@ use crate::proto::repair::{Attempted, Failed, Repair, Step, Why};
 use crate::proto::route::Route;
 use crate::store::check_name;
 use crate::transport::Transport;
-use crate::wire::{self, Hello, Kind, Mode, Outcome, ReplicaReport};
+use crate::wire::{self, Hello, Mode, Outcome, ReplicaReport};
 
 /// What to push, where, and how.
 #[derive(Debug, Clone)]
@@ -139,115 +138,6 @@ impl PushReport {
     /// Bytes per second of wall time (decimal GB/s = this / 1e9).
     pub fn rate(&self) -> f64 {
         if self.seconds > 0.0 { self.bytes as f64 / self.seconds } else { 0.0 }
-    }
-}
-
-/// Connects to `node` within `timeout` and, with a cluster key or a TLS identity, authenticates
-/// both ways (the connection's session secret then comes back too).
-pub(crate) fn connect(
-    node: &str,
-    timeout: Duration,
-    key: Option<&ClusterKey>,
-    tls: Option<&crate::tls::TlsIdentity>,
-) -> Result<(TcpStream, Option<crate::crypt::SessionSecret>), NodeError> {
-    let mut s = connect_plain(node, timeout)?;
-    let secret = match (tls, key) {
-        (Some(id), _) => Some(crate::tls::client(&mut s, node, id, timeout)?),
-        (None, Some(k)) => Some(crate::auth::client(&mut s, node, k, timeout)?),
-        (None, None) => None,
-    };
-    Ok((s, secret))
-}
-
-/// Connects to `node` within `timeout`, trying each address it resolves to.
-fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
-    let unreachable = |e: &dyn std::fmt::Display| {
-        NodeError::new(ErrorKind::Unreachable, format!("unreachable: {e} (is `shardcast serve` running at {node}?)"))
-    };
-    let addrs = node.to_socket_addrs().map_err(|e| unreachable(&e))?;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(unreachable(&last))
-}
-
-/// The MAC label of a REJECT that says a node already holds the version (its report is
-/// "published").
-pub(crate) const LABEL_HELD: &[u8] = b"shardcast held";
-
-/// Sends HELLO to the first node and waits for the whole chain's answer.
-/// Returns ACCEPT's payload (a routed push's have-sets; empty otherwise).
-pub(crate) fn handshake(
-    stream: &mut TcpStream,
-    hello: &Hello,
-    timeout: Duration,
-    secret: Option<&crate::crypt::SessionSecret>,
-) -> Result<Vec<u8>, Vec<ReplicaReport>> {
-    let node = hello.you.clone();
-    let lost = |e: &dyn std::fmt::Display| {
-        vec![ReplicaReport::failed(
-            &node,
-            NodeError::new(ErrorKind::ConnectionLost, format!("connection to {node} lost during the handshake: {e}")),
-        )]
-    };
-    stream.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
-    let payload = crate::crypt::seal_frame(secret, crate::crypt::LABEL_HELLO, hello.encode());
-    wire::write_frame(stream, Kind::Hello, 0, &payload).map_err(|e| lost(&e))?;
-    let frame = wire::read_frame(stream).map_err(|e| match e {
-        wire::ReadFrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            vec![ReplicaReport::failed(
-                &node,
-                NodeError::new(ErrorKind::Stalled, format!("{node} did not answer within {} s", timeout.as_secs())),
-            )]
-        }
-        e => lost(&e),
-    })?;
-    stream.set_read_timeout(None).map_err(|e| lost(&e))?;
-    match frame.header.kind {
-        // What each node already holds (a routed push) decides what travels: authenticated.
-        Kind::Accept => match crate::crypt::open_frame(secret, crate::crypt::LABEL_ACCEPT, &frame.payload) {
-            Ok(body) => Ok(body.to_vec()),
-            Err(_) => Err(vec![ReplicaReport::failed(
-                &node,
-                NodeError::new(
-                    ErrorKind::Unauthorized,
-                    format!("the ACCEPT from {node} does not authenticate: changed in transit, or not from {node}"),
-                ),
-            )]),
-        },
-        Kind::Reject => {
-            // A REJECT that says "published" (a node already holds this version) carries a MAC
-            // on an authenticated connection, like RESULT: who published must not be forgeable.
-            let held = secret.and_then(|_| crate::crypt::open_frame(secret, LABEL_HELD, &frame.payload).ok());
-            let mut reports = wire::decode_reports(held.unwrap_or(&frame.payload)).unwrap_or_else(|e| {
-                vec![ReplicaReport::failed(
-                    &node,
-                    NodeError::new(ErrorKind::Protocol, format!("{node} sent a bad REJECT: {e}")),
-                )]
-            });
-            if secret.is_some() && held.is_none() {
-                for r in &mut reports {
-                    if r.outcome == Outcome::Published {
-                        r.outcome = Outcome::Failed(NodeError::new(
-                            ErrorKind::Unauthorized,
-                            format!("{} said it already holds the version without authenticating it", r.node),
-                        ));
-                    }
-                }
-            }
-            Err(reports)
-        }
-        k => Err(vec![ReplicaReport::failed(
-            &node,
-            NodeError::new(ErrorKind::Protocol, format!("{node} answered HELLO with {}", k.name())),
-        )]),
     }
 }
 
@@ -633,7 +523,7 @@ fn run_push(
         .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
 
     let first = opts.to[0].clone();
-    let (mut stream, secret) = connect(&first, opts.connect_timeout, opts.key.as_ref(), opts.tls.as_deref())
+    let mut hop = Hop::dial(&first, opts.connect_timeout, opts.key.as_ref(), opts.tls.as_deref())
         .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
     let hello = Hello {
         name: opts.name.clone(),
@@ -655,7 +545,7 @@ fn run_push(
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
     let chain_timeout = opts.connect_timeout * (opts.to.len() as u32 + 1);
-    let accept = match handshake(&mut stream, &hello, chain_timeout, secret.as_ref()) {
+    let accept = match hop.handshake(&hello, chain_timeout) {
         Ok(payload) => payload,
         Err(reports) => {
             // Only reports that say "published": that node already holds this version.
@@ -712,8 +602,10 @@ fn run_push(
         .unwrap_or_else(|_| Err(std::io::Error::other("the pool set-up thread panicked")))
         .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
     // The first hop's transport (the replicas negotiate the hops after it themselves).
-    let dn_link = crate::rdma::offer(&mut stream, "primary", &first, hello.transport, &opts.rdma, &pool)
+    let dn_link = hop
+        .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
+    let Hop { stream, secret, .. } = hop;
     let sealer = match (opts.encrypt, &secret) {
         (true, Some(s)) => Some(crate::crypt::Sealer::new(s)),
         _ => None,

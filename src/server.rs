@@ -11,16 +11,18 @@ use std::time::Duration;
 
 use crate::chain::{Local, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, ServeError};
+use crate::hop::policy::Transport;
+use crate::hop::rdma::{DnLink, UpLink};
+use crate::hop::{AcceptPolicy, HandshakeError, Hop, Refused};
 use crate::io::IoChoice;
 use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::proto::admission::{self, Admit, Peer};
 use crate::proto::route::{ChunkSet, Route};
-use crate::push::{connect, handshake};
 use crate::store::Store;
-use crate::transport::Transport;
-use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
+use crate::wire::{self, Hello, Kind, ReplicaReport};
+use prometheus_client::metrics::gauge::Gauge;
 
 /// How a replica server runs.
 #[derive(Debug, Clone)]
@@ -453,7 +455,7 @@ fn reject_reports(conn: &mut TcpStream, reports: &[ReplicaReport]) -> io::Result
 }
 
 /// [`reject_reports`], with a MAC (on an authenticated connection) when a report says
-/// "published": a node after this one already holds the version (see `push::handshake`).
+/// "published": a node after this one already holds the version (see `Hop::handshake`).
 fn reject_reports_sealed(
     conn: &mut TcpStream,
     reports: &[ReplicaReport],
@@ -461,13 +463,27 @@ fn reject_reports_sealed(
 ) -> io::Result<()> {
     let payload = wire::encode_reports(reports);
     let payload = if reports.iter().any(|r| r.outcome == wire::Outcome::Published) {
-        crate::crypt::seal_frame(secret, crate::push::LABEL_HELD, payload)
+        crate::crypt::seal_frame(secret, crate::hop::LABEL_HELD, payload)
     } else {
         payload
     };
     wire::write_frame(conn, Kind::Reject, 0, &payload)?;
     linger_close(conn);
     Ok(())
+}
+
+/// Tells a peer whose handshake `error` refused why (when it can read it), and records it.
+fn refuse_handshake(conn: &mut TcpStream, peer: &str, me: &str, opts: &ServeOptions, error: &HandshakeError) {
+    match error.audit_reason() {
+        None => tracing::debug!(%peer, "{error}"),
+        Some(reason) => {
+            tracing::warn!(%peer, "refused: {error}");
+            audit_refusal(opts, peer, None, reason);
+        }
+    }
+    if let Some(e) = error.reply() {
+        let _ = reject(conn, me, e);
+    }
 }
 
 /// Closes our sending side and reads until the peer closes, for at most a moment, so that the
@@ -485,12 +501,9 @@ fn linger_close(conn: &mut TcpStream) {
     }
 }
 
-/// The most an AUTH frame carries (what a peer may send before it is authenticated).
-const MAX_AUTH: u32 = 1024;
-
 #[allow(clippy::too_many_arguments)]
 fn handle(
-    mut conn: TcpStream,
+    conn: TcpStream,
     peer: &str,
     me: &str,
     store: &Arc<Store>,
@@ -499,135 +512,61 @@ fn handle(
     pending: Pending,
     slots: &Slots,
 ) {
-    let _ = conn.set_nodelay(true);
-    let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
-    // A frame at most `max` bytes long: before a peer is authenticated, only AUTH's size.
-    let read = |conn: &mut TcpStream, max: u32| match wire::read_frame_max(conn, max) {
-        Ok(f) => Some(f),
-        Err(ReadFrameError::Io(e)) => {
-            tracing::debug!(%peer, "connection closed before a full frame: {e}");
-            None
-        }
-        Err(ReadFrameError::Wire(e)) => {
-            tracing::warn!(%peer, "refused: {e}");
-            audit_refusal(opts, peer, None, format!("bad frame: {e}"));
-            let _ = reject(conn, me, NodeError::new(ErrorKind::Protocol, format!("refused: {e}")));
-            None
-        }
+    let policy = AcceptPolicy {
+        keys: opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect(),
+        tls: opts.tls.as_deref(),
+        timeout: opts.handshake_timeout,
+        max_frame: opts.max_manifest,
     };
-    let mut key_id = None;
-    let mut secret = None;
-    if let Some(tls) = &opts.tls {
-        // A peer speaking shardcast frames without TLS is told so in a frame it can read.
-        let mut first = [0u8; 4];
-        let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
-        if conn.peek(&mut first).is_ok_and(|n| n == 4) && first == wire::MAGIC {
-            let why = "this replica requires mutual TLS: connect with --tls-cert, --tls-key and --tls-ca".to_owned();
-            tracing::warn!(%peer, "refused: {why}");
-            audit_refusal(opts, peer, None, why.clone());
-            let _ = reject(&mut conn, me, NodeError::new(ErrorKind::Unauthorized, why));
-            return;
-        }
-        match crate::tls::server(&mut conn, tls, opts.handshake_timeout) {
-            Ok((id, s)) => {
-                tracing::debug!(%peer, cert = %id, "peer authenticated (mutual TLS)");
-                key_id = Some(id);
-                secret = Some(s);
-            }
-            Err(why) => {
-                tracing::warn!(%peer, "refused: {why}");
-                audit_refusal(opts, peer, None, why);
-                return;
-            }
-        }
-    }
-    let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
-    let first_max = if keys.is_empty() || opts.tls.is_some() { opts.max_manifest } else { MAX_AUTH };
-    let Some(mut frame) = read(&mut conn, first_max) else { return };
-    // With a cluster key, nothing but a peer that proves it holds the key gets further.
-    let unauthorized = |conn: &mut TcpStream, why: String| {
-        tracing::warn!(%peer, "refused: {why}");
-        audit_refusal(opts, peer, None, why.clone());
-        let _ = reject(conn, me, NodeError::new(ErrorKind::Unauthorized, why));
+    let (mut hop, frame) = match Hop::accept(conn, peer, &policy) {
+        Ok(accepted) => accepted,
+        Err(Refused { mut stream, error }) => return refuse_handshake(&mut stream, peer, me, opts, &error),
     };
-    match (keys.first(), frame.header.kind) {
-        _ if opts.tls.is_some() && frame.header.kind == Kind::Auth => {
-            return unauthorized(&mut conn, "this replica authenticates with mutual TLS, not a cluster key".into());
-        }
-        _ if opts.tls.is_some() => {}
-        (Some(_), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, &keys, opts.handshake_timeout) {
-            Ok((id, s)) => {
-                tracing::debug!(%peer, key = %id, "peer authenticated");
-                key_id = Some(id);
-                secret = Some(s);
-                let Some(next) = read(&mut conn, opts.max_manifest) else { return };
-                frame = next;
-            }
-            Err(why) => return unauthorized(&mut conn, why),
-        },
-        (Some(_), _) => {
-            // Which key is not said to a peer that has not proved it holds one.
-            return unauthorized(
-                &mut conn,
-                "authentication required: this replica needs its cluster key (--key-file)".into(),
-            );
-        }
-        (None, Kind::Auth) => {
-            return unauthorized(
-                &mut conn,
-                "this replica has no cluster key: start it with --key-file, or push without one".into(),
-            );
-        }
-        (None, _) => {}
-    }
     match frame.header.kind {
         Kind::StatusReq => {
             let result = store.list().map(|sets| wire::encode_status(&sets));
             match result {
                 Ok(payload) => {
-                    let _ = wire::write_frame(&mut conn, Kind::StatusResp, 0, &payload);
+                    let _ = wire::write_frame(&mut hop.stream, Kind::StatusResp, 0, &payload);
                 }
                 Err(e) => {
-                    let _ = reject(&mut conn, me, e.to_node_error());
+                    let _ = reject(&mut hop.stream, me, e.to_node_error());
                 }
             }
         }
         Kind::Hello => {
-            let Ok(payload) = crate::crypt::open_frame(secret.as_ref(), crate::crypt::LABEL_HELLO, &frame.payload)
-            else {
-                return unauthorized(
-                    &mut conn,
-                    "HELLO does not authenticate under this connection's key: changed in transit".into(),
-                );
+            let payload = match hop.open_hello(&frame) {
+                Ok(payload) => payload,
+                Err(e) => return refuse_handshake(&mut hop.stream, peer, me, opts, &e),
             };
             let hello = match Hello::decode(payload).and_then(|h| admit(&h, opts).map(|()| h)) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(%peer, "refused HELLO: {e}");
-                    audit_refusal(opts, peer, key_id.as_deref(), format!("bad HELLO: {}", e.message));
-                    let _ = reject(&mut conn, me, e);
+                    audit_refusal(opts, peer, hop.peer_id.as_deref(), format!("bad HELLO: {}", e.message));
+                    let _ = reject(&mut hop.stream, me, e);
                     return;
                 }
             };
             // The handshake is done: from here on the connection counts as a session.
             drop(pending);
-            let _slot = match slots.take(&conn, opts) {
+            let _slot = match slots.take(&hop.stream, opts) {
                 Ok(slot) => slot,
                 Err(why) => {
                     tracing::warn!(%peer, "refused: {why}");
-                    audit_refusal(opts, peer, key_id.as_deref(), format!("busy: {why}"));
+                    audit_refusal(opts, peer, hop.peer_id.as_deref(), format!("busy: {why}"));
                     let busy = NodeError::new(ErrorKind::Busy, format!("replica busy: {why}; retry later"));
-                    let _ = reject(&mut conn, me, busy);
+                    let _ = reject(&mut hop.stream, me, busy);
                     return;
                 }
             };
-            push_session(conn, peer, key_id.as_deref(), secret, hello, store, pools, opts);
+            push_session(hop, hello, store, pools, opts);
         }
         k => {
             tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());
-            audit_refusal(opts, peer, key_id.as_deref(), format!("unexpected {} frame", k.name()));
+            audit_refusal(opts, peer, hop.peer_id.as_deref(), format!("unexpected {} frame", k.name()));
             let _ = reject(
-                &mut conn,
+                &mut hop.stream,
                 me,
                 NodeError::new(
                     ErrorKind::Protocol,
@@ -638,47 +577,122 @@ fn handle(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn push_session(
-    mut conn: TcpStream,
-    peer: &str,
-    key_id: Option<&str>,
-    up_secret: Option<crate::crypt::SessionSecret>,
-    hello: Hello,
-    store: &Arc<Store>,
-    pools: &PoolCache,
-    opts: &ServeOptions,
-) {
+/// A push this replica takes part in, from its admission to its report. `up` is the hop from
+/// upstream: authenticated, its HELLO (`hello`) read and checked by [`admit`].
+///
+/// Each step answers upstream itself when it stops the push (a REJECT before ACCEPT, a RESULT
+/// after it) and returns None.
+fn push_session(mut up: Hop, hello: Hello, store: &Arc<Store>, pools: &PoolCache, opts: &ServeOptions) {
     let me = hello.you.clone();
+    let (peer, key_id) = (up.peer.clone(), up.peer_id.clone());
     let span = tracing::info_span!("push", name = %hello.name, version = hello.version, %peer);
     let _enter = span.enter();
     // Written when this function returns, however it returns: refused (the default), or the
     // push's outcome set at the end.
     let mut audit = AuditGuard {
         log: opts.audit.clone(),
-        peer,
-        key_id,
+        peer: &peer,
+        key_id: key_id.as_deref(),
         name: hello.name.clone(),
         version: hello.version,
         bytes: hello.manifest.total_bytes(),
         outcome: "refused",
         reason: None,
     };
-    // Encryption, own entries, rights and the version bound (proto::admission).
-    let peer_info =
-        Peer { authenticated: up_secret.is_some(), key_id, current_version: store.current_version(&hello.name) };
-    let Admit { encrypt, own, origin, limits } = match admission::admit(&hello, &opts.into(), &peer_info) {
-        Ok(admitted) => admitted,
+    let admitted = match admission(&hello, key_id.as_deref(), up.secret.is_some(), store, opts) {
+        Ok(a) => a,
         Err(e) => {
-            tracing::warn!(%peer, "refused: {}", e.message);
-            let _ = audit.reject(&mut conn, &me, e);
+            let _ = audit.reject(&mut up.stream, &me, e);
             return;
         }
     };
-    let routed = !hello.wants.is_empty();
+    let Some(reserved) = reserve(&mut up, &hello, &admitted, store, opts, &mut audit) else { return };
+    // On a refusal downstream the reservation is dropped before answering, so that the caller
+    // can retry the same version at once.
+    let (mut down, haves) = match dial_onward(&hello, &admitted, reserved.held.clone(), opts) {
+        Ok(onward) => onward,
+        Err(Onward::Refused(node, e)) => {
+            drop(reserved);
+            let _ = audit.reject(&mut up.stream, &node, e);
+            return;
+        }
+        Err(Onward::Reports(reports)) => {
+            drop(reserved);
+            audit.reason = Some(summary(&reports));
+            let _ = reject_reports_sealed(&mut up.stream, &reports, up.secret.as_ref());
+            return;
+        }
+    };
+    let accept = if admitted.routed { wire::encode_haves(&haves) } else { Vec::new() };
+    if let Err(e) = up.accept_push(accept) {
+        tracing::warn!("upstream went away before the push started: {e}");
+        return;
+    }
+    let retain = (hello.name.clone(), hello.version, hello.keep);
+    let started = start_session(&mut up, down.as_mut(), hello, admitted, reserved, &haves, pools, opts, &mut audit);
+    let Some((session, watch)) = started else { return };
+    let end = session.run();
+    // The session's staging is gone: published, or kept as a partial.
+    expire_partials(store, opts);
+    watch.finish(opts, &end);
+    finish(&mut up, retain, end, store, &mut audit);
+}
+
+/// What this replica admits a push with (see [`admission`]).
+struct Admitted {
+    /// Chunks travel encrypted (HELLO's `ENCRYPT` flag).
+    encrypt: bool,
+    /// A routed push (HELLO says which entries each node wants).
+    routed: bool,
+    /// The entries this node stores of a routed push: the push's entry -> the staged one, and
+    /// the staged manifest (None: all of it).
+    own: Option<(Vec<Option<usize>>, Manifest)>,
+    /// The key the push started with (HELLO's grant, or the key upstream authenticated with).
+    origin: String,
+    /// The push's rights here (None: no limits).
+    limits: Option<wire::Limits>,
+}
+
+/// Whether this replica takes the push `hello` from a peer that authenticated as `key_id`
+/// (`secured`: the hop has a session secret): the checks are `proto::admission`'s.
+fn admission(
+    hello: &Hello,
+    key_id: Option<&str>,
+    secured: bool,
+    store: &Store,
+    opts: &ServeOptions,
+) -> Result<Admitted, NodeError> {
+    let peer = Peer { authenticated: secured, key_id, current_version: store.current_version(&hello.name) };
+    let Admit { encrypt, own, origin, limits } = admission::admit(hello, &opts.into(), &peer)
+        .inspect_err(|e| tracing::warn!("refused: {}", e.message))?;
+    Ok(Admitted { encrypt, routed: !hello.wants.is_empty(), own, origin, limits })
+}
+
+/// The staging a push reserved here, and what of it this node already holds.
+struct Reserved {
+    /// The staging area the chunks are written to.
+    staging: crate::store::Staging,
+    /// The chunks (push numbering) that need not travel here: resumed or copied locally.
+    held: Vec<(u64, u64)>,
+    /// The chunks the current version of the name has, to copy into the staging.
+    copies: Vec<crate::store::Reuse>,
+}
+
+/// Reserves the staging of the push (resuming a partial one of a routed push), and finds the
+/// chunks this node already holds. None when the push stops here (already held, or refused):
+/// upstream was answered.
+fn reserve(
+    up: &mut Hop,
+    hello: &Hello,
+    admitted: &Admitted,
+    store: &Arc<Store>,
+    opts: &ServeOptions,
+    audit: &mut AuditGuard<'_>,
+) -> Option<Reserved> {
+    let (me, routed, own) = (&hello.you, admitted.routed, admitted.own.as_ref());
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
-    let staged = own.as_ref().map_or(&hello.manifest, |(_, m)| m);
+    let staged = own.map_or(&hello.manifest, |(_, m)| m);
     expire_partials(store, opts);
     // Pushes are idempotent: a routed push (every digest known) of a version published here with
     // the same manifest is answered with a REJECT whose report says "published": this node
@@ -688,30 +702,30 @@ fn push_session(
         tracing::info!("already held: the same manifest is published here; taking no data");
         audit.outcome = "already held";
         let held = [ReplicaReport { node: me.clone(), outcome: wire::Outcome::Published }];
-        let _ = reject_reports_sealed(&mut conn, &held, up_secret.as_ref());
-        return;
+        let _ = reject_reports_sealed(&mut up.stream, &held, up.secret.as_ref());
+        return None;
     }
     let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
         Ok(mut s) => {
-            if limits.as_ref().is_some_and(|l| !l.replace_current) {
+            if admitted.limits.as_ref().is_some_and(|l| !l.replace_current) {
                 s.keep_current();
             }
             s
         }
         Err(e) => {
             tracing::warn!("refused: {e}");
-            let _ = audit.reject(&mut conn, &me, e.to_node_error());
-            return;
+            let _ = audit.reject(&mut up.stream, me, e.to_node_error());
+            return None;
         }
     };
     // A routed push also says which of its chunks this node already holds: those it resumed
     // from a partial staging (journaled, same digest), and those its current version of the
     // name has (copied locally). They do not travel here.
-    let resumed = resumed_chunks(&hello.manifest, own.as_ref().map(|(m, _)| &m[..]), staging.resumed());
+    let resumed = resumed_chunks(&hello.manifest, own.map(|(m, _)| &m[..]), staging.resumed());
     let (mut held, copies) = match (routed, store.current_manifest(&hello.name)) {
         (true, Some((v, old, dir))) => {
             let wanted = hello.wants.first().and_then(Option::as_deref);
-            let map = own.as_ref().map(|(m, _)| &m[..]);
+            let map = own.map(|(m, _)| &m[..]);
             let r = crate::store::find_reuse(&hello.manifest, wanted, map, &old, &dir, &|q| resumed.contains(q));
             tracing::info!(from = v, chunks = r.0.iter().map(|x| x.1).sum::<u64>(), "chunks already held");
             r
@@ -719,83 +733,115 @@ fn push_session(
         _ => (Vec::new(), Vec::new()),
     };
     held.extend((0..resumed.total()).filter(|&q| resumed.contains(q)).map(|q| (q, 1)));
-    // Onward connection, then the rest of the chain's answer, before accepting.
-    let mut down = None;
-    let mut down_secret = None;
+    Some(Reserved { staging, held, copies })
+}
+
+/// For each node from this one to the tail, the chunk ranges (start, count) it already holds.
+type Haves = Vec<Vec<(u64, u64)>>;
+
+/// How the onward dial stopped a push.
+enum Onward {
+    /// A REJECT upstream naming this node: the node that failed, and why.
+    Refused(String, NodeError),
+    /// The nodes after this one refused: their reports go upstream in a REJECT.
+    Reports(Vec<ReplicaReport>),
+}
+
+/// Dials the next node (if any) and hands it the push, narrowed to the nodes after this one.
+/// Returns the hop downstream and, for each node from this one (`held`: this node's) to the
+/// tail, the chunks it holds.
+fn dial_onward(
+    hello: &Hello,
+    admitted: &Admitted,
+    held: Vec<(u64, u64)>,
+    opts: &ServeOptions,
+) -> Result<(Option<Hop>, Haves), Onward> {
     let mut haves = vec![held];
-    if let Some(next) = hello.downstream.first() {
-        // The onward handshake as a whole (connect, authenticate, the rest of the chain's
-        // answer) is bounded: one handshake timeout per node from here to the tail, so that the
-        // nearest node to a silent one times out first and is the one that reports it.
-        let onward_deadline = std::time::Instant::now() + opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
-        // On a refusal the reservation is dropped before answering, so that the caller can
-        // retry the same version at once.
-        let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref(), opts.tls.as_deref()) {
-            Ok((_, None)) if encrypt => {
-                drop(staging);
-                let e = NodeError::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "the push asks for encryption, but this replica reaches {next} unauthenticated: start it with \
-                         --key-file (or --tls-cert, --tls-key and --tls-ca)"
-                    ),
-                );
-                let _ = audit.reject(&mut conn, &me, e);
-                return;
-            }
-            Ok((s, secret)) => {
-                down_secret = secret;
-                s
-            }
-            Err(e) => {
-                tracing::warn!("refused: {e}");
-                drop(staging);
-                let _ = audit.reject(&mut conn, next, e);
-                return;
-            }
-        };
-        let onward = Hello {
-            you: next.clone(),
-            downstream: hello.downstream[1..].to_vec(),
-            wants: hello.wants.iter().skip(1).cloned().collect(),
-            // Only the first replica of an async push reports early; the rest run as usual.
-            mode: wire::Mode::Sync,
-            // The pusher's rights as far as this node knows them: the next node narrows them
-            // with its own rules (this node's key may have more).
-            grant: wire::Grant { origin: origin.to_owned(), limits: limits.clone() },
-            ..hello.clone()
-        };
-        let timeout =
-            onward_deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
-        match handshake(&mut stream, &onward, timeout, down_secret.as_ref()) {
-            Ok(payload) if !routed => drop(payload),
-            Ok(payload) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
-                Ok(h) if h.len() == hello.downstream.len() => haves.extend(h),
-                _ => {
-                    drop(staging);
-                    let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
-                    let _ = audit.reject(&mut conn, next, e);
-                    return;
-                }
-            },
-            Err(reports) => {
-                tracing::warn!("downstream refused: {:?}", reports.first());
-                drop(staging);
-                audit.reason = Some(summary(&reports));
-                let _ = reject_reports_sealed(&mut conn, &reports, up_secret.as_ref());
-                return;
-            }
+    let Some(next) = hello.downstream.first() else { return Ok((None, haves)) };
+    // The onward handshake as a whole (connect, authenticate, the rest of the chain's answer)
+    // is bounded: one handshake timeout per node from here to the tail, so that the nearest
+    // node to a silent one times out first and is the one that reports it.
+    let onward_deadline = std::time::Instant::now() + opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
+    let mut down = match Hop::dial(next, opts.handshake_timeout, opts.key.as_ref(), opts.tls.as_deref()) {
+        Ok(hop) if admitted.encrypt && hop.secret.is_none() => {
+            let e = NodeError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the push asks for encryption, but this replica reaches {next} unauthenticated: start it with \
+                     --key-file (or --tls-cert, --tls-key and --tls-ca)"
+                ),
+            );
+            return Err(Onward::Refused(hello.you.clone(), e));
         }
-        down = Some(stream);
+        Ok(hop) => hop,
+        Err(e) => {
+            tracing::warn!("refused: {e}");
+            return Err(Onward::Refused(next.clone(), e));
+        }
+    };
+    let onward = Hello {
+        you: next.clone(),
+        downstream: hello.downstream[1..].to_vec(),
+        wants: hello.wants.iter().skip(1).cloned().collect(),
+        // Only the first replica of an async push reports early; the rest run as usual.
+        mode: wire::Mode::Sync,
+        // The pusher's rights as far as this node knows them: the next node narrows them
+        // with its own rules (this node's key may have more).
+        grant: wire::Grant { origin: admitted.origin.clone(), limits: admitted.limits.clone() },
+        ..hello.clone()
+    };
+    let timeout = onward_deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
+    match down.handshake(&onward, timeout) {
+        Ok(payload) if !admitted.routed => drop(payload),
+        Ok(payload) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
+            Ok(h) if h.len() == hello.downstream.len() => haves.extend(h),
+            _ => {
+                let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
+                return Err(Onward::Refused(next.clone(), e));
+            }
+        },
+        Err(reports) => {
+            tracing::warn!("downstream refused: {:?}", reports.first());
+            return Err(Onward::Reports(reports));
+        }
     }
-    let accept = if routed { wire::encode_haves(&haves) } else { Vec::new() };
-    let accept = crate::crypt::seal_frame(up_secret.as_ref(), crate::crypt::LABEL_ACCEPT, accept);
-    if let Err(e) = wire::write_frame(&mut conn, Kind::Accept, 0, &accept) {
-        tracing::warn!("upstream went away before the push started: {e}");
-        return;
-    }
-    let manifest = hello.manifest;
-    let route = routed.then(|| Route::for_position(&crate::proto::route::needs(&manifest, &hello.wants, &haves), 1));
+    Ok((Some(down), haves))
+}
+
+/// The reports of a push that failed at `node` after it was accepted: `node` failed with
+/// `error`, the others from this node to the tail were aborted because of it.
+fn failed_at(hello: &Hello, node: &str, error: &NodeError) -> Vec<ReplicaReport> {
+    std::iter::once(hello.you.as_str())
+        .chain(hello.downstream.iter().map(String::as_str))
+        .map(|n| {
+            if n == node {
+                ReplicaReport::failed(n, error.clone())
+            } else {
+                ReplicaReport::failed(n, NodeError::new(ErrorKind::Aborted, format!("push aborted: {node} failed")))
+            }
+        })
+        .collect()
+}
+
+/// Sets up the accepted push's session: the local copies of held chunks, the pool, the links
+/// of both hops (`down`: to the next node), then the session itself. None when that failed:
+/// upstream got a RESULT.
+#[allow(clippy::too_many_arguments)]
+fn start_session<'a>(
+    up: &mut Hop,
+    down: Option<&mut Hop>,
+    hello: Hello,
+    admitted: Admitted,
+    reserved: Reserved,
+    haves: &[Vec<(u64, u64)>],
+    pools: &'a PoolCache,
+    opts: &ServeOptions,
+    audit: &mut AuditGuard<'_>,
+) -> Option<(Session<'a>, Watch)> {
+    let me = hello.you.as_str();
+    let Reserved { staging, copies, .. } = reserved;
+    let route =
+        admitted.routed.then(|| Route::for_position(&crate::proto::route::needs(&hello.manifest, &hello.wants, haves), 1));
     let prefill = if copies.is_empty() {
         None
     } else {
@@ -803,23 +849,18 @@ fn push_session(
             Ok(h) => Some(h),
             Err(e) => {
                 tracing::warn!("cannot reuse held chunks: {e}");
-                let reports = std::iter::once(me.as_str())
+                let reports = std::iter::once(me)
                     .chain(hello.downstream.iter().map(String::as_str))
                     .map(|n| ReplicaReport::failed(n, e.to_node_error()))
                     .collect::<Vec<_>>();
-                let payload = crate::crypt::seal_frame(
-                    up_secret.as_ref(),
-                    crate::crypt::LABEL_RESULT,
-                    wire::encode_reports(&reports),
-                );
-                let _ = wire::write_frame(&mut conn, Kind::Result, 0, &payload);
-                return;
+                let _ = up.send_result(&reports);
+                return None;
             }
         }
     };
     tracing::info!(
-        bytes = manifest.total_bytes(),
-        chunks = manifest.chunk_count(),
+        bytes = hello.manifest.total_bytes(),
+        chunks = hello.manifest.chunk_count(),
         downstream = hello.downstream.len(),
         "receiving"
     );
@@ -831,71 +872,29 @@ fn push_session(
         verify: opts.verify,
         piece_bytes: opts.piece_bytes,
     };
+    let down_secret = down.as_ref().and_then(|d| d.secret.clone());
+    let down_fd = down.as_ref().map(|d| d.stream.as_raw_fd());
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
-    let fail = |conn: &mut TcpStream, node: &str, error: NodeError| {
-        tracing::error!("push failed before it started: {error}");
-        let mut reports = Vec::new();
-        for n in std::iter::once(me.as_str()).chain(hello.downstream.iter().map(String::as_str)) {
-            reports.push(if n == node {
-                ReplicaReport::failed(n, error.clone())
-            } else {
-                ReplicaReport::failed(n, NodeError::new(ErrorKind::Aborted, format!("push aborted: {node} failed")))
-            });
-        }
-        let payload =
-            crate::crypt::seal_frame(up_secret.as_ref(), crate::crypt::LABEL_RESULT, wire::encode_reports(&reports));
-        let _ = wire::write_frame(conn, Kind::Result, 0, &payload);
-    };
-    let mut pool = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
-        Ok(pool) => pool,
-        Err(e) => {
-            let e = NodeError::io("cannot set up the buffer pool", &e);
-            (audit.outcome, audit.reason) = ("failed", Some(e.message.clone()));
-            return fail(&mut conn, &me, e);
+    let (pool, (up_link, dn_link)) = match links(up, down, &hello, &cfg, pools, opts) {
+        Ok(set_up) => set_up,
+        Err(Failed { node, error, reason }) => {
+            tracing::error!("push failed before it started: {error}");
+            (audit.outcome, audit.reason) = ("failed", Some(reason));
+            let _ = up.send_result(&failed_at(&hello, &node, &error));
+            return None;
         }
     };
-    // The transport of the hop from upstream, then of the hop downstream (each hop on its own:
-    // a chain may mix RDMA and TCP).
-    let up_link = match crate::rdma::answer(&mut conn, peer, hello.transport, &opts.rdma, &mut pool) {
-        Ok(l) => l,
-        Err(e) => {
-            (audit.outcome, audit.reason) = ("failed", Some(e.message.clone()));
-            return fail(&mut conn, &me, e);
-        }
-    };
-    let dn_link = match (down.as_mut(), hello.downstream.first()) {
-        (Some(d), Some(next)) => match crate::rdma::offer(d, &me, next, hello.transport, &opts.rdma, &pool) {
-            Ok(l) => l,
-            Err((node, e)) => {
-                (audit.outcome, audit.reason) = ("failed", Some(format!("{node}: {}", e.message)));
-                return fail(&mut conn, &node, e);
-            }
-        },
-        _ => None,
-    };
-    let _ = conn.set_read_timeout(None);
-    // Metrics: the hops' transports, the session, and the per-peer byte counters.
-    let gauges = opts.metrics.as_ref().map(|m| {
-        let up = m.hop(if up_link.is_some() { "rdma" } else { "tcp" }, "upstream");
-        let dn = hello.downstream.first().map(|_| m.hop(if dn_link.is_some() { "rdma" } else { "tcp" }, "downstream"));
-        up.inc();
-        if let Some(g) = &dn {
-            g.inc();
-        }
-        m.sessions.inc();
-        (up, dn)
-    });
-    let started = std::time::Instant::now();
-    let (bytes, chunks) = (manifest.total_bytes(), manifest.chunk_count());
+    let _ = up.stream.set_read_timeout(None);
+    let watch = Watch::start(opts, &hello, up_link.is_some(), dn_link.is_some());
     let superseded = staging.receiving();
     let session = Session::new(
         Role::Replica,
-        &me,
+        me,
         hello.downstream.clone(),
-        manifest,
+        hello.manifest,
         Local::Staging(Some(staging)),
-        Some(conn.as_raw_fd()),
-        down.as_ref().map(AsRawFd::as_raw_fd),
+        Some(up.stream.as_raw_fd()),
+        down_fd,
         cfg,
         None,
         pool,
@@ -903,13 +902,14 @@ fn push_session(
         (up_link, dn_link),
     );
     let session = match route {
-        Some(route) => session.with_route(route, own).with_prefill(prefill),
+        Some(route) => session.with_route(route, admitted.own).with_prefill(prefill),
         None => session,
     }
     .with_superseded(superseded);
     let session = if hello.mode == wire::Mode::Async { session.with_early_report() } else { session };
     let session = if hello.flags.has(wire::HelloFlags::REPAIR) { session.with_stop_on_loss() } else { session };
-    let session = if encrypt {
+    let up_secret = up.secret.clone();
+    let session = if admitted.encrypt {
         session.with_crypt(
             up_secret.as_ref().map(crate::crypt::Opener::new),
             down_secret.as_ref().map(crate::crypt::Sealer::new),
@@ -921,21 +921,90 @@ fn push_session(
     let session = match &opts.metrics {
         Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
             m,
-            peer,
+            &up.peer,
             hello.downstream.first().map_or("", String::as_str),
         )),
         None => session,
     };
-    let end = session.run();
-    // The session's staging is gone: published, or kept as a partial.
-    expire_partials(store, opts);
-    if let (Some(m), Some((up, dn))) = (&opts.metrics, gauges) {
+    Some((session, watch))
+}
+
+/// The link of the hop from upstream and of the hop downstream (None: TCP).
+type Links = (Option<UpLink>, Option<DnLink>);
+
+/// A push that failed after it was accepted and before its session ran.
+struct Failed {
+    /// The node that failed.
+    node: String,
+    /// Why.
+    error: NodeError,
+    /// What the audit log records.
+    reason: String,
+}
+
+/// The session's pool, then the link of the hop from upstream and of the hop downstream (each
+/// hop on its own: a chain may mix RDMA and TCP).
+fn links(
+    up: &mut Hop,
+    down: Option<&mut Hop>,
+    hello: &Hello,
+    cfg: &SessionConfig,
+    pools: &PoolCache,
+    opts: &ServeOptions,
+) -> Result<(crate::pool::Pool, Links), Failed> {
+    let here = |error: NodeError| Failed { node: hello.you.clone(), reason: error.message.clone(), error };
+    let mut pool = pools
+        .get(cfg.pool_bytes, hello.manifest.chunk_size())
+        .map_err(|e| here(NodeError::io("cannot set up the buffer pool", &e)))?;
+    let up_link = up.answer_rdma(hello.transport, &opts.rdma, &mut pool).map_err(here)?;
+    let dn_link =
+        match down {
+            Some(d) => d
+                .offer_rdma(&hello.you, hello.transport, &opts.rdma, &pool)
+                .map_err(|(node, error)| Failed { reason: format!("{node}: {}", error.message), node, error })?,
+            None => None,
+        };
+    Ok((pool, (up_link, dn_link)))
+}
+
+/// The push's metrics while its session runs: the gauges of its hops and of the sessions, then
+/// its outcome, throughput and chunk latency.
+struct Watch {
+    /// The upstream hop's gauge and the downstream hop's (None: no metrics).
+    gauges: Option<(Gauge, Option<Gauge>)>,
+    /// When the session started.
+    started: std::time::Instant,
+    /// The push's bytes and chunks.
+    size: (u64, u64),
+}
+
+impl Watch {
+    /// Counts the session and its hops (`up_rdma`, `dn_rdma`: which of them run RDMA).
+    fn start(opts: &ServeOptions, hello: &Hello, up_rdma: bool, dn_rdma: bool) -> Self {
+        // Metrics: the hops' transports, the session, and the per-peer byte counters.
+        let gauges = opts.metrics.as_ref().map(|m| {
+            let up = m.hop(if up_rdma { "rdma" } else { "tcp" }, "upstream");
+            let dn = hello.downstream.first().map(|_| m.hop(if dn_rdma { "rdma" } else { "tcp" }, "downstream"));
+            up.inc();
+            if let Some(g) = &dn {
+                g.inc();
+            }
+            m.sessions.inc();
+            (up, dn)
+        });
+        let size = (hello.manifest.total_bytes(), hello.manifest.chunk_count());
+        Self { gauges, started: std::time::Instant::now(), size }
+    }
+
+    /// The session ended with `end`.
+    fn finish(self, opts: &ServeOptions, end: &SessionEnd) {
+        let (Some(m), Some((up, dn))) = (&opts.metrics, self.gauges) else { return };
         up.dec();
         if let Some(g) = dn {
             g.dec();
         }
         m.sessions.dec();
-        let outcome = match &end {
+        let outcome = match end {
             SessionEnd::Finished(r) if r.first().is_some_and(|r| r.outcome == wire::Outcome::Published) => "published",
             SessionEnd::Finished(_) => "failed",
             SessionEnd::Aborted(_) => "aborted",
@@ -943,11 +1012,18 @@ fn push_session(
         };
         m.push_outcome(outcome);
         if outcome == "published" {
-            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            let (bytes, chunks) = self.size;
+            let secs = self.started.elapsed().as_secs_f64().max(1e-6);
             m.hop_throughput.observe(bytes as f64 / secs);
             m.chunk_latency.observe(secs / chunks.max(1) as f64);
         }
     }
+}
+
+/// After the session `end`ed (its RESULT went upstream): closes the hop from upstream, keeps
+/// the name's versions to `keep` (`retain`: name, version, keep), and records the outcome.
+fn finish(up: &mut Hop, retain: (String, u64, u32), end: SessionEnd, store: &Store, audit: &mut AuditGuard<'_>) {
+    let (name, version, keep) = retain;
     match end {
         SessionEnd::Finished(reports) => {
             tracing::info!("push finished: {}", summary(&reports));
@@ -957,13 +1033,13 @@ fn push_session(
                 Some(wire::Outcome::Failed(e)) => ("failed", Some(e.message)),
                 _ => ("failed", Some(summary(&reports))),
             };
-            linger_close(&mut conn);
-            store.retain(&hello.name, (hello.keep > 0).then_some(hello.keep as usize), hello.version);
+            linger_close(&mut up.stream);
+            store.retain(&name, (keep > 0).then_some(keep as usize), version);
         }
         SessionEnd::Aborted(e) => {
             tracing::warn!("push aborted: {e}");
             (audit.outcome, audit.reason) = ("aborted", Some(e.message.clone()));
-            linger_close(&mut conn);
+            linger_close(&mut up.stream);
         }
         SessionEnd::UpstreamLost(why) => {
             tracing::warn!("push abandoned, nothing published: {why}");
@@ -1086,7 +1162,7 @@ pub fn status(
     key: Option<&crate::auth::ClusterKey>,
     tls: Option<&crate::tls::TlsIdentity>,
 ) -> Result<Vec<wire::SetStatus>, NodeError> {
-    let (mut s, _) = connect(node, timeout, key, tls)?;
+    let mut s = Hop::dial(node, timeout, key, tls)?.stream;
     let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
     s.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
     wire::write_frame(&mut s, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;

@@ -1,0 +1,398 @@
+//! One hop: a connection between two nodes of the chain, from dial or accept to close.
+//!
+//! [`Hop::dial`] connects to the next node and authenticates (a cluster key, or mutual TLS);
+//! [`Hop::handshake`] then sends it HELLO and waits for the chain's answer. On the other end
+//! [`Hop::accept`] authenticates the peer and reads its first frame; the replica answers with
+//! [`Hop::accept_push`] (or a REJECT). After ACCEPT the two ends negotiate the hop's link
+//! ([`Hop::offer_rdma`] upstream, [`Hop::answer_rdma`] downstream): RDMA when both can, else TCP.
+//!
+//! - `auth`, `tls`: who is at the other end, and the hop's session secret;
+//! - `crypt`: what that secret protects (the handshake frames' MACs, sealed chunks);
+//! - `policy`: which transport a push allows (`--transport auto|tcp|rdma`);
+//! - `rdma`: the per-hop negotiation of an RDMA link and its two ends;
+//! - `error`: why the accepting side refused a peer.
+
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod crypt;
+pub mod error;
+pub mod policy;
+// Two calls into `unsafe` functions (registering the pool with the NIC, placing it on the NIC's
+// NUMA node) are left here until the verbs and numa wrappers (src/sys/) take safe arguments.
+#[allow(unsafe_code)]
+pub mod rdma;
+pub mod tls;
+
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::error::{ErrorKind, NodeError};
+use crate::pool::Pool;
+use crate::wire::{self, Frame, Hello, Kind, Outcome, ReadFrameError, ReplicaReport};
+use auth::ClusterKey;
+use crypt::SessionSecret;
+pub use error::HandshakeError;
+use policy::Transport;
+use rdma::{DnLink, RdmaConfig, UpLink};
+use tls::TlsIdentity;
+
+/// The MAC label of a REJECT that says a node already holds the version (its report is
+/// "published").
+pub(crate) const LABEL_HELD: &[u8] = b"shardcast held";
+
+/// The most an AUTH frame carries (what a peer may send before it is authenticated).
+const MAX_AUTH: u32 = 1024;
+
+/// One authenticated connection to the next or the previous node.
+#[derive(Debug)]
+pub(crate) struct Hop {
+    /// The TCP connection: the control connection, and the data path on a TCP link.
+    pub stream: TcpStream,
+    /// The node at the other end: its address as the chain names it (dialed), or the peer's
+    /// socket address (accepted).
+    pub peer: String,
+    /// The key id or certificate id the peer authenticated with (accepted hops only).
+    pub peer_id: Option<String>,
+    /// The hop's session secret (from the key or TLS authentication; None: unauthenticated):
+    /// the handshake frames' MACs and, on an encrypted push, the chunks' keys.
+    pub secret: Option<SessionSecret>,
+}
+
+/// What the accepting side requires of a peer before its first frame counts.
+#[derive(Debug)]
+pub(crate) struct AcceptPolicy<'a> {
+    /// The cluster keys a peer may prove it holds (none: no key authentication).
+    pub keys: Vec<&'a ClusterKey>,
+    /// Mutual TLS instead of a key.
+    pub tls: Option<&'a TlsIdentity>,
+    /// How long the peer may take for each step.
+    pub timeout: Duration,
+    /// The most an authenticated peer's first frame (its HELLO) may carry.
+    pub max_frame: u32,
+}
+
+/// A handshake the accepting side refused, with the connection to tell the peer on.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    /// The connection.
+    pub stream: TcpStream,
+    /// Why.
+    pub error: HandshakeError,
+}
+
+impl Hop {
+    /// Connects to `node` within `timeout` and, with a cluster key or a TLS identity,
+    /// authenticates both ways (the hop's session secret comes from that).
+    pub(crate) fn dial(
+        node: &str,
+        timeout: Duration,
+        key: Option<&ClusterKey>,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Self, NodeError> {
+        let mut stream = connect_plain(node, timeout)?;
+        let secret = match (tls, key) {
+            (Some(id), _) => Some(tls::client(&mut stream, node, id, timeout)?),
+            (None, Some(k)) => Some(auth::client(&mut stream, node, k, timeout)?),
+            (None, None) => None,
+        };
+        Ok(Self { stream, peer: node.to_owned(), peer_id: None, secret })
+    }
+
+    /// Sends HELLO to the node dialed and waits for the whole chain's answer.
+    /// Returns ACCEPT's payload (a routed push's have-sets; empty otherwise), or the reports of
+    /// a REJECT.
+    pub(crate) fn handshake(&mut self, hello: &Hello, timeout: Duration) -> Result<Vec<u8>, Vec<ReplicaReport>> {
+        let (stream, secret) = (&mut self.stream, self.secret.as_ref());
+        let node = hello.you.clone();
+        let lost = |e: &dyn std::fmt::Display| {
+            vec![ReplicaReport::failed(
+                &node,
+                NodeError::new(
+                    ErrorKind::ConnectionLost,
+                    format!("connection to {node} lost during the handshake: {e}"),
+                ),
+            )]
+        };
+        stream.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
+        let payload = crypt::seal_frame(secret, crypt::LABEL_HELLO, hello.encode());
+        wire::write_frame(stream, Kind::Hello, 0, &payload).map_err(|e| lost(&e))?;
+        let frame = wire::read_frame(stream).map_err(|e| match e {
+            ReadFrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                vec![ReplicaReport::failed(
+                    &node,
+                    NodeError::new(ErrorKind::Stalled, format!("{node} did not answer within {} s", timeout.as_secs())),
+                )]
+            }
+            e => lost(&e),
+        })?;
+        stream.set_read_timeout(None).map_err(|e| lost(&e))?;
+        match frame.header.kind {
+            // What each node already holds (a routed push) decides what travels: authenticated.
+            Kind::Accept => match crypt::open_frame(secret, crypt::LABEL_ACCEPT, &frame.payload) {
+                Ok(body) => Ok(body.to_vec()),
+                Err(_) => Err(vec![ReplicaReport::failed(
+                    &node,
+                    NodeError::new(
+                        ErrorKind::Unauthorized,
+                        format!("the ACCEPT from {node} does not authenticate: changed in transit, or not from {node}"),
+                    ),
+                )]),
+            },
+            Kind::Reject => Err(rejected(&node, secret, &frame.payload)),
+            k => Err(vec![ReplicaReport::failed(
+                &node,
+                NodeError::new(ErrorKind::Protocol, format!("{node} answered HELLO with {}", k.name())),
+            )]),
+        }
+    }
+
+    /// Takes a connection a peer opened: authenticates it as `policy` says and reads its first
+    /// frame after that (a HELLO or a STATUS_REQ, when the peer behaves).
+    pub(crate) fn accept(
+        mut stream: TcpStream,
+        peer: &str,
+        policy: &AcceptPolicy<'_>,
+    ) -> Result<(Self, Frame), Refused> {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(policy.timeout));
+        match authenticate(&mut stream, peer, policy) {
+            Ok((peer_id, secret, frame)) => Ok((Self { stream, peer: peer.to_owned(), peer_id, secret }, frame)),
+            Err(error) => Err(Refused { stream, error }),
+        }
+    }
+
+    /// The payload of the peer's HELLO `frame`, checked against the hop's key.
+    pub(crate) fn open_hello<'a>(&self, frame: &'a Frame) -> Result<&'a [u8], HandshakeError> {
+        crypt::open_frame(self.secret.as_ref(), crypt::LABEL_HELLO, &frame.payload).map_err(|_| {
+            HandshakeError::Unauthorized(
+                "HELLO does not authenticate under this connection's key: changed in transit".into(),
+            )
+        })
+    }
+
+    /// Accepts the push upstream: ACCEPT with `payload` (a routed push's have-sets), under the
+    /// hop's MAC.
+    pub(crate) fn accept_push(&mut self, payload: Vec<u8>) -> io::Result<()> {
+        let accept = crypt::seal_frame(self.secret.as_ref(), crypt::LABEL_ACCEPT, payload);
+        wire::write_frame(&mut self.stream, Kind::Accept, 0, &accept)
+    }
+
+    /// Sends upstream the RESULT `reports`, under the hop's MAC.
+    pub(crate) fn send_result(&mut self, reports: &[ReplicaReport]) -> io::Result<()> {
+        let payload = crypt::seal_frame(self.secret.as_ref(), crypt::LABEL_RESULT, wire::encode_reports(reports));
+        wire::write_frame(&mut self.stream, Kind::Result, 0, &payload)
+    }
+
+    /// The downstream end of the link: answers upstream's TRANSPORT offer (RDMA when both
+    /// ends can and `policy` allows it; None: chunks come over TCP).
+    pub(crate) fn answer_rdma(
+        &mut self,
+        policy: Transport,
+        cfg: &RdmaConfig,
+        pool: &mut Pool,
+    ) -> Result<Option<UpLink>, NodeError> {
+        rdma::answer(&mut self.stream, &self.peer, policy, cfg, pool)
+    }
+
+    /// The upstream end of the link: offers RDMA to the node dialed, as `me` (None: chunks go
+    /// over TCP). The error names the node that failed.
+    pub(crate) fn offer_rdma(
+        &mut self,
+        me: &str,
+        policy: Transport,
+        cfg: &RdmaConfig,
+        pool: &Pool,
+    ) -> Result<Option<DnLink>, (String, NodeError)> {
+        rdma::offer(&mut self.stream, me, &self.peer, policy, cfg, pool)
+    }
+}
+
+/// The reports of a REJECT from `node`. One that says "published" (a node already holds this
+/// version) carries a MAC on an authenticated connection, like RESULT: who published must not
+/// be forgeable.
+fn rejected(node: &str, secret: Option<&SessionSecret>, payload: &[u8]) -> Vec<ReplicaReport> {
+    let held = secret.and_then(|_| crypt::open_frame(secret, LABEL_HELD, payload).ok());
+    let mut reports = wire::decode_reports(held.unwrap_or(payload)).unwrap_or_else(|e| {
+        vec![ReplicaReport::failed(node, NodeError::new(ErrorKind::Protocol, format!("{node} sent a bad REJECT: {e}")))]
+    });
+    if secret.is_some() && held.is_none() {
+        for r in &mut reports {
+            if r.outcome == Outcome::Published {
+                r.outcome = Outcome::Failed(NodeError::new(
+                    ErrorKind::Unauthorized,
+                    format!("{} said it already holds the version without authenticating it", r.node),
+                ));
+            }
+        }
+    }
+    reports
+}
+
+/// Connects to `node` within `timeout`, trying each address it resolves to.
+fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        NodeError::new(ErrorKind::Unreachable, format!("unreachable: {e} (is `shardcast serve` running at {node}?)"))
+    };
+    let addrs = node.to_socket_addrs().map_err(|e| unreachable(&e))?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(unreachable(&last))
+}
+
+/// The accepting side's authentication: mutual TLS, or a cluster key's challenge, as `policy`
+/// requires; then the peer's first frame after it. Returns who the peer proved to be, the
+/// hop's secret, and that frame.
+fn authenticate(
+    stream: &mut TcpStream,
+    peer: &str,
+    policy: &AcceptPolicy<'_>,
+) -> Result<(Option<String>, Option<SessionSecret>, Frame), HandshakeError> {
+    let unauthorized = |why: &str| Err(HandshakeError::Unauthorized(why.to_owned()));
+    let (mut peer_id, mut secret) = (None, None);
+    if let Some(id) = policy.tls {
+        // A peer speaking shardcast frames without TLS is told so in a frame it can read.
+        let mut first = [0u8; 4];
+        if stream.peek(&mut first).is_ok_and(|n| n == 4) && first == wire::MAGIC {
+            return unauthorized("this replica requires mutual TLS: connect with --tls-cert, --tls-key and --tls-ca");
+        }
+        let (id, s) = tls::server(stream, id, policy.timeout).map_err(HandshakeError::Tls)?;
+        tracing::debug!(%peer, cert = %id, "peer authenticated (mutual TLS)");
+        (peer_id, secret) = (Some(id), Some(s));
+    }
+    // A frame at most `max` bytes long: before a peer is authenticated, only AUTH's size.
+    let read = |stream: &mut TcpStream, max: u32| {
+        wire::read_frame_max(stream, max).map_err(|e| match e {
+            ReadFrameError::Io(e) => HandshakeError::Closed(e),
+            ReadFrameError::Wire(e) => HandshakeError::BadFrame(e),
+        })
+    };
+    let first_max = if policy.keys.is_empty() || policy.tls.is_some() { policy.max_frame } else { MAX_AUTH };
+    let mut frame = read(stream, first_max)?;
+    // With a cluster key, nothing but a peer that proves it holds the key gets further.
+    match (policy.keys.first(), frame.header.kind) {
+        _ if policy.tls.is_some() && frame.header.kind == Kind::Auth => {
+            return unauthorized("this replica authenticates with mutual TLS, not a cluster key");
+        }
+        _ if policy.tls.is_some() => {}
+        (Some(_), Kind::Auth) => {
+            let (id, s) = auth::server(stream, &frame.payload, &policy.keys, policy.timeout)
+                .map_err(HandshakeError::Unauthorized)?;
+            tracing::debug!(%peer, key = %id, "peer authenticated");
+            (peer_id, secret) = (Some(id), Some(s));
+            frame = read(stream, policy.max_frame)?;
+        }
+        // Which key is not said to a peer that has not proved it holds one.
+        (Some(_), _) => {
+            return unauthorized("authentication required: this replica needs its cluster key (--key-file)");
+        }
+        (None, Kind::Auth) => {
+            return unauthorized("this replica has no cluster key: start it with --key-file, or push without one");
+        }
+        (None, _) => {}
+    }
+    Ok((peer_id, secret, frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::manifest::Manifest;
+    use crate::wire::{Grant, HelloFlags, Mode};
+
+    fn hello(you: &str) -> Hello {
+        let (manifest, _) = Manifest::plan_for_files(1 << 20, &[("a.bin", 3 << 20)]).unwrap();
+        Hello {
+            name: "ckpt".into(),
+            version: 1,
+            mode: Mode::Sync,
+            transport: Transport::Tcp,
+            keep: 0,
+            flags: HelloFlags::default(),
+            you: you.into(),
+            downstream: Vec::new(),
+            manifest,
+            wants: Vec::new(),
+            grant: Grant::default(),
+        }
+    }
+
+    /// One replica-side handshake on a thread: accepts under `keys`, and answers a HELLO that
+    /// opens with ACCEPT("held"). Returns who the peer proved to be, or the refusal.
+    fn serve_once(keys: Vec<ClusterKey>) -> (String, std::thread::JoinHandle<Result<Option<String>, String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (conn, peer) = listener.accept().unwrap();
+            let policy = AcceptPolicy {
+                keys: keys.iter().collect(),
+                tls: None,
+                timeout: Duration::from_secs(10),
+                max_frame: 64 << 20,
+            };
+            let (mut hop, frame) = Hop::accept(conn, &peer.to_string(), &policy).map_err(|r| {
+                if let Some(e) = r.error.reply() {
+                    let mut stream = r.stream;
+                    let _ = wire::write_frame(
+                        &mut stream,
+                        Kind::Reject,
+                        0,
+                        &wire::encode_reports(&[ReplicaReport::failed("r", e)]),
+                    );
+                }
+                r.error.to_string()
+            })?;
+            assert_eq!(frame.header.kind, Kind::Hello);
+            let payload = hop.open_hello(&frame).map_err(|e| e.to_string())?;
+            assert_eq!(Hello::decode(payload).unwrap().you, "r:1");
+            hop.accept_push(b"held".to_vec()).unwrap();
+            Ok(hop.peer_id)
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn dial_and_accept_agree_on_the_key_and_authenticate_hello_and_accept() {
+        let key = ClusterKey::from_secret(b"a cluster key of enough length");
+        let (addr, replica) = serve_once(vec![key.clone()]);
+        let mut hop = Hop::dial(&addr, Duration::from_secs(10), Some(&key), None).unwrap();
+        assert!(hop.secret.is_some());
+        assert_eq!(hop.handshake(&hello("r:1"), Duration::from_secs(10)).unwrap(), b"held");
+        assert_eq!(replica.join().unwrap().unwrap().as_deref(), Some(key.id()));
+    }
+
+    #[test]
+    fn accept_refuses_a_peer_without_the_key_and_says_why() {
+        let (addr, replica) = serve_once(vec![ClusterKey::from_secret(b"a cluster key of enough length")]);
+        let mut hop = Hop::dial(&addr, Duration::from_secs(10), None, None).unwrap();
+        assert!(hop.secret.is_none());
+        let reports = hop.handshake(&hello("r:1"), Duration::from_secs(10)).unwrap_err();
+        let why = "authentication required: this replica needs its cluster key (--key-file)";
+        assert!(
+            matches!(&reports[0].outcome, Outcome::Failed(e) if e.kind == ErrorKind::Unauthorized && e.message == why)
+        );
+        assert_eq!(replica.join().unwrap().unwrap_err(), why);
+    }
+
+    #[test]
+    fn accept_refuses_a_key_it_does_not_hold() {
+        let (addr, replica) = serve_once(vec![ClusterKey::from_secret(b"the replica's own cluster key")]);
+        let other = ClusterKey::from_secret(b"another cluster key entirely");
+        let e = Hop::dial(&addr, Duration::from_secs(10), Some(&other), None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthorized);
+        let why = replica.join().unwrap().unwrap_err();
+        assert!(why.starts_with("wrong cluster key"), "{why}");
+        assert!(e.message.contains(&why), "{}", e.message);
+    }
+}
