@@ -11,4 +11,4 @@ pub mod verbs;
 // The paths from before the hop had a module of its own (`shardcast::rdma::RdmaConfig`,
 // `crate::rdma::UpLink`), until their callers move to `crate::hop::rdma`.
 pub use crate::hop::rdma::{DnLink, RdmaConfig, UpLink};
-pub use verbs::{Endpoint, PeerInfo, VerbsError, WorkCompletion};
+pub use verbs::{Access, Endpoint, PeerInfo, VerbsError, WorkCompletion};
