@@ -30,6 +30,7 @@
 pub mod audit;
 pub mod auth;
 pub mod chain;
+pub mod credentials;
 pub mod crypt;
 pub mod error;
 pub mod io;
@@ -51,6 +52,7 @@ pub mod transport;
 pub mod wire;
 
 pub use chain::MemoryData;
+pub use credentials::Auth;
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};

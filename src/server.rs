@@ -55,13 +55,12 @@ pub struct ServeOptions {
     pub rdma: crate::rdma::RdmaConfig,
     /// Prometheus metrics to update (`serve --metrics`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
-    /// The cluster key every peer must prove it holds (None: no authentication).
-    pub key: Option<crate::auth::ClusterKey>,
+    /// How every peer must authenticate: prove it holds the cluster key (`--key-file`; the
+    /// key is also the one used downstream), present a certificate from the CA (`--tls-cert`,
+    /// `--tls-key`, `--tls-ca`), or not at all.
+    pub auth: crate::credentials::Auth,
     /// Accept only pushes that encrypt their chunks (`serve --encrypt`).
     pub require_encrypt: bool,
-    /// Mutual TLS instead of the cluster key (`--tls-cert`, `--tls-key`, `--tls-ca`): every
-    /// connection must present a certificate from the CA.
-    pub tls: Option<Arc<crate::tls::TlsIdentity>>,
     /// Where every push and refusal is recorded (JSON lines).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Most bytes the pushes being received may add up to (0: no limit).
@@ -70,8 +69,8 @@ pub struct ServeOptions {
     pub partial_max_age: Option<Duration>,
     /// Partial stagings beyond this many bytes in all are removed, oldest first (0: no cap).
     pub partial_max_bytes: u64,
-    /// More keys this replica accepts, each limited to some names (`--acl`); `key` (when set)
-    /// may push anything.
+    /// More keys this replica accepts, each limited to some names (`--acl`); the cluster key of
+    /// `auth` (when set) may push anything.
     pub acl: Vec<crate::auth::AclEntry>,
     /// Most connections at once that have not finished their handshake (not yet authenticated
     /// and admitted); counted apart from sessions, so that slow peers cannot take the session
@@ -111,9 +110,8 @@ impl ServeOptions {
             piece_bytes: crate::chain::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
-            key: None,
+            auth: crate::credentials::Auth::None,
             require_encrypt: false,
-            tls: None,
             audit: None,
             max_staging: 0,
             partial_max_age: Some(Duration::from_secs(24 * 3600)),
@@ -516,7 +514,7 @@ fn handle(
     };
     let mut key_id = None;
     let mut secret = None;
-    if let Some(tls) = &opts.tls {
+    if let Some(tls) = opts.auth.tls() {
         // A peer speaking shardcast frames without TLS is told so in a frame it can read.
         let mut first = [0u8; 4];
         let _ = conn.set_read_timeout(Some(opts.handshake_timeout));
@@ -540,8 +538,9 @@ fn handle(
             }
         }
     }
-    let keys: Vec<&crate::auth::ClusterKey> = opts.key.iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
-    let first_max = if keys.is_empty() || opts.tls.is_some() { opts.max_manifest } else { MAX_AUTH };
+    let keys: Vec<&crate::auth::ClusterKey> =
+        opts.auth.key().into_iter().chain(opts.acl.iter().map(|e| &e.key)).collect();
+    let first_max = if keys.is_empty() || opts.auth.tls().is_some() { opts.max_manifest } else { MAX_AUTH };
     let Some(mut frame) = read(&mut conn, first_max) else { return };
     // With a cluster key, nothing but a peer that proves it holds the key gets further.
     let unauthorized = |conn: &mut TcpStream, why: String| {
@@ -550,10 +549,10 @@ fn handle(
         let _ = reject(conn, me, NodeError::new(ErrorKind::Unauthorized, why));
     };
     match (keys.first(), frame.header.kind) {
-        _ if opts.tls.is_some() && frame.header.kind == Kind::Auth => {
+        _ if opts.auth.tls().is_some() && frame.header.kind == Kind::Auth => {
             return unauthorized(&mut conn, "this replica authenticates with mutual TLS, not a cluster key".into());
         }
-        _ if opts.tls.is_some() => {}
+        _ if opts.auth.tls().is_some() => {}
         (Some(_), Kind::Auth) => match crate::auth::server(&mut conn, &frame.payload, &keys, opts.handshake_timeout) {
             Ok((id, s)) => {
                 tracing::debug!(%peer, key = %id, "peer authenticated");
@@ -705,7 +704,7 @@ fn push_session(
     // narrowed by this replica's ACL rule for the key the peer authenticated with and for the
     // key the push started with. A relay forwards on the pusher's behalf, never with more.
     let rule = |id: &str| {
-        let limited = opts.key.as_ref().is_none_or(|k| k.id() != id);
+        let limited = opts.auth.key().is_none_or(|k| k.id() != id);
         limited.then(|| opts.acl.iter().find(|e| e.key.id() == id).map(crate::auth::AclEntry::limits)).flatten()
     };
     let origin = if hello.grant.origin.is_empty() { key_id.unwrap_or_default() } else { &hello.grant.origin };
@@ -802,7 +801,7 @@ fn push_session(
         let onward_deadline = std::time::Instant::now() + opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
         // On a refusal the reservation is dropped before answering, so that the caller can
         // retry the same version at once.
-        let mut stream = match connect(next, opts.handshake_timeout, opts.key.as_ref(), opts.tls.as_deref()) {
+        let mut stream = match connect(next, opts.handshake_timeout, opts.auth.key(), opts.auth.tls()) {
             Ok((_, None)) if encrypt => {
                 drop(staging);
                 let e = NodeError::new(
