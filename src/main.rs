@@ -3,6 +3,8 @@
 //! A thin binary over the library: the flags, the config file, one file per subcommand and the
 //! output are in `cli/`; exit codes are documented there and in the README.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -60,8 +60,12 @@ pub(crate) fn apply_config_file() -> Result<(), String> {
                 other => return Err(format!("config file {shown}: [{section}] {key}: unsupported value {other}")),
             };
             if sub.as_deref() == Some(section.as_str()) && std::env::var_os(env).is_none() {
+                // The binary's one `unsafe` (set_var is unsafe in edition 2024).
                 // SAFETY: called first thing in main, before any other thread exists.
-                unsafe { std::env::set_var(env, text) };
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::env::set_var(env, text)
+                };
             }
         }
     }
