@@ -29,6 +29,7 @@
 
 pub mod audit;
 pub mod chain;
+pub mod credentials;
 pub mod error;
 pub mod hop;
 pub mod io;
@@ -48,6 +49,7 @@ pub mod wire;
 
 pub use chain::MemoryData;
 // The hop's parts under their old paths (`shardcast::auth::ClusterKey`, `crate::crypt::...`).
+pub use credentials::Auth;
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use hop::policy as transport;
 pub use hop::{auth, crypt, tls};

@@ -160,7 +160,7 @@ fn newest_done(opts: &MirrorOptions) -> Option<u64> {
     let need = p.min_replicas.unwrap_or(if p.mode == crate::wire::Mode::Async { 1 } else { p.to.len() }).max(1);
     let mut holders: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
     for node in &p.to {
-        let Ok(sets) = crate::server::status(node, p.connect_timeout, p.key.as_ref(), p.tls.as_deref()) else {
+        let Ok(sets) = crate::server::status(node, p.connect_timeout, p.auth.key(), p.auth.tls()) else {
             continue;
         };
         for v in sets.into_iter().filter(|s| s.name == p.name).flat_map(|s| s.versions) {

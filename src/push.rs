@@ -3,11 +3,10 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::ClusterKey;
 use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
+use crate::credentials::Auth;
 use crate::error::{ErrorKind, ManifestError, NodeError, PushError};
 use crate::hop::Hop;
 use crate::io::IoChoice;
@@ -59,13 +58,12 @@ pub struct PushOptions {
     pub repair: bool,
     /// How many replicas must publish for the push to count as a success (None: all).
     pub min_replicas: Option<usize>,
-    /// The cluster key every hop authenticates with (None: no authentication).
-    pub key: Option<ClusterKey>,
+    /// How every hop authenticates: a cluster key (`--key-file`), mutual TLS (`--tls-cert`,
+    /// `--tls-key`, `--tls-ca`) or not at all.
+    pub auth: Auth,
     /// Encrypt chunks on every hop (AES-256-GCM, per-hop keys from the authentication; needs
-    /// `key` or `tls`, and means TCP on every hop).
+    /// `auth`, and means TCP on every hop).
     pub encrypt: bool,
-    /// Mutual TLS instead of the cluster key (`--tls-cert`, `--tls-key`, `--tls-ca`).
-    pub tls: Option<Arc<crate::tls::TlsIdentity>>,
 }
 
 impl PushOptions {
@@ -88,9 +86,8 @@ impl PushOptions {
             incremental: false,
             repair: true,
             min_replicas: None,
-            key: None,
+            auth: Auth::None,
             encrypt: false,
-            tls: None,
         }
     }
 }
@@ -477,7 +474,7 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
     // of is refused here, not rounded up.
     crate::pool::check_budget(opts.pool_bytes, opts.chunk_size)
         .map_err(|why| PushError::BadInput(format!("{why} (--pool-mb, --chunk-size)")))?;
-    if opts.encrypt && opts.key.is_none() && opts.tls.is_none() {
+    if opts.encrypt && opts.auth.is_none() {
         return Err(PushError::BadInput(
             "--encrypt needs a cluster key (--key-file) or mutual TLS (--tls-cert, --tls-key, --tls-ca): each \
              hop's key comes from its authentication"
@@ -523,7 +520,7 @@ fn run_push(
         .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
 
     let first = opts.to[0].clone();
-    let mut hop = Hop::dial(&first, opts.connect_timeout, opts.key.as_ref(), opts.tls.as_deref())
+    let mut hop = Hop::dial(&first, opts.connect_timeout, opts.auth.key(), opts.auth.tls())
         .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
     let hello = Hello {
         name: opts.name.clone(),
@@ -540,7 +537,7 @@ fn run_push(
         manifest: manifest.clone(),
         wants: wants.clone(),
         // The replicas know the key's limits (from their ACL); the primary claims none.
-        grant: wire::Grant { origin: opts.key.as_ref().map(|k| k.id().to_owned()).unwrap_or_default(), limits: None },
+        grant: wire::Grant { origin: opts.auth.key().map(|k| k.id().to_owned()).unwrap_or_default(), limits: None },
     };
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.

@@ -141,3 +141,29 @@ fn peers_without_a_certificate_from_the_ca_are_refused() {
     c.assert_published(&src, "good", 1);
     assert!(c.logs().contains("mutual TLS failed"), "{}", c.logs());
 }
+
+/// A node holds one way to authenticate: `serve` with TLS and an ACL (which lists cluster keys)
+/// is a usage error, and so is `serve` with TLS and a key file, before anything listens.
+#[test]
+fn serve_refuses_tls_with_an_acl_or_a_key_file() {
+    let t = tempdir();
+    let pki = make_pki(t.path(), "site");
+    let key = t.path().join("k");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef-key").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let acl = t.path().join("acl.toml");
+    std::fs::write(&acl, "[[key]]\nfile = \"k\"\nnames = [\"ckpt-\"]\n").unwrap();
+    let serve = |extra: &[&std::ffi::OsStr]| {
+        let mut cmd = shardcast();
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--root"]).arg(t.path().join("root"));
+        cmd.arg("--tls-cert").arg(&pki.cert).arg("--tls-key").arg(&pki.key).arg("--tls-ca").arg(&pki.ca);
+        run(cmd.args(extra))
+    };
+    let out = serve(&["--acl".as_ref(), acl.as_os_str()]);
+    assert_eq!(code(&out), 2, "{}", show_output(&out));
+    assert!(all_output(&out).contains("--acl lists cluster keys"), "{}", show_output(&out));
+    let out = serve(&["--key-file".as_ref(), key.as_os_str()]);
+    assert_eq!(code(&out), 2, "{}", show_output(&out));
+    assert!(all_output(&out).contains("two ways to authenticate"), "{}", show_output(&out));
+    assert!(!all_output(&out).contains("listening on"), "{}", show_output(&out));
+}

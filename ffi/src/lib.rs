@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use shardcast::chain::Progress;
 use shardcast::server::ServerHandle;
 use shardcast::wire::Outcome;
-use shardcast::{ErrorKind, PushError, PushOptions, PushReport, ServeOptions, Server};
+use shardcast::{Auth, ErrorKind, PushError, PushOptions, PushReport, ServeOptions, Server};
 
 /// Success.
 pub const SC_OK: i32 = 0;
@@ -230,14 +230,9 @@ pub unsafe extern "C" fn sc_server_start(opts: *const ScServerOpts, out: *mut *m
         if o.idle_timeout_s > 0 {
             so.idle_timeout = Duration::from_secs(u64::from(o.idle_timeout_s));
         }
-        // SAFETY: NULL or NUL-terminated by the caller's contract.
-        so.key = unsafe { key_arg(o.key_file) }?;
+        // SAFETY: each NULL or NUL-terminated by the caller's contract.
+        so.auth = unsafe { auth_arg(o.key_file, o.tls_cert, o.tls_key, o.tls_ca) }?;
         so.require_encrypt = o.require_encrypt != 0;
-        // SAFETY: NULL or NUL-terminated by the caller's contract.
-        so.tls = unsafe { tls_arg(o.tls_cert, o.tls_key, o.tls_ca) }?;
-        if so.tls.is_some() && so.key.is_some() {
-            return Err(invalid("key_file and tls_cert are two ways to authenticate: give one of them"));
-        }
         let server = Server::bind(so).map_err(|e| (SC_ERR_IO, format!("cannot start the server: {e}")))?;
         let boxed = Box::new(ScServer { handle: server.spawn() });
         // SAFETY: out is writable.
@@ -538,15 +533,34 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
         po.transport = t.parse().map_err(invalid)?;
     }
     po.keep = o.keep;
-    // SAFETY: NULL or NUL-terminated by the caller's contract.
-    po.key = unsafe { key_arg(o.key_file) }?;
+    // SAFETY: each NULL or NUL-terminated by the caller's contract.
+    po.auth = unsafe { auth_arg(o.key_file, o.tls_cert, o.tls_key, o.tls_ca) }?;
     po.encrypt = o.encrypt != 0;
-    // SAFETY: NULL or NUL-terminated by the caller's contract.
-    po.tls = unsafe { tls_arg(o.tls_cert, o.tls_key, o.tls_ca) }?;
-    if po.tls.is_some() && po.key.is_some() {
-        return Err(invalid("key_file and tls_cert are two ways to authenticate: give one of them"));
-    }
     Ok(())
+}
+
+/// The node's authentication from the C options' four file arguments: a cluster key
+/// (`key_file`), mutual TLS (`tls_cert`, `tls_key`, `tls_ca`, all three) or none (all NULL).
+/// Both a key and TLS is an error: they are two ways to authenticate.
+///
+/// # Safety
+/// Each pointer is NULL or a NUL-terminated string.
+unsafe fn auth_arg(
+    key_file: *const c_char,
+    cert: *const c_char,
+    key: *const c_char,
+    ca: *const c_char,
+) -> Result<Auth, (i32, String)> {
+    // SAFETY: the caller's contract.
+    let cluster_key = unsafe { key_arg(key_file) }?;
+    // SAFETY: the caller's contract.
+    let tls = unsafe { tls_arg(cert, key, ca) }?;
+    match (cluster_key, tls) {
+        (Some(_), Some(_)) => Err(invalid("key_file and tls_cert are two ways to authenticate: give one of them")),
+        (Some(k), None) => Ok(Auth::Key(k)),
+        (None, Some(id)) => Ok(Auth::Tls(id)),
+        (None, None) => Ok(Auth::None),
+    }
 }
 
 /// A TLS identity from its three file arguments (all NULL: none).

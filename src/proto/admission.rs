@@ -45,7 +45,7 @@ impl<'a> From<&'a ServeOptions> for Policy<'a> {
             max_entries: opts.max_entries,
             pool_bytes: opts.pool_bytes,
             require_encrypt: opts.require_encrypt,
-            own_key: opts.key.as_ref().map(crate::auth::ClusterKey::id),
+            own_key: opts.auth.key().map(crate::auth::ClusterKey::id),
             acl: &opts.acl,
             max_version_ahead: opts.max_version_ahead,
         }

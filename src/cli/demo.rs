@@ -10,11 +10,17 @@ use anyhow::{Context, Result, bail};
 use shardcast::push::{PushOptions, push};
 use shardcast::wire::Outcome;
 
-pub(crate) struct DemoArgs {
-    pub replicas: usize,
-    pub size: u64,
-    pub dir: Option<PathBuf>,
-    pub chunk_size: u32,
+use super::args::DemoArgs;
+use super::{EXIT_FAILED, Global, output};
+
+/// Runs `shardcast demo` and returns its exit code.
+pub(crate) fn run_cmd(mut args: DemoArgs, g: &Global) -> u8 {
+    output::init_logging(&g.log_format, "warn");
+    args.replicas = args.replicas.max(1);
+    match run(args) {
+        Ok(_) => 0,
+        Err(e) => output::fail(EXIT_FAILED, format!("{e:#}")),
+    }
 }
 
 /// Kills the replica processes when the demo ends, however it ends.
@@ -151,7 +157,7 @@ fn start_replica(exe: &Path, root: &Path) -> Result<(Child, String)> {
     Ok((child, addr))
 }
 
-pub(crate) fn run(args: DemoArgs) -> Result<bool> {
+fn run(args: DemoArgs) -> Result<bool> {
     let exe = std::env::current_exe().context("cannot find the shardcast binary")?;
     let tmp;
     let base = match &args.dir {
