@@ -1,14 +1,20 @@
 //! Prometheus metrics of a replica server (`shardcast serve --metrics ADDR`), served as text
-//! format at `http://ADDR/metrics` by a small HTTP responder on its own thread.
+//! format at `http://ADDR/metrics` by hyper on a tokio runtime of its own thread.
 //!
 //! Counters are incremented on the data path with one atomic add each (a session takes its
 //! per-peer counters once, at its start).
 
-use std::io::{BufRead, BufReader, Write};
+use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -183,35 +189,55 @@ pub fn peer_host(peer: &str) -> String {
     peer.parse::<SocketAddr>().map_or_else(|_| peer.to_owned(), |a| a.ip().to_string())
 }
 
-/// Serves `GET /metrics` on `listen` from a background thread; returns the bound address.
+/// Serves `GET /metrics` on `listen` (HTTP/1.1, hyper) from a tokio runtime on a background
+/// thread: every connection is a task, so idle scrapers cost no thread. Returns the bound address.
 pub fn serve(listen: &str, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let l = TcpListener::bind(listen)?;
     let addr = l.local_addr()?;
+    l.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("shardcast-metrics".into()).spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            let mut first = String::new();
-            let mut r = BufReader::new(&conn);
-            if r.read_line(&mut first).is_err() {
-                continue;
-            }
-            // Drain the request headers.
-            let mut line = String::new();
-            while r.read_line(&mut line).is_ok_and(|n| n > 2) {
-                line.clear();
-            }
-            let (status, ctype, body) = if first.starts_with("GET /metrics") {
-                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render())
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+        runtime.block_on(async move {
+            let l = match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!("metrics endpoint on {addr}: {e}"),
             };
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
+            loop {
+                let conn = match l.accept().await {
+                    Ok((conn, _)) => conn,
+                    Err(e) => {
+                        tracing::warn!("metrics endpoint: accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let metrics = Arc::clone(&metrics);
+                tokio::spawn(async move {
+                    let answer =
+                        service_fn(move |req| std::future::ready(Ok::<_, Infallible>(respond(&req, &metrics))));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(std::time::Duration::from_secs(5))
+                        .serve_connection(TokioIo::new(conn), answer)
+                        .await;
+                });
+            }
+        });
     })?;
     Ok(addr)
+}
+
+/// The text exposition for `GET /metrics`, a 404 for anything else.
+fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = if req.method() == Method::GET && req.uri().path().starts_with("/metrics") {
+        (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
+    } else {
+        (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_owned())
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    // One request per connection, as scrapers and `curl` expect of this endpoint.
+    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
 }

@@ -19,9 +19,20 @@
 //! that a replica holds with other bytes (`version_exists`) cannot be completed and is skipped.
 //! Retention: `--keep K` travels with each push, so every replica keeps the last K mirrored
 //! checkpoints of the name (their own `serve --keep` when it is not given).
+//!
+//! Watching: DIR and everything under it is watched with inotify (the `notify` crate), so a
+//! look follows a change at once instead of at the next poll: a renamed-in checkpoint or a
+//! marker file is pushed as soon as the directory has been quiet for a moment (`SETTLE`, or
+//! the interval when shorter), and the stability check's second look comes that moment after
+//! the first (inotify reports every write, so a quiet directory is what two equal polls stood
+//! for). Nothing is read between checkpoints. The interval still bounds the wait (a missed or
+//! overflowed event), and a step to retry waits a whole interval as before. Where no watch can
+//! be set up (a filesystem without inotify, such as some network filesystems, or no watches
+//! left) the loop polls every interval, as it always did.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, SystemTime};
 
 use crate::push::{PushOptions, push};
@@ -73,12 +84,17 @@ fn signature(path: &Path) -> Option<(u64, u64, SystemTime)> {
 /// (two looks, `interval` apart, so the stability check can pass), else never.
 /// `on_push` hears every attempt: the step and the outcome line.
 pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str)) {
+    // `--once` looks twice, an interval apart: nothing to watch for.
+    let watch = if once { None } else { Watch::start(&opts.watch) };
+    let settle = opts.interval.min(SETTLE);
     let mut pushed = newest_done(opts);
     let mut seen: HashMap<String, (u64, u64, SystemTime)> = HashMap::new();
     let mut conflicts: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut looks = 0;
     loop {
         let mut ready: Vec<(u64, PathBuf)> = Vec::new();
+        // A candidate seen for the first time or changed since the last look (stability check).
+        let mut unsettled = false;
         if let Ok(rd) = std::fs::read_dir(&opts.watch) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -93,7 +109,11 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
                 let complete = match &opts.marker {
                     Some(m) => path.join(m).is_file(),
                     None => match signature(&path) {
-                        Some(sig) => seen.insert(name.clone(), sig) == Some(sig),
+                        Some(sig) => {
+                            let stable = seen.insert(name.clone(), sig) == Some(sig);
+                            unsettled |= !stable;
+                            stable
+                        }
                         None => false,
                     },
                 };
@@ -103,6 +123,7 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
             }
         }
         ready.sort();
+        let mut retrying = false;
         for (step, path) in ready {
             let mut po = opts.push.clone();
             po.version = step;
@@ -142,6 +163,7 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
             on_push(step, &line);
             // Steps complete in order: a later one waits until this one meets the rule.
             if retry {
+                retrying = true;
                 break;
             }
         }
@@ -149,8 +171,84 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
         if once && looks >= 2 {
             return;
         }
-        std::thread::sleep(opts.interval);
+        match &watch {
+            // A step to retry waits its interval, as when polling: a failing replica is not
+            // asked again at every write the training job makes.
+            Some(w) if !retrying => w.wait(opts.interval, settle, unsettled),
+            _ => std::thread::sleep(opts.interval),
+        }
     }
+}
+
+/// How long the watched directory must be quiet (no inotify event) before the loop looks,
+/// at most: a checkpoint that stopped changing for this long is as complete as one that did
+/// not change between two polls.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// An inotify watch on the checkpoint directory and everything under it.
+struct Watch {
+    // Kept for its drop: the watch ends with it.
+    _watcher: notify::RecommendedWatcher,
+    events: Receiver<notify::Result<notify::Event>>,
+}
+
+impl Watch {
+    /// The watch, or None (said at debug level) where it cannot be set up: the loop then polls.
+    fn start(dir: &Path) -> Option<Self> {
+        use notify::Watcher;
+        let (tx, events) = channel();
+        let watcher = notify::recommended_watcher(tx).and_then(|mut w| {
+            w.watch(dir, notify::RecursiveMode::Recursive)?;
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => {
+                tracing::debug!("watching {} with inotify", dir.display());
+                Some(Self { _watcher: w, events })
+            }
+            Err(e) => {
+                tracing::debug!("cannot watch {} ({e}): polling it instead", dir.display());
+                None
+            }
+        }
+    }
+
+    /// Returns when the directory has been quiet for `settle` after a change (at once if a
+    /// change came while the last look ran), or after `settle` when `unsettled` (the second
+    /// look of the stability check), or after `interval` when nothing happened.
+    fn wait(&self, interval: Duration, settle: Duration, unsettled: bool) {
+        let mut changed = unsettled;
+        while let Ok(ev) = self.events.try_recv() {
+            changed |= is_change(&ev);
+        }
+        let start = std::time::Instant::now();
+        while !changed {
+            let left = interval.saturating_sub(start.elapsed());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => changed = is_change(&ev),
+                Err(RecvTimeoutError::Timeout) => return,
+                // The watcher's thread ended: poll from here on.
+                Err(RecvTimeoutError::Disconnected) => return std::thread::sleep(interval),
+            }
+        }
+        // Until nothing more happened for `settle` (a checkpoint being written in place keeps
+        // this waiting; the interval still bounds it).
+        let deadline = std::time::Instant::now() + interval;
+        while std::time::Instant::now() < deadline {
+            match self.events.recv_timeout(settle) {
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => return std::thread::sleep(settle),
+            }
+        }
+    }
+}
+
+/// Whether an event says something under the directory changed. Reads (our own looks and
+/// pushes open and read the checkpoints) do not count; an error (such as an overflowed event
+/// queue) does, so that the loop looks.
+fn is_change(ev: &notify::Result<notify::Event>) -> bool {
+    ev.as_ref().map_or(true, |e| !matches!(e.kind, notify::EventKind::Access(_)))
 }
 
 /// The newest version of the shard set published on as many replicas as a push must reach

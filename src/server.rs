@@ -1,4 +1,5 @@
-//! `shardcast serve`: accepts pushes and status requests, one thread per connection.
+//! `shardcast serve`: accepts pushes and status requests. The control plane (accepting, the
+//! handshake gate, status requests) runs on a tokio runtime; each push runs on a thread of its own.
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,7 +22,7 @@ use crate::proto::Role;
 use crate::proto::admission::{self, Admit, Peer};
 use crate::proto::route::{ChunkSet, Route};
 use crate::store::Store;
-use crate::wire::{self, Hello, Kind, ReplicaReport};
+use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
 use prometheus_client::metrics::gauge::Gauge;
 
 /// How a replica server runs.
@@ -214,53 +215,204 @@ impl Server {
         ServerHandle { addr, stop, thread: Some(thread) }
     }
 
+    /// The control plane: accepting, the handshake gate and status requests run as tasks on
+    /// one tokio thread, so a connection that sends nothing costs no thread. A push is handed
+    /// over to a thread of its own (the data plane: blocking sockets and rings), as is the
+    /// handshake of an authenticated connection once its peer sends something (the TLS and
+    /// cluster-key handshakes are blocking code shared with the pusher).
     fn run_until(self, stop: &AtomicBool) {
-        let opts = Arc::new(self.opts);
-        let slots = Arc::new(Slots { active: Arc::new(AtomicUsize::new(0)), per_peer: Arc::default() });
-        // Connections still in their handshake, counted and timed apart from sessions.
-        let gate = Gate::start(&opts);
-        // One idle pool is kept for the next push (see `PoolCache`).
-        let pools = Arc::new(PoolCache::new(1));
-        for conn in self.listener.incoming() {
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            let mut conn = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-            };
-            let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
-            let pending = match gate.enter(&conn) {
-                Ok(p) => p,
-                Err(why) => {
-                    tracing::warn!(%peer, "refused: {why}");
-                    // Answered on the accept thread, so it must not block: no lingering.
-                    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                    let busy = NodeError::new(ErrorKind::Busy, format!("replica busy: {why}; retry later"));
-                    let reports = [ReplicaReport::failed(self.addr.to_string(), busy)];
-                    let _ = wire::write_frame(&mut conn, Kind::Reject, 0, &wire::encode_reports(&reports));
-                    continue;
-                }
-            };
-            let (store, opts, pools, slots, me) = (
-                Arc::clone(&self.store),
-                Arc::clone(&opts),
-                Arc::clone(&pools),
-                Arc::clone(&slots),
-                self.addr.to_string(),
-            );
-            let spawned = std::thread::Builder::new().name("shardcast-session".into()).spawn(move || {
-                handle(conn, &peer, &me, &store, &pools, &opts, pending, &slots);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let runtime = match runtime {
+            Ok(r) => r,
+            Err(e) => return tracing::error!("cannot start the control plane (a tokio runtime): {e}"),
+        };
+        let Self { listener, store, opts, addr } = self;
+        runtime.block_on(async move {
+            let listener =
+                match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!("cannot listen on {addr} with tokio: {e}"),
+                };
+            let shared = Arc::new(Shared {
+                store,
+                // One idle pool is kept for the next push (see `PoolCache`).
+                pools: PoolCache::new(1),
+                slots: Slots { active: Arc::new(AtomicUsize::new(0)), per_peer: Arc::default() },
+                // Connections still in their handshake, counted and timed apart from sessions.
+                gate: Gate::start(&opts),
+                opts,
+                me: addr.to_string(),
             });
-            if let Err(e) = spawned {
-                tracing::error!("cannot start a session thread: {e}");
+            loop {
+                let accepted = listener.accept().await;
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                match accepted {
+                    Ok((conn, _)) => accept(conn, &shared),
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
             }
+        });
+        // Connections still waiting for their first frame close with the runtime; pushes (on
+        // their own threads) go on.
+        runtime.shutdown_background();
+    }
+}
+
+/// What the handling of every connection shares.
+struct Shared {
+    store: Arc<Store>,
+    pools: PoolCache,
+    slots: Slots,
+    gate: Arc<Gate>,
+    opts: ServeOptions,
+    /// This node's listening address, as its reports name it.
+    me: String,
+}
+
+/// Lets a new connection through the gate (a task reads its first frame) or refuses it.
+fn accept(conn: tokio::net::TcpStream, shared: &Arc<Shared>) {
+    let peer = conn.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+    // The gate keeps a handle of the socket, to close it at its deadline.
+    let entered = conn.into_std().map(|c| (shared.gate.enter(&c), c));
+    let (entered, conn) = match entered.and_then(|(e, c)| Ok((e, tokio::net::TcpStream::from_std(c)?))) {
+        Ok(both) => both,
+        Err(e) => return tracing::warn!(%peer, "cannot take the connection: {e}"),
+    };
+    match entered {
+        Ok(pending) => {
+            tokio::spawn(first_frame(conn, peer, Arc::clone(shared), pending));
+        }
+        Err(why) => {
+            tracing::warn!(%peer, "refused: {why}");
+            let busy = NodeError::new(ErrorKind::Busy, format!("replica busy: {why}; retry later"));
+            let payload = wire::encode_reports(&[ReplicaReport::failed(shared.me.clone(), busy)]);
+            // No lingering: a refused connection holds nothing for long.
+            tokio::spawn(async move {
+                let mut conn = conn;
+                let write = write_frame_async(&mut conn, Kind::Reject, &payload);
+                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+            });
         }
     }
+}
+
+/// A connection's handshake up to its first frame, on the runtime: a status request is answered
+/// here; a HELLO (and any authenticated connection once its peer sends something) goes on on a
+/// thread. The gate closes the connection at its deadline, which ends the reads here.
+async fn first_frame(mut conn: tokio::net::TcpStream, peer: String, shared: Arc<Shared>, pending: Pending) {
+    let _ = conn.set_nodelay(true);
+    let opts = &shared.opts;
+    if !opts.auth.is_none() || !opts.acl.is_empty() {
+        // The TLS and cluster-key handshakes are blocking code: wait for the peer's first bytes
+        // here, then run them on the connection's thread.
+        if !matches!(conn.peek(&mut [0u8; 1]).await, Ok(n) if n > 0) {
+            return tracing::debug!(%peer, "connection closed before a full frame");
+        }
+        return hand_over(conn, peer, move |c, peer| handle(c, peer, &shared, pending));
+    }
+    let frame = match read_frame_async(&mut conn, opts.max_manifest).await {
+        Ok(f) => f,
+        Err(ReadFrameError::Io(e)) => return tracing::debug!(%peer, "connection closed before a full frame: {e}"),
+        Err(ReadFrameError::Wire(e)) => {
+            tracing::warn!(%peer, "refused: {e}");
+            audit_refusal(opts, &peer, None, format!("bad frame: {e}"));
+            let error = NodeError::new(ErrorKind::Protocol, format!("refused: {e}"));
+            return reject_async(&mut conn, &shared.me, error).await;
+        }
+    };
+    if frame.header.kind == Kind::StatusReq {
+        answer_status(&mut conn, &shared).await;
+        return drop(pending);
+    }
+    if frame.header.kind == Kind::Auth {
+        let why = NO_KEY.to_owned();
+        tracing::warn!(%peer, "refused: {why}");
+        audit_refusal(opts, &peer, None, why.clone());
+        return reject_async(&mut conn, &shared.me, NodeError::new(ErrorKind::Unauthorized, why)).await;
+    }
+    hand_over(conn, peer, move |c, peer| {
+        let _ = c.set_read_timeout(Some(shared.opts.handshake_timeout));
+        let hop = Hop { stream: c, peer: peer.to_owned(), peer_id: None, secret: None };
+        dispatch(hop, peer, frame, &shared, pending);
+    });
+}
+
+/// Runs `then` on a thread of its own with the connection as a blocking std socket.
+fn hand_over(conn: tokio::net::TcpStream, peer: String, then: impl FnOnce(TcpStream, &str) + Send + 'static) {
+    let conn = match conn.into_std().and_then(|c| c.set_nonblocking(false).map(|()| c)) {
+        Ok(c) => c,
+        Err(e) => return tracing::warn!(%peer, "cannot hand the connection to a thread: {e}"),
+    };
+    let spawned = std::thread::Builder::new().name("shardcast-session".into()).spawn(move || then(conn, &peer));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a session thread: {e}");
+    }
+}
+
+/// STATUS_REQ: what the store holds (listed on tokio's blocking pool), or why not.
+async fn answer_status(conn: &mut tokio::net::TcpStream, shared: &Shared) {
+    let store = Arc::clone(&shared.store);
+    let listed = match tokio::task::spawn_blocking(move || store.list()).await {
+        Ok(listed) => listed.map_err(|e| e.to_node_error()),
+        Err(e) => Err(NodeError::new(ErrorKind::Io, format!("listing the store failed: {e}"))),
+    };
+    match listed {
+        Ok(sets) => {
+            let _ = write_frame_async(conn, Kind::StatusResp, &wire::encode_status(&sets)).await;
+        }
+        Err(e) => reject_async(conn, &shared.me, e).await,
+    }
+}
+
+/// [`wire::read_frame_max`] on the runtime.
+async fn read_frame_async(conn: &mut tokio::net::TcpStream, max: u32) -> Result<wire::Frame, ReadFrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut hdr = [0u8; wire::HEADER_LEN];
+    conn.read_exact(&mut hdr).await?;
+    let header = wire::Header::decode(&hdr)?;
+    if header.len > max || header.kind == Kind::Chunk {
+        // Refused from the header alone, for the reason the blocking reader gives.
+        return wire::read_frame_max(&mut &hdr[..], max);
+    }
+    let mut payload = vec![0u8; header.len as usize];
+    conn.read_exact(&mut payload).await?;
+    Ok(wire::Frame { header, payload })
+}
+
+/// [`wire::write_frame`] on the runtime.
+async fn write_frame_async(conn: &mut tokio::net::TcpStream, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::with_capacity(wire::HEADER_LEN + payload.len());
+    wire::write_frame(&mut buf, kind, 0, payload)?;
+    conn.write_all(&buf).await
+}
+
+/// `reject` on the runtime: a REJECT naming this node, then [`linger_close_async`].
+async fn reject_async(conn: &mut tokio::net::TcpStream, me: &str, error: NodeError) {
+    let payload = wire::encode_reports(&[ReplicaReport::failed(me, error)]);
+    if write_frame_async(conn, Kind::Reject, &payload).await.is_ok() {
+        linger_close_async(conn).await;
+    }
+}
+
+/// [`linger_close`] on the runtime.
+async fn linger_close_async(conn: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = conn.shutdown().await;
+    let mut sink = vec![0u8; 64 << 10];
+    let drain = async {
+        while let Ok(n) = conn.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// The session slots: sessions running, and per peer address.
@@ -316,7 +468,7 @@ struct Pending {
 }
 
 impl Gate {
-    /// The gate, and its reaper thread (which ends with the gate).
+    /// The gate, and its reaper (which ends with the gate).
     fn start(opts: &ServeOptions) -> Arc<Self> {
         let gate = Arc::new(Self {
             inner: std::sync::Mutex::default(),
@@ -324,17 +476,16 @@ impl Gate {
             max_per_peer: opts.max_handshakes_per_peer.max(1),
             timeout: opts.handshake_timeout,
         });
+        // A task of the control plane's runtime (where `start` is called), ending with the gate.
         let weak = Arc::downgrade(&gate);
-        let spawned = std::thread::Builder::new().name("shardcast-gate".into()).spawn(move || {
-            while let Some(gate) = weak.upgrade() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Some(gate) = weak.upgrade() else { break };
                 gate.reap();
-                drop(gate);
-                std::thread::sleep(Duration::from_millis(100));
             }
         });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the handshake reaper: {e}; slow handshakes are bounded per read only");
-        }
         gate
     }
 
@@ -503,27 +654,30 @@ fn linger_close(conn: &mut TcpStream) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    conn: TcpStream,
-    peer: &str,
-    me: &str,
-    store: &Arc<Store>,
-    pools: &PoolCache,
-    opts: &ServeOptions,
-    pending: Pending,
-    slots: &Slots,
-) {
+/// Why an AUTH frame is refused by a replica without a cluster key.
+const NO_KEY: &str = "this replica has no cluster key: start it with --key-file, or push without one";
+
+/// A connection of an authenticating replica (mutual TLS or a cluster key), on its own thread
+/// once its peer sent something: the blocking handshake (`Hop::accept`), then its first frame.
+fn handle(conn: TcpStream, peer: &str, shared: &Shared, pending: Pending) {
+    let (opts, me) = (&shared.opts, shared.me.as_str());
     let policy = AcceptPolicy {
         keys: opts.auth.key().into_iter().chain(opts.acl.iter().map(|e| &e.key)).collect(),
         tls: opts.auth.tls(),
         timeout: opts.handshake_timeout,
         max_frame: opts.max_manifest,
     };
-    let (mut hop, frame) = match Hop::accept(conn, peer, &policy) {
+    let (hop, frame) = match Hop::accept(conn, peer, &policy) {
         Ok(accepted) => accepted,
         Err(Refused { mut stream, error }) => return refuse_handshake(&mut stream, peer, me, opts, &error),
     };
+    dispatch(hop, peer, frame, shared, pending);
+}
+
+/// A connection's first frame after its authentication (if any), on the connection's thread:
+/// a status request is answered, a HELLO admitted and its push run.
+fn dispatch(mut hop: Hop, peer: &str, frame: wire::Frame, shared: &Shared, pending: Pending) {
+    let (opts, me, store) = (&shared.opts, shared.me.as_str(), &shared.store);
     match frame.header.kind {
         Kind::StatusReq => {
             let result = store.list().map(|sets| wire::encode_status(&sets));
@@ -552,7 +706,7 @@ fn handle(
             };
             // The handshake is done: from here on the connection counts as a session.
             drop(pending);
-            let _slot = match slots.take(&hop.stream, opts) {
+            let _slot = match shared.slots.take(&hop.stream, opts) {
                 Ok(slot) => slot,
                 Err(why) => {
                     tracing::warn!(%peer, "refused: {why}");
@@ -562,7 +716,7 @@ fn handle(
                     return;
                 }
             };
-            push_session(hop, hello, store, pools, opts);
+            push_session(hop, hello, store, &shared.pools, opts);
         }
         k => {
             tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());

@@ -156,3 +156,36 @@ fn a_partly_failed_step_is_completed_on_the_replicas_that_lack_it() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((before.ino(), before.mtime(), before.mtime_nsec()), (after.ino(), after.mtime(), after.mtime_nsec()));
 }
+
+/// With an hour between polls, a checkpoint renamed into place after the mirror started is
+/// pushed within the test's lifetime only through the inotify watch (a polling mirror would
+/// take its second look an hour later).
+#[test]
+fn inotify_sees_a_checkpoint_long_before_the_next_poll() {
+    let c = Cluster::start(1);
+    let t = tempdir();
+    let watch = t.path().join("ckpts");
+    std::fs::create_dir(&watch).unwrap();
+    let log = t.path().join("mirror.log");
+    let mut m = shardcast()
+        .args(["mirror", "--name", "w", "--interval-ms", "3600000", "--to", &c.addrs()])
+        .arg("--watch")
+        .arg(&watch)
+        .env("SHARDCAST_LOG", "shardcast=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn mirror");
+    // The watch is set up before the first look.
+    let watching =
+        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("with inotify")));
+    assert!(watching, "the mirror did not watch with inotify:\n{}", std::fs::read_to_string(&log).unwrap());
+    let tmp = watch.join("step-3.tmp");
+    checkpoint(&tmp, 3);
+    std::fs::rename(&tmp, watch.join("step-3")).unwrap();
+    wait_for(&c.root(0).join("w/3/model.bin"), 60, "mirror push after an inotify event");
+    let _ = m.kill();
+    let _ = m.wait();
+    c.assert_published_on(&[0], &watch.join("step-3"), "w", 3);
+}

@@ -6,7 +6,7 @@
 //! server -> client  AUTH{2, server nonce, HMAC(key, "shardcast server" | cn | sn)}
 //! client -> server  AUTH{3, HMAC(key, "shardcast client" | cn | sn)}
 //! ```
-//! HMAC-SHA256 (ring). Both sides prove they hold the key, each over a nonce the other chose, so
+//! HMAC-SHA256 (aws-lc-rs). Both sides prove they hold the key, each over a nonce the other chose, so
 //! neither a replayed handshake (the server's nonce is new) nor a fake replica (it cannot make
 //! the server proof) gets through; the proofs are compared in constant time. The key id (the
 //! first 8 bytes of SHA-256 of the key, hex) names a key in messages and the audit log; the key
@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 
 use crate::error::{ErrorKind, NodeError};
 use crate::wire::{self, Dec, Enc, Kind};
@@ -68,7 +68,7 @@ impl ClusterKey {
 
     /// A key from its secret bytes.
     pub fn from_secret(secret: &[u8]) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret);
         let id = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
         Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret), id }
     }
@@ -104,7 +104,7 @@ impl ClusterKey {
 
 fn nonce() -> io::Result<[u8; NONCE]> {
     let mut n = [0u8; NONCE];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut n)
         .map_err(|_| io::Error::other("no randomness for a nonce"))?;
     Ok(n)
 }

@@ -15,7 +15,7 @@
 //! replica, still catches a stream cut short.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use ring::hmac;
+use aws_lc_rs::hmac;
 
 /// Bytes the GCM tag adds after each chunk's payload.
 pub const TAG_LEN: usize = 16;

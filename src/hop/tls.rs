@@ -1,7 +1,7 @@
 //! Mutual TLS as the authentication of a connection, for sites with a PKI (`--tls-cert`,
 //! `--tls-key`, `--tls-ca`): the alternative to the cluster key of `auth.rs`.
 //!
-//! A connection starts with a TLS 1.3 handshake (rustls, ring provider) in which both sides
+//! A connection starts with a TLS 1.3 handshake (rustls, aws-lc-rs provider) in which both sides
 //! present a certificate chained to the site's CA; the dialing side also checks that the
 //! replica's certificate is valid for the host it dialed (a name or an IP address SAN). Once the
 //! replica has checked the peer's certificate it sends one short message over TLS, so that the
@@ -69,7 +69,7 @@ impl TlsIdentity {
             return Err(format!("--tls-ca {}: no CA certificate in the file", ca.display()));
         }
         let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
@@ -98,7 +98,7 @@ impl TlsIdentity {
 }
 
 fn cert_id(cert: &CertificateDer<'_>) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
     let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
     format!("cert:{hex}")
 }
