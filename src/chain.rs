@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use crate::crypt::{FRAME_MAC_LEN, FrameMacs, TAG_LEN};
 use crate::error::{ErrorKind, NodeError};
-use crate::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::manifest::{Manifest, digest};
 use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::rdma::{DnLink, UpLink, WorkCompletion};
 use crate::route::Route;
 use crate::store::Staging;
+use crate::sys::io::{Completion, Io, IoChoice, Op, OpKind};
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
 /// Progress counters a caller can read while a push runs.
@@ -549,7 +549,7 @@ impl<'a> Session<'a> {
         let mut last_progress = Instant::now();
         loop {
             if let Some(end) = self.finished() {
-                if let Some(s) = self.down.and_then(crate::tcpinfo::tcp_stats) {
+                if let Some(s) = self.down.and_then(crate::sys::tcpinfo::tcp_stats) {
                     tracing::debug!(
                         to = %self.downstream_name,
                         busy_ms = s.busy_ms,
@@ -770,8 +770,7 @@ impl<'a> Session<'a> {
             self.up_result = Some(reports);
         }
         if let Some(down) = self.down {
-            // SAFETY: shutdown takes only a descriptor.
-            unsafe { libc::shutdown(down, libc::SHUT_RDWR) };
+            crate::sys::shutdown(down);
         }
         self.dn_closed = true;
         self.dn_queue.clear();
@@ -1254,8 +1253,8 @@ impl<'a> Session<'a> {
             self.end = Some(SessionEnd::UpstreamLost(why));
         }
         if let Some(down) = self.down {
-            // SAFETY: shutdown takes only a descriptor; downstream then drops its staging too.
-            unsafe { libc::shutdown(down, libc::SHUT_RDWR) };
+            // Downstream then drops its staging too.
+            crate::sys::shutdown(down);
         }
         self.dn_closed = true;
     }
@@ -1271,8 +1270,7 @@ impl<'a> Session<'a> {
         if let Some(down) = self.down {
             // Wake any op still blocked on the socket; the descriptor stays open until the
             // session's owner closes it.
-            // SAFETY: shutdown takes only a descriptor.
-            unsafe { libc::shutdown(down, libc::SHUT_RDWR) };
+            crate::sys::shutdown(down);
         }
         self.dn_closed = true;
         self.dn_queue.clear();
@@ -1837,8 +1835,8 @@ impl Drop for Session<'_> {
         }
         if self.io.in_flight() > 0 {
             for fd in [self.up, self.down].into_iter().flatten() {
-                // SAFETY: shutdown takes only a descriptor; it ends receives still in flight.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                // Ends receives still in flight.
+                crate::sys::shutdown(fd);
             }
             if !self.io.drain() {
                 // The kernel or a worker may still write into the pool (or read the sealing

@@ -32,11 +32,9 @@ pub mod auth;
 pub mod chain;
 pub mod crypt;
 pub mod error;
-pub mod io;
 pub mod manifest;
 pub mod metrics;
 pub mod mirror;
-pub mod numa;
 pub mod pool;
 pub mod proto;
 pub mod push;
@@ -45,15 +43,16 @@ pub mod route;
 pub mod server;
 pub mod stage;
 pub mod store;
-pub mod tcpinfo;
+pub mod sys;
 pub mod tls;
 pub mod transport;
 pub mod wire;
 
-pub use chain::MemoryData;
+pub use chain::{MemoryData, Progress};
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
+pub use sys::io::IoChoice;
 
 /// Parses a size: bytes, or a number with K/M/G (or KiB/MiB/GiB, KB/MB/GB: all binary).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -74,12 +73,5 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Raises the soft open-files limit to the hard limit: a push keeps one descriptor per
 /// non-empty file open on the primary and on every replica.
 pub fn raise_nofile_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    sys::raise_nofile_limit();
 }

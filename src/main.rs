@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use shardcast::io::IoChoice;
+use shardcast::IoChoice;
 use shardcast::push::{PushOptions, PushReport};
 use shardcast::server::{ServeOptions, Server};
 use shardcast::transport::Transport;
@@ -764,7 +764,7 @@ fn report_json(r: &PushReport) -> serde_json::Value {
 
 /// Draws a one-line progress bar on stderr until `done`: bytes written on every replica, the
 /// first hop's bytes, rate and ETA. Only on a terminal (the caller checks).
-fn draw_progress(p: &shardcast::chain::Progress, replicas: usize, done: &std::sync::atomic::AtomicBool) {
+fn draw_progress(p: &shardcast::Progress, replicas: usize, done: &std::sync::atomic::AtomicBool) {
     use std::io::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let start = std::time::Instant::now();
@@ -814,11 +814,11 @@ fn run_push(source: &std::path::Path, opts: &PushOptions, json: bool) -> u8 {
 fn run_with_progress(
     opts: &PushOptions,
     json: bool,
-    push: impl FnOnce(&PushOptions, Option<&shardcast::chain::Progress>) -> Result<shardcast::PushReport, PushError>,
+    push: impl FnOnce(&PushOptions, Option<&shardcast::Progress>) -> Result<shardcast::PushReport, PushError>,
 ) -> u8 {
     use std::io::IsTerminal;
     let show = !json && std::io::stderr().is_terminal();
-    let progress = shardcast::chain::Progress::default();
+    let progress = shardcast::Progress::default();
     let done = std::sync::atomic::AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         if show {

@@ -288,10 +288,7 @@ impl PoolCache {
 
 /// The soft RLIMIT_MEMLOCK in bytes, if it can be read.
 pub fn memlock_limit() -> Option<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes only into the struct we pass.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-    (rc == 0).then_some(lim.rlim_cur)
+    crate::sys::memlock_limit()
 }
 
 /// Whether this process may lock memory beyond RLIMIT_MEMLOCK (CAP_IPC_LOCK in its effective

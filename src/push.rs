@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use crate::auth::ClusterKey;
 use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
 use crate::error::{ErrorKind, ManifestError, NodeError, PushError};
-use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
 use crate::proto::Role;
 use crate::route::Route;
 use crate::store::check_name;
+use crate::sys::io::IoChoice;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, Mode, Outcome, ReplicaReport};
 

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use crate::chain::{Local, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, ServeError};
-use crate::io::IoChoice;
 use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::push::{connect, handshake};
 use crate::route::{ChunkSet, Route};
 use crate::store::Store;
+use crate::sys::io::IoChoice;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
 
