@@ -7,10 +7,10 @@
 //! upstream (ACK / RESULT), and any number of file writes (replica) or reads (primary).
 //! Completions become machine events; machine actions become new operations.
 //!
-//! All `unsafe` here is the submission of pool memory to the executor; the rule that makes it
-//! sound is the slot discipline: a slot is leased before the first op on it is submitted and
-//! released only by the machine, after every op on it completed (see `proto.rs`), and the
-//! session drains the executor before the pool is dropped.
+//! The slot discipline: a slot is leased before the first op on it is submitted and released
+//! only by the machine, after every op on it completed (see `proto.rs`). The pool enforces it:
+//! the bytes of an op in flight are leased to it (`sys::mem`), and touching them, or releasing
+//! their slot, panics. The session drains the executor before the pool is dropped.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use crate::crypt::{FRAME_MAC_LEN, FrameMacs, TAG_LEN};
 use crate::error::{ErrorKind, NodeError};
 use crate::manifest::{Manifest, digest};
-use crate::pool::{CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
+use crate::pool::{Buf, CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::rdma::{DnLink, UpLink, WorkCompletion};
 use crate::route::Route;
 use crate::store::Staging;
-use crate::sys::io::{Completion, Io, IoChoice, Op, OpKind};
+use crate::sys::io::{Completion, Io, IoChoice, OpKind};
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
 /// Progress counters a caller can read while a push runs.
@@ -216,9 +216,9 @@ enum UpItem {
 pub struct Session<'a> {
     // Declared before `pool`, so that it drops first; `Drop` drains it explicitly anyway.
     io: Io,
-    /// Dropped by hand in `Drop`: returned to `pools`, freed, or leaked when I/O might still
-    /// write into it.
-    pool: std::mem::ManuallyDrop<Pool>,
+    /// Returned to `pools` in `Drop`; freed, or leaked (by `sys::mem`) when I/O might still
+    /// touch it.
+    pool: Pool,
     pools: Option<&'a PoolCache>,
     machine: NodeMachine,
     manifest: Manifest,
@@ -290,10 +290,13 @@ pub struct Session<'a> {
     ack_bytes: u64,
     /// Encrypted hop upstream: opens each chunk that arrives.
     open: Option<crate::crypt::Opener>,
-    /// Encrypted hop downstream: seals each chunk sent, in `seal_buf` (sends go one at a time,
-    /// so one buffer does; it is not touched while a send from it is in flight).
+    /// Encrypted hop downstream: seals each chunk sent, in the pool's sealing buffer (sends go
+    /// one at a time, so one buffer does; the pool keeps it untouched while a send from it is
+    /// in flight).
     seal: Option<crate::crypt::Sealer>,
-    seal_buf: Box<[u8]>,
+    /// RDMA writes downstream and slots granted upstream, holding their pool bytes for the NIC.
+    nic_writes: crate::sys::nic::Writes,
+    nic_grants: crate::sys::nic::Grants,
     /// Authenticated connections: the session secrets of the hop upstream (RESULT sent there
     /// carries a MAC) and downstream (RESULT from there must carry one).
     up_secret: Option<crate::crypt::SessionSecret>,
@@ -329,7 +332,14 @@ impl<'a> Session<'a> {
     ) -> Self {
         let (up_rdma, dn_rdma) = links;
         let up_credits = Vec::new();
-        let io = Io::new(cfg.io, &pool);
+        let mut pool = pool;
+        let io = Io::new(cfg.io, pool.mem());
+        // The slots the hop's negotiation granted upstream are the NIC's until a frame lands.
+        let mut nic_grants = crate::sys::nic::Grants::default();
+        for &s in up_rdma.as_ref().map_or(&[][..], |l| &l.granted[..]) {
+            let span = pool.span(Buf::Slot { id: s, off: 0, len: pool.slot_size() as u32 });
+            nic_grants.grant(pool.mem_mut(), s.0, span);
+        }
         let downstream_name = downstream.first().cloned().unwrap_or_default();
         let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
         let bytes_before = if progress.is_some() {
@@ -347,7 +357,7 @@ impl<'a> Session<'a> {
         };
         Self {
             io,
-            pool: std::mem::ManuallyDrop::new(pool),
+            pool,
             pools,
             machine,
             manifest,
@@ -399,7 +409,8 @@ impl<'a> Session<'a> {
             reported_early: false,
             open: None,
             seal: None,
-            seal_buf: Box::default(),
+            nic_writes: crate::sys::nic::Writes::default(),
+            nic_grants,
             up_header: [0; HEADER_LEN],
             up_secret: None,
             dn_secret: None,
@@ -427,7 +438,7 @@ impl<'a> Session<'a> {
     /// chunk is checked before any of it is used), and sealing needs one chunk-sized buffer.
     pub fn with_crypt(mut self, open: Option<crate::crypt::Opener>, seal: Option<crate::crypt::Sealer>) -> Self {
         if seal.is_some() {
-            self.seal_buf = vec![0; HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN].into_boxed_slice();
+            self.pool.set_seal_len(HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN);
         }
         self.open = open;
         self.seal = seal;
@@ -454,13 +465,13 @@ impl<'a> Session<'a> {
     fn mac_chunk(&mut self, seq: u64, slot: SlotId) -> u32 {
         let Some(m) = self.dn_macs.as_mut() else { return 0 };
         let c = self.manifest.chunk(seq).expect("in range");
-        // SAFETY: the slot is leased and holds the chunk's header; nothing writes the header
-        // while the chunk waits to be forwarded.
-        let header: [u8; HEADER_LEN] = unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
+        // The slot holds the chunk's header; nothing writes the header while the chunk waits to
+        // be forwarded.
+        let header: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         let mac = m.sign(&header, &[]);
-        // SAFETY: the bytes after the payload (room the pool leaves for a tag) are used by no
-        // other op: disk writes cover the payload only, and the frame is not being sent yet.
-        unsafe { self.pool.slot_bytes_mut(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN) }.copy_from_slice(&mac);
+        // The bytes after the payload (room the pool leaves for a tag) are used by no other op:
+        // disk writes cover the payload only, and the frame is not being sent yet.
+        self.pool.slot_mut(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN).copy_from_slice(&mac);
         FRAME_MAC_LEN as u32
     }
 
@@ -592,7 +603,7 @@ impl<'a> Session<'a> {
             } else {
                 Duration::from_secs(1)
             });
-            if let Err(e) = self.io.wait(&mut completions, slice) {
+            if let Err(e) = self.io.wait(self.pool.mem_mut(), &mut completions, slice) {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
                 continue;
             }
@@ -654,11 +665,10 @@ impl<'a> Session<'a> {
                     None => c.entry,
                 };
                 let fd = st.fd(entry).expect("files with chunks have a descriptor");
-                let op =
-                    Op { kind: OpKind::Write(c.offset), fd, buf: self.pool.slot_ptr(slot, HEADER_LEN), len: c.len };
-                // SAFETY: the slot is leased and stays so until the machine releases it, which it
-                // does only after this write's completion (WriteDone/WriteFailed).
-                if let Err(e) = unsafe { self.io.submit(token(T_WRITE, seq), op) } {
+                // The slot stays leased until the machine releases it, which it does only after
+                // this write's completion (WriteDone/WriteFailed).
+                let buf = Buf::Slot { id: slot, off: HEADER_LEN, len: c.len };
+                if let Err(e) = self.pool.submit(&mut self.io, token(T_WRITE, seq), OpKind::Write(c.offset), fd, buf) {
                     self.events.push_back(Event::WriteFailed { seq, error: NodeError::io("submitting a write", &e) });
                 }
             }
@@ -672,6 +682,8 @@ impl<'a> Session<'a> {
                 {
                     link.granted.push(s);
                     self.up_credits.push(s.0);
+                    let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
+                    self.nic_grants.grant(self.pool.mem_mut(), s.0, span);
                 }
             }
             Action::AckUpstream { through } => {
@@ -791,28 +803,18 @@ impl<'a> Session<'a> {
         self.pump_rdma_polls()?;
         // RDMA upstream: chunks land by themselves; the socket is only watched for closing.
         if self.up_recv == UpRecv::Idle && self.up_rdma.is_some() {
-            let op = Op {
-                kind: OpKind::Recv,
-                fd: self.up.expect("replica has upstream"),
-                buf: self.pool.ctrl_ptr(Ctrl::UpRecv),
-                len: HEADER_LEN as u32,
-            };
-            // SAFETY: the UpRecv area is used by this receive alone.
-            unsafe { self.io.submit(token(T_UP_RECV, 0), op)? };
+            let fd = self.up.expect("replica has upstream");
+            let buf = Buf::Ctrl { area: Ctrl::UpRecv, off: 0, len: HEADER_LEN as u32 };
+            self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
             self.up_recv = UpRecv::Watch;
         }
         // Upstream receive: one frame header at a time, into a fresh slot.
         if self.up_recv == UpRecv::Idle
             && let Some(slot) = self.pool.lease()
         {
-            let op = Op {
-                kind: OpKind::Recv,
-                fd: self.up.expect("replica has upstream"),
-                buf: self.pool.slot_ptr(slot, 0),
-                len: HEADER_LEN as u32,
-            };
-            // SAFETY: the slot was just leased; it is released only after this receive completes.
-            unsafe { self.io.submit(token(T_UP_RECV, 0), op)? };
+            let fd = self.up.expect("replica has upstream");
+            let buf = Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 };
+            self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
             self.up_recv = UpRecv::Header(slot);
         }
         // Primary reads: as far ahead as the pool allows.
@@ -828,23 +830,16 @@ impl<'a> Session<'a> {
             let Local::Source(sources) = &self.local else { unreachable!("checked by the loop") };
             match sources[c.entry].as_ref().expect("entries with chunks have a source") {
                 SourceData::File(file) => {
-                    let op = Op {
-                        kind: OpKind::Read(c.offset),
-                        fd: file.as_raw_fd(),
-                        buf: self.pool.slot_ptr(slot, HEADER_LEN),
-                        len: c.len,
-                    };
-                    // SAFETY: the slot was just leased; the machine releases it only after its
-                    // read and its send completed.
-                    unsafe { self.io.submit(token(T_READ, (seq << 16) | u64::from(slot.0)), op)? };
+                    // The machine releases the slot only after its read and its send completed.
+                    let (fd, buf) = (file.as_raw_fd(), Buf::Slot { id: slot, off: HEADER_LEN, len: c.len });
+                    let t = token(T_READ, (seq << 16) | u64::from(slot.0));
+                    self.pool.submit(&mut self.io, t, OpKind::Read(c.offset), fd, buf)?;
                 }
                 SourceData::Memory(data) => {
                     let bytes = (**data).as_ref();
                     let start = c.offset as usize;
                     let got = bytes.len().saturating_sub(start).min(c.len as usize);
-                    // SAFETY: the slot was just leased and nothing else touches it.
-                    unsafe { self.pool.slot_bytes_mut(slot, HEADER_LEN, got) }
-                        .copy_from_slice(&bytes[start..start + got]);
+                    self.pool.slot_mut(slot, HEADER_LEN, got).copy_from_slice(&bytes[start..start + got]);
                     self.read_done(seq, slot, Ok(got));
                 }
             }
@@ -859,21 +854,20 @@ impl<'a> Session<'a> {
             && !self.dn_closed
             && let Some(item) = self.dn_queue.pop_front()
         {
-            let (buf, len) = match item {
+            let buf = match item {
                 DnItem::Chunk(seq, slot) if self.seal.is_some() => {
                     let c = self.manifest.chunk(seq).expect("in range");
                     let len = HEADER_LEN + c.len as usize;
-                    // SAFETY: the slot holds the whole frame (its payload is checked or read,
-                    // and nothing writes it while it waits to be forwarded).
-                    let frame = unsafe { self.pool.slot_bytes(slot, 0, len) };
-                    self.seal_buf[..len].copy_from_slice(frame);
-                    self.seal.as_mut().expect("checked").seal(&mut self.seal_buf, HEADER_LEN, len);
-                    (self.seal_buf.as_mut_ptr(), (len + TAG_LEN) as u32)
+                    // The slot holds the whole frame (its payload is checked or read, and
+                    // nothing writes it while it waits to be forwarded).
+                    self.pool.copy_to_seal(slot, len);
+                    self.seal.as_mut().expect("checked").seal(self.pool.seal_mut(len + TAG_LEN), HEADER_LEN, len);
+                    Buf::Seal { len: (len + TAG_LEN) as u32 }
                 }
                 DnItem::Chunk(seq, slot) => {
                     let c = self.manifest.chunk(seq).expect("in range");
                     let mac = self.mac_chunk(seq, slot);
-                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len + mac)
+                    Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + c.len + mac }
                 }
                 DnItem::Piece { seq, slot, off, len } => {
                     // The last piece of a cut-through chunk on an authenticated hop is its MAC,
@@ -882,27 +876,22 @@ impl<'a> Session<'a> {
                     if off == HEADER_LEN as u32 + c.len && len == FRAME_MAC_LEN as u32 {
                         self.mac_chunk(seq, slot);
                     }
-                    (self.pool.slot_ptr(slot, off as usize), len)
+                    Buf::Slot { id: slot, off: off as usize, len }
                 }
                 DnItem::End => self.end_frame(),
             };
-            let op = Op { kind: OpKind::Send, fd: self.down.expect("downstream open"), buf, len };
-            // SAFETY: a chunk's slot stays leased until ForwardDone, which follows this send's
-            // completion (for pieces: the last piece's); a piece's bytes were received before it
-            // was queued and are not written again; the END area is not touched again.
-            unsafe { self.io.submit(token(T_DN_SEND, 0), op)? };
+            // A chunk's slot stays leased until ForwardDone, which follows this send's completion
+            // (for pieces: the last piece's); a piece's bytes were received before it was queued
+            // and are not written again; the END area is not touched again.
+            let fd = self.down.expect("downstream open");
+            self.pool.submit(&mut self.io, token(T_DN_SEND, 0), OpKind::Send, fd, buf)?;
             self.dn_sending = Some(item);
         }
         // Downstream receive: ACK / RESULT headers.
         if self.dn_recv == DnRecv::Idle && !self.dn_closed {
-            let op = Op {
-                kind: OpKind::Recv,
-                fd: self.down.expect("downstream open"),
-                buf: self.pool.ctrl_ptr(Ctrl::DownRecv),
-                len: HEADER_LEN as u32,
-            };
-            // SAFETY: the DownRecv area is used by this receive alone, one op at a time.
-            unsafe { self.io.submit(token(T_DN_RECV, 0), op)? };
+            let fd = self.down.expect("downstream open");
+            let buf = Buf::Ctrl { area: Ctrl::DownRecv, off: 0, len: HEADER_LEN as u32 };
+            self.pool.submit(&mut self.io, token(T_DN_RECV, 0), OpKind::Recv, fd, buf)?;
             self.dn_recv = DnRecv::Header;
         }
         Ok(())
@@ -910,16 +899,16 @@ impl<'a> Session<'a> {
 
     /// Writes the END frame into its control area: every chunk was dispatched, so every digest
     /// is known, and END carries the completed manifest's digest, which each replica checks.
-    fn end_frame(&mut self) -> (*mut u8, u32) {
+    fn end_frame(&mut self) -> Buf {
         let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: self.manifest.digest() };
         let mut frame = h.to_bytes().to_vec();
         if let Some(m) = self.dn_macs.as_mut() {
             let mac = m.sign(&frame, &[]);
             frame.extend_from_slice(&mac);
         }
-        // SAFETY: the END area is written once, and no op uses it before END is sent.
-        unsafe { self.pool.ctrl_bytes(Ctrl::DownSend, frame.len()) }.copy_from_slice(&frame);
-        (self.pool.ctrl_ptr(Ctrl::DownSend), frame.len() as u32)
+        // The END area is written once, and no op uses it before END is sent.
+        self.pool.ctrl_mut(Ctrl::DownSend, frame.len()).copy_from_slice(&frame);
+        Buf::Ctrl { area: Ctrl::DownSend, off: 0, len: frame.len() as u32 }
     }
 
     fn pump_rdma_polls(&mut self) -> std::io::Result<()> {
@@ -930,9 +919,7 @@ impl<'a> Session<'a> {
             if let Some(fd) = fd
                 && !self.rdma_polling[i]
             {
-                let op = Op { kind: OpKind::PollIn, fd, buf: std::ptr::null_mut(), len: 0 };
-                // SAFETY: a readiness poll uses no buffer.
-                unsafe { self.io.submit(token(T_RDMA_POLL, i as u64), op)? };
+                self.io.poll_in(token(T_RDMA_POLL, i as u64), fd)?;
                 self.rdma_polling[i] = true;
             }
         }
@@ -948,28 +935,26 @@ impl<'a> Session<'a> {
             }
             let item = self.dn_queue.pop_front().expect("checked");
             let remote_slot = self.dn_rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
-            let (buf, len, wr) = match item {
+            let (buf, wr) = match item {
                 DnItem::Chunk(seq, slot) => {
                     // The MAC travels in the slot too, after the payload (the receiver's slots
                     // leave room for it).
                     let c = self.manifest.chunk(seq).expect("in range");
                     let mac = self.mac_chunk(seq, slot);
-                    (self.pool.slot_ptr(slot, 0), HEADER_LEN as u32 + c.len + mac, seq)
+                    (Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + c.len + mac }, seq)
                 }
-                DnItem::End => {
-                    let (b, l) = self.end_frame();
-                    (b, l, END_WR)
-                }
+                DnItem::End => (self.end_frame(), END_WR),
                 DnItem::Piece { .. } => unreachable!("no cut-through onto an RDMA hop"),
             };
             let link = self.dn_rdma.as_ref().expect("checked");
             let remote = link.remote_addr + u64::from(remote_slot) * link.slot_size;
-            // SAFETY: the frame lies in the registered pool (a leased slot or the END area) and is
-            // not written until this write completes (ForwardDone releases the slot only after
-            // it); the remote slot was granted by the receiver and holds a whole frame.
-            let posted = unsafe {
-                link.ep.post_write_imm(token(T_DN_SEND, wr), buf, len, remote, link.rkey, u32::from(remote_slot))
-            };
+            // The frame (a leased slot or the END area) is held for the NIC until this write
+            // completes (ForwardDone releases the slot only after it); the remote slot was
+            // granted by the receiver and holds a whole frame.
+            let span = self.pool.span(buf);
+            let (rkey, imm) = (link.rkey, u32::from(remote_slot));
+            let posted =
+                self.nic_writes.post(&link.ep, self.pool.mem_mut(), token(T_DN_SEND, wr), span, remote, rkey, imm);
             match posted {
                 Ok(()) => self.dn_rdma_inflight += 1,
                 Err(e) => {
@@ -1017,6 +1002,7 @@ impl<'a> Session<'a> {
     /// A write downstream completed (or failed).
     fn rdma_written(&mut self, wc: WorkCompletion) {
         self.dn_rdma_inflight = self.dn_rdma_inflight.saturating_sub(1);
+        self.nic_writes.completed(self.pool.mem_mut(), wc.wr_id);
         let value = wc.wr_id & ((1 << 56) - 1);
         let seq = (value != END_WR).then_some(value);
         match wc.status {
@@ -1080,9 +1066,10 @@ impl<'a> Session<'a> {
             return;
         };
         let slot = link.granted.swap_remove(pos);
-        // SAFETY: the write into this slot has completed (its receive completion is here) and the
+        // The write into this slot has completed (its receive completion is here) and the
         // sender has no other grant for it.
-        let bytes: [u8; HEADER_LEN] = unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
+        self.nic_grants.landed(self.pool.mem_mut(), slot.0);
+        let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         match Header::decode(&bytes) {
             Ok(h) if h.kind == Kind::Chunk => {
                 if let Err((kind, message)) = self.check_chunk_header(&h) {
@@ -1091,8 +1078,8 @@ impl<'a> Session<'a> {
                     return;
                 }
                 if let Some(m) = self.up_macs.as_mut() {
-                    // SAFETY: as above; the frame's MAC follows its payload in the slot.
-                    let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN + h.len as usize, FRAME_MAC_LEN) };
+                    // The frame's MAC follows its payload in the slot.
+                    let mac = self.pool.slot(slot, HEADER_LEN + h.len as usize, FRAME_MAC_LEN);
                     if m.verify(&bytes, &[], mac).is_err() {
                         self.pool.release(slot);
                         return self.abort(unauthentic_chunk(h.seq));
@@ -1102,8 +1089,8 @@ impl<'a> Session<'a> {
             }
             Ok(h) => {
                 if let Some(m) = self.up_macs.as_mut() {
-                    // SAFETY: as above; the frame's MAC follows its header in the slot.
-                    let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, FRAME_MAC_LEN) };
+                    // The frame's MAC follows its header in the slot.
+                    let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
                     if m.verify(&bytes, &[], mac).is_err() {
                         self.pool.release(slot);
                         return self.abort(unauthentic_frame(h.kind));
@@ -1140,9 +1127,9 @@ impl<'a> Session<'a> {
         let c = self.manifest.chunk(seq).expect("checked on the header");
         let n = c.len as usize;
         self.next_recv_seq = self.route.next_passing(seq + 1, self.manifest.chunk_count());
-        // SAFETY: the payload has landed in this slot and nothing writes it now.
+        // The payload has landed in this slot and nothing writes it now.
         let ok = (!self.digests_known || announced == c.digest)
-            && (!self.cfg.verify || digest(unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) }) == announced);
+            && (!self.cfg.verify || digest(self.pool.slot(slot, HEADER_LEN, n)) == announced);
         if let Some(m) = &self.metrics {
             m.bytes_in.inc_by(n as u64);
             if ok {
@@ -1231,11 +1218,10 @@ impl<'a> Session<'a> {
                 return Ok(());
             };
             let len = bytes.len().min(CTRL_LEN);
-            // SAFETY: the UpSend area is used by one send at a time, and none is in flight.
-            unsafe { self.pool.ctrl_bytes(Ctrl::UpSend, len) }.copy_from_slice(&bytes[..len]);
-            let op = Op { kind: OpKind::Send, fd: up, buf: self.pool.ctrl_ptr(Ctrl::UpSend), len: len as u32 };
-            // SAFETY: as above; the area is not written again before this send completes.
-            unsafe { self.io.submit(token(T_UP_SEND, 0), op)? };
+            // The UpSend area is used by one send at a time, and none is in flight.
+            self.pool.ctrl_mut(Ctrl::UpSend, len).copy_from_slice(&bytes[..len]);
+            let buf = Buf::Ctrl { area: Ctrl::UpSend, off: 0, len: len as u32 };
+            self.pool.submit(&mut self.io, token(T_UP_SEND, 0), OpKind::Send, up, buf)?;
             self.up_sending = Some(item);
         }
         Ok(())
@@ -1316,15 +1302,10 @@ impl<'a> Session<'a> {
     fn recv_piece(&mut self, slot: SlotId, seq: u64, digest: u128, got: u32, len: u32) -> std::io::Result<()> {
         let piece = if self.cut.back().is_some_and(|c| c.seq == seq) { self.cfg.piece_bytes } else { 0 };
         let want = if piece == 0 { len - got } else { piece.min(len - got) };
-        let op = Op {
-            kind: OpKind::Recv,
-            fd: self.up.expect("upstream"),
-            buf: self.pool.slot_ptr(slot, HEADER_LEN + got as usize),
-            len: want,
-        };
-        // SAFETY: the slot is leased; the payload receive completes before the slot goes to the
-        // machine, and pieces already queued downstream lie before `got`.
-        unsafe { self.io.submit(token(T_UP_RECV, 0), op)? };
+        // The payload receive completes before the slot goes to the machine, and pieces already
+        // queued downstream lie before `got`.
+        let buf = Buf::Slot { id: slot, off: HEADER_LEN + got as usize, len: want };
+        self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, self.up.expect("upstream"), buf)?;
         self.up_recv = UpRecv::Payload(slot, seq, digest, got, want);
         Ok(())
     }
@@ -1335,8 +1316,7 @@ impl<'a> Session<'a> {
         let chunk = self.manifest.chunk(seq).expect("in range");
         match result {
             Ok(n) if n == chunk.len as usize => {
-                // SAFETY: the bytes of this slot are complete and nothing else uses it.
-                let payload = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, n) };
+                let payload = self.pool.slot(slot, HEADER_LEN, n);
                 // Hashed as it is read: the source is read once, and the digest travels in the
                 // chunk's header.
                 let d = digest(payload);
@@ -1351,8 +1331,7 @@ impl<'a> Session<'a> {
                 }
                 self.manifest.set_digest(seq, d);
                 let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d };
-                // SAFETY: as above; the header area of the slot is idle.
-                unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) }.copy_from_slice(&h.to_bytes());
+                self.pool.slot_mut(slot, 0, HEADER_LEN).copy_from_slice(&h.to_bytes());
                 self.events.push_back(Event::ChunkReady { seq, slot });
             }
             Ok(_) => {
@@ -1520,9 +1499,7 @@ impl<'a> Session<'a> {
                 }
             }
             (UpRecv::Header(slot), Ok(n)) if n == HEADER_LEN => {
-                // SAFETY: the header receive into this slot has completed.
-                let bytes: [u8; HEADER_LEN] =
-                    unsafe { self.pool.slot_bytes(slot, 0, HEADER_LEN) }.try_into().expect("header");
+                let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
                 match Header::decode(&bytes) {
                     Ok(h) if h.kind == Kind::Chunk => {
                         if let Err((kind, message)) = self.check_chunk_header(&h) {
@@ -1535,9 +1512,9 @@ impl<'a> Session<'a> {
                             && h.seq % n == n - 1
                         {
                             tracing::warn!(seq = h.seq, "test fault: flipping a bit of the forwarded chunk");
-                            // SAFETY: the header of this slot has landed and nothing reads it
-                            // before the forward queued below; this node keeps `h` as it came.
-                            let header = unsafe { self.pool.slot_bytes_mut(slot, 0, HEADER_LEN) };
+                            // Nothing reads the header before the forward queued below; this node
+                            // keeps `h` as it came.
+                            let header = self.pool.slot_mut(slot, 0, HEADER_LEN);
                             header[HEADER_LEN - 1] ^= 1;
                         }
                         self.up_header = bytes;
@@ -1561,14 +1538,9 @@ impl<'a> Session<'a> {
                     Ok(_) if self.up_macs.is_some() => {
                         // Its MAC follows: taken into the same slot, after the header.
                         self.up_header = bytes;
-                        let op = Op {
-                            kind: OpKind::Recv,
-                            fd: self.up.expect("replica has upstream"),
-                            buf: self.pool.slot_ptr(slot, HEADER_LEN),
-                            len: FRAME_MAC_LEN as u32,
-                        };
-                        // SAFETY: the slot is leased; it is released only after this receive completes.
-                        match unsafe { self.io.submit(token(T_UP_RECV, 0), op) } {
+                        let fd = self.up.expect("replica has upstream");
+                        let buf = Buf::Slot { id: slot, off: HEADER_LEN, len: FRAME_MAC_LEN as u32 };
+                        match self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf) {
                             Ok(()) => self.up_recv = UpRecv::Trailer(slot),
                             Err(e) => {
                                 self.pool.release(slot);
@@ -1624,9 +1596,7 @@ impl<'a> Session<'a> {
                 }
                 self.up_recv = UpRecv::Idle;
                 if let Some(open) = self.open.as_mut() {
-                    // SAFETY: the whole frame has landed in this leased slot and nothing else
-                    // uses it until the machine has it.
-                    let sealed = unsafe { self.pool.slot_bytes_mut(slot, HEADER_LEN, wire_len as usize) };
+                    let sealed = self.pool.slot_mut(slot, HEADER_LEN, wire_len as usize);
                     if open.open(&self.up_header, sealed).is_err() {
                         self.pool.release(slot);
                         self.up_recv = UpRecv::Done;
@@ -1639,9 +1609,8 @@ impl<'a> Session<'a> {
                         ));
                     }
                 } else if let Some(m) = self.up_macs.as_mut() {
-                    // SAFETY: the whole frame has landed in this leased slot; its MAC follows
-                    // the payload.
-                    let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN) };
+                    // The frame's MAC follows the payload.
+                    let mac = self.pool.slot(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN);
                     if m.verify(&self.up_header, &[], mac).is_err() {
                         self.pool.release(slot);
                         self.up_recv = UpRecv::Done;
@@ -1661,8 +1630,7 @@ impl<'a> Session<'a> {
             }
             (UpRecv::Trailer(slot), Ok(n)) if n == FRAME_MAC_LEN => {
                 self.up_recv = UpRecv::Done;
-                // SAFETY: the MAC's receive into this leased slot has completed.
-                let mac = unsafe { self.pool.slot_bytes(slot, HEADER_LEN, FRAME_MAC_LEN) };
+                let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
                 let ok = self.up_macs.as_mut().expect("a trailer only on authenticated hops").verify(
                     &self.up_header,
                     &[],
@@ -1694,9 +1662,8 @@ impl<'a> Session<'a> {
         match (self.dn_recv, result) {
             (_, _) if self.dn_closed => self.dn_recv = DnRecv::Done,
             (DnRecv::Header, Ok(n)) if n == HEADER_LEN => {
-                // SAFETY: the header receive into the DownRecv area has completed.
                 let bytes: [u8; HEADER_LEN] =
-                    unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN) }[..].try_into().expect("header-sized");
+                    self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN).try_into().expect("header-sized");
                 // Authenticated hop: ACK and CREDIT carry a MAC after their payload.
                 let macs = self.dn_macs.is_some();
                 let mac_len = |k: Kind| if macs && k != Kind::Result { FRAME_MAC_LEN as u32 } else { 0 };
@@ -1713,11 +1680,10 @@ impl<'a> Session<'a> {
                             && ((h.len + mac_len(h.kind)) as usize) < CTRL_LEN - HEADER_LEN =>
                     {
                         let len = h.len + mac_len(h.kind);
-                        // SAFETY (pointer): the payload follows the header inside the area.
-                        let buf = unsafe { self.pool.ctrl_ptr(Ctrl::DownRecv).add(HEADER_LEN) };
-                        let op = Op { kind: OpKind::Recv, fd: self.down.expect("downstream"), buf, len };
-                        // SAFETY: the DownRecv area is used by this receive alone.
-                        match unsafe { self.io.submit(token(T_DN_RECV, 0), op) } {
+                        // The payload follows the header inside the area.
+                        let buf = Buf::Ctrl { area: Ctrl::DownRecv, off: HEADER_LEN, len };
+                        let fd = self.down.expect("downstream");
+                        match self.pool.submit(&mut self.io, token(T_DN_RECV, 0), OpKind::Recv, fd, buf) {
                             Ok(()) => self.dn_recv = DnRecv::Payload(h.kind, len),
                             Err(e) => {
                                 self.dn_recv = DnRecv::Done;
@@ -1736,8 +1702,7 @@ impl<'a> Session<'a> {
                 }
             }
             (DnRecv::Payload(kind @ (Kind::Ack | Kind::Credit), len), Ok(n)) if n == len as usize => {
-                // SAFETY: the payload receive has completed.
-                let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
+                let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
                 let (header, rest) = bytes.split_at(HEADER_LEN);
                 let mac_len = if self.dn_macs.is_some() { FRAME_MAC_LEN.min(n) } else { 0 };
                 let (payload, mac) = rest.split_at(n - mac_len);
@@ -1777,8 +1742,7 @@ impl<'a> Session<'a> {
             }
             (DnRecv::Payload(_, len), Ok(n)) if n == len as usize => {
                 self.dn_recv = DnRecv::Done;
-                // SAFETY: the payload receive has completed.
-                let bytes = unsafe { self.pool.ctrl_bytes(Ctrl::DownRecv, HEADER_LEN + n) };
+                let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
                 let Ok(body) =
                     crate::crypt::open_frame(self.dn_secret.as_ref(), crate::crypt::LABEL_RESULT, &bytes[HEADER_LEN..])
                 else {
@@ -1838,22 +1802,20 @@ impl Drop for Session<'_> {
                 // Ends receives still in flight.
                 crate::sys::shutdown(fd);
             }
-            if !self.io.drain() {
+            if !self.io.drain(self.pool.mem_mut()) {
                 // The kernel or a worker may still write into the pool (or read the sealing
-                // buffer): never free them.
-                std::mem::forget(std::mem::take(&mut self.seal_buf));
+                // buffer): its leases stay out, and the pool leaks rather than free them.
                 return;
             }
         }
         // The NIC may write into and read from the pool until its queue pairs are gone.
         self.up_rdma = None;
         self.dn_rdma = None;
-        // SAFETY: `pool` is not used after this; it is taken exactly once, here.
-        let pool = unsafe { std::mem::ManuallyDrop::take(&mut self.pool) };
-        match self.pools {
-            // SAFETY: nothing is in flight (drained above).
-            Some(cache) => unsafe { cache.put(pool) },
-            None => drop(pool),
+        self.nic_writes.settle_all(self.pool.mem_mut());
+        self.nic_grants.settle_all(self.pool.mem_mut());
+        if let Some(cache) = self.pools {
+            // A pool with leases still out is not reused (`PoolCache::put`).
+            cache.put(self.pool.take());
         }
     }
 }

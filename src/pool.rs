@@ -10,10 +10,11 @@
 //! stops reading from its upstream until a slot is released.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Mutex, Once};
 
-use memmap2::{Advice, MmapMut, MmapOptions};
-
+use crate::sys::io::{Io, OpKind};
+use crate::sys::mem::{Pinned, Span};
 use crate::wire::{HEADER_LEN, MAX_REPORTS};
 
 /// Index of a slot in the pool.
@@ -38,21 +39,32 @@ pub enum Ctrl {
 pub const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
 const CTRL_AREAS: usize = 4;
 
+/// Where an operation's bytes lie in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Buf {
+    /// `len` bytes from byte `off` of a chunk slot.
+    Slot { id: SlotId, off: usize, len: u32 },
+    /// `len` bytes from byte `off` of a control area.
+    Ctrl { area: Ctrl, off: usize, len: u32 },
+    /// The first `len` bytes of the sealing buffer (see [`Pool::set_seal_len`]).
+    Seal { len: u32 },
+}
+
 /// A pinned buffer pool of fixed-size slots.
+///
+/// Safe to use: the bytes of a slot are read and written through [`Pool::slot`] /
+/// [`Pool::slot_mut`], and handed to the kernel only through [`Pool::submit`], which leases
+/// them to the operation until its completion (see `sys::mem`). Touching bytes an operation
+/// still owns panics instead of racing with the kernel.
 #[derive(Debug)]
 pub struct Pool {
-    map: MmapMut,
+    mem: Pinned,
     slot_size: usize,
     slots: usize,
     free: Vec<SlotId>,
     leased: Vec<bool>,
     locked: bool,
 }
-
-// SAFETY: the pool owns its mapping; the raw pointer inside MmapMut is only an address, and all
-// access to slot memory goes through `&self`/`&mut self` methods or I/O ops whose contract is
-// documented on the `unsafe` accessors below.
-unsafe impl Send for Pool {}
 
 static MEMLOCK_WARNING: Once = Once::new();
 
@@ -62,10 +74,8 @@ impl Pool {
         let slots = slots.clamp(2, usize::from(u16::MAX));
         let slot_size = slot_size(chunk_size);
         let len = slot_size * slots + CTRL_LEN * CTRL_AREAS;
-        let map = MmapOptions::new().len(len).map_anon()?;
-        // Advice first, before any page is touched: afterwards it finds no huge pages to make.
-        let _ = map.advise(Advice::HugePage);
-        let locked = match map.lock() {
+        let mem = Pinned::map(len)?;
+        let locked = match mem.lock() {
             Ok(()) => true,
             Err(e) => {
                 MEMLOCK_WARNING.call_once(|| {
@@ -82,7 +92,7 @@ impl Pool {
             }
         };
         let free = (0..slots as u16).rev().map(SlotId).collect();
-        Ok(Self { map, slot_size, slots, free, leased: vec![false; slots], locked })
+        Ok(Self { mem, slot_size, slots, free, leased: vec![false; slots], locked })
     }
 
     /// A pool whose slots hold at most `bytes` bytes of chunks; refused (`InvalidInput`, the
@@ -113,15 +123,41 @@ impl Pool {
     }
     /// Total bytes of the mapping.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.mem.len()
     }
     /// Whether the mapping is empty (never: a pool has at least two slots).
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.mem.len() == 0
     }
-    /// Base address of the mapping (for io_uring buffer registration).
-    pub fn base(&self) -> *mut u8 {
-        self.map.as_ptr().cast_mut()
+    /// Base address of the mapping (for registration with a NIC).
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.mem.base()
+    }
+    /// Binds the pool's pages to the NUMA node of RDMA device `device` (before any I/O on it).
+    pub(crate) fn place_for_device(&self, device: &str) -> Result<String, String> {
+        self.mem.place_for_device(device)
+    }
+    /// The mapping, for the executor (which settles leases on it as operations complete).
+    pub(crate) fn mem(&self) -> &Pinned {
+        &self.mem
+    }
+    /// The mapping, mutably (see [`Pool::mem`]).
+    pub(crate) fn mem_mut(&mut self) -> &mut Pinned {
+        &mut self.mem
+    }
+
+    /// Moves the pool out, leaving an empty one that owns no memory (for a `Drop` that hands
+    /// the pool back to its cache).
+    pub(crate) fn take(&mut self) -> Pool {
+        let husk = Self {
+            mem: Pinned::unmapped(),
+            slot_size: 0,
+            slots: 0,
+            free: Vec::new(),
+            leased: Vec::new(),
+            locked: false,
+        };
+        std::mem::replace(self, husk)
     }
 
     /// Whether this pool has `slots` slots for chunks of `chunk_size` bytes.
@@ -129,13 +165,16 @@ impl Pool {
         self.slots == slots && self.slot_size == slot_size(chunk_size)
     }
 
-    /// Marks every slot free again.
-    ///
-    /// # Safety
-    /// No I/O operation may be in flight on any slot or control area.
-    pub unsafe fn reset(&mut self) {
+    /// Marks every slot free again and drops the sealing buffer; false (and nothing changes)
+    /// while an operation still holds pool memory.
+    fn reset(&mut self) -> bool {
+        if self.mem.leases_out() > 0 {
+            return false;
+        }
+        self.mem.set_spare(0);
         self.leased.iter_mut().for_each(|l| *l = false);
         self.free = (0..self.slots as u16).rev().map(SlotId).collect();
+        true
     }
 
     /// Takes a free slot, or `None` when every slot is leased.
@@ -148,58 +187,90 @@ impl Pool {
     /// Returns a leased slot.
     ///
     /// # Panics
-    /// When the slot is not leased: returning a slot twice would let two chunks share it.
+    /// When the slot is not leased (returning a slot twice would let two chunks share it), or
+    /// when an operation on it is still in flight.
     pub fn release(&mut self, id: SlotId) {
         let leased = &mut self.leased[usize::from(id.0)];
         assert!(*leased, "slot {} released twice", id.0);
-        *leased = false;
+        let whole = self.span(Buf::Slot { id, off: 0, len: self.slot_size as u32 });
+        assert!(!self.mem.in_flight(whole), "slot {} released while an operation on it is in flight", id.0);
+        self.leased[usize::from(id.0)] = false;
         self.free.push(id);
     }
 
-    /// Address of byte `off` of slot `id` (for I/O submission).
-    pub fn slot_ptr(&self, id: SlotId, off: usize) -> *mut u8 {
-        assert!(usize::from(id.0) < self.slots && off <= self.slot_size);
-        // SAFETY: the offset stays inside the mapping (checked above).
-        unsafe { self.base().add(usize::from(id.0) * self.slot_size + off) }
-    }
-
-    /// Address of a control area.
-    pub fn ctrl_ptr(&self, area: Ctrl) -> *mut u8 {
-        // SAFETY: the control areas follow the slots inside the mapping.
-        unsafe { self.base().add(self.slots * self.slot_size + area as usize * CTRL_LEN) }
-    }
-
-    /// Bytes `off..off+len` of slot `id`.
+    /// Where `buf` lies in the mapping.
     ///
-    /// # Safety
-    /// No I/O operation that writes into this range may be in flight.
-    pub unsafe fn slot_bytes(&self, id: SlotId, off: usize, len: usize) -> &[u8] {
-        assert!(off + len <= self.slot_size);
-        // SAFETY: the range is inside the slot (checked) and, by the caller's promise, nothing
-        // writes into it while the slice lives.
-        unsafe { std::slice::from_raw_parts(self.slot_ptr(id, off), len) }
+    /// # Panics
+    /// When `buf` does not fit in its slot or area.
+    pub(crate) fn span(&self, buf: Buf) -> Span {
+        match buf {
+            Buf::Slot { id, off, len } => {
+                assert!(
+                    usize::from(id.0) < self.slots && off + len as usize <= self.slot_size,
+                    "{buf:?} out of bounds"
+                );
+                Span { off: usize::from(id.0) * self.slot_size + off, len }
+            }
+            Buf::Ctrl { area, off, len } => {
+                assert!(off + len as usize <= CTRL_LEN, "{buf:?} out of bounds");
+                Span { off: self.slots * self.slot_size + area as usize * CTRL_LEN + off, len }
+            }
+            Buf::Seal { len } => Span { off: self.mem.len(), len },
+        }
     }
 
-    /// Mutable bytes `off..off+len` of slot `id`.
+    /// Bytes `off..off+len` of slot `id`, to read.
     ///
-    /// # Safety
-    /// No I/O operation may be in flight on this range.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slot_bytes_mut(&self, id: SlotId, off: usize, len: usize) -> &mut [u8] {
-        assert!(off + len <= self.slot_size);
-        // SAFETY: as for `slot_bytes`, and no other reference to the range exists.
-        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(id, off), len) }
+    /// # Panics
+    /// When an operation in flight writes into them.
+    pub(crate) fn slot(&self, id: SlotId, off: usize, len: usize) -> &[u8] {
+        self.mem.bytes(self.span(Buf::Slot { id, off, len: len as u32 }))
     }
 
-    /// Bytes `0..len` of a control area.
+    /// Bytes `off..off+len` of slot `id`, to write.
     ///
-    /// # Safety
-    /// No I/O operation may be in flight on this area.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn ctrl_bytes(&self, area: Ctrl, len: usize) -> &mut [u8] {
-        assert!(len <= CTRL_LEN);
-        // SAFETY: the area is inside the mapping and, by the caller's promise, idle.
-        unsafe { std::slice::from_raw_parts_mut(self.ctrl_ptr(area), len) }
+    /// # Panics
+    /// When an operation in flight reads or writes them.
+    pub(crate) fn slot_mut(&mut self, id: SlotId, off: usize, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Slot { id, off, len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// Bytes `0..len` of a control area, to read (panics as [`Pool::slot`] does).
+    pub(crate) fn ctrl(&self, area: Ctrl, len: usize) -> &[u8] {
+        self.mem.bytes(self.span(Buf::Ctrl { area, off: 0, len: len as u32 }))
+    }
+
+    /// Bytes `0..len` of a control area, to write (panics as [`Pool::slot_mut`] does).
+    pub(crate) fn ctrl_mut(&mut self, area: Ctrl, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Ctrl { area, off: 0, len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// Gives the pool a sealing buffer of `len` bytes (an encrypted hop seals each chunk there
+    /// and sends it from there); 0 drops it.
+    pub(crate) fn set_seal_len(&mut self, len: usize) {
+        self.mem.set_spare(len);
+    }
+
+    /// The first `len` bytes of the sealing buffer, to write.
+    pub(crate) fn seal_mut(&mut self, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Seal { len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// Copies bytes `0..len` of slot `id` to the start of the sealing buffer.
+    pub(crate) fn copy_to_seal(&mut self, id: SlotId, len: usize) {
+        let from = self.span(Buf::Slot { id, off: 0, len: len as u32 });
+        let to = self.span(Buf::Seal { len: len as u32 });
+        self.mem.copy(from, to);
+    }
+
+    /// Submits an operation of `kind` on `fd` over `buf`; its completion, from [`Io::wait`],
+    /// carries `token`. `buf` belongs to the operation until then.
+    pub(crate) fn submit(&mut self, io: &mut Io, token: u64, kind: OpKind, fd: RawFd, buf: Buf) -> io::Result<()> {
+        let span = self.span(buf);
+        io.submit(&mut self.mem, token, kind, fd, span)
     }
 }
 
@@ -272,13 +343,12 @@ impl PoolCache {
         Pool::new(slots, chunk_size)
     }
 
-    /// Keeps `pool` for a later session (or frees it when the cache is full).
-    ///
-    /// # Safety
-    /// No I/O operation may be in flight on the pool.
-    pub unsafe fn put(&self, mut pool: Pool) {
-        // SAFETY: the caller promises the pool is idle.
-        unsafe { pool.reset() };
+    /// Keeps `pool` for a later session (or frees it when the cache is full). A pool that an
+    /// operation still holds is never reused (dropping it leaks its memory).
+    pub fn put(&self, mut pool: Pool) {
+        if !pool.reset() {
+            return;
+        }
         let mut idle = self.idle.lock().expect("pool cache lock");
         if idle.len() < self.max {
             idle.push(pool);
@@ -358,8 +428,7 @@ mod tests {
         let mut p = cache.get(1 << 20, 64 << 10).unwrap();
         let base = p.base();
         let _leaked = p.lease().unwrap();
-        // SAFETY: no I/O is in flight on a pool that never saw any.
-        unsafe { cache.put(p) };
+        cache.put(p);
         let mut q = cache.get(1 << 20, 64 << 10).unwrap();
         assert_eq!(q.base(), base, "same mapping handed out again");
         assert_eq!(q.free_slots(), q.slots(), "every slot is free again");

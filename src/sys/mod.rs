@@ -23,6 +23,8 @@
 use std::os::fd::RawFd;
 
 pub mod io;
+pub(crate) mod mem;
+pub(crate) mod nic;
 
 pub mod numa;
 pub mod tcpinfo;
