@@ -9,7 +9,7 @@
 //! - [`manifest::Manifest`]: a version's files, modes, sizes and per-chunk digests.
 //! - [`pool::Pool`]: the bounded, pinned buffer pool a session moves chunks through.
 //! - [`proto::NodeMachine`]: the sans-IO chain logic (events in, actions out).
-//! - [`chain::Session`]: the event loop around it, on [`io::Io`] (io_uring or plain sockets).
+//! - `session::Session`: the event loop around it, on `sys::io::Io` (io_uring or plain sockets).
 //! - [`store::Store`]: a replica's staging, publish and retention.
 //! - [`server::Server`] and [`push::push`]: the two ends a program calls.
 //!
@@ -29,7 +29,6 @@
 
 pub mod audit;
 pub mod auth;
-pub mod chain;
 pub mod crypt;
 pub mod error;
 pub mod manifest;
@@ -41,6 +40,7 @@ pub mod push;
 pub mod rdma;
 pub mod route;
 pub mod server;
+pub mod session;
 pub mod stage;
 pub mod store;
 pub mod sys;
@@ -48,10 +48,10 @@ pub mod tls;
 pub mod transport;
 pub mod wire;
 
-pub use chain::{MemoryData, Progress};
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
+pub use session::{MemoryData, Progress};
 pub use sys::io::IoChoice;
 
 /// Parses a size: bytes, or a number with K/M/G (or KiB/MiB/GiB, KB/MB/GB: all binary).

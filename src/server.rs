@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::chain::{Local, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, ServeError};
 use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::push::{connect, handshake};
 use crate::route::{ChunkSet, Route};
+use crate::session::{Local, Session, SessionConfig, SessionEnd};
 use crate::store::Store;
 use crate::sys::io::IoChoice;
 use crate::transport::Transport;
@@ -108,7 +108,7 @@ impl ServeOptions {
             max_sessions: 64,
             max_per_peer: 16,
             verify: !bench_no_verify(),
-            piece_bytes: crate::chain::piece_bytes_from_env(),
+            piece_bytes: crate::session::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
             key: None,
@@ -895,14 +895,13 @@ fn push_session(
         downstream = hello.downstream.len(),
         "receiving"
     );
-    let cfg = SessionConfig {
-        pool_bytes: opts.pool_bytes,
-        io: opts.io,
-        idle_timeout: opts.idle_timeout,
-        hop_timeout: opts.hop_timeout,
-        verify: opts.verify,
-        piece_bytes: opts.piece_bytes,
-    };
+    let cfg = SessionConfig::default()
+        .pool_bytes(opts.pool_bytes)
+        .io(opts.io)
+        .idle_timeout(opts.idle_timeout)
+        .hop_timeout(opts.hop_timeout)
+        .verify(opts.verify)
+        .piece_bytes(opts.piece_bytes);
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
     let fail = |conn: &mut TcpStream, node: &str, error: NodeError| {
         tracing::error!("push failed before it started: {error}");
@@ -918,7 +917,7 @@ fn push_session(
             crate::crypt::seal_frame(up_secret.as_ref(), crate::crypt::LABEL_RESULT, wire::encode_reports(&reports));
         let _ = wire::write_frame(conn, Kind::Result, 0, &payload);
     };
-    let mut pool = match pools.get(cfg.pool_bytes, manifest.chunk_size()) {
+    let mut pool = match pools.get(opts.pool_bytes, manifest.chunk_size()) {
         Ok(pool) => pool,
         Err(e) => {
             let e = NodeError::io("cannot set up the buffer pool", &e);
@@ -959,7 +958,23 @@ fn push_session(
     });
     let started = std::time::Instant::now();
     let (bytes, chunks) = (manifest.total_bytes(), manifest.chunk_count());
-    let superseded = staging.receiving();
+    let cfg = match route {
+        Some(route) => cfg.route(Some(route), own).prefill(prefill),
+        None => cfg,
+    }
+    .superseded(staging.receiving())
+    .early_report(hello.mode == wire::Mode::Async)
+    .stop_on_loss(hello.flags.has(wire::HelloFlags::REPAIR))
+    .crypt(
+        up_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Opener::new),
+        down_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Sealer::new),
+    )
+    .macs(up_secret.clone(), down_secret.clone())
+    .metrics(
+        opts.metrics
+            .as_ref()
+            .map(|m| crate::metrics::SessionMetrics::new(m, peer, hello.downstream.first().map_or("", String::as_str))),
+    );
     let session = Session::new(
         Role::Replica,
         &me,
@@ -974,30 +989,6 @@ fn push_session(
         Some(pools),
         (up_link, dn_link),
     );
-    let session = match route {
-        Some(route) => session.with_route(route, own).with_prefill(prefill),
-        None => session,
-    }
-    .with_superseded(superseded);
-    let session = if hello.mode == wire::Mode::Async { session.with_early_report() } else { session };
-    let session = if hello.flags.has(wire::HelloFlags::REPAIR) { session.with_stop_on_loss() } else { session };
-    let session = if encrypt {
-        session.with_crypt(
-            up_secret.as_ref().map(crate::crypt::Opener::new),
-            down_secret.as_ref().map(crate::crypt::Sealer::new),
-        )
-    } else {
-        session
-    }
-    .with_macs(up_secret.clone(), down_secret.clone());
-    let session = match &opts.metrics {
-        Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
-            m,
-            peer,
-            hello.downstream.first().map_or("", String::as_str),
-        )),
-        None => session,
-    };
     let end = session.run();
     // The session's staging is gone: published, or kept as a partial.
     expire_partials(store, opts);
