@@ -7,7 +7,7 @@
 //!
 //! The principal types:
 //! - [`manifest::Manifest`]: a version's files, modes, sizes and per-chunk digests.
-//! - [`pool::Pool`]: the bounded, pinned buffer pool a session moves chunks through.
+//! - `pool::Pool`: the bounded, pinned buffer pool a session moves chunks through.
 //! - [`proto::NodeMachine`]: the sans-IO chain logic (events in, actions out).
 //! - `session::Session`: the event loop around it, on `sys::io::Io` (io_uring or plain sockets).
 //! - [`store::Store`]: a replica's staging, publish and retention.
@@ -40,15 +40,16 @@ pub mod push;
 pub mod rdma;
 pub mod route;
 pub mod server;
-pub mod session;
+pub(crate) mod session;
 pub mod stage;
 pub mod store;
-pub mod sys;
+pub(crate) mod sys;
 pub mod tls;
 pub mod transport;
 pub mod wire;
 
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
+pub use pool::{check_memlock, memlock_limit};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
 pub use session::{MemoryData, Progress};

@@ -23,7 +23,7 @@ pub struct SlotId(pub u16);
 
 /// The control areas, one per direction that sends or receives control frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ctrl {
+pub(crate) enum Ctrl {
     /// Receives ACK / RESULT frames from downstream.
     DownRecv = 0,
     /// Sends ACK / RESULT frames upstream.
@@ -36,7 +36,7 @@ pub enum Ctrl {
 }
 
 /// Size of one control area: a header and the largest report list.
-pub const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
+pub(crate) const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
 const CTRL_AREAS: usize = 4;
 
 /// Where an operation's bytes lie in the pool.
@@ -70,7 +70,7 @@ static MEMLOCK_WARNING: Once = Once::new();
 
 impl Pool {
     /// A pool of `slots` slots, each holding a frame header and `chunk_size` bytes.
-    pub fn new(slots: usize, chunk_size: u32) -> io::Result<Self> {
+    pub(crate) fn new(slots: usize, chunk_size: u32) -> io::Result<Self> {
         let slots = slots.clamp(2, usize::from(u16::MAX));
         let slot_size = slot_size(chunk_size);
         let len = slot_size * slots + CTRL_LEN * CTRL_AREAS;
@@ -98,36 +98,32 @@ impl Pool {
     /// A pool whose slots hold at most `bytes` bytes of chunks; refused (`InvalidInput`, the
     /// message names both numbers) when fewer than [`MIN_SLOTS`] chunks fit (see
     /// [`check_budget`]).
-    pub fn with_budget(bytes: usize, chunk_size: u32) -> io::Result<Self> {
+    pub(crate) fn with_budget(bytes: usize, chunk_size: u32) -> io::Result<Self> {
         let slots = check_budget(bytes, chunk_size).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         Self::new(slots, chunk_size)
     }
 
     /// Whether the pool is pinned (mlocked).
-    pub fn is_locked(&self) -> bool {
+    pub(crate) fn is_locked(&self) -> bool {
         self.locked
     }
 
     /// Bytes from one slot's start to the next (a frame header and a chunk, page-rounded).
-    pub fn slot_size(&self) -> usize {
+    pub(crate) fn slot_size(&self) -> usize {
         self.slot_size
     }
 
     /// Number of chunk slots.
-    pub fn slots(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.slots
     }
     /// Slots not leased.
-    pub fn free_slots(&self) -> usize {
+    pub(crate) fn free_slots(&self) -> usize {
         self.free.len()
     }
     /// Total bytes of the mapping.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.mem.len()
-    }
-    /// Whether the mapping is empty (never: a pool has at least two slots).
-    pub fn is_empty(&self) -> bool {
-        self.mem.len() == 0
     }
     /// Base address of the mapping (for registration with a NIC).
     pub(crate) fn base(&self) -> *mut u8 {
@@ -178,7 +174,7 @@ impl Pool {
     }
 
     /// Takes a free slot, or `None` when every slot is leased.
-    pub fn lease(&mut self) -> Option<SlotId> {
+    pub(crate) fn lease(&mut self) -> Option<SlotId> {
         let id = self.free.pop()?;
         self.leased[usize::from(id.0)] = true;
         Some(id)
@@ -189,7 +185,7 @@ impl Pool {
     /// # Panics
     /// When the slot is not leased (returning a slot twice would let two chunks share it), or
     /// when an operation on it is still in flight.
-    pub fn release(&mut self, id: SlotId) {
+    pub(crate) fn release(&mut self, id: SlotId) {
         let leased = &mut self.leased[usize::from(id.0)];
         assert!(*leased, "slot {} released twice", id.0);
         let whole = self.span(Buf::Slot { id, off: 0, len: self.slot_size as u32 });
@@ -282,13 +278,13 @@ fn slot_size(chunk_size: u32) -> usize {
 }
 
 /// The fewest chunk slots a session works with (reading ahead, sending and writing at once).
-pub const MIN_SLOTS: usize = 4;
+pub(crate) const MIN_SLOTS: usize = 4;
 
 /// The slots a pool of `bytes` has for chunks of `chunk_size` bytes: as many chunks as fit in
 /// `bytes` (each slot also holds a frame header and is rounded up to a page, and the pool adds
 /// its small control areas). Never more than that: a chunk size of which fewer than
 /// [`MIN_SLOTS`] fit is refused, with both numbers, rather than pinning more than the budget.
-pub fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
+pub(crate) fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
     let slots = bytes / (chunk_size.max(1) as usize);
     if slots < MIN_SLOTS {
         return Err(format!(
@@ -320,20 +316,20 @@ fn show_bytes(n: u64) -> String {
 /// 64 MiB costs ~0.1-0.2 s, which a short push pays in full. A server keeps up to `max` idle
 /// pools and hands one to the next session of the same chunk size.
 #[derive(Debug)]
-pub struct PoolCache {
+pub(crate) struct PoolCache {
     idle: Mutex<Vec<Pool>>,
     max: usize,
 }
 
 impl PoolCache {
     /// A cache keeping at most `max` idle pools.
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self { idle: Mutex::new(Vec::new()), max }
     }
 
     /// An idle pool of at most `bytes` of `chunk_size` chunks, or a new one (refused as
     /// [`Pool::with_budget`] is).
-    pub fn get(&self, bytes: usize, chunk_size: u32) -> io::Result<Pool> {
+    pub(crate) fn get(&self, bytes: usize, chunk_size: u32) -> io::Result<Pool> {
         let slots = check_budget(bytes, chunk_size).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         let mut idle = self.idle.lock().expect("pool cache lock");
         if let Some(i) = idle.iter().position(|p| p.fits(slots, chunk_size)) {
@@ -345,7 +341,7 @@ impl PoolCache {
 
     /// Keeps `pool` for a later session (or frees it when the cache is full). A pool that an
     /// operation still holds is never reused (dropping it leaks its memory).
-    pub fn put(&self, mut pool: Pool) {
+    pub(crate) fn put(&self, mut pool: Pool) {
         if !pool.reset() {
             return;
         }
@@ -363,7 +359,7 @@ pub fn memlock_limit() -> Option<u64> {
 
 /// Whether this process may lock memory beyond RLIMIT_MEMLOCK (CAP_IPC_LOCK in its effective
 /// set, from `/proc/self/status`).
-pub fn has_ipc_lock() -> bool {
+pub(crate) fn has_ipc_lock() -> bool {
     const CAP_IPC_LOCK: u32 = 14;
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -446,6 +442,41 @@ mod tests {
         assert!(PoolCache::new(1).get(64 << 20, 64 << 20).is_err());
         assert_eq!(check_budget(16 << 20, 4 << 20), Ok(4));
         assert_eq!(check_budget(64 << 20, 4 << 20), Ok(16));
+    }
+
+    #[test]
+    fn bytes_in_flight_are_held_until_the_completion() {
+        use std::os::fd::AsRawFd;
+        let mut p = Pool::new(2, 4096).unwrap();
+        let mut io = Io::new(crate::sys::io::IoChoice::Plain, p.mem());
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let id = p.lease().unwrap();
+        let buf = Buf::Slot { id, off: 0, len: 5 };
+        p.submit(&mut io, 7, OpKind::Recv, b.as_raw_fd(), buf).unwrap();
+        // The receive owns the bytes: reading them now panics instead of racing the worker.
+        let peek = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.slot(id, 0, 5).to_vec()));
+        assert!(peek.is_err(), "bytes of a receive in flight were readable");
+        std::io::Write::write_all(&mut a, b"hello").unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            io.wait(p.mem_mut(), &mut done, std::time::Duration::from_secs(1)).unwrap();
+        }
+        assert_eq!((done[0].token, done[0].result.as_ref().ok()), (7, Some(&5)));
+        // The completion gave the lease back: the bytes are the caller's, the slot releasable.
+        assert_eq!(p.slot(id, 0, 5), b"hello");
+        p.release(id);
+    }
+
+    #[test]
+    #[should_panic(expected = "in flight")]
+    fn releasing_a_slot_in_flight_panics() {
+        use std::os::fd::AsRawFd;
+        let mut p = Pool::new(2, 4096).unwrap();
+        let mut io = Io::new(crate::sys::io::IoChoice::Plain, p.mem());
+        let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let id = p.lease().unwrap();
+        p.submit(&mut io, 1, OpKind::Recv, b.as_raw_fd(), Buf::Slot { id, off: 0, len: 5 }).unwrap();
+        p.release(id);
     }
 
     #[test]

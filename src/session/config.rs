@@ -9,7 +9,7 @@ use super::*;
 /// let cfg = SessionConfig::default().pool_bytes(64 << 20).piece_bytes(0).macs(None, secret);
 /// ```
 #[derive(Debug)]
-pub struct SessionConfig {
+pub(crate) struct SessionConfig {
     /// Bytes of pool to allocate for chunk slots.
     pub(super) pool_bytes: usize,
     /// Which executor.
@@ -63,52 +63,52 @@ impl Default for SessionConfig {
 
 impl SessionConfig {
     /// Bytes of pool for chunk slots.
-    pub fn pool_bytes(mut self, bytes: usize) -> Self {
+    pub(crate) fn pool_bytes(mut self, bytes: usize) -> Self {
         self.pool_bytes = bytes;
         self
     }
 
     /// Which executor.
-    pub fn io(mut self, io: IoChoice) -> Self {
+    pub(crate) fn io(mut self, io: IoChoice) -> Self {
         self.io = io;
         self
     }
 
     /// How long a session waits without any completion before it gives up.
-    pub fn idle_timeout(mut self, t: Duration) -> Self {
+    pub(crate) fn idle_timeout(mut self, t: Duration) -> Self {
         self.idle_timeout = t;
         self
     }
 
     /// How long a downstream may take nothing (times the nodes after this one) before the
     /// push goes on without it.
-    pub fn hop_timeout(mut self, t: Duration) -> Self {
+    pub(crate) fn hop_timeout(mut self, t: Duration) -> Self {
         self.hop_timeout = t;
         self
     }
 
     /// Whether to verify chunk digests on arrival (only benchmarks turn it off).
-    pub fn verify(mut self, verify: bool) -> Self {
+    pub(crate) fn verify(mut self, verify: bool) -> Self {
         self.verify = verify;
         self
     }
 
     /// Cut-through piece size for a relay (0: whole chunks only).
-    pub fn piece_bytes(mut self, bytes: u32) -> Self {
+    pub(crate) fn piece_bytes(mut self, bytes: u32) -> Self {
         self.piece_bytes = bytes;
         self
     }
 
     /// Async push on the first replica: report upstream once published here (see
     /// `NodeMachine::set_report_early`).
-    pub fn early_report(mut self, on: bool) -> Self {
+    pub(crate) fn early_report(mut self, on: bool) -> Self {
         self.parts.early_report = on;
         self
     }
 
     /// A relay of a push the primary repairs: when a node after it dies, it stops too (see
     /// [`NodeMachine::set_stop_on_loss`]).
-    pub fn stop_on_loss(mut self, on: bool) -> Self {
+    pub(crate) fn stop_on_loss(mut self, on: bool) -> Self {
         self.parts.stop_on_loss = on;
         self
     }
@@ -116,7 +116,7 @@ impl SessionConfig {
     /// Encrypted hops (`--encrypt`): `open` decrypts the chunks from upstream, `seal`
     /// encrypts those sent downstream. Either hop then moves whole chunks (no cut-through: a
     /// chunk is checked before any of it is used), and sealing needs one chunk-sized buffer.
-    pub fn crypt(mut self, open: Option<crate::crypt::Opener>, seal: Option<crate::crypt::Sealer>) -> Self {
+    pub(crate) fn crypt(mut self, open: Option<crate::crypt::Opener>, seal: Option<crate::crypt::Sealer>) -> Self {
         self.parts.open = open;
         self.parts.seal = seal;
         self
@@ -125,21 +125,28 @@ impl SessionConfig {
     /// Authenticated hops: the RESULT this node sends upstream carries a MAC under `up`, and the
     /// one from downstream must carry one under `dn` (see `crypt::seal_frame`); so do the
     /// data-plane frames each way (see `crypt::FrameMacs`).
-    pub fn macs(mut self, up: Option<crate::crypt::SessionSecret>, dn: Option<crate::crypt::SessionSecret>) -> Self {
+    pub(crate) fn macs(
+        mut self,
+        up: Option<crate::crypt::SessionSecret>,
+        dn: Option<crate::crypt::SessionSecret>,
+    ) -> Self {
         self.parts.up_secret = up;
         self.parts.dn_secret = dn;
         self
     }
 
     /// The flag that a newer push of the same version sets to make this session give up.
-    pub fn superseded(mut self, flag: std::sync::Arc<crate::store::Receiving>) -> Self {
+    pub(crate) fn superseded(mut self, flag: std::sync::Arc<crate::store::Receiving>) -> Self {
         self.parts.superseded = Some(flag);
         self
     }
 
     /// Chunks held from an earlier version are being copied into staging by `prefill`; the
     /// session waits for it before syncing, and fails the node if the copy failed.
-    pub fn prefill(mut self, prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>) -> Self {
+    pub(crate) fn prefill(
+        mut self,
+        prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
+    ) -> Self {
         self.parts.prefill = prefill;
         self
     }
@@ -147,13 +154,13 @@ impl SessionConfig {
     /// Restricts this node to its route in a routed push, whose manifest carries every digest.
     /// `own`: on a replica that stores a subset, the staging entry of each manifest entry and
     /// the manifest it publishes.
-    pub fn route(mut self, route: Option<Route>, own: Option<OwnEntries>) -> Self {
+    pub(crate) fn route(mut self, route: Option<Route>, own: Option<OwnEntries>) -> Self {
         self.parts.route = route.map(|r| (r, own));
         self
     }
 
     /// Counts this session's bytes, chunks and pool use in a server's metrics.
-    pub fn metrics(mut self, m: Option<crate::metrics::SessionMetrics>) -> Self {
+    pub(crate) fn metrics(mut self, m: Option<crate::metrics::SessionMetrics>) -> Self {
         self.parts.metrics = m;
         self
     }

@@ -8,7 +8,7 @@ use super::*;
 pub type MemoryData = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// Where one file entry's bytes come from on the primary.
-pub enum SourceData {
+pub(crate) enum SourceData {
     /// An open file, read with the executor (io_uring or pread).
     File(File),
     /// A buffer in memory, copied into the pinned pool (its length is the entry's size).
@@ -26,7 +26,7 @@ impl std::fmt::Debug for SourceData {
 
 /// Where a session's chunks come from and go to locally.
 #[derive(Debug)]
-pub enum Local {
+pub(crate) enum Local {
     /// The primary: one source per entry (None for directories and empty files).
     Source(Vec<Option<SourceData>>),
     /// A replica: the staging area it writes into and publishes (taken when published).

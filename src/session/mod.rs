@@ -40,10 +40,11 @@ mod local;
 mod rdma;
 mod up;
 
-pub use config::SessionConfig;
+pub(crate) use config::SessionConfig;
 use down::{CutThrough, DnItem, Downstream};
 use local::LocalSide;
-pub use local::{Local, MemoryData, SourceData};
+pub use local::MemoryData;
+pub(crate) use local::{Local, SourceData};
 use up::{UpItem, Upstream};
 
 /// Progress counters a caller can read while a push runs.
@@ -75,16 +76,16 @@ impl Progress {
 
 /// Default cut-through piece: 256 KiB is 2 ms on a 1 Gbit/s link, against 34 ms for a whole
 /// 4 MiB chunk, and 16 receives and sends per 4 MiB chunk instead of one are cheap.
-pub const DEFAULT_PIECE_BYTES: u32 = 256 << 10;
+pub(crate) const DEFAULT_PIECE_BYTES: u32 = 256 << 10;
 
 /// The piece size from `SHARDCAST_PIECE_BYTES` (benchmarks compare it), else the default.
-pub fn piece_bytes_from_env() -> u32 {
+pub(crate) fn piece_bytes_from_env() -> u32 {
     std::env::var("SHARDCAST_PIECE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PIECE_BYTES)
 }
 
 /// How a session ended.
 #[derive(Debug)]
-pub enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// Every node settled: the reports, this node first on a replica.
     Finished(Vec<ReplicaReport>),
     /// This node gave up.
@@ -110,7 +111,7 @@ fn token(kind: u64, value: u64) -> u64 {
 
 /// One push on one node: the machine, the executor and the pool, and the state of each side
 /// of this node (the hop upstream, the hop downstream, the local reads or writes).
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     // Declared before `pool`, so that it drops first; `Drop` drains it explicitly anyway.
     io: Io,
     /// Returned to `pools` in `Drop`; freed, or leaked (by `sys::mem`) when I/O might still
@@ -150,7 +151,7 @@ impl<'a> Session<'a> {
     /// `downstream` the names after it. `pool` holds the chunk slots; it goes back to `pools`
     /// (when given) at the end.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         role: Role,
         node: &str,
         downstream: Vec<String>,
@@ -264,24 +265,24 @@ impl<'a> Session<'a> {
     }
 
     /// The executor's name (for logs).
-    pub fn io_name(&self) -> &'static str {
+    pub(crate) fn io_name(&self) -> &'static str {
         self.io.name()
     }
 
     /// Whether the pool is pinned.
-    pub fn pool_locked(&self) -> bool {
+    pub(crate) fn pool_locked(&self) -> bool {
         self.pool.is_locked()
     }
 
     /// Runs the push to its end.
-    pub fn run(mut self) -> SessionEnd {
+    pub(crate) fn run(mut self) -> SessionEnd {
         self.drive()
     }
 
     /// Runs the push to its end and returns, with the end, the manifest as this node knows it
     /// then: on the primary of an ordinary push, the digest of every chunk it read (zero for
     /// chunks it never read), which a repair of the push must keep to.
-    pub fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest) {
+    pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest) {
         let end = self.drive();
         (end, self.manifest.clone())
     }

@@ -22,12 +22,12 @@
 
 use std::os::fd::RawFd;
 
-pub mod io;
+pub(crate) mod io;
 pub(crate) mod mem;
 pub(crate) mod nic;
 
-pub mod numa;
-pub mod tcpinfo;
+pub(crate) mod numa;
+pub(crate) mod tcpinfo;
 
 /// Shuts a socket down both ways: wakes any operation blocked on it, and tells the peer. The
 /// descriptor stays open (its owner closes it). Errors (not a socket, already closed) are of no

@@ -78,9 +78,9 @@ struct Done {
 #[derive(Debug)]
 pub(crate) struct Completion {
     /// The token given at submission.
-    pub token: u64,
+    pub(crate) token: u64,
     /// Bytes transferred (less than asked only at end of stream / file), or the error.
-    pub result: io::Result<usize>,
+    pub(crate) result: io::Result<usize>,
 }
 
 /// Which executor to use.
