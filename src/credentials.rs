@@ -13,6 +13,9 @@ use crate::tls::TlsIdentity;
 
 /// A node's authentication: every connection between nodes uses it, both ways.
 #[derive(Debug, Clone, Default)]
+// A key holds its HMAC key schedule inline (aws-lc-rs): the variant is large, but an Auth is
+// one per options struct, set up once, never moved in a hot path.
+#[allow(clippy::large_enum_variant)]
 pub enum Auth {
     /// No authentication: anyone who can reach a replica may push to it.
     #[default]

@@ -7,9 +7,9 @@
 //!
 //! The principal types:
 //! - [`manifest::Manifest`]: a version's files, modes, sizes and per-chunk digests.
-//! - [`pool::Pool`]: the bounded, pinned buffer pool a session moves chunks through.
+//! - `pool::Pool`: the bounded, pinned buffer pool a session moves chunks through.
 //! - [`proto::NodeMachine`]: the sans-IO chain logic (events in, actions out).
-//! - [`chain::Session`]: the event loop around it, on [`io::Io`] (io_uring or plain sockets).
+//! - `session::Session`: the event loop around it, on `sys::io::Io` (io_uring or plain sockets).
 //! - [`store::Store`]: a replica's staging, publish and retention.
 //! - [`server::Server`] and [`push::push`]: the two ends a program calls.
 //!
@@ -28,33 +28,33 @@
 //! ```
 
 pub mod audit;
-pub mod chain;
 pub mod credentials;
 pub mod error;
 pub mod hop;
-pub mod io;
 pub mod manifest;
 pub mod metrics;
 pub mod mirror;
-pub mod numa;
 pub mod pool;
 pub mod proto;
 pub mod push;
 pub mod rdma;
 pub mod server;
+pub(crate) mod session;
 pub mod stage;
 pub mod store;
-pub mod tcpinfo;
+pub(crate) mod sys;
 pub mod wire;
 
-pub use chain::MemoryData;
 // The hop's parts under their old paths (`shardcast::auth::ClusterKey`, `crate::crypt::...`).
 pub use credentials::Auth;
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use hop::policy as transport;
 pub use hop::{auth, crypt, tls};
+pub use pool::{check_memlock, memlock_limit};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
+pub use session::{MemoryData, Progress};
+pub use sys::io::IoChoice;
 
 /// Parses a size: bytes, or a number with K/M/G (or KiB/MiB/GiB, KB/MB/GB: all binary).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -75,12 +75,5 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Raises the soft open-files limit to the hard limit: a push keeps one descriptor per
 /// non-empty file open on the primary and on every replica.
 pub fn raise_nofile_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    sys::raise_nofile_limit();
 }

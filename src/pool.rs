@@ -10,10 +10,11 @@
 //! stops reading from its upstream until a slot is released.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Mutex, Once};
 
-use memmap2::{Advice, MmapMut, MmapOptions};
-
+use crate::sys::io::{Io, OpKind};
+use crate::sys::mem::{Pinned, Span};
 use crate::wire::{HEADER_LEN, MAX_REPORTS};
 
 /// Index of a slot in the pool.
@@ -22,7 +23,7 @@ pub struct SlotId(pub u16);
 
 /// The control areas, one per direction that sends or receives control frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ctrl {
+pub(crate) enum Ctrl {
     /// Receives ACK / RESULT frames from downstream.
     DownRecv = 0,
     /// Sends ACK / RESULT frames upstream.
@@ -35,13 +36,29 @@ pub enum Ctrl {
 }
 
 /// Size of one control area: a header and the largest report list.
-pub const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
+pub(crate) const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
 const CTRL_AREAS: usize = 4;
 
+/// Where an operation's bytes lie in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Buf {
+    /// `len` bytes from byte `off` of a chunk slot.
+    Slot { id: SlotId, off: usize, len: u32 },
+    /// `len` bytes from byte `off` of a control area.
+    Ctrl { area: Ctrl, off: usize, len: u32 },
+    /// The first `len` bytes of the sealing buffer (see [`Pool::set_seal_len`]).
+    Seal { len: u32 },
+}
+
 /// A pinned buffer pool of fixed-size slots.
+///
+/// Safe to use: the bytes of a slot are read and written through [`Pool::slot`] /
+/// [`Pool::slot_mut`], and handed to the kernel only through [`Pool::submit`], which leases
+/// them to the operation until its completion (see `sys::mem`). Touching bytes an operation
+/// still owns panics instead of racing with the kernel.
 #[derive(Debug)]
 pub struct Pool {
-    map: MmapMut,
+    mem: Pinned,
     slot_size: usize,
     slots: usize,
     free: Vec<SlotId>,
@@ -49,23 +66,16 @@ pub struct Pool {
     locked: bool,
 }
 
-// SAFETY: the pool owns its mapping; the raw pointer inside MmapMut is only an address, and all
-// access to slot memory goes through `&self`/`&mut self` methods or I/O ops whose contract is
-// documented on the `unsafe` accessors below.
-unsafe impl Send for Pool {}
-
 static MEMLOCK_WARNING: Once = Once::new();
 
 impl Pool {
     /// A pool of `slots` slots, each holding a frame header and `chunk_size` bytes.
-    pub fn new(slots: usize, chunk_size: u32) -> io::Result<Self> {
+    pub(crate) fn new(slots: usize, chunk_size: u32) -> io::Result<Self> {
         let slots = slots.clamp(2, usize::from(u16::MAX));
         let slot_size = slot_size(chunk_size);
         let len = slot_size * slots + CTRL_LEN * CTRL_AREAS;
-        let map = MmapOptions::new().len(len).map_anon()?;
-        // Advice first, before any page is touched: afterwards it finds no huge pages to make.
-        let _ = map.advise(Advice::HugePage);
-        let locked = match map.lock() {
+        let mem = Pinned::map(len)?;
+        let locked = match mem.lock() {
             Ok(()) => true,
             Err(e) => {
                 MEMLOCK_WARNING.call_once(|| {
@@ -82,46 +92,68 @@ impl Pool {
             }
         };
         let free = (0..slots as u16).rev().map(SlotId).collect();
-        Ok(Self { map, slot_size, slots, free, leased: vec![false; slots], locked })
+        Ok(Self { mem, slot_size, slots, free, leased: vec![false; slots], locked })
     }
 
     /// A pool whose slots hold at most `bytes` bytes of chunks; refused (`InvalidInput`, the
     /// message names both numbers) when fewer than [`MIN_SLOTS`] chunks fit (see
     /// [`check_budget`]).
-    pub fn with_budget(bytes: usize, chunk_size: u32) -> io::Result<Self> {
+    pub(crate) fn with_budget(bytes: usize, chunk_size: u32) -> io::Result<Self> {
         let slots = check_budget(bytes, chunk_size).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         Self::new(slots, chunk_size)
     }
 
     /// Whether the pool is pinned (mlocked).
-    pub fn is_locked(&self) -> bool {
+    pub(crate) fn is_locked(&self) -> bool {
         self.locked
     }
 
     /// Bytes from one slot's start to the next (a frame header and a chunk, page-rounded).
-    pub fn slot_size(&self) -> usize {
+    pub(crate) fn slot_size(&self) -> usize {
         self.slot_size
     }
 
     /// Number of chunk slots.
-    pub fn slots(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.slots
     }
     /// Slots not leased.
-    pub fn free_slots(&self) -> usize {
+    pub(crate) fn free_slots(&self) -> usize {
         self.free.len()
     }
     /// Total bytes of the mapping.
-    pub fn len(&self) -> usize {
-        self.map.len()
+    pub(crate) fn len(&self) -> usize {
+        self.mem.len()
     }
-    /// Whether the mapping is empty (never: a pool has at least two slots).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+    /// Base address of the mapping (for registration with a NIC).
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.mem.base()
     }
-    /// Base address of the mapping (for io_uring buffer registration).
-    pub fn base(&self) -> *mut u8 {
-        self.map.as_ptr().cast_mut()
+    /// Binds the pool's pages to the NUMA node of RDMA device `device` (before any I/O on it).
+    pub(crate) fn place_for_device(&self, device: &str) -> Result<String, String> {
+        self.mem.place_for_device(device)
+    }
+    /// The mapping, for the executor (which settles leases on it as operations complete).
+    pub(crate) fn mem(&self) -> &Pinned {
+        &self.mem
+    }
+    /// The mapping, mutably (see [`Pool::mem`]).
+    pub(crate) fn mem_mut(&mut self) -> &mut Pinned {
+        &mut self.mem
+    }
+
+    /// Moves the pool out, leaving an empty one that owns no memory (for a `Drop` that hands
+    /// the pool back to its cache).
+    pub(crate) fn take(&mut self) -> Pool {
+        let husk = Self {
+            mem: Pinned::unmapped(),
+            slot_size: 0,
+            slots: 0,
+            free: Vec::new(),
+            leased: Vec::new(),
+            locked: false,
+        };
+        std::mem::replace(self, husk)
     }
 
     /// Whether this pool has `slots` slots for chunks of `chunk_size` bytes.
@@ -129,17 +161,20 @@ impl Pool {
         self.slots == slots && self.slot_size == slot_size(chunk_size)
     }
 
-    /// Marks every slot free again.
-    ///
-    /// # Safety
-    /// No I/O operation may be in flight on any slot or control area.
-    pub unsafe fn reset(&mut self) {
+    /// Marks every slot free again and drops the sealing buffer; false (and nothing changes)
+    /// while an operation still holds pool memory.
+    fn reset(&mut self) -> bool {
+        if self.mem.leases_out() > 0 {
+            return false;
+        }
+        self.mem.set_spare(0);
         self.leased.iter_mut().for_each(|l| *l = false);
         self.free = (0..self.slots as u16).rev().map(SlotId).collect();
+        true
     }
 
     /// Takes a free slot, or `None` when every slot is leased.
-    pub fn lease(&mut self) -> Option<SlotId> {
+    pub(crate) fn lease(&mut self) -> Option<SlotId> {
         let id = self.free.pop()?;
         self.leased[usize::from(id.0)] = true;
         Some(id)
@@ -148,58 +183,90 @@ impl Pool {
     /// Returns a leased slot.
     ///
     /// # Panics
-    /// When the slot is not leased: returning a slot twice would let two chunks share it.
-    pub fn release(&mut self, id: SlotId) {
+    /// When the slot is not leased (returning a slot twice would let two chunks share it), or
+    /// when an operation on it is still in flight.
+    pub(crate) fn release(&mut self, id: SlotId) {
         let leased = &mut self.leased[usize::from(id.0)];
         assert!(*leased, "slot {} released twice", id.0);
-        *leased = false;
+        let whole = self.span(Buf::Slot { id, off: 0, len: self.slot_size as u32 });
+        assert!(!self.mem.in_flight(whole), "slot {} released while an operation on it is in flight", id.0);
+        self.leased[usize::from(id.0)] = false;
         self.free.push(id);
     }
 
-    /// Address of byte `off` of slot `id` (for I/O submission).
-    pub fn slot_ptr(&self, id: SlotId, off: usize) -> *mut u8 {
-        assert!(usize::from(id.0) < self.slots && off <= self.slot_size);
-        // SAFETY: the offset stays inside the mapping (checked above).
-        unsafe { self.base().add(usize::from(id.0) * self.slot_size + off) }
-    }
-
-    /// Address of a control area.
-    pub fn ctrl_ptr(&self, area: Ctrl) -> *mut u8 {
-        // SAFETY: the control areas follow the slots inside the mapping.
-        unsafe { self.base().add(self.slots * self.slot_size + area as usize * CTRL_LEN) }
-    }
-
-    /// Bytes `off..off+len` of slot `id`.
+    /// Where `buf` lies in the mapping.
     ///
-    /// # Safety
-    /// No I/O operation that writes into this range may be in flight.
-    pub unsafe fn slot_bytes(&self, id: SlotId, off: usize, len: usize) -> &[u8] {
-        assert!(off + len <= self.slot_size);
-        // SAFETY: the range is inside the slot (checked) and, by the caller's promise, nothing
-        // writes into it while the slice lives.
-        unsafe { std::slice::from_raw_parts(self.slot_ptr(id, off), len) }
+    /// # Panics
+    /// When `buf` does not fit in its slot or area.
+    pub(crate) fn span(&self, buf: Buf) -> Span {
+        match buf {
+            Buf::Slot { id, off, len } => {
+                assert!(
+                    usize::from(id.0) < self.slots && off + len as usize <= self.slot_size,
+                    "{buf:?} out of bounds"
+                );
+                Span { off: usize::from(id.0) * self.slot_size + off, len }
+            }
+            Buf::Ctrl { area, off, len } => {
+                assert!(off + len as usize <= CTRL_LEN, "{buf:?} out of bounds");
+                Span { off: self.slots * self.slot_size + area as usize * CTRL_LEN + off, len }
+            }
+            Buf::Seal { len } => Span { off: self.mem.len(), len },
+        }
     }
 
-    /// Mutable bytes `off..off+len` of slot `id`.
+    /// Bytes `off..off+len` of slot `id`, to read.
     ///
-    /// # Safety
-    /// No I/O operation may be in flight on this range.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slot_bytes_mut(&self, id: SlotId, off: usize, len: usize) -> &mut [u8] {
-        assert!(off + len <= self.slot_size);
-        // SAFETY: as for `slot_bytes`, and no other reference to the range exists.
-        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(id, off), len) }
+    /// # Panics
+    /// When an operation in flight writes into them.
+    pub(crate) fn slot(&self, id: SlotId, off: usize, len: usize) -> &[u8] {
+        self.mem.bytes(self.span(Buf::Slot { id, off, len: len as u32 }))
     }
 
-    /// Bytes `0..len` of a control area.
+    /// Bytes `off..off+len` of slot `id`, to write.
     ///
-    /// # Safety
-    /// No I/O operation may be in flight on this area.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn ctrl_bytes(&self, area: Ctrl, len: usize) -> &mut [u8] {
-        assert!(len <= CTRL_LEN);
-        // SAFETY: the area is inside the mapping and, by the caller's promise, idle.
-        unsafe { std::slice::from_raw_parts_mut(self.ctrl_ptr(area), len) }
+    /// # Panics
+    /// When an operation in flight reads or writes them.
+    pub(crate) fn slot_mut(&mut self, id: SlotId, off: usize, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Slot { id, off, len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// Bytes `0..len` of a control area, to read (panics as [`Pool::slot`] does).
+    pub(crate) fn ctrl(&self, area: Ctrl, len: usize) -> &[u8] {
+        self.mem.bytes(self.span(Buf::Ctrl { area, off: 0, len: len as u32 }))
+    }
+
+    /// Bytes `0..len` of a control area, to write (panics as [`Pool::slot_mut`] does).
+    pub(crate) fn ctrl_mut(&mut self, area: Ctrl, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Ctrl { area, off: 0, len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// Gives the pool a sealing buffer of `len` bytes (an encrypted hop seals each chunk there
+    /// and sends it from there); 0 drops it.
+    pub(crate) fn set_seal_len(&mut self, len: usize) {
+        self.mem.set_spare(len);
+    }
+
+    /// The first `len` bytes of the sealing buffer, to write.
+    pub(crate) fn seal_mut(&mut self, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Seal { len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// Copies bytes `0..len` of slot `id` to the start of the sealing buffer.
+    pub(crate) fn copy_to_seal(&mut self, id: SlotId, len: usize) {
+        let from = self.span(Buf::Slot { id, off: 0, len: len as u32 });
+        let to = self.span(Buf::Seal { len: len as u32 });
+        self.mem.copy(from, to);
+    }
+
+    /// Submits an operation of `kind` on `fd` over `buf`; its completion, from [`Io::wait`],
+    /// carries `token`. `buf` belongs to the operation until then.
+    pub(crate) fn submit(&mut self, io: &mut Io, token: u64, kind: OpKind, fd: RawFd, buf: Buf) -> io::Result<()> {
+        let span = self.span(buf);
+        io.submit(&mut self.mem, token, kind, fd, span)
     }
 }
 
@@ -211,13 +278,13 @@ fn slot_size(chunk_size: u32) -> usize {
 }
 
 /// The fewest chunk slots a session works with (reading ahead, sending and writing at once).
-pub const MIN_SLOTS: usize = 4;
+pub(crate) const MIN_SLOTS: usize = 4;
 
 /// The slots a pool of `bytes` has for chunks of `chunk_size` bytes: as many chunks as fit in
 /// `bytes` (each slot also holds a frame header and is rounded up to a page, and the pool adds
 /// its small control areas). Never more than that: a chunk size of which fewer than
 /// [`MIN_SLOTS`] fit is refused, with both numbers, rather than pinning more than the budget.
-pub fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
+pub(crate) fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
     let slots = bytes / (chunk_size.max(1) as usize);
     if slots < MIN_SLOTS {
         return Err(format!(
@@ -249,20 +316,20 @@ fn show_bytes(n: u64) -> String {
 /// 64 MiB costs ~0.1-0.2 s, which a short push pays in full. A server keeps up to `max` idle
 /// pools and hands one to the next session of the same chunk size.
 #[derive(Debug)]
-pub struct PoolCache {
+pub(crate) struct PoolCache {
     idle: Mutex<Vec<Pool>>,
     max: usize,
 }
 
 impl PoolCache {
     /// A cache keeping at most `max` idle pools.
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self { idle: Mutex::new(Vec::new()), max }
     }
 
     /// An idle pool of at most `bytes` of `chunk_size` chunks, or a new one (refused as
     /// [`Pool::with_budget`] is).
-    pub fn get(&self, bytes: usize, chunk_size: u32) -> io::Result<Pool> {
+    pub(crate) fn get(&self, bytes: usize, chunk_size: u32) -> io::Result<Pool> {
         let slots = check_budget(bytes, chunk_size).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
         let mut idle = self.idle.lock().expect("pool cache lock");
         if let Some(i) = idle.iter().position(|p| p.fits(slots, chunk_size)) {
@@ -272,13 +339,12 @@ impl PoolCache {
         Pool::new(slots, chunk_size)
     }
 
-    /// Keeps `pool` for a later session (or frees it when the cache is full).
-    ///
-    /// # Safety
-    /// No I/O operation may be in flight on the pool.
-    pub unsafe fn put(&self, mut pool: Pool) {
-        // SAFETY: the caller promises the pool is idle.
-        unsafe { pool.reset() };
+    /// Keeps `pool` for a later session (or frees it when the cache is full). A pool that an
+    /// operation still holds is never reused (dropping it leaks its memory).
+    pub(crate) fn put(&self, mut pool: Pool) {
+        if !pool.reset() {
+            return;
+        }
         let mut idle = self.idle.lock().expect("pool cache lock");
         if idle.len() < self.max {
             idle.push(pool);
@@ -288,15 +354,12 @@ impl PoolCache {
 
 /// The soft RLIMIT_MEMLOCK in bytes, if it can be read.
 pub fn memlock_limit() -> Option<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes only into the struct we pass.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-    (rc == 0).then_some(lim.rlim_cur)
+    crate::sys::memlock_limit()
 }
 
 /// Whether this process may lock memory beyond RLIMIT_MEMLOCK (CAP_IPC_LOCK in its effective
 /// set, from `/proc/self/status`).
-pub fn has_ipc_lock() -> bool {
+pub(crate) fn has_ipc_lock() -> bool {
     const CAP_IPC_LOCK: u32 = 14;
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -361,8 +424,7 @@ mod tests {
         let mut p = cache.get(1 << 20, 64 << 10).unwrap();
         let base = p.base();
         let _leaked = p.lease().unwrap();
-        // SAFETY: no I/O is in flight on a pool that never saw any.
-        unsafe { cache.put(p) };
+        cache.put(p);
         let mut q = cache.get(1 << 20, 64 << 10).unwrap();
         assert_eq!(q.base(), base, "same mapping handed out again");
         assert_eq!(q.free_slots(), q.slots(), "every slot is free again");
@@ -380,6 +442,41 @@ mod tests {
         assert!(PoolCache::new(1).get(64 << 20, 64 << 20).is_err());
         assert_eq!(check_budget(16 << 20, 4 << 20), Ok(4));
         assert_eq!(check_budget(64 << 20, 4 << 20), Ok(16));
+    }
+
+    #[test]
+    fn bytes_in_flight_are_held_until_the_completion() {
+        use std::os::fd::AsRawFd;
+        let mut p = Pool::new(2, 4096).unwrap();
+        let mut io = Io::new(crate::sys::io::IoChoice::Plain, p.mem());
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let id = p.lease().unwrap();
+        let buf = Buf::Slot { id, off: 0, len: 5 };
+        p.submit(&mut io, 7, OpKind::Recv, b.as_raw_fd(), buf).unwrap();
+        // The receive owns the bytes: reading them now panics instead of racing the worker.
+        let peek = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.slot(id, 0, 5).to_vec()));
+        assert!(peek.is_err(), "bytes of a receive in flight were readable");
+        std::io::Write::write_all(&mut a, b"hello").unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            io.wait(p.mem_mut(), &mut done, std::time::Duration::from_secs(1)).unwrap();
+        }
+        assert_eq!((done[0].token, done[0].result.as_ref().ok()), (7, Some(&5)));
+        // The completion gave the lease back: the bytes are the caller's, the slot releasable.
+        assert_eq!(p.slot(id, 0, 5), b"hello");
+        p.release(id);
+    }
+
+    #[test]
+    #[should_panic(expected = "in flight")]
+    fn releasing_a_slot_in_flight_panics() {
+        use std::os::fd::AsRawFd;
+        let mut p = Pool::new(2, 4096).unwrap();
+        let mut io = Io::new(crate::sys::io::IoChoice::Plain, p.mem());
+        let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let id = p.lease().unwrap();
+        p.submit(&mut io, 1, OpKind::Recv, b.as_raw_fd(), Buf::Slot { id, off: 0, len: 5 }).unwrap();
+        p.release(id);
     }
 
     #[test]

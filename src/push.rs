@@ -5,17 +5,17 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::chain::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
 use crate::credentials::Auth;
 use crate::error::{ErrorKind, ManifestError, NodeError, PushError};
 use crate::hop::Hop;
-use crate::io::IoChoice;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
 use crate::proto::Role;
 use crate::proto::repair::{Attempted, Failed, Repair, Step, Why};
 use crate::proto::route::Route;
+use crate::session::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
 use crate::store::check_name;
+use crate::sys::io::IoChoice;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Mode, Outcome, ReplicaReport};
 
@@ -584,15 +584,14 @@ fn run_push(
         Some(r)
     };
 
-    let cfg = SessionConfig {
-        pool_bytes: opts.pool_bytes,
-        io: opts.io,
-        idle_timeout: opts.idle_timeout,
-        hop_timeout: opts.hop_timeout,
-        verify: true,
+    let cfg = SessionConfig::default()
+        .pool_bytes(opts.pool_bytes)
+        .io(opts.io)
+        .idle_timeout(opts.idle_timeout)
+        .hop_timeout(opts.hop_timeout)
+        .verify(true)
         // The primary reads whole chunks; only relays cut through.
-        piece_bytes: 0,
-    };
+        .piece_bytes(0);
     tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "chain accepted");
     let pool = pool
         .join()
@@ -607,6 +606,7 @@ fn run_push(
         (true, Some(s)) => Some(crate::crypt::Sealer::new(s)),
         _ => None,
     };
+    let cfg = cfg.route(route, None).crypt(None, sealer).macs(None, secret);
     let session = Session::new(
         Role::Primary,
         "",
@@ -621,12 +621,6 @@ fn run_push(
         None,
         (None, dn_link),
     );
-    let session = match route {
-        Some(r) => session.with_route(r, None),
-        None => session,
-    }
-    .with_crypt(None, sealer)
-    .with_macs(None, secret);
     tracing::debug!(
         io = session.io_name(),
         pinned = session.pool_locked(),

@@ -10,18 +10,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::chain::{Local, Session, SessionConfig, SessionEnd};
 use crate::error::{ErrorKind, NodeError, ServeError};
 use crate::hop::policy::Transport;
 use crate::hop::rdma::{DnLink, UpLink};
 use crate::hop::{AcceptPolicy, HandshakeError, Hop, Refused};
-use crate::io::IoChoice;
 use crate::manifest::Manifest;
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::proto::admission::{self, Admit, Peer};
 use crate::proto::route::{ChunkSet, Route};
+use crate::session::{Local, Session, SessionConfig, SessionEnd};
 use crate::store::Store;
+use crate::sys::io::IoChoice;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -115,7 +115,7 @@ impl ServeOptions {
             max_sessions: 64,
             max_per_peer: 16,
             verify: !bench_no_verify(),
-            piece_bytes: crate::chain::piece_bytes_from_env(),
+            piece_bytes: crate::session::piece_bytes_from_env(),
             rdma: crate::rdma::RdmaConfig::default(),
             metrics: None,
             auth: crate::credentials::Auth::None,
@@ -819,8 +819,8 @@ fn admission(
     opts: &ServeOptions,
 ) -> Result<Admitted, NodeError> {
     let peer = Peer { authenticated: secured, key_id, current_version: store.current_version(&hello.name) };
-    let Admit { encrypt, own, origin, limits } = admission::admit(hello, &opts.into(), &peer)
-        .inspect_err(|e| tracing::warn!("refused: {}", e.message))?;
+    let Admit { encrypt, own, origin, limits } =
+        admission::admit(hello, &opts.into(), &peer).inspect_err(|e| tracing::warn!("refused: {}", e.message))?;
     Ok(Admitted { encrypt, routed: !hello.wants.is_empty(), own, origin, limits })
 }
 
@@ -996,8 +996,9 @@ fn start_session<'a>(
 ) -> Option<(Session<'a>, Watch)> {
     let me = hello.you.as_str();
     let Reserved { staging, copies, .. } = reserved;
-    let route =
-        admitted.routed.then(|| Route::for_position(&crate::proto::route::needs(&hello.manifest, &hello.wants, haves), 1));
+    let route = admitted
+        .routed
+        .then(|| Route::for_position(&crate::proto::route::needs(&hello.manifest, &hello.wants, haves), 1));
     let prefill = if copies.is_empty() {
         None
     } else {
@@ -1020,18 +1021,10 @@ fn start_session<'a>(
         downstream = hello.downstream.len(),
         "receiving"
     );
-    let cfg = SessionConfig {
-        pool_bytes: opts.pool_bytes,
-        io: opts.io,
-        idle_timeout: opts.idle_timeout,
-        hop_timeout: opts.hop_timeout,
-        verify: opts.verify,
-        piece_bytes: opts.piece_bytes,
-    };
     let down_secret = down.as_ref().and_then(|d| d.secret.clone());
     let down_fd = down.as_ref().map(|d| d.stream.as_raw_fd());
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
-    let (pool, (up_link, dn_link)) = match links(up, down, &hello, &cfg, pools, opts) {
+    let (pool, (up_link, dn_link)) = match links(up, down, &hello, pools, opts) {
         Ok(set_up) => set_up,
         Err(Failed { node, error, reason }) => {
             tracing::error!("push failed before it started: {error}");
@@ -1042,7 +1035,31 @@ fn start_session<'a>(
     };
     let _ = up.stream.set_read_timeout(None);
     let watch = Watch::start(opts, &hello, up_link.is_some(), dn_link.is_some());
-    let superseded = staging.receiving();
+    let up_secret = up.secret.clone();
+    let encrypt = admitted.encrypt;
+    let cfg = SessionConfig::default()
+        .pool_bytes(opts.pool_bytes)
+        .io(opts.io)
+        .idle_timeout(opts.idle_timeout)
+        .hop_timeout(opts.hop_timeout)
+        .verify(opts.verify)
+        .piece_bytes(opts.piece_bytes);
+    let cfg =
+        match route {
+            Some(route) => cfg.route(Some(route), admitted.own).prefill(prefill),
+            None => cfg,
+        }
+        .superseded(staging.receiving())
+        .early_report(hello.mode == wire::Mode::Async)
+        .stop_on_loss(hello.flags.has(wire::HelloFlags::REPAIR))
+        .crypt(
+            up_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Opener::new),
+            down_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Sealer::new),
+        )
+        .macs(up_secret.clone(), down_secret.clone())
+        .metrics(opts.metrics.as_ref().map(|m| {
+            crate::metrics::SessionMetrics::new(m, &up.peer, hello.downstream.first().map_or("", String::as_str))
+        }));
     let session = Session::new(
         Role::Replica,
         me,
@@ -1057,31 +1074,6 @@ fn start_session<'a>(
         Some(pools),
         (up_link, dn_link),
     );
-    let session = match route {
-        Some(route) => session.with_route(route, admitted.own).with_prefill(prefill),
-        None => session,
-    }
-    .with_superseded(superseded);
-    let session = if hello.mode == wire::Mode::Async { session.with_early_report() } else { session };
-    let session = if hello.flags.has(wire::HelloFlags::REPAIR) { session.with_stop_on_loss() } else { session };
-    let up_secret = up.secret.clone();
-    let session = if admitted.encrypt {
-        session.with_crypt(
-            up_secret.as_ref().map(crate::crypt::Opener::new),
-            down_secret.as_ref().map(crate::crypt::Sealer::new),
-        )
-    } else {
-        session
-    }
-    .with_macs(up_secret.clone(), down_secret.clone());
-    let session = match &opts.metrics {
-        Some(m) => session.with_metrics(crate::metrics::SessionMetrics::new(
-            m,
-            &up.peer,
-            hello.downstream.first().map_or("", String::as_str),
-        )),
-        None => session,
-    };
     Some((session, watch))
 }
 
@@ -1104,13 +1096,12 @@ fn links(
     up: &mut Hop,
     down: Option<&mut Hop>,
     hello: &Hello,
-    cfg: &SessionConfig,
     pools: &PoolCache,
     opts: &ServeOptions,
 ) -> Result<(crate::pool::Pool, Links), Failed> {
     let here = |error: NodeError| Failed { node: hello.you.clone(), reason: error.message.clone(), error };
     let mut pool = pools
-        .get(cfg.pool_bytes, hello.manifest.chunk_size())
+        .get(opts.pool_bytes, hello.manifest.chunk_size())
         .map_err(|e| here(NodeError::io("cannot set up the buffer pool", &e)))?;
     let up_link = up.answer_rdma(hello.transport, &opts.rdma, &mut pool).map_err(here)?;
     let dn_link =

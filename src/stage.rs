@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::chain::Progress;
 use crate::error::PushError;
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::push::{PushOptions, PushReport, push_routed};
+use crate::session::Progress;
 
 /// A staging plan as written in its TOML file.
 #[derive(Debug, Clone, Deserialize)]

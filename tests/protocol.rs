@@ -210,7 +210,7 @@ fn library_push_reports_progress_up_to_every_chunk_and_byte() {
     let dir = tempdir();
     let manifest = make_source(dir.path());
     let cluster = Cluster::start(2);
-    let progress = shardcast::chain::Progress::default();
+    let progress = shardcast::Progress::default();
     let mut opts = shardcast::PushOptions::new("prog", 1, vec![cluster.addr(0), cluster.addr(1)]);
     opts.chunk_size = CHUNK;
     let r = shardcast::push(&dir.path().join("src"), &opts, Some(&progress)).unwrap();

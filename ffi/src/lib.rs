@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use shardcast::chain::Progress;
+use shardcast::Progress;
 use shardcast::server::ServerHandle;
 use shardcast::wire::Outcome;
 use shardcast::{Auth, ErrorKind, PushError, PushOptions, PushReport, ServeOptions, Server};

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use serde_json::json;
+use shardcast::Progress;
 use shardcast::PushError;
-use shardcast::chain::Progress;
 use shardcast::push::{PushOptions, PushReport};
 use shardcast::wire::Outcome;
 

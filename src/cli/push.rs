@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use shardcast::IoChoice;
+use shardcast::Progress;
 use shardcast::PushError;
-use shardcast::chain::Progress;
-use shardcast::io::IoChoice;
 use shardcast::push::{PushOptions, PushReport};
 use shardcast::wire::Mode;
 

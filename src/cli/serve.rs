@@ -29,7 +29,7 @@ pub(crate) fn run(a: ServeArgs, g: &Global) -> u8 {
     }
     let root = opts.root.clone();
     // Pinned pools: one per concurrent push, a few at a time in practice.
-    if let Err(why) = shardcast::pool::check_memlock(pool_mb << 20, 2) {
+    if let Err(why) = shardcast::check_memlock(pool_mb << 20, 2) {
         tracing::warn!("{why}");
     }
     let open_to_anyone = opts.auth.is_none() && opts.acl.is_empty();
@@ -46,7 +46,7 @@ pub(crate) fn run(a: ServeArgs, g: &Global) -> u8 {
                     root.display()
                 );
             }
-            let pinned = shardcast::pool::memlock_limit().map_or("unknown".into(), |l| {
+            let pinned = shardcast::memlock_limit().map_or("unknown".into(), |l| {
                 if l == u64::MAX { "unlimited".into() } else { format!("{} KiB", l >> 10) }
             });
             tracing::info!(

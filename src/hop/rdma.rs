@@ -151,8 +151,7 @@ fn depth_for(pool: &Pool) -> u32 {
 
 fn open_endpoint(c: &Chosen, pool: &Pool, access: Access) -> Result<Endpoint, String> {
     // Before registration pins the pages: move them next to the NIC.
-    // SAFETY: the pool is mapped and idle (negotiation happens before the session's first I/O).
-    match unsafe { crate::numa::place_for_device(pool.base(), pool.len(), &c.device) } {
+    match pool.place_for_device(&c.device) {
         Ok(nodes) => tracing::info!(device = %c.device, %nodes, "buffer pool placed on the NIC's NUMA node"),
         Err(why) => tracing::debug!(device = %c.device, "buffer pool not placed: {why}"),
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use super::{Completion, Op, OpKind};
+use super::{Done, Op, OpKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Lane {
@@ -30,10 +30,12 @@ struct Worker {
 
 /// Worker threads and the completion channel.
 #[derive(Debug)]
-pub struct PlainIo {
+pub(crate) struct PlainIo {
+    /// Completions taken and not yet handed over (kept to reuse its allocation).
+    pub(super) scratch: Vec<Done>,
     lanes: HashMap<Lane, Worker>,
-    done_tx: Sender<Completion>,
-    done_rx: Receiver<Completion>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
     live: usize,
 }
 
@@ -45,21 +47,18 @@ impl Default for PlainIo {
 
 impl PlainIo {
     /// No workers yet; they start with the first operation on each lane.
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         let (done_tx, done_rx) = unbounded();
-        Self { lanes: HashMap::new(), done_tx, done_rx, live: 0 }
+        Self { scratch: Vec::new(), lanes: HashMap::new(), done_tx, done_rx, live: 0 }
     }
 
     /// Operations in flight.
-    pub fn in_flight(&self) -> usize {
+    pub(super) fn in_flight(&self) -> usize {
         self.live
     }
 
-    /// Submits `op`.
-    ///
-    /// # Safety
-    /// See [`super::Io::submit`].
-    pub unsafe fn submit(&mut self, token: u64, op: Op) -> io::Result<()> {
+    /// Submits `op` to its lane's worker; on failure it comes back with the error.
+    pub(super) fn submit(&mut self, token: u64, op: Op) -> Result<(), (io::Error, Op)> {
         let lane = match op.kind {
             OpKind::Recv => Lane::SockIn(op.fd),
             OpKind::Send => Lane::SockOut(op.fd),
@@ -78,8 +77,8 @@ impl PlainIo {
                         .name("shardcast-io".into())
                         .spawn(move || {
                             for (token, op) in rx {
-                                let result = run(op);
-                                if done.send(Completion { token, result }).is_err() {
+                                let result = run(&op);
+                                if done.send(Done { token, result, lease: op.lease }).is_err() {
                                     return;
                                 }
                             }
@@ -89,13 +88,13 @@ impl PlainIo {
                 .collect();
             Worker { tx, handles }
         });
-        worker.tx.send((token, op)).map_err(|_| io::Error::other("I/O worker stopped"))?;
+        worker.tx.send((token, op)).map_err(|e| (io::Error::other("I/O worker stopped"), e.into_inner().1))?;
         self.live += 1;
         Ok(())
     }
 
     /// Waits up to `timeout` for a completion and takes every one that is ready.
-    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> io::Result<()> {
+    pub(super) fn wait(&mut self, out: &mut Vec<Done>, timeout: Duration) -> io::Result<()> {
         match self.done_rx.recv_timeout(timeout) {
             Ok(c) => {
                 self.live -= 1;
@@ -123,9 +122,9 @@ impl Drop for PlainIo {
 }
 
 /// Runs one operation to completion with blocking syscalls.
-fn run(op: Op) -> io::Result<usize> {
+fn run(op: &Op) -> io::Result<usize> {
     let mut done = 0usize;
-    let len = op.len as usize;
+    let len = op.len() as usize;
     loop {
         if op.kind == OpKind::PollIn {
             // Bounded, so that a session draining its operations never waits on a quiet
@@ -144,9 +143,10 @@ fn run(op: Op) -> io::Result<usize> {
             return Ok(done);
         }
         // SAFETY: `done < len`, so the pointer and length stay inside the op's buffer, which
-        // the submitter keeps valid and untouched until this op's completion is delivered.
+        // is leased to this op (the lease travels with it and is settled only after its
+        // completion is delivered), so nobody else touches or frees it meanwhile.
         let rc = unsafe {
-            let buf = op.buf.add(done);
+            let buf = op.buf().add(done);
             let rest = len - done;
             match op.kind {
                 OpKind::Recv => libc::recv(op.fd, buf.cast(), rest, libc::MSG_WAITALL),

@@ -6,23 +6,23 @@ use std::os::fd::RawFd;
 
 /// A few fields of `struct tcp_info`, times in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TcpStats {
+pub(crate) struct TcpStats {
     /// Time with data in flight or queued.
-    pub busy_ms: u64,
+    pub(crate) busy_ms: u64,
     /// Of that, time the receiver's advertised window was the limit.
-    pub rwnd_limited_ms: u64,
+    pub(crate) rwnd_limited_ms: u64,
     /// Of that, time the send buffer was the limit (the application did not keep it full).
-    pub sndbuf_limited_ms: u64,
+    pub(crate) sndbuf_limited_ms: u64,
     /// Segments retransmitted over the connection's life.
-    pub total_retrans: u32,
+    pub(crate) total_retrans: u32,
     /// Smoothed round-trip time, microseconds.
-    pub rtt_us: u32,
+    pub(crate) rtt_us: u32,
     /// Congestion window, segments.
-    pub snd_cwnd: u32,
+    pub(crate) snd_cwnd: u32,
 }
 
 /// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed).
-pub fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
+pub(crate) fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;

@@ -37,7 +37,7 @@ fn parse_node_list(s: &str) -> Result<Vec<usize>, String> {
 /// # Safety
 /// `base..base+len` is mapped, and no I/O writes into it during the call (pages may move).
 #[cfg(feature = "numa")]
-pub unsafe fn place_for_device(base: *const u8, len: usize, device: &str) -> Result<String, String> {
+pub(crate) unsafe fn place_for_device(base: *const u8, len: usize, device: &str) -> Result<String, String> {
     const ONLINE: &str = "/sys/devices/system/node/online";
     let online = std::fs::read_to_string(ONLINE).map_err(|e| format!("{ONLINE}: {e}"))?;
     let numa_nodes = parse_node_list(&online)?.len();
@@ -82,7 +82,7 @@ unsafe fn bind_to_node(base: *const u8, len: usize, node: usize) -> Result<(), S
 /// # Safety
 /// None needed; the signature matches the `numa` version.
 #[cfg(not(feature = "numa"))]
-pub unsafe fn place_for_device(_: *const u8, _: usize, _: &str) -> Result<String, String> {
+pub(crate) unsafe fn place_for_device(_: *const u8, _: usize, _: &str) -> Result<String, String> {
     Err("built without the `numa` feature".into())
 }
 

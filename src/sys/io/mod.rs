@@ -10,21 +10,26 @@
 //!   `io_uring_setup`) or forced with `SHARDCAST_IO=plain`.
 //!
 //! Both complete an operation only when it is whole: short reads and writes are resubmitted
-//! for the remainder, so the engine sees exactly one [`Completion`] per [`Op`]. A receive
+//! for the remainder, so the engine sees exactly one [`Completion`] per submission. A receive
 //! completes short only at end of stream.
+//!
+//! Buffers: an operation's bytes are a [`Span`] of the session's [`Pinned`] mapping. Submitting
+//! takes a [`Lease`] on them, which travels with the operation (to the ring's in-flight table,
+//! or to a worker thread) and is settled on the mapping when [`Io::wait`] hands the completion
+//! over: until then the session cannot touch those bytes (see `sys::mem`).
 
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use crate::pool::Pool;
+use crate::sys::mem::{Access, Lease, Pinned, Span};
 
-pub mod plain;
-pub mod uring;
+pub(crate) mod plain;
+pub(crate) mod uring;
 
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
+pub(crate) enum OpKind {
     /// Receive exactly `len` bytes from a socket (short only at end of stream).
     Recv,
     /// Send `len` bytes to a socket.
@@ -40,30 +45,42 @@ pub enum OpKind {
     PollIn,
 }
 
-/// One operation: a kind, a file descriptor and a buffer inside the session's pool.
-#[derive(Debug, Clone, Copy)]
-pub struct Op {
-    /// What to do.
-    pub kind: OpKind,
-    /// The socket or file.
-    pub fd: RawFd,
-    /// Start of the buffer (inside the pool mapping).
-    pub buf: *mut u8,
-    /// Length of the buffer.
-    pub len: u32,
+/// One operation as the back ends see it: a kind, a file descriptor, and the lease on its
+/// buffer (none for `Fsync` and `PollIn`).
+#[derive(Debug)]
+struct Op {
+    kind: OpKind,
+    fd: RawFd,
+    lease: Option<Lease>,
 }
 
-// SAFETY: an Op is plain data; the buffer it points to is owned by the pool and the contract of
-// `Io::submit` keeps it valid and otherwise untouched until the op completes.
-unsafe impl Send for Op {}
+impl Op {
+    /// Start of the buffer (null without one).
+    fn buf(&self) -> *mut u8 {
+        self.lease.as_ref().map_or(std::ptr::null_mut(), Lease::ptr)
+    }
+
+    /// Length of the buffer (0 without one).
+    fn len(&self) -> u32 {
+        self.lease.as_ref().map_or(0, Lease::len)
+    }
+}
+
+/// What a back end returns: the completion and the lease its operation held.
+#[derive(Debug)]
+struct Done {
+    token: u64,
+    result: io::Result<usize>,
+    lease: Option<Lease>,
+}
 
 /// A finished operation: its token and the bytes done, or the error.
 #[derive(Debug)]
-pub struct Completion {
+pub(crate) struct Completion {
     /// The token given at submission.
-    pub token: u64,
+    pub(crate) token: u64,
     /// Bytes transferred (less than asked only at end of stream / file), or the error.
-    pub result: io::Result<usize>,
+    pub(crate) result: io::Result<usize>,
 }
 
 /// Which executor to use.
@@ -89,7 +106,7 @@ impl IoChoice {
 /// the variants does not matter.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum Io {
+pub(crate) enum Io {
     /// io_uring.
     Uring(uring::UringIo),
     /// Blocking syscalls on threads.
@@ -97,14 +114,14 @@ pub enum Io {
 }
 
 impl Io {
-    /// Sets up the executor for a session over `pool`, falling back from io_uring to plain
-    /// sockets when the kernel refuses it. Logs the choice once per process.
-    pub fn new(choice: IoChoice, pool: &Pool) -> Self {
+    /// Sets up the executor for a session over `mem` (its pool), falling back from io_uring to
+    /// plain sockets when the kernel refuses it. Logs the choice once per process.
+    pub(crate) fn new(choice: IoChoice, mem: &Pinned) -> Self {
         if choice == IoChoice::Plain {
             log_once("plain sockets (SHARDCAST_IO=plain)");
             return Self::Plain(plain::PlainIo::new());
         }
-        match uring::UringIo::new(pool) {
+        match uring::UringIo::new(mem) {
             Ok(u) => {
                 log_once(&format!("io_uring ({})", u.features()));
                 Self::Uring(u)
@@ -116,31 +133,75 @@ impl Io {
         }
     }
 
-    /// Submits an operation; its completion carries `token`.
+    /// Submits an operation of `kind` on `fd` over the bytes `span` of `mem`; its completion
+    /// carries `token`. The bytes are leased to the operation until [`Io::wait`] returns its
+    /// completion.
     ///
-    /// # Safety
-    /// `op.buf..op.buf+op.len` must stay valid, and must be neither read nor written by anyone
-    /// else (for `Send`/`Write`: not written), until the completion for `token` has been
-    /// returned by [`Io::wait`] or [`Io::drain`].
-    pub unsafe fn submit(&mut self, token: u64, op: Op) -> io::Result<()> {
+    /// # Panics
+    /// When `kind` takes no buffer (see [`Io::poll_in`]), or when an operation in flight holds
+    /// bytes of `span` in a way that would race (see `sys::mem`).
+    pub(crate) fn submit(
+        &mut self,
+        mem: &mut Pinned,
+        token: u64,
+        kind: OpKind,
+        fd: RawFd,
+        span: Span,
+    ) -> io::Result<()> {
+        let access = match kind {
+            OpKind::Recv | OpKind::Read(_) => Access::Write,
+            OpKind::Send | OpKind::Write(_) => Access::Read,
+            OpKind::Fsync | OpKind::PollIn => panic!("{kind:?} takes no buffer"),
+        };
+        let op = Op { kind, fd, lease: Some(mem.lease(span, access)) };
+        self.push(token, op).map_err(|(e, op)| {
+            if let Some(l) = op.lease {
+                mem.settle(l);
+            }
+            e
+        })
+    }
+
+    /// Submits a readiness poll on `fd` (an RDMA completion channel): completes when it is
+    /// readable, or spuriously with 0.
+    pub(crate) fn poll_in(&mut self, token: u64, fd: RawFd) -> io::Result<()> {
+        self.push(token, Op { kind: OpKind::PollIn, fd, lease: None }).map_err(|(e, _)| e)
+    }
+
+    fn push(&mut self, token: u64, op: Op) -> Result<(), (io::Error, Op)> {
         match self {
-            // SAFETY: the caller's contract is passed on unchanged.
-            Self::Uring(u) => unsafe { u.submit(token, op) },
-            // SAFETY: likewise.
-            Self::Plain(p) => unsafe { p.submit(token, op) },
+            Self::Uring(u) => u.submit(token, op),
+            Self::Plain(p) => p.submit(token, op),
         }
     }
 
-    /// Waits up to `timeout` for at least one completion and appends all that are ready.
-    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> io::Result<()> {
+    /// Waits up to `timeout` for at least one completion and appends all that are ready; the
+    /// leases of their operations go back to `mem`.
+    pub(crate) fn wait(&mut self, mem: &mut Pinned, out: &mut Vec<Completion>, timeout: Duration) -> io::Result<()> {
+        let mut done = std::mem::take(self.scratch());
+        let r = match self {
+            Self::Uring(u) => u.wait(&mut done, timeout),
+            Self::Plain(p) => p.wait(&mut done, timeout),
+        };
+        for d in done.drain(..) {
+            if let Some(l) = d.lease {
+                mem.settle(l);
+            }
+            out.push(Completion { token: d.token, result: d.result });
+        }
+        *self.scratch() = done;
+        r
+    }
+
+    fn scratch(&mut self) -> &mut Vec<Done> {
         match self {
-            Self::Uring(u) => u.wait(out, timeout),
-            Self::Plain(p) => p.wait(out, timeout),
+            Self::Uring(u) => &mut u.scratch,
+            Self::Plain(p) => &mut p.scratch,
         }
     }
 
     /// Operations submitted and not yet completed.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         match self {
             Self::Uring(u) => u.in_flight(),
             Self::Plain(p) => p.in_flight(),
@@ -152,7 +213,7 @@ impl Io {
     /// operations are still in flight after 30 s, and the caller must then leak the pool rather
     /// than free memory the kernel or a worker may still write.
     #[must_use]
-    pub fn drain(&mut self) -> bool {
+    pub(crate) fn drain(&mut self, mem: &mut Pinned) -> bool {
         if let Self::Uring(u) = self {
             // Nothing else ends a readiness poll on a descriptor that stays quiet.
             u.cancel_polls();
@@ -161,7 +222,7 @@ impl Io {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.in_flight() > 0 && std::time::Instant::now() < deadline {
             out.clear();
-            if self.wait(&mut out, Duration::from_millis(100)).is_err() {
+            if self.wait(mem, &mut out, Duration::from_millis(100)).is_err() {
                 break;
             }
         }
@@ -173,7 +234,7 @@ impl Io {
     }
 
     /// Short name for logs and metrics.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Uring(_) => "io_uring",
             Self::Plain(_) => "plain",

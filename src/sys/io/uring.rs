@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
-use super::{Completion, Op, OpKind};
+use super::{Done, Op, OpKind};
 
 /// `user_data` of cancel requests: not an index into the slab, so their CQEs are skipped.
 const CANCEL_DATA: u64 = u64::MAX;
-use crate::pool::Pool;
+use crate::sys::mem::Pinned;
 
 #[derive(Debug)]
 struct InFlight {
@@ -35,7 +35,9 @@ struct InFlight {
 }
 
 /// One io_uring and its in-flight table.
-pub struct UringIo {
+pub(crate) struct UringIo {
+    /// Completions reaped and not yet handed over (kept to reuse its allocation).
+    pub(super) scratch: Vec<Done>,
     ring: IoUring,
     slab: Vec<Option<InFlight>>,
     free: Vec<usize>,
@@ -55,7 +57,7 @@ impl std::fmt::Debug for UringIo {
 
 impl UringIo {
     /// A ring with the pool registered as fixed buffer 0.
-    pub fn new(pool: &Pool) -> io::Result<Self> {
+    pub(super) fn new(mem: &Pinned) -> io::Result<Self> {
         let ring = IoUring::builder().build(256)?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
@@ -68,11 +70,11 @@ impl UringIo {
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks EXT_ARG timeouts"));
         }
-        let iov = libc::iovec { iov_base: pool.base().cast(), iov_len: pool.len() };
+        let iov = libc::iovec { iov_base: mem.base().cast(), iov_len: mem.len() };
         // SAFETY: the iovec covers exactly the pool's mapping, which outlives this ring: the
         // session owns both, and drains this ring (`Io::drain`) before the pool is dropped.
         let fixed = match unsafe { ring.submitter().register_buffers(&[iov]) } {
-            Ok(()) => Some((pool.base() as usize, pool.len())),
+            Ok(()) => Some((mem.base() as usize, mem.len())),
             Err(e) => {
                 tracing::debug!("io_uring buffer registration refused ({e}); using unregistered reads/writes");
                 None
@@ -94,45 +96,46 @@ impl UringIo {
             },
             if ring.params().is_feature_fast_poll() { "yes" } else { "no" },
         );
-        Ok(Self { ring, slab: Vec::new(), free: Vec::new(), live: 0, fixed, zero_copy, features })
+        Ok(Self { scratch: Vec::new(), ring, slab: Vec::new(), free: Vec::new(), live: 0, fixed, zero_copy, features })
     }
 
     /// What the probe found, for the log.
-    pub fn features(&self) -> &str {
+    pub(super) fn features(&self) -> &str {
         &self.features
     }
 
     /// Operations in flight.
-    pub fn in_flight(&self) -> usize {
+    pub(super) fn in_flight(&self) -> usize {
         self.live
     }
 
     fn is_fixed(&self, op: &Op) -> bool {
         self.fixed.is_some_and(|(base, len)| {
-            let start = op.buf as usize;
-            start >= base && start + op.len as usize <= base + len
+            let start = op.buf() as usize;
+            start >= base && start + op.len() as usize <= base + len
         })
     }
 
     fn entry(&self, idx: usize) -> squeue::Entry {
         let f = self.slab[idx].as_ref().expect("live slab entry");
-        let op = f.op;
+        let op = &f.op;
         let done = f.done;
-        // SAFETY (pointer arithmetic): `done < op.len`, so the pointer stays in the buffer.
-        let buf = unsafe { op.buf.add(done) };
-        let len = op.len - done as u32;
+        // SAFETY (pointer arithmetic): `done < op.len()` (or both are 0 for ops without a
+        // buffer, whose null pointer is not used), so the pointer stays in the buffer.
+        let buf = unsafe { op.buf().add(done) };
+        let len = op.len() - done as u32;
         let fd = types::Fd(op.fd);
         let e = match op.kind {
             OpKind::Recv => opcode::Recv::new(fd, buf, len).flags(libc::MSG_WAITALL).build(),
-            OpKind::Send if self.zero_copy && self.is_fixed(&op) => {
+            OpKind::Send if self.zero_copy && self.is_fixed(op) => {
                 opcode::SendZc::new(fd, buf, len).buf_index(Some(0)).flags(libc::MSG_NOSIGNAL).build()
             }
             OpKind::Send => opcode::Send::new(fd, buf, len).flags(libc::MSG_NOSIGNAL).build(),
-            OpKind::Read(off) if self.is_fixed(&op) => {
+            OpKind::Read(off) if self.is_fixed(op) => {
                 opcode::ReadFixed::new(fd, buf, len, 0).offset(off + done as u64).build()
             }
             OpKind::Read(off) => opcode::Read::new(fd, buf, len).offset(off + done as u64).build(),
-            OpKind::Write(off) if self.is_fixed(&op) => {
+            OpKind::Write(off) if self.is_fixed(op) => {
                 opcode::WriteFixed::new(fd, buf, len, 0).offset(off + done as u64).build()
             }
             OpKind::Write(off) => opcode::Write::new(fd, buf, len).offset(off + done as u64).build(),
@@ -149,8 +152,8 @@ impl UringIo {
     fn push(&mut self, idx: usize) -> io::Result<()> {
         let e = self.entry(idx);
         loop {
-            // SAFETY: the entry's buffer is valid until completion by `submit`'s contract, and
-            // the in-flight table keeps the op until its CQE is reaped.
+            // SAFETY: the entry's buffer is leased to the op (its `Lease`, in the in-flight
+            // table until the CQE is reaped), so the session neither touches nor frees it.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
                 return Ok(());
             }
@@ -159,11 +162,8 @@ impl UringIo {
         }
     }
 
-    /// Submits `op`.
-    ///
-    /// # Safety
-    /// See [`super::Io::submit`].
-    pub unsafe fn submit(&mut self, token: u64, op: Op) -> io::Result<()> {
+    /// Submits `op`; on failure it comes back with the error.
+    pub(super) fn submit(&mut self, token: u64, op: Op) -> Result<(), (io::Error, Op)> {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -174,16 +174,16 @@ impl UringIo {
         self.slab[idx] = Some(InFlight { token, op, done: 0, notifs: 0, result: None });
         self.live += 1;
         if let Err(e) = self.push(idx) {
-            self.slab[idx] = None;
+            let f = self.slab[idx].take().expect("just stored");
             self.free.push(idx);
             self.live -= 1;
-            return Err(e);
+            return Err((e, f.op));
         }
         Ok(())
     }
 
     /// Cancels every readiness poll in flight (they then complete with ECANCELED).
-    pub fn cancel_polls(&mut self) {
+    pub(super) fn cancel_polls(&mut self) {
         let polls: Vec<usize> = (0..self.slab.len())
             .filter(|&i| self.slab[i].as_ref().is_some_and(|f| f.op.kind == OpKind::PollIn))
             .collect();
@@ -200,7 +200,7 @@ impl UringIo {
     }
 
     /// Submits what is queued, waits up to `timeout` for a completion, and reaps every CQE.
-    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> io::Result<()> {
+    pub(super) fn wait(&mut self, out: &mut Vec<Done>, timeout: Duration) -> io::Result<()> {
         let before = out.len();
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -223,11 +223,10 @@ impl UringIo {
                 if f.notifs == 0
                     && let Some(result) = f.result.take()
                 {
-                    let token = f.token;
-                    self.slab[idx] = None;
+                    let f = self.slab[idx].take().expect("live slab entry");
                     self.free.push(idx);
                     self.live -= 1;
-                    out.push(Completion { token, result });
+                    out.push(Done { token: f.token, result, lease: f.op.lease });
                 }
                 continue;
             }
@@ -245,7 +244,7 @@ impl UringIo {
             } else {
                 f.done += res as usize;
                 let eof = res == 0 && matches!(f.op.kind, OpKind::Recv | OpKind::Read(_));
-                if matches!(f.op.kind, OpKind::Fsync | OpKind::PollIn) || eof || f.done >= f.op.len as usize {
+                if matches!(f.op.kind, OpKind::Fsync | OpKind::PollIn) || eof || f.done >= f.op.len() as usize {
                     Some(Ok(f.done))
                 } else if res == 0 {
                     Some(Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")))
@@ -260,11 +259,10 @@ impl UringIo {
                     f.result = Some(result);
                     continue;
                 }
-                let token = f.token;
-                self.slab[idx] = None;
+                let f = self.slab[idx].take().expect("live slab entry");
                 self.free.push(idx);
                 self.live -= 1;
-                out.push(Completion { token, result });
+                out.push(Done { token: f.token, result, lease: f.op.lease });
             }
         }
         for idx in resubmit {

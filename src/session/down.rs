@@ -1,0 +1,419 @@
+//! The hop downstream: forwarding chunk frames (whole, sealed, or cut through in pieces) and
+//! END, receiving acks, credits and the result, and the hop's stall deadline.
+
+use super::*;
+
+/// What the receive from downstream in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DnRecv {
+    Idle,
+    Header,
+    /// A RESULT's or CREDIT's payload.
+    Payload(Kind, u32),
+    Done,
+}
+
+/// A frame (or part of one) queued for downstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DnItem {
+    /// A whole chunk frame, header and payload.
+    Chunk(u64, SlotId),
+    /// Part of a chunk frame being cut through: `len` bytes from offset `off` of the slot (the
+    /// first piece starts at 0 and carries the header).
+    Piece {
+        seq: u64,
+        slot: SlotId,
+        off: u32,
+        len: u32,
+    },
+    End,
+}
+
+/// A chunk a relay forwards piece by piece while it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct CutThrough {
+    pub(super) seq: u64,
+    /// Pieces queued or in flight downstream.
+    pub(super) pending: u32,
+    /// Every piece was queued (the whole chunk arrived).
+    pub(super) complete: bool,
+    /// The machine asked for the chunk's forward: it hears `ForwardDone` once no piece is
+    /// pending.
+    pub(super) asked: bool,
+}
+
+/// The hop downstream: chunk frames forwarded to it (whole, or cut through in pieces), END,
+/// and its acks, credits and result.
+#[derive(Debug)]
+pub(super) struct Downstream {
+    /// The socket (none on the tail).
+    pub(super) fd: Option<RawFd>,
+    /// The next node's name (for messages).
+    pub(super) name: String,
+    pub(super) queue: VecDeque<DnItem>,
+    pub(super) sending: Option<DnItem>,
+    /// Chunks being cut through, oldest first (relays only).
+    pub(super) cut: VecDeque<CutThrough>,
+    /// The RDMA hop downstream, when this hop negotiated RDMA.
+    pub(super) rdma: Option<DnLink>,
+    /// RDMA writes posted downstream and not completed.
+    pub(super) rdma_inflight: usize,
+    /// Those writes' bytes, held for the NIC until each completes.
+    pub(super) nic_writes: crate::sys::nic::Writes,
+    pub(super) recv: DnRecv,
+    /// An event about downstream that waits for the send in flight to complete.
+    pub(super) deferred: Option<Event>,
+    pub(super) closed: bool,
+    /// When downstream last took or answered something (while this node waited on it).
+    pub(super) progress: crate::proto::stall::HopStall,
+    /// Encrypted hop: seals each chunk sent, in the pool's sealing buffer (sends go one at a
+    /// time, so one buffer does; the pool keeps it untouched while a send from it is in flight).
+    pub(super) seal: Option<crate::crypt::Sealer>,
+    /// Authenticated hop: its session secret (the RESULT from there must carry a MAC).
+    pub(super) secret: Option<crate::crypt::SessionSecret>,
+    /// Authenticated hop: the MACs of the data-plane frames to and from downstream.
+    pub(super) macs: Option<FrameMacs>,
+    /// Test-only fault (debug builds, `SHARDCAST_TEST_FLIP_FORWARD=N`): this relay flips a bit
+    /// of the digest in the header of every Nth chunk it forwards, so the next node sees a
+    /// chunk whose bytes do not match. Release builds never set it.
+    pub(super) flip_every: Option<u64>,
+}
+
+impl Downstream {
+    pub(super) fn new(fd: Option<RawFd>, name: String, rdma: Option<DnLink>) -> Self {
+        Self {
+            fd,
+            name,
+            queue: VecDeque::new(),
+            sending: None,
+            cut: VecDeque::new(),
+            rdma,
+            rdma_inflight: 0,
+            nic_writes: crate::sys::nic::Writes::default(),
+            recv: if fd.is_some() { DnRecv::Idle } else { DnRecv::Done },
+            deferred: None,
+            closed: fd.is_none(),
+            progress: crate::proto::stall::HopStall::new(Instant::now()),
+            seal: None,
+            secret: None,
+            macs: None,
+            flip_every: if cfg!(debug_assertions) {
+                std::env::var("SHARDCAST_TEST_FLIP_FORWARD").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
+            } else {
+                None
+            },
+        }
+    }
+}
+
+impl Session<'_> {
+    /// The send downstream in flight completed (or failed).
+    pub(super) fn dn_send_done(&mut self, result: std::io::Result<usize>) {
+        let item = self.down.sending.take().expect("a send was in flight");
+        match result {
+            Ok(n) => match item {
+                DnItem::Chunk(seq, _) => {
+                    self.count_out(n as u64);
+                    if let Some(p) = self.progress {
+                        p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    self.events.push_back(Event::ForwardDone { seq });
+                }
+                DnItem::Piece { seq, .. } => {
+                    self.count_out(n as u64);
+                    if let Some(i) = self.down.cut.iter().position(|c| c.seq == seq) {
+                        self.down.cut[i].pending -= 1;
+                        self.cut_settle(i);
+                    }
+                }
+                DnItem::End => {}
+            },
+            Err(e) => {
+                match item {
+                    // The machine hears of the loss right after; the slot is idle now.
+                    DnItem::Chunk(seq, _) => self.events.push_back(Event::ForwardDone { seq }),
+                    DnItem::Piece { seq, .. } => {
+                        if self.down.cut.iter().any(|c| c.seq == seq && c.asked) {
+                            self.events.push_back(Event::ForwardDone { seq });
+                        }
+                    }
+                    DnItem::End => {}
+                }
+                let name = self.down.name.clone();
+                self.downstream_settled(Event::DownstreamLost {
+                    error: NodeError::new(
+                        ErrorKind::ConnectionLost,
+                        format!("connection to {name} lost while sending: {e}"),
+                    ),
+                });
+            }
+        }
+        if let Some(ev) = self.down.deferred.take() {
+            self.events.push_back(ev);
+        }
+    }
+
+    /// Submits what can go downstream now (RDMA writes, or the next send), and the receive of
+    /// its next ACK / CREDIT / RESULT.
+    pub(super) fn pump_down(&mut self) -> std::io::Result<()> {
+        // RDMA downstream: a write per granted slot, several in flight.
+        if self.down.rdma.is_some() {
+            self.pump_rdma_writes();
+        }
+        // Downstream send: one at a time keeps the stream in order.
+        if self.down.rdma.is_none()
+            && self.down.sending.is_none()
+            && !self.down.closed
+            && let Some(item) = self.down.queue.pop_front()
+        {
+            let buf = match item {
+                DnItem::Chunk(seq, slot) if self.down.seal.is_some() => {
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    let len = HEADER_LEN + c.len as usize;
+                    // The slot holds the whole frame (its payload is checked or read, and
+                    // nothing writes it while it waits to be forwarded).
+                    self.pool.copy_to_seal(slot, len);
+                    self.down.seal.as_mut().expect("checked").seal(self.pool.seal_mut(len + TAG_LEN), HEADER_LEN, len);
+                    Buf::Seal { len: (len + TAG_LEN) as u32 }
+                }
+                DnItem::Chunk(seq, slot) => {
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    let mac = self.mac_chunk(seq, slot);
+                    Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + c.len + mac }
+                }
+                DnItem::Piece { seq, slot, off, len } => {
+                    // The last piece of a cut-through chunk on an authenticated hop is its MAC,
+                    // queued once the chunk from upstream authenticated; made now, in send order.
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    if off == HEADER_LEN as u32 + c.len && len == FRAME_MAC_LEN as u32 {
+                        self.mac_chunk(seq, slot);
+                    }
+                    Buf::Slot { id: slot, off: off as usize, len }
+                }
+                DnItem::End => self.end_frame(),
+            };
+            // A chunk's slot stays leased until ForwardDone, which follows this send's completion
+            // (for pieces: the last piece's); a piece's bytes were received before it was queued
+            // and are not written again; the END area is not touched again.
+            let fd = self.down.fd.expect("downstream open");
+            self.pool.submit(&mut self.io, token(T_DN_SEND, 0), OpKind::Send, fd, buf)?;
+            self.down.sending = Some(item);
+        }
+        // Downstream receive: ACK / RESULT headers.
+        if self.down.recv == DnRecv::Idle && !self.down.closed {
+            let fd = self.down.fd.expect("downstream open");
+            let buf = Buf::Ctrl { area: Ctrl::DownRecv, off: 0, len: HEADER_LEN as u32 };
+            self.pool.submit(&mut self.io, token(T_DN_RECV, 0), OpKind::Recv, fd, buf)?;
+            self.down.recv = DnRecv::Header;
+        }
+        Ok(())
+    }
+
+    /// Authenticated hop downstream without encryption: writes the MAC of the chunk frame in
+    /// `slot` (its header as it is sent) after its payload, and returns its length (0 without).
+    pub(super) fn mac_chunk(&mut self, seq: u64, slot: SlotId) -> u32 {
+        let Some(m) = self.down.macs.as_mut() else { return 0 };
+        let c = self.manifest.chunk(seq).expect("in range");
+        // The slot holds the chunk's header; nothing writes the header while the chunk waits to
+        // be forwarded.
+        let header: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
+        let mac = m.sign(&header, &[]);
+        // The bytes after the payload (room the pool leaves for a tag) are used by no other op:
+        // disk writes cover the payload only, and the frame is not being sent yet.
+        self.pool.slot_mut(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN).copy_from_slice(&mac);
+        FRAME_MAC_LEN as u32
+    }
+
+    /// Writes the END frame into its control area: every chunk was dispatched, so every digest
+    /// is known, and END carries the completed manifest's digest, which each replica checks.
+    pub(super) fn end_frame(&mut self) -> Buf {
+        let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: self.manifest.digest() };
+        let mut frame = h.to_bytes().to_vec();
+        if let Some(m) = self.down.macs.as_mut() {
+            let mac = m.sign(&frame, &[]);
+            frame.extend_from_slice(&mac);
+        }
+        // The END area is written once, and no op uses it before END is sent.
+        self.pool.ctrl_mut(Ctrl::DownSend, frame.len()).copy_from_slice(&frame);
+        Buf::Ctrl { area: Ctrl::DownSend, off: 0, len: frame.len() as u32 }
+    }
+
+    /// Downstream broke or reported: stop sending to it, and tell the machine once no send is
+    /// in flight (the machine then releases the slots that waited for their forward).
+    pub(super) fn downstream_settled(&mut self, event: Event) {
+        if self.down.deferred.is_some() {
+            // Already settled, waiting for the send in flight: the first cause stands (a
+            // stalled hop's send then fails with a broken pipe, which is not the news).
+            return;
+        }
+        if let Some(down) = self.down.fd {
+            // Wake any op still blocked on the socket; the descriptor stays open until the
+            // session's owner closes it.
+            crate::sys::shutdown(down);
+        }
+        self.down.closed = true;
+        self.down.queue.clear();
+        // The machine releases every slot it forwarded from when it hears of `event`.
+        self.down.cut.clear();
+        if self.down.rdma_inflight > 0
+            && let Some(link) = &self.down.rdma
+            && let Err(e) = link.ep.flush()
+        {
+            // The writes then end by the transport's own retries.
+            tracing::warn!("cannot flush the RDMA queue pair to {}: {e}", self.down.name);
+        }
+        if self.down.sending.is_some() || self.down.rdma_inflight > 0 {
+            self.down.deferred.get_or_insert(event);
+        } else {
+            self.events.push_back(event);
+        }
+    }
+
+    /// Tells the machine a cut-through chunk's forward is done once it asked for it and every
+    /// piece was sent.
+    pub(super) fn cut_settle(&mut self, i: usize) {
+        let c = self.down.cut[i];
+        if c.asked && c.complete && c.pending == 0 {
+            self.down.cut.remove(i);
+            self.events.push_back(Event::ForwardDone { seq: c.seq });
+        }
+    }
+
+    /// The downstream deadline: a downstream that takes nothing while chunks wait for it for
+    /// `hop_timeout` times the number of nodes after this one. Scaled so that the node nearest
+    /// a hung replica gives up on it first: the nodes before it only see backpressure, which
+    /// ends as soon as that node lets go. (Upstream has no deadline of its own: a node cut off
+    /// by a hung upstream waits until the primary's repair supersedes its session, or the idle
+    /// timeout.)
+    pub(super) fn check_hops(&mut self) {
+        use crate::proto::stall::{Tick, hop_limit};
+        if self.end.is_some() {
+            return;
+        }
+        let waiting = self.down.sending.is_some() || !self.down.queue.is_empty() || self.down.rdma_inflight > 0;
+        let limit = hop_limit(self.cfg.hop_timeout, self.machine.downstream_nodes().len());
+        let stalled = self.down.progress.tick(Tick { now: Instant::now(), waiting }, limit);
+        if let Some(stalled) = stalled
+            && !self.down.closed
+            && self.down.fd.is_some()
+        {
+            let name = self.down.name.clone();
+            tracing::warn!("{name} took nothing for {} s: going on without it", limit.as_secs());
+            self.downstream_settled(Event::DownstreamLost { error: stalled.error(&name) });
+        }
+    }
+
+    pub(super) fn dn_recv_done(&mut self, result: std::io::Result<usize>) {
+        let name = self.down.name.clone();
+        let lost = |what: String| Event::DownstreamLost { error: NodeError::new(ErrorKind::ConnectionLost, what) };
+        match (self.down.recv, result) {
+            (_, _) if self.down.closed => self.down.recv = DnRecv::Done,
+            (DnRecv::Header, Ok(n)) if n == HEADER_LEN => {
+                let bytes: [u8; HEADER_LEN] =
+                    self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN).try_into().expect("header-sized");
+                // Authenticated hop: ACK and CREDIT carry a MAC after their payload.
+                let macs = self.down.macs.is_some();
+                let mac_len = |k: Kind| if macs && k != Kind::Result { FRAME_MAC_LEN as u32 } else { 0 };
+                match Header::decode(&bytes) {
+                    Ok(h) if h.kind == Kind::Ack && self.down.macs.is_none() => {
+                        self.down.recv = DnRecv::Idle;
+                        self.events.push_back(Event::DownstreamAck { through: h.seq });
+                    }
+                    Ok(h) if h.kind == Kind::Credit && h.len == 0 && self.down.macs.is_none() => {
+                        self.down.recv = DnRecv::Idle;
+                    }
+                    Ok(h)
+                        if matches!(h.kind, Kind::Result | Kind::Credit | Kind::Ack)
+                            && ((h.len + mac_len(h.kind)) as usize) < CTRL_LEN - HEADER_LEN =>
+                    {
+                        let len = h.len + mac_len(h.kind);
+                        // The payload follows the header inside the area.
+                        let buf = Buf::Ctrl { area: Ctrl::DownRecv, off: HEADER_LEN, len };
+                        let fd = self.down.fd.expect("downstream");
+                        match self.pool.submit(&mut self.io, token(T_DN_RECV, 0), OpKind::Recv, fd, buf) {
+                            Ok(()) => self.down.recv = DnRecv::Payload(h.kind, len),
+                            Err(e) => {
+                                self.down.recv = DnRecv::Done;
+                                self.downstream_settled(lost(format!("{name}: cannot receive its result: {e}")));
+                            }
+                        }
+                    }
+                    Ok(h) => {
+                        self.down.recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent an unexpected {} frame", h.kind.name())));
+                    }
+                    Err(e) => {
+                        self.down.recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent a bad frame: {e}")));
+                    }
+                }
+            }
+            (DnRecv::Payload(kind @ (Kind::Ack | Kind::Credit), len), Ok(n)) if n == len as usize => {
+                let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
+                let (header, rest) = bytes.split_at(HEADER_LEN);
+                let mac_len = if self.down.macs.is_some() { FRAME_MAC_LEN.min(n) } else { 0 };
+                let (payload, mac) = rest.split_at(n - mac_len);
+                let authentic = self.down.macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
+                if !authentic {
+                    self.down.recv = DnRecv::Done;
+                    let error = NodeError::new(
+                        ErrorKind::Unauthorized,
+                        format!(
+                            "{} from {name} does not authenticate: changed, dropped or replayed in transit, or not \
+                             from {name}",
+                            kind.name()
+                        ),
+                    );
+                    return self.downstream_settled(Event::DownstreamLost { error });
+                }
+                if kind == Kind::Ack {
+                    let through = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+                    self.down.recv = DnRecv::Idle;
+                    self.events.push_back(Event::DownstreamAck { through });
+                    return;
+                }
+                match (wire::decode_credits(payload), self.down.rdma.as_mut()) {
+                    (Ok(slots), Some(link)) => {
+                        link.credits.extend(slots);
+                        self.down.recv = DnRecv::Idle;
+                    }
+                    (Ok(_), None) => {
+                        self.down.recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent CREDIT on a TCP hop")));
+                    }
+                    (Err(e), _) => {
+                        self.down.recv = DnRecv::Done;
+                        self.downstream_settled(lost(format!("{name} sent a bad CREDIT: {e}")));
+                    }
+                }
+            }
+            (DnRecv::Payload(_, len), Ok(n)) if n == len as usize => {
+                self.down.recv = DnRecv::Done;
+                let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
+                let Ok(body) = crate::crypt::open_frame(
+                    self.down.secret.as_ref(),
+                    crate::crypt::LABEL_RESULT,
+                    &bytes[HEADER_LEN..],
+                ) else {
+                    let error = NodeError::new(
+                        ErrorKind::Unauthorized,
+                        format!("the result from {name} does not authenticate: changed in transit, or not from {name}"),
+                    );
+                    return self.downstream_settled(Event::DownstreamLost { error });
+                };
+                match wire::decode_reports(body) {
+                    Ok(reports) => self.downstream_settled(Event::DownstreamResult { reports }),
+                    Err(e) => self.downstream_settled(lost(format!("{name} sent a bad result: {e}"))),
+                }
+            }
+            (_, res) => {
+                self.down.recv = DnRecv::Done;
+                let why = match res {
+                    Ok(_) => format!("connection to {name} lost: it closed the connection before reporting"),
+                    Err(e) => format!("connection to {name} lost: {e}"),
+                };
+                self.downstream_settled(lost(why));
+            }
+        }
+    }
+}

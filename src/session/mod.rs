@@ -1,0 +1,545 @@
+//! The data-plane event loop of one push on one node.
+//!
+//! [`Session`] owns a buffer pool, an executor ([`Io`]) and a [`NodeMachine`]. It keeps these
+//! operations in flight at once: one receive from upstream (a frame header, then the chunk
+//! payload into the same pool slot), one send to downstream (chunk frames straight from the
+//! slots they arrived in, then END), one receive from downstream (ACK / RESULT), one send
+//! upstream (ACK / RESULT), and any number of file writes (replica) or reads (primary).
+//! Completions become machine events; machine actions become new operations.
+//!
+//! The slot discipline: a slot is leased before the first op on it is submitted and released
+//! only by the machine, after every op on it completed (see `proto.rs`). The pool enforces it:
+//! the bytes of an op in flight are leased to it (`sys::mem`), and touching them, or releasing
+//! their slot, panics. The session drains the executor before the pool is dropped.
+//!
+//! The files: this one runs the loop and carries out the machine's actions; [`up`] is the hop
+//! upstream, [`down`] the hop downstream, [`rdma`] the RDMA side of both, and [`local`] this
+//! node's own reads or writes.
+#![deny(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use crate::crypt::{FRAME_MAC_LEN, FrameMacs, TAG_LEN};
+use crate::error::{ErrorKind, NodeError};
+use crate::manifest::{Manifest, digest};
+use crate::pool::{Buf, CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
+use crate::proto::route::Route;
+use crate::proto::{Action, Event, NodeMachine, Role};
+use crate::rdma::{DnLink, UpLink, WorkCompletion};
+use crate::store::Staging;
+use crate::sys::io::{Completion, Io, IoChoice, OpKind};
+use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
+
+mod config;
+mod down;
+mod local;
+mod rdma;
+mod up;
+
+pub(crate) use config::SessionConfig;
+use down::{CutThrough, DnItem, Downstream};
+use local::LocalSide;
+pub use local::MemoryData;
+pub(crate) use local::{Local, SourceData};
+use up::{UpItem, Upstream};
+
+/// Progress counters a caller can read while a push runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Chunks written on every replica so far (the ack at the primary).
+    pub acked_chunks: std::sync::atomic::AtomicU64,
+    /// Bytes of those chunks.
+    pub acked_bytes: std::sync::atomic::AtomicU64,
+    /// Chunks sent to the first replica.
+    pub sent_chunks: std::sync::atomic::AtomicU64,
+    /// Bytes of the whole shard set (set once the source is scanned).
+    pub total_bytes: std::sync::atomic::AtomicU64,
+    /// Chunks of the whole shard set (set once the source is scanned).
+    pub total_chunks: std::sync::atomic::AtomicU64,
+    /// Set once the chain accepted and chunks move.
+    pub streaming: std::sync::atomic::AtomicBool,
+    /// Set by the caller to stop the push: the session aborts at its next wake-up (within
+    /// ~100 ms), the chain drops its staging, nothing is published.
+    pub cancel: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    /// Whether the caller asked to stop.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Default cut-through piece: 256 KiB is 2 ms on a 1 Gbit/s link, against 34 ms for a whole
+/// 4 MiB chunk, and 16 receives and sends per 4 MiB chunk instead of one are cheap.
+pub(crate) const DEFAULT_PIECE_BYTES: u32 = 256 << 10;
+
+/// The piece size from `SHARDCAST_PIECE_BYTES` (benchmarks compare it), else the default.
+pub(crate) fn piece_bytes_from_env() -> u32 {
+    std::env::var("SHARDCAST_PIECE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PIECE_BYTES)
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// Every node settled: the reports, this node first on a replica.
+    Finished(Vec<ReplicaReport>),
+    /// This node gave up.
+    Aborted(NodeError),
+    /// The upstream connection broke (replica only); nothing was published.
+    UpstreamLost(String),
+}
+
+const T_UP_RECV: u64 = 1;
+const T_UP_SEND: u64 = 2;
+const T_DN_SEND: u64 = 3;
+const T_DN_RECV: u64 = 4;
+const T_WRITE: u64 = 5;
+const T_READ: u64 = 6;
+/// Readiness of an RDMA completion channel; value 0 upstream, 1 downstream.
+const T_RDMA_POLL: u64 = 7;
+/// The value of END's RDMA write (chunks use their sequence number).
+const END_WR: u64 = (1 << 56) - 1;
+
+fn token(kind: u64, value: u64) -> u64 {
+    (kind << 56) | value
+}
+
+/// One push on one node: the machine, the executor and the pool, and the state of each side
+/// of this node (the hop upstream, the hop downstream, the local reads or writes).
+pub(crate) struct Session<'a> {
+    // Declared before `pool`, so that it drops first; `Drop` drains it explicitly anyway.
+    io: Io,
+    /// Returned to `pools` in `Drop`; freed, or leaked (by `sys::mem`) when I/O might still
+    /// touch it.
+    pool: Pool,
+    pools: Option<&'a PoolCache>,
+    machine: NodeMachine,
+    manifest: Manifest,
+    /// The hop upstream (none on the primary).
+    up: Upstream,
+    /// The hop downstream (none on the tail).
+    down: Downstream,
+    /// Local reads (primary) or writes (replica).
+    here: LocalSide,
+    cfg: SessionConfig,
+    progress: Option<&'a Progress>,
+    /// Prometheus counters of a server's session, and the pool slots it last reported in use.
+    metrics: Option<crate::metrics::SessionMetrics>,
+    slots_reported: i64,
+    end: Option<SessionEnd>,
+    events: VecDeque<Event>,
+    actions: Vec<Action>,
+    /// Which chunks this node stores and passes on (everything, for an ordinary push).
+    route: Route,
+    /// The manifest came with every chunk's digest (a routed push): chunks are checked against
+    /// it instead of filling it in.
+    digests_known: bool,
+    /// Set when a newer push of the same version supersedes this one (replicas).
+    superseded: Option<std::sync::Arc<crate::store::Receiving>>,
+    /// A readiness poll is in flight on the RDMA completion channel (upstream, downstream).
+    rdma_polling: [bool; 2],
+}
+
+impl<'a> Session<'a> {
+    /// A session for one push. `up`/`down` are connected sockets (none upstream on the
+    /// primary, none downstream on the tail); `node` is this node's name in the chain and
+    /// `downstream` the names after it. `pool` holds the chunk slots; it goes back to `pools`
+    /// (when given) at the end.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        role: Role,
+        node: &str,
+        downstream: Vec<String>,
+        manifest: Manifest,
+        local: Local,
+        up: Option<RawFd>,
+        down: Option<RawFd>,
+        cfg: SessionConfig,
+        progress: Option<&'a Progress>,
+        pool: Pool,
+        pools: Option<&'a PoolCache>,
+        links: (Option<UpLink>, Option<DnLink>),
+    ) -> Self {
+        let (up_rdma, dn_rdma) = links;
+        let mut cfg = cfg;
+        let parts = std::mem::take(&mut cfg.parts);
+        let mut pool = pool;
+        let io = Io::new(cfg.io, pool.mem());
+        // The slots the hop's negotiation granted upstream are the NIC's until a frame lands.
+        let mut nic_grants = crate::sys::nic::Grants::default();
+        for &s in up_rdma.as_ref().map_or(&[][..], |l| &l.granted[..]) {
+            let span = pool.span(Buf::Slot { id: s, off: 0, len: pool.slot_size() as u32 });
+            nic_grants.grant(pool.mem_mut(), s.0, span);
+        }
+        let downstream_name = downstream.first().cloned().unwrap_or_default();
+        let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
+        let bytes_before = if progress.is_some() {
+            manifest
+                .entries()
+                .iter()
+                .scan(0u64, |acc, e| {
+                    let before = *acc;
+                    *acc += e.size;
+                    Some(before)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            io,
+            pool,
+            pools,
+            machine,
+            manifest,
+            up: Upstream::new(up, up_rdma, nic_grants),
+            down: Downstream::new(down, downstream_name, dn_rdma),
+            here: LocalSide::new(local, bytes_before),
+            cfg,
+            progress,
+            metrics: None,
+            slots_reported: 0,
+            end: None,
+            events: VecDeque::new(),
+            actions: Vec::new(),
+            route: Route::everything(),
+            digests_known: false,
+            superseded: None,
+            rdma_polling: [false; 2],
+        }
+        .apply(parts)
+    }
+
+    /// Applies the optional parts of the configuration (the route first: it remakes the
+    /// machine, which the modes then set).
+    fn apply(mut self, parts: config::Parts) -> Self {
+        if let Some((route, own)) = parts.route {
+            let total = self.manifest.chunk_count();
+            let role = if self.up.fd.is_some() { Role::Replica } else { Role::Primary };
+            let downstream = self.machine.downstream_nodes().to_vec();
+            self.machine = NodeMachine::new(role, self.machine.node(), downstream, total).with_route(route.clone());
+            self.up.next_seq = route.next_passing(0, total);
+            self.here.next_read = route.next_passing(0, total);
+            self.route = route;
+            self.digests_known = true;
+            self.here.own = own;
+        }
+        if parts.early_report {
+            self.machine.set_report_early();
+        }
+        if parts.stop_on_loss {
+            self.machine.set_stop_on_loss();
+        }
+        if parts.seal.is_some() {
+            self.pool.set_seal_len(HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN);
+        }
+        self.up.open = parts.open;
+        self.down.seal = parts.seal;
+        self.up.macs = parts.up_secret.as_ref().map(FrameMacs::downstream_end);
+        self.down.macs = parts.dn_secret.as_ref().map(FrameMacs::upstream_end);
+        self.up.secret = parts.up_secret;
+        self.down.secret = parts.dn_secret;
+        self.superseded = parts.superseded;
+        self.here.prefill = parts.prefill;
+        self.metrics = parts.metrics;
+        self
+    }
+
+    fn report_pool_use(&mut self) {
+        if let Some(m) = &self.metrics {
+            let in_use = (self.pool.slots() - self.pool.free_slots()) as i64;
+            m.all.pool_slots_in_use.inc_by(in_use - self.slots_reported);
+            self.slots_reported = in_use;
+        }
+    }
+
+    fn count_out(&self, bytes: u64) {
+        if let Some(m) = &self.metrics {
+            m.bytes_out.inc_by(bytes);
+        }
+    }
+
+    /// The executor's name (for logs).
+    pub(crate) fn io_name(&self) -> &'static str {
+        self.io.name()
+    }
+
+    /// Whether the pool is pinned.
+    pub(crate) fn pool_locked(&self) -> bool {
+        self.pool.is_locked()
+    }
+
+    /// Runs the push to its end.
+    pub(crate) fn run(mut self) -> SessionEnd {
+        self.drive()
+    }
+
+    /// Runs the push to its end and returns, with the end, the manifest as this node knows it
+    /// then: on the primary of an ordinary push, the digest of every chunk it read (zero for
+    /// chunks it never read), which a repair of the push must keep to.
+    pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest) {
+        let end = self.drive();
+        (end, self.manifest.clone())
+    }
+
+    fn drive(&mut self) -> SessionEnd {
+        self.machine.start(&mut self.actions);
+        for a in std::mem::take(&mut self.actions) {
+            self.act(a);
+        }
+        self.process();
+        let mut completions = Vec::new();
+        let mut last_progress = Instant::now();
+        loop {
+            if let Some(end) = self.finished() {
+                if let Some(s) = self.down.fd.and_then(crate::sys::tcpinfo::tcp_stats) {
+                    tracing::debug!(
+                        to = %self.down.name,
+                        busy_ms = s.busy_ms,
+                        rwnd_limited_ms = s.rwnd_limited_ms,
+                        sndbuf_limited_ms = s.sndbuf_limited_ms,
+                        retrans = s.total_retrans,
+                        rtt_us = s.rtt_us,
+                        cwnd = s.snd_cwnd,
+                        "downstream connection"
+                    );
+                }
+                return end;
+            }
+            if self.end.is_none() && self.progress.is_some_and(Progress::cancelled) {
+                self.abort(NodeError::new(ErrorKind::Aborted, "push cancelled by the caller"));
+                continue;
+            }
+            if self.end.is_none()
+                && self.superseded.as_ref().is_some_and(|f| f.cancel.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                self.abort(NodeError::new(ErrorKind::Aborted, "superseded by a newer push of the same version"));
+                continue;
+            }
+            self.check_hops();
+            if let Err(e) = self.pump() {
+                self.end = Some(SessionEnd::Aborted(NodeError::io("submitting I/O", &e)));
+                continue;
+            }
+            if !self.events.is_empty() {
+                // Chunks copied from memory are ready without any I/O to wait for.
+                last_progress = Instant::now();
+                self.process();
+                self.report_pool_use();
+                continue;
+            }
+            completions.clear();
+            // Short slices when a caller watches (and may cancel) the push.
+            let slice = self.cfg.idle_timeout.min(self.cfg.hop_timeout).min(if self.progress.is_some() {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            });
+            if let Err(e) = self.io.wait(self.pool.mem_mut(), &mut completions, slice) {
+                self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
+                continue;
+            }
+            if completions.is_empty() {
+                if last_progress.elapsed() >= self.cfg.idle_timeout {
+                    self.end = Some(SessionEnd::Aborted(NodeError::new(
+                        ErrorKind::Stalled,
+                        format!("no progress for {} s", self.cfg.idle_timeout.as_secs()),
+                    )));
+                }
+                continue;
+            }
+            last_progress = Instant::now();
+            for c in completions.drain(..) {
+                self.complete(c);
+            }
+            self.process();
+            self.report_pool_use();
+        }
+    }
+
+    /// The session is over once an end is set and the reports (if any) went upstream.
+    fn finished(&mut self) -> Option<SessionEnd> {
+        self.end.as_ref()?;
+        if !self.up.gone && (self.up.result.is_some() || self.up.sending == Some(UpItem::Result)) {
+            return None;
+        }
+        self.end.take()
+    }
+
+    fn process(&mut self) {
+        while let Some(ev) = self.events.pop_front() {
+            self.machine.handle(ev, &mut self.actions);
+            let actions = std::mem::take(&mut self.actions);
+            for a in actions {
+                self.act(a);
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Forward { seq, slot } => {
+                if let Some(i) = self.down.cut.iter().position(|c| c.seq == seq) {
+                    // Its pieces went (or are going) downstream as they arrived.
+                    self.down.cut[i].asked = true;
+                    self.cut_settle(i);
+                } else if !self.down.closed {
+                    self.down.queue.push_back(DnItem::Chunk(seq, slot));
+                }
+                // With downstream closed, the machine releases the slot when it hears so.
+            }
+            Action::SendEnd => self.down.queue.push_back(DnItem::End),
+            Action::Write { seq, slot } => self.write_chunk(seq, slot),
+            Action::Release { slot } => {
+                self.pool.release(slot);
+                // RDMA upstream: every freed slot is granted to the sender again.
+                if let Some(link) = self.up.rdma.as_mut()
+                    && !self.up.end_received
+                    && self.end.is_none()
+                    && let Some(s) = self.pool.lease()
+                {
+                    link.granted.push(s);
+                    self.up.credits.push(s.0);
+                    let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
+                    self.up.nic_grants.grant(self.pool.mem_mut(), s.0, span);
+                }
+            }
+            Action::AckUpstream { through } => self.acked(through),
+            Action::Sync => self.sync(),
+            Action::Publish => self.publish(),
+            Action::Finish { reports } => {
+                if self.up.fd.is_some() {
+                    self.up.result = Some(reports.clone());
+                }
+                self.end = Some(SessionEnd::Finished(reports));
+            }
+            Action::ReportEarly { reports } => {
+                // Upstream (the primary of an async push) goes away after this; the rest of
+                // the chain completes on its own.
+                if self.up.fd.is_some() {
+                    self.up.result = Some(reports);
+                    self.up.reported_early = true;
+                }
+            }
+            Action::Abort { error } => self.abort(error),
+            Action::Stop { error, downstream } => self.abort_with(error, Some(downstream)),
+        }
+    }
+
+    /// Gives up: on a replica, reports the failure upstream (this node failed, the nodes after
+    /// it were not finished) and cuts the downstream connection, so the rest of the chain
+    /// drops its staging too.
+    fn abort(&mut self, error: NodeError) {
+        self.abort_with(error, None);
+    }
+
+    /// [`Session::abort`], with the reports of the nodes after this one when they are known
+    /// (a relay stopping because one of them died).
+    fn abort_with(&mut self, error: NodeError, downstream: Option<Vec<ReplicaReport>>) {
+        if self.end.is_some() {
+            return;
+        }
+        tracing::warn!(%error, "push aborted");
+        if !self.up.gone {
+            let mut reports = vec![ReplicaReport::failed(self.machine.node(), error.clone())];
+            match downstream {
+                Some(d) => reports.extend(d),
+                None => {
+                    for n in self.machine.downstream_nodes() {
+                        reports.push(ReplicaReport::failed(
+                            n,
+                            NodeError::new(ErrorKind::Aborted, format!("push aborted upstream: {}", error.message)),
+                        ));
+                    }
+                }
+            }
+            self.up.result = Some(reports);
+        }
+        if let Some(down) = self.down.fd {
+            crate::sys::shutdown(down);
+        }
+        self.down.closed = true;
+        self.down.queue.clear();
+        self.down.cut.clear();
+        self.end = Some(SessionEnd::Aborted(error));
+    }
+
+    /// Submits whatever can be submitted now.
+    fn pump(&mut self) -> std::io::Result<()> {
+        if self.end.is_none() {
+            self.pump_data()?;
+        }
+        self.pump_up_send()
+    }
+
+    fn pump_data(&mut self) -> std::io::Result<()> {
+        // RDMA: a readiness poll on each completion channel.
+        self.pump_rdma_polls()?;
+        self.pump_up_recv()?;
+        self.pump_reads()?;
+        self.pump_down()
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let kind = c.token >> 56;
+        let value = c.token & ((1 << 56) - 1);
+        if kind == T_DN_SEND || kind == T_DN_RECV || (kind == T_RDMA_POLL && value == 1) {
+            self.down.progress.progress(Instant::now());
+        }
+        match kind {
+            T_UP_RECV => self.up_recv_done(c.result),
+            T_READ => {
+                let (seq, slot) = (value >> 16, SlotId((value & 0xffff) as u16));
+                self.read_done(seq, slot, c.result);
+            }
+            T_WRITE => self.write_done(value, c.result),
+            T_DN_SEND => self.dn_send_done(c.result),
+            T_DN_RECV => self.dn_recv_done(c.result),
+            T_RDMA_POLL => match c.result {
+                Ok(_) => self.rdma_ready(value as usize),
+                // Cancelled while the session winds down.
+                Err(_) => self.rdma_polling[value as usize] = false,
+            },
+            T_UP_SEND => {
+                self.up.sending.take().expect("an upstream send was in flight");
+                if let Err(e) = c.result {
+                    self.upstream_lost(format!("sending to upstream failed: {e}"));
+                }
+            }
+            _ => unreachable!("unknown token kind {kind}"),
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.all.pool_slots_in_use.dec_by(self.slots_reported);
+        }
+        if self.io.in_flight() > 0 {
+            for fd in [self.up.fd, self.down.fd].into_iter().flatten() {
+                // Ends receives still in flight.
+                crate::sys::shutdown(fd);
+            }
+            if !self.io.drain(self.pool.mem_mut()) {
+                // The kernel or a worker may still write into the pool (or read the sealing
+                // buffer): its leases stay out, and the pool leaks rather than free them.
+                return;
+            }
+        }
+        // The NIC may write into and read from the pool until its queue pairs are gone.
+        self.up.rdma = None;
+        self.down.rdma = None;
+        self.down.nic_writes.settle_all(self.pool.mem_mut());
+        self.up.nic_grants.settle_all(self.pool.mem_mut());
+        if let Some(cache) = self.pools {
+            // A pool with leases still out is not reused (`PoolCache::put`).
+            cache.put(self.pool.take());
+        }
+    }
+}

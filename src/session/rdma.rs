@@ -1,0 +1,203 @@
+//! The RDMA side of both hops: readiness polls on the completion channels, writes posted
+//! downstream into granted slots, frames landing upstream.
+
+use super::up::{unauthentic_chunk, unauthentic_frame};
+use super::*;
+
+impl Session<'_> {
+    pub(super) fn pump_rdma_polls(&mut self) -> std::io::Result<()> {
+        for (i, fd) in
+            [self.up.rdma.as_ref().map(|l| l.ep.event_fd()), self.down.rdma.as_ref().map(|l| l.ep.event_fd())]
+                .into_iter()
+                .enumerate()
+        {
+            if let Some(fd) = fd
+                && !self.rdma_polling[i]
+            {
+                self.io.poll_in(token(T_RDMA_POLL, i as u64), fd)?;
+                self.rdma_polling[i] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts an RDMA write for every queued frame that has a granted slot downstream.
+    pub(super) fn pump_rdma_writes(&mut self) {
+        while !self.down.closed {
+            let Some(link) = self.down.rdma.as_mut() else { return };
+            if link.credits.is_empty() || self.down.queue.is_empty() {
+                return;
+            }
+            let item = self.down.queue.pop_front().expect("checked");
+            let remote_slot = self.down.rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
+            let (buf, wr) = match item {
+                DnItem::Chunk(seq, slot) => {
+                    // The MAC travels in the slot too, after the payload (the receiver's slots
+                    // leave room for it).
+                    let c = self.manifest.chunk(seq).expect("in range");
+                    let mac = self.mac_chunk(seq, slot);
+                    (Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + c.len + mac }, seq)
+                }
+                DnItem::End => (self.end_frame(), END_WR),
+                DnItem::Piece { .. } => unreachable!("no cut-through onto an RDMA hop"),
+            };
+            let link = self.down.rdma.as_ref().expect("checked");
+            let remote = link.remote_addr + u64::from(remote_slot) * link.slot_size;
+            // The frame (a leased slot or the END area) is held for the NIC until this write
+            // completes (ForwardDone releases the slot only after it); the remote slot was
+            // granted by the receiver and holds a whole frame.
+            let span = self.pool.span(buf);
+            let (rkey, imm) = (link.rkey, u32::from(remote_slot));
+            let posted =
+                self.down.nic_writes.post(&link.ep, self.pool.mem_mut(), token(T_DN_SEND, wr), span, remote, rkey, imm);
+            match posted {
+                Ok(()) => self.down.rdma_inflight += 1,
+                Err(e) => {
+                    if let DnItem::Chunk(seq, _) = item {
+                        self.events.push_back(Event::ForwardDone { seq });
+                    }
+                    let name = self.down.name.clone();
+                    self.downstream_settled(Event::DownstreamLost {
+                        error: NodeError::new(ErrorKind::ConnectionLost, format!("RDMA to {name} failed: {e}")),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes every RDMA completion of endpoint `i` (0 upstream, 1 downstream).
+    pub(super) fn rdma_ready(&mut self, i: usize) {
+        self.rdma_polling[i] = false;
+        let mut wcs = Vec::new();
+        let polled = match i {
+            0 => self.up.rdma.as_mut().map(|l| l.ep.poll(&mut wcs)),
+            _ => self.down.rdma.as_mut().map(|l| l.ep.poll(&mut wcs)),
+        };
+        if let Some(Err(e)) = polled {
+            let what = format!("polling RDMA completions: {e}");
+            if i == 0 {
+                self.upstream_lost(what);
+            } else {
+                self.downstream_settled(Event::DownstreamLost {
+                    error: NodeError::new(ErrorKind::ConnectionLost, what),
+                });
+            }
+            return;
+        }
+        for wc in wcs {
+            if i == 0 {
+                self.rdma_arrived(wc);
+            } else {
+                self.rdma_written(wc);
+            }
+        }
+    }
+
+    /// A write downstream completed (or failed).
+    pub(super) fn rdma_written(&mut self, wc: WorkCompletion) {
+        self.down.rdma_inflight = self.down.rdma_inflight.saturating_sub(1);
+        self.down.nic_writes.completed(self.pool.mem_mut(), wc.wr_id);
+        let value = wc.wr_id & ((1 << 56) - 1);
+        let seq = (value != END_WR).then_some(value);
+        match wc.status {
+            Ok(()) => {
+                if let Some(seq) = seq {
+                    if let Some(c) = self.manifest.chunk(seq) {
+                        self.count_out(u64::from(c.len) + HEADER_LEN as u64);
+                    }
+                    if let Some(p) = self.progress {
+                        p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    self.events.push_back(Event::ForwardDone { seq });
+                }
+            }
+            Err(status) => {
+                if let Some(seq) = seq {
+                    self.events.push_back(Event::ForwardDone { seq });
+                }
+                // After the first failure (or a flush) the rest only drain.
+                if !self.down.closed {
+                    let name = self.down.name.clone();
+                    self.downstream_settled(Event::DownstreamLost {
+                        error: NodeError::new(
+                            ErrorKind::ConnectionLost,
+                            format!("RDMA write to {name} failed: {status}"),
+                        ),
+                    });
+                }
+            }
+        }
+        if self.down.rdma_inflight == 0
+            && self.down.sending.is_none()
+            && let Some(ev) = self.down.deferred.take()
+        {
+            self.events.push_back(ev);
+        }
+    }
+
+    /// A frame landed in a granted slot upstream (or the hop failed).
+    pub(super) fn rdma_arrived(&mut self, wc: WorkCompletion) {
+        if self.end.is_some() {
+            return;
+        }
+        if let Err(status) = wc.status {
+            if !self.up.end_received {
+                self.upstream_lost(format!("RDMA from upstream failed: {status}"));
+            }
+            return;
+        }
+        let link = self.up.rdma.as_mut().expect("completions come from the link");
+        // Every write consumes a receive: post the next one.
+        if let Err(e) = link.ep.post_recv(wc.wr_id) {
+            self.abort(NodeError::new(ErrorKind::ConnectionLost, e.to_string()));
+            return;
+        }
+        let Some(pos) = link.granted.iter().position(|s| u32::from(s.0) == wc.imm) else {
+            self.abort(NodeError::new(
+                ErrorKind::Protocol,
+                format!("upstream wrote into slot {} that was not granted to it", wc.imm),
+            ));
+            return;
+        };
+        let slot = link.granted.swap_remove(pos);
+        // The write into this slot has completed (its receive completion is here) and the
+        // sender has no other grant for it.
+        self.up.nic_grants.landed(self.pool.mem_mut(), slot.0);
+        let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
+        match Header::decode(&bytes) {
+            Ok(h) if h.kind == Kind::Chunk => {
+                if let Err((kind, message)) = self.check_chunk_header(&h) {
+                    self.pool.release(slot);
+                    self.abort(NodeError::new(kind, message));
+                    return;
+                }
+                if let Some(m) = self.up.macs.as_mut() {
+                    // The frame's MAC follows its payload in the slot.
+                    let mac = self.pool.slot(slot, HEADER_LEN + h.len as usize, FRAME_MAC_LEN);
+                    if m.verify(&bytes, &[], mac).is_err() {
+                        self.pool.release(slot);
+                        return self.abort(unauthentic_chunk(h.seq));
+                    }
+                }
+                self.chunk_arrived(slot, h.seq, h.digest);
+            }
+            Ok(h) => {
+                if let Some(m) = self.up.macs.as_mut() {
+                    // The frame's MAC follows its header in the slot.
+                    let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
+                    if m.verify(&bytes, &[], mac).is_err() {
+                        self.pool.release(slot);
+                        return self.abort(unauthentic_frame(h.kind));
+                    }
+                }
+                self.pool.release(slot);
+                self.frame_after_chunks(h);
+            }
+            Err(e) => {
+                self.pool.release(slot);
+                self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}")));
+            }
+        }
+    }
+}

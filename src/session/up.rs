@@ -1,0 +1,522 @@
+//! The hop upstream: receiving chunk frames (header, payload, MAC) into pool slots, checking
+//! them, and sending credits, acks and the result back.
+
+use super::*;
+
+/// A chunk's payload being received from upstream, into its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PayloadRecv {
+    pub(super) slot: SlotId,
+    pub(super) seq: u64,
+    /// The digest its header announced.
+    pub(super) digest: u128,
+    /// Payload bytes received before the receive in flight.
+    pub(super) got: u32,
+    /// Bytes the receive in flight asked for.
+    pub(super) want: u32,
+}
+
+/// What the receive from upstream in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UpRecv {
+    Idle,
+    Header(SlotId),
+    Payload(PayloadRecv),
+    /// Authenticated hop: receiving the MAC after a frame other than CHUNK (END).
+    Trailer(SlotId),
+    /// RDMA hop: chunks arrive by RDMA; a receive on the socket only watches for it closing.
+    Watch,
+    Done,
+}
+
+/// What the send upstream in flight carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UpItem {
+    Ack,
+    Result,
+    Credit,
+}
+
+/// The hop upstream: the frames it sends (chunks, END) and what this node answers (credits,
+/// acks, the result).
+#[derive(Debug)]
+pub(super) struct Upstream {
+    /// The socket (none on the primary).
+    pub(super) fd: Option<RawFd>,
+    pub(super) recv: UpRecv,
+    /// The next chunk expected from upstream.
+    pub(super) next_seq: u64,
+    /// The RDMA hop upstream, when that hop negotiated RDMA.
+    pub(super) rdma: Option<UpLink>,
+    /// Slots granted to upstream and not yet sent in a CREDIT frame.
+    pub(super) credits: Vec<u16>,
+    /// The granted slots' bytes, held for the NIC until a frame lands in them.
+    pub(super) nic_grants: crate::sys::nic::Grants,
+    /// Whether END arrived from upstream (RDMA: the socket may close after it).
+    pub(super) end_received: bool,
+    pub(super) sending: Option<UpItem>,
+    pub(super) ack: Option<u64>,
+    pub(super) ack_sent: u64,
+    pub(super) result: Option<Vec<ReplicaReport>>,
+    pub(super) gone: bool,
+    /// Async push: this node has told upstream it published; upstream leaving is expected now.
+    pub(super) reported_early: bool,
+    /// Encrypted hop: opens each chunk that arrives.
+    pub(super) open: Option<crate::crypt::Opener>,
+    /// Authenticated hop: its session secret (the RESULT sent there carries a MAC).
+    pub(super) secret: Option<crate::crypt::SessionSecret>,
+    /// The header of the chunk being received, as it came (an encrypted chunk's associated
+    /// data; the test fault may change the slot's copy).
+    pub(super) header: [u8; HEADER_LEN],
+    /// Authenticated hop: the MACs of the data-plane frames from and to upstream (see
+    /// `crypt::FrameMacs`).
+    pub(super) macs: Option<FrameMacs>,
+}
+
+impl Upstream {
+    pub(super) fn new(fd: Option<RawFd>, rdma: Option<UpLink>, nic_grants: crate::sys::nic::Grants) -> Self {
+        Self {
+            fd,
+            recv: if fd.is_some() { UpRecv::Idle } else { UpRecv::Done },
+            next_seq: 0,
+            rdma,
+            credits: Vec::new(),
+            nic_grants,
+            end_received: false,
+            sending: None,
+            ack: None,
+            ack_sent: 0,
+            result: None,
+            gone: fd.is_none(),
+            reported_early: false,
+            open: None,
+            secret: None,
+            header: [0; HEADER_LEN],
+            macs: None,
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Submits the next receive from upstream when none is in flight: on an RDMA hop a watch on
+    /// the socket, else a frame header into a fresh slot.
+    pub(super) fn pump_up_recv(&mut self) -> std::io::Result<()> {
+        // RDMA upstream: chunks land by themselves; the socket is only watched for closing.
+        if self.up.recv == UpRecv::Idle && self.up.rdma.is_some() {
+            let fd = self.up.fd.expect("replica has upstream");
+            let buf = Buf::Ctrl { area: Ctrl::UpRecv, off: 0, len: HEADER_LEN as u32 };
+            self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
+            self.up.recv = UpRecv::Watch;
+        }
+        // Upstream receive: one frame header at a time, into a fresh slot.
+        if self.up.recv == UpRecv::Idle
+            && let Some(slot) = self.pool.lease()
+        {
+            let fd = self.up.fd.expect("replica has upstream");
+            let buf = Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 };
+            self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
+            self.up.recv = UpRecv::Header(slot);
+        }
+        Ok(())
+    }
+
+    /// A chunk header from upstream is the one expected next and matches the manifest.
+    pub(super) fn check_chunk_header(&self, h: &Header) -> Result<(), (ErrorKind, String)> {
+        match self.manifest.chunk(h.seq) {
+            _ if h.seq != self.up.next_seq => Err((
+                ErrorKind::Protocol,
+                format!("chunk {} arrived while chunk {} was expected", h.seq, self.up.next_seq),
+            )),
+            None => Err((ErrorKind::Protocol, format!("chunk {} is past the end", h.seq))),
+            Some(c) if h.len != c.len => Err((
+                ErrorKind::Protocol,
+                format!("chunk {} announces {} bytes, the manifest says {}", h.seq, h.len, c.len),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Chunk `seq` is whole in `slot`: check its digest and hand it to the machine.
+    pub(super) fn chunk_arrived(&mut self, slot: SlotId, seq: u64, announced: u128) {
+        let c = self.manifest.chunk(seq).expect("checked on the header");
+        let n = c.len as usize;
+        self.up.next_seq = self.route.next_passing(seq + 1, self.manifest.chunk_count());
+        // The payload has landed in this slot and nothing writes it now.
+        let ok = (!self.digests_known || announced == c.digest)
+            && (!self.cfg.verify || digest(self.pool.slot(slot, HEADER_LEN, n)) == announced);
+        if let Some(m) = &self.metrics {
+            m.bytes_in.inc_by(n as u64);
+            if ok {
+                m.all.chunks_verified.inc()
+            } else {
+                m.all.digest_failures.inc()
+            };
+        }
+        if ok {
+            self.manifest.set_digest(seq, announced);
+            self.events.push_back(Event::ChunkReady { seq, slot });
+        } else {
+            self.events.push_back(Event::ChunkCorrupt { seq, slot });
+        }
+    }
+
+    /// A non-chunk frame from upstream: END after the last chunk, or a protocol error.
+    pub(super) fn frame_after_chunks(&mut self, h: Header) {
+        let total = self.manifest.chunk_count();
+        if h.kind == Kind::End && h.seq == total && self.up.next_seq == total {
+            let mine = self.manifest.digest();
+            if h.digest == mine {
+                self.up.end_received = true;
+                self.events.push_back(Event::UpstreamEnd);
+            } else {
+                self.abort(NodeError::new(
+                    ErrorKind::DigestMismatch,
+                    format!(
+                        "manifest digest mismatch: the chunks received add up to manifest {mine:032x}, \
+                         the primary announced {:032x}",
+                        h.digest
+                    ),
+                ));
+            }
+        } else {
+            self.abort(NodeError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "unexpected {} frame from upstream (seq {}) after {} of {total} chunks",
+                    h.kind.name(),
+                    h.seq,
+                    self.up.next_seq
+                ),
+            ));
+        }
+    }
+
+    pub(super) fn pump_up_send(&mut self) -> std::io::Result<()> {
+        // Upstream send: the result when there is one, else the newest ack.
+        if self.up.sending.is_none()
+            && !self.up.gone
+            && let Some(up) = self.up.fd
+        {
+            // Credits first (the sender may be waiting for a slot), then the newest ack, which
+            // goes before the result so that upstream's progress reaches 100 %.
+            let (item, bytes) = if !self.up.credits.is_empty() {
+                let n = self.up.credits.len().min((CTRL_LEN - HEADER_LEN - FRAME_MAC_LEN) / 2);
+                let slots: Vec<u16> = self.up.credits.drain(..n).collect();
+                let h = Header { kind: Kind::Credit, len: 2 * n as u32, seq: 0, digest: 0 };
+                let mut b = h.to_bytes().to_vec();
+                wire::encode_credits(&slots, &mut b);
+                if let Some(m) = self.up.macs.as_mut() {
+                    let mac = m.sign(&b[..HEADER_LEN], &b[HEADER_LEN..]);
+                    b.extend_from_slice(&mac);
+                }
+                (UpItem::Credit, b)
+            } else if let Some(through) = self.up.ack.take().filter(|t| *t > self.up.ack_sent) {
+                self.up.ack_sent = through;
+                let mut b = Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec();
+                if let Some(m) = self.up.macs.as_mut() {
+                    let mac = m.sign(&b, &[]);
+                    b.extend_from_slice(&mac);
+                }
+                (UpItem::Ack, b)
+            } else if let Some(reports) = self.up.result.take() {
+                let payload = crate::crypt::seal_frame(
+                    self.up.secret.as_ref(),
+                    crate::crypt::LABEL_RESULT,
+                    wire::encode_reports(&reports),
+                );
+                let h = Header { kind: Kind::Result, len: payload.len() as u32, seq: 0, digest: 0 };
+                let mut b = h.to_bytes().to_vec();
+                b.extend_from_slice(&payload);
+                (UpItem::Result, b)
+            } else {
+                return Ok(());
+            };
+            let len = bytes.len().min(CTRL_LEN);
+            // The UpSend area is used by one send at a time, and none is in flight.
+            self.pool.ctrl_mut(Ctrl::UpSend, len).copy_from_slice(&bytes[..len]);
+            let buf = Buf::Ctrl { area: Ctrl::UpSend, off: 0, len: len as u32 };
+            self.pool.submit(&mut self.io, token(T_UP_SEND, 0), OpKind::Send, up, buf)?;
+            self.up.sending = Some(item);
+        }
+        Ok(())
+    }
+
+    pub(super) fn upstream_lost(&mut self, why: String) {
+        self.up.gone = true;
+        self.up.result = None;
+        if self.up.reported_early {
+            // An async push's primary left after this node's early report: expected.
+            tracing::debug!("upstream gone after the early report ({why}); the chain goes on");
+            return;
+        }
+        if !matches!(self.end, Some(SessionEnd::Aborted(_))) {
+            self.end = Some(SessionEnd::UpstreamLost(why));
+        }
+        if let Some(down) = self.down.fd {
+            // Downstream then drops its staging too.
+            crate::sys::shutdown(down);
+        }
+        self.down.closed = true;
+    }
+
+    /// Bytes the hop upstream adds after each chunk's payload: an encrypted hop its GCM tag,
+    /// an authenticated one its MAC.
+    pub(super) fn tag_len(&self) -> u32 {
+        if self.up.open.is_some() {
+            TAG_LEN as u32
+        } else if self.up.macs.is_some() {
+            FRAME_MAC_LEN as u32
+        } else {
+            0
+        }
+    }
+
+    /// Receives the next piece of chunk `seq`'s payload into `slot` after `got` bytes.
+    pub(super) fn recv_piece(
+        &mut self,
+        slot: SlotId,
+        seq: u64,
+        digest: u128,
+        got: u32,
+        len: u32,
+    ) -> std::io::Result<()> {
+        let piece = if self.down.cut.back().is_some_and(|c| c.seq == seq) { self.cfg.piece_bytes } else { 0 };
+        let want = if piece == 0 { len - got } else { piece.min(len - got) };
+        // The payload receive completes before the slot goes to the machine, and pieces already
+        // queued downstream lie before `got`.
+        let buf = Buf::Slot { id: slot, off: HEADER_LEN + got as usize, len: want };
+        self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, self.up.fd.expect("upstream"), buf)?;
+        self.up.recv = UpRecv::Payload(PayloadRecv { slot, seq, digest, got, want });
+        Ok(())
+    }
+
+    pub(super) fn up_recv_done(&mut self, result: std::io::Result<usize>) {
+        if self.end.is_some() {
+            if let UpRecv::Header(slot) | UpRecv::Payload(PayloadRecv { slot, .. }) | UpRecv::Trailer(slot) =
+                self.up.recv
+            {
+                self.pool.release(slot);
+            }
+            self.up.recv = UpRecv::Done;
+            return;
+        }
+        match (self.up.recv, result) {
+            (UpRecv::Watch, res) => {
+                // Nothing but the socket's end may come here on an RDMA hop.
+                self.up.recv = UpRecv::Done;
+                match res {
+                    Ok(0) if self.up.end_received => {}
+                    Ok(0) => self.upstream_lost("upstream closed the connection before END".into()),
+                    Ok(_) => self.abort(NodeError::new(
+                        ErrorKind::Protocol,
+                        "upstream sent bytes on the control connection of an RDMA hop",
+                    )),
+                    Err(_) if self.up.end_received => {}
+                    Err(e) => self.upstream_lost(format!("upstream connection failed: {e}")),
+                }
+            }
+            (UpRecv::Header(slot), Ok(n)) if n == HEADER_LEN => self.up_header_done(slot),
+            (UpRecv::Payload(p), Ok(n)) if n == p.want as usize => self.up_payload_done(p),
+            (UpRecv::Payload(p), Ok(_)) => {
+                self.pool.release(p.slot);
+                self.up.recv = UpRecv::Done;
+                self.upstream_lost(format!("upstream closed the connection in the middle of chunk {}", p.seq));
+            }
+            (UpRecv::Trailer(slot), Ok(n)) if n == FRAME_MAC_LEN => {
+                self.up.recv = UpRecv::Done;
+                let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
+                let ok = self.up.macs.as_mut().expect("a trailer only on authenticated hops").verify(
+                    &self.up.header,
+                    &[],
+                    mac,
+                );
+                self.pool.release(slot);
+                match Header::decode(&self.up.header) {
+                    Ok(h) if ok.is_ok() => self.frame_after_chunks(h),
+                    Ok(h) => self.abort(unauthentic_frame(h.kind)),
+                    Err(e) => self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}"))),
+                }
+            }
+            (UpRecv::Header(slot) | UpRecv::Payload(PayloadRecv { slot, .. }) | UpRecv::Trailer(slot), res) => {
+                self.pool.release(slot);
+                self.up.recv = UpRecv::Done;
+                let why = match res {
+                    Ok(_) => "upstream closed the connection before END".to_owned(),
+                    Err(e) => format!("upstream connection failed: {e}"),
+                };
+                self.upstream_lost(why);
+            }
+            (state, _) => unreachable!("upstream receive completed in state {state:?}"),
+        }
+    }
+
+    /// Gives up on the upstream receive into `slot` (its submission failed).
+    fn up_recv_failed(&mut self, slot: SlotId, e: &std::io::Error) {
+        self.pool.release(slot);
+        self.up.recv = UpRecv::Done;
+        self.abort(NodeError::io("submitting a receive", e));
+    }
+
+    /// A frame header landed in `slot`: a chunk's (receive its payload next), or END's.
+    fn up_header_done(&mut self, slot: SlotId) {
+        let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
+        match Header::decode(&bytes) {
+            Ok(h) if h.kind == Kind::Chunk => {
+                if let Err((kind, message)) = self.check_chunk_header(&h) {
+                    self.pool.release(slot);
+                    self.up.recv = UpRecv::Done;
+                    self.abort(NodeError::new(kind, message));
+                    return;
+                }
+                if let Some(n) = self.down.flip_every
+                    && h.seq % n == n - 1
+                {
+                    tracing::warn!(seq = h.seq, "test fault: flipping a bit of the forwarded chunk");
+                    // Nothing reads the header before the forward queued below; this node keeps
+                    // `h` as it came.
+                    let header = self.pool.slot_mut(slot, 0, HEADER_LEN);
+                    header[HEADER_LEN - 1] ^= 1;
+                }
+                self.up.header = bytes;
+                if self.cuts_through(&h) {
+                    self.down.cut.push_back(CutThrough { seq: h.seq, pending: 0, complete: false, asked: false });
+                }
+                let wire_len = h.len + self.tag_len();
+                if let Err(e) = self.recv_piece(slot, h.seq, h.digest, 0, wire_len) {
+                    self.up_recv_failed(slot, &e);
+                }
+            }
+            Ok(_) if self.up.macs.is_some() => {
+                // Its MAC follows: taken into the same slot, after the header.
+                self.up.header = bytes;
+                let fd = self.up.fd.expect("replica has upstream");
+                let buf = Buf::Slot { id: slot, off: HEADER_LEN, len: FRAME_MAC_LEN as u32 };
+                match self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf) {
+                    Ok(()) => self.up.recv = UpRecv::Trailer(slot),
+                    Err(e) => self.up_recv_failed(slot, &e),
+                }
+            }
+            Ok(h) => {
+                self.pool.release(slot);
+                self.up.recv = UpRecv::Done;
+                self.frame_after_chunks(h);
+            }
+            Err(e) => {
+                self.pool.release(slot);
+                self.up.recv = UpRecv::Done;
+                self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}")));
+            }
+        }
+    }
+
+    /// Whether the chunk whose header just arrived is cut through: forwarded piece by piece
+    /// while it arrives, rather than once it is whole. Only when pieces are configured and
+    /// downstream is open, and only where forwarding bytes before the chunk is checked cannot
+    /// pass on anything unauthenticated or in the wrong form: not onto an RDMA hop (a write per
+    /// granted slot takes whole frames), not from or onto an encrypted hop (a chunk is opened,
+    /// or sealed, whole), and only for a non-empty chunk the route sends onward.
+    fn cuts_through(&self, h: &Header) -> bool {
+        self.cfg.piece_bytes > 0
+            && !self.down.closed
+            && self.down.rdma.is_none()
+            && self.up.open.is_none()
+            && self.down.seal.is_none()
+            && h.len > 0
+            && self.route.onward(h.seq)
+    }
+
+    /// The receive of `p` completed whole: queue what arrived downstream when the chunk is cut
+    /// through, then receive the rest, or check the whole chunk.
+    fn up_payload_done(&mut self, p: PayloadRecv) {
+        let PayloadRecv { slot, seq, digest: announced, got, want } = p;
+        let c = self.manifest.chunk(seq).expect("checked on the header");
+        let cutting = self.down.cut.back().is_some_and(|c| c.seq == seq);
+        let now = got + want;
+        let wire_len = c.len + self.tag_len();
+        // Payload bytes of this receive (not the MAC after them, which is this hop's).
+        let payload_end = now.min(c.len);
+        if cutting && !self.down.closed && payload_end > got {
+            // The first piece carries the chunk's header, exactly as it arrived.
+            let (off, len) = if got == 0 {
+                (0, HEADER_LEN as u32 + payload_end)
+            } else {
+                (HEADER_LEN as u32 + got, payload_end - got)
+            };
+            self.down.queue.push_back(DnItem::Piece { seq, slot, off, len });
+            let ct = self.down.cut.back_mut().expect("cutting");
+            ct.pending += 1;
+            // Authenticated downstream: complete once its MAC is queued (below).
+            ct.complete = payload_end == c.len && self.down.macs.is_none();
+        }
+        if now < wire_len {
+            if let Err(e) = self.recv_piece(slot, seq, announced, now, wire_len) {
+                self.up.recv = UpRecv::Done;
+                self.abort(NodeError::io("submitting a receive", &e));
+            }
+            return;
+        }
+        self.up.recv = UpRecv::Idle;
+        if let Err(error) = self.authenticate_chunk(slot, seq, c.len, wire_len) {
+            self.pool.release(slot);
+            self.up.recv = UpRecv::Done;
+            return self.abort(error);
+        }
+        if cutting && !self.down.closed && self.down.macs.is_some() {
+            // Only now, the chunk's header authentic, does this node vouch for it downstream:
+            // its own MAC goes last (made when sent, in send order).
+            let off = HEADER_LEN as u32 + c.len;
+            self.down.queue.push_back(DnItem::Piece { seq, slot, off, len: FRAME_MAC_LEN as u32 });
+            let ct = self.down.cut.back_mut().expect("cutting");
+            ct.pending += 1;
+            ct.complete = true;
+        }
+        self.chunk_arrived(slot, seq, announced);
+    }
+
+    /// A whole chunk frame from an encrypted hop is opened in place; one from an authenticated
+    /// hop has its MAC checked. Err: it does not authenticate.
+    fn authenticate_chunk(&mut self, slot: SlotId, seq: u64, len: u32, wire_len: u32) -> Result<(), NodeError> {
+        if let Some(open) = self.up.open.as_mut() {
+            let sealed = self.pool.slot_mut(slot, HEADER_LEN, wire_len as usize);
+            if open.open(&self.up.header, sealed).is_err() {
+                return Err(NodeError::new(
+                    ErrorKind::Unauthorized,
+                    format!(
+                        "encrypted chunk {seq} from upstream does not authenticate: changed in transit, dropped or \
+                         replayed, or sealed with another key"
+                    ),
+                ));
+            }
+        } else if let Some(m) = self.up.macs.as_mut() {
+            // The frame's MAC follows the payload.
+            let mac = self.pool.slot(slot, HEADER_LEN + len as usize, FRAME_MAC_LEN);
+            if m.verify(&self.up.header, &[], mac).is_err() {
+                return Err(unauthentic_chunk(seq));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chunk from an authenticated hop whose MAC does not check out.
+pub(super) fn unauthentic_chunk(seq: u64) -> NodeError {
+    NodeError::new(
+        ErrorKind::Unauthorized,
+        format!(
+            "chunk {seq} from upstream does not authenticate: its header (with the digest) was changed in transit, \
+             or it was dropped, replayed or reordered, or not sent by the node before this one"
+        ),
+    )
+}
+
+/// A frame from an authenticated hop (END) whose MAC does not check out.
+pub(super) fn unauthentic_frame(kind: Kind) -> NodeError {
+    NodeError::new(
+        ErrorKind::Unauthorized,
+        format!(
+            "{} from upstream does not authenticate: changed, dropped or replayed in transit, or not sent by the \
+             node before this one",
+            kind.name()
+        ),
+    )
+}
