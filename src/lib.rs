@@ -27,18 +27,19 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(unsafe_code)]
+
 pub mod audit;
-pub mod credentials;
+pub(crate) mod credentials;
 pub mod error;
-pub mod hop;
+pub(crate) mod hop;
 pub mod manifest;
 pub mod metrics;
 pub mod mirror;
-pub mod pool;
-pub mod proto;
-pub mod push;
+pub(crate) mod node;
+pub(crate) mod pool;
+pub(crate) mod proto;
 pub mod rdma;
-pub mod server;
 pub(crate) mod session;
 pub mod stage;
 pub mod store;
@@ -50,7 +51,9 @@ pub use credentials::Auth;
 pub use error::{ErrorKind, NodeError, PushError, ServeError, VerifyError};
 pub use hop::policy as transport;
 pub use hop::{auth, crypt, tls};
-pub use pool::{check_memlock, memlock_limit};
+pub use node::primary as push;
+pub use node::replica as server;
+pub use pool::{check_budget, check_memlock, memlock_limit};
 pub use push::{PushOptions, PushReport, push, push_memory};
 pub use server::{ServeOptions, Server};
 pub use session::{MemoryData, Progress};

@@ -57,7 +57,7 @@ pub(crate) enum Buf {
 /// them to the operation until its completion (see `sys::mem`). Touching bytes an operation
 /// still owns panics instead of racing with the kernel.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     mem: Pinned,
     slot_size: usize,
     slots: usize,
@@ -284,7 +284,7 @@ pub(crate) const MIN_SLOTS: usize = 4;
 /// `bytes` (each slot also holds a frame header and is rounded up to a page, and the pool adds
 /// its small control areas). Never more than that: a chunk size of which fewer than
 /// [`MIN_SLOTS`] fit is refused, with both numbers, rather than pinning more than the budget.
-pub(crate) fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
+pub fn check_budget(bytes: usize, chunk_size: u32) -> Result<usize, String> {
     let slots = bytes / (chunk_size.max(1) as usize);
     if slots < MIN_SLOTS {
         return Err(format!(

@@ -4,7 +4,7 @@ use crate::error::{ErrorKind, NodeError};
 
 /// A refused handshake on the accepting side: what the peer did wrong, and so what it is told.
 #[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
+pub(crate) enum HandshakeError {
     /// The peer closed the connection, or sent nothing within the handshake timeout, before a
     /// whole frame arrived. It is told nothing (it no longer listens).
     #[error("connection closed before a full frame: {0}")]
@@ -25,7 +25,7 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     /// What the audit log records as the reason (None: nothing is recorded, the peer left).
-    pub fn audit_reason(&self) -> Option<String> {
+    pub(crate) fn audit_reason(&self) -> Option<String> {
         match self {
             Self::Closed(_) => None,
             Self::BadFrame(e) => Some(format!("bad frame: {e}")),
@@ -34,7 +34,7 @@ impl HandshakeError {
     }
 
     /// The error the peer is sent in a REJECT (None: it cannot read one).
-    pub fn reply(&self) -> Option<NodeError> {
+    pub(crate) fn reply(&self) -> Option<NodeError> {
         match self {
             Self::Closed(_) | Self::Tls(_) => None,
             Self::BadFrame(e) => Some(NodeError::new(ErrorKind::Protocol, format!("refused: {e}"))),

@@ -16,12 +16,12 @@
 
 pub mod auth;
 pub mod crypt;
-pub mod error;
+pub(crate) mod error;
 pub mod policy;
 // Two calls into `unsafe` functions (registering the pool with the NIC, placing it on the NIC's
 // NUMA node) are left here until the verbs and numa wrappers (src/sys/) take safe arguments.
 #[allow(unsafe_code)]
-pub mod rdma;
+pub(crate) mod rdma;
 pub mod tls;
 
 use std::io;
@@ -33,7 +33,7 @@ use crate::pool::Pool;
 use crate::wire::{self, Frame, Hello, Kind, Outcome, ReadFrameError, ReplicaReport};
 use auth::ClusterKey;
 use crypt::SessionSecret;
-pub use error::HandshakeError;
+pub(crate) use error::HandshakeError;
 use policy::Transport;
 use rdma::{DnLink, RdmaConfig, UpLink};
 use tls::TlsIdentity;

@@ -24,7 +24,7 @@ use crate::error::{ErrorKind, NodeError};
 use crate::pool::{Pool, SlotId};
 use crate::rdma::verbs;
 use crate::wire::{self, Kind, TransportMsg};
-pub use verbs::{Access, Endpoint, PeerInfo, VerbsError, WorkCompletion};
+pub(crate) use verbs::{Access, Endpoint, PeerInfo, VerbsError};
 
 /// Explicit device choices (`--rdma-device`, `--gid-index`); found automatically when unset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct RdmaConfig {
 
 /// A device, port and GID that reach a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chosen {
+pub(crate) struct Chosen {
     /// Device name.
     pub device: String,
     /// Port number (1-based).
@@ -85,7 +85,7 @@ fn parse_gid(s: &str) -> Option<[u8; 16]> {
 /// Finds the device, port and GID index to reach peers from `local_ip` (the address of the TCP
 /// connection to the peer, i.e. the interface that routes to it): a RoCEv2 GID equal to that
 /// address, on the configured device or any device. `Err` says why there is no RDMA here.
-pub fn choose(cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, String> {
+pub(crate) fn choose(cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, String> {
     let names = verbs::device_names()?;
     let candidates: Vec<String> = match &cfg.device {
         Some(d) if names.contains(d) => vec![d.clone()],
@@ -127,7 +127,7 @@ pub fn choose(cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, String> {
 /// Decides whether this node can take the RDMA side of a hop under `policy`, from the local
 /// address of the hop's TCP connection. `Err` is the reason it cannot (shown when RDMA was
 /// required, logged under `auto`).
-pub fn usable(policy: Transport, cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, String> {
+pub(crate) fn usable(policy: Transport, cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, String> {
     if !cfg!(feature = "rdma") {
         return Err("this build of shardcast has no RDMA transport (built without the `rdma` feature)".into());
     }
@@ -235,7 +235,7 @@ fn local_ip(stream: &TcpStream) -> Result<IpAddr, NodeError> {
 /// The upstream side of a hop: offers RDMA when `policy` allows it and this node (`me`) can,
 /// reads the answer, connects. `Ok(None)`: the hop uses TCP. An error names the node at fault
 /// (`me` or `peer`): when `policy` is `Rdma` and that side cannot, or the hop broke.
-pub fn offer(
+pub(crate) fn offer(
     stream: &mut TcpStream,
     me: &str,
     peer: &str,
@@ -300,7 +300,7 @@ pub fn offer(
 /// The downstream side of a hop: reads the offer (only sent when the push allows RDMA),
 /// answers, connects. Grants the sender up to `pool.slots()` slots leased from `pool`.
 /// `Ok(None)`: the hop uses TCP.
-pub fn answer(
+pub(crate) fn answer(
     stream: &mut TcpStream,
     peer: &str,
     policy: Transport,

@@ -21,7 +21,7 @@ use crate::wire::{self, Hello, Limits};
 
 /// The parts of `serve`'s options that decide whether a push is admitted.
 #[derive(Debug, Clone, Copy)]
-pub struct Policy<'a> {
+pub(crate) struct Policy<'a> {
     /// `--max-chain`: nodes from this one to the tail.
     pub max_chain: usize,
     /// `--max-entries`: manifest entries.
@@ -54,7 +54,7 @@ impl<'a> From<&'a ServeOptions> for Policy<'a> {
 
 /// What the replica knows about the push besides its HELLO.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Peer<'a> {
+pub(crate) struct Peer<'a> {
     /// The upstream connection authenticated (cluster key or mutual TLS): there is a key to
     /// derive the hop's encryption key from.
     pub authenticated: bool,
@@ -66,7 +66,7 @@ pub struct Peer<'a> {
 
 /// An admitted push: what the session goes on with.
 #[derive(Debug, Clone)]
-pub struct Admit {
+pub(crate) struct Admit {
     /// Chunks are sealed on every TCP hop (`--encrypt`).
     pub encrypt: bool,
     /// A routed push: this node stores only the entries it wants: the map from its manifest's
@@ -81,7 +81,7 @@ pub struct Admit {
 
 /// The checks a HELLO must pass before anything is staged or dialed: the limits this replica
 /// sets (`--max-chain`, `--max-entries`, `--pool-mb`) and node names that are addresses.
-pub fn check_hello(hello: &Hello, policy: &Policy<'_>) -> Result<(), NodeError> {
+pub(crate) fn check_hello(hello: &Hello, policy: &Policy<'_>) -> Result<(), NodeError> {
     let nodes = hello.downstream.len() + 1;
     if nodes > policy.max_chain {
         return Err(NodeError::new(
@@ -113,7 +113,7 @@ pub fn check_hello(hello: &Hello, policy: &Policy<'_>) -> Result<(), NodeError> 
 
 /// A node name as the chain lists it: `HOST:PORT`, printable, no spaces (it is dialed, logged
 /// and reported, so nothing else passes).
-pub fn check_node(node: &str) -> Result<(), &'static str> {
+pub(crate) fn check_node(node: &str) -> Result<(), &'static str> {
     if node.is_empty() || node.len() > 255 {
         return Err("is not 1 to 255 bytes long");
     }
@@ -128,7 +128,7 @@ pub fn check_node(node: &str) -> Result<(), &'static str> {
 
 /// Whether the push session may start, in the order the replica has always checked:
 /// encryption, the routed push's own entries, the rights, the version bound.
-pub fn admit(hello: &Hello, policy: &Policy<'_>, peer: &Peer<'_>) -> Result<Admit, NodeError> {
+pub(crate) fn admit(hello: &Hello, policy: &Policy<'_>, peer: &Peer<'_>) -> Result<Admit, NodeError> {
     // Encrypted chunks: each hop's key comes from its authentication, so both hops of this
     // node must have authenticated, and chunks go over TCP.
     let encrypt = hello.flags.has(wire::HelloFlags::ENCRYPT);

@@ -27,7 +27,7 @@ use crate::wire::{Outcome, ReplicaReport};
 
 /// What a node is in the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// The source: reads chunks from files, never writes.
     Primary,
     /// A replica: receives, verifies, forwards and writes chunks, then publishes.
@@ -36,7 +36,7 @@ pub enum Role {
 
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// Chunk `seq` is in `slot` and its digest checked out.
     ChunkReady {
         /// Chunk number.
@@ -99,7 +99,7 @@ pub enum Event {
 
 /// Something to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send chunk `seq` from `slot` downstream (queued in order behind earlier sends).
     Forward {
         /// Chunk number.
@@ -187,7 +187,7 @@ struct InFlight {
 
 /// The state of one push on one node.
 #[derive(Debug)]
-pub struct NodeMachine {
+pub(crate) struct NodeMachine {
     role: Role,
     node: String,
     downstream_nodes: Vec<String>,
@@ -214,7 +214,7 @@ pub struct NodeMachine {
 impl NodeMachine {
     /// A machine for a push of `total` chunks. `node` is this node's name in the chain (empty on
     /// the primary); `downstream_nodes` are the nodes after it, in order.
-    pub fn new(role: Role, node: impl Into<String>, downstream_nodes: Vec<String>, total: u64) -> Self {
+    pub(crate) fn new(role: Role, node: impl Into<String>, downstream_nodes: Vec<String>, total: u64) -> Self {
         let downstream = if downstream_nodes.is_empty() { Downstream::None } else { Downstream::Alive { acked: 0 } };
         Self {
             role,
@@ -240,13 +240,7 @@ impl NodeMachine {
 
     /// Async push on the first replica: once this node has published, report it (and the
     /// nodes after it as behind) upstream without waiting for them.
-    pub fn with_early_report(mut self) -> Self {
-        self.set_report_early();
-        self
-    }
-
-    /// [`NodeMachine::with_early_report`] on a machine in place.
-    pub fn set_report_early(&mut self) {
+    pub(crate) fn set_report_early(&mut self) {
         self.report_early = true;
     }
 
@@ -255,14 +249,14 @@ impl NodeMachine {
     /// keeping what it journaled, rather than take the rest of the push alone. The primary then
     /// feeds it and the nodes cut off behind it in one repair push over the chain closed
     /// around the dead node, instead of one after the other over its own link.
-    pub fn set_stop_on_loss(&mut self) {
+    pub(crate) fn set_stop_on_loss(&mut self) {
         self.stop_on_loss = true;
     }
 
     /// Restricts the push on this node to its route: it dispatches only the chunks that pass
     /// it, writes only those it stores (the others count as written here), and forwards only
     /// those that go onward.
-    pub fn with_route(mut self, route: Route) -> Self {
+    pub(crate) fn with_route(mut self, route: Route) -> Self {
         if self.role == Role::Replica && !route.is_everything() {
             for seq in 0..self.total {
                 if !route.here(seq) {
@@ -278,37 +272,33 @@ impl NodeMachine {
 
     /// Emits what a fresh push can do before any event (an empty push: END, or sync on a tail
     /// that already has END).
-    pub fn start(&mut self, out: &mut Vec<Action>) {
+    pub(crate) fn start(&mut self, out: &mut Vec<Action>) {
         self.progress(out);
     }
 
     /// This node's name in the chain.
-    pub fn node(&self) -> &str {
+    pub(crate) fn node(&self) -> &str {
         &self.node
     }
 
     /// The nodes after this one.
-    pub fn downstream_nodes(&self) -> &[String] {
+    pub(crate) fn downstream_nodes(&self) -> &[String] {
         &self.downstream_nodes
     }
 
     /// Whether the machine has emitted `Finish` or `Abort`.
-    pub fn is_finished(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_finished(&self) -> bool {
         self.finished
     }
 
     /// Whether chunks still go downstream.
-    pub fn downstream_alive(&self) -> bool {
+    pub(crate) fn downstream_alive(&self) -> bool {
         matches!(self.downstream, Downstream::Alive { .. })
     }
 
-    /// Chunks handed on (forwarded and/or written) so far.
-    pub fn dispatched(&self) -> u64 {
-        self.next_dispatch
-    }
-
     /// Handles one event and appends the resulting actions to `out`.
-    pub fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
+    pub(crate) fn handle(&mut self, event: Event, out: &mut Vec<Action>) {
         if self.finished {
             return;
         }

@@ -14,13 +14,12 @@
 
 #![deny(unsafe_code)]
 
-pub mod admission;
-pub mod machine;
-pub mod repair;
-pub mod route;
+pub(crate) mod admission;
+pub(crate) mod machine;
+pub(crate) mod repair;
+pub(crate) mod route;
 #[cfg(test)]
 mod sim;
-pub mod stall;
+pub(crate) mod stall;
 
-pub use machine::{Action, Event, NodeMachine, Role};
-pub use route::{ChunkSet, Route, needs};
+pub(crate) use machine::{Action, Event, NodeMachine, Role};

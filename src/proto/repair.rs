@@ -22,7 +22,7 @@ use crate::wire::{Outcome, ReplicaReport};
 
 /// What one attempt came to, as the repair sees it.
 #[derive(Debug, Clone, Copy)]
-pub enum Attempted<'a> {
+pub(crate) enum Attempted<'a> {
     /// The chain ran to its end: one report per replica of the attempt.
     Reported(&'a [ReplicaReport]),
     /// The attempt failed.
@@ -31,7 +31,7 @@ pub enum Attempted<'a> {
 
 /// A failed attempt.
 #[derive(Debug, Clone, Copy)]
-pub struct Failed<'a> {
+pub(crate) struct Failed<'a> {
     /// The node the error names, and its error, when it names one.
     pub node: Option<(&'a str, &'a NodeError)>,
     /// The failure as a whole (what every replica of the attempt is reported with when the
@@ -45,7 +45,7 @@ pub struct Failed<'a> {
 
 /// Why the push goes on with another attempt (for the log).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Why {
+pub(crate) enum Why {
     /// This node holds the version already: it is published there and left out.
     Held(String),
     /// A plain push was refused as `version_exists`: asked again routed.
@@ -58,7 +58,7 @@ pub enum Why {
 
 /// What to do after an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Run another attempt, to [`Repair::chain`], routed when [`Repair::incremental`].
     Attempt(Why),
     /// Stop and call [`Repair::finish`] with the last attempt's reports, if it reported.
@@ -67,7 +67,7 @@ pub enum Step {
 
 /// How the push ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finish {
+pub(crate) struct Finish {
     /// Every replica of the push in chain order, with its outcome.
     pub replicas: Vec<ReplicaReport>,
     /// Replicas that held the version already (left out, published).
@@ -79,7 +79,7 @@ pub struct Finish {
 
 /// The repair's state over the attempts of one push.
 #[derive(Debug, Clone)]
-pub struct Repair {
+pub(crate) struct Repair {
     /// The push's replicas, in chain order.
     to: Vec<String>,
     /// `--repair`.
@@ -108,7 +108,7 @@ pub struct Repair {
 impl Repair {
     /// The repair of a push to `to` (routed when `incremental`), with `--repair` and whether
     /// `--min-replicas` was given.
-    pub fn new(to: Vec<String>, incremental: bool, repair: bool, min_replicas: bool) -> Self {
+    pub(crate) fn new(to: Vec<String>, incremental: bool, repair: bool, min_replicas: bool) -> Self {
         Self {
             chain: to.clone(),
             to,
@@ -125,17 +125,17 @@ impl Repair {
     }
 
     /// The replicas of the next attempt, in chain order.
-    pub fn chain(&self) -> &[String] {
+    pub(crate) fn chain(&self) -> &[String] {
         &self.chain
     }
 
     /// Whether the next attempt is routed (incremental).
-    pub fn incremental(&self) -> bool {
+    pub(crate) fn incremental(&self) -> bool {
         self.incremental
     }
 
     /// Decides after an attempt to [`Repair::chain`].
-    pub fn next(&mut self, attempt: Attempted<'_>) -> Step {
+    pub(crate) fn next(&mut self, attempt: Attempted<'_>) -> Step {
         if self.rounds > 2 * self.to.len() {
             return Step::Stop;
         }
@@ -268,7 +268,7 @@ impl Repair {
     }
 
     /// The push's end: `last` holds the last attempt's reports when it reported.
-    pub fn finish(mut self, last: Option<&[ReplicaReport]>) -> Finish {
+    pub(crate) fn finish(mut self, last: Option<&[ReplicaReport]>) -> Finish {
         if let Some(reports) = last {
             self.record(reports);
         }
@@ -289,7 +289,7 @@ impl Repair {
 
 /// Failures of a replica when the chain forms that mean it is down (not that it refused): the
 /// connect refused or timed out, or the connection lost or silent before it answered.
-pub fn down_at_start(kind: ErrorKind) -> bool {
+pub(crate) fn down_at_start(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::Unreachable | ErrorKind::ConnectionLost | ErrorKind::Stalled)
 }
 

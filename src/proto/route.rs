@@ -14,26 +14,26 @@ use crate::manifest::Manifest;
 
 /// A set of chunk numbers below a fixed total.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkSet {
+pub(crate) struct ChunkSet {
     bits: Vec<u64>,
     total: u64,
 }
 
 impl ChunkSet {
     /// No chunk.
-    pub fn empty(total: u64) -> Self {
+    pub(crate) fn empty(total: u64) -> Self {
         Self { bits: vec![0; total.div_ceil(64) as usize], total }
     }
 
     /// Every chunk.
-    pub fn full(total: u64) -> Self {
+    pub(crate) fn full(total: u64) -> Self {
         let mut s = Self::empty(total);
         s.insert_range(0, total);
         s
     }
 
     /// The chunks of the given manifest entries (directories have none).
-    pub fn of_entries(manifest: &Manifest, entries: &[u32]) -> Self {
+    pub(crate) fn of_entries(manifest: &Manifest, entries: &[u32]) -> Self {
         let mut s = Self::empty(manifest.chunk_count());
         for &i in entries {
             let r = manifest.chunk_range(i as usize);
@@ -43,38 +43,38 @@ impl ChunkSet {
     }
 
     /// Number of chunks the set ranges over.
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.total
     }
 
     /// Adds chunks `start..end`.
-    pub fn insert_range(&mut self, start: u64, end: u64) {
+    pub(crate) fn insert_range(&mut self, start: u64, end: u64) {
         for seq in start..end.min(self.total) {
             self.bits[(seq / 64) as usize] |= 1 << (seq % 64);
         }
     }
 
     /// Removes chunk `seq`.
-    pub fn remove(&mut self, seq: u64) {
+    pub(crate) fn remove(&mut self, seq: u64) {
         if seq < self.total {
             self.bits[(seq / 64) as usize] &= !(1 << (seq % 64));
         }
     }
 
     /// Whether chunk `seq` is in the set.
-    pub fn contains(&self, seq: u64) -> bool {
+    pub(crate) fn contains(&self, seq: u64) -> bool {
         seq < self.total && self.bits[(seq / 64) as usize] & (1 << (seq % 64)) != 0
     }
 
     /// Adds every chunk of `other`.
-    pub fn union_with(&mut self, other: &ChunkSet) {
+    pub(crate) fn union_with(&mut self, other: &ChunkSet) {
         for (a, b) in self.bits.iter_mut().zip(&other.bits) {
             *a |= b;
         }
     }
 
     /// Removes every chunk of the `(start, len)` ranges.
-    pub fn remove_ranges(&mut self, ranges: &[(u64, u64)]) {
+    pub(crate) fn remove_ranges(&mut self, ranges: &[(u64, u64)]) {
         for &(start, len) in ranges {
             for seq in start..start.saturating_add(len).min(self.total) {
                 self.remove(seq);
@@ -83,19 +83,21 @@ impl ChunkSet {
     }
 
     /// Number of chunks in the set.
-    pub fn len(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> u64 {
         self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
     /// Whether the set is empty.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.bits.iter().all(|&w| w == 0)
     }
 }
 
 /// Each node's needed chunks, in chain order: those of the entries it wants (None: all of them)
 /// less those it already holds (`haves`, when known: one list of ranges per node).
-pub fn needs(manifest: &Manifest, wants: &[Option<Vec<u32>>], haves: &[Vec<(u64, u64)>]) -> Vec<ChunkSet> {
+pub(crate) fn needs(manifest: &Manifest, wants: &[Option<Vec<u32>>], haves: &[Vec<(u64, u64)>]) -> Vec<ChunkSet> {
     wants
         .iter()
         .enumerate()
@@ -114,21 +116,21 @@ pub fn needs(manifest: &Manifest, wants: &[Option<Vec<u32>>], haves: &[Vec<(u64,
 
 /// One node's view of a push: which chunks it stores and which it passes on.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     /// None: every chunk, everywhere (an ordinary push).
     sets: Option<(ChunkSet, ChunkSet)>,
 }
 
 impl Route {
     /// Every chunk is stored everywhere and goes all the way down the chain.
-    pub fn everything() -> Self {
+    pub(crate) fn everything() -> Self {
         Self { sets: None }
     }
 
     /// The route of the node at `position` in a chain whose replicas need `needs` (first
     /// replica first): `position` 0 is the primary, 1 the first replica, and so on. `needs`
     /// empty means an ordinary push.
-    pub fn for_position(needs: &[ChunkSet], position: usize) -> Self {
+    pub(crate) fn for_position(needs: &[ChunkSet], position: usize) -> Self {
         let Some(first) = needs.first() else { return Self::everything() };
         let total = first.total();
         let here = if position == 0 { ChunkSet::empty(total) } else { needs[position - 1].clone() };
@@ -140,28 +142,28 @@ impl Route {
     }
 
     /// Whether this is an ordinary push (everything everywhere).
-    pub fn is_everything(&self) -> bool {
+    pub(crate) fn is_everything(&self) -> bool {
         self.sets.is_none()
     }
 
     /// Whether this node stores chunk `seq` (replicas; the primary stores nothing).
-    pub fn here(&self, seq: u64) -> bool {
+    pub(crate) fn here(&self, seq: u64) -> bool {
         self.sets.as_ref().is_none_or(|(h, _)| h.contains(seq))
     }
 
     /// Whether chunk `seq` goes on to the next node.
-    pub fn onward(&self, seq: u64) -> bool {
+    pub(crate) fn onward(&self, seq: u64) -> bool {
         self.sets.as_ref().is_none_or(|(_, o)| o.contains(seq))
     }
 
     /// Whether chunk `seq` comes through this node (a replica receives it; the primary reads
     /// it).
-    pub fn passes(&self, seq: u64) -> bool {
+    pub(crate) fn passes(&self, seq: u64) -> bool {
         self.here(seq) || self.onward(seq)
     }
 
     /// The first chunk at or after `seq` that passes this node (or `total`).
-    pub fn next_passing(&self, mut seq: u64, total: u64) -> u64 {
+    pub(crate) fn next_passing(&self, mut seq: u64, total: u64) -> u64 {
         while seq < total && !self.passes(seq) {
             seq += 1;
         }

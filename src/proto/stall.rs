@@ -17,7 +17,7 @@ use crate::error::{ErrorKind, NodeError};
 
 /// The time now, and whether this node is waiting on downstream (a send queued or in flight).
 #[derive(Debug, Clone, Copy)]
-pub struct Tick {
+pub(crate) struct Tick {
     /// Now.
     pub now: Instant,
     /// Chunks (or END) wait for downstream to take them.
@@ -26,14 +26,14 @@ pub struct Tick {
 
 /// The deadline `limit` passed with nothing taken downstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stalled {
+pub(crate) struct Stalled {
     /// The deadline that passed.
     pub limit: Duration,
 }
 
 impl Stalled {
     /// The error this node reports for `node`, its downstream.
-    pub fn error(&self, node: &str) -> NodeError {
+    pub(crate) fn error(&self, node: &str) -> NodeError {
         NodeError::new(
             ErrorKind::Stalled,
             format!("{node} made no progress for {} s (hung, or its link is down)", self.limit.as_secs()),
@@ -43,31 +43,31 @@ impl Stalled {
 
 /// The deadline of a hop to a downstream with `nodes_after` nodes from it to the tail
 /// (at least one).
-pub fn hop_limit(hop_timeout: Duration, nodes_after: usize) -> Duration {
+pub(crate) fn hop_limit(hop_timeout: Duration, nodes_after: usize) -> Duration {
     hop_timeout * (nodes_after.max(1) as u32)
 }
 
 /// When downstream last took or answered something, while this node waited on it.
 #[derive(Debug, Clone, Copy)]
-pub struct HopStall {
+pub(crate) struct HopStall {
     last: Instant,
 }
 
 impl HopStall {
     /// A hop that made progress at `now` (it just formed).
-    pub fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self { last: now }
     }
 
     /// Downstream took or answered something at `now`.
-    pub fn progress(&mut self, now: Instant) {
+    pub(crate) fn progress(&mut self, now: Instant) {
         self.last = now;
     }
 
     /// Looks at the hop: stalled when this node waits on downstream and `limit` passed since
     /// its last progress. The time not waiting does not count (only late while this node waits
     /// on it, not while it had nothing to send).
-    pub fn tick(&mut self, tick: Tick, limit: Duration) -> Option<Stalled> {
+    pub(crate) fn tick(&mut self, tick: Tick, limit: Duration) -> Option<Stalled> {
         if !tick.waiting {
             self.last = tick.now;
             return None;

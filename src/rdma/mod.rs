@@ -1,14 +1,6 @@
-//! The RDMA verbs bindings (libibverbs through rdma-sys, or a stand-in that finds no device when
-//! the `rdma` feature is off). What a hop does with them is in `crate::hop::rdma`.
+//! The RDMA names the rest of the crate and its tests use: the verbs live in `sys::rdma` (the
+//! only FFI), the per-hop negotiation in `hop::rdma`.
 
-pub mod types;
-#[cfg(feature = "rdma")]
-pub mod verbs;
-#[cfg(not(feature = "rdma"))]
-#[path = "verbs_none.rs"]
-pub mod verbs;
-
-// The paths from before the hop had a module of its own (`shardcast::rdma::RdmaConfig`,
-// `crate::rdma::UpLink`), until their callers move to `crate::hop::rdma`.
 pub use crate::hop::rdma::{DnLink, RdmaConfig, UpLink};
+pub use crate::sys::rdma::{types, verbs};
 pub use verbs::{Access, Endpoint, PeerInfo, VerbsError, WorkCompletion};

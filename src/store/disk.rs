@@ -1,26 +1,10 @@
-//! Free space and durable directory entries.
+//! Free space (from `sys::fs`) and durable directory entries.
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
 
-/// Bytes available to unprivileged writers on the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut st: libc::statvfs = unsafe_zeroed_statvfs();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail * st.f_frsize)
-}
-
-pub(super) fn unsafe_zeroed_statvfs() -> libc::statvfs {
-    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are valid.
-    unsafe { std::mem::zeroed() }
-}
+pub use crate::sys::fs::free_bytes;
 
 pub(super) fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()

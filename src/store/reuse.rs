@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::{EntryKind, Manifest};
@@ -94,20 +93,15 @@ pub(super) fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::R
     let (mut done, mut kernel) = (0u64, true);
     let mut buf = Vec::new();
     while done < len {
-        let (mut off_in, mut off_out) = ((offset + done) as libc::loff_t, (offset + done) as libc::loff_t);
         let want = (len - done).min(1 << 30) as usize;
         if kernel {
-            // SAFETY: valid descriptors and offsets we own; no memory is passed.
-            let n =
-                unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
-            match n {
-                n if n > 0 => {
+            match crate::sys::fs::copy_file_range(src, dst, offset + done, want) {
+                Ok(n) if n > 0 => {
                     done += n as u64;
                     continue;
                 }
-                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the earlier version is shorter")),
-                _ => {
-                    let e = io::Error::last_os_error();
+                Ok(_) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the earlier version is shorter")),
+                Err(e) => {
                     match e.raw_os_error() {
                         Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => kernel = false,
                         Some(libc::EINTR) => {}

@@ -1,5 +1,5 @@
 //! Everything that talks to the kernel (or the NIC) through raw pointers and descriptors: the
-//! only place in the library, besides `rdma::verbs` until it moves here, where `unsafe` is
+//! only place in the library where `unsafe` is
 //! allowed.
 //!
 //! # The contract
@@ -22,11 +22,13 @@
 
 use std::os::fd::RawFd;
 
+pub(crate) mod fs;
 pub(crate) mod io;
 pub(crate) mod mem;
 pub(crate) mod nic;
 
 pub(crate) mod numa;
+pub(crate) mod rdma;
 pub(crate) mod tcpinfo;
 
 /// Shuts a socket down both ways: wakes any operation blocked on it, and tells the peer. The

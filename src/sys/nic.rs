@@ -7,8 +7,8 @@
 
 use std::collections::VecDeque;
 
-use crate::rdma::verbs::{Endpoint, VerbsError};
 use crate::sys::mem::{Access, Lease, Pinned, Span};
+use crate::sys::rdma::verbs::{Endpoint, VerbsError};
 
 /// RDMA writes posted and not completed, each holding its bytes for reading.
 #[derive(Debug, Default)]
