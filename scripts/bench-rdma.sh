@@ -17,7 +17,7 @@
 #   SIZE=64M REPS=1 ./scripts/bench-rdma.sh                # the short one .ci/run prints
 #   SIZE=256M REPS=5 MSG=4M OLD_BIN=../old/target/release/shardcast ./scripts/bench-rdma.sh
 #
-# Prints a markdown table; saves it under results/bench-rdma-<date>.md. Exit 4 when the guest
+# Prints a markdown table; saves it under results/rdma/bench-rdma-<date>.md. Exit 4 when the guest
 # cannot start (as rxe-vm.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,9 +32,9 @@ if [[ -n "$OLD_BIN" ]]; then
 fi
 
 cargo build --release >/dev/null
-mkdir -p results
+mkdir -p results/rdma
 stamp=$(date +%Y%m%d-%H%M%S)
-out=results/bench-rdma-$stamp.md
+out=results/rdma/bench-rdma-$stamp.md
 job=$(mktemp /tmp/shardcast-bench-rdma.XXXXXX.py)
 trap 'rm -f "$job"' EXIT
 cat >"$job" <<'PY'
