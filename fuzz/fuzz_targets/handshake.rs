@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     if shardcast::server::admit(&hello, limits()).is_ok() {
         assert!(hello.downstream.len() < limits().max_chain);
         assert!(hello.manifest.entries().len() <= limits().max_entries);
-        assert!(shardcast::pool::check_budget(limits().pool_bytes, hello.manifest.chunk_size()).is_ok());
+        assert!(shardcast::check_budget(limits().pool_bytes, hello.manifest.chunk_size()).is_ok());
     }
     let again = Hello::decode(&hello.encode()).expect("an encoded HELLO decodes");
     assert_eq!(
