@@ -17,7 +17,8 @@
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
 #      tmpfs work dir for inspection), OLD_BIN=path (optional: adds the measure hop-old, the same
 #      push with an older release binary on both ends, in the same reps, and the ratio hop / hop-old:
-#      how a change moved the hop's speed, measured side by side).
+#      how a change moved the hop's speed, measured side by side; and hop-old-key, the old binary
+#      with the cluster key, for the same comparison of the keyed hop).
 # Output: a summary table on stdout; raw rows in results/hop/bench-hop-<date>.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,7 +104,7 @@ start_hop() {
 run_hop() {
     local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall bin=$BIN
     shift
-    [[ $measure == hop-old ]] && bin=$OLD_BIN
+    [[ $measure == hop-old* ]] && bin=$OLD_BIN
     t0=$(date +%s.%N)
     env "$@" timeout 900 "$bin" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
         "${push_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
@@ -135,6 +136,7 @@ if [[ -n "${OLD_BIN:-}" ]]; then
     log "old binary: $OLD_BIN ($("$OLD_BIN" --version))"
     BIN_NEW=$BIN BIN=$OLD_BIN
     start_hop hop-old
+    start_hop hop-old-key "${KEY_ENV[@]}"
     BIN=$BIN_NEW
 fi
 
@@ -144,7 +146,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
     run_hop hop
     run_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
     run_hop hop-key "${KEY_ENV[@]}"
-    [[ -n "${OLD_BIN:-}" ]] && run_hop hop-old
+    if [[ -n "${OLD_BIN:-}" ]]; then
+        run_hop hop-old
+        run_hop hop-old-key "${KEY_ENV[@]}"
+    fi
 done
 
 # Summary: median/min/max per measure, and the ratios (of medians, plus the per-rep range).
@@ -166,7 +171,7 @@ names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
          ("hop-noverify", "shardcast hop, no verify"), ("hop-key", "shardcast hop, cluster key"),
          ("hop-wall", "  hop, process wall"), ("hop-noverify-wall", "  no verify, wall"),
          ("hop-key-wall", "  cluster key, wall"), ("hop-old", "old binary hop"),
-         ("hop-old-wall", "  old binary, wall")]
+         ("hop-old-wall", "  old binary, wall"), ("hop-old-key", "old binary, cluster key")]
 for key, label in [n for n in names if n[0] in by]:
     v = list(by[key].values())
     print(f"{label:<26}{bl.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
@@ -183,5 +188,7 @@ ratio("hop-key", "hop", "hop-key / hop", 0.95)
 if "hop-old" in by:
     ratio("hop", "hop-old", "hop / hop-old (this vs old)")
     ratio("hop-wall", "hop-old-wall", "  wall: this / old")
+    ratio("hop-key", "hop-old-key", "hop-key: this / old")
+    ratio("hop-old-key", "hop-old", "old: hop-key / hop")
 PY
 echo "raw rows: $csv"

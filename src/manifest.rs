@@ -114,6 +114,15 @@ pub fn check_path(path: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// The entries of a routed push that one node stores ([`Manifest::subset`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subset {
+    /// The node's own manifest: its entries, the directories above them, their digests.
+    pub manifest: Manifest,
+    /// For each entry of the whole push, its index in `manifest` (None: not stored here).
+    pub map: Vec<Option<usize>>,
+}
+
 impl Manifest {
     /// Builds a manifest from entries and per-chunk digests (in chunk order).
     pub fn new(chunk_size: u32, mut entries: Vec<Entry>, digests: Vec<Digest>) -> Result<Self, ManifestError> {
@@ -242,9 +251,8 @@ impl Manifest {
     }
 
     /// The part of this manifest a node keeps when it wants only `wanted` entries: those
-    /// entries, the directories above them, with their digests. Returns it and, for each entry
-    /// of this manifest, its index in the part (None when left out).
-    pub fn subset(&self, wanted: &[u32]) -> Result<(Self, Vec<Option<usize>>), ManifestError> {
+    /// entries, the directories above them, with their digests, and where each entry went.
+    pub fn subset(&self, wanted: &[u32]) -> Result<Subset, ManifestError> {
         let mut keep = vec![false; self.entries.len()];
         let index: HashMap<&str, usize> = self.entries.iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect();
         for &w in wanted {
@@ -272,7 +280,7 @@ impl Manifest {
                 digests.extend_from_slice(&self.digests[r.start as usize..r.end as usize]);
             }
         }
-        Ok((Self::new(self.chunk_size, entries, digests)?, map))
+        Ok(Subset { manifest: Self::new(self.chunk_size, entries, digests)?, map })
     }
 
     /// Describes and digests the given files under `root` (relative `/`-separated paths, each a

@@ -508,81 +508,23 @@ fn run_push(
     }
 
     // Mapping and pinning the pool takes tens of milliseconds: do it while the chain connects.
-    let (pool_bytes, chunk_size) = (opts.pool_bytes, manifest.chunk_size());
-    let pool = std::thread::Builder::new()
-        .name("shardcast-pool".into())
-        .spawn(move || {
-            let t = Instant::now();
-            let pool = Pool::with_budget(pool_bytes, chunk_size);
-            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "pool mapped and pinned");
-            pool
-        })
-        .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })?;
-
+    let pool = spawn_pool(opts.pool_bytes, manifest.chunk_size())?;
     let first = opts.to[0].clone();
     let mut hop = Hop::dial(&first, opts.connect_timeout, opts.auth.key(), opts.auth.tls())
         .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
-    let hello = Hello {
-        name: opts.name.clone(),
-        version: opts.version,
-        mode: opts.mode,
-        keep: opts.keep,
-        flags: wire::HelloFlags::default()
-            .with(wire::HelloFlags::REPAIR, opts.repair && opts.mode == Mode::Sync)
-            .with(wire::HelloFlags::ENCRYPT, opts.encrypt),
-        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC).
-        transport: if opts.encrypt { Transport::Tcp } else { opts.transport },
-        you: first.clone(),
-        downstream: opts.to[1..].to_vec(),
-        manifest: manifest.clone(),
-        wants: wants.clone(),
-        // The replicas know the key's limits (from their ACL); the primary claims none.
-        grant: wire::Grant { origin: opts.auth.key().map(|k| k.id().to_owned()).unwrap_or_default(), limits: None },
-    };
+    let hello = hello_for(opts, &manifest, &wants);
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
     let chain_timeout = opts.connect_timeout * (opts.to.len() as u32 + 1);
-    let accept = match hop.handshake(&hello, chain_timeout) {
-        Ok(payload) => payload,
-        Err(reports) => {
-            // Only reports that say "published": that node already holds this version.
-            if let Some(r) = reports.iter().find(|r| r.outcome == Outcome::Published)
-                && reports.iter().all(|r| r.outcome == Outcome::Published)
-            {
-                let error = NodeError::new(
-                    ErrorKind::VersionExists,
-                    format!("{}@{} is already published there with the same manifest", opts.name, opts.version),
-                );
-                return Err(Failure {
-                    error: PushError::Node { node: r.node.clone(), error },
-                    at_start: true,
-                    held: true,
-                });
-            }
-            let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
-                ReplicaReport::failed(&first, NodeError::new(ErrorKind::Protocol, "refused without a reason"))
-            });
-            let Outcome::Failed(error) = r.outcome else { unreachable!("filtered above") };
-            return Err(Failure::at_start(PushError::Node { node: r.node, error }));
-        }
-    };
+    let accept = hop.handshake(&hello, chain_timeout).map_err(|reports| refused_at_start(opts, reports))?;
     // A routed push reads and sends only the chunks some replica wants and does not hold yet.
-    let route = if wants.is_empty() {
-        None
-    } else {
-        let haves = wire::decode_haves(&accept, chunks).ok().filter(|h| h.len() == opts.to.len()).ok_or_else(|| {
-            PushError::Node {
-                node: first.clone(),
-                error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
-            }
-        })?;
-        let r = Route::for_position(&crate::proto::route::needs(&manifest, &wants, &haves), 0);
+    let route = primary_route(&accept, opts, &manifest, &wants)?;
+    if let Some(r) = &route {
         bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
         if let Some(p) = progress {
             p.total_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
         }
-        Some(r)
-    };
+    }
 
     let cfg = SessionConfig::default()
         .pool_bytes(opts.pool_bytes)
@@ -659,6 +601,83 @@ fn run_push(
 }
 
 /// Opens every source file that has chunks (`paths`: entry index and path of each file).
+/// Maps and pins the pool on a thread of its own, so that it is ready when the chain is.
+fn spawn_pool(
+    pool_bytes: usize,
+    chunk_size: u32,
+) -> Result<std::thread::JoinHandle<std::io::Result<Pool>>, PushError> {
+    std::thread::Builder::new()
+        .name("shardcast-pool".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let pool = Pool::with_budget(pool_bytes, chunk_size);
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "pool mapped and pinned");
+            pool
+        })
+        .map_err(|e| PushError::Local { context: "cannot start a thread".into(), source: e })
+}
+
+/// The HELLO the primary sends down the chain.
+fn hello_for(opts: &PushOptions, manifest: &Manifest, wants: &[Option<Vec<u32>>]) -> Hello {
+    Hello {
+        name: opts.name.clone(),
+        version: opts.version,
+        mode: opts.mode,
+        keep: opts.keep,
+        flags: wire::HelloFlags::default()
+            .with(wire::HelloFlags::REPAIR, opts.repair && opts.mode == Mode::Sync)
+            .with(wire::HelloFlags::ENCRYPT, opts.encrypt),
+        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC).
+        transport: if opts.encrypt { Transport::Tcp } else { opts.transport },
+        you: opts.to[0].clone(),
+        downstream: opts.to[1..].to_vec(),
+        manifest: manifest.clone(),
+        wants: wants.to_vec(),
+        // The replicas know the key's limits (from their ACL); the primary claims none.
+        grant: wire::Grant { origin: opts.auth.key().map(|k| k.id().to_owned()).unwrap_or_default(), limits: None },
+    }
+}
+
+/// The chain refused the push before it started, with these reports: "already held" when every
+/// report says the version is published there, else the first refusal.
+fn refused_at_start(opts: &PushOptions, reports: Vec<ReplicaReport>) -> Failure {
+    // Only reports that say "published": that node already holds this version.
+    if let Some(r) = reports.iter().find(|r| r.outcome == Outcome::Published)
+        && reports.iter().all(|r| r.outcome == Outcome::Published)
+    {
+        let error = NodeError::new(
+            ErrorKind::VersionExists,
+            format!("{}@{} is already published there with the same manifest", opts.name, opts.version),
+        );
+        return Failure { error: PushError::Node { node: r.node.clone(), error }, at_start: true, held: true };
+    }
+    let r = reports.into_iter().find(|r| r.outcome != Outcome::Published).unwrap_or_else(|| {
+        ReplicaReport::failed(&opts.to[0], NodeError::new(ErrorKind::Protocol, "refused without a reason"))
+    });
+    let Outcome::Failed(error) = r.outcome else { unreachable!("filtered above") };
+    Failure::at_start(PushError::Node { node: r.node, error })
+}
+
+/// A routed push's route at the primary, from ACCEPT's have-sets (None: an ordinary push).
+fn primary_route(
+    accept: &[u8],
+    opts: &PushOptions,
+    manifest: &Manifest,
+    wants: &[Option<Vec<u32>>],
+) -> Result<Option<Route>, PushError> {
+    if wants.is_empty() {
+        return Ok(None);
+    }
+    let haves =
+        wire::decode_haves(accept, manifest.chunk_count()).ok().filter(|h| h.len() == opts.to.len()).ok_or_else(
+            || PushError::Node {
+                node: opts.to[0].clone(),
+                error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
+            },
+        )?;
+    Ok(Some(Route::for_position(&crate::proto::route::needs(manifest, wants, &haves), 0)))
+}
+
 fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec<Option<SourceData>>, PushError> {
     let mut files: Vec<Option<SourceData>> = (0..manifest.entries().len()).map(|_| None).collect();
     for (i, path) in paths {

@@ -14,7 +14,7 @@ use crate::error::{ErrorKind, NodeError, ServeError};
 use crate::hop::policy::Transport;
 use crate::hop::rdma::{DnLink, UpLink};
 use crate::hop::{AcceptPolicy, HandshakeError, Hop, Refused};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Subset};
 use crate::pool::PoolCache;
 use crate::proto::Role;
 use crate::proto::admission::{self, Admit, Peer};
@@ -802,7 +802,7 @@ struct Admitted {
     routed: bool,
     /// The entries this node stores of a routed push: the push's entry -> the staged one, and
     /// the staged manifest (None: all of it).
-    own: Option<(Vec<Option<usize>>, Manifest)>,
+    own: Option<Subset>,
     /// The key the push started with (HELLO's grant, or the key upstream authenticated with).
     origin: String,
     /// The push's rights here (None: no limits).
@@ -848,7 +848,7 @@ fn reserve(
     let (me, routed, own) = (&hello.you, admitted.routed, admitted.own.as_ref());
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
-    let staged = own.map_or(&hello.manifest, |(_, m)| m);
+    let staged = own.map_or(&hello.manifest, |s| &s.manifest);
     expire_partials(store, opts);
     // Pushes are idempotent: a routed push (every digest known) of a version published here with
     // the same manifest is answered with a REJECT whose report says "published": this node
@@ -877,16 +877,16 @@ fn reserve(
     // A routed push also says which of its chunks this node already holds: those it resumed
     // from a partial staging (journaled, same digest), and those its current version of the
     // name has (copied locally). They do not travel here.
-    let resumed = resumed_chunks(&hello.manifest, own.map(|(m, _)| &m[..]), staging.resumed());
-    let (mut held, copies) = match (routed, store.current_manifest(&hello.name)) {
+    let resumed = resumed_chunks(&hello.manifest, own.map(|s| &s.map[..]), staging.resumed());
+    let crate::store::Reusable { mut held, copies } = match (routed, store.current_manifest(&hello.name)) {
         (true, Some((v, old, dir))) => {
             let wanted = hello.wants.first().and_then(Option::as_deref);
-            let map = own.map(|(m, _)| &m[..]);
+            let map = own.map(|s| &s.map[..]);
             let r = crate::store::find_reuse(&hello.manifest, wanted, map, &old, &dir, &|q| resumed.contains(q));
-            tracing::info!(from = v, chunks = r.0.iter().map(|x| x.1).sum::<u64>(), "chunks already held");
+            tracing::info!(from = v, chunks = r.held.iter().map(|x| x.1).sum::<u64>(), "chunks already held");
             r
         }
-        _ => (Vec::new(), Vec::new()),
+        _ => crate::store::Reusable::default(),
     };
     held.extend((0..resumed.total()).filter(|&q| resumed.contains(q)).map(|q| (q, 1)));
     Some(Reserved { staging, held, copies })

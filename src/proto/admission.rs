@@ -14,7 +14,7 @@
 
 use crate::auth::AclEntry;
 use crate::error::{ErrorKind, NodeError};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Subset};
 use crate::server::ServeOptions;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Limits};
@@ -71,7 +71,7 @@ pub(crate) struct Admit {
     pub encrypt: bool,
     /// A routed push: this node stores only the entries it wants: the map from its manifest's
     /// entries to the push's, and that manifest.
-    pub own: Option<(Vec<Option<usize>>, Manifest)>,
+    pub own: Option<Subset>,
     /// Whose key the push started with (empty: none known): the next node's HELLO carries it.
     pub origin: String,
     /// The push's rights here: the HELLO's grant narrowed by this replica's rule for the peer's
@@ -152,7 +152,7 @@ pub(crate) fn admit(hello: &Hello, policy: &Policy<'_>, peer: &Peer<'_>) -> Resu
     // A routed push (epoch staging): this node stores only the entries it wants.
     let own = match hello.wants.first() {
         Some(Some(wanted)) => match hello.manifest.subset(wanted) {
-            Ok((m, map)) => Some((map, m)),
+            Ok(own) => Some(own),
             Err(e) => return Err(NodeError::new(ErrorKind::BadManifest, e.to_string())),
         },
         _ => None,

@@ -28,9 +28,8 @@ pub(crate) struct SessionConfig {
     pub(super) parts: Parts,
 }
 
-/// What a replica storing part of a routed push publishes: its staging entry for each manifest
-/// entry (None: not stored here), and the manifest of what it stores (`Manifest::subset`).
-pub(crate) type OwnEntries = (Vec<Option<usize>>, Manifest);
+/// What a replica storing part of a routed push publishes (`Manifest::subset`).
+pub(crate) use crate::manifest::Subset as OwnEntries;
 
 /// The optional parts of a [`SessionConfig`], applied when the session is made.
 #[derive(Debug, Default)]

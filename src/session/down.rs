@@ -8,8 +8,8 @@ use super::*;
 pub(super) enum DnRecv {
     Idle,
     Header,
-    /// A RESULT's or CREDIT's payload.
-    Payload(Kind, u32),
+    /// The payload of a frame of `kind` (RESULT, ACK or CREDIT), `len` bytes (with its MAC).
+    Payload { kind: Kind, len: u32 },
     Done,
 }
 
@@ -331,7 +331,7 @@ impl Session<'_> {
                         let buf = Buf::Ctrl { area: Ctrl::DownRecv, off: HEADER_LEN, len };
                         let fd = self.down.fd.expect("downstream");
                         match self.pool.submit(&mut self.io, token(T_DN_RECV, 0), OpKind::Recv, fd, buf) {
-                            Ok(()) => self.down.recv = DnRecv::Payload(h.kind, len),
+                            Ok(()) => self.down.recv = DnRecv::Payload { kind: h.kind, len },
                             Err(e) => {
                                 self.down.recv = DnRecv::Done;
                                 self.downstream_settled(lost(format!("{name}: cannot receive its result: {e}")));
@@ -348,7 +348,7 @@ impl Session<'_> {
                     }
                 }
             }
-            (DnRecv::Payload(kind @ (Kind::Ack | Kind::Credit), len), Ok(n)) if n == len as usize => {
+            (DnRecv::Payload { kind: kind @ (Kind::Ack | Kind::Credit), len }, Ok(n)) if n == len as usize => {
                 let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
                 let (header, rest) = bytes.split_at(HEADER_LEN);
                 let mac_len = if self.down.macs.is_some() { FRAME_MAC_LEN.min(n) } else { 0 };
@@ -387,7 +387,7 @@ impl Session<'_> {
                     }
                 }
             }
-            (DnRecv::Payload(_, len), Ok(n)) if n == len as usize => {
+            (DnRecv::Payload { len, .. }, Ok(n)) if n == len as usize => {
                 self.down.recv = DnRecv::Done;
                 let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
                 let Ok(body) = crate::crypt::open_frame(

@@ -62,7 +62,7 @@ impl Session<'_> {
     pub(super) fn publish(&mut self) {
         let Local::Staging(st) = &mut self.here.data else { unreachable!("only replicas publish") };
         let st = st.take().expect("published once");
-        let manifest = self.here.own.as_ref().map_or(&self.manifest, |(_, m)| m);
+        let manifest = self.here.own.as_ref().map_or(&self.manifest, |s| &s.manifest);
         let result = st.publish(manifest).map_err(|e| e.to_node_error());
         self.events.push_back(Event::PublishDone { result });
     }
@@ -117,7 +117,7 @@ impl Session<'_> {
         let c = self.manifest.chunk(seq).expect("machine only writes chunks in range");
         let Local::Staging(Some(st)) = &self.here.data else { unreachable!("only replicas write") };
         let entry = match &self.here.own {
-            Some((map, _)) => map[c.entry].expect("the route stores only this node's entries"),
+            Some(own) => own.map[c.entry].expect("the route stores only this node's entries"),
             None => c.entry,
         };
         let fd = st.fd(entry).expect("files with chunks have a descriptor");
@@ -138,7 +138,7 @@ impl Session<'_> {
                 let c = self.manifest.chunk(seq).expect("in range");
                 let index = seq - self.manifest.entries()[c.entry].first_chunk;
                 let entry = match &self.here.own {
-                    Some((map, _)) => map[c.entry].expect("only this node's entries are written"),
+                    Some(own) => own.map[c.entry].expect("only this node's entries are written"),
                     None => c.entry,
                 };
                 if let Local::Staging(Some(st)) = &mut self.here.data {

@@ -19,13 +19,20 @@ pub struct Reuse {
     pub len: u64,
 }
 
+/// What a node's current version can give a push ([`find_reuse`]).
+#[derive(Debug, Default)]
+pub struct Reusable {
+    /// The chunks held, as `(start, len)` ranges of the push's chunk numbers.
+    pub held: Vec<(u64, u64)>,
+    /// The copies that fill them in.
+    pub copies: Vec<Reuse>,
+}
+
 /// Which chunks of the push described by `manifest` a node already holds in its current version
 /// (`old`, published under `old_dir`): a chunk counts when the file at the same path has, at the
 /// same chunk index, a chunk of the same length and digest (same chunk size). `wanted`: the
 /// entries this node stores (None: all); `map`: their staging entry indices (None: the same).
-/// Chunks for which `skip` is true are left out (held already some other way). Returns the
-/// held chunks as `(start, len)` ranges of `manifest`'s chunk numbers, and the copies that fill
-/// them in.
+/// Chunks for which `skip` is true are left out (held already some other way).
 pub fn find_reuse(
     manifest: &Manifest,
     wanted: Option<&[u32]>,
@@ -33,10 +40,10 @@ pub fn find_reuse(
     old: &Manifest,
     old_dir: &Path,
     skip: &dyn Fn(u64) -> bool,
-) -> (Vec<(u64, u64)>, Vec<Reuse>) {
+) -> Reusable {
     let (mut held, mut copies) = (Vec::new(), Vec::new());
     if old.chunk_size() != manifest.chunk_size() {
-        return (held, copies);
+        return Reusable::default();
     }
     let old_index: std::collections::HashMap<&str, usize> =
         old.entries().iter().enumerate().map(|(i, e)| (e.path.as_str(), i)).collect();
@@ -84,7 +91,7 @@ pub fn find_reuse(
             flush(r, &mut held, &mut copies);
         }
     }
-    (held, copies)
+    Reusable { held, copies }
 }
 
 /// Copies `len` bytes at `offset` from `src` to the same offset of `dst`: copy_file_range (a
