@@ -602,10 +602,7 @@ fn run_push(
 
 /// Opens every source file that has chunks (`paths`: entry index and path of each file).
 /// Maps and pins the pool on a thread of its own, so that it is ready when the chain is.
-fn spawn_pool(
-    pool_bytes: usize,
-    chunk_size: u32,
-) -> Result<std::thread::JoinHandle<std::io::Result<Pool>>, PushError> {
+fn spawn_pool(pool_bytes: usize, chunk_size: u32) -> Result<std::thread::JoinHandle<std::io::Result<Pool>>, PushError> {
     std::thread::Builder::new()
         .name("shardcast-pool".into())
         .spawn(move || {
@@ -668,13 +665,13 @@ fn primary_route(
     if wants.is_empty() {
         return Ok(None);
     }
-    let haves =
-        wire::decode_haves(accept, manifest.chunk_count()).ok().filter(|h| h.len() == opts.to.len()).ok_or_else(
-            || PushError::Node {
-                node: opts.to[0].clone(),
-                error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
-            },
-        )?;
+    let haves = wire::decode_haves(accept, manifest.chunk_count())
+        .ok()
+        .filter(|h| h.len() == opts.to.len())
+        .ok_or_else(|| PushError::Node {
+            node: opts.to[0].clone(),
+            error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
+        })?;
     Ok(Some(Route::for_position(&crate::proto::route::needs(manifest, wants, &haves), 0)))
 }
 

@@ -14,7 +14,7 @@
 
 use crate::auth::AclEntry;
 use crate::error::{ErrorKind, NodeError};
-use crate::manifest::{Manifest, Subset};
+use crate::manifest::Subset;
 use crate::server::ServeOptions;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Limits};
@@ -211,6 +211,7 @@ fn rights(hello: &Hello, policy: &Policy<'_>, key_id: Option<&str>) -> Result<(S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Manifest;
     use crate::wire::{Grant, HelloFlags, Mode};
 
     fn hello(you: &str, downstream: &[&str]) -> Hello {
@@ -278,7 +279,7 @@ mod tests {
         let mut h = hello("r1:1", &["r2:2"]);
         h.wants = vec![Some(vec![1]), None];
         let a = admit(&h, &policy(), &Peer::default()).unwrap();
-        let (map, m) = a.own.expect("routed");
+        let Subset { map, manifest: m } = a.own.expect("routed");
         assert_eq!(map, vec![None, Some(0)]);
         assert_eq!(m.entries().len(), 1);
         h.wants = vec![Some(vec![9])];

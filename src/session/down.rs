@@ -9,7 +9,10 @@ pub(super) enum DnRecv {
     Idle,
     Header,
     /// The payload of a frame of `kind` (RESULT, ACK or CREDIT), `len` bytes (with its MAC).
-    Payload { kind: Kind, len: u32 },
+    Payload {
+        kind: Kind,
+        len: u32,
+    },
     Done,
 }
 
