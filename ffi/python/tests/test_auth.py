@@ -4,12 +4,12 @@ anything listens or connects."""
 
 import os
 import shutil
-import subprocess
 import tempfile
 import unittest
 from pathlib import Path
 
 import shardcast
+from pki import make_test_ca
 
 
 @unittest.skipUnless(shutil.which("openssl"), "no openssl to make a test CA")
@@ -20,19 +20,7 @@ class OneWayToAuthenticate(unittest.TestCase):
         self.key = self.tmp / "cluster.key"
         self.key.write_bytes(b"k" * 40)
         os.chmod(self.key, 0o600)
-        d = self.tmp / "pki"
-        d.mkdir()
-
-        def ossl(*args):
-            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-        ossl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ca")
-        ossl("req", *ec, "-keyout", "n.key", "-out", "n.csr", "-subj", "/CN=n")
-        (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-        ossl("x509", "-req", "-in", "n.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "n.pem", "-days", "2", "-extfile", "ext.cnf")
-        self.tls = (d / "n.pem", d / "n.key", d / "ca.pem")
+        self.tls = make_test_ca(self.tmp / "pki")
         self.src = self.tmp / "src"
         self.src.mkdir()
         (self.src / "a.bin").write_bytes(os.urandom(10_000))

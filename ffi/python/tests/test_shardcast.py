@@ -12,6 +12,7 @@ import unittest
 from pathlib import Path
 
 import shardcast
+from pki import make_test_ca
 
 BIN = os.environ.get("SHARDCAST_BIN")
 
@@ -197,19 +198,7 @@ class PushTests(unittest.TestCase):
 
     @unittest.skipUnless(shutil.which("openssl"), "no openssl to make a test CA")
     def test_mutual_tls(self):
-        d = self.tmp / "pki"
-        d.mkdir()
-
-        def ossl(*args):
-            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-        ossl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ca")
-        ossl("req", *ec, "-keyout", "n.key", "-out", "n.csr", "-subj", "/CN=n")
-        (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-        ossl("x509", "-req", "-in", "n.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "n.pem", "-days", "2", "-extfile", "ext.cnf")
-        tls = (d / "n.pem", d / "n.key", d / "ca.pem")
+        tls = make_test_ca(self.tmp / "pki")
         with shardcast.serve("127.0.0.1:0", root=self.tmp / "t0", tls=tls) as srv:
             with self.assertRaises(shardcast.ShardcastError) as cm:
                 shardcast.push(self.src, to=[srv.addr], name="t", version=1)
