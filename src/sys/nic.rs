@@ -39,7 +39,7 @@ impl Writes {
         // SAFETY: the bytes lie in the pool the endpoint registered (checked above) and are
         // leased for reading: nobody writes them until the write's completion gives the lease
         // back (`completed`), or the queue pair is gone (`settle_all`).
-        match unsafe { ep.post_write_imm(wr_id, lease.ptr(), lease.len(), remote, rkey, imm) } {
+        match unsafe { ep.post_write(wr_id, lease.ptr(), lease.len(), remote, rkey, Some(imm)) } {
             Ok(()) => {
                 self.out.push_back((wr_id, lease));
                 Ok(())

@@ -566,32 +566,14 @@ impl Endpoint {
         self.modify(&mut a, m::IBV_QP_STATE.0, "->ERR")
     }
 
-    /// Posts an RDMA WRITE WITH IMM of `len` bytes at `local` (inside the registered pool) to
-    /// `remote_addr` with the peer's `rkey`; its completion carries `wr_id`.
-    ///
-    /// # Safety
-    /// `local..local+len` lies in the registered pool and is not written until this request
-    /// completes; the remote range was granted by the peer (a credit) and fits in its slot.
-    pub unsafe fn post_write_imm(
-        &self,
-        wr_id: u64,
-        local: *const u8,
-        len: u32,
-        remote_addr: u64,
-        rkey: u32,
-        imm: u32,
-    ) -> Result<(), VerbsError> {
-        // SAFETY: the caller's contract is post_write's.
-        unsafe { self.post_write(wr_id, local, len, remote_addr, rkey, Some(imm)) }
-    }
-
     /// Posts an RDMA WRITE of `len` bytes at `local` (inside the registered pool) to
     /// `remote_addr` with `rkey`, WITH IMM `imm` when given (that consumes a receive on the peer;
     /// a plain WRITE does not). shardcast's hops use the IMM form; the plain one is what a peer
     /// that writes where it was not granted would use (tests/rdma.rs).
     ///
     /// # Safety
-    /// As [`Endpoint::post_write_imm`].
+    /// `local..local+len` lies in the registered pool and is not written until this request
+    /// completes; the remote range was granted by the peer (a credit) and fits in its slot.
     pub unsafe fn post_write(
         &self,
         wr_id: u64,

@@ -58,14 +58,14 @@ impl Endpoint {
     ///
     /// # Safety
     /// None needed.
-    pub unsafe fn post_write_imm(
+    pub unsafe fn post_write(
         &self,
         _: u64,
         _: *const u8,
         _: u32,
         _: u64,
         _: u32,
-        _: u32,
+        _: Option<u32>,
     ) -> Result<(), VerbsError> {
         match *self {}
     }
