@@ -47,7 +47,10 @@ fn kill_middle_at_half(min_replicas: Option<&str>, size: u64) -> (f64, u64) {
 fn a_middle_replica_killed_at_half_is_repaired_around() {
     let (took, mib) = kill_middle_at_half(None, 512 * MIB);
     eprintln!("push took {took:.2} s; the replica after the dead one received {mib} MiB of 512");
-    // It resumed: the part it had before the kill did not travel again (in flight: a pool).
+    // It resumed: what it had received before the kill did not travel again (its staging
+    // writes still in flight are journaled too). What does travel again is what it had not yet
+    // passed on to the tail: the next attempt routes those chunks through it. That is at most
+    // its pool (64 MiB) plus what sat in the two sockets between them.
     assert!(mib <= 512 + 64 + 32, "the replica after the dead one received {mib} MiB");
 }
 

@@ -2,8 +2,10 @@
 //! process killed mid-push, then restarted) is repeated with `--incremental` and only what is
 //! missing travels again.
 
+mod lazyfs;
 mod util;
 
+use std::path::Path;
 use std::time::Duration;
 
 use util::*;
@@ -154,4 +156,63 @@ fn a_resume_does_not_trust_journaled_chunks_whose_bytes_changed() {
     let resent = received(&m) - before;
     assert!(resent >= size - (records.len() as u64 - 2) * MIB, "resent {resent}: the damaged chunks were not received");
     assert!(resent < size, "everything was sent again");
+}
+
+/// A replica whose upstream dies while its staging writes are still in flight (its disk
+/// stalled) journals those chunks once the writes complete: they were verified before they were
+/// written, and the resume (a repaired chain's next attempt, above all) must not send them again.
+/// Before the fix the session drained those writes and forgot them: no partial was kept, and the
+/// repeated push sent everything.
+#[test]
+fn writes_in_flight_when_the_upstream_dies_are_journaled() {
+    const TEST: &str = "resume::writes_in_flight_when_the_upstream_dies_are_journaled";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip(TEST, "mounting a FUSE filesystem with mount(2) needs root");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return skip(TEST, "/dev/fuse is missing (no FUSE in this kernel or container)");
+    }
+    let work = tempdir();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (_session, fs) = match lazyfs::mount(&mnt) {
+        Ok(m) => m,
+        Err(e) => return skip(TEST, &format!("cannot mount a FUSE filesystem here: {e}")),
+    };
+    let metrics = ["--metrics".to_string(), "127.0.0.1:0".to_string()];
+    let server = Server::start(&mnt, &metrics, &[]);
+    let m = metrics_addr(&server.log());
+    let src = tempdir();
+    // 16 chunks: all of them fit in the replica's pool (64 MiB) while their writes wait.
+    let size = 16 * MIB;
+    write_random_file(&src.path().join("ckpt.bin"), size, 12);
+    let push = || {
+        let mut c = shardcast();
+        c.arg("push").arg(src.path()).args(["--name", "w", "--version", "3", "--to"]);
+        c.arg(server.addr().to_string()).args(["--chunk-size", "1M", "--incremental", "--json"]);
+        c
+    };
+
+    fs.hold_writes(true);
+    let mut p = Running::spawn(&mut push());
+    let arrived = wait_until(Duration::from_secs(60), || received(&m) >= size || p.try_wait().is_some());
+    assert!(
+        arrived && p.try_wait().is_none(),
+        "the chunks did not all arrive while the disk stalled\n{}",
+        server.log()
+    );
+    drop(p); // SIGKILL: the pusher dies mid-push.
+    // The session sees its upstream gone; its writes finish once the disk moves again.
+    fs.hold_writes(false);
+    let journal = mnt.join(".partial/w@3/journal");
+    let kept = wait_until(Duration::from_secs(60), || journal.is_file());
+    assert!(kept, "no partial kept after the upstream died with writes in flight\n{}", server.log());
+
+    let before = received(&m);
+    let out = run_timeout(&mut push(), Duration::from_secs(120));
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), server.log());
+    let resent = received(&m) - before;
+    assert_eq!(resent, 0, "{} MiB sent again, though every chunk had been written\n{}", resent >> 20, server.log());
+    assert_tree_identical(src.path(), &mnt.join("w/3"));
 }

@@ -134,16 +134,7 @@ impl Session<'_> {
     pub(super) fn write_done(&mut self, seq: u64, result: std::io::Result<usize>) {
         match result {
             Ok(_) => {
-                // Journaled, so that a failed or interrupted push can be resumed.
-                let c = self.manifest.chunk(seq).expect("in range");
-                let index = seq - self.manifest.entries()[c.entry].first_chunk;
-                let entry = match &self.here.own {
-                    Some(own) => own.map[c.entry].expect("only this node's entries are written"),
-                    None => c.entry,
-                };
-                if let Local::Staging(Some(st)) = &mut self.here.data {
-                    st.record(entry, index, c.digest, c.len);
-                }
+                self.journal_write(seq);
                 self.events.push_back(Event::WriteDone { seq });
             }
             Err(e) => {
@@ -153,6 +144,20 @@ impl Session<'_> {
                 tracing::warn!(%error, "local write failed; forwarding continues");
                 self.events.push_back(Event::WriteFailed { seq, error });
             }
+        }
+    }
+
+    /// Notes chunk `seq` (verified, and now written to staging) in the journal, so that a
+    /// failed or interrupted push can be resumed without it.
+    pub(super) fn journal_write(&mut self, seq: u64) {
+        let c = self.manifest.chunk(seq).expect("in range");
+        let index = seq - self.manifest.entries()[c.entry].first_chunk;
+        let entry = match &self.here.own {
+            Some(own) => own.map[c.entry].expect("only this node's entries are written"),
+            None => c.entry,
+        };
+        if let Local::Staging(Some(st)) = &mut self.here.data {
+            st.record(entry, index, c.digest, c.len);
         }
     }
 

@@ -526,7 +526,19 @@ impl Drop for Session<'_> {
                 // Ends receives still in flight.
                 crate::sys::shutdown(fd);
             }
-            if !self.io.drain(self.pool.mem_mut()) {
+            // Staging writes that complete now are journaled all the same: the chunk was
+            // verified before its write, and a resume (the repair of this chain, above all)
+            // then does not send it again.
+            let mut written = Vec::new();
+            let drained = self.io.drain(self.pool.mem_mut(), |c| {
+                if c.token >> 56 == T_WRITE && c.result.is_ok() {
+                    written.push(c.token & ((1 << 56) - 1));
+                }
+            });
+            for seq in written {
+                self.journal_write(seq);
+            }
+            if !drained {
                 // The kernel or a worker may still write into the pool (or read the sealing
                 // buffer): its leases stay out, and the pool leaks rather than free them.
                 return;

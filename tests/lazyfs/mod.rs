@@ -34,6 +34,9 @@
 //! Data is never cached by the kernel (direct I/O, zero entry and attribute timeouts), so what a
 //! reader sees after a power cut is the layer's image, not a stale page.
 
+// Two test binaries include this module (crash: power cuts; resume: a stalled disk), each
+// using its own part of the handle.
+#![allow(dead_code)]
 #![allow(unreachable_pub)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -118,7 +121,12 @@ struct State {
     /// The operation the power went off at.
     cut_op: Option<String>,
     recent: VecDeque<String>,
+    /// Writes of at least [`HELD_WRITE`] bytes wait while this is set ([`Handle::hold_writes`]).
+    held: bool,
 }
+
+/// The smallest write [`Handle::hold_writes`] holds: chunk data, not journal records or headers.
+const HELD_WRITE: usize = 64 << 10;
 
 type R<T> = Result<T, Errno>;
 
@@ -342,6 +350,12 @@ impl Handle {
     /// Power back on: drops everything that was not durable.
     pub fn power_on(&self) {
         self.lock().power_on();
+    }
+
+    /// While `on`, writes of chunk data (64 KiB or more) wait: a disk that stalls, so that a
+    /// replica's staging writes stay in flight for as long as a test needs.
+    pub fn hold_writes(&self, on: bool) {
+        self.lock().held = on;
     }
 
     /// Makes everything durable (a clean `sync` and shutdown).
@@ -687,6 +701,9 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        while data.len() >= HELD_WRITE && self.st().held {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let mut s = self.st();
         let r = (|| {
             s.mutating(|| format!("write(ino {}, {} bytes at {offset})", ino.0, data.len()))?;

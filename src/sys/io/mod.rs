@@ -209,11 +209,11 @@ impl Io {
     }
 
     /// Waits until nothing is in flight (the caller has shut its sockets down, so receives
-    /// end), discarding completions. Called before the pool may be freed; returns false when
+    /// end), handing each completion to `seen`. Called before the pool may be freed; returns false when
     /// operations are still in flight after 30 s, and the caller must then leak the pool rather
     /// than free memory the kernel or a worker may still write.
     #[must_use]
-    pub(crate) fn drain(&mut self, mem: &mut Pinned) -> bool {
+    pub(crate) fn drain(&mut self, mem: &mut Pinned, mut seen: impl FnMut(Completion)) -> bool {
         if let Self::Uring(u) = self {
             // Nothing else ends a readiness poll on a descriptor that stays quiet.
             u.cancel_polls();
@@ -225,6 +225,7 @@ impl Io {
             if self.wait(mem, &mut out, Duration::from_millis(100)).is_err() {
                 break;
             }
+            out.drain(..).for_each(&mut seen);
         }
         if self.in_flight() > 0 {
             tracing::error!("{} I/O operations did not finish; leaking their buffers", self.in_flight());
