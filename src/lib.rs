@@ -55,7 +55,7 @@ pub use node::primary as push;
 pub use node::replica as server;
 pub use pool::{check_budget, check_memlock, memlock_limit};
 pub use push::{PushOptions, PushReport, push, push_memory};
-pub use server::{ServeOptions, Server};
+pub use server::{ServeLimits, ServeOptions, Server};
 pub use session::{MemoryData, Progress};
 pub use sys::io::IoChoice;
 

@@ -228,7 +228,7 @@ pub unsafe extern "C" fn sc_server_start(opts: *const ScServerOpts, out: *mut *m
             so.pool_bytes = (o.pool_mb as usize) << 20;
         }
         if o.idle_timeout_s > 0 {
-            so.idle_timeout = Duration::from_secs(u64::from(o.idle_timeout_s));
+            so.limits.idle_timeout = Duration::from_secs(u64::from(o.idle_timeout_s));
         }
         // SAFETY: each NULL or NUL-terminated by the caller's contract.
         so.auth = unsafe { auth_arg(o.key_file, o.tls_cert, o.tls_key, o.tls_ca) }?;

@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
     shardcast_fuzz::check_manifest(&hello.manifest);
     assert!(hello.manifest.entries().iter().all(|e| e.mode & !0o777 == 0), "a setuid/setgid/sticky mode decoded");
     if shardcast::server::admit(&hello, limits()).is_ok() {
-        assert!(hello.downstream.len() < limits().max_chain);
-        assert!(hello.manifest.entries().len() <= limits().max_entries);
+        assert!(hello.downstream.len() < limits().limits.max_chain);
+        assert!(hello.manifest.entries().len() <= limits().limits.max_entries);
         assert!(shardcast::check_budget(limits().pool_bytes, hello.manifest.chunk_size()).is_ok());
     }
     let again = Hello::decode(&hello.encode()).expect("an encoded HELLO decodes");

@@ -71,9 +71,10 @@ fn options(a: ServeArgs, g: &Global) -> Result<ServeOptions, u8> {
     let mut opts = ServeOptions::new(a.listen, a.root);
     opts.auth = g.auth.clone();
     opts.require_encrypt = g.encrypt;
-    opts.max_staging = a.max_staging_mb << 20;
-    opts.partial_max_age = (a.partial_max_age_hours > 0).then(|| Duration::from_secs(a.partial_max_age_hours * 3600));
-    opts.partial_max_bytes = a.partial_max_mb << 20;
+    opts.limits.max_staging = a.max_staging_mb << 20;
+    opts.limits.partial_max_age =
+        (a.partial_max_age_hours > 0).then(|| Duration::from_secs(a.partial_max_age_hours * 3600));
+    opts.limits.partial_max_bytes = a.partial_max_mb << 20;
     if a.acl.is_some() && matches!(g.auth, Auth::Tls(_)) {
         return Err(output::fail(
             EXIT_USAGE,
@@ -93,16 +94,16 @@ fn options(a: ServeArgs, g: &Global) -> Result<ServeOptions, u8> {
     opts.pool_bytes = a.pool_mb << 20;
     opts.transport = a.transport;
     opts.rdma = a.rdma.config();
-    opts.idle_timeout = Duration::from_secs(a.idle_timeout.max(1));
-    opts.hop_timeout = Duration::from_secs(a.hop_timeout.max(1));
-    opts.max_sessions = a.max_sessions.max(1);
-    opts.max_per_peer = a.max_sessions_per_peer.max(1);
-    opts.handshake_timeout = Duration::from_secs(a.handshake_timeout.max(1));
-    opts.max_handshakes = a.max_handshakes.max(1);
-    opts.max_handshakes_per_peer = a.max_handshakes_per_peer.max(1);
-    opts.max_chain = a.max_chain.max(1);
-    opts.max_entries = a.max_entries;
-    opts.max_manifest = a.max_manifest_mb.clamp(1, shardcast::wire::MAX_HELLO >> 20) << 20;
-    opts.max_version_ahead = a.max_version_ahead;
+    opts.limits.idle_timeout = Duration::from_secs(a.idle_timeout.max(1));
+    opts.limits.hop_timeout = Duration::from_secs(a.hop_timeout.max(1));
+    opts.limits.max_sessions = a.max_sessions.max(1);
+    opts.limits.max_per_peer = a.max_sessions_per_peer.max(1);
+    opts.limits.handshake_timeout = Duration::from_secs(a.handshake_timeout.max(1));
+    opts.limits.max_handshakes = a.max_handshakes.max(1);
+    opts.limits.max_handshakes_per_peer = a.max_handshakes_per_peer.max(1);
+    opts.limits.max_chain = a.max_chain.max(1);
+    opts.limits.max_entries = a.max_entries;
+    opts.limits.max_manifest = a.max_manifest_mb.clamp(1, shardcast::wire::MAX_HELLO >> 20) << 20;
+    opts.limits.max_version_ahead = a.max_version_ahead;
     Ok(opts)
 }

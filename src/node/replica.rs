@@ -25,11 +25,7 @@ use crate::sys::io::IoChoice;
 use crate::wire::{self, Hello, Kind, ReadFrameError, ReplicaReport};
 use prometheus_client::metrics::gauge::Gauge;
 
-/// How a replica server runs.
-// 28 fields, over the ~20 the code keeps to: one per `serve` flag, set one by one by the CLI,
-// the C ABI and the Python package. The limits (`max_*`, `handshake_timeout`) belong in a
-// `ServeLimits` of their own; that touches every reader in the accept loop and in admission,
-// which issue 15 rewrites in the same change, so it is left for after that merge.
+/// How a replica server runs: what it serves and how (its limits are in [`ServeLimits`]).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
@@ -44,17 +40,6 @@ pub struct ServeOptions {
     pub transport: Transport,
     /// Executor choice.
     pub io: IoChoice,
-    /// A session with no progress for this long is dropped.
-    pub idle_timeout: Duration,
-    /// Give up on a downstream hop that takes nothing this long (times the nodes after it).
-    pub hop_timeout: Duration,
-    /// How long a peer may take to send its first frame, and downstream to answer.
-    pub handshake_timeout: Duration,
-    /// Most sessions at once; more are refused.
-    pub max_sessions: usize,
-    /// Most concurrent connections from one peer address (so that one peer that opens
-    /// connections and sends nothing cannot take every session).
-    pub max_per_peer: usize,
     /// Verify chunk digests on arrival (turned off only to measure what verifying costs).
     pub verify: bool,
     /// Cut-through piece size for relaying (0: forward whole chunks); see `SessionConfig`.
@@ -71,15 +56,52 @@ pub struct ServeOptions {
     pub require_encrypt: bool,
     /// Where every push and refusal is recorded (JSON lines).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
-    /// Most bytes the pushes being received may add up to (0: no limit).
-    pub max_staging: u64,
-    /// Partial stagings (kept for resumes) older than this are removed (None: never).
-    pub partial_max_age: Option<Duration>,
-    /// Partial stagings beyond this many bytes in all are removed, oldest first (0: no cap).
-    pub partial_max_bytes: u64,
     /// More keys this replica accepts, each limited to some names (`--acl`); the cluster key of
     /// `auth` (when set) may push anything.
     pub acl: Vec<crate::auth::AclEntry>,
+    /// Timeouts, and how many and how large: what a peer may take of this replica.
+    pub limits: ServeLimits,
+}
+
+impl ServeOptions {
+    /// Defaults: keep 2, 64 MiB pool per session, the limits of [`ServeLimits::default`].
+    pub fn new(listen: impl Into<String>, root: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: listen.into(),
+            root: root.into(),
+            keep: 2,
+            pool_bytes: 64 << 20,
+            transport: Transport::Auto,
+            io: IoChoice::from_env(),
+            verify: !bench_no_verify(),
+            piece_bytes: crate::session::piece_bytes_from_env(),
+            rdma: crate::rdma::RdmaConfig::default(),
+            metrics: None,
+            auth: crate::credentials::Auth::None,
+            require_encrypt: false,
+            audit: None,
+            acl: Vec::new(),
+            limits: ServeLimits::default(),
+        }
+    }
+}
+
+/// A replica's limits: how long a peer or a hop may take, how many connections and sessions it
+/// may hold, how large a push and its staging may be (the `serve --max-*` and `--*-timeout`
+/// flags).
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// A session with no progress for this long is dropped.
+    pub idle_timeout: Duration,
+    /// Give up on a downstream hop that takes nothing this long (times the nodes after it).
+    pub hop_timeout: Duration,
+    /// How long a peer may take to send its first frame, and downstream to answer.
+    pub handshake_timeout: Duration,
+    /// Most sessions at once; more are refused.
+    pub max_sessions: usize,
+    /// Most concurrent connections from one peer address (so that one peer that opens
+    /// connections and sends nothing cannot take every session).
+    pub max_per_peer: usize,
     /// Most connections at once that have not finished their handshake (not yet authenticated
     /// and admitted); counted apart from sessions, so that slow peers cannot take the session
     /// slots, and closed when they take longer than `handshake_timeout` in all.
@@ -95,42 +117,35 @@ pub struct ServeOptions {
     /// How far beyond a name's `current` a pushed version may go (0: no limit), so that one push
     /// of a huge version cannot pin `current` (it only moves forward).
     pub max_version_ahead: u64,
+    /// Most bytes the pushes being received may add up to (0: no limit).
+    pub max_staging: u64,
+    /// Partial stagings (kept for resumes) older than this are removed (None: never).
+    pub partial_max_age: Option<Duration>,
+    /// Partial stagings beyond this many bytes in all are removed, oldest first (0: no cap).
+    pub partial_max_bytes: u64,
 }
 
-impl ServeOptions {
-    /// Defaults: keep 2, 64 MiB pool per session, 120 s idle timeout, 64 sessions, 5 s to finish
-    /// a handshake (128 at once, 8 per peer address), chains of 16 nodes, 1 000 000 entries and
-    /// 64 MiB per manifest, versions at most 2^32 beyond `current`.
-    pub fn new(listen: impl Into<String>, root: impl Into<PathBuf>) -> Self {
+impl Default for ServeLimits {
+    /// 120 s idle timeout, 10 s hop timeout, 64 sessions (16 per peer address), 5 s to finish a
+    /// handshake (128 at once, 8 per peer address), chains of 16 nodes, 1 000 000 entries and
+    /// 64 MiB per manifest, versions at most 2^32 beyond `current`, no staging cap, partials
+    /// kept 24 h and 100 GiB at most.
+    fn default() -> Self {
         Self {
-            listen: listen.into(),
-            root: root.into(),
-            keep: 2,
-            pool_bytes: 64 << 20,
-            transport: Transport::Auto,
-            io: IoChoice::from_env(),
             idle_timeout: Duration::from_secs(120),
             hop_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             max_sessions: 64,
             max_per_peer: 16,
-            verify: !bench_no_verify(),
-            piece_bytes: crate::session::piece_bytes_from_env(),
-            rdma: crate::rdma::RdmaConfig::default(),
-            metrics: None,
-            auth: crate::credentials::Auth::None,
-            require_encrypt: false,
-            audit: None,
-            max_staging: 0,
-            partial_max_age: Some(Duration::from_secs(24 * 3600)),
-            partial_max_bytes: 100 << 30,
-            acl: Vec::new(),
             max_handshakes: 128,
             max_handshakes_per_peer: 8,
             max_chain: 16,
             max_entries: 1_000_000,
             max_manifest: 64 << 20,
             max_version_ahead: 1 << 32,
+            max_staging: 0,
+            partial_max_age: Some(Duration::from_secs(24 * 3600)),
+            partial_max_bytes: 100 << 30,
         }
     }
 }
@@ -184,8 +199,8 @@ impl Server {
             opts.rdma.disabled.get_or_insert_with(|| "this replica serves with --transport tcp".into());
         }
         let store = Store::open(&opts.root, opts.keep)?;
-        store.set_max_staging(opts.max_staging);
-        store.set_partial_limits(opts.partial_max_age, opts.partial_max_bytes);
+        store.set_max_staging(opts.limits.max_staging);
+        store.set_partial_limits(opts.limits.partial_max_age, opts.limits.partial_max_bytes);
         expire_partials(&store, &opts);
         let listener =
             TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
@@ -315,7 +330,7 @@ async fn first_frame(mut conn: tokio::net::TcpStream, peer: String, shared: Arc<
         }
         return hand_over(conn, peer, move |c, peer| handle(c, peer, &shared, pending));
     }
-    let frame = match read_frame_async(&mut conn, opts.max_manifest).await {
+    let frame = match read_frame_async(&mut conn, opts.limits.max_manifest).await {
         Ok(f) => f,
         Err(ReadFrameError::Io(e)) => return tracing::debug!(%peer, "connection closed before a full frame: {e}"),
         Err(ReadFrameError::Wire(e)) => {
@@ -336,7 +351,7 @@ async fn first_frame(mut conn: tokio::net::TcpStream, peer: String, shared: Arc<
         return reject_async(&mut conn, &shared.me, NodeError::new(ErrorKind::Unauthorized, why)).await;
     }
     hand_over(conn, peer, move |c, peer| {
-        let _ = c.set_read_timeout(Some(shared.opts.handshake_timeout));
+        let _ = c.set_read_timeout(Some(shared.opts.limits.handshake_timeout));
         let hop = Hop { stream: c, peer: peer.to_owned(), peer_id: None, secret: None };
         dispatch(hop, peer, frame, &shared, pending);
     });
@@ -425,12 +440,12 @@ struct Slots {
 impl Slots {
     /// A session slot for a peer whose handshake is done, or why there is none.
     fn take(&self, conn: &TcpStream, opts: &ServeOptions) -> Result<(ActiveGuard, Option<PeerGuard>), String> {
-        if self.active.load(Ordering::SeqCst) >= opts.max_sessions {
-            return Err(format!("{} sessions already running", opts.max_sessions));
+        if self.active.load(Ordering::SeqCst) >= opts.limits.max_sessions {
+            return Err(format!("{} sessions already running", opts.limits.max_sessions));
         }
         let peer = match conn.peer_addr().map(|a| a.ip()) {
             Ok(ip) => Some(
-                PeerGuard::new(&self.per_peer, ip, opts.max_per_peer)
+                PeerGuard::new(&self.per_peer, ip, opts.limits.max_per_peer)
                     .map_err(|n| format!("{n} sessions from your address already running"))?,
             ),
             Err(_) => None,
@@ -472,9 +487,9 @@ impl Gate {
     fn start(opts: &ServeOptions) -> Arc<Self> {
         let gate = Arc::new(Self {
             inner: std::sync::Mutex::default(),
-            max: opts.max_handshakes.max(1),
-            max_per_peer: opts.max_handshakes_per_peer.max(1),
-            timeout: opts.handshake_timeout,
+            max: opts.limits.max_handshakes.max(1),
+            max_per_peer: opts.limits.max_handshakes_per_peer.max(1),
+            timeout: opts.limits.handshake_timeout,
         });
         // A task of the control plane's runtime (where `start` is called), ending with the gate.
         let weak = Arc::downgrade(&gate);
@@ -664,8 +679,8 @@ fn handle(conn: TcpStream, peer: &str, shared: &Shared, pending: Pending) {
     let policy = AcceptPolicy {
         keys: opts.auth.key().into_iter().chain(opts.acl.iter().map(|e| &e.key)).collect(),
         tls: opts.auth.tls(),
-        timeout: opts.handshake_timeout,
-        max_frame: opts.max_manifest,
+        timeout: opts.limits.handshake_timeout,
+        max_frame: opts.limits.max_manifest,
     };
     let (hop, frame) = match Hop::accept(conn, peer, &policy) {
         Ok(accepted) => accepted,
@@ -917,8 +932,9 @@ fn dial_onward(
     // The onward handshake as a whole (connect, authenticate, the rest of the chain's answer)
     // is bounded: one handshake timeout per node from here to the tail, so that the nearest
     // node to a silent one times out first and is the one that reports it.
-    let onward_deadline = std::time::Instant::now() + opts.handshake_timeout * (hello.downstream.len() as u32 + 1);
-    let mut down = match Hop::dial(next, opts.handshake_timeout, opts.auth.key(), opts.auth.tls()) {
+    let onward_deadline =
+        std::time::Instant::now() + opts.limits.handshake_timeout * (hello.downstream.len() as u32 + 1);
+    let mut down = match Hop::dial(next, opts.limits.handshake_timeout, opts.auth.key(), opts.auth.tls()) {
         Ok(hop) if admitted.encrypt && hop.secret.is_none() => {
             let e = NodeError::new(
                 ErrorKind::Unsupported,
@@ -1040,8 +1056,8 @@ fn start_session<'a>(
     let cfg = SessionConfig::default()
         .pool_bytes(opts.pool_bytes)
         .io(opts.io)
-        .idle_timeout(opts.idle_timeout)
-        .hop_timeout(opts.hop_timeout)
+        .idle_timeout(opts.limits.idle_timeout)
+        .hop_timeout(opts.limits.hop_timeout)
         .verify(opts.verify)
         .piece_bytes(opts.piece_bytes);
     let cfg =

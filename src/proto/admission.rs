@@ -41,13 +41,13 @@ pub(crate) struct Policy<'a> {
 impl<'a> From<&'a ServeOptions> for Policy<'a> {
     fn from(opts: &'a ServeOptions) -> Self {
         Self {
-            max_chain: opts.max_chain,
-            max_entries: opts.max_entries,
+            max_chain: opts.limits.max_chain,
+            max_entries: opts.limits.max_entries,
             pool_bytes: opts.pool_bytes,
             require_encrypt: opts.require_encrypt,
             own_key: opts.auth.key().map(crate::auth::ClusterKey::id),
             acl: &opts.acl,
-            max_version_ahead: opts.max_version_ahead,
+            max_version_ahead: opts.limits.max_version_ahead,
         }
     }
 }
