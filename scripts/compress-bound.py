@@ -86,15 +86,32 @@ def rot_group(buf, w: int) -> bytes:
 
 # The transforms before zstd: name -> function(buffer, element width) -> bytes.
 VARIANTS = {"zstd": lambda b, w: b, "grouped": group, "grouped_rot": rot_group}
+EXTRA_LEVELS: list = []  # --also-levels: the per-chunk variants again at these levels, keys NAME_L<level>
+
+
+def suffixes() -> list:
+    return [""] + [f"_L{lv}" for lv in EXTRA_LEVELS]
+
+
+def keys() -> list:
+    """The per-chunk results' names: each variant at --level, then at each extra level."""
+    return [v + x for x in suffixes() for v in VARIANTS]
+
+
+def xor_key(k: str) -> str:
+    """The name of a delta's result for the per-chunk result ``k`` (zstd -> xor, grouped_L1 ->
+    xor_grouped_L1)."""
+    return "xor" + k[len("zstd"):] if k.startswith("zstd") else "xor_" + k
 
 
 def measure(c, w: int, level: int):
     """{variant: (compressed bytes, at most raw), CPU seconds of transform + compression}."""
     out = {}
-    for name, fn in VARIANTS.items():
-        t = time.thread_time()
-        n = min(len(c), zlen(fn(c, w), level))
-        out[name] = (n, time.thread_time() - t)
+    for lv, sfx in zip([level] + EXTRA_LEVELS, suffixes()):
+        for name, fn in VARIANTS.items():
+            t = time.thread_time()
+            n = min(len(c), zlen(fn(c, w), lv))
+            out[name + sfx] = (n, time.thread_time() - t)
     return out
 
 
@@ -143,7 +160,7 @@ def delta(old: bytes, new: bytes, size: int, w: int, level: int, data_off: int) 
     same = int(np.count_nonzero(np.frombuffer(old[data_off:end], dtype=dt) == np.frombuffer(new[data_off:end], dtype=dt)))
     s = summed(r for r in res if r is not None)
     return {"bytes": len(new), "chunks": len(res), "changed_chunks": sum(r is not None for r in res),
-            **{"xor" + ("" if k == "zstd" else "_" + k): s.get(k, 0) for k in VARIANTS},
+            **{xor_key(k): s.get(k, 0) for k in keys()},
             "elements": (end - data_off) // w, "identical_elements": same}
 
 
@@ -190,9 +207,11 @@ def main() -> None:
     ap.add_argument("dir")
     ap.add_argument("--chunk-size", type=int, default=4 << 20)
     ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--also-levels", default="1", help="per-chunk variants at these levels too (comma list, '' for none)")
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--md", help="write the tables here too")
     a = ap.parse_args()
+    EXTRA_LEVELS.extend(int(x) for x in a.also_levels.split(",") if x.strip())
     ser = series_of(a.dir)
     if not ser:
         sys.exit(f"error: no *.safetensors files under {a.dir} (make them with scripts/gen-checkpoints.py)")
@@ -206,8 +225,8 @@ def main() -> None:
             rel = os.path.relpath(p, a.dir)
             f = {"file": rel, "series": key, "dtype": dtype, "width": w, "bytes": len(data)}
             c = chunked(data, a.chunk_size, w, a.level)
-            f.update({v + "_chunked": c[v] for v in VARIANTS})
-            f.update({v + "_chunked_cpu_s": c[v + "_cpu_s"] for v in VARIANTS})
+            f.update({k + "_chunked": c[k] for k in keys()})
+            f.update({k + "_chunked_cpu_s": c[k + "_cpu_s"] for k in keys()})
             f.update({k + "_whole": zlen(fn(data, w), a.level) for k, fn in VARIANTS.items()})
             files.append(f)
             if check is None:
@@ -235,13 +254,10 @@ def main() -> None:
                       f, indent=1)
 
 
-FILE_SUMS = [f"{v}_{k}" for v in VARIANTS for k in ("chunked", "whole", "chunked_cpu_s")]
-PAIR_SUMS = ["xor" + ("" if v == "zstd" else "_" + v) for v in VARIANTS] + [
-    "elements", "identical_elements", "chunks", "changed_chunks"]
-
-
 def totals(files, pairs) -> dict:
     """Per series group (setting/dtype, e.g. finetune/bf16) and per dtype: the sums."""
+    FILE_SUMS = [f"{k}_{x}" for k in keys() for x in ("chunked", "chunked_cpu_s")] + [f"{v}_whole" for v in VARIANTS]
+    PAIR_SUMS = [xor_key(k) for k in keys()] + ["elements", "identical_elements", "chunks", "changed_chunks"]
     out: dict = {}
     for f in files:
         for k in (os.path.dirname(f["series"]) or f["series"], f"all {f['dtype']}"):
@@ -301,9 +317,21 @@ def report(files, pairs, a, check) -> list:
                      f"{t['changed_chunks']} / {t['chunks']}" if t["chunks"] else "–",
                      *[ratio(t["delta_bytes"], t[c]) if t["pairs"] else "–"
                        for c in ("xor", "xor_grouped", "xor_grouped_rot")]] for k, t in tot.items()]))
+    for xl, x in zip(EXTRA_LEVELS, suffixes()[1:]):
+        L += ["", f"## The same per chunk at zstd level {xl} (gain: against zstd -{lv} per chunk)", ""]
+        L.append(table(["group", "zstd", "grouped", "rot", "gain zstd", "gain grouped", "gain rot", "CPU zstd",
+                        "CPU grouped", "CPU rot", "xor", "xor grouped", "xor rot"],
+                       [[k, *[ratio(t["bytes"], t[v + x + "_chunked"]) for v in VARIANTS],
+                         *[ratio(t["zstd_chunked"], t[v + x + "_chunked"]) for v in VARIANTS],
+                         *[f"{t['bytes'] / t[v + x + '_chunked_cpu_s'] / 1e6:.0f}" for v in VARIANTS],
+                         *[ratio(t["delta_bytes"], t[xor_key(v + x)]) if t["pairs"] else "–" for v in VARIANTS]]
+                        for k, t in tot.items()]))
     L += [""]
     for k, t in tot.items():
         if k.startswith("all "):
+            best = min(keys(), key=lambda c: t[c + "_chunked"])
+            L.append(f"- {k[4:]}: the smallest per chunk is {best} (level {a.level if best in VARIANTS else best.rsplit('_L', 1)[1]}): "
+                     f"{t['zstd_whole'] / t[best + '_chunked']:.3f} x `zstd -{a.level}` of the whole files")
             ref = t["zstd_whole"]
             L.append(f"- {k[4:]}: against `zstd -{lv}` of the whole files, per {mib:g} MiB chunk: zstd "
                      f"{ref / t['zstd_chunked']:.3f} x, byte-grouped {ref / t['grouped_chunked']:.3f} x, "
