@@ -115,6 +115,20 @@ def measure(c, w: int, level: int):
     return out
 
 
+def entropy_bytes(buf, w: int) -> int:
+    """What an ideal order-0 entropy coder would make of the rotated, byte-grouped elements:
+    the sum over the w byte streams of (stream length x its order-0 entropy) / 8. No coder that
+    sees each byte on its own does better; zstd's Huffman literals are one."""
+    a = np.frombuffer(rot_group(buf, w), dtype=np.uint8)
+    n = len(a) // w
+    bits = 0.0
+    for j in range(w):
+        c = np.bincount(a[j * n:(j + 1) * n], minlength=256)
+        p = c[c > 0] / n
+        bits += -(p * np.log2(p)).sum() * n
+    return int(bits / 8) + len(a) - w * n
+
+
 def read_checkpoint(path: str):
     """(bytes of the file, element width, dtype name, offset of the tensor data)."""
     with open(path, "rb") as f:
@@ -228,6 +242,7 @@ def main() -> None:
             f.update({k + "_chunked": c[k] for k in keys()})
             f.update({k + "_chunked_cpu_s": c[k + "_cpu_s"] for k in keys()})
             f.update({k + "_whole": zlen(fn(data, w), a.level) for k, fn in VARIANTS.items()})
+            f["entropy_rot_whole"] = entropy_bytes(data, w)
             files.append(f)
             if check is None:
                 check = cli_check(p, a.level, f["zstd_whole"])
@@ -256,7 +271,7 @@ def main() -> None:
 
 def totals(files, pairs) -> dict:
     """Per series group (setting/dtype, e.g. finetune/bf16) and per dtype: the sums."""
-    FILE_SUMS = [f"{k}_{x}" for k in keys() for x in ("chunked", "chunked_cpu_s")] + [f"{v}_whole" for v in VARIANTS]
+    FILE_SUMS = [f"{k}_{x}" for k in keys() for x in ("chunked", "chunked_cpu_s")] + [f"{v}_whole" for v in VARIANTS] + ["entropy_rot_whole"]
     PAIR_SUMS = [xor_key(k) for k in keys()] + ["elements", "identical_elements", "chunks", "changed_chunks"]
     out: dict = {}
     for f in files:
@@ -331,7 +346,9 @@ def report(files, pairs, a, check) -> list:
         if k.startswith("all "):
             best = min(keys(), key=lambda c: t[c + "_chunked"])
             L.append(f"- {k[4:]}: the smallest per chunk is {best} (level {a.level if best in VARIANTS else best.rsplit('_L', 1)[1]}): "
-                     f"{t['zstd_whole'] / t[best + '_chunked']:.3f} x `zstd -{a.level}` of the whole files")
+                     f"{t['zstd_whole'] / t[best + '_chunked']:.3f} x `zstd -{a.level}` of the whole files; an ideal "
+                     f"order-0 coder of the rotated byte streams (whole file): ratio {ratio(t['bytes'], t['entropy_rot_whole'])}, "
+                     f"{t['zstd_whole'] / t['entropy_rot_whole']:.3f} x `zstd -{a.level}`")
             ref = t["zstd_whole"]
             L.append(f"- {k[4:]}: against `zstd -{lv}` of the whole files, per {mib:g} MiB chunk: zstd "
                      f"{ref / t['zstd_chunked']:.3f} x, byte-grouped {ref / t['grouped_chunked']:.3f} x, "
