@@ -186,6 +186,8 @@ def hop():
     with bl.Replicas(BIN) as reps:
         root = os.path.join(WORK, "hop-root")
         _, addr = reps.start(root, ["--keep", "2"])
+        bl.push(BIN, src, "warmup", 1, [addr])  # not recorded: the server sets up its buffer pool
+        shutil.rmtree(os.path.join(root, "warmup"))
         v = 0
         for rep in range(HOP_REPS):
             for c in bl.alternate(rep, cases):
@@ -339,6 +341,8 @@ def cluster():
     srcs = {d: steps("finetune", d)[-1] for d in ("bf16", "fp32")}
     with bl.Replicas(BIN) as reps:
         cl = Cluster(reps)
+        # Not recorded: each server sets up what it keeps across pushes (its buffer pool).
+        bl.push(BIN, srcs["fp32"], "warmup", 1, cl.addrs, wrap=["scripts/cluster.sh", "exec", "p"])
         if "ratio" in PARTS:
             part_ratio(cl, srcs)
         if "cluster" in PARTS:
