@@ -228,7 +228,8 @@ def main() -> None:
     EXTRA_LEVELS.extend(int(x) for x in a.also_levels.split(",") if x.strip())
     ser = series_of(a.dir)
     if not ser:
-        sys.exit(f"error: no *.safetensors files under {a.dir} (make them with scripts/gen-checkpoints.py)")
+        sys.exit(f"error: no *.safetensors files under {a.dir} (make them with scripts/gen-checkpoints.py; it "
+                 "writes torch.save files instead when the safetensors package is missing: pip install safetensors)")
     t0 = time.monotonic()
     files, pairs = [], []
     check = None
