@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -204,3 +205,70 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ---- compression and deltas (issue 17) --------------------------------------------------------
+
+
+def push_options(binary: str) -> Dict[str, str]:
+    """The long options ``BINARY push --help`` lists, each with the text of its entry (where
+    clap names the possible values), so that a benchmark can skip what a binary lacks."""
+    r = subprocess.run([binary, "push", "--help"], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"error: {binary} push --help exited {r.returncode}: {r.stderr[-2000:]}")
+    opts: Dict[str, str] = {}
+    current = None
+    for line in r.stdout.splitlines():
+        s = line.strip()
+        m = re.match(r"(?:-\w,?\s+)?(--[\w-]+)", s)
+        if m:  # an option's first line ("- auto: …" lines of possible values are not)
+            current = m.group(1)
+            opts[current] = s
+        elif current and s:  # its help, blank lines included (clap's long help has them)
+            opts[current] += " " + s
+    return opts
+
+
+def link_bytes(node: str, cluster: str = "scripts/cluster.sh") -> int:
+    """The bytes the egress shaper of ``node`` (a scripts/cluster.sh node: p, r1, …) has sent so
+    far: Ethernet frames incl. headers, as tc charges them against the rate."""
+    out = subprocess.run([cluster, "exec", node, "tc", "-s", "-j", "qdisc", "show", "dev", "scv0"],
+                         check=True, capture_output=True, text=True).stdout
+    return next((int(q["bytes"]) for q in json.loads(out) if q.get("root")), 0)
+
+
+def metric_sums(metrics_addr: str, words: Sequence[str], wrap: Sequence[str] = ()) -> Dict[str, float]:
+    """{metric name: value summed over its labels} for the metrics at ``http://ADDR/metrics``
+    whose name holds any of ``words`` (e.g. "wire", "compress"), read from inside ``wrap``;
+    {} while the endpoint does not answer."""
+    code = ("import urllib.request,json,sys;t=urllib.request.urlopen('http://%s/metrics').read().decode();"
+            "w=json.loads(sys.argv[1]);d={}\n"
+            "for l in t.splitlines():\n"
+            " n=l.split('{')[0].split(' ')[0]\n"
+            " if l and not l.startswith('#') and any(x in n for x in w): d[n]=d.get(n,0)+float(l.rsplit(' ',1)[1])\n"
+            "print(json.dumps(d))" % metrics_addr)
+    r = subprocess.run([*wrap, sys.executable if not wrap else "python3", "-c", code, json.dumps(list(words))],
+                       capture_output=True, text=True)
+    return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
+
+
+def start_cluster_replicas(reps: Replicas, n: int, port: int, work: str, args: Sequence[str] = (),
+                           cluster: str = "scripts/cluster.sh") -> Tuple[List[str], List[str], List[str]]:
+    """Starts ``serve`` on the nodes r1 … rN of scripts/cluster.sh (``reps`` stops them): each
+    listens on its node's address at ``port``, keeps its root in WORK/root-rK and serves
+    metrics on ADDR:9100. Returns (listen addresses, roots, metrics addresses) once all listen."""
+    addrs, roots, maddrs = [], [], []
+    for k in range(1, n + 1):
+        addr = subprocess.run([cluster, "addr", f"r{k}"], check=True, capture_output=True, text=True).stdout.strip()
+        root = os.path.join(work, f"root-r{k}")
+        cmd = [cluster, "exec", f"r{k}", reps.binary, "serve", "--listen", f"{addr}:{port}", "--root", root,
+               "--metrics", f"{addr}:9100", *args]
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+        reps.procs.append(p)  # `cluster.sh exec` execs the server: stopping p stops it
+        if not any("listening on" in line for line in p.stderr):
+            sys.exit(f"error: {' '.join(cmd)} exited ({p.wait()}) before listening")
+        threading.Thread(target=lambda p=p: [None for _ in p.stderr], daemon=True).start()
+        addrs.append(f"{addr}:{port}")
+        roots.append(root)
+        maddrs.append(f"{addr}:9100")
+    return addrs, roots, maddrs
