@@ -5,13 +5,26 @@
 # address, no route, no qdisc (the veth pairs are created inside the bridge namespace).
 #
 #   scripts/cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf] [--cc reno|bbr|…]
+#                           [--rails R] [--rail-rate K=RATE]... [--ingress]
 #   scripts/cluster.sh down
 #   scripts/cluster.sh exec NODE CMD...        run CMD inside NODE's namespace (exec'd: same PID)
-#   scripts/cluster.sh addr NODE               print NODE's IPv4 address
-#   scripts/cluster.sh nodes                   print "NODE NAMESPACE ADDRESS" for every node
+#   scripts/cluster.sh addr NODE [K]           print NODE's IPv4 address on rail K; without K, one
+#                                              line per rail of the running cluster (rail 0 first)
+#   scripts/cluster.sh nodes                   print "NODE NAMESPACE ADDRESS…" (one per rail) per node
 #   scripts/cluster.sh status                  namespaces, addresses and tc counters
+#   scripts/cluster.sh rail-down NODE K        take NODE's rail-K link down (`ip link set down`)
+#   scripts/cluster.sh rail-up NODE K          and up again (its address and route come back)
 #
 # NODE is `p` (the primary; alias `primary`), `r1` … `rN`, or `br` (the bridge namespace).
+#
+# Rails (--rails R, 1…8, default 1): every node gets R links, rail K (0 … R-1) on a bridge of its
+# own (one switch per rail: rail K of a node reaches only rail K of the others) with a subnet of
+# its own, 10.77.K.x (198.18.K.x with SC_SUBNET=198.18.0). Rail 0 is exactly the single-rail
+# layout below; rail K >= 1 adds bridge `scvbrK`, ports `scv<node>kK` and node link `scvK`.
+# Every rail is shaped to --rate; `--rail-rate K=RATE` (repeatable) gives rail K another rate on
+# every node (a slow NIC). --ingress also shapes the other direction of every link: the same
+# qdisc on each bridge-side port's egress (what the bridge delivers to the node), so both
+# directions of every link are limited to the rail's rate.
 #
 # Layout (PREFIX defaults to `sc`; SC_CLUSTER=xyz gives a second, independent cluster):
 #   netns PREFIX-br   bridge `scvbr` + one port per node (`scvp`, `scvr1`, …); no address
@@ -20,12 +33,14 @@
 # Every node namespace has `lo` up, IPv6 off (no DAD/RS chatter), and on `scv0` a root qdisc:
 #   htb (default): `htb default 1` + class 1:1 `rate R ceil R burst B cburst B`, leaf: default pfifo
 #   tbf:           `tbf rate R burst B latency 50ms`
-#   with B = max(1 ms of R, 128 KiB) = 128 KiB at 1gbit (see shape() for why not tc's default).
+#   with B = max(1 ms of R, 128 KiB) = 128 KiB at 1gbit (see shape() for why not tc's default);
+#   rail K's link `scvK` likewise (R: that rail's rate), and with --ingress each bridge port too.
 # --cc sets net.ipv4.tcp_congestion_control in every node namespace (default: what a new namespace
 # inherits from the host, e.g. bbr; a non-initial namespace may only pick from the host's
-# net.ipv4.tcp_allowed_congestion_control).
-# The bridge ports have no qdisc (veth default: noqueue), so each node's only shaper is its own
-# egress: a chain hop is limited by the sender's rate, a star by the primary's.
+# net.ipv4.tcp_allowed_congestion_control, so an available algorithm missing there, e.g. cubic,
+# is added to that host list: the only host setting the script changes; no default changes).
+# Without --ingress the bridge ports have no qdisc (veth default: noqueue), so each node's only
+# shaper is its own egress: a chain hop is limited by the sender's rate, a star by the primary's.
 #
 # Rate semantics: tc's `gbit`/`mbit`/`kbit` are decimal (1gbit = 10^9 bit/s). htb and tbf charge
 # each packet qdisc_pkt_len(skb): skb->len at the qdisc, which on a veth includes the 14-byte
@@ -44,10 +59,11 @@
 set -euo pipefail
 
 PREFIX=${SC_CLUSTER:-sc}
+declare -A RAIL_RATES=() # up: --rail-rate K=RATE
 SUBNET=${SC_SUBNET:-10.77.0}
 BRIDGE=scvbr
-NODE_IF=scv0
 MAX_N=200 # addresses .11 … .210
+MAX_RAILS=8
 
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
 say() { echo "cluster.sh: $*" >&2; }
@@ -79,17 +95,40 @@ ns_of() {
     esac
 }
 
-# addr_of NODE -> IPv4 address (no prefix length)
+# addr_of NODE [RAIL] -> IPv4 address (no prefix length) of NODE on RAIL (default 0)
 addr_of() {
+    local net="${SUBNET%.0}.${2:-0}"
     case "$1" in
-        p | primary) echo "$SUBNET.10" ;;
+        p | primary) echo "$net.10" ;;
         r[1-9] | r[1-9][0-9] | r[1-9][0-9][0-9])
             local k=${1#r}
             ((k <= MAX_N)) || die "node $1: at most $MAX_N replicas"
-            echo "$SUBNET.$((10 + k))"
+            echo "$net.$((10 + k))"
             ;;
         *) die "node '$1' has no address (use p or r1…rN)" ;;
     esac
+}
+
+# Names on rail K: the node's link, the rail's bridge, a node's port on that bridge. Rail 0 keeps
+# the single-rail names (scv0, scvbr, scv<node>).
+nic_of() { echo "scv$1"; }
+bridge_of() { if (($1 == 0)); then echo "$BRIDGE"; else echo "$BRIDGE$1"; fi; }
+port_of() {
+    local node=$1
+    [[ "$node" == primary ]] && node=p
+    if (($2 == 0)); then echo "scv$node"; else echo "scv${node}k$2"; fi
+}
+
+# check_rail K: K is a rail number 0 … MAX_RAILS-1.
+check_rail() {
+    [[ "$1" =~ ^[0-9]$ ]] && (($1 < MAX_RAILS)) || die "rail must be 0…$((MAX_RAILS - 1)), got '$1'"
+}
+
+# How many rails the running cluster has (its bridges); 1 when it is not up.
+rails_now() {
+    local c
+    c=$(ip -n "$PREFIX-br" -o link show type bridge 2>/dev/null | grep -cE "^[0-9]+: $BRIDGE[0-9]*[:@]") || true
+    if ((c > 0)); then echo "$c"; else echo 1; fi
 }
 
 # The namespaces this cluster owns, whatever state they are in.
@@ -142,9 +181,9 @@ do_down() {
     ((${#nss[@]} == 0)) || die "could not remove: ${nss[*]}"
 }
 
-# shape NS RATE QDISC: root qdisc on NS's scv0.
+# shape NS DEV RATE QDISC: root qdisc on NS's DEV.
 shape() {
-    local ns=$1 rate=$2 qdisc=$3 burst
+    local ns=$1 dev=$2 rate=$3 qdisc=$4 burst
     # Bucket: 1 ms of traffic, at least 128 KiB (whole 64 KiB GSO packets pass unsegmented).
     # tc's default htb burst is rate/HZ-ish (1375 bytes = 11 us at 1gbit): the shaper then
     # depends on hrtimer latency, and on this 2-core VM a single TCP stream got only 0.91-0.96 of
@@ -154,14 +193,14 @@ shape() {
     ((burst >= 131072)) || burst=131072
     case "$qdisc" in
         htb)
-            tc -n "$ns" qdisc add dev "$NODE_IF" root handle 1: htb default 1
+            tc -n "$ns" qdisc add dev "$dev" root handle 1: htb default 1
             # quantum only matters when classes share; set it so the kernel does not warn that
             # rate/r2q is huge.
-            tc -n "$ns" class add dev "$NODE_IF" parent 1: classid 1:1 htb rate "$rate" ceil "$rate" \
+            tc -n "$ns" class add dev "$dev" parent 1: classid 1:1 htb rate "$rate" ceil "$rate" \
                 burst "$burst" cburst "$burst" quantum 200000
             ;;
         tbf)
-            tc -n "$ns" qdisc add dev "$NODE_IF" root handle 1: tbf rate "$rate" burst "$burst" latency 50ms
+            tc -n "$ns" qdisc add dev "$dev" root handle 1: tbf rate "$rate" burst "$burst" latency 50ms
             ;;
     esac
 }
@@ -198,8 +237,51 @@ on_up_exit() {
     exit "$rc"
 }
 
+# set_rail_rate K=RATE: the value of one --rail-rate.
+set_rail_rate() {
+    [[ "$1" =~ ^([0-9])=(.+)$ ]] || die "--rail-rate takes K=RATE (e.g. 1=250mbit), got '$1'"
+    local k=${BASH_REMATCH[1]} v=${BASH_REMATCH[2],,}
+    check_rail "$k"
+    [[ "$v" == none ]] || rate_bps "$v" >/dev/null
+    RAIL_RATES[$k]=$v
+}
+
+# allow_cc NAME: a namespace other than the host's may only pick a congestion control from the
+# host's net.ipv4.tcp_allowed_congestion_control (e.g. "reno bbr": cubic is built in but not
+# allowed). When NAME is available but not allowed, add it to that list: the one host setting
+# this script touches, and it changes no one's default.
+allow_cc() {
+    local f=/proc/sys/net/ipv4/tcp_allowed_congestion_control allowed
+    allowed=$(cat "$f" 2>/dev/null) || return 0
+    [[ " $allowed " == *" $1 "* ]] && return 0
+    [[ " $(cat /proc/sys/net/ipv4/tcp_available_congestion_control) " == *" $1 "* ]] || return 0
+    say "adding '$1' to the host's net.ipv4.tcp_allowed_congestion_control ($allowed) so that namespaces may use it"
+    echo "$allowed $1" >"$f"
+}
+
+# rail_rate K: rail K's rate (RAIL_RATES[K] when given, else RATE).
+rail_rate() { echo "${RAIL_RATES[$1]:-$RATE}"; }
+
+# add_rail NODE NS K: NODE's rail-K link, its port on rail K's bridge, address and shapers.
+add_rail() {
+    local node=$1 ns=$2 k=$3 br="$PREFIX-br" port nic rate
+    port=$(port_of "$node" "$k") nic=$(nic_of "$k") rate=$(rail_rate "$k")
+    # Both ends are created inside namespaces: the pair is born in the bridge namespace and its
+    # peer goes straight to the node's.
+    ip -n "$br" link add "$port" mtu "$MTU" type veth peer name "$nic" mtu "$MTU" netns "$ns"
+    ip -n "$br" link set "$port" master "$(bridge_of "$k")" up
+    ip -n "$ns" addr add "$(addr_of "$node" "$k")/24" dev "$nic"
+    ip -n "$ns" link set "$nic" up
+    [[ "$rate" == none ]] && return 0
+    shape "$ns" "$nic" "$rate" "$QDISC"
+    # The other direction: what the rail's bridge hands to this node.
+    ((INGRESS)) && shape "$br" "$port" "$rate" "$QDISC"
+    return 0
+}
+
+# do_up N: builds the cluster from RATE MTU QDISC CC RAILS INGRESS RAIL_RATES.
 do_up() {
-    local n=$1 rate=$2 mtu=$3 qdisc=$4 cc=$5 k node ns port
+    local n=$1 k node ns
     do_down
     trap on_up_exit EXIT
     trap 'exit 130' INT
@@ -209,43 +291,60 @@ do_up() {
     ip netns add "$br"
     ip -n "$br" link set lo up
     sysctl_ns "$br" net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-    ip -n "$br" link add "$BRIDGE" type bridge stp_state 0 forward_delay 0
-    ip -n "$br" link set "$BRIDGE" mtu "$mtu" up
+    for ((k = 0; k < RAILS; k++)); do
+        ip -n "$br" link add "$(bridge_of "$k")" type bridge stp_state 0 forward_delay 0
+        ip -n "$br" link set "$(bridge_of "$k")" mtu "$MTU" up
+    done
 
     local nodes=(p)
     for ((k = 1; k <= n; k++)); do nodes+=("r$k"); done
     for node in "${nodes[@]}"; do
         ns=$(ns_of "$node")
-        port="scv$node"
         ip netns add "$ns"
         ip -n "$ns" link set lo up
         sysctl_ns "$ns" net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-        # Both ends are created inside namespaces: the pair is born in the bridge namespace and
-        # its peer goes straight to the node's.
-        ip -n "$br" link add "$port" mtu "$mtu" type veth peer name "$NODE_IF" mtu "$mtu" netns "$ns"
-        ip -n "$br" link set "$port" master "$BRIDGE" up
-        ip -n "$ns" addr add "$(addr_of "$node")/24" dev "$NODE_IF"
-        ip -n "$ns" link set "$NODE_IF" up
-        [[ "$rate" == none ]] || shape "$ns" "$rate" "$qdisc"
-        if [[ -n "$cc" ]]; then
-            ip netns exec "$ns" sysctl -q -w "net.ipv4.tcp_congestion_control=$cc" >/dev/null ||
-                die "cannot set congestion control '$cc' in $ns (allowed: $(ip netns exec "$ns" sysctl -n net.ipv4.tcp_allowed_congestion_control))"
+        for ((k = 0; k < RAILS; k++)); do add_rail "$node" "$ns" "$k"; done
+        if [[ -n "$CC" ]]; then
+            allow_cc "$CC"
+            ip netns exec "$ns" sysctl -q -w "net.ipv4.tcp_congestion_control=$CC" >/dev/null ||
+                die "cannot set congestion control '$CC' in $ns (allowed: $(ip netns exec "$ns" sysctl -n net.ipv4.tcp_allowed_congestion_control))"
         fi
     done
     UP_DONE=1
     trap - EXIT INT TERM
-    say "up: primary + $n replica(s), rate $rate per node egress ($qdisc), MTU $mtu, TCP congestion control $(ip netns exec "$PREFIX-p" sysctl -n net.ipv4.tcp_congestion_control), prefix $PREFIX"
-    for node in "${nodes[@]}"; do
-        printf '%-4s %-10s %s\n' "$node" "$(ns_of "$node")" "$(addr_of "$node")"
-    done
+    local rates="rate $RATE" dirs="egress"
+    for k in "${!RAIL_RATES[@]}"; do rates+=", rail $k ${RAIL_RATES[$k]}"; done
+    ((INGRESS)) && dirs="egress and ingress"
+    say "up: primary + $n replica(s), $RAILS rail(s), $rates per node $dirs ($QDISC), MTU $MTU, TCP congestion control $(ip netns exec "$PREFIX-p" sysctl -n net.ipv4.tcp_congestion_control), prefix $PREFIX"
+    for node in "${nodes[@]}"; do print_node "$node" "$RAILS"; done
+}
+
+# print_node NODE R: "NODE NAMESPACE ADDR0 [ADDR1 …]"
+print_node() {
+    local node=$1 k line
+    line=$(printf '%-4s %-10s %s' "$node" "$(ns_of "$node")" "$(addr_of "$node" 0)")
+    for ((k = 1; k < $2; k++)); do line+=" $(addr_of "$node" "$k")"; done
+    echo "$line"
+}
+
+# do_rail NODE K up|down
+do_rail() {
+    local ns
+    ns=$(ns_of "$1")
+    [[ "$1" != br ]] || die "rail-$3 takes a node (p, r1…rN), not br"
+    check_rail "$2"
+    [[ -e "/run/netns/$ns" ]] || die "namespace $ns does not exist (run: cluster.sh up N)"
+    ip -n "$ns" link show "$(nic_of "$2")" >/dev/null 2>&1 || die "$1 has no rail $2 ($(rails_now) rail(s))"
+    ip -n "$ns" link set "$(nic_of "$2")" "$3"
 }
 
 do_nodes() {
-    local ns node
+    local ns node rails
+    rails=$(rails_now)
     # p first, then r1, r2, … in numeric order.
     while read -r ns; do
         node=${ns#"$PREFIX"-}
-        printf '%-4s %-10s %s\n' "$node" "$ns" "$(addr_of "$node")"
+        print_node "$node" "$rails"
     done < <(our_namespaces | awk -v pre="$PREFIX-" '{n = substr($0, length(pre) + 1)}
         n == "p" {print 0, $0} n ~ /^r[0-9]+$/ {print substr(n, 2), $0}' | sort -n | cut -d' ' -f2)
 }
@@ -261,9 +360,10 @@ do_status() {
         echo "== $ns"
         if [[ "$ns" == "$PREFIX-br" ]]; then
             ip -n "$ns" -br link show
+            tc -n "$ns" -s qdisc show 2>/dev/null | grep -A3 -E '^qdisc (htb|tbf)' || true
         else
-            ip -n "$ns" -br addr show dev "$NODE_IF" 2>/dev/null || true
-            tc -n "$ns" -s qdisc show dev "$NODE_IF" 2>/dev/null || true
+            ip -n "$ns" -br addr show
+            tc -n "$ns" -s qdisc show 2>/dev/null || true
             echo "pids: $(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
         fi
     done
@@ -275,31 +375,40 @@ shift
 case "$cmd" in
     up)
         need_tools
-        [[ $# -ge 1 ]] || die "usage: cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf] [--cc NAME]"
+        [[ $# -ge 1 ]] || die "usage: cluster.sh up N [--rate 1gbit] [--mtu 1500] [--qdisc htb|tbf] [--cc NAME] [--rails R] [--rail-rate K=RATE]... [--ingress]"
         n=$1
         shift
         if [[ ! "$n" =~ ^[1-9][0-9]*$ ]] || ((n > MAX_N)); then die "N must be 1…$MAX_N, got '$n'"; fi
-        rate=1gbit mtu=1500 qdisc=htb cc=
+        RATE=1gbit MTU=1500 QDISC=htb CC= RAILS=1 INGRESS=0
         while [[ $# -gt 0 ]]; do
             case "$1" in
-                --rate) rate=${2:?--rate needs a value}; shift 2 ;;
-                --rate=*) rate=${1#*=}; shift ;;
-                --mtu) mtu=${2:?--mtu needs a value}; shift 2 ;;
-                --mtu=*) mtu=${1#*=}; shift ;;
-                --qdisc) qdisc=${2:?--qdisc needs a value}; shift 2 ;;
-                --qdisc=*) qdisc=${1#*=}; shift ;;
-                --cc) cc=${2:?--cc needs a value}; shift 2 ;;
-                --cc=*) cc=${1#*=}; shift ;;
+                --rate) RATE=${2:?--rate needs a value}; shift 2 ;;
+                --rate=*) RATE=${1#*=}; shift ;;
+                --mtu) MTU=${2:?--mtu needs a value}; shift 2 ;;
+                --mtu=*) MTU=${1#*=}; shift ;;
+                --qdisc) QDISC=${2:?--qdisc needs a value}; shift 2 ;;
+                --qdisc=*) QDISC=${1#*=}; shift ;;
+                --cc) CC=${2:?--cc needs a value}; shift 2 ;;
+                --cc=*) CC=${1#*=}; shift ;;
+                --rails) RAILS=${2:?--rails needs a value}; shift 2 ;;
+                --rails=*) RAILS=${1#*=}; shift ;;
+                --rail-rate) set_rail_rate "${2:?--rail-rate needs K=RATE}"; shift 2 ;;
+                --rail-rate=*) set_rail_rate "${1#*=}"; shift ;;
+                --ingress) INGRESS=1; shift ;;
                 *) die "unknown option '$1'" ;;
             esac
         done
-        rate=${rate,,}
-        [[ "$rate" == none ]] || rate_bps "$rate" >/dev/null
-        if [[ ! "$mtu" =~ ^[0-9]+$ ]] || ((mtu < 576 || mtu > 9000)); then die "MTU must be 576…9000, got '$mtu'"; fi
-        [[ "$qdisc" == htb || "$qdisc" == tbf ]] || die "--qdisc must be htb or tbf, got '$qdisc'"
-        [[ -z "$cc" || "$cc" =~ ^[a-z0-9_]+$ ]] || die "bad --cc '$cc'"
+        RATE=${RATE,,}
+        [[ "$RATE" == none ]] || rate_bps "$RATE" >/dev/null
+        if [[ ! "$MTU" =~ ^[0-9]+$ ]] || ((MTU < 576 || MTU > 9000)); then die "MTU must be 576…9000, got '$MTU'"; fi
+        [[ "$QDISC" == htb || "$QDISC" == tbf ]] || die "--qdisc must be htb or tbf, got '$QDISC'"
+        [[ -z "$CC" || "$CC" =~ ^[a-z0-9_]+$ ]] || die "bad --cc '$CC'"
+        if [[ ! "$RAILS" =~ ^[1-9]$ ]] || ((RAILS > MAX_RAILS)); then die "--rails must be 1…$MAX_RAILS, got '$RAILS'"; fi
+        for k in "${!RAIL_RATES[@]}"; do
+            ((k < RAILS)) || die "--rail-rate $k=…: the cluster has rails 0…$((RAILS - 1))"
+        done
         take_lock
-        do_up "$n" "$rate" "$mtu" "$qdisc" "$cc"
+        do_up "$n"
         ;;
     down)
         need_tools
@@ -315,11 +424,23 @@ case "$cmd" in
         exec ip netns exec "$ns" "$@"
         ;;
     addr)
-        [[ $# -eq 1 ]] || die "usage: cluster.sh addr NODE"
-        addr_of "$1"
+        [[ $# -eq 1 || $# -eq 2 ]] || die "usage: cluster.sh addr NODE [RAIL]"
+        if [[ $# -eq 2 ]]; then
+            check_rail "$2"
+            addr_of "$1" "$2"
+        else
+            addr_of "$1" 0
+            rails=$(rails_now)
+            for ((k = 1; k < rails; k++)); do addr_of "$1" "$k"; done
+        fi
         ;;
     nodes) do_nodes ;;
     status) need_tools; do_status ;;
+    rail-down | rail-up)
+        need_tools
+        [[ $# -eq 2 ]] || die "usage: cluster.sh $cmd NODE RAIL"
+        do_rail "$1" "$2" "${cmd#rail-}"
+        ;;
     -h | --help | help) usage 0 ;;
-    *) die "unknown command '$cmd' (up, down, exec, addr, nodes, status)" ;;
+    *) die "unknown command '$cmd' (up, down, exec, addr, nodes, status, rail-down, rail-up)" ;;
 esac

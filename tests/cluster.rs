@@ -2,6 +2,8 @@
 //! namespace, each node's egress shaped with tc. One push goes down the chain through it; every
 //! replica's bytes are compared with the source, the shapers' counters show that the data took
 //! the path p -> r1 -> r2 -> r3 at the shaped rate, and the cluster is torn down leaving nothing.
+//! With two rails (`--rails 2`), each rail is a switch of its own, and a push over rail 1's
+//! addresses crosses rail 1's links only; `rail-down` cuts one rail of one node.
 //!
 //! Skipped, with the reason printed, only where network namespaces cannot be created: not root,
 //! no `ip`, or `ip netns add` refused. The cluster is named `sct` (namespaces `sct-br`, `sct-p`,
@@ -103,13 +105,22 @@ impl NetCluster {
     }
 
     fn up_with(n: usize, rate_mbit: u64, serve_args: &[&str]) -> NetCluster {
-        let out = cluster_sh(&["up", &n.to_string(), "--rate", &format!("{rate_mbit}mbit"), "--mtu", "1500"]);
+        Self::up_rail(n, rate_mbit, &[], 0, serve_args)
+    }
+
+    /// `cluster.sh up N --rate RATE --mtu 1500 UP_ARGS…`, every replica serving on its address
+    /// on rail RAIL.
+    fn up_rail(n: usize, rate_mbit: u64, up_args: &[&str], rail: usize, serve_args: &[&str]) -> NetCluster {
+        let (n_arg, rate) = (n.to_string(), format!("{rate_mbit}mbit"));
+        let mut args = vec!["up", n_arg.as_str(), "--rate", rate.as_str(), "--mtu", "1500"];
+        args.extend_from_slice(up_args);
+        let out = cluster_sh(&args);
         assert!(out.status.success(), "cluster.sh up failed\n{}", show_output(&out));
         let dir = tempdir();
         let mut c = NetCluster { servers: Vec::new(), addrs: Vec::new(), dir };
         for k in 1..=n {
             let node = format!("r{k}");
-            let out = cluster_sh(&["addr", &node]);
+            let out = cluster_sh(&["addr", &node, &rail.to_string()]);
             assert!(out.status.success(), "cluster.sh addr {node}\n{}", show_output(&out));
             let addr = format!("{}:{PORT}", stdout_str(&out).trim());
             let root = c.dir.path().join(&node);
@@ -292,4 +303,111 @@ fn a_link_taken_down_mid_push_is_repaired_around() {
         assert_eq!(code(&v), 0, "r{k}: {}", show_output(&v));
     }
     assert!(!c.root(2).join("ck/1.manifest").exists(), "r2 published without its link");
+}
+
+/// `ip -s link` byte counters (tx, rx) of DEV in NODE's namespace.
+fn link_bytes(node: &str, dev: &str) -> (u64, u64) {
+    let ns = format!("{PREFIX}-{node}");
+    let out = ip(&["-n", &ns, "-j", "-s", "link", "show", "dev", dev]);
+    assert!(out.status.success(), "ip -s link show {dev} in {ns}\n{}", show_output(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout_str(&out).trim())
+        .unwrap_or_else(|e| panic!("ip -j output is not JSON ({e})\n{}", show_output(&out)));
+    let stats = &v[0]["stats64"];
+    let get = |dir: &str| stats[dir]["bytes"].as_u64().unwrap_or_else(|| panic!("{ns} {dev}: no {dir} bytes: {v}"));
+    (get("tx"), get("rx"))
+}
+
+/// Whether a TCP connection from NODE's namespace to ADDR (host:port) is set up within 2 s.
+fn connects(node: &str, addr: &str) -> bool {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let ns = format!("{PREFIX}-{node}");
+    let code = format!("import socket; socket.create_connection(('{host}', {port}), timeout=2).close()");
+    let out =
+        run_timeout(Command::new("ip").args(["netns", "exec", &ns, "python3", "-c", &code]), Duration::from_secs(30));
+    out.status.success()
+}
+
+#[test]
+fn two_rails_each_reach_only_their_own_rail() {
+    let skip = |why: &str| skip("cluster::two_rails_each_reach_only_their_own_rail", why);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("not running as root: network namespaces need CAP_SYS_ADMIN");
+    }
+    let _lock = Lock::take();
+    if let Some(why) = netns_unavailable() {
+        return skip(&why);
+    }
+    // Two rails, both directions shaped, rail 1 slower (a slow NIC); the replicas serve on rail 1.
+    let c =
+        NetCluster::up_rail(REPLICAS, RATE_MBIT, &["--rails", "2", "--rail-rate", "1=400mbit", "--ingress"], 1, &[]);
+
+    // Every node has one address per rail, each in its rail's subnet.
+    let nodes = stdout_str(&cluster_sh(&["nodes"])).to_string();
+    let lines: Vec<Vec<&str>> = nodes.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), REPLICAS + 1, "{nodes}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l.len(), 4, "NODE NS ADDR0 ADDR1: {nodes}");
+        assert_eq!(l[2], format!("10.77.0.{}", 10 + i), "{nodes}");
+        assert_eq!(l[3], format!("10.77.1.{}", 10 + i), "{nodes}");
+    }
+    for k in 1..=REPLICAS {
+        assert_eq!(c.addrs[k - 1], format!("10.77.1.{}:{PORT}", 10 + k), "serving on rail 1");
+    }
+
+    // One switch per rail: rail K's port of every node is on bridge K, and nowhere else.
+    let out = ip(&["-n", &format!("{PREFIX}-br"), "-j", "link", "show"]);
+    let links: serde_json::Value = serde_json::from_str(stdout_str(&out).trim()).expect("ip -j link");
+    let master = |port: &str| -> String {
+        let l = links.as_array().unwrap().iter().find(|l| l["ifname"] == port);
+        l.and_then(|l| l["master"].as_str()).unwrap_or_else(|| panic!("no bridge port {port}: {links}")).to_string()
+    };
+    for node in ["p", "r1", "r2", "r3"] {
+        assert_eq!(master(&format!("scv{node}")), "scvbr", "{node} rail 0");
+        assert_eq!(master(&format!("scv{node}k1")), "scvbr1", "{node} rail 1");
+    }
+    // Both directions shaped: the bridge-side ports have the rail's shaper too.
+    for (port, rate) in [("scvr1", "500Mbit"), ("scvr1k1", "400Mbit")] {
+        let out = run_timeout(
+            Command::new("tc").args(["-n", &format!("{PREFIX}-br"), "class", "show", "dev", port]),
+            Duration::from_secs(30),
+        );
+        assert!(stdout_str(&out).contains(&format!("rate {rate}")), "{port}: {}", show_output(&out));
+    }
+
+    // A push over rail 1's addresses.
+    let before: Vec<_> = ["p", "r1", "r2"].iter().map(|n| (link_bytes(n, "scv0").0, link_bytes(n, "scv1").0)).collect();
+    let src = tempdir();
+    write_random_file(&src.path().join("shard.bin"), 16 * MIB + 4321, 7);
+    let bytes = total_bytes(src.path());
+    let out = c.push(src.path(), "rails", 1, &["--chunk-size", "1MiB"]);
+    if code(&out) != 0 {
+        panic!("push over rail 1 failed\n{}\n{}", show_output(&out), c.logs());
+    }
+    let j = parse_json(&out);
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas: {j}"));
+    assert!(reps.iter().all(|r| r["status"] == "published"), "{j}");
+    for k in 1..=REPLICAS {
+        assert_tree_identical(src.path(), &c.root(k).join("rails").join("1"));
+    }
+    // The data went over rail 1 only: p, r1 and r2 each sent it on rail 1, next to nothing on 0.
+    for (i, node) in ["p", "r1", "r2"].iter().enumerate() {
+        let (r0, r1) = (link_bytes(node, "scv0").0 - before[i].0, link_bytes(node, "scv1").0 - before[i].1);
+        assert!(r1 >= bytes, "{node} sent {r1} bytes on rail 1, less than the {bytes} pushed");
+        assert!(r0 < MIB, "{node} sent {r0} bytes on rail 0 during a push over rail 1");
+    }
+
+    // rail-down cuts exactly that rail: r2's rail-1 address is unreachable, its rail-0 link still
+    // carries traffic; rail-up brings it back.
+    assert!(connects("p", &c.addrs[1]), "p cannot reach r2 on rail 1");
+    let down = cluster_sh(&["rail-down", "r2", "1"]);
+    assert!(down.status.success(), "{}", show_output(&down));
+    assert!(!connects("p", &c.addrs[1]), "p reaches r2 on rail 1 with r2's rail 1 down");
+    let rx0 = link_bytes("r2", "scv0").1;
+    // Nothing listens on rail 0 (refused), but the SYN arrives there.
+    let _ = connects("p", &format!("10.77.0.12:{PORT}"));
+    assert!(link_bytes("r2", "scv0").1 > rx0, "r2's rail 0 received nothing while its rail 1 was down");
+    let up = cluster_sh(&["rail-up", "r2", "1"]);
+    assert!(up.status.success(), "{}", show_output(&up));
+    assert!(connects("p", &c.addrs[1]), "p cannot reach r2 on rail 1 after rail-up");
 }

@@ -76,6 +76,9 @@ pub(super) struct Downstream {
     pub(super) secret: Option<crate::crypt::SessionSecret>,
     /// Authenticated hop: the MACs of the data-plane frames to and from downstream.
     pub(super) macs: Option<FrameMacs>,
+    /// A relay takes no new frame from upstream while this many bytes it received wait to be
+    /// handed to the socket downstream (`relay_backlog_full`; 0: no bound).
+    pub(super) backlog_limit: u64,
     /// Test-only fault (debug builds, `SHARDCAST_TEST_FLIP_FORWARD=N`): this relay flips a bit
     /// of the digest in the header of every Nth chunk it forwards, so the next node sees a
     /// chunk whose bytes do not match. Release builds never set it.
@@ -100,6 +103,7 @@ impl Downstream {
             seal: None,
             secret: None,
             macs: None,
+            backlog_limit: relay_backlog_from_env(),
             flip_every: if cfg!(debug_assertions) {
                 std::env::var("SHARDCAST_TEST_FLIP_FORWARD").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
             } else {
@@ -109,7 +113,46 @@ impl Downstream {
     }
 }
 
+/// The most a relay queues for downstream before it stops taking frames from upstream. Without
+/// a bound a relay whose downstream hop runs slower for a while (a loss, a busy core) takes its
+/// upstream's chunks as fast as they come, into every free slot of its pool (64 MiB: half a
+/// second at 1 Gbit/s), and that backlog drains only after upstream has finished: each hop of a
+/// chain then ends later than the one before it. Bounded, upstream sees backpressure at once, as
+/// it would through `nc | tee` relays. Kernel socket buffers come on top; a whole chunk may still
+/// arrive once the bound is reached (the gate is at frame boundaries).
+pub(crate) const DEFAULT_RELAY_BACKLOG_BYTES: u64 = 2 << 20;
+
+/// The relay backlog bound: `SHARDCAST_RELAY_BACKLOG_BYTES` (a benchmark-only switch, 0 = no
+/// bound, the behaviour before it existed), else [`DEFAULT_RELAY_BACKLOG_BYTES`].
+fn relay_backlog_from_env() -> u64 {
+    std::env::var("SHARDCAST_RELAY_BACKLOG_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_RELAY_BACKLOG_BYTES)
+}
+
 impl Session<'_> {
+    /// Whether this relay already holds `backlog_limit` bytes for downstream that no send has
+    /// taken yet: then it takes no new frame from upstream (`pump_up_recv`) until sends drain it.
+    pub(super) fn relay_backlog_full(&self) -> bool {
+        let limit = self.down.backlog_limit;
+        if limit == 0 || self.down.fd.is_none() || self.down.closed {
+            return false;
+        }
+        let mut bytes = 0;
+        for item in &self.down.queue {
+            bytes += match *item {
+                DnItem::Chunk(seq, _) => self.manifest.chunk(seq).map_or(0, |c| u64::from(c.len)),
+                DnItem::Piece { len, .. } => u64::from(len),
+                DnItem::End => 0,
+            };
+            if bytes >= limit {
+                return true;
+            }
+        }
+        false
+    }
+
     /// The send downstream in flight completed (or failed).
     pub(super) fn dn_send_done(&mut self, result: std::io::Result<usize>) {
         let item = self.down.sending.take().expect("a send was in flight");

@@ -108,8 +108,10 @@ impl Session<'_> {
             self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
             self.up.recv = UpRecv::Watch;
         }
-        // Upstream receive: one frame header at a time, into a fresh slot.
+        // Upstream receive: one frame header at a time, into a fresh slot; a relay with a full
+        // backlog for downstream waits (backpressure upstream).
         if self.up.recv == UpRecv::Idle
+            && !self.relay_backlog_full()
             && let Some(slot) = self.pool.lease()
         {
             let fd = self.up.fd.expect("replica has upstream");

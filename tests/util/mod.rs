@@ -997,13 +997,19 @@ pub fn metrics_addr(log: &str) -> String {
 /// Bytes of chunk payload a node received (summed over its upstream peers).
 #[allow(dead_code)]
 pub fn received(maddr: &str) -> u64 {
+    metric_sum(maddr, "shardcast_received_bytes_total{")
+}
+
+/// The sum of the metric lines that start with `prefix` at `http://MADDR/metrics`.
+#[allow(dead_code)]
+pub fn metric_sum(maddr: &str, prefix: &str) -> u64 {
     let mut s = std::net::TcpStream::connect(maddr).expect("connect to the metrics port");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     std::io::Write::write_fmt(&mut s, format_args!("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).unwrap();
     let mut text = String::new();
     std::io::Read::read_to_string(&mut s, &mut text).unwrap();
     text.lines()
-        .filter(|l| l.starts_with("shardcast_received_bytes_total{"))
+        .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
