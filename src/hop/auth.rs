@@ -102,10 +102,13 @@ impl ClusterKey {
     }
 }
 
+/// A fresh nonce from the kernel's generator. Not aws-lc's: its generator seeds itself with CPU
+/// jitter entropy on first use, which costs a push process tens of milliseconds of CPU before
+/// its first frame (and stalls behind the pool's `mlock` for its scratch memory): most of what
+/// a cluster key cost on the loopback hop (BENCHMARKS, "authenticated frames").
 fn nonce() -> io::Result<[u8; NONCE]> {
     let mut n = [0u8; NONCE];
-    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut n)
-        .map_err(|_| io::Error::other("no randomness for a nonce"))?;
+    getrandom::fill(&mut n).map_err(|e| io::Error::other(format!("no randomness for a nonce: {e}")))?;
     Ok(n)
 }
 

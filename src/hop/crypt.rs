@@ -36,6 +36,15 @@ pub const LABEL_HELLO: &[u8] = b"shardcast hello";
 pub const LABEL_RESULT: &[u8] = b"shardcast result";
 /// The MAC label of ACCEPT (a routed push's list of chunks each node already holds).
 pub const LABEL_ACCEPT: &[u8] = b"shardcast accept";
+/// The MAC label of REJECT (why a node refused, or that it already holds the version).
+pub const LABEL_REJECT: &[u8] = b"shardcast reject";
+/// The MAC label of STATUS_RESP (what a replica holds).
+pub const LABEL_STATUS: &[u8] = b"shardcast status";
+/// The MAC label of the upstream end's TRANSPORT offer.
+pub const LABEL_TRANSPORT_OFFER: &[u8] = b"shardcast transport offer";
+/// The MAC label of the downstream end's TRANSPORT answer (its own label: an offer reflected
+/// back does not pass as the answer).
+pub const LABEL_TRANSPORT_ANSWER: &[u8] = b"shardcast transport answer";
 
 /// Bytes a control frame's MAC adds to its payload on an authenticated connection.
 pub const MAC_LEN: usize = 32;
@@ -58,9 +67,14 @@ impl SessionSecret {
     }
 }
 
-/// On an authenticated connection, the control frames whose content matters (HELLO: what is
-/// written where; RESULT: what was published) carry an HMAC of their payload under the
-/// connection's session secret, after it: appends it when there is a secret.
+/// On an authenticated connection, every control frame sent after the handshake whose content
+/// decides something (HELLO: what is written where; ACCEPT: what each node holds; REJECT: why
+/// not, or that a node already holds the version; RESULT: what was published; TRANSPORT: which
+/// link a hop takes; STATUS_RESP: what a replica holds) carries an HMAC of its payload under the
+/// connection's session secret, after it, with a label per frame (and per direction where both
+/// ends send one): appends it when there is a secret. Each of these frames is sent at most once
+/// each way on a connection, and the secret is the connection's own, so a replay has nothing to
+/// stand in for.
 pub fn seal_frame(secret: Option<&SessionSecret>, label: &[u8], mut payload: Vec<u8>) -> Vec<u8> {
     if let Some(s) = secret {
         let mut ctx = hmac::Context::with_key(&s.mac_key());

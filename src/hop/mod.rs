@@ -38,10 +38,6 @@ use policy::Transport;
 use rdma::{DnLink, RdmaConfig, UpLink};
 use tls::TlsIdentity;
 
-/// The MAC label of a REJECT that says a node already holds the version (its report is
-/// "published").
-pub(crate) const LABEL_HELD: &[u8] = b"shardcast held";
-
 /// The most an AUTH frame carries (what a peer may send before it is authenticated).
 const MAX_AUTH: u32 = 1024;
 
@@ -78,6 +74,9 @@ pub(crate) struct AcceptPolicy<'a> {
 pub(crate) struct Refused {
     /// The connection.
     pub stream: TcpStream,
+    /// The connection's secret when the peer had authenticated before the refusal (the REJECT
+    /// then carries its MAC).
+    pub secret: Option<SessionSecret>,
     /// Why.
     pub error: HandshakeError,
 }
@@ -157,9 +156,10 @@ impl Hop {
     ) -> Result<(Self, Frame), Refused> {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(policy.timeout));
-        match authenticate(&mut stream, peer, policy) {
-            Ok((peer_id, secret, frame)) => Ok((Self { stream, peer: peer.to_owned(), peer_id, secret }, frame)),
-            Err(error) => Err(Refused { stream, error }),
+        let mut secret = None;
+        match authenticate(&mut stream, peer, policy, &mut secret) {
+            Ok((peer_id, frame)) => Ok((Self { stream, peer: peer.to_owned(), peer_id, secret }, frame)),
+            Err(error) => Err(Refused { stream, secret, error }),
         }
     }
 
@@ -185,6 +185,34 @@ impl Hop {
         wire::write_frame(&mut self.stream, Kind::Result, 0, &payload)
     }
 
+    /// Sends the peer a STATUS_RESP with `payload` (an encoded status), under the hop's MAC.
+    pub(crate) fn send_status(&mut self, payload: Vec<u8>) -> io::Result<()> {
+        let payload = crypt::seal_frame(self.secret.as_ref(), crypt::LABEL_STATUS, payload);
+        wire::write_frame(&mut self.stream, Kind::StatusResp, 0, &payload)
+    }
+
+    /// Asks the node dialed what it holds: STATUS_REQ, then its STATUS_RESP (or REJECT), each
+    /// checked against the hop's MAC.
+    pub(crate) fn status(&mut self, timeout: Duration) -> Result<Vec<wire::SetStatus>, NodeError> {
+        let node = self.peer.clone();
+        let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
+        self.stream.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
+        wire::write_frame(&mut self.stream, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;
+        let f = wire::read_frame(&mut self.stream).map_err(|e| lost(&e))?;
+        match f.header.kind {
+            Kind::StatusResp => {
+                let body = crypt::open_frame(self.secret.as_ref(), crypt::LABEL_STATUS, &f.payload)
+                    .map_err(|_| unauthentic(&node, Kind::StatusResp))?;
+                wire::decode_status(body).map_err(|e| NodeError::new(ErrorKind::Protocol, format!("{node}: {e}")))
+            }
+            Kind::Reject => Err(match rejected(&node, self.secret.as_ref(), &f.payload).into_iter().next() {
+                Some(ReplicaReport { outcome: Outcome::Failed(e), .. }) => e,
+                _ => NodeError::new(ErrorKind::Protocol, format!("{node} refused the status request")),
+            }),
+            k => Err(NodeError::new(ErrorKind::Protocol, format!("{node} answered with {}", k.name()))),
+        }
+    }
+
     /// The downstream end of the link: answers upstream's TRANSPORT offer (RDMA when both
     /// ends can and `policy` allows it; None: chunks come over TCP).
     pub(crate) fn answer_rdma(
@@ -193,7 +221,7 @@ impl Hop {
         cfg: &RdmaConfig,
         pool: &mut Pool,
     ) -> Result<Option<UpLink>, NodeError> {
-        rdma::answer(&mut self.stream, &self.peer, policy, cfg, pool)
+        rdma::answer(&mut self.stream, self.secret.as_ref(), &self.peer, policy, cfg, pool)
     }
 
     /// The upstream end of the link: offers RDMA to the node dialed, as `me` (None: chunks go
@@ -205,29 +233,42 @@ impl Hop {
         cfg: &RdmaConfig,
         pool: &Pool,
     ) -> Result<Option<DnLink>, (String, NodeError)> {
-        rdma::offer(&mut self.stream, me, &self.peer, policy, cfg, pool)
+        rdma::offer(&mut self.stream, self.secret.as_ref(), me, &self.peer, policy, cfg, pool)
     }
 }
 
-/// The reports of a REJECT from `node`. One that says "published" (a node already holds this
-/// version) carries a MAC on an authenticated connection, like RESULT: who published must not
-/// be forgeable.
+/// The reports of a REJECT from `node`. On an authenticated connection it carries the hop's MAC,
+/// like RESULT: why a push was refused, and who already holds the version, must not be
+/// forgeable. One that does not authenticate is reported as that, its content not shown.
 fn rejected(node: &str, secret: Option<&SessionSecret>, payload: &[u8]) -> Vec<ReplicaReport> {
-    let held = secret.and_then(|_| crypt::open_frame(secret, LABEL_HELD, payload).ok());
-    let mut reports = wire::decode_reports(held.unwrap_or(payload)).unwrap_or_else(|e| {
+    let Ok(body) = crypt::open_frame(secret, crypt::LABEL_REJECT, payload) else {
+        return vec![ReplicaReport::failed(node, unauthentic(node, Kind::Reject))];
+    };
+    wire::decode_reports(body).unwrap_or_else(|e| {
         vec![ReplicaReport::failed(node, NodeError::new(ErrorKind::Protocol, format!("{node} sent a bad REJECT: {e}")))]
-    });
-    if secret.is_some() && held.is_none() {
-        for r in &mut reports {
-            if r.outcome == Outcome::Published {
-                r.outcome = Outcome::Failed(NodeError::new(
-                    ErrorKind::Unauthorized,
-                    format!("{} said it already holds the version without authenticating it", r.node),
-                ));
-            }
-        }
-    }
-    reports
+    })
+}
+
+/// A REJECT to the peer with `reports`, under the hop's MAC when `secret` is the connection's
+/// (every REJECT sent after the peer authenticated).
+pub(crate) fn write_reject(
+    stream: &mut TcpStream,
+    secret: Option<&SessionSecret>,
+    reports: &[ReplicaReport],
+) -> io::Result<()> {
+    let payload = crypt::seal_frame(secret, crypt::LABEL_REJECT, wire::encode_reports(reports));
+    wire::write_frame(stream, Kind::Reject, 0, &payload)
+}
+
+/// A frame of `kind` from `node` whose MAC does not check out.
+pub(crate) fn unauthentic(node: &str, kind: Kind) -> NodeError {
+    NodeError::new(
+        ErrorKind::Unauthorized,
+        format!(
+            "the {} from {node} does not authenticate: changed in transit, or not from {node}; not believed",
+            kind.name()
+        ),
+    )
 }
 
 /// Connects to `node` within `timeout`, trying each address it resolves to.
@@ -252,13 +293,15 @@ fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> 
 /// The accepting side's authentication: mutual TLS, or a cluster key's challenge, as `policy`
 /// requires; then the peer's first frame after it. Returns who the peer proved to be, the
 /// hop's secret, and that frame.
+/// `secret` is set as soon as the peer authenticated (a refusal after that carries its MAC).
 fn authenticate(
     stream: &mut TcpStream,
     peer: &str,
     policy: &AcceptPolicy<'_>,
-) -> Result<(Option<String>, Option<SessionSecret>, Frame), HandshakeError> {
+    secret: &mut Option<SessionSecret>,
+) -> Result<(Option<String>, Frame), HandshakeError> {
     let unauthorized = |why: &str| Err(HandshakeError::Unauthorized(why.to_owned()));
-    let (mut peer_id, mut secret) = (None, None);
+    let mut peer_id = None;
     if let Some(id) = policy.tls {
         // A peer speaking shardcast frames without TLS is told so in a frame it can read.
         let mut first = [0u8; 4];
@@ -267,7 +310,7 @@ fn authenticate(
         }
         let (id, s) = tls::server(stream, id, policy.timeout).map_err(HandshakeError::Tls)?;
         tracing::debug!(%peer, cert = %id, "peer authenticated (mutual TLS)");
-        (peer_id, secret) = (Some(id), Some(s));
+        (peer_id, *secret) = (Some(id), Some(s));
     }
     // A frame at most `max` bytes long: before a peer is authenticated, only AUTH's size.
     let read = |stream: &mut TcpStream, max: u32| {
@@ -288,7 +331,7 @@ fn authenticate(
             let (id, s) = auth::server(stream, &frame.payload, &policy.keys, policy.timeout)
                 .map_err(HandshakeError::Unauthorized)?;
             tracing::debug!(%peer, key = %id, "peer authenticated");
-            (peer_id, secret) = (Some(id), Some(s));
+            (peer_id, *secret) = (Some(id), Some(s));
             frame = read(stream, policy.max_frame)?;
         }
         // Which key is not said to a peer that has not proved it holds one.
@@ -300,7 +343,7 @@ fn authenticate(
         }
         (None, _) => {}
     }
-    Ok((peer_id, secret, frame))
+    Ok((peer_id, frame))
 }
 
 #[cfg(test)]

@@ -185,11 +185,15 @@ fn peer_of(m: &TransportMsg) -> Option<PeerInfo> {
     }
 }
 
-fn send_msg(stream: &mut TcpStream, m: &TransportMsg) -> std::io::Result<()> {
-    wire::write_frame(stream, Kind::Transport, 0, &m.encode())
+/// Sends a TRANSPORT frame, under the hop's MAC (`label`: the offer's or the answer's) on an
+/// authenticated hop.
+fn send_msg(stream: &mut TcpStream, mac: Mac<'_>, m: &TransportMsg) -> std::io::Result<()> {
+    let (secret, label) = mac;
+    wire::write_frame(stream, Kind::Transport, 0, &crate::crypt::seal_frame(secret, label, m.encode()))
 }
 
-fn recv_msg(stream: &mut TcpStream, peer: &str) -> Result<TransportMsg, NodeError> {
+/// Receives a TRANSPORT frame, checked against the hop's MAC on an authenticated hop.
+fn recv_msg(stream: &mut TcpStream, mac: Mac<'_>, peer: &str) -> Result<TransportMsg, NodeError> {
     let lost = |e: String| NodeError::new(ErrorKind::ConnectionLost, format!("{peer}: transport negotiation: {e}"));
     let f = wire::read_frame(stream).map_err(|e| lost(e.to_string()))?;
     if f.header.kind != Kind::Transport {
@@ -198,9 +202,14 @@ fn recv_msg(stream: &mut TcpStream, peer: &str) -> Result<TransportMsg, NodeErro
             format!("{peer} sent {} where a TRANSPORT frame was expected", f.header.kind.name()),
         ));
     }
-    TransportMsg::decode(&f.payload)
-        .map_err(|e| NodeError::new(ErrorKind::Protocol, format!("{peer}: bad TRANSPORT: {e}")))
+    let (secret, label) = mac;
+    let body =
+        crate::crypt::open_frame(secret, label, &f.payload).map_err(|_| super::unauthentic(peer, Kind::Transport))?;
+    TransportMsg::decode(body).map_err(|e| NodeError::new(ErrorKind::Protocol, format!("{peer}: bad TRANSPORT: {e}")))
 }
+
+/// The hop's session secret (None: unauthenticated) and the label of one TRANSPORT frame.
+type Mac<'a> = (Option<&'a crate::crypt::SessionSecret>, &'static [u8]);
 
 /// The sending end of an RDMA hop.
 #[derive(Debug)]
@@ -237,6 +246,7 @@ fn local_ip(stream: &TcpStream) -> Result<IpAddr, NodeError> {
 /// (`me` or `peer`): when `policy` is `Rdma` and that side cannot, or the hop broke.
 pub(crate) fn offer(
     stream: &mut TcpStream,
+    secret: Option<&crate::crypt::SessionSecret>,
     me: &str,
     peer: &str,
     policy: Transport,
@@ -259,10 +269,12 @@ pub(crate) fn offer(
         }
         Err(reason) => (None, TransportMsg::Tcp { reason }),
     };
-    send_msg(stream, &offer)
+    let (offer_mac, answer_mac) =
+        ((secret, crate::crypt::LABEL_TRANSPORT_OFFER), (secret, crate::crypt::LABEL_TRANSPORT_ANSWER));
+    send_msg(stream, offer_mac, &offer)
         .map_err(|e| NodeError::io(format!("{peer}: sending the transport offer"), &e))
         .map_err(at(peer))?;
-    let answer = recv_msg(stream, peer).map_err(at(peer))?;
+    let answer = recv_msg(stream, answer_mac, peer).map_err(at(peer))?;
     let unavailable = |who: &str, why: &str| {
         NodeError::new(ErrorKind::Unsupported, format!("--transport rdma: RDMA unavailable on {who}: {why}"))
     };
@@ -302,6 +314,7 @@ pub(crate) fn offer(
 /// `Ok(None)`: the hop uses TCP.
 pub(crate) fn answer(
     stream: &mut TcpStream,
+    secret: Option<&crate::crypt::SessionSecret>,
     peer: &str,
     policy: Transport,
     cfg: &RdmaConfig,
@@ -310,11 +323,13 @@ pub(crate) fn answer(
     if policy == Transport::Tcp {
         return Ok(None);
     }
-    let offer = recv_msg(stream, peer)?;
+    let (offer_mac, answer_mac) =
+        ((secret, crate::crypt::LABEL_TRANSPORT_OFFER), (secret, crate::crypt::LABEL_TRANSPORT_ANSWER));
+    let offer = recv_msg(stream, offer_mac, peer)?;
     let Some(remote) = peer_of(&offer) else {
         // The upstream cannot; it reports the failure itself when RDMA was required.
         let reason = "upstream offered TCP".to_owned();
-        send_msg(stream, &TransportMsg::Tcp { reason })
+        send_msg(stream, answer_mac, &TransportMsg::Tcp { reason })
             .map_err(|e| NodeError::io(format!("{peer}: answering the transport offer"), &e))?;
         return Ok(None);
     };
@@ -322,7 +337,7 @@ pub(crate) fn answer(
     let mut ep = match mine {
         Ok(ep) => ep,
         Err(reason) => {
-            send_msg(stream, &TransportMsg::Tcp { reason: reason.clone() })
+            send_msg(stream, answer_mac, &TransportMsg::Tcp { reason: reason.clone() })
                 .map_err(|e| NodeError::io(format!("{peer}: answering the transport offer"), &e))?;
             if policy == Transport::Rdma {
                 return Err(NodeError::new(
@@ -344,7 +359,7 @@ pub(crate) fn answer(
     }
     let credits: Vec<u16> = granted.iter().map(|s| s.0).collect();
     ep.connect(&remote).map_err(io)?;
-    send_msg(stream, &msg_of(&ep, pool.slot_size() as u32, credits))
+    send_msg(stream, answer_mac, &msg_of(&ep, pool.slot_size() as u32, credits))
         .map_err(|e| NodeError::io(format!("{peer}: answering the transport offer"), &e))?;
     tracing::info!(%peer, local = ep.device(), credits = granted.len(), "hop transport: rdma (receiving)");
     Ok(Some(UpLink { ep, granted }))

@@ -612,36 +612,32 @@ impl Drop for PeerGuard {
     }
 }
 
-fn reject(conn: &mut TcpStream, node: &str, error: NodeError) -> io::Result<()> {
-    reject_reports(conn, &[ReplicaReport::failed(node, error)])
+/// A REJECT naming `node`, under the connection's MAC when it has a `secret` (see
+/// `hop::write_reject`), then [`linger_close`].
+fn reject(conn: &mut TcpStream, secret: Option<&Secret>, node: &str, error: NodeError) -> io::Result<()> {
+    reject_reports(conn, secret, &[ReplicaReport::failed(node, error)])
 }
 
-fn reject_reports(conn: &mut TcpStream, reports: &[ReplicaReport]) -> io::Result<()> {
-    wire::write_frame(conn, Kind::Reject, 0, &wire::encode_reports(reports))?;
+/// A REJECT with `reports` (under the connection's MAC when it has a `secret`), then
+/// [`linger_close`].
+fn reject_reports(conn: &mut TcpStream, secret: Option<&Secret>, reports: &[ReplicaReport]) -> io::Result<()> {
+    crate::hop::write_reject(conn, secret, reports)?;
     linger_close(conn);
     Ok(())
 }
 
-/// [`reject_reports`], with a MAC (on an authenticated connection) when a report says
-/// "published": a node after this one already holds the version (see `Hop::handshake`).
-fn reject_reports_sealed(
+type Secret = crate::crypt::SessionSecret;
+
+/// Tells a peer whose handshake `error` refused why (when it can read it; under the connection's
+/// MAC when the peer had authenticated), and records it.
+fn refuse_handshake(
     conn: &mut TcpStream,
-    reports: &[ReplicaReport],
-    secret: Option<&crate::crypt::SessionSecret>,
-) -> io::Result<()> {
-    let payload = wire::encode_reports(reports);
-    let payload = if reports.iter().any(|r| r.outcome == wire::Outcome::Published) {
-        crate::crypt::seal_frame(secret, crate::hop::LABEL_HELD, payload)
-    } else {
-        payload
-    };
-    wire::write_frame(conn, Kind::Reject, 0, &payload)?;
-    linger_close(conn);
-    Ok(())
-}
-
-/// Tells a peer whose handshake `error` refused why (when it can read it), and records it.
-fn refuse_handshake(conn: &mut TcpStream, peer: &str, me: &str, opts: &ServeOptions, error: &HandshakeError) {
+    secret: Option<&Secret>,
+    peer: &str,
+    me: &str,
+    opts: &ServeOptions,
+    error: &HandshakeError,
+) {
     match error.audit_reason() {
         None => tracing::debug!(%peer, "{error}"),
         Some(reason) => {
@@ -650,7 +646,7 @@ fn refuse_handshake(conn: &mut TcpStream, peer: &str, me: &str, opts: &ServeOpti
         }
     }
     if let Some(e) = error.reply() {
-        let _ = reject(conn, me, e);
+        let _ = reject(conn, secret, me, e);
     }
 }
 
@@ -684,7 +680,9 @@ fn handle(conn: TcpStream, peer: &str, shared: &Shared, pending: Pending) {
     };
     let (hop, frame) = match Hop::accept(conn, peer, &policy) {
         Ok(accepted) => accepted,
-        Err(Refused { mut stream, error }) => return refuse_handshake(&mut stream, peer, me, opts, &error),
+        Err(Refused { mut stream, secret, error }) => {
+            return refuse_handshake(&mut stream, secret.as_ref(), peer, me, opts, &error);
+        }
     };
     dispatch(hop, peer, frame, shared, pending);
 }
@@ -698,24 +696,24 @@ fn dispatch(mut hop: Hop, peer: &str, frame: wire::Frame, shared: &Shared, pendi
             let result = store.list().map(|sets| wire::encode_status(&sets));
             match result {
                 Ok(payload) => {
-                    let _ = wire::write_frame(&mut hop.stream, Kind::StatusResp, 0, &payload);
+                    let _ = hop.send_status(payload);
                 }
                 Err(e) => {
-                    let _ = reject(&mut hop.stream, me, e.to_node_error());
+                    let _ = reject(&mut hop.stream, hop.secret.as_ref(), me, e.to_node_error());
                 }
             }
         }
         Kind::Hello => {
             let payload = match hop.open_hello(&frame) {
                 Ok(payload) => payload,
-                Err(e) => return refuse_handshake(&mut hop.stream, peer, me, opts, &e),
+                Err(e) => return refuse_handshake(&mut hop.stream, hop.secret.as_ref(), peer, me, opts, &e),
             };
             let hello = match Hello::decode(payload).and_then(|h| admit(&h, opts).map(|()| h)) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(%peer, "refused HELLO: {e}");
                     audit_refusal(opts, peer, hop.peer_id.as_deref(), format!("bad HELLO: {}", e.message));
-                    let _ = reject(&mut hop.stream, me, e);
+                    let _ = reject(&mut hop.stream, hop.secret.as_ref(), me, e);
                     return;
                 }
             };
@@ -727,7 +725,7 @@ fn dispatch(mut hop: Hop, peer: &str, frame: wire::Frame, shared: &Shared, pendi
                     tracing::warn!(%peer, "refused: {why}");
                     audit_refusal(opts, peer, hop.peer_id.as_deref(), format!("busy: {why}"));
                     let busy = NodeError::new(ErrorKind::Busy, format!("replica busy: {why}; retry later"));
-                    let _ = reject(&mut hop.stream, me, busy);
+                    let _ = reject(&mut hop.stream, hop.secret.as_ref(), me, busy);
                     return;
                 }
             };
@@ -738,6 +736,7 @@ fn dispatch(mut hop: Hop, peer: &str, frame: wire::Frame, shared: &Shared, pendi
             audit_refusal(opts, peer, hop.peer_id.as_deref(), format!("unexpected {} frame", k.name()));
             let _ = reject(
                 &mut hop.stream,
+                hop.secret.as_ref(),
                 me,
                 NodeError::new(
                     ErrorKind::Protocol,
@@ -773,7 +772,7 @@ fn push_session(mut up: Hop, hello: Hello, store: &Arc<Store>, pools: &PoolCache
     let admitted = match admission(&hello, key_id.as_deref(), up.secret.is_some(), store, opts) {
         Ok(a) => a,
         Err(e) => {
-            let _ = audit.reject(&mut up.stream, &me, e);
+            let _ = audit.reject(&mut up, &me, e);
             return;
         }
     };
@@ -784,13 +783,13 @@ fn push_session(mut up: Hop, hello: Hello, store: &Arc<Store>, pools: &PoolCache
         Ok(onward) => onward,
         Err(Onward::Refused(node, e)) => {
             drop(reserved);
-            let _ = audit.reject(&mut up.stream, &node, e);
+            let _ = audit.reject(&mut up, &node, e);
             return;
         }
         Err(Onward::Reports(reports)) => {
             drop(reserved);
             audit.reason = Some(summary(&reports));
-            let _ = reject_reports_sealed(&mut up.stream, &reports, up.secret.as_ref());
+            let _ = reject_reports(&mut up.stream, up.secret.as_ref(), &reports);
             return;
         }
     };
@@ -873,7 +872,7 @@ fn reserve(
         tracing::info!("already held: the same manifest is published here; taking no data");
         audit.outcome = "already held";
         let held = [ReplicaReport { node: me.clone(), outcome: wire::Outcome::Published }];
-        let _ = reject_reports_sealed(&mut up.stream, &held, up.secret.as_ref());
+        let _ = reject_reports(&mut up.stream, up.secret.as_ref(), &held);
         return None;
     }
     let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
@@ -885,7 +884,7 @@ fn reserve(
         }
         Err(e) => {
             tracing::warn!("refused: {e}");
-            let _ = audit.reject(&mut up.stream, me, e.to_node_error());
+            let _ = audit.reject(up, me, e.to_node_error());
             return None;
         }
     };
@@ -1233,9 +1232,9 @@ struct AuditGuard<'a> {
 
 impl AuditGuard<'_> {
     /// Refuses the push with `error` (a REJECT naming `node`) and remembers why.
-    fn reject(&mut self, conn: &mut TcpStream, node: &str, error: NodeError) -> io::Result<()> {
+    fn reject(&mut self, up: &mut Hop, node: &str, error: NodeError) -> io::Result<()> {
         self.reason = Some(format!("{node}: {}", error.message));
-        reject(conn, node, error)
+        reject(&mut up.stream, up.secret.as_ref(), node, error)
     }
 }
 
@@ -1325,22 +1324,5 @@ pub fn status(
     key: Option<&crate::auth::ClusterKey>,
     tls: Option<&crate::tls::TlsIdentity>,
 ) -> Result<Vec<wire::SetStatus>, NodeError> {
-    let mut s = Hop::dial(node, timeout, key, tls)?.stream;
-    let lost = |e: &dyn std::fmt::Display| NodeError::new(ErrorKind::ConnectionLost, format!("{node}: {e}"));
-    s.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
-    wire::write_frame(&mut s, Kind::StatusReq, 0, &[]).map_err(|e| lost(&e))?;
-    let f = wire::read_frame(&mut s).map_err(|e| lost(&e))?;
-    match f.header.kind {
-        Kind::StatusResp => {
-            wire::decode_status(&f.payload).map_err(|e| NodeError::new(ErrorKind::Protocol, format!("{node}: {e}")))
-        }
-        Kind::Reject => {
-            let reports = wire::decode_reports(&f.payload).unwrap_or_default();
-            Err(match reports.into_iter().next().map(|r| r.outcome) {
-                Some(wire::Outcome::Failed(e)) => e,
-                _ => NodeError::new(ErrorKind::Protocol, format!("{node} refused the status request")),
-            })
-        }
-        k => Err(NodeError::new(ErrorKind::Protocol, format!("{node} answered with {}", k.name()))),
-    }
+    Hop::dial(node, timeout, key, tls)?.status(timeout)
 }
