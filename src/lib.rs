@@ -30,6 +30,7 @@
 #![deny(unsafe_code)]
 
 pub mod audit;
+pub mod compress;
 pub(crate) mod credentials;
 pub mod error;
 pub(crate) mod hop;

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub bytes_in: Family<PeerLabel, Counter>,
     /// Chunk bytes forwarded, by downstream peer.
     pub bytes_out: Family<PeerLabel, Counter>,
+    /// Chunk payload bytes received from upstream as they travelled (compressed or not), by
+    /// upstream peer: next to `received_bytes`, what compression saved on the link.
+    pub wire_bytes_in: Family<PeerLabel, Counter>,
     /// Chunks whose digest checked out.
     pub chunks_verified: Counter,
     /// Chunks whose bytes did not match their digest.
@@ -89,6 +92,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("shardcast");
         let bytes_in = Family::<PeerLabel, Counter>::default();
         let bytes_out = Family::<PeerLabel, Counter>::default();
+        let wire_bytes_in = Family::<PeerLabel, Counter>::default();
         let chunks_verified = Counter::default();
         let digest_failures = Counter::default();
         let pushes = Family::<OutcomeLabel, Counter>::default();
@@ -103,6 +107,11 @@ impl Metrics {
         let partial_bytes = Gauge::default();
         registry.register("received_bytes", "Chunk bytes received from upstream, by peer", bytes_in.clone());
         registry.register("forwarded_bytes", "Chunk bytes sent downstream, by peer", bytes_out.clone());
+        registry.register(
+            "received_wire_bytes",
+            "Chunk payload bytes received from upstream as they travelled (compressed or not), by peer",
+            wire_bytes_in.clone(),
+        );
         registry.register("chunks_verified", "Chunks whose xxh3-128 digest checked out", chunks_verified.clone());
         registry.register("digest_failures", "Chunks whose bytes did not match their digest", digest_failures.clone());
         registry.register("pushes", "Pushes handled by this node, by outcome here", pushes.clone());
@@ -129,6 +138,7 @@ impl Metrics {
             registry,
             bytes_in,
             bytes_out,
+            wire_bytes_in,
             chunks_verified,
             digest_failures,
             pushes,
@@ -169,6 +179,8 @@ pub struct SessionMetrics {
     pub bytes_in: Counter<u64, AtomicU64>,
     /// Bytes out to this session's downstream.
     pub bytes_out: Counter<u64, AtomicU64>,
+    /// Payload bytes in from upstream as they travelled (compressed or not).
+    pub wire_in: Counter<u64, AtomicU64>,
 }
 
 impl SessionMetrics {
@@ -178,6 +190,7 @@ impl SessionMetrics {
         Self {
             all: Arc::clone(all),
             bytes_in: all.bytes_in.get_or_create(&PeerLabel { peer: peer_host(upstream) }).clone(),
+            wire_in: all.wire_bytes_in.get_or_create(&PeerLabel { peer: peer_host(upstream) }).clone(),
             bytes_out: all.bytes_out.get_or_create(&PeerLabel { peer: downstream.into() }).clone(),
         }
     }

@@ -259,6 +259,14 @@ typedef struct sc_push_opts {
    * See `tls_cert`.
    */
   const char *tls_ca;
+  /**
+   * Chunk compression (`shardcast push --compress`): 0 off, 1 auto, 2 zstd, 3 zstd-grouped.
+   */
+  uint32_t compress;
+  /**
+   * The zstd level, 1 to 19 (0: the default, 3).
+   */
+  uint32_t compress_level;
 } sc_push_opts;
 
 /**

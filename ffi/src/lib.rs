@@ -319,6 +319,10 @@ pub struct ScPushOpts {
     pub tls_key: *const c_char,
     /// See `tls_cert`.
     pub tls_ca: *const c_char,
+    /// Chunk compression (`shardcast push --compress`): 0 off, 1 auto, 2 zstd, 3 zstd-grouped.
+    pub compress: u32,
+    /// The zstd level, 1 to 19 (0: the default, 3).
+    pub compress_level: u32,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -536,6 +540,18 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
     // SAFETY: each NULL or NUL-terminated by the caller's contract.
     po.auth = unsafe { auth_arg(o.key_file, o.tls_cert, o.tls_key, o.tls_ca) }?;
     po.encrypt = o.encrypt != 0;
+    po.compress = match o.compress {
+        0 => shardcast::compress::Compress::Off,
+        1 => shardcast::compress::Compress::Auto,
+        2 => shardcast::compress::Compress::Zstd,
+        3 => shardcast::compress::Compress::ZstdGrouped,
+        n => return Err(invalid(format!("compress {n}: 0 off, 1 auto, 2 zstd, 3 zstd-grouped"))),
+    };
+    po.compress_level = match o.compress_level {
+        0 => None,
+        n @ 1..=19 => Some(n as i32),
+        n => return Err(invalid(format!("compress_level {n}: 1 to 19, or 0 for the default"))),
+    };
     Ok(())
 }
 

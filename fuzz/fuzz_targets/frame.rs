@@ -53,9 +53,25 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(h) = Header::decode(first)
     {
         assert!(h.len <= h.kind.max_len());
-        assert_eq!(first[7], 0, "a header with flags decoded");
-        assert_eq!(first[12..16], [0; 4], "a header with reserved bytes decoded");
-        assert_eq!(Header::decode(&h.to_bytes()), Ok(h));
+        let mut again = h.to_bytes();
+        if h.kind == Kind::Chunk {
+            // A CHUNK's flags and reserved bytes are its coding (`push --compress`).
+            let c = wire::Coding::read(first, h.len).expect("a decoded CHUNK's coding reads");
+            assert!(c.is_raw() || (h.len < c.raw_len && c.raw_len <= wire::MAX_CHUNK), "{c:?}");
+            c.stamp(&mut again);
+            assert_eq!(&again[..], &first[..], "a CHUNK header does not re-encode to itself");
+            // The payload decompresses to exactly the announced length, or not at all.
+            if !c.is_raw() && c.raw_len <= 1 << 20 {
+                let mut d = shardcast::compress::Decoder::new(c.raw_len).expect("a decoder");
+                if let Ok(raw) = d.decode(0, c, &data[HEADER_LEN..]) {
+                    assert_eq!(raw.len(), c.raw_len as usize);
+                }
+            }
+        } else {
+            assert_eq!(first[7], 0, "a header with flags decoded");
+            assert_eq!(first[12..16], [0; 4], "a header with reserved bytes decoded");
+        }
+        assert_eq!(Header::decode(&again), Ok(h));
     }
     // What a replica reads before a peer is authenticated: nothing longer than an AUTH.
     let mut reader = data;

@@ -250,6 +250,15 @@ pub(crate) struct PushArgs {
     /// instead of pushing to them again around it.
     #[arg(long, env = "SHARDCAST_PUSH_NO_REPAIR")]
     pub(crate) no_repair: bool,
+    /// Compress chunks for slow links: each once here, forwarded as it is, decompressed and
+    /// checked at every replica. zstd; zstd-grouped: float bytes grouped by position first
+    /// (bf16/fp32 weights); auto: grouping where a sample says it helps, and only while
+    /// compressing is faster than the first hop drains; off.
+    #[arg(long, default_value = "off", env = "SHARDCAST_PUSH_COMPRESS")]
+    pub(crate) compress: shardcast::compress::Compress,
+    /// zstd level (1 fastest ... 19; default 3).
+    #[arg(long, env = "SHARDCAST_PUSH_COMPRESS_LEVEL", value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub(crate) compress_level: Option<i32>,
     /// Print one JSON object instead of text.
     #[arg(long, env = "SHARDCAST_PUSH_JSON")]
     pub(crate) json: bool,
@@ -291,6 +300,9 @@ pub(crate) struct MirrorArgs {
     /// checkpoint first): worth it when checkpoints change in places.
     #[arg(long, env = "SHARDCAST_MIRROR_INCREMENTAL")]
     pub(crate) incremental: bool,
+    /// Compress chunks (as `push --compress`: auto, off, zstd, zstd-grouped).
+    #[arg(long, default_value = "off", env = "SHARDCAST_MIRROR_COMPRESS")]
+    pub(crate) compress: shardcast::compress::Compress,
 }
 
 // `shardcast stage`: its flags (the variant of [`Cmd`] documents the command).

@@ -18,6 +18,7 @@ pub(crate) fn run(a: MirrorArgs, g: &Global) -> u8 {
     push.transport = a.transport;
     push.keep = a.keep.unwrap_or(0);
     push.incremental = a.incremental;
+    push.compress = a.compress;
     if !a.watch.is_dir() {
         return output::fail(EXIT_USAGE, format!("--watch {}: not a directory", a.watch.display()));
     }

@@ -51,6 +51,8 @@ fn report_json(r: &PushReport) -> serde_json::Value {
         "seconds": r.seconds, "manifest_seconds": r.manifest_seconds, "gbps": r.rate() / 1e9,
         "ok": r.ok(), "published": r.published(), "required": r.required.min(r.replicas.len()),
         "replicas": replicas,
+        "sent_raw_bytes": r.coded.raw, "sent_wire_bytes": r.coded.wire,
+        "compressed_chunks": r.coded.compressed_chunks,
     })
 }
 
@@ -121,6 +123,15 @@ fn print_report(r: &PushReport, json: bool) -> u8 {
             r.seconds,
             r.rate() / 1e9
         );
+        if r.coded.compressed_chunks > 0 {
+            println!(
+                "  compressed: {} of {} chunk bytes on the wire ({:.3} x), {} chunks compressed",
+                r.coded.wire,
+                r.coded.raw,
+                r.coded.wire as f64 / r.coded.raw.max(1) as f64,
+                r.coded.compressed_chunks
+            );
+        }
         for rep in &r.replicas {
             match &rep.outcome {
                 Outcome::Published if r.already_held.contains(&rep.node) => {

@@ -31,6 +31,8 @@ pub(crate) fn run(a: PushArgs, g: &Global) -> u8 {
     opts.incremental = a.incremental;
     opts.min_replicas = a.min_replicas.map(|m| m as usize);
     opts.repair = !a.no_repair;
+    opts.compress = a.compress;
+    opts.compress_level = a.compress_level;
     let source = a.source;
     with_progress(&opts, a.json, |o, p| shardcast::push(&source, o, p))
 }

@@ -64,6 +64,11 @@ pub struct PushOptions {
     /// Encrypt chunks on every hop (AES-256-GCM, per-hop keys from the authentication; needs
     /// `auth`, and means TCP on every hop).
     pub encrypt: bool,
+    /// Compress chunks (`--compress`): each once here, forwarded as they are, decompressed and
+    /// checked at every replica.
+    pub compress: crate::compress::Compress,
+    /// The zstd level (None: `compress::DEFAULT_LEVEL`).
+    pub compress_level: Option<i32>,
 }
 
 impl PushOptions {
@@ -88,6 +93,8 @@ impl PushOptions {
             min_replicas: None,
             auth: Auth::None,
             encrypt: false,
+            compress: crate::compress::Compress::Off,
+            compress_level: None,
         }
     }
 }
@@ -116,6 +123,9 @@ pub struct PushReport {
     /// Replicas that already held this version with the same manifest: reported published,
     /// they took no data.
     pub already_held: Vec<String>,
+    /// What the chunks sent took on the wire to the first replica against their size (the
+    /// first attempt of the push; all raw unless it compresses).
+    pub coded: crate::compress::CodedBytes,
 }
 
 impl PushReport {
@@ -299,6 +309,7 @@ pub fn push_routed(
                             .collect(),
                         required: required(opts, opts.to.len()),
                         already_held: held,
+                        coded: Default::default(),
                     });
                 }
             }
@@ -440,6 +451,7 @@ fn with_repair(
             replicas: Vec::new(),
             required: 0,
             already_held: Vec::new(),
+            coded: Default::default(),
         });
     }
     let Some(mut report) = base else {
@@ -548,7 +560,8 @@ fn run_push(
         (true, Some(s)) => Some(crate::crypt::Sealer::new(s)),
         _ => None,
     };
-    let cfg = cfg.route(route, None).crypt(None, sealer).macs(None, secret);
+    let cfg =
+        cfg.route(route, None).crypt(None, sealer).macs(None, secret).compress(opts.compress, opts.compress_level);
     let session = Session::new(
         Role::Primary,
         "",
@@ -572,7 +585,12 @@ fn run_push(
     if let Some(p) = progress {
         p.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let (end, streamed) = session.run_keeping_manifest();
+    let (end, streamed, mut coded) = session.run_keeping_manifest();
+    if coded.raw == 0 {
+        // Not compressing: every chunk went as it is.
+        coded.raw = bytes;
+        coded.wire = bytes;
+    }
     drop(stream);
     // Chunks moved: whatever a later attempt of this push sends must match what was read now.
     if pinned.is_none() {
@@ -597,6 +615,7 @@ fn run_push(
         required: required(opts, replicas.len()),
         replicas,
         already_held: Vec::new(),
+        coded,
     })
 }
 
@@ -623,7 +642,8 @@ fn hello_for(opts: &PushOptions, manifest: &Manifest, wants: &[Option<Vec<u32>>]
         keep: opts.keep,
         flags: wire::HelloFlags::default()
             .with(wire::HelloFlags::REPAIR, opts.repair && opts.mode == Mode::Sync)
-            .with(wire::HelloFlags::ENCRYPT, opts.encrypt),
+            .with(wire::HelloFlags::ENCRYPT, opts.encrypt)
+            .with(wire::HelloFlags::COMPRESS, opts.compress != crate::compress::Compress::Off),
         // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC).
         transport: if opts.encrypt { Transport::Tcp } else { opts.transport },
         you: opts.to[0].clone(),
@@ -704,6 +724,7 @@ mod tests {
             replicas: to.iter().map(|n| ReplicaReport { node: n.clone(), outcome: outcome(n) }).collect(),
             required: to.len(),
             already_held: Vec::new(),
+            coded: Default::default(),
         }
     }
 

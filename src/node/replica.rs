@@ -1067,6 +1067,7 @@ fn start_session<'a>(
         .superseded(staging.receiving())
         .early_report(hello.mode == wire::Mode::Async)
         .stop_on_loss(hello.flags.has(wire::HelloFlags::REPAIR))
+        .decompress(hello.flags.has(wire::HelloFlags::COMPRESS))
         .crypt(
             up_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Opener::new),
             down_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Sealer::new),

@@ -44,6 +44,10 @@ pub(super) struct Parts {
     pub(super) prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
     pub(super) route: Option<(Route, Option<OwnEntries>)>,
     pub(super) metrics: Option<crate::metrics::SessionMetrics>,
+    /// Primary: how to compress chunks (mode, zstd level).
+    pub(super) compress: Option<(crate::compress::Compress, Option<i32>)>,
+    /// Replica: upstream may send compressed chunks.
+    pub(super) decompress: bool,
 }
 
 impl Default for SessionConfig {
@@ -155,6 +159,18 @@ impl SessionConfig {
     /// the manifest it publishes.
     pub(crate) fn route(mut self, route: Option<Route>, own: Option<OwnEntries>) -> Self {
         self.parts.route = route.map(|r| (r, own));
+        self
+    }
+
+    /// Primary: compresses chunks as `mode` says (`push --compress`), at zstd `level`.
+    pub(crate) fn compress(mut self, mode: crate::compress::Compress, level: Option<i32>) -> Self {
+        self.parts.compress = Some((mode, level));
+        self
+    }
+
+    /// Replica of a push whose chunks may come compressed (HELLO's COMPRESS flag).
+    pub(crate) fn decompress(mut self, on: bool) -> Self {
+        self.parts.decompress = on;
         self
     }
 

@@ -160,6 +160,9 @@ impl Session<'_> {
             Ok(n) => match item {
                 DnItem::Chunk(seq, _) => {
                     self.count_out(n as u64);
+                    if let (Some(enc), Some(t)) = (self.codec.enc.as_mut(), self.codec.send_started.take()) {
+                        enc.link_sent(t.elapsed(), n);
+                    }
                     if let Some(p) = self.progress {
                         p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -213,9 +216,8 @@ impl Session<'_> {
             && let Some(item) = self.down.queue.pop_front()
         {
             let buf = match item {
-                DnItem::Chunk(seq, slot) if self.down.seal.is_some() => {
-                    let c = self.manifest.chunk(seq).expect("in range");
-                    let len = HEADER_LEN + c.len as usize;
+                DnItem::Chunk(_, slot) if self.down.seal.is_some() => {
+                    let len = HEADER_LEN + self.frame_len(slot) as usize;
                     // The slot holds the whole frame (its payload is checked or read, and
                     // nothing writes it while it waits to be forwarded).
                     self.pool.copy_to_seal(slot, len);
@@ -223,15 +225,16 @@ impl Session<'_> {
                     Buf::Seal { len: (len + TAG_LEN) as u32 }
                 }
                 DnItem::Chunk(seq, slot) => {
-                    let c = self.manifest.chunk(seq).expect("in range");
                     let mac = self.mac_chunk(seq, slot);
-                    Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + c.len + mac }
+                    if self.codec.enc.is_some() {
+                        self.codec.send_started = Some(Instant::now());
+                    }
+                    Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }
                 }
                 DnItem::Piece { seq, slot, off, len } => {
                     // The last piece of a cut-through chunk on an authenticated hop is its MAC,
                     // queued once the chunk from upstream authenticated; made now, in send order.
-                    let c = self.manifest.chunk(seq).expect("in range");
-                    if off == HEADER_LEN as u32 + c.len && len == FRAME_MAC_LEN as u32 {
+                    if off == HEADER_LEN as u32 + self.frame_len(slot) && len == FRAME_MAC_LEN as u32 {
                         self.mac_chunk(seq, slot);
                     }
                     Buf::Slot { id: slot, off: off as usize, len }
@@ -258,15 +261,16 @@ impl Session<'_> {
     /// Authenticated hop downstream without encryption: writes the MAC of the chunk frame in
     /// `slot` (its header as it is sent) after its payload, and returns its length (0 without).
     pub(super) fn mac_chunk(&mut self, seq: u64, slot: SlotId) -> u32 {
+        debug_assert!(self.manifest.chunk(seq).is_some(), "chunk {seq} in range");
+        let frame_len = self.frame_len(slot);
         let Some(m) = self.down.macs.as_mut() else { return 0 };
-        let c = self.manifest.chunk(seq).expect("in range");
         // The slot holds the chunk's header; nothing writes the header while the chunk waits to
         // be forwarded.
         let header: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         let mac = m.sign(&header, &[]);
         // The bytes after the payload (room the pool leaves for a tag) are used by no other op:
         // disk writes cover the payload only, and the frame is not being sent yet.
-        self.pool.slot_mut(slot, HEADER_LEN + c.len as usize, FRAME_MAC_LEN).copy_from_slice(&mac);
+        self.pool.slot_mut(slot, HEADER_LEN + frame_len as usize, FRAME_MAC_LEN).copy_from_slice(&mac);
         FRAME_MAC_LEN as u32
     }
 

@@ -115,6 +115,10 @@ impl Session<'_> {
     /// Submits the staging write of chunk `seq` from `slot`.
     pub(super) fn write_chunk(&mut self, seq: u64, slot: SlotId) {
         let c = self.manifest.chunk(seq).expect("machine only writes chunks in range");
+        let coding = self.slot_coding(slot);
+        if !coding.is_raw() {
+            return self.write_decoded(seq, slot, coding);
+        }
         let Local::Staging(Some(st)) = &self.here.data else { unreachable!("only replicas write") };
         let entry = match &self.here.own {
             Some(own) => own.map[c.entry].expect("the route stores only this node's entries"),
@@ -214,8 +218,7 @@ impl Session<'_> {
                     return self.abort(e);
                 }
                 self.manifest.set_digest(seq, d);
-                let h = Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d };
-                self.pool.slot_mut(slot, 0, HEADER_LEN).copy_from_slice(&h.to_bytes());
+                self.stamp_chunk(slot, Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d });
                 self.events.push_back(Event::ChunkReady { seq, slot });
             }
             Ok(_) => {

@@ -34,6 +34,7 @@ use crate::store::Staging;
 use crate::sys::io::{Completion, Io, IoChoice, OpKind};
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
+mod compress;
 mod config;
 mod down;
 mod local;
@@ -143,6 +144,8 @@ pub(crate) struct Session<'a> {
     superseded: Option<std::sync::Arc<crate::store::Receiving>>,
     /// A readiness poll is in flight on the RDMA completion channel (upstream, downstream).
     rdma_polling: [bool; 2],
+    /// Compressed pushes: the primary's encoder, a replica's decoder.
+    codec: compress::Codec,
 }
 
 impl<'a> Session<'a> {
@@ -211,6 +214,7 @@ impl<'a> Session<'a> {
             digests_known: false,
             superseded: None,
             rdma_polling: [false; 2],
+            codec: compress::Codec::default(),
         }
         .apply(parts)
     }
@@ -247,6 +251,22 @@ impl<'a> Session<'a> {
         self.superseded = parts.superseded;
         self.here.prefill = parts.prefill;
         self.metrics = parts.metrics;
+        let chunk = self.manifest.chunk_size();
+        if let Some((mode, level)) = parts.compress {
+            match crate::compress::Encoder::new(mode, level, chunk) {
+                Ok(enc) => self.codec.enc = enc,
+                Err(e) => tracing::warn!("cannot set up zstd ({e}): chunks go uncompressed"),
+            }
+        }
+        if parts.decompress {
+            match crate::compress::Decoder::new(chunk) {
+                Ok(dec) => self.codec.dec = Some(dec),
+                Err(e) => {
+                    self.end =
+                        Some(SessionEnd::Aborted(NodeError::new(ErrorKind::Io, format!("cannot set up zstd: {e}"))))
+                }
+            }
+        }
         self
     }
 
@@ -282,9 +302,10 @@ impl<'a> Session<'a> {
     /// Runs the push to its end and returns, with the end, the manifest as this node knows it
     /// then: on the primary of an ordinary push, the digest of every chunk it read (zero for
     /// chunks it never read), which a repair of the push must keep to.
-    pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest) {
+    pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest, crate::compress::CodedBytes) {
         let end = self.drive();
-        (end, self.manifest.clone())
+        let coded = self.codec.enc.as_ref().map(|e| e.coded).unwrap_or_default();
+        (end, self.manifest.clone(), coded)
     }
 
     fn drive(&mut self) -> SessionEnd {

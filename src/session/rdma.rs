@@ -34,9 +34,8 @@ impl Session<'_> {
                 DnItem::Chunk(seq, slot) => {
                     // The MAC travels in the slot too, after the payload (the receiver's slots
                     // leave room for it).
-                    let c = self.manifest.chunk(seq).expect("in range");
                     let mac = self.mac_chunk(seq, slot);
-                    (Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + c.len + mac }, seq)
+                    (Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }, seq)
                 }
                 DnItem::End => (self.end_frame(), END_WR),
                 DnItem::Piece { .. } => unreachable!("no cut-through onto an RDMA hop"),

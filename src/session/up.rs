@@ -130,7 +130,8 @@ impl Session<'_> {
                 format!("chunk {} arrived while chunk {} was expected", h.seq, self.up.next_seq),
             )),
             None => Err((ErrorKind::Protocol, format!("chunk {} is past the end", h.seq))),
-            Some(c) if h.len != c.len => Err((
+            // A compressed push's chunk may come shorter (its coding is checked once it is whole).
+            Some(c) if h.len != c.len && !(self.codec.dec.is_some() && h.len < c.len) => Err((
                 ErrorKind::Protocol,
                 format!("chunk {} announces {} bytes, the manifest says {}", h.seq, h.len, c.len),
             )),
@@ -143,11 +144,27 @@ impl Session<'_> {
         let c = self.manifest.chunk(seq).expect("checked on the header");
         let n = c.len as usize;
         self.up.next_seq = self.route.next_passing(seq + 1, self.manifest.chunk_count());
-        // The payload has landed in this slot and nothing writes it now.
+        // The payload has landed in this slot and nothing writes it now. A compressed chunk is
+        // checked after it is decompressed, whatever `verify` says; one whose coding does not
+        // fit the manifest, or that does not decompress, is refused like a bad digest (its
+        // pieces may be on their way downstream: the machine settles its slot).
+        let checked = self.coding_fits(slot, c.len).and_then(|coding| {
+            if !self.cfg.verify && coding.is_raw() {
+                return Ok(announced);
+            }
+            self.chunk_digest(slot, seq, coding)
+        });
         let ok = (!self.digests_known || announced == c.digest)
-            && (!self.cfg.verify || digest(self.pool.slot(slot, HEADER_LEN, n)) == announced);
+            && match checked {
+                Ok(d) => d == announced,
+                Err(why) => {
+                    tracing::warn!(seq, "compressed chunk refused: {why}");
+                    false
+                }
+            };
         if let Some(m) = &self.metrics {
             m.bytes_in.inc_by(n as u64);
+            m.wire_in.inc_by(u64::from(self.frame_len(slot)));
             if ok {
                 m.all.chunks_verified.inc()
             } else {
@@ -431,12 +448,14 @@ impl Session<'_> {
     /// through, then receive the rest, or check the whole chunk.
     fn up_payload_done(&mut self, p: PayloadRecv) {
         let PayloadRecv { slot, seq, digest: announced, got, want } = p;
-        let c = self.manifest.chunk(seq).expect("checked on the header");
+        // The frame's payload length as its header announced it (shorter than the chunk when
+        // compressed).
+        let frame_len = u32::from_le_bytes(self.up.header[8..12].try_into().expect("4 bytes"));
         let cutting = self.down.cut.back().is_some_and(|c| c.seq == seq);
         let now = got + want;
-        let wire_len = c.len + self.tag_len();
+        let wire_len = frame_len + self.tag_len();
         // Payload bytes of this receive (not the MAC after them, which is this hop's).
-        let payload_end = now.min(c.len);
+        let payload_end = now.min(frame_len);
         if cutting && !self.down.closed && payload_end > got {
             // The first piece carries the chunk's header, exactly as it arrived.
             let (off, len) = if got == 0 {
@@ -448,7 +467,7 @@ impl Session<'_> {
             let ct = self.down.cut.back_mut().expect("cutting");
             ct.pending += 1;
             // Authenticated downstream: complete once its MAC is queued (below).
-            ct.complete = payload_end == c.len && self.down.macs.is_none();
+            ct.complete = payload_end == frame_len && self.down.macs.is_none();
         }
         if now < wire_len {
             if let Err(e) = self.recv_piece(slot, seq, announced, now, wire_len) {
@@ -458,7 +477,7 @@ impl Session<'_> {
             return;
         }
         self.up.recv = UpRecv::Idle;
-        if let Err(error) = self.authenticate_chunk(slot, seq, c.len, wire_len) {
+        if let Err(error) = self.authenticate_chunk(slot, seq, frame_len, wire_len) {
             self.pool.release(slot);
             self.up.recv = UpRecv::Done;
             return self.abort(error);
@@ -466,7 +485,7 @@ impl Session<'_> {
         if cutting && !self.down.closed && self.down.macs.is_some() {
             // Only now, the chunk's header authentic, does this node vouch for it downstream:
             // its own MAC goes last (made when sent, in send order).
-            let off = HEADER_LEN as u32 + c.len;
+            let off = HEADER_LEN as u32 + frame_len;
             self.down.queue.push_back(DnItem::Piece { seq, slot, off, len: FRAME_MAC_LEN as u32 });
             let ct = self.down.cut.back_mut().expect("cutting");
             ct.pending += 1;

@@ -279,6 +279,12 @@ impl Staging {
         }
     }
 
+    /// The file chunks of entry `i` are written to (a compressed push writes decoded chunks
+    /// with it).
+    pub fn file(&self, entry: usize) -> Option<&File> {
+        self.files.get(entry)?.as_deref()
+    }
+
     /// The descriptor chunks of entry `i` are written to.
     pub fn fd(&self, entry: usize) -> Option<RawFd> {
         self.files.get(entry)?.as_ref().map(|f| f.as_raw_fd())

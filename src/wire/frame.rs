@@ -165,16 +165,20 @@ impl Header {
             return Err(WireError::BadVersion(version));
         }
         let kind = Kind::from_u8(buf[6])?;
-        // No kind uses the flags byte or the reserved bytes yet: refusing anything but zero
-        // keeps them usable later (a peer that sets them speaks something this build does not).
-        if buf[7] != 0 || buf[12..16] != [0; 4] {
+        let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+        if kind == Kind::Chunk {
+            // A CHUNK's flags and reserved bytes say how its payload is coded; checked whole.
+            Coding::read(buf, len)?;
+        } else if buf[7] != 0 || buf[12..16] != [0; 4] {
+            // No other kind uses the flags byte or the reserved bytes yet: refusing anything but
+            // zero keeps them usable later (a peer that sets them speaks something this build
+            // does not).
             return Err(WireError::Invalid(format!(
                 "frame header: flags {:#04x} and reserved bytes {:02x?} must be zero",
                 buf[7],
                 &buf[12..16]
             )));
         }
-        let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
         if len > kind.max_len() {
             return Err(WireError::TooLong { kind: kind.name(), len: len.into(), max: kind.max_len().into() });
         }
@@ -184,6 +188,83 @@ impl Header {
             seq: u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes")),
             digest: u128::from_le_bytes(buf[24..40].try_into().expect("16 bytes")),
         })
+    }
+}
+
+/// How a CHUNK frame's payload is coded: its header's flags byte (offset 7) and, when the
+/// payload is compressed, the uncompressed length in the reserved bytes (offset 12). The
+/// header's `digest` always covers the uncompressed bytes. Other kinds keep both zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Coding {
+    /// [`Coding::ZSTD`], [`Coding::GROUP2`], [`Coding::GROUP4`]; zero: the payload is the
+    /// chunk's bytes as they are.
+    pub flags: u8,
+    /// The chunk's uncompressed length (zero when the payload is raw).
+    pub raw_len: u32,
+}
+
+impl Coding {
+    /// The payload is one zstd frame of the chunk's bytes.
+    pub const ZSTD: u8 = 1;
+    /// Before compression the bytes were grouped by position in 2-byte elements (all first
+    /// bytes, then all second bytes; a tail shorter than an element stays last, as it is).
+    pub const GROUP2: u8 = 2;
+    /// The same with 4-byte elements.
+    pub const GROUP4: u8 = 4;
+    const KNOWN: u8 = Self::ZSTD | Self::GROUP2 | Self::GROUP4;
+    /// A raw payload.
+    pub const RAW: Self = Self { flags: 0, raw_len: 0 };
+
+    /// Whether the payload is the chunk's bytes as they are.
+    pub fn is_raw(self) -> bool {
+        self.flags == 0
+    }
+
+    /// The element width the bytes were grouped by (1: not grouped).
+    pub fn group_width(self) -> usize {
+        if self.flags & Self::GROUP2 != 0 {
+            2
+        } else if self.flags & Self::GROUP4 != 0 {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Reads and checks the coding of a CHUNK header whose payload is `len` bytes: known flags
+    /// only, grouping only under zstd, and a compressed payload shorter than the chunk it
+    /// stands for (a chunk that does not shrink travels raw).
+    pub fn read(buf: &[u8; HEADER_LEN], len: u32) -> Result<Self, WireError> {
+        let flags = buf[7];
+        let raw_len = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
+        let bad = |why: &str| {
+            Err(WireError::Invalid(format!("CHUNK coding (flags {flags:#04x}, raw length {raw_len}): {why}")))
+        };
+        if flags & !Self::KNOWN != 0 {
+            return bad("unknown flags; the sender is newer than this node");
+        }
+        if flags & Self::ZSTD == 0 {
+            return if flags != 0 || raw_len != 0 {
+                bad("grouping or a raw length without compression")
+            } else {
+                Ok(Self::RAW)
+            };
+        }
+        if flags & Self::GROUP2 != 0 && flags & Self::GROUP4 != 0 {
+            return bad("two element widths");
+        }
+        if raw_len > MAX_CHUNK || len >= raw_len {
+            return bad(&format!(
+                "a compressed payload of {len} bytes must be shorter than the chunk, at most {MAX_CHUNK}"
+            ));
+        }
+        Ok(Self { flags, raw_len })
+    }
+
+    /// Writes this coding into an encoded CHUNK header.
+    pub fn stamp(self, header: &mut [u8]) {
+        header[7] = self.flags;
+        header[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
     }
 }
 

@@ -17,7 +17,11 @@ impl HelloFlags {
     /// Chunk payloads are encrypted on every TCP hop (AES-256-GCM, per-hop keys from the
     /// authentication handshake; see `crypt.rs`).
     pub const ENCRYPT: u8 = 2;
-    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT;
+    /// Chunk frames may come compressed (`push --compress`; see `wire::Coding`): relays forward
+    /// them as they are, and every replica decompresses and checks the digest before writing.
+    /// A replica without it refuses the HELLO, so an old one says so before any chunk moves.
+    pub const COMPRESS: u8 = 4;
+    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT | Self::COMPRESS;
 
     /// From the wire byte; unknown bits are refused (a newer primary asks for something this
     /// replica cannot do).

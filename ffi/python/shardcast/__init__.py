@@ -242,6 +242,8 @@ def push_async(
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
+    compress: str = "off",
+    compress_level: int = 0,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -260,9 +262,13 @@ def push_async(
     ``repair``: go on around a replica that dies mid-push (the others resume). ``key_file``:
     the cluster key every hop authenticates with (see ``shardcast --key-file``). ``encrypt``:
     encrypt the chunks on every hop (AES-256-GCM; needs ``key_file`` or ``tls``). ``tls``:
-    ``(cert, key, ca)`` PEM files for mutual TLS instead of a cluster key."""
+    ``(cert, key, ca)`` PEM files for mutual TLS instead of a cluster key. ``compress``:
+    ``"off"``, ``"auto"``, ``"zstd"`` or ``"zstd-grouped"`` (see ``shardcast push --compress``),
+    at zstd level ``compress_level`` (0: the default)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
+    if compress not in _COMPRESS:
+        raise ValueError(f"compress {compress!r}: one of {', '.join(_COMPRESS)}")
     if isinstance(to, str):
         to = [to]
     opts = _native.PushOpts(
@@ -281,6 +287,8 @@ def push_async(
         os.fsencode(key_file) if key_file is not None else None,
         int(bool(encrypt)),
         *_tls_args(tls),
+        _COMPRESS[compress],
+        int(compress_level),
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -329,6 +337,8 @@ def push(
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
+    compress: str = "off",
+    compress_level: int = 0,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -350,8 +360,13 @@ def push(
         key_file=key_file,
         encrypt=encrypt,
         tls=tls,
+        compress=compress,
+        compress_level=compress_level,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
+
+
+_COMPRESS = {"off": 0, "auto": 1, "zstd": 2, "zstd-grouped": 3}
 
 
 def _tls_args(tls: Optional[Tuple[PathLike, PathLike, PathLike]]) -> Tuple[Optional[bytes], ...]:

@@ -39,6 +39,8 @@ class PushOpts(ctypes.Structure):
         ("tls_cert", ctypes.c_char_p),
         ("tls_key", ctypes.c_char_p),
         ("tls_ca", ctypes.c_char_p),
+        ("compress", ctypes.c_uint32),
+        ("compress_level", ctypes.c_uint32),
     ]
 
 

@@ -1,0 +1,432 @@
+//! Per-chunk compression of a push (`push --compress`): zstd, optionally after grouping the
+//! bytes of float elements by position (all first bytes, then all second bytes, ...), which
+//! puts the repetitive exponent bytes of bf16/fp32 weights together.
+//!
+//! The primary codes each chunk once ([`Encoder`]); relays forward the coded frame as it came;
+//! every replica decodes it ([`Decoder`]) and checks the digest of the decoded bytes. A chunk
+//! that does not shrink by at least 1/32 travels raw. `auto` compresses only while compressing
+//! is faster than the first hop drains (see [`Encoder::encode`]).
+
+use std::time::{Duration, Instant};
+
+use crate::wire::Coding;
+
+/// What a push does about compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compress {
+    /// Chunks travel as they are.
+    #[default]
+    Off,
+    /// zstd, with byte grouping where a sample says it helps, and only while compressing is
+    /// faster than the first hop drains (so a fast link is never slowed down).
+    Auto,
+    /// zstd on every chunk (raw where it does not shrink).
+    Zstd,
+    /// Byte grouping (element width 2 or 4, chosen per chunk by a sample) then zstd, on every
+    /// chunk.
+    ZstdGrouped,
+}
+
+impl std::str::FromStr for Compress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "none" => Ok(Self::Off),
+            "auto" => Ok(Self::Auto),
+            "zstd" => Ok(Self::Zstd),
+            "zstd-grouped" => Ok(Self::ZstdGrouped),
+            other => Err(format!("unknown compression {other:?}: expected auto, off, zstd or zstd-grouped")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Auto => "auto",
+            Self::Zstd => "zstd",
+            Self::ZstdGrouped => "zstd-grouped",
+        })
+    }
+}
+
+/// The zstd level when none is given: fast enough to stay above a 10 Gbit/s link's rate per
+/// core on float data, and most of the ratio of higher levels there.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// Bytes of a chunk the sample that picks the grouping (and measures the rate) compresses.
+const SAMPLE: usize = 64 << 10;
+
+/// Groups `src` by element width `w` into `dst` (same length): byte k of every element, for
+/// k = 0..w, then the tail that does not fill an element.
+pub fn group(src: &[u8], w: usize, dst: &mut [u8]) {
+    let n = src.len() / w;
+    for k in 0..w {
+        let out = &mut dst[k * n..(k + 1) * n];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = src[i * w + k];
+        }
+    }
+    dst[n * w..src.len()].copy_from_slice(&src[n * w..]);
+}
+
+/// Undoes [`group`].
+pub fn ungroup(src: &[u8], w: usize, dst: &mut [u8]) {
+    let n = src.len() / w;
+    for k in 0..w {
+        let inp = &src[k * n..(k + 1) * n];
+        for (i, b) in inp.iter().enumerate() {
+            dst[i * w + k] = *b;
+        }
+    }
+    dst[n * w..src.len()].copy_from_slice(&src[n * w..]);
+}
+
+fn group_flag(w: usize) -> u8 {
+    match w {
+        2 => Coding::GROUP2,
+        4 => Coding::GROUP4,
+        _ => 0,
+    }
+}
+
+/// What the encoder has done so far (the primary's report: raw bytes that went into coded
+/// frames, and the bytes those frames' payloads took on the wire).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodedBytes {
+    /// Bytes of every chunk sent, as they are on disk.
+    pub raw: u64,
+    /// Bytes of their payloads on the wire (compressed or raw).
+    pub wire: u64,
+    /// Chunks that travelled compressed.
+    pub compressed_chunks: u64,
+}
+
+/// An exponentially weighted mean of nanoseconds per byte.
+#[derive(Debug, Clone, Copy, Default)]
+struct Rate(Option<f64>);
+
+impl Rate {
+    fn add(&mut self, d: Duration, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let x = d.as_nanos() as f64 / bytes as f64;
+        self.0 = Some(self.0.map_or(x, |m| 0.75 * m + 0.25 * x));
+    }
+}
+
+/// `auto`'s measurements: how fast this node compresses and how well, and how fast the first
+/// hop drains (from the send completions downstream, which wait for the socket's buffer once
+/// the link is the bottleneck).
+#[derive(Debug, Default)]
+struct Auto {
+    compress: Rate,
+    /// Wire bytes over raw bytes of what was compressed lately.
+    ratio: Option<f64>,
+    link: Rate,
+    /// Samples cost time; while not compressing one is taken only once the last one's cost is
+    /// under 1 % of the time since.
+    next_probe: Option<Instant>,
+}
+
+impl Auto {
+    /// Whether compressing pays now: only when the compressor produces raw bytes faster than
+    /// the link takes them (then the link, not the compressor, sets the pace, and it moves
+    /// fewer bytes). Unknown rates say no: a link is only measured once it pushed back.
+    fn pays(&self) -> bool {
+        match (self.compress.0, self.link.0, self.ratio) {
+            // ns per raw byte compressing vs ns per raw byte the link takes uncompressed, with
+            // a margin so that a tie goes raw.
+            (Some(c), Some(l), Some(r)) => r < 0.97 && c * 1.2 < l,
+            _ => false,
+        }
+    }
+}
+
+/// The primary's side: codes chunks into frames' payloads.
+pub struct Encoder {
+    mode: Compress,
+    zc: zstd::bulk::Compressor<'static>,
+    /// The fast compressor of samples.
+    sample: zstd::bulk::Compressor<'static>,
+    grouped: Vec<u8>,
+    out: Vec<u8>,
+    auto: Auto,
+    /// What was sent so far.
+    pub coded: CodedBytes,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder").field("mode", &self.mode).field("coded", &self.coded).finish()
+    }
+}
+
+impl Encoder {
+    /// An encoder for chunks of at most `chunk_size` bytes; None when `mode` is off.
+    pub fn new(mode: Compress, level: Option<i32>, chunk_size: u32) -> std::io::Result<Option<Self>> {
+        if mode == Compress::Off {
+            return Ok(None);
+        }
+        let n = chunk_size as usize;
+        Ok(Some(Self {
+            mode,
+            zc: zstd::bulk::Compressor::new(level.unwrap_or(DEFAULT_LEVEL))?,
+            sample: zstd::bulk::Compressor::new(1)?,
+            grouped: vec![0; n],
+            out: vec![0; zstd::zstd_safe::compress_bound(n)],
+            auto: Auto::default(),
+            coded: CodedBytes::default(),
+        }))
+    }
+
+    /// A send of `bytes` to the first hop took `d` from submission to completion.
+    pub fn link_sent(&mut self, d: Duration, bytes: usize) {
+        self.auto.link.add(d, bytes);
+    }
+
+    /// Picks the element width for `raw` from a sample in its middle (1: no grouping), among
+    /// `widths`, measuring the sample's compression rate and ratio on the way.
+    fn pick_width(&mut self, raw: &[u8], widths: &[usize]) -> usize {
+        let len = raw.len().min(SAMPLE) & !3;
+        let start = ((raw.len() - len) / 2) & !3;
+        let s = &raw[start..start + len];
+        let (mut best, mut best_len) = (widths[0], usize::MAX);
+        let t = Instant::now();
+        for &w in widths {
+            let input = if w == 1 {
+                s
+            } else {
+                group(s, w, &mut self.grouped[..len]);
+                &self.grouped[..len]
+            };
+            if let Ok(n) = self.sample.compress_to_buffer(input, &mut self.out[..])
+                && n < best_len
+            {
+                (best, best_len) = (w, n);
+            }
+        }
+        if self.mode == Compress::Auto && len > 0 {
+            // One trial per width: the rate of one, and the ratio of the best.
+            self.auto.compress.add(t.elapsed() / widths.len() as u32, len);
+            self.auto.ratio = Some(best_len as f64 / len as f64);
+        }
+        best
+    }
+
+    /// Codes `raw`: the coding and the coded payload, or None when it goes raw (it does not
+    /// shrink by 1/32, or `auto` finds compressing slower than the link).
+    pub fn encode(&mut self, raw: &[u8]) -> Option<(Coding, &[u8])> {
+        self.coded.raw += raw.len() as u64;
+        let coded = self.try_encode(raw);
+        let wire = coded.map_or(raw.len(), |(_, n)| n);
+        self.coded.wire += wire as u64;
+        let (coding, n) = coded?;
+        self.coded.compressed_chunks += 1;
+        Some((coding, &self.out[..n]))
+    }
+
+    fn try_encode(&mut self, raw: &[u8]) -> Option<(Coding, usize)> {
+        if raw.len() < 64 {
+            return None;
+        }
+        let width = match self.mode {
+            Compress::Off => return None,
+            Compress::Zstd => 1,
+            Compress::ZstdGrouped => self.pick_width(raw, &[2, 4]),
+            Compress::Auto => {
+                if !self.auto.pays() {
+                    let now = Instant::now();
+                    if self.auto.next_probe.is_some_and(|t| now < t) {
+                        return None;
+                    }
+                    self.pick_width(raw, &[1, 2, 4]);
+                    self.auto.next_probe = Some(now + now.elapsed() * 100);
+                    if !self.auto.pays() {
+                        return None;
+                    }
+                }
+                self.pick_width(raw, &[1, 2, 4])
+            }
+        };
+        let t = Instant::now();
+        let n = if width == 1 {
+            self.zc.compress_to_buffer(raw, &mut self.out[..])
+        } else {
+            group(raw, width, &mut self.grouped[..raw.len()]);
+            self.zc.compress_to_buffer(&self.grouped[..raw.len()], &mut self.out[..])
+        }
+        .ok()?;
+        if self.mode == Compress::Auto {
+            self.auto.compress.add(t.elapsed(), raw.len());
+            self.auto.ratio = Some(n as f64 / raw.len() as f64);
+        }
+        (n <= raw.len() - raw.len() / 32)
+            .then_some((Coding { flags: Coding::ZSTD | group_flag(width), raw_len: raw.len() as u32 }, n))
+    }
+}
+
+/// Why a coded payload could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// zstd refused the bytes (corrupt, or not zstd).
+    #[error("the compressed payload does not decompress: {0}")]
+    Corrupt(std::io::Error),
+    /// It decompressed to another length than the header says.
+    #[error("the compressed payload decompresses to {got} bytes, the header says {want}")]
+    Length {
+        /// Bytes it decompressed to.
+        got: usize,
+        /// The raw length the header announced.
+        want: usize,
+    },
+}
+
+/// A replica's side: decodes payloads into a scratch buffer of one chunk (so a session's
+/// memory does not grow with the push), and remembers which chunk it holds.
+pub struct Decoder {
+    zd: zstd::bulk::Decompressor<'static>,
+    buf: Vec<u8>,
+    grouped: Vec<u8>,
+    /// The chunk whose bytes `buf` holds.
+    holds: Option<u64>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").field("holds", &self.holds).finish()
+    }
+}
+
+impl Decoder {
+    /// A decoder for chunks of at most `chunk_size` bytes.
+    pub fn new(chunk_size: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            zd: zstd::bulk::Decompressor::new()?,
+            buf: vec![0; chunk_size as usize],
+            grouped: vec![0; chunk_size as usize],
+            holds: None,
+        })
+    }
+
+    /// The bytes of chunk `seq` when they are the last decoded.
+    pub fn held(&self, seq: u64, len: usize) -> Option<&[u8]> {
+        (self.holds == Some(seq)).then(|| &self.buf[..len])
+    }
+
+    /// Decodes chunk `seq`'s `payload` coded as `coding`; its bytes stay held until the next
+    /// decode.
+    pub fn decode(&mut self, seq: u64, coding: Coding, payload: &[u8]) -> Result<&[u8], DecodeError> {
+        self.holds = None;
+        let want = coding.raw_len as usize;
+        let w = coding.group_width();
+        let target = if w == 1 { &mut self.buf[..want] } else { &mut self.grouped[..want] };
+        // At most `want` bytes come out: a payload that would inflate further is refused.
+        let got = self.zd.decompress_to_buffer(payload, target).map_err(DecodeError::Corrupt)?;
+        if got != want {
+            return Err(DecodeError::Length { got, want });
+        }
+        if w != 1 {
+            ungroup(&self.grouped[..want], w, &mut self.buf[..want]);
+        }
+        self.holds = Some(seq);
+        Ok(&self.buf[..want])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A smooth bf16-like array: small values, few distinct exponents.
+    fn bf16ish(n: usize) -> Vec<u8> {
+        (0..n / 2)
+            .flat_map(|i| {
+                let x = ((i as f32) * 0.001).sin() * 0.02;
+                let b = (x.to_bits() >> 16) as u16;
+                b.to_le_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn group_round_trips_with_a_tail() {
+        let src: Vec<u8> = (0..1027u32).map(|i| (i * 7) as u8).collect();
+        for w in [2, 4] {
+            let mut g = vec![0; src.len()];
+            let mut back = vec![0; src.len()];
+            group(&src, w, &mut g);
+            assert_ne!(g, src);
+            ungroup(&g, w, &mut back);
+            assert_eq!(back, src, "width {w}");
+        }
+    }
+
+    #[test]
+    fn encode_decode_each_mode() {
+        let raw = bf16ish(1 << 20);
+        for mode in [Compress::Zstd, Compress::ZstdGrouped] {
+            let mut e = Encoder::new(mode, None, 1 << 20).unwrap().unwrap();
+            let (coding, payload) = e.encode(&raw).expect("float data shrinks");
+            assert!(payload.len() < raw.len());
+            assert_eq!(coding.group_width() != 1, mode == Compress::ZstdGrouped, "{mode}: {coding:?}");
+            let payload = payload.to_vec();
+            let mut d = Decoder::new(1 << 20).unwrap();
+            assert_eq!(d.decode(3, coding, &payload).unwrap(), &raw[..]);
+            assert_eq!(d.held(3, raw.len()).unwrap(), &raw[..]);
+            assert!(d.held(4, raw.len()).is_none());
+        }
+    }
+
+    #[test]
+    fn random_bytes_go_raw() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let raw: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut e = Encoder::new(Compress::Zstd, None, 1 << 20).unwrap().unwrap();
+        assert!(e.encode(&raw).is_none());
+        assert_eq!(e.coded.wire, raw.len() as u64);
+    }
+
+    #[test]
+    fn corrupt_payload_is_refused() {
+        let raw = bf16ish(1 << 18);
+        let mut e = Encoder::new(Compress::ZstdGrouped, None, 1 << 18).unwrap().unwrap();
+        let (coding, payload) = e.encode(&raw).unwrap();
+        let mut payload = payload.to_vec();
+        let mut d = Decoder::new(1 << 18).unwrap();
+        // A longer announced length than the data: refused, not padded.
+        let long = Coding { raw_len: coding.raw_len - 1, ..coding };
+        assert!(d.decode(0, long, &payload).is_err());
+        payload.truncate(payload.len() / 2);
+        assert!(d.decode(0, coding, &payload).is_err());
+        assert!(d.held(0, raw.len()).is_none());
+    }
+
+    #[test]
+    fn auto_does_not_compress_without_a_slow_link() {
+        let raw = bf16ish(1 << 20);
+        let mut e = Encoder::new(Compress::Auto, None, 1 << 20).unwrap().unwrap();
+        // No link measured: raw.
+        assert!(e.encode(&raw).is_none());
+        // A fast link (0.1 ns a byte): still raw.
+        e.link_sent(Duration::from_micros(100), 1 << 20);
+        e.auto.next_probe = None;
+        assert!(e.encode(&raw).is_none());
+        // A slow link (200 Mbit/s: 40 ns a byte; slow enough for a loaded test machine):
+        // compressed.
+        for _ in 0..16 {
+            e.link_sent(Duration::from_millis(40), 1 << 20);
+        }
+        e.auto.next_probe = None;
+        assert!(e.encode(&raw).is_some());
+    }
+}

@@ -1,0 +1,197 @@
+//! `push --compress`: real `shardcast serve` processes on loopback, chains of three, float
+//! data like a model's weights (bf16 and fp32 of normally distributed values, as a trained
+//! layer's are), random bytes, and a proxy that corrupts one compressed frame in transit.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use util::*;
+
+const MIB: usize = 1 << 20;
+
+/// `n` weights drawn from N(0, std) with a fixed seed (Box-Muller over xorshift).
+fn weights(n: usize, std: f32, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * std
+        })
+        .collect()
+}
+
+/// A checkpoint-like directory: a bf16 tensor file and an fp32 one.
+fn write_checkpoint(dir: &Path, seed: u64) {
+    let w = weights(3 * MIB, 0.02, seed);
+    let bf16: Vec<u8> = w.iter().flat_map(|f| ((f.to_bits() >> 16) as u16).to_le_bytes()).collect();
+    std::fs::write(dir.join("model.bf16.bin"), bf16).unwrap();
+    let fp32: Vec<u8> = w[..MIB + 12345].iter().flat_map(|f| f.to_le_bytes()).collect();
+    std::fs::write(dir.join("model.fp32.bin"), fp32).unwrap();
+}
+
+fn metric_sum(maddr: &str, name: &str) -> u64 {
+    let mut s = TcpStream::connect(maddr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn metrics_cluster(n: usize) -> Cluster {
+    Cluster::builder().serve_arg("--metrics").serve_arg("127.0.0.1:0").start(n)
+}
+
+#[test]
+fn float_checkpoints_through_three_replicas_in_each_mode() {
+    let c = metrics_cluster(3);
+    let src = tempdir();
+    write_checkpoint(src.path(), 7);
+    let maddrs: Vec<String> = (0..3).map(|i| metrics_addr(&c.log(i))).collect();
+    let mut wire = std::collections::HashMap::new();
+    for (v, mode) in [(1, "off"), (2, "zstd"), (3, "zstd-grouped"), (4, "auto")] {
+        let before: Vec<(u64, u64)> = maddrs
+            .iter()
+            .map(|m| {
+                (metric_sum(m, "shardcast_received_bytes_total"), metric_sum(m, "shardcast_received_wire_bytes_total"))
+            })
+            .collect();
+        let out = c.push(src.path(), "ck", v, &["--chunk-size", "1M", "--compress", mode, "--json"]);
+        c.assert_push_ok(&out);
+        c.assert_published(src.path(), "ck", v);
+        let j = parse_json(&out);
+        let (raw, sent) = (j["sent_raw_bytes"].as_u64().unwrap(), j["sent_wire_bytes"].as_u64().unwrap());
+        assert_eq!(raw, 10 * MIB as u64 + 4 * 12345, "{j}");
+        wire.insert(mode, sent);
+        // Every replica received the same bytes on the wire as the primary sent (relays forward
+        // the compressed frames as they are), standing for all the raw bytes.
+        for (i, m) in maddrs.iter().enumerate() {
+            let got_raw = metric_sum(m, "shardcast_received_bytes_total") - before[i].0;
+            let got_wire = metric_sum(m, "shardcast_received_wire_bytes_total") - before[i].1;
+            assert_eq!((got_raw, got_wire), (raw, sent), "{mode}: replica {i}\n{}", c.logs());
+        }
+        match mode {
+            "off" => assert_eq!(sent, raw),
+            // Normally distributed weights: the exponent bytes compress, the mantissas barely.
+            "zstd" | "zstd-grouped" => {
+                assert!(sent < raw * 95 / 100, "{mode}: {sent} of {raw} bytes");
+                assert_eq!(j["compressed_chunks"].as_u64(), Some(11), "{j}");
+            }
+            _ => {}
+        }
+    }
+    // Grouping the bytes of each element beats plain zstd on floats.
+    assert!(wire["zstd-grouped"] < wire["zstd"] * 95 / 100, "{wire:?}");
+}
+
+#[test]
+fn random_bytes_go_raw() {
+    let c = Cluster::start(2);
+    let src = tempdir();
+    write_random_file(&src.path().join("noise.bin"), 5 * MIB as u64 + 3, 11);
+    let out = c.push(src.path(), "noise", 1, &["--chunk-size", "1M", "--compress", "zstd", "--json"]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "noise", 1);
+    let j = parse_json(&out);
+    assert_eq!(j["compressed_chunks"].as_u64(), Some(0), "{j}");
+    assert_eq!(j["sent_wire_bytes"], j["sent_raw_bytes"], "{j}");
+}
+
+/// A TCP proxy in front of `target` that parses the frames towards it and, on the first
+/// connection, flips a byte in the middle of the payload of the first compressed CHUNK.
+struct Corrupter {
+    addr: String,
+    flipped: Arc<AtomicUsize>,
+}
+
+impl Corrupter {
+    fn start(target: String) -> Corrupter {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let flipped = Arc::new(AtomicUsize::new(0));
+        let f = flipped.clone();
+        std::thread::spawn(move || {
+            let mut first = true;
+            for client in l.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&target) else { return };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let tamper = first.then(|| f.clone());
+                first = false;
+                std::thread::spawn(move || frames(client, server, tamper));
+                std::thread::spawn(move || copy(s2, c2));
+            }
+        });
+        Corrupter { addr, flipped }
+    }
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Forwards frame by frame (header, then payload), flipping one payload byte of the first
+/// CHUNK whose flags say compressed when `tamper` is set.
+fn frames(mut from: TcpStream, mut to: TcpStream, tamper: Option<Arc<AtomicUsize>>) {
+    loop {
+        let mut h = [0u8; 40];
+        if from.read_exact(&mut h).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        if from.read_exact(&mut payload).is_err() {
+            break;
+        }
+        if let Some(t) = &tamper
+            && h[6] == 4
+            && h[7] & 1 != 0
+            && t.load(Ordering::SeqCst) == 0
+        {
+            payload[len / 2] ^= 0x5a;
+            t.store(1, Ordering::SeqCst);
+        }
+        if to.write_all(&h).and_then(|()| to.write_all(&payload)).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn a_corrupted_compressed_frame_is_refused_and_sent_again() {
+    // primary -> r0 -> proxy -> r1: the proxy corrupts the first compressed chunk r0 forwards.
+    // r1 must refuse it (it decompresses to other bytes, or not at all) and get it again from
+    // the primary's repair; nothing else may be published.
+    let c = Cluster::start(2);
+    let proxy = Corrupter::start(c.addr(1));
+    let src = tempdir();
+    write_checkpoint(src.path(), 3);
+    let chain = format!("{},{}", c.addr(0), proxy.addr);
+    let out =
+        c.push_to(&chain, src.path(), "ck", 1, &["--chunk-size", "1M", "--compress", "zstd", "--transport", "tcp"]);
+    assert_eq!(proxy.flipped.load(Ordering::SeqCst), 1, "no compressed frame passed the proxy\n{}", c.logs());
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+    let log = c.log(1);
+    assert!(
+        log.contains("compressed chunk refused") || log.contains("digest"),
+        "r1 did not refuse the corrupted chunk:\n{}",
+        c.logs()
+    );
+}
