@@ -272,3 +272,113 @@ def start_cluster_replicas(reps: Replicas, n: int, port: int, work: str, args: S
         roots.append(root)
         maddrs.append(f"{addr}:9100")
     return addrs, roots, maddrs
+
+
+# ---- link timelines (scripts/bench-phases.sh) -------------------------------------------------
+
+
+class LinkSampler:
+    """Samples, every ``period`` seconds in a thread of its own, the byte counters of one link
+    in each of several network namespaces, and optionally a file's size.
+
+    ``pids`` maps a node name to the PID of any process in that node's namespace: its
+    ``/proc/PID/net/dev`` shows that namespace's links, so one thread in the host's namespace
+    reads them all (an open seq_file re-read from offset 0 gives fresh counters). Each sample is
+    ``(monotonic seconds, {node: (rx bytes, tx bytes)}, file size or -1)``."""
+
+    def __init__(self, pids: Dict[str, int], dev: str = "scv0", period: float = 0.005,
+                 watch: Optional[str] = None):
+        self.dev, self.period, self.watch = dev, period, watch
+        self.fds = {n: os.open(f"/proc/{p}/net/dev", os.O_RDONLY) for n, p in pids.items()}
+        self.samples: List[Tuple[float, Dict[str, Tuple[int, int]], int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self, fd: int) -> Tuple[int, int]:
+        text = os.pread(fd, 1 << 16, 0).decode()
+        for line in text.splitlines():
+            name, _, rest = line.partition(":")
+            if name.strip() == self.dev:
+                v = rest.split()
+                return int(v[0]), int(v[8])
+        raise RuntimeError(f"no link {self.dev} in a sampled namespace")
+
+    def _size(self) -> int:
+        try:
+            return os.stat(self.watch).st_size if self.watch else -1
+        except OSError:
+            return -1
+
+    def _run(self) -> None:
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), {n: self._read(fd) for n, fd in self.fds.items()}, self._size()))
+            nxt += self.period
+            time.sleep(max(0.0, nxt - time.monotonic()))
+
+    def __enter__(self) -> "LinkSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def first_size(self, size: int) -> Optional[float]:
+        """When the watched file first had ``size`` bytes (None: never while sampled)."""
+        return next((t for t, _, s in self.samples if s >= size), None)
+
+
+def _crossing(ts: Sequence[float], vs: Sequence[float], level: float) -> Optional[float]:
+    """When the series (ts, vs) first reaches ``level``, interpolated between samples."""
+    for i, v in enumerate(vs):
+        if v >= level:
+            if i == 0:
+                return ts[0]
+            t0, v0 = ts[i - 1], vs[i - 1]
+            return t0 + (ts[i] - t0) * (level - v0) / (v - v0) if v > v0 else ts[i]
+    return None
+
+
+def last_data(samples, node: str, wire_Bps: float, frac: float = 0.1) -> Optional[float]:
+    """When ``node``'s link received its last data byte, from a :class:`LinkSampler`'s samples:
+    the end of the last interval whose received bytes came to at least ``frac`` of the wire
+    rate, taken to run at the wire rate within it (its start plus its bytes at that rate). A
+    relay's link also receives the ACKs of what it sends on, but those carry ~2% of the rate
+    (a 66-byte frame per two 1514-byte segments); per-byte framing differs between hops (GRO),
+    so a threshold on the total would not do."""
+    last = None
+    for (t0, a, _), (t1, b, _) in zip(samples, samples[1:]):
+        d = b[node][0] - a[node][0]
+        if d >= frac * wire_Bps * (t1 - t0):
+            last = min(t1, t0 + d / wire_Bps)
+    return last
+
+
+def chain_phases(samples, nodes: Sequence[str], t_start: float, t_end: float, size: int,
+                 rate_bps: float, mtu: int) -> Dict[str, float]:
+    """Where a chain push's time goes, from link samples. ``nodes`` = [p, r1, …, rN].
+
+    first_byte_ms: push start to the primary's first data on its link (its tx counter past
+    64 KiB, less 64 KiB at the wire rate; the handshake is far smaller); hop1_x_line: the first
+    hop's transfer (that first byte to r1's last, see :func:`last_data`) ÷ TCP's best line time
+    (size ÷ (rate × (MTU-52)/(MTU+14))); hopK_ms (K >= 2): r_K's last data byte after
+    r_(K-1)'s; end_ms: the tail's last byte to the push's return (``t_end``); total_x:
+    (t_end - t_start) ÷ (size / rate)."""
+    wire = rate_bps / 8
+    line = size / (wire * (mtu - 52) / (mtu + 14))
+    ts = [t for t, _, _ in samples]
+    p_tx = [c[nodes[0]][1] - samples[0][1][nodes[0]][1] for _, c, _ in samples]
+    first = _crossing(ts, p_tx, 64 << 10)
+    lasts = [last_data(samples, n, wire) for n in nodes[1:]]
+    if first is None or any(t is None for t in lasts):
+        raise RuntimeError("the samples do not show the whole transfer")
+    first -= (64 << 10) / wire
+    out = {"first_byte_ms": (first - t_start) * 1e3, "hop1_x_line": (lasts[0] - first) / line}
+    for k in range(1, len(lasts)):
+        out[f"hop{k + 1}_ms"] = (lasts[k] - lasts[k - 1]) * 1e3
+    out["end_ms"] = (t_end - lasts[-1]) * 1e3
+    out["total_x"] = (t_end - t_start) / (size * 8 / rate_bps)
+    return out

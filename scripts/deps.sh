@@ -15,13 +15,14 @@
 #   ibverbs-providers rdma-core   the user-space drivers (rxe among them) the RDMA transport loads
 #   openssl                     the test CA and certificates of tests/tls.rs (mutual TLS)
 #   e2fsprogs                   mkfs.ext4 for scripts/bench-journal.sh (ext4 on a loop device)
+#   netcat-openbsd              nc: the `nc | tee` relay chain scripts/bench-phases.sh compares with
 #
 # Rust itself comes from rustup (preinstalled on these machines); this script only checks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential pkg-config iperf3 procps util-linux iproute2 openssl
-    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core e2fsprogs)
+    clang libclang-dev libibverbs-dev librdmacm-dev ibverbs-providers rdma-core e2fsprogs netcat-openbsd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -1,7 +1,8 @@
-//! A relay queues only a bounded backlog for downstream: with its downstream frozen (SIGSTOP:
-//! the connection stays open, nothing is read), a relay stops taking chunks from upstream once
-//! about `DEFAULT_RELAY_BACKLOG_BYTES` (2 MiB) wait for the socket, instead of filling its whole
-//! pool (64 MiB). Then the downstream thaws and the push completes with every byte in place.
+//! With `SHARDCAST_RELAY_BACKLOG_BYTES=2097152` a relay queues only a bounded backlog for
+//! downstream: with its downstream frozen (SIGSTOP: the connection stays open, nothing is read),
+//! it stops taking chunks from upstream once 2 MiB wait for the socket, instead of filling its
+//! whole pool (64 MiB). Then the downstream thaws and the push completes with every byte in place.
+//! (The bound is off by default: see `DEFAULT_RELAY_BACKLOG_BYTES`.)
 
 mod util;
 
@@ -15,6 +16,7 @@ const MIB: u64 = 1 << 20;
 fn a_relay_stops_taking_chunks_once_its_backlog_for_downstream_is_full() {
     // Relay (server 0) and tail (server 1); hop deadlines far beyond the test's waits.
     let mut c = Cluster::builder()
+        .env("SHARDCAST_RELAY_BACKLOG_BYTES", "2097152")
         .serve_arg("--metrics")
         .serve_arg("127.0.0.1:0")
         .serve_arg("--hop-timeout")

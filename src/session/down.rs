@@ -113,17 +113,19 @@ impl Downstream {
     }
 }
 
-/// The most a relay queues for downstream before it stops taking frames from upstream. Without
-/// a bound a relay whose downstream hop runs slower for a while (a loss, a busy core) takes its
-/// upstream's chunks as fast as they come, into every free slot of its pool (64 MiB: half a
-/// second at 1 Gbit/s), and that backlog drains only after upstream has finished: each hop of a
-/// chain then ends later than the one before it. Bounded, upstream sees backpressure at once, as
-/// it would through `nc | tee` relays. Kernel socket buffers come on top; a whole chunk may still
-/// arrive once the bound is reached (the gate is at frame boundaries).
-pub(crate) const DEFAULT_RELAY_BACKLOG_BYTES: u64 = 2 << 20;
+/// The most a relay queues for downstream before it stops taking frames from upstream (0: no
+/// bound). Without a bound a relay whose downstream runs slower for a while takes its upstream's
+/// chunks as fast as they come, into every free slot of its pool (64 MiB: half a second at
+/// 1 Gbit/s), and that backlog drains only after upstream has finished: each hop of a chain then
+/// ends later than the one before it. Bounded, upstream sees backpressure at once, as through
+/// `nc | tee` relays; the gate is at frame boundaries, kernel socket buffers come on top.
+/// Off by default: `push --mode async` counts on the relays absorbing a push that fits in their
+/// pools (the first replica publishes while a later one is slow or stopped), and the effect on a
+/// chain's time could not be measured yet (BENCHMARKS.md, "Where a chain's time goes").
+pub(crate) const DEFAULT_RELAY_BACKLOG_BYTES: u64 = 0;
 
-/// The relay backlog bound: `SHARDCAST_RELAY_BACKLOG_BYTES` (a benchmark-only switch, 0 = no
-/// bound, the behaviour before it existed), else [`DEFAULT_RELAY_BACKLOG_BYTES`].
+/// The relay backlog bound: `SHARDCAST_RELAY_BACKLOG_BYTES` (a benchmark-only switch, e.g.
+/// 2097152), else [`DEFAULT_RELAY_BACKLOG_BYTES`].
 fn relay_backlog_from_env() -> u64 {
     std::env::var("SHARDCAST_RELAY_BACKLOG_BYTES")
         .ok()
