@@ -29,7 +29,10 @@
 # 10^9 bit/s, charged on Ethernet frames incl. the 14-byte header, see cluster.sh); the best a TCP
 # stream can do is (MTU+14)/(MTU-52) = 1514/1448 = 1.046 times that.
 #
-# Env: SIZE (1G), FILES (8), REPS (3), NS ("1 2 4 8"), TOPOS ("chain star"; chain-old with OLD_BIN),
+# Env: SIZE (1G), FILES (8), REPS (3), NS ("1 2 4 8"), TOPOS ("chain star"; chain-old with OLD_BIN;
+#      chain-key: the same chain through replicas started with a cluster key, pushed with it, in
+#      the same reps, and the ratio chain-key / chain per N: what authentication and the frame
+#      MACs cost, issue 14's target <= 1.02),
 #      OLD_BIN (an older release binary: adds chain-old, the same chain through replicas running
 #      it, in the same reps, and the ratio this / old per N), RATE (1gbit),
 #      MTU (1500), QDISC (htb|tbf, htb), CC (TCP congestion control in the namespaces, cluster.sh
@@ -75,7 +78,8 @@ for n in $NS; do
 done
 ((maxn > 0)) || die "NS is empty"
 for t in $TOPOS; do
-    [[ "$t" == chain || "$t" == star || "$t" == chain-old ]] || die "TOPOS may hold chain, star and chain-old, got '$t'"
+    [[ "$t" == chain || "$t" == star || "$t" == chain-old || "$t" == chain-key ]] \
+        || die "TOPOS may hold chain, star, chain-old and chain-key, got '$t'"
 done
 OLD_BIN=${OLD_BIN:-}
 if [[ -n "$OLD_BIN" ]]; then
@@ -139,16 +143,18 @@ cc_args=()
 
 serve_args=(--keep 1)
 [[ -n "$POOL_MB" ]] && serve_args+=(--pool-mb "$POOL_MB")
-# start_serves BIN PORT TAG: one `serve` per replica namespace; sets serve_pids, addrs, roots.
+# start_serves BIN PORT TAG [ARG…]: one `serve` per replica namespace (with the extra ARGs);
+# sets serve_pids, addrs, roots.
 start_serves() {
     local sbin=$1 port=$2 tag=$3 k addr root logf pid i
+    shift 3
     serve_pids=() addrs=() roots=()
     for ((k = 1; k <= maxn; k++)); do
         addr=$("$CLUSTER" addr "r$k")
         root=$work/root$tag-r$k
         logf=$work/serve$tag-r$k.log
         : >"$logf"
-        "$CLUSTER" exec "r$k" env NO_COLOR=1 "$sbin" serve --listen "$addr:$port" --root "$root" "${serve_args[@]}" \
+        "$CLUSTER" exec "r$k" env NO_COLOR=1 "$sbin" serve --listen "$addr:$port" --root "$root" "${serve_args[@]}" "$@" \
             >/dev/null 2>"$logf" &
         pid=$!
         bg_started "$pid"
@@ -166,6 +172,15 @@ if [[ -n "$old_bin" ]]; then
     start_serves "$old_bin" $((PORT + 1)) -old
     old_pids=("${serve_pids[@]}") old_addrs=("${addrs[@]}") old_roots=("${roots[@]}")
     log "old binary serving on ${old_addrs[*]}"
+fi
+key_file= key_pids=() key_addrs=() key_roots=()
+if [[ " $TOPOS " == *" chain-key "* ]]; then
+    key_file=$work/cluster.key
+    head -c 32 /dev/urandom | base64 >"$key_file"
+    chmod 600 "$key_file"
+    start_serves "$bin" $((PORT + 2)) -key --key-file "$key_file"
+    key_pids=("${serve_pids[@]}") key_addrs=("${addrs[@]}") key_roots=("${roots[@]}")
+    log "keyed replicas serving on ${key_addrs[*]}"
 fi
 start_serves "$bin" "$PORT" ""
 log "serving on ${addrs[*]}"
@@ -218,6 +233,11 @@ ADDRS, ROOTS = E["BC_ADDRS"].split(), E["BC_ROOTS"].split()
 OLD_BIN = E.get("BC_OLD_BIN", "")
 OLD_PIDS = [int(x) for x in E.get("BC_OLD_PIDS", "").split()]
 OLD_ADDRS, OLD_ROOTS = E.get("BC_OLD_ADDRS", "").split(), E.get("BC_OLD_ROOTS", "").split()
+# chain-key: the same chain through a third set of replicas started with a cluster key, pushed
+# with it (authentication, and the MACs of every frame that decides something).
+KEY_FILE = E.get("BC_KEY_FILE", "")
+KEY_PIDS = [int(x) for x in E.get("BC_KEY_PIDS", "").split()]
+KEY_ADDRS, KEY_ROOTS = E.get("BC_KEY_ADDRS", "").split(), E.get("BC_KEY_ROOTS", "").split()
 PUSH_ARGS = E["BC_PUSH_ARGS"].split()
 MAXN = len(PIDS)
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
@@ -356,8 +376,13 @@ def push_case(rep, n, topo):
     nodes = ["p"] + [f"r{k}" for k in ks]
     old = topo == "chain-old"
     bin_, addrs, roots, pids = (OLD_BIN, OLD_ADDRS, OLD_ROOTS, OLD_PIDS) if old else (BIN, ADDRS, ROOTS, PIDS)
+    keyed = topo == "chain-key"
+    if keyed:
+        addrs, roots, pids = KEY_ADDRS, KEY_ROOTS, KEY_PIDS
     chain = topo.startswith("chain")
     base = [bin_, "push", SRC, "--name", "bench", "--version", str(version), "--json", *PUSH_ARGS]
+    if keyed:
+        base += ["--key-file", KEY_FILE]
     if chain:
         cmds = [in_ns("p", *base, "--to", ",".join(addrs[k - 1] for k in ks))]
     else:
@@ -486,6 +511,16 @@ if OLD_BIN:
     for root in OLD_ROOTS:
         shutil.rmtree(os.path.join(root, "warmup"))
 
+if KEY_FILE:
+    version += 1
+    r = subprocess.run(in_ns("p", BIN, "push", warm, "--name", "warmup", "--version", str(version), "--json",
+                             *PUSH_ARGS, "--key-file", KEY_FILE, "--to", ",".join(KEY_ADDRS)),
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        sys.exit(f"error: warm-up push to the keyed replicas failed ({r.returncode}): {r.stdout} {r.stderr}")
+    for root in KEY_ROOTS:
+        shutil.rmtree(os.path.join(root, "warmup"))
+
 for rep in range(1, REPS + 1):
     if E["BC_IPERF"] == "1":
         iperf_case(rep)
@@ -589,6 +624,13 @@ for n in NS:
                and a["rep"] == b["rep"]]
         out(f"- chain N={n} this binary / old binary (median seconds): "
             f"{summary[('chain', n)] / summary[('chain-old', n)]:.3f} (per rep {min(per):.3f} .. {max(per):.3f})")
+for n in NS:
+    if ("chain", n) in summary and ("chain-key", n) in summary:
+        per = [float(a["seconds"]) / float(b["seconds"]) for a in rows for b in rows
+               if a["topology"] == "chain-key" and b["topology"] == "chain" and a["n"] == b["n"] == n
+               and a["rep"] == b["rep"]]
+        target(f"chain N={n} with a cluster key / without (median seconds; per rep {min(per):.3f} .. {max(per):.3f})",
+               summary[("chain-key", n)] / summary[("chain", n)], 1.02)
 out()
 out(f"raw rows: {E['BC_CSV']}")
 with open(E["BC_MD"], "w") as f:
@@ -600,6 +642,7 @@ BC_BIN=$bin BC_SRC=$work/src BC_WORK=$work BC_BYTES=$bytes BC_FILES=$FILES BC_RE
     BC_NS=$NS BC_TOPOS=$TOPOS BC_RATE=$RATE BC_MTU=$MTU BC_QDISC=$QDISC BC_IPERF=$IPERF \
     BC_PREFIX=$SC_CLUSTER BC_SERVE_PIDS="${serve_pids[*]}" BC_ADDRS="${addrs[*]}" BC_ROOTS="${roots[*]}" \
     BC_OLD_BIN=$old_bin BC_OLD_PIDS="${old_pids[*]}" BC_OLD_ADDRS="${old_addrs[*]}" BC_OLD_ROOTS="${old_roots[*]}" \
+    BC_KEY_FILE=$key_file BC_KEY_PIDS="${key_pids[*]}" BC_KEY_ADDRS="${key_addrs[*]}" BC_KEY_ROOTS="${key_roots[*]}" \
     BC_PUSH_ARGS="${push_args[*]}" BC_CHUNK=${CHUNK:-default} BC_POOL=${POOL_MB:-default} \
     BC_IO=${SHARDCAST_IO:-auto}${SHARDCAST_ZEROCOPY:+,zerocopy=$SHARDCAST_ZEROCOPY}${SHARDCAST_PIECE_BYTES:+,piece=$SHARDCAST_PIECE_BYTES} BC_COMMIT="$(git_rev)$dirty" BC_STAMP=$stamp \
     BC_CSV=results/cluster/bench-cluster-$stamp.csv BC_MD=results/cluster/bench-cluster-$stamp.md BC_CMD=$cmdline \
