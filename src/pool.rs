@@ -121,12 +121,9 @@ impl Pool {
     pub(crate) fn free_slots(&self) -> usize {
         self.free.len()
     }
-    /// Total bytes of the mapping.
-    pub(crate) fn len(&self) -> usize {
-        self.mem.len()
-    }
-    /// Base address of the mapping (for registration with a NIC).
-    pub(crate) fn base(&self) -> *mut u8 {
+    /// Base address of the mapping (tests: the same mapping is handed out again).
+    #[cfg(test)]
+    fn base(&self) -> *mut u8 {
         self.mem.base()
     }
     /// Binds the pool's pages to the NUMA node of RDMA device `device` (before any I/O on it).

@@ -178,21 +178,20 @@ fn status() -> impl Strategy<Value = Vec<SetStatus>> {
     )
 }
 
+fn credit() -> impl Strategy<Value = wire::Credit> {
+    any::<(u16, u32)>().prop_map(|(slot, rkey)| wire::Credit { slot, rkey })
+}
+
 fn transport_msg() -> impl Strategy<Value = TransportMsg> {
     prop_oneof![
         ".{0,60}".prop_map(|reason| TransportMsg::Tcp { reason }),
-        (
-            "[a-z0-9_]{0,16}",
-            any::<(u32, u32, [u8; 16], u8, u32, u64, u32)>(),
-            prop::collection::vec(any::<u16>(), 0..64)
-        )
-            .prop_map(|(device, (qpn, psn, gid, mtu, rkey, addr, slot_size), credits)| TransportMsg::Rdma {
+        ("[a-z0-9_]{0,16}", any::<(u32, u32, [u8; 16], u8, u64, u32)>(), prop::collection::vec(credit(), 0..64))
+            .prop_map(|(device, (qpn, psn, gid, mtu, addr, slot_size), credits)| TransportMsg::Rdma {
                 device,
                 qpn,
                 psn,
                 gid,
                 mtu,
-                rkey,
                 addr,
                 slot_size,
                 credits,
@@ -317,11 +316,11 @@ proptest! {
     }
 
     #[test]
-    fn credits_round_trip(slots in prop::collection::vec(any::<u16>(), 0..512)) {
+    fn credits_round_trip(credits in prop::collection::vec(credit(), 0..512)) {
         let mut b = Vec::new();
-        wire::encode_credits(&slots, &mut b);
-        prop_assert_eq!(b.len(), slots.len() * 2);
-        prop_assert_eq!(wire::decode_credits(&b).unwrap(), slots);
+        wire::encode_credits(&credits, &mut b);
+        prop_assert_eq!(b.len(), credits.len() * wire::CREDIT_LEN);
+        prop_assert_eq!(wire::decode_credits(&b).unwrap(), credits);
     }
 
     #[test]
@@ -395,13 +394,13 @@ fn write_fuzz_seeds() {
         psn: 0x12_3456,
         gid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2],
         mtu: 5,
-        rkey: 0xdead,
         addr: 0x7f00_0000_1000,
         slot_size: (4 << 20) + 4096,
-        credits: vec![0, 1, 2, 3],
+        credits: (0..4).map(|slot| wire::Credit { slot, rkey: 0x1700 + u32::from(slot) }).collect(),
     };
     let mut credits = Vec::new();
-    wire::encode_credits(&[0, 1, 7], &mut credits);
+    let keys = [(0, 0x201), (1, 0x302), (7, 0x9ff)];
+    wire::encode_credits(&keys.map(|(slot, rkey)| wire::Credit { slot, rkey }), &mut credits);
     let granted = Hello {
         grant: wire::Grant {
             origin: "0123456789abcdef".into(),

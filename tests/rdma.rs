@@ -314,18 +314,19 @@ fn rdma_with_encrypt_is_refused_or_goes_over_tcp_never_plaintext() {
 
 /// Issue 14.3: the sending end of a hop grants its peer nothing. A fake replica answers the
 /// push's HELLO, takes its RDMA offer, connects a queue pair to the push's and, once the push
-/// says its side is connected, RDMA-WRITEs into the push's pool with the key and address the
-/// offer advertised: the push's queue pair refuses the operation itself (it grants no remote
-/// write access: a remote invalid request error, before any key is looked at). Before the fix
-/// the sender's whole pool was registered with remote write access and its key and address
-/// sent downstream, and the write landed in the sender's slots.
+/// says its side is connected, RDMA-WRITEs into the push's pool: the offer advertises neither a
+/// key nor an address any more (both used to be the pool's), and the push's queue pair refuses
+/// the operation itself (it grants no remote write access: a remote invalid request error,
+/// before any key is looked at). Before the fix the sender's whole pool was registered with
+/// remote write access and its key and address sent downstream, and the write landed in the
+/// sender's slots.
 #[cfg(feature = "rdma")]
 #[test]
 fn rdma_a_peer_cannot_write_into_the_senders_pool() {
     use std::io::BufRead as _;
     use std::process::Stdio;
 
-    use shardcast::rdma::{Access, Endpoint, PeerInfo};
+    use shardcast::rdma::{Access, Endpoint, Mapping, PeerInfo};
     use shardcast::wire::{self, Kind, TransportMsg};
 
     let Some(r) = rxe() else { return };
@@ -367,30 +368,17 @@ fn rdma_a_peer_cannot_write_into_the_senders_pool() {
     wire::write_frame(&mut s, Kind::Accept, 0, &[]).unwrap();
     let offer = wire::read_frame(&mut s).unwrap();
     assert_eq!(offer.header.kind, Kind::Transport);
-    let TransportMsg::Rdma { qpn, psn, gid, mtu, rkey, addr, .. } = TransportMsg::decode(&offer.payload).unwrap()
-    else {
+    let TransportMsg::Rdma { qpn, psn, gid, mtu, addr, .. } = TransportMsg::decode(&offer.payload).unwrap() else {
         panic!("the push offered TCP: {offer:?}")
     };
+    assert_eq!(addr, 0, "the sender advertised its pool's address");
 
-    // The fake's own registered memory (declared before the endpoint: dropped after it).
-    let mut mem = vec![0x5au8; MIB as usize];
+    // The fake's own registered memory: the endpoint keeps it mapped.
+    let mem = Mapping::anon(MIB as usize).unwrap();
     let gid_index: u8 = r.gid.parse().unwrap();
-    // SAFETY: `mem` outlives `ep` (dropped after it) and is never reallocated.
-    let mut ep = unsafe { Endpoint::open(&r.dev, 1, gid_index, mem.as_mut_ptr(), mem.len(), 16, Access::RemoteWrite) }
-        .expect("open the fake replica's endpoint");
-    ep.connect(&PeerInfo { qpn, psn, gid, mtu, rkey, addr }).expect("connect to the push's queue pair");
-    let l = ep.local();
-    let answer = TransportMsg::Rdma {
-        device: r.dev.clone(),
-        qpn: l.qpn,
-        psn: l.psn,
-        gid: l.gid,
-        mtu: l.mtu,
-        rkey: l.rkey,
-        addr: l.addr,
-        slot_size: MIB as u32,
-        credits: Vec::new(),
-    };
+    let mut ep = Endpoint::open(&r.dev, 1, gid_index, &mem, 16, Access::SendOnly).expect("open the fake's endpoint");
+    ep.connect(&PeerInfo { qpn, psn, gid, mtu, addr }).expect("connect to the push's queue pair");
+    let answer = shardcast::rdma::msg_of(&ep, MIB as u32, Vec::new());
     wire::write_frame(&mut s, Kind::Transport, 0, &answer.encode()).unwrap();
     // The push logs "hop transport: rdma" once its queue pair is connected to ours.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -403,18 +391,139 @@ fn rdma_a_peer_cannot_write_into_the_senders_pool() {
         }
     }
 
-    // SAFETY: the source lies in `mem`, which is registered and not written while in flight.
-    unsafe { ep.post_write(7, mem.as_ptr(), 4096, addr, rkey, None) }.expect("post the RDMA WRITE");
+    // IBV_WC_REM_INV_REQ_ERR (9): the responder's queue pair does not allow RDMA WRITE.
+    match write_and_wait(&mut ep, &mem, 4096, 0x1000, 0x215, None) {
+        Ok(()) => panic!("an RDMA WRITE landed in the sender's pool"),
+        Err(e) => assert_eq!(e.0, 9, "expected the push's queue pair to refuse remote writes, got {e}"),
+    }
+}
+
+/// RDMA-WRITEs the first `len` bytes of `mem` (registered by `ep`) to `remote` with `rkey`
+/// (WITH IMM `imm` when given) and waits for the write's completion.
+#[cfg(feature = "rdma")]
+fn write_and_wait(
+    ep: &mut shardcast::rdma::Endpoint,
+    mem: &shardcast::rdma::Mapping,
+    len: u32,
+    remote: u64,
+    rkey: u32,
+    imm: Option<u32>,
+) -> Result<(), shardcast::rdma::types::WcError> {
+    assert!(len as usize <= mem.len());
+    // SAFETY: the source lies in `mem`, which `ep` registered and which nothing writes.
+    unsafe { ep.post_write(7, mem.base(), len, remote, rkey, imm) }.expect("post the RDMA WRITE");
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut done = Vec::new();
     while done.is_empty() {
-        assert!(Instant::now() < deadline, "the RDMA WRITE into the push's pool never completed");
+        assert!(Instant::now() < deadline, "the RDMA WRITE never completed");
         ep.poll(&mut done).expect("poll");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(done[0].wr_id, 7);
-    // IBV_WC_REM_INV_REQ_ERR (9): the responder's queue pair does not allow RDMA WRITE.
-    match done[0].status {
-        Ok(()) => panic!("a write with the offer's key (0x{rkey:x}) landed in the sender's pool at 0x{addr:x}"),
-        Err(e) => assert_eq!(e.0, 9, "expected the push's queue pair to refuse remote writes, got {e}"),
+    done[0].status
+}
+
+/// Issue 14.3, the receiving end: a credit lets the sender write into the one slot it names,
+/// and only until a frame has landed there. A fake pusher speaks the protocol to a real replica
+/// over RDMA and, with the keys of the replica's credits:
+/// - writes into a granted slot with that slot's key (lands), then into that slot with the key
+///   of another granted slot: remote access error (each key is a memory window bound over its
+///   slot's region alone);
+/// - on a second push, writes chunk 0 properly (WITH IMM), waits until the replica has handled
+///   it (its next CREDIT or ACK), and writes into the same slot again with the same key: remote
+///   access error (the window was invalidated when the chunk landed).
+///
+/// Each push then fails and nothing is published. Before the fix the replica registered its
+/// whole pool as one region with remote write access and every credit opened all of it: both
+/// refused writes landed.
+#[cfg(feature = "rdma")]
+#[test]
+fn rdma_a_pusher_writes_only_into_the_slot_it_holds_while_it_holds_it() {
+    use std::net::TcpStream;
+
+    use shardcast::manifest::{Manifest, digest};
+    use shardcast::rdma::{Access, Endpoint, Mapping, PeerInfo};
+    use shardcast::wire::{self, Header, Kind, TransportMsg};
+
+    let Some(r) = rxe() else { return };
+    let t = tempdir();
+    let server = serve(&r, &t.path().join("r"), &["--transport", "rdma", "--pool-mb", "8"]);
+    const CHUNK: u32 = 1 << 20;
+    let manifest = Manifest::plan_for_files(CHUNK, &[("weights.bin", 2 * u64::from(CHUNK))]).unwrap().0;
+    let payload: Vec<u8> = (0..CHUNK).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let frame_len = wire::HEADER_LEN + CHUNK as usize;
+
+    struct Hop {
+        s: TcpStream,
+        ep: Endpoint,
+        mem: Mapping,
+        addr: u64,
+        slot_size: u64,
+        credits: Vec<wire::Credit>,
+    }
+    // A push of `version` up to connected queue pairs; `mem` holds chunk 0's frame.
+    let open = |version: u64| -> Hop {
+        let mut s = TcpStream::connect(server.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut hello = plain_hello("ckpt", version, &server.addr().to_string(), vec![], manifest.clone());
+        hello.transport = shardcast::transport::Transport::Rdma;
+        wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode()).unwrap();
+        let f = wire::read_frame(&mut s).unwrap();
+        assert_eq!(f.header.kind, Kind::Accept, "{f:?}\n{}", server.log());
+        let mut mem = Mapping::anon(frame_len.next_multiple_of(4096)).unwrap();
+        let bytes = mem.bytes_mut().expect("not shared yet");
+        let h = Header { kind: Kind::Chunk, len: CHUNK, seq: 0, digest: digest(&payload) };
+        bytes[..wire::HEADER_LEN].copy_from_slice(&h.to_bytes());
+        bytes[wire::HEADER_LEN..frame_len].copy_from_slice(&payload);
+        let gid_index: u8 = r.peer_gid.parse().unwrap();
+        let mut ep = Endpoint::open(&r.peer_dev, 1, gid_index, &mem, 16, Access::SendOnly).expect("open");
+        let offer = shardcast::rdma::msg_of(&ep, 0, Vec::new());
+        wire::write_frame(&mut s, Kind::Transport, 0, &offer.encode()).unwrap();
+        let f = wire::read_frame(&mut s).unwrap();
+        assert_eq!(f.header.kind, Kind::Transport, "{f:?}\n{}", server.log());
+        let TransportMsg::Rdma { qpn, psn, gid, mtu, addr, slot_size, credits, .. } =
+            TransportMsg::decode(&f.payload).unwrap()
+        else {
+            panic!("the replica answered TCP: {f:?}\n{}", server.log())
+        };
+        assert!(credits.len() >= 2, "{credits:?}");
+        ep.connect(&PeerInfo { qpn, psn, gid, mtu, addr }).expect("connect to the replica's queue pair");
+        Hop { s, ep, mem, addr, slot_size: u64::from(slot_size), credits }
+    };
+    let at = |h: &Hop, slot: u16| h.addr + u64::from(slot) * h.slot_size;
+    // IBV_WC_REM_ACCESS_ERR: the responder found no key that allows this write there.
+    const REM_ACCESS_ERR: u32 = 10;
+
+    // 1. Another granted slot's key does not open this slot.
+    let mut h = open(1);
+    let (c0, c1) = (h.credits[0], h.credits[1]);
+    assert_ne!(c0.rkey, c1.rkey, "two credits with one key: {:?}", h.credits);
+    let (to1, to0) = (at(&h, c1.slot), at(&h, c0.slot));
+    write_and_wait(&mut h.ep, &h.mem, 4096, to1, c1.rkey, None).expect("a write with the slot's own key");
+    match write_and_wait(&mut h.ep, &h.mem, 4096, to0, c1.rkey, None) {
+        Ok(()) => panic!("slot {}'s key opened slot {}", c1.slot, c0.slot),
+        Err(e) => assert_eq!(e.0, REM_ACCESS_ERR, "{e}"),
+    }
+    drop(h);
+
+    // 2. A slot's key stops working once a frame has landed in it.
+    let mut h = open(2);
+    let c0 = h.credits[0];
+    let to0 = at(&h, c0.slot);
+    write_and_wait(&mut h.ep, &h.mem, frame_len as u32, to0, c0.rkey, Some(u32::from(c0.slot)))
+        .expect("chunk 0 written into its granted slot");
+    // The replica invalidates the slot's window before it reads the chunk; its next CREDIT or
+    // ACK comes after.
+    let f = wire::read_frame(&mut h.s).unwrap_or_else(|e| panic!("no CREDIT or ACK: {e}\n{}", server.log()));
+    assert!(matches!(f.header.kind, Kind::Credit | Kind::Ack), "unexpected {}\n{}", f.header.kind.name(), server.log());
+    match write_and_wait(&mut h.ep, &h.mem, 4096, to0, c0.rkey, None) {
+        Ok(()) => panic!("a write with the key of a grant that had ended landed in slot {}", c0.slot),
+        Err(e) => assert_eq!(e.0, REM_ACCESS_ERR, "{e}"),
+    }
+    drop(h);
+
+    // Neither push published anything.
+    for v in ["1", "2"] {
+        assert!(!server.root().join("ckpt").join(v).exists(), "version {v} published\n{}", server.log());
     }
 }

@@ -18,9 +18,6 @@ pub mod auth;
 pub mod crypt;
 pub(crate) mod error;
 pub mod policy;
-// Two calls into `unsafe` functions (registering the pool with the NIC, placing it on the NIC's
-// NUMA node) are left here until the verbs and numa wrappers (src/sys/) take safe arguments.
-#[allow(unsafe_code)]
 pub(crate) mod rdma;
 pub mod tls;
 

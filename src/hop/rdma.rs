@@ -5,8 +5,11 @@
 //! it whatever the transport. When the push allows RDMA (`--transport auto|rdma`), the upstream
 //! node sends a TRANSPORT offer right after ACCEPT and the downstream node answers; the hop
 //! uses RDMA only when both sides offer it. Then:
-//! - the receiver registers its pool once (one memory region), leases slots and grants them to
-//!   the sender as credits (the answer carries the first ones, CREDIT frames the rest);
+//! - the receiver registers each slot of its pool once as its own memory region (no remote
+//!   access), leases slots and grants them to the sender as credits (the answer carries the
+//!   first ones, CREDIT frames the rest): a grant binds a type-2 memory window over that slot
+//!   alone, and the credit carries the window's key; the window is invalidated when the frame
+//!   has landed, so the sender writes only into the slots it holds, and only while it holds them;
 //! - the sender RDMA-WRITEs each chunk frame (header and payload, exactly the bytes of the TCP
 //!   frame) WITH IMM into a granted slot; the immediate value names the slot;
 //! - the receiver sees a receive completion with that immediate, finds the frame in the slot and
@@ -23,7 +26,7 @@ use super::policy::Transport;
 use crate::error::{ErrorKind, NodeError};
 use crate::pool::{Pool, SlotId};
 use crate::rdma::verbs;
-use crate::wire::{self, Kind, TransportMsg};
+use crate::wire::{self, Credit, Kind, TransportMsg};
 pub(crate) use verbs::{Access, Endpoint, PeerInfo, VerbsError};
 
 /// Explicit device choices (`--rdma-device`, `--gid-index`); found automatically when unset.
@@ -155,13 +158,13 @@ fn open_endpoint(c: &Chosen, pool: &Pool, access: Access) -> Result<Endpoint, St
         Ok(nodes) => tracing::info!(device = %c.device, %nodes, "buffer pool placed on the NIC's NUMA node"),
         Err(why) => tracing::debug!(device = %c.device, "buffer pool not placed: {why}"),
     }
-    // SAFETY: the session keeps the pool mapped for as long as the endpoint lives (it drops its
-    // endpoints before it returns or frees the pool), and the pool is never remapped.
-    unsafe { Endpoint::open(&c.device, c.port, c.gid_index, pool.base(), pool.len(), depth_for(pool), access) }
+    // The endpoint keeps the pool's mapping alive for as long as it is registered.
+    Endpoint::open(&c.device, c.port, c.gid_index, pool.mem().mapping(), depth_for(pool), access)
         .map_err(|e| e.to_string())
 }
 
-fn msg_of(ep: &Endpoint, slot_size: u32, credits: Vec<u16>) -> TransportMsg {
+/// The TRANSPORT message that offers (or answers with) endpoint `ep`, granting `credits`.
+pub fn msg_of(ep: &Endpoint, slot_size: u32, credits: Vec<Credit>) -> TransportMsg {
     let l = ep.local();
     TransportMsg::Rdma {
         device: ep.device().to_owned(),
@@ -169,7 +172,6 @@ fn msg_of(ep: &Endpoint, slot_size: u32, credits: Vec<u16>) -> TransportMsg {
         psn: l.psn,
         gid: l.gid,
         mtu: l.mtu,
-        rkey: l.rkey,
         addr: l.addr,
         slot_size,
         credits,
@@ -178,8 +180,8 @@ fn msg_of(ep: &Endpoint, slot_size: u32, credits: Vec<u16>) -> TransportMsg {
 
 fn peer_of(m: &TransportMsg) -> Option<PeerInfo> {
     match m {
-        TransportMsg::Rdma { qpn, psn, gid, mtu, rkey, addr, .. } => {
-            Some(PeerInfo { qpn: *qpn, psn: *psn, gid: *gid, mtu: *mtu, rkey: *rkey, addr: *addr })
+        TransportMsg::Rdma { qpn, psn, gid, mtu, addr, .. } => {
+            Some(PeerInfo { qpn: *qpn, psn: *psn, gid: *gid, mtu: *mtu, addr: *addr })
         }
         TransportMsg::Tcp { .. } => None,
     }
@@ -216,14 +218,12 @@ type Mac<'a> = (Option<&'a crate::crypt::SessionSecret>, &'static [u8]);
 pub struct DnLink {
     /// The queue pair.
     pub ep: Endpoint,
-    /// The receiver's pool base and key.
+    /// The receiver's pool base.
     pub remote_addr: u64,
-    /// Remote key.
-    pub rkey: u32,
     /// The receiver's slot size.
     pub slot_size: u64,
-    /// Receiver slots granted and not yet written.
-    pub credits: VecDeque<u16>,
+    /// Receiver slots granted and not yet written, each with its window's key.
+    pub credits: VecDeque<Credit>,
     /// The receiver's device (for messages).
     pub peer_device: String,
 }
@@ -288,7 +288,6 @@ pub(crate) fn offer(
             Ok(Some(DnLink {
                 ep,
                 remote_addr: remote.addr,
-                rkey: remote.rkey,
                 slot_size: u64::from(slot_size),
                 credits: credits.into(),
                 peer_device: device,
@@ -333,7 +332,8 @@ pub(crate) fn answer(
             .map_err(|e| NodeError::io(format!("{peer}: answering the transport offer"), &e))?;
         return Ok(None);
     };
-    let mine = usable(policy, cfg, local_ip(stream)?).and_then(|c| open_endpoint(&c, pool, Access::RemoteWrite));
+    let grants = Access::Grants { slot_size: pool.slot_size(), slots: pool.slots() };
+    let mine = usable(policy, cfg, local_ip(stream)?).and_then(|c| open_endpoint(&c, pool, grants));
     let mut ep = match mine {
         Ok(ep) => ep,
         Err(reason) => {
@@ -353,12 +353,13 @@ pub(crate) fn answer(
     for i in 0..depth_for(pool) {
         ep.post_recv(u64::from(i)).map_err(io)?;
     }
-    let mut granted = Vec::new();
+    ep.connect(&remote).map_err(io)?;
+    // Binding a window is a work request on the queue pair: once it is connected.
+    let (mut granted, mut credits) = (Vec::new(), Vec::new());
     while let Some(s) = pool.lease() {
         granted.push(s);
+        credits.push(Credit { slot: s.0, rkey: ep.grant(s.0).map_err(io)? });
     }
-    let credits: Vec<u16> = granted.iter().map(|s| s.0).collect();
-    ep.connect(&remote).map_err(io)?;
     send_msg(stream, answer_mac, &msg_of(&ep, pool.slot_size() as u32, credits))
         .map_err(|e| NodeError::io(format!("{peer}: answering the transport offer"), &e))?;
     tracing::info!(%peer, local = ep.device(), credits = granted.len(), "hop transport: rdma (receiving)");

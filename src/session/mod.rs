@@ -177,7 +177,7 @@ impl<'a> Session<'a> {
         let mut nic_grants = crate::sys::nic::Grants::default();
         for &s in up_rdma.as_ref().map_or(&[][..], |l| &l.granted[..]) {
             let span = pool.span(Buf::Slot { id: s, off: 0, len: pool.slot_size() as u32 });
-            nic_grants.grant(pool.mem_mut(), s.0, span);
+            nic_grants.granted(pool.mem_mut(), s.0, span);
         }
         let downstream_name = downstream.first().cloned().unwrap_or_default();
         let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
@@ -424,10 +424,17 @@ impl<'a> Session<'a> {
                     && self.end.is_none()
                     && let Some(s) = self.pool.lease()
                 {
-                    link.granted.push(s);
-                    self.up.credits.push(s.0);
                     let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
-                    self.up.nic_grants.grant(self.pool.mem_mut(), s.0, span);
+                    match self.up.nic_grants.grant(&mut link.ep, self.pool.mem_mut(), s.0, span) {
+                        Ok(rkey) => {
+                            link.granted.push(s);
+                            self.up.credits.push(wire::Credit { slot: s.0, rkey });
+                        }
+                        Err(e) => {
+                            self.pool.release(s);
+                            self.abort(NodeError::new(ErrorKind::ConnectionLost, format!("granting a slot: {e}")));
+                        }
+                    }
                 }
             }
             Action::AckUpstream { through } => self.acked(through),

@@ -29,7 +29,7 @@ impl Session<'_> {
                 return;
             }
             let item = self.down.queue.pop_front().expect("checked");
-            let remote_slot = self.down.rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
+            let credit = self.down.rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
             let (buf, wr) = match item {
                 DnItem::Chunk(seq, slot) => {
                     // The MAC travels in the slot too, after the payload (the receiver's slots
@@ -41,12 +41,13 @@ impl Session<'_> {
                 DnItem::Piece { .. } => unreachable!("no cut-through onto an RDMA hop"),
             };
             let link = self.down.rdma.as_ref().expect("checked");
-            let remote = link.remote_addr + u64::from(remote_slot) * link.slot_size;
+            let remote = link.remote_addr + u64::from(credit.slot) * link.slot_size;
             // The frame (a leased slot or the END area) is held for the NIC until this write
             // completes (ForwardDone releases the slot only after it); the remote slot was
-            // granted by the receiver and holds a whole frame.
+            // granted by the receiver (the credit's key opens that slot alone) and holds a whole
+            // frame.
             let span = self.pool.span(buf);
-            let (rkey, imm) = (link.rkey, u32::from(remote_slot));
+            let (rkey, imm) = (credit.rkey, u32::from(credit.slot));
             let posted =
                 self.down.nic_writes.post(&link.ep, self.pool.mem_mut(), token(T_DN_SEND, wr), span, remote, rkey, imm);
             match posted {
@@ -160,9 +161,11 @@ impl Session<'_> {
             return;
         };
         let slot = link.granted.swap_remove(pos);
-        // The write into this slot has completed (its receive completion is here) and the
-        // sender has no other grant for it.
-        self.up.nic_grants.landed(self.pool.mem_mut(), slot.0);
+        // The write into this slot has completed (its receive completion is here); its window
+        // is invalidated before anything reads the slot, so no later write with its key lands.
+        if let Err(e) = self.up.nic_grants.landed(&mut link.ep, self.pool.mem_mut(), slot.0) {
+            return self.abort(NodeError::new(ErrorKind::ConnectionLost, format!("ending the grant of a slot: {e}")));
+        }
         let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         match Header::decode(&bytes) {
             Ok(h) if h.kind == Kind::Chunk => {

@@ -48,8 +48,8 @@ pub(super) struct Upstream {
     pub(super) next_seq: u64,
     /// The RDMA hop upstream, when that hop negotiated RDMA.
     pub(super) rdma: Option<UpLink>,
-    /// Slots granted to upstream and not yet sent in a CREDIT frame.
-    pub(super) credits: Vec<u16>,
+    /// Slots granted to upstream (with their windows' keys) and not yet sent in a CREDIT frame.
+    pub(super) credits: Vec<wire::Credit>,
     /// The granted slots' bytes, held for the NIC until a frame lands in them.
     pub(super) nic_grants: crate::sys::nic::Grants,
     /// Whether END arrived from upstream (RDMA: the socket may close after it).
@@ -219,11 +219,11 @@ impl Session<'_> {
             // Credits first (the sender may be waiting for a slot), then the newest ack, which
             // goes before the result so that upstream's progress reaches 100 %.
             let (item, bytes) = if !self.up.credits.is_empty() {
-                let n = self.up.credits.len().min((CTRL_LEN - HEADER_LEN - FRAME_MAC_LEN) / 2);
-                let slots: Vec<u16> = self.up.credits.drain(..n).collect();
-                let h = Header { kind: Kind::Credit, len: 2 * n as u32, seq: 0, digest: 0 };
+                let n = self.up.credits.len().min((CTRL_LEN - HEADER_LEN - FRAME_MAC_LEN) / wire::CREDIT_LEN);
+                let credits: Vec<wire::Credit> = self.up.credits.drain(..n).collect();
+                let h = Header { kind: Kind::Credit, len: (wire::CREDIT_LEN * n) as u32, seq: 0, digest: 0 };
                 let mut b = h.to_bytes().to_vec();
-                wire::encode_credits(&slots, &mut b);
+                wire::encode_credits(&credits, &mut b);
                 if let Some(m) = self.up.macs.as_mut() {
                     let mac = m.sign(&b[..HEADER_LEN], &b[HEADER_LEN..]);
                     b.extend_from_slice(&mac);

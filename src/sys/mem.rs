@@ -21,8 +21,54 @@
 //! operation once the table has grown to its working size.
 
 use std::io;
+use std::sync::Arc;
 
 use memmap2::{Advice, MmapMut, MmapOptions};
+
+/// An anonymous mapping that stays mapped while any clone of it lives.
+///
+/// The pool's [`Pinned`] holds one, and so does every RDMA endpoint that registered it
+/// (`sys::rdma::verbs::Endpoint::open` takes a `&Mapping` and keeps a clone): a NIC
+/// registration can therefore never outlive the memory it points at, whatever order its owners
+/// are dropped in. Its bytes are reachable only through [`Mapping::bytes_mut`] while nobody else
+/// holds it, through a [`Pinned`]'s leases and borrows, or by the NIC.
+#[derive(Debug, Clone)]
+pub struct Mapping(Arc<MmapMut>);
+
+impl Mapping {
+    /// Maps `len` anonymous bytes (zeroed), advised to huge pages before any page is touched.
+    pub fn anon(len: usize) -> io::Result<Self> {
+        let map = MmapOptions::new().len(len).map_anon()?;
+        // Advice first, before any page is touched: afterwards it finds no huge pages to make.
+        let _ = map.advise(Advice::HugePage);
+        Ok(Self(Arc::new(map)))
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is mapped (a zero-length mapping).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first byte's address (for a registration; reads and writes go through leases).
+    pub fn base(&self) -> *mut u8 {
+        self.0.as_ptr().cast_mut()
+    }
+
+    /// The bytes, to fill before the mapping is shared (`None` once a clone exists, e.g. once
+    /// an endpoint registered it: the NIC may then read or write them).
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        Arc::get_mut(&mut self.0).map(|m| &mut m[..])
+    }
+
+    fn lock(&self) -> io::Result<()> {
+        self.0.lock()
+    }
+}
 
 /// What the other side of an operation does with the leased range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +136,7 @@ impl Hold {
 /// The pinned mapping and the table of leases out on it.
 #[derive(Debug)]
 pub(crate) struct Pinned {
-    map: Option<MmapMut>,
+    map: Option<Mapping>,
     spare: Box<[u8]>,
     holds: Vec<Option<Hold>>,
     free_holds: Vec<u32>,
@@ -104,9 +150,7 @@ unsafe impl Send for Pinned {}
 impl Pinned {
     /// Maps `len` bytes, advised to huge pages before any page is touched.
     pub(crate) fn map(len: usize) -> io::Result<Self> {
-        let map = MmapOptions::new().len(len).map_anon()?;
-        // Advice first, before any page is touched: afterwards it finds no huge pages to make.
-        let _ = map.advise(Advice::HugePage);
+        let map = Mapping::anon(len)?;
         Ok(Self { map: Some(map), spare: Box::default(), holds: Vec::new(), free_holds: Vec::new(), live: 0 })
     }
 
@@ -121,7 +165,8 @@ impl Pinned {
         self.mapping().lock()
     }
 
-    fn mapping(&self) -> &MmapMut {
+    /// The mapping itself (to register it with a NIC, which keeps it mapped while registered).
+    pub(crate) fn mapping(&self) -> &Mapping {
         self.map.as_ref().expect("mapped until dropped")
     }
 
@@ -133,7 +178,7 @@ impl Pinned {
     /// The mapping's base address, for registration with io_uring or a NIC (which then only
     /// touch what a lease covers).
     pub(crate) fn base(&self) -> *mut u8 {
-        self.mapping().as_ptr().cast_mut()
+        self.mapping().base()
     }
 
     /// Binds the mapping's pages to the NUMA node of RDMA device `device`, moving them there

@@ -69,22 +69,52 @@ impl Writes {
 }
 
 /// Pool slots granted to the peer: its NIC may write into each until a frame lands there.
+///
+/// A grant binds the endpoint's memory window over the slot (the key goes to the peer with
+/// the credit); a landing invalidates it before the slot's bytes are the caller's again, so a
+/// write with that key after the frame landed (or into any other slot) is refused by the NIC.
 #[derive(Debug, Default)]
 pub(crate) struct Grants {
     held: Vec<(u16, Lease)>,
 }
 
 impl Grants {
-    /// Slot `slot` (the bytes `span` of `mem`) is granted to the peer.
-    pub(crate) fn grant(&mut self, mem: &mut Pinned, slot: u16, span: Span) {
+    /// Grants slot `slot` (the bytes `span` of `mem`) to the peer of `ep`; the key of its window.
+    pub(crate) fn grant(
+        &mut self,
+        ep: &mut Endpoint,
+        mem: &mut Pinned,
+        slot: u16,
+        span: Span,
+    ) -> Result<u32, VerbsError> {
+        let lease = mem.lease(span, Access::Write);
+        match ep.grant(slot) {
+            Ok(rkey) => {
+                self.held.push((slot, lease));
+                Ok(rkey)
+            }
+            Err(e) => {
+                // Not bound: the peer cannot write there.
+                mem.settle(lease);
+                Err(e)
+            }
+        }
+    }
+
+    /// Slot `slot` was granted by [`Grants::grant`] beforehand (the connection set-up's grants).
+    pub(crate) fn granted(&mut self, mem: &mut Pinned, slot: u16, span: Span) {
         self.held.push((slot, mem.lease(span, Access::Write)));
     }
 
-    /// A frame landed in `slot` (its receive completion was polled): its bytes are the caller's.
-    pub(crate) fn landed(&mut self, mem: &mut Pinned, slot: u16) {
+    /// A frame landed in `slot` (its receive completion was polled): invalidates its window, and
+    /// then its bytes are the caller's. On an error the slot stays leased to the NIC (until
+    /// [`Grants::settle_all`]).
+    pub(crate) fn landed(&mut self, ep: &mut Endpoint, mem: &mut Pinned, slot: u16) -> Result<(), VerbsError> {
+        ep.revoke(slot)?;
         if let Some(i) = self.held.iter().position(|(s, _)| *s == slot) {
             mem.settle(self.held.swap_remove(i).1);
         }
+        Ok(())
     }
 
     /// Gives every lease back; only once the queue pair the grants were made on is destroyed.

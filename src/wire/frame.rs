@@ -10,7 +10,7 @@ pub const HEADER_LEN: usize = 40;
 /// The magic that opens every frame.
 pub const MAGIC: [u8; 4] = *b"SHCS";
 /// The protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 5;
+pub const PROTO_VERSION: u16 = 6;
 /// The largest chunk a manifest may declare.
 pub const MAX_CHUNK: u32 = 64 << 20;
 /// The smallest chunk a manifest may declare.
@@ -57,10 +57,10 @@ pub enum Kind {
 /// Largest ACCEPT payload: a routed push's held-chunk ranges (16 bytes a range; at worst every
 /// other chunk of a large push on each node).
 pub const MAX_HAVES: u32 = 64 << 20;
-/// Largest TRANSPORT payload.
-pub const MAX_TRANSPORT: u32 = 64 << 10;
-/// The largest CREDIT payload (every slot of a pool, twice over).
-pub const MAX_CREDIT: u32 = 4 << 16;
+/// Largest TRANSPORT payload (an answer granting every slot of a pool: 8 bytes a credit).
+pub const MAX_TRANSPORT: u32 = 1 << 20;
+/// The largest CREDIT payload (every slot of a pool with its key, slot and key 6 bytes).
+pub const MAX_CREDIT: u32 = 8 << 16;
 
 impl Kind {
     /// Decodes a kind byte.

@@ -138,7 +138,8 @@ pub fn decode_status(buf: &[u8]) -> Result<Vec<SetStatus>, WireError> {
 /// One side's word in a hop's transport negotiation (TRANSPORT frames, after ACCEPT).
 ///
 /// The upstream side offers, the downstream side answers; RDMA is used only when both say
-/// `Rdma`. The answer's `credits` are the pool slots the sender may write into first.
+/// `Rdma`. The answer's `credits` are the pool slots the sender may write into first, each with
+/// the key of the memory window the receiver bound over that slot alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportMsg {
     /// TCP for this hop, and why not RDMA (shown to the user when RDMA was required).
@@ -158,14 +159,13 @@ pub enum TransportMsg {
         gid: [u8; 16],
         /// Active path MTU (ibv_mtu enum).
         mtu: u8,
-        /// Remote key of the pool.
-        rkey: u32,
-        /// Pool base address.
+        /// Pool base address (the receiver's; 0 from the sender). No key for the whole pool
+        /// travels: each credit carries its own.
         addr: u64,
         /// Bytes between slots of the pool (the receiver's; the sender's is ignored).
         slot_size: u32,
-        /// Slots the sender may write into now (answer only).
-        credits: Vec<u16>,
+        /// Slots the sender may write into now, with their keys (answer only).
+        credits: Vec<Credit>,
     },
 }
 
@@ -177,11 +177,11 @@ impl TransportMsg {
             Self::Tcp { reason } => {
                 e.u8(0).str(reason);
             }
-            Self::Rdma { device, qpn, psn, gid, mtu, rkey, addr, slot_size, credits } => {
-                e.u8(1).str(device).u32(*qpn).u32(*psn).u128(u128::from_le_bytes(*gid)).u8(*mtu).u32(*rkey);
+            Self::Rdma { device, qpn, psn, gid, mtu, addr, slot_size, credits } => {
+                e.u8(1).str(device).u32(*qpn).u32(*psn).u128(u128::from_le_bytes(*gid)).u8(*mtu);
                 e.u64(*addr).u32(*slot_size).u64(credits.len() as u64);
                 for c in credits {
-                    e.u32(u32::from(*c));
+                    e.u32(u32::from(c.slot)).u32(c.rkey);
                 }
             }
         }
@@ -199,16 +199,16 @@ impl TransportMsg {
                 let psn = d.u32("psn")?;
                 let gid = d.u128("gid")?.to_le_bytes();
                 let mtu = d.u8("mtu")?;
-                let rkey = d.u32("rkey")?;
                 let addr = d.u64("addr")?;
                 let slot_size = d.u32("slot size")?;
-                let n = d.count("credits", 4)?;
+                let n = d.count("credits", 8)?;
                 let mut credits = Vec::with_capacity(n);
                 for _ in 0..n {
                     let c = d.u32("credit")?;
-                    credits.push(u16::try_from(c).map_err(|_| WireError::Invalid(format!("credit slot {c}")))?);
+                    let slot = u16::try_from(c).map_err(|_| WireError::Invalid(format!("credit slot {c}")))?;
+                    credits.push(Credit { slot, rkey: d.u32("credit key")? });
                 }
-                Self::Rdma { device, qpn, psn, gid, mtu, rkey, addr, slot_size, credits }
+                Self::Rdma { device, qpn, psn, gid, mtu, addr, slot_size, credits }
             }
             k => return Err(WireError::Invalid(format!("transport kind {k}"))),
         };
@@ -217,17 +217,34 @@ impl TransportMsg {
     }
 }
 
-/// Encodes a CREDIT payload: slot numbers.
-pub fn encode_credits(slots: &[u16], out: &mut Vec<u8>) {
-    for s in slots {
-        out.extend_from_slice(&s.to_le_bytes());
+/// One grant of an RDMA hop's receiver: a pool slot the sender may write one frame into, and
+/// the key that lets it (a memory window's, bound over that slot alone until the frame lands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit {
+    /// The receiver's slot.
+    pub slot: u16,
+    /// The key of the window over it.
+    pub rkey: u32,
+}
+
+/// Bytes per credit in a CREDIT payload: the slot (u16) and its key (u32), little-endian.
+pub const CREDIT_LEN: usize = 6;
+
+/// Encodes a CREDIT payload: a slot number and its key per credit.
+pub fn encode_credits(credits: &[Credit], out: &mut Vec<u8>) {
+    for c in credits {
+        out.extend_from_slice(&c.slot.to_le_bytes());
+        out.extend_from_slice(&c.rkey.to_le_bytes());
     }
 }
 
 /// Decodes a CREDIT payload.
-pub fn decode_credits(buf: &[u8]) -> Result<Vec<u16>, WireError> {
-    if buf.len() % 2 != 0 {
+pub fn decode_credits(buf: &[u8]) -> Result<Vec<Credit>, WireError> {
+    if buf.len() % CREDIT_LEN != 0 {
         return Err(WireError::Invalid(format!("CREDIT payload of {} bytes", buf.len())));
     }
-    Ok(buf.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+    Ok(buf
+        .chunks_exact(CREDIT_LEN)
+        .map(|c| Credit { slot: u16::from_le_bytes([c[0], c[1]]), rkey: u32::from_le_bytes([c[2], c[3], c[4], c[5]]) })
+        .collect())
 }

@@ -99,19 +99,21 @@ mod tests {
                 psn: 0x12_3456,
                 gid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 1, 1],
                 mtu: 5,
-                rkey: 0xdead,
                 addr: 0x7f00_0000_1000,
                 slot_size: (4 << 20) + 4096,
-                credits: vec![0, 1, 2, 65535],
+                credits: [0, 1, 2, 65535].map(|slot| Credit { slot, rkey: 0x0a00 + u32::from(slot) }).to_vec(),
             },
         ];
         for m in msgs {
             assert_eq!(TransportMsg::decode(&m.encode()).unwrap(), m);
         }
         let mut b = Vec::new();
-        encode_credits(&[3, 9, 400], &mut b);
-        assert_eq!(decode_credits(&b).unwrap(), vec![3, 9, 400]);
+        let credits = [(3, 0x1_0001), (9, u32::MAX), (400, 0)].map(|(slot, rkey)| Credit { slot, rkey });
+        encode_credits(&credits, &mut b);
+        assert_eq!(b.len(), 3 * CREDIT_LEN);
+        assert_eq!(decode_credits(&b).unwrap(), credits);
         assert!(decode_credits(&[1]).is_err());
+        assert!(decode_credits(&[0; 4]).is_err(), "a slot without its key");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Plain data shared by the verbs wrapper and its stand-in in builds without RDMA.
 
-/// What one side tells the other to connect a queue pair and write into its pool.
+/// What one side tells the other to connect a queue pair (and, from the receiving end, where its
+/// pool lies: no key comes with it; each grant carries its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerInfo {
     /// Queue pair number.
@@ -11,9 +12,7 @@ pub struct PeerInfo {
     pub gid: [u8; 16],
     /// Path MTU enum value the side can do (ibv_mtu: 1 = 256 … 5 = 4096).
     pub mtu: u8,
-    /// Key for remote writes into the pool.
-    pub rkey: u32,
-    /// Address of the pool's first byte.
+    /// Address of the pool's first byte (the receiving end's; 0 for the sending end).
     pub addr: u64,
 }
 
@@ -39,6 +38,14 @@ pub enum Access {
     /// posts. The region and the queue pair grant no remote access, and the endpoint advertises
     /// no key or address (both 0): a downstream peer cannot write into the sender's slots.
     SendOnly,
-    /// The receiving end: the peer RDMA-WRITEs chunks into the slots it is granted.
-    RemoteWrite,
+    /// The receiving end: the peer RDMA-WRITEs chunks into the slots it is granted, and only
+    /// there. The mapping's first `slots` slots of `slot_size` bytes are registered one region
+    /// each, with no remote access of their own; a grant binds a type-2 memory window over one
+    /// slot (its key goes with the credit) and the grant ends with the window's invalidation.
+    Grants {
+        /// Bytes per slot (slot `i` starts at `i * slot_size`).
+        slot_size: usize,
+        /// Number of slots.
+        slots: usize,
+    },
 }

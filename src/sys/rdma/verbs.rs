@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 use rdma_sys as ffi;
 
 pub use super::types::{Access, PeerInfo, WcError, WorkCompletion};
+pub use crate::sys::mem::Mapping;
 
 /// The library loaded at run time, by its SONAME (the ABI shardcast was built against).
 const LIBIBVERBS: &str = "libibverbs.so.1";
@@ -100,6 +101,7 @@ verbs_api! {
     // shorter `_compat_ibv_port_attr` and fills that prefix of `ibv_port_attr`.
     ibv_query_port: fn(*mut ffi::ibv_context, u8, *mut ffi::_compat_ibv_port_attr) -> c_int;
     ibv_query_gid: fn(*mut ffi::ibv_context, u8, c_int, *mut ffi::ibv_gid) -> c_int;
+    ibv_query_device: fn(*mut ffi::ibv_context, *mut ffi::ibv_device_attr) -> c_int;
     ibv_get_cq_event: fn(*mut ffi::ibv_comp_channel, *mut *mut ffi::ibv_cq, *mut *mut c_void) -> c_int;
     ibv_wc_status_str: fn(ffi::ibv_wc_status::Type) -> *const c_char;
 }
@@ -323,32 +325,62 @@ impl fmt::Display for WcError {
     }
 }
 
+/// A type-2 memory window over one receiver slot, bound per grant (see [`Endpoint::grant`]).
+struct Window {
+    ptr: *mut ffi::ibv_mw,
+    /// Bound now (the peer holds its key); a type-2 window is bound again only once invalidated.
+    bound: bool,
+}
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ibv_alloc_mw, freed once, after the QP it was bound on is gone
+        // and before the region under it (field order of Endpoint).
+        unsafe { ffi::ibv_dealloc_mw(self.ptr) };
+    }
+}
+
+/// The wr_id of a window's bind or invalidate (its slot in the low bits): receives use small
+/// ids and writes the session's tokens, neither with this bit.
+const WINDOW_WR: u64 = 1 << 63;
+
+/// How long a bind or an invalidate may take before the endpoint gives up on its device (they
+/// are local operations: microseconds on hardware, tens of them on soft-RoCE).
+const WINDOW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One side of an RC queue pair over a registered pool.
 pub struct Endpoint {
-    // Field order is drop order: the QP before the CQ, the CQ before its channel, the MR and the
-    // PD before the device context.
+    // Field order is drop order: the QP before the CQ, the CQ before its channel, the windows
+    // before the regions under them, the regions and the PD before the device context, and the
+    // mapping last, once nothing registered points into it.
     qp: Qp,
     cq: Cq,
     channel: Channel,
-    mr: Mr,
+    windows: Vec<Window>,
+    slot_mrs: Vec<Mr>,
+    mr: Option<Mr>,
     // Held only so that they are freed last.
     _pd: Pd,
     _ctx: Context,
+    mem: Mapping,
     device: String,
     port: u8,
     gid_index: u8,
     access: Access,
     local: PeerInfo,
+    /// Completions taken from the CQ while waiting for a bind or an invalidate, handed out by
+    /// the next [`Endpoint::poll`].
+    stash: Vec<WorkCompletion>,
 }
 
 impl Access {
-    /// The region's and the queue pair's access flags. The sending end needs none beyond the
-    /// local read every region has: its NIC reads the frames it writes out, and nothing is ever
-    /// written into its pool by the NIC (no receive buffers, no RDMA READ).
-    fn flags(self) -> u32 {
+    /// The queue pair's access flags. The sending end needs none: its NIC reads the frames it
+    /// writes out, and nothing is ever written into its pool by the NIC (no receive buffers, no
+    /// RDMA READ). The receiving end's QP accepts RDMA WRITEs; where they may land is up to
+    /// the windows.
+    fn qp_flags(self) -> u32 {
         match self {
             Access::SendOnly => 0,
-            Access::RemoteWrite => {
+            Access::Grants { .. } => {
                 ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
             }
         }
@@ -371,20 +403,91 @@ impl fmt::Debug for Endpoint {
     }
 }
 
+/// What an endpoint registers: the whole mapping (the sending end, for its writes' local key),
+/// or one region per slot with a window each (the receiving end).
+type Regions = (Option<Mr>, Vec<Mr>, Vec<Window>);
+
+/// Whether `device` can bind type-2 memory windows; the reason when not.
+fn check_windows(v: &'static Api, ctx: &Context, device: &str) -> Result<(), VerbsError> {
+    // SAFETY: zeroed is valid output space.
+    let mut attr: ffi::ibv_device_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: ctx is live; attr is valid output space.
+    let rc = unsafe { (v.ibv_query_device)(ctx.ptr, &mut attr) };
+    if rc != 0 {
+        return Err(VerbsError::code("ibv_query_device", device.to_owned(), rc));
+    }
+    use ffi::ibv_device_cap_flags as c;
+    let type2 = c::IBV_DEVICE_MEM_WINDOW_TYPE_2A.0 | c::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0;
+    if attr.max_mw <= 0 || attr.device_cap_flags & type2 == 0 {
+        return Err(VerbsError::new(
+            "ibv_query_device",
+            format!("{device} cannot receive RDMA writes: it has no type-2 memory windows"),
+            io::Error::new(io::ErrorKind::Unsupported, "a receiver grants its peer one slot at a time through them"),
+        )
+        .detail(format!("max_mw {}, device_cap_flags {:#x}", attr.max_mw, attr.device_cap_flags)));
+    }
+    Ok(())
+}
+
+/// Registers `mem` for `access` in `pd` (see [`Regions`]).
+fn register(
+    v: &'static Api,
+    ctx: &Context,
+    pd: &Pd,
+    mem: &Mapping,
+    access: Access,
+    device: &str,
+) -> Result<Regions, VerbsError> {
+    let Access::Grants { slot_size, slots } = access else {
+        // SAFETY: `mem` stays mapped while the endpoint holds its clone (dropped after the MR);
+        // pd is live. No access flags: local read only.
+        let mr = unsafe { (v.ibv_reg_mr)(pd.1, mem.base().cast::<c_void>(), mem.len(), 0) };
+        if mr.is_null() {
+            let what = format!("registering the {} MiB pool on {device}", mem.len() >> 20);
+            return Err(VerbsError::last("ibv_reg_mr", what));
+        }
+        return Ok((Some(Mr(v, mr)), Vec::new(), Vec::new()));
+    };
+    assert!(slot_size * slots <= mem.len(), "the slots lie in the mapping");
+    check_windows(v, ctx, device)?;
+    use ffi::ibv_access_flags as a;
+    let flags = (a::IBV_ACCESS_LOCAL_WRITE.0 | a::IBV_ACCESS_MW_BIND.0) as c_int;
+    let (mut mrs, mut windows) = (Vec::with_capacity(slots), Vec::with_capacity(slots));
+    for i in 0..slots {
+        // SAFETY: the slot lies in the mapping (asserted above), which stays mapped while the
+        // endpoint holds its clone; pd is live. No remote access of its own: only a window bound
+        // over it lets the peer write.
+        let mr = unsafe { (v.ibv_reg_mr)(pd.1, mem.base().add(i * slot_size).cast::<c_void>(), slot_size, flags) };
+        if mr.is_null() {
+            return Err(VerbsError::last("ibv_reg_mr", format!("registering slot {i} on {device}"))
+                .detail(format!("{slot_size} bytes, local write + MW bind")));
+        }
+        mrs.push(Mr(v, mr));
+        // SAFETY: pd is live.
+        let mw = unsafe { ffi::ibv_alloc_mw(pd.1, ffi::ibv_mw_type::IBV_MW_TYPE_2) }.unwrap_or(std::ptr::null_mut());
+        if mw.is_null() {
+            return Err(VerbsError::last("ibv_alloc_mw", format!("a type-2 window for slot {i} on {device}")));
+        }
+        windows.push(Window { ptr: mw, bound: false });
+    }
+    Ok((None, mrs, windows))
+}
+
 impl Endpoint {
-    /// Opens `device`, registers `len` bytes at `base` (the pool) with `access` (remote writes
-    /// only for [`Access::RemoteWrite`]), and creates an RC queue pair with room for `depth`
-    /// outstanding sends and receives, moved to INIT with the same access.
+    /// Opens `device`, registers `mem` for `access` and creates an RC queue pair with room for
+    /// `depth` outstanding sends and receives, moved to INIT with the access the side needs.
     ///
-    /// # Safety
-    /// `base..base+len` must stay mapped (and not be unmapped or remapped) for the life of the
-    /// endpoint: the NIC reads and writes it.
-    pub unsafe fn open(
+    /// - [`Access::SendOnly`]: the whole mapping, local access only (the writes' source).
+    /// - [`Access::Grants`]: each slot as its own region (local write and MW bind, no remote
+    ///   access) and a type-2 memory window per slot, which [`Endpoint::grant`] binds over the
+    ///   granted slot alone; refused, naming the device, where it has no type-2 windows.
+    ///
+    /// The endpoint keeps a clone of `mem`: the memory stays mapped while it is registered.
+    pub fn open(
         device: &str,
         port: u8,
         gid_index: u8,
-        base: *mut u8,
-        len: usize,
+        mem: &Mapping,
         depth: u32,
         access: Access,
     ) -> Result<Self, VerbsError> {
@@ -396,12 +499,7 @@ impl Endpoint {
             return Err(VerbsError::last("ibv_alloc_pd", device.to_owned()));
         }
         let pd = Pd(v, pd);
-        // SAFETY: the caller keeps the range mapped for the endpoint's life; pd is live.
-        let mr = unsafe { (v.ibv_reg_mr)(pd.1, base.cast::<c_void>(), len, access.flags() as c_int) };
-        if mr.is_null() {
-            return Err(VerbsError::last("ibv_reg_mr", format!("registering the {} MiB pool on {device}", len >> 20)));
-        }
-        let mr = Mr(v, mr);
+        let (mr, slot_mrs, windows) = register(v, &ctx, &pd, mem, access, device)?;
         // SAFETY: ctx is live.
         let ch = unsafe { (v.ibv_create_comp_channel)(ctx.ptr) };
         if ch.is_null() {
@@ -457,18 +555,34 @@ impl Endpoint {
         }
         // SAFETY: the union's raw view covers all 16 bytes.
         let gid = unsafe { gid.raw };
-        // SAFETY: qp and mr are live.
-        let (qpn, rkey) = unsafe { ((*qp.1).qp_num, (*mr.1).rkey) };
+        // SAFETY: qp is live.
+        let qpn = unsafe { (*qp.1).qp_num };
         let psn = psn_for(qpn);
-        // A send-only region's key grants nothing remotely: it is not advertised, nor is the
-        // pool's address.
-        let (rkey, addr) = match access {
-            Access::SendOnly => (0, 0),
-            Access::RemoteWrite => (rkey, base as u64),
+        // No key grants the whole pool: the sending end's region has no remote access, and the
+        // receiving end's keys are its windows', one per grant. Only a receiver's pool address
+        // is advertised (a slot's writes go to address + slot × slot size).
+        let addr = match access {
+            Access::SendOnly => 0,
+            Access::Grants { .. } => mem.base() as u64,
         };
-        let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, rkey, addr };
-        let ep =
-            Self { qp, cq, channel, mr, _pd: pd, _ctx: ctx, device: device.to_owned(), port, gid_index, access, local };
+        let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, addr };
+        let ep = Self {
+            qp,
+            cq,
+            channel,
+            windows,
+            slot_mrs,
+            mr,
+            _pd: pd,
+            _ctx: ctx,
+            mem: mem.clone(),
+            device: device.to_owned(),
+            port,
+            gid_index,
+            access,
+            local,
+            stash: Vec::new(),
+        };
         ep.to_init()?;
         ep.arm()?;
         Ok(ep)
@@ -484,10 +598,17 @@ impl Endpoint {
         &self.device
     }
 
-    /// The registered pool's local key.
-    pub fn lkey(&self) -> u32 {
-        // SAFETY: the MR is live.
-        unsafe { (*self.mr.1).lkey }
+    /// The whole mapping's local key (the sending end's; a receiving end registers no such region).
+    fn lkey(&self) -> Result<u32, VerbsError> {
+        match &self.mr {
+            // SAFETY: the MR is live.
+            Some(mr) => Ok(unsafe { (*mr.1).lkey }),
+            None => Err(VerbsError::new(
+                "ibv_post_send",
+                format!("RDMA WRITE on {}", self.device),
+                io::Error::new(io::ErrorKind::InvalidInput, "a receiving endpoint posts no writes"),
+            )),
+        }
     }
 
     fn modify(&self, attr: &mut ffi::ibv_qp_attr, mask: u32, step: &str) -> Result<(), VerbsError> {
@@ -507,7 +628,7 @@ impl Endpoint {
         a.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = self.port;
-        a.qp_access_flags = self.access.flags();
+        a.qp_access_flags = self.access.qp_flags();
         let mask = m::IBV_QP_STATE.0 | m::IBV_QP_PKEY_INDEX.0 | m::IBV_QP_PORT.0 | m::IBV_QP_ACCESS_FLAGS.0;
         self.modify(&mut a, mask, "RESET->INIT")
     }
@@ -583,7 +704,7 @@ impl Endpoint {
         rkey: u32,
         imm: Option<u32>,
     ) -> Result<(), VerbsError> {
-        let mut sge = ffi::ibv_sge { addr: local as u64, length: len, lkey: self.lkey() };
+        let mut sge = ffi::ibv_sge { addr: local as u64, length: len, lkey: self.lkey()? };
         // SAFETY: zeroed is a valid send WR; the fields used are set below.
         let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -656,26 +777,120 @@ impl Endpoint {
             self.cq.unacked = 0;
         }
         self.arm()?;
+        // Completions taken while a bind or an invalidate was waited for come first.
+        out.append(&mut self.stash);
         // Poll after arming: a completion that raced the arm is seen here.
+        while self.drain_cq(out)? == 32 {}
+        Ok(())
+    }
+
+    /// Takes up to 32 completions from the CQ into `out`; how many.
+    fn drain_cq(&mut self, out: &mut Vec<WorkCompletion>) -> Result<usize, VerbsError> {
         // SAFETY: zeroed work completions are valid output space.
         let mut wcs: [ffi::ibv_wc; 32] = unsafe { std::mem::zeroed() };
-        loop {
-            // SAFETY: the CQ is live; wcs has room for 32 entries.
-            let n = unsafe { ffi::ibv_poll_cq(self.cq.ptr, 32, wcs.as_mut_ptr()) };
-            if n < 0 {
-                return Err(VerbsError::code("ibv_poll_cq", self.device.clone(), n));
-            }
-            for wc in &wcs[..n as usize] {
-                let status =
-                    if wc.status == ffi::ibv_wc_status::IBV_WC_SUCCESS { Ok(()) } else { Err(WcError(wc.status)) };
-                // SAFETY: for receives with immediate data the union holds imm_data.
-                let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
-                out.push(WorkCompletion { wr_id: wc.wr_id, status, imm });
-            }
-            if (n as usize) < wcs.len() {
-                return Ok(());
-            }
+        // SAFETY: the CQ is live; wcs has room for 32 entries.
+        let n = unsafe { ffi::ibv_poll_cq(self.cq.ptr, 32, wcs.as_mut_ptr()) };
+        if n < 0 {
+            return Err(VerbsError::code("ibv_poll_cq", self.device.clone(), n));
         }
+        for wc in &wcs[..n as usize] {
+            let status = if wc.status == ffi::ibv_wc_status::IBV_WC_SUCCESS { Ok(()) } else { Err(WcError(wc.status)) };
+            // SAFETY: for receives with immediate data the union holds imm_data.
+            let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+            out.push(WorkCompletion { wr_id: wc.wr_id, status, imm });
+        }
+        Ok(n as usize)
+    }
+
+    /// Posts `wr` (a bind or an invalidate of slot `slot`'s window, signaled) and waits for its
+    /// completion. Other completions met meanwhile are kept for the next [`Endpoint::poll`]:
+    /// each arrived while the CQ was armed (its event wakes the session) or while an event was
+    /// already pending, so none waits unseen.
+    fn post_and_wait(&mut self, wr: &mut ffi::ibv_send_wr, what: &str, slot: u16) -> Result<(), VerbsError> {
+        let device = self.device.clone();
+        let step = || format!("{what} for slot {slot} on {device}");
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is live; wr lives across the call (the provider copies it).
+        let rc = unsafe { ffi::ibv_post_send(self.qp.1, wr, &mut bad) };
+        if rc != 0 {
+            return Err(VerbsError::code("ibv_post_send", step(), rc));
+        }
+        let deadline = std::time::Instant::now() + WINDOW_WAIT;
+        let mut seen = Vec::new();
+        loop {
+            let from = seen.len();
+            self.drain_cq(&mut seen)?;
+            if let Some(i) = seen[from..].iter().position(|wc| wc.wr_id == wr.wr_id) {
+                let wc = seen.remove(from + i);
+                self.stash.append(&mut seen);
+                return wc.status.map_err(|e| {
+                    VerbsError::new("ibv_poll_cq", step(), io::Error::other(format!("work completion: {e}")))
+                });
+            }
+            if std::time::Instant::now() > deadline {
+                self.stash.append(&mut seen);
+                return Err(VerbsError::new("ibv_poll_cq", step(), io::ErrorKind::TimedOut.into())
+                    .detail(format!("no completion within {WINDOW_WAIT:?}")));
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Grants the peer slot `slot` (a receiving endpoint): binds the slot's window over the
+    /// slot's region alone, with remote write access, under a new key, and returns that key.
+    /// Writes with it land only inside the slot, and only until [`Endpoint::revoke`].
+    ///
+    /// # Panics
+    /// On a sending endpoint, or when the slot is already granted (a bug in the caller).
+    pub fn grant(&mut self, slot: u16) -> Result<u32, VerbsError> {
+        let Access::Grants { slot_size, .. } = self.access else { panic!("a sending endpoint grants nothing") };
+        let i = usize::from(slot);
+        assert!(!self.windows[i].bound, "slot {slot} is granted already");
+        let mw = self.windows[i].ptr;
+        // SAFETY: the window is live; a type-2 window's key is the one its last bind gave it.
+        let rkey = unsafe { ffi::ibv_inc_rkey((*mw).rkey) };
+        // SAFETY: zeroed is a valid send WR; the fields used are set below.
+        let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = WINDOW_WR | u64::from(slot);
+        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_BIND_MW;
+        wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.bind_mw_tso_union.bind_mw = ffi::bind_mw_t {
+            mw,
+            rkey,
+            bind_info: ffi::ibv_mw_bind_info {
+                mr: self.slot_mrs[i].1,
+                addr: self.mem.base() as u64 + (i * slot_size) as u64,
+                length: slot_size as u64,
+                mw_access_flags: ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0,
+            },
+        };
+        self.post_and_wait(&mut wr, "binding the memory window", slot)?;
+        // SAFETY: the window is live. libibverbs tracks a window's key only for type-1 binds;
+        // the provider checks the next bind or invalidate against this one.
+        unsafe { (*mw).rkey = rkey };
+        self.windows[i].bound = true;
+        Ok(rkey)
+    }
+
+    /// Ends the grant of slot `slot` (no-op when it is not granted): invalidates its window, so
+    /// that no write with its key lands any more. Returns once the invalidation completed.
+    pub fn revoke(&mut self, slot: u16) -> Result<(), VerbsError> {
+        let i = usize::from(slot);
+        if !self.windows.get(i).is_some_and(|w| w.bound) {
+            return Ok(());
+        }
+        // SAFETY: the window is live.
+        let rkey = unsafe { (*self.windows[i].ptr).rkey };
+        // SAFETY: zeroed is a valid send WR; the fields used are set below.
+        let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = WINDOW_WR | u64::from(slot);
+        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_LOCAL_INV;
+        wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+        // Whatever the outcome, the window is not rebound before a successful invalidate.
+        self.post_and_wait(&mut wr, "invalidating the memory window", slot)?;
+        self.windows[i].bound = false;
+        Ok(())
     }
 }
 

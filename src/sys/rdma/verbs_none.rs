@@ -23,6 +23,7 @@ pub fn device_names() -> Result<Vec<String>, String> {
 }
 
 pub use super::types::{Access, PeerInfo, WcError, WorkCompletion};
+pub use crate::sys::mem::Mapping;
 
 impl fmt::Display for WcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -36,10 +37,7 @@ pub enum Endpoint {}
 
 impl Endpoint {
     /// Always fails in this build.
-    ///
-    /// # Safety
-    /// None needed; the signature matches `verbs.rs`.
-    pub unsafe fn open(_: &str, _: u8, _: u8, _: *mut u8, _: usize, _: u32, _: Access) -> Result<Self, VerbsError> {
+    pub fn open(_: &str, _: u8, _: u8, _: &Mapping, _: u32, _: Access) -> Result<Self, VerbsError> {
         Err(VerbsError { verb: "ibv_open_device", source: io::Error::from(io::ErrorKind::Unsupported) })
     }
     /// Unreachable.
@@ -67,6 +65,14 @@ impl Endpoint {
         _: u32,
         _: Option<u32>,
     ) -> Result<(), VerbsError> {
+        match *self {}
+    }
+    /// Unreachable.
+    pub fn grant(&mut self, _: u16) -> Result<u32, VerbsError> {
+        match *self {}
+    }
+    /// Unreachable.
+    pub fn revoke(&mut self, _: u16) -> Result<(), VerbsError> {
         match *self {}
     }
     /// Unreachable.
