@@ -125,10 +125,9 @@ fn forge_transport_choice(payload: &[u8]) -> Vec<u8> {
         psn: 1,
         gid: [0; 16],
         mtu: 3,
-        rkey: 0x1234,
         addr: 0x10_0000,
         slot_size: 4 << 20,
-        credits: vec![0, 1],
+        credits: vec![wire::Credit { slot: 0, rkey: 0x1234 }, wire::Credit { slot: 1, rkey: 0x1235 }],
     }
     .encode();
     out.extend_from_slice(&mac);
