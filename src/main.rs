@@ -7,16 +7,19 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 mod cli;
 
 fn main() -> ExitCode {
-    if let Err(e) = cli::config::apply_config_file() {
-        eprintln!("error: {e}");
-        return ExitCode::from(cli::EXIT_USAGE);
-    }
-    let args = cli::args::Cli::parse();
+    let cmd = match cli::config::command() {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(cli::EXIT_USAGE);
+        }
+    };
+    let args = cli::args::Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
     shardcast::raise_nofile_limit();
     ExitCode::from(cli::run(args))
 }

@@ -1,4 +1,4 @@
-//! The config file (`--config FILE` or `SHARDCAST_CONFIG`) merged into the environment, so
+//! The config file (`--config FILE` or `SHARDCAST_CONFIG`) turned into the flags' defaults, so
 //! that clap resolves every flag as command line > environment > file > built-in default.
 
 use std::path::PathBuf;
@@ -7,11 +7,12 @@ use clap::CommandFactory;
 
 use super::args::Cli;
 
-/// Applies `--config FILE` (or `SHARDCAST_CONFIG`): each key of the invoked command's table
-/// becomes the value of that flag's environment variable, unless the environment already sets
-/// it. clap then resolves command line > environment (> file) > default. Every key of every
-/// table is checked against the flags, so a typo is an error rather than silently ignored.
-pub(crate) fn apply_config_file() -> Result<(), String> {
+/// The command line's definition with `--config FILE` (or `SHARDCAST_CONFIG`) applied: each key
+/// of the invoked command's table becomes that flag's default value (a flag the file sets is
+/// no longer required). clap then resolves command line > environment > file > built-in
+/// default. Every key of every table is checked against the flags, so a typo is an error
+/// rather than silently ignored. Nothing is written to the process environment.
+pub(crate) fn command() -> Result<clap::Command, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut path = std::env::var_os("SHARDCAST_CONFIG").map(PathBuf::from);
     let mut sub = None;
@@ -30,11 +31,12 @@ pub(crate) fn apply_config_file() -> Result<(), String> {
         }
         i += 1;
     }
-    let Some(path) = path else { return Ok(()) };
+    let mut cmd = Cli::command();
+    let Some(path) = path else { return Ok(cmd) };
     let shown = path.display();
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config file {shown}: {e}"))?;
     let table: toml::Table = text.parse().map_err(|e| format!("config file {shown}: {e}"))?;
-    let cmd = Cli::command();
+    let mut defaults = Vec::new();
     for (section, value) in table {
         let Some(subcmd) = cmd.find_subcommand(&section).filter(|_| section == "serve" || section == "push") else {
             return Err(format!("config file {shown}: unknown table [{section}] (expected [serve] or [push])"));
@@ -43,31 +45,29 @@ pub(crate) fn apply_config_file() -> Result<(), String> {
             return Err(format!("config file {shown}: `{section}` must be a table ([{section}])"));
         };
         for (key, v) in entries {
-            let arg = subcmd.get_arguments().find(|a| a.get_id().as_str() == key);
-            let Some(env) = arg.and_then(|a| a.get_env()) else {
+            // The settable flags are the ones with an environment variable.
+            if !subcmd.get_arguments().any(|a| a.get_id().as_str() == key && a.get_env().is_some()) {
                 return Err(format!("config file {shown}: [{section}] has no setting `{key}`"));
-            };
-            let text = match v {
-                toml::Value::String(s) => s,
-                toml::Value::Integer(n) => n.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                toml::Value::Array(items) => items
-                    .iter()
-                    .map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string()))
-                    .collect::<Vec<_>>()
-                    .join(","),
+            }
+            let values = match v {
+                toml::Value::String(s) => vec![s],
+                toml::Value::Integer(n) => vec![n.to_string()],
+                toml::Value::Float(f) => vec![f.to_string()],
+                toml::Value::Boolean(b) => vec![b.to_string()],
+                toml::Value::Array(items) => {
+                    items.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect()
+                }
                 other => return Err(format!("config file {shown}: [{section}] {key}: unsupported value {other}")),
             };
-            if sub.as_deref() == Some(section.as_str()) && std::env::var_os(env).is_none() {
-                // The binary's one `unsafe` (set_var is unsafe in edition 2024).
-                // SAFETY: called first thing in main, before any other thread exists.
-                #[allow(unsafe_code)]
-                unsafe {
-                    std::env::set_var(env, text)
-                };
+            if sub.as_deref() == Some(section.as_str()) {
+                defaults.push((section.clone(), key, values));
             }
         }
     }
-    Ok(())
+    for (section, key, values) in defaults {
+        // clap keeps defaults as `&'static str`: the file's values live as long as the process.
+        let values: Vec<&'static str> = values.into_iter().map(|v| &*Box::leak(v.into_boxed_str())).collect();
+        cmd = cmd.mut_subcommand(section, |s| s.mut_arg(key, |a| a.required(false).default_values(values)));
+    }
+    Ok(cmd)
 }

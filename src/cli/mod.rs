@@ -1,7 +1,7 @@
 //! The `shardcast` binary over the library: each file has one job.
 //!
 //! - `args`: the flags of every subcommand (clap definitions, defaults, help texts).
-//! - `config`: the config file merged into the environment before clap parses.
+//! - `config`: the config file, turned into the flags' defaults before clap parses.
 //! - `auth`: `--key-file` or `--tls-*` into the library's [`Auth`].
 //! - `serve`, `push`, `stage`, `mirror`, `status`, `verify`, `demo`: one subcommand each,
 //!   turning its flags into the library's options and calling it.
