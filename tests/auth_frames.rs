@@ -8,7 +8,7 @@
 mod util;
 
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -53,52 +53,44 @@ fn copy(mut from: impl Read, mut to: TcpStream) {
 /// back from `target` has its payload replaced by `rewrite(payload)` (the header's length
 /// follows); everything else, and every later connection, passes unchanged.
 fn rewriting_proxy(target: String, kind: Kind, rewrite: fn(&[u8]) -> Vec<u8>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let mut first = true;
-        for client in l.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(&target) else { return };
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || copy(client, server));
-            if !std::mem::take(&mut first) {
-                std::thread::spawn(move || copy(s2, c2));
-                continue;
-            }
-            std::thread::spawn(move || {
-                let mut from = BufReader::with_capacity(1 << 20, s2);
-                let mut to = c2;
-                let mut header = [0u8; HEADER_LEN];
-                // Frame by frame until the one to rewrite (the frames before it are the
-                // handshake's: AUTH, ACCEPT, the first TRANSPORT), then as it comes.
-                while from.read_exact(&mut header).is_ok() {
-                    assert_eq!(header[..4], MAGIC, "lost the frame boundaries");
-                    let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
-                    let mut payload = vec![0u8; len];
-                    if from.read_exact(&mut payload).is_err() {
-                        return;
-                    }
-                    let hit = header[6] == kind as u8;
-                    if hit {
-                        payload = rewrite(&payload);
-                        header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-                    }
-                    if to.write_all(&header).and_then(|()| to.write_all(&payload)).is_err() {
-                        return;
-                    }
-                    if hit {
-                        break;
-                    }
-                }
-                let rest = from.buffer().to_vec();
-                if to.write_all(&rest).is_ok() {
-                    copy(from.into_inner(), to);
-                }
-            });
+    proxy(target, move |first, client, server| {
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || copy(client, server));
+        if !first {
+            std::thread::spawn(move || copy(s2, c2));
+            return;
         }
-    });
-    addr
+        std::thread::spawn(move || {
+            let mut from = BufReader::with_capacity(1 << 20, s2);
+            let mut to = c2;
+            let mut header = [0u8; HEADER_LEN];
+            // Frame by frame until the one to rewrite (the frames before it are the
+            // handshake's: AUTH, ACCEPT, the first TRANSPORT), then as it comes.
+            while from.read_exact(&mut header).is_ok() {
+                assert_eq!(header[..4], MAGIC, "lost the frame boundaries");
+                let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+                let mut payload = vec![0u8; len];
+                if from.read_exact(&mut payload).is_err() {
+                    return;
+                }
+                let hit = header[6] == kind as u8;
+                if hit {
+                    payload = rewrite(&payload);
+                    header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+                }
+                if to.write_all(&header).and_then(|()| to.write_all(&payload)).is_err() {
+                    return;
+                }
+                if hit {
+                    break;
+                }
+            }
+            let rest = from.buffer().to_vec();
+            if to.write_all(&rest).is_ok() {
+                copy(from.into_inner(), to);
+            }
+        });
+    })
 }
 
 /// A REJECT's reports with every failure's reason replaced (the same kind of error).

@@ -5,7 +5,7 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -120,21 +120,13 @@ struct Corrupter {
 
 impl Corrupter {
     fn start(target: String) -> Corrupter {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let flipped = Arc::new(AtomicUsize::new(0));
         let f = flipped.clone();
-        std::thread::spawn(move || {
-            let mut first = true;
-            for client in l.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(&target) else { return };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let tamper = first.then(|| f.clone());
-                first = false;
-                std::thread::spawn(move || frames(client, server, tamper));
-                std::thread::spawn(move || copy(s2, c2));
-            }
+        let addr = proxy(target, move |first, client, server| {
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let tamper = first.then(|| f.clone());
+            std::thread::spawn(move || frames(client, server, tamper));
+            std::thread::spawn(move || copy(s2, c2));
         });
         Corrupter { addr, flipped }
     }

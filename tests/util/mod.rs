@@ -1080,3 +1080,24 @@ pub fn plain_hello(
         grant: Default::default(),
     }
 }
+
+/// A TCP proxy on a free loopback port in front of `target`: for each connection it accepts it
+/// connects to `target` and hands both streams to `serve(first, client, server)` (`first`: the
+/// proxy's first connection), which forwards what passes, or tampers with it. Returns its address.
+#[allow(dead_code)]
+pub fn proxy(
+    target: String,
+    serve: impl Fn(bool, std::net::TcpStream, std::net::TcpStream) + Send + 'static,
+) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        let mut first = true;
+        for client in l.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(&target) else { return };
+            serve(std::mem::take(&mut first), client, server);
+        }
+    });
+    addr
+}
