@@ -27,7 +27,8 @@
 # script in flock on those files; SC_LOCKS_HELD=1 when the caller holds them).
 #
 # Env: PARTS ("bound ratio cluster hop delta"), CKPT_SIZE, CKPT_DIR, STEPS, N (4), REPS (3),
-#      HOP_REPS (5), RATE (1gbit), PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1, NO_BUILD=1 (no
+#      HOP_REPS (5), RATE (1gbit), BOUND_JSON (reuse an earlier run's bound-*.json of the same
+#      checkpoints instead of computing it again, ~6 min), PORT (7071), SC_CLUSTER (sc), KEEP_WORK=1, NO_BUILD=1 (no
 #      cargo build: BIN, default target/release/shardcast, is measured as it is).
 # Output: tables on stdout, saved under OUT (results/<UTC date>-compress/): bound-<stamp>.{md,json}
 #      (compress-bound.py), bench-compress-<stamp>.md (the other parts), raw-<stamp>-*.json (every
@@ -94,10 +95,18 @@ summary=$out/bench-compress-$stamp.md
 mkdir -p "$out"
 cmdline="${ckpt_cmd}PARTS=\"$PARTS\" CKPT_SIZE=$CKPT_SIZE N=$N REPS=$REPS HOP_REPS=$HOP_REPS RATE=${RATE:-1gbit} ./scripts/bench-compress.sh"
 export PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
-bound=$out/bound-$stamp.json
-log "offline bounds (scripts/compress-bound.py $CKPT_DIR)"
-"$venv/bin/python" scripts/compress-bound.py "$CKPT_DIR" --json "$bound" --md "$out/bound-$stamp.md" >/dev/null
-has_part bound && cat "$out/bound-$stamp.md"
+if [[ -n "${BOUND_JSON:-}" ]]; then  # an earlier run's bounds of the same checkpoints
+    [[ -f "$BOUND_JSON" ]] || die "BOUND_JSON=$BOUND_JSON does not exist"
+    has_part bound && die "PARTS has bound: drop BOUND_JSON to compute the bounds again"
+    bound=$BOUND_JSON
+    cmdline="BOUND_JSON=$BOUND_JSON $cmdline"
+    log "offline bounds from $BOUND_JSON"
+else
+    bound=$out/bound-$stamp.json
+    log "offline bounds (scripts/compress-bound.py $CKPT_DIR)"
+    "$venv/bin/python" scripts/compress-bound.py "$CKPT_DIR" --json "$bound" --md "$out/bound-$stamp.md" >/dev/null
+    has_part bound && cat "$out/bound-$stamp.md"
+fi
 
 if [[ "$PARTS" == bound ]]; then
     log "saved $out"
@@ -125,7 +134,7 @@ help_c = OPTS.get("--compress", "")
 # clap lists the values as "[possible values: a, b]", or as "Possible values: - a: … - b: …".
 m = re.search(r"\[possible values: ([^\]]+)\]", help_c, re.I)
 MODES = ([v.strip() for v in m.group(1).split(",")] if m else re.findall(r"(?:^|\s)- ([\w-]+):", help_c)
-         or [v for v in ("off", "auto", "zstd", "zstd-grouped") if "--compress" in OPTS and v in help_c.replace(",", " ").split()])
+         or [v for v in ("off", "auto", "zstd", "zstd-grouped") if "--compress" in OPTS and v in re.split(r"[\s,;:.]+", help_c)])
 OFF = "off" if "off" in MODES else None          # None: a plain push (a binary without --compress)
 AUTO = "auto" if "auto" in MODES else None
 rows = []
