@@ -51,9 +51,15 @@ impl std::fmt::Display for Compress {
     }
 }
 
-/// The zstd level when none is given: fast enough to stay above a 10 Gbit/s link's rate per
-/// core on float data, and most of the ratio of higher levels there.
-pub const DEFAULT_LEVEL: i32 = 3;
+/// The zstd level when none is given. On real bf16/fp32 checkpoints (scripts/compress-bound.py,
+/// BENCHMARKS.md) level 1 is both faster and smaller than 3 once bytes are grouped (bf16: ratio
+/// 1.461 against 1.407, 333 against 139 MB/s a core; ungrouped the same 1.282): levels 2-12
+/// find matches in the exponent stream that cost more than they save.
+pub const DEFAULT_LEVEL: i32 = 1;
+
+/// `auto` codes a chunk only while this many chunks' bytes wait for the first hop
+/// ([`Encoder::first_hop_backlog`]).
+const AUTO_BACKLOG_CHUNKS: u64 = 2;
 
 /// Bytes of a chunk the sample that picks the grouping (and measures the rate) compresses.
 const SAMPLE: usize = 64 << 10;
@@ -117,11 +123,14 @@ impl Rate {
     }
 }
 
-/// `auto`'s measurements: how fast this node compresses and how well, and how fast the first
-/// hop drains (from the send completions downstream, which wait for the socket's buffer once
-/// the link is the bottleneck).
+/// `auto`'s measurements: how fast this node compresses and how well, how fast the first hop
+/// drains (from the send completions downstream, which wait for the socket's buffer once the
+/// link is the bottleneck), and how much waits for it now.
 #[derive(Debug, Default)]
 struct Auto {
+    /// Coded bytes queued for the first hop behind the send in flight, when the chunk being
+    /// coded was read ([`Encoder::first_hop_backlog`]).
+    backlog: u64,
     compress: Rate,
     /// Wire bytes over raw bytes of what was compressed lately.
     ratio: Option<f64>,
@@ -182,6 +191,16 @@ impl Encoder {
         }))
     }
 
+    /// Coded bytes that wait for the first hop (queued behind the send in flight) as the next
+    /// chunk is coded: `auto` compresses a chunk only while at least [`AUTO_BACKLOG_CHUNKS`]
+    /// chunks wait. Then the link, not this thread, sets the pace, and the time spent coding
+    /// is covered by what the link still has to send; when coding falls behind (a slower core,
+    /// a busy machine) the queue empties and chunks go raw until it fills again, so `auto`
+    /// never starves the link it is meant to relieve.
+    pub fn first_hop_backlog(&mut self, bytes: u64) {
+        self.auto.backlog = bytes;
+    }
+
     /// A send of `bytes` to the first hop took `d` from submission to completion.
     pub fn link_sent(&mut self, d: Duration, bytes: usize) {
         self.auto.link.add(d, bytes);
@@ -237,6 +256,9 @@ impl Encoder {
             Compress::Zstd => 1,
             Compress::ZstdGrouped => self.pick_width(raw, &[2, 4]),
             Compress::Auto => {
+                if self.auto.backlog < AUTO_BACKLOG_CHUNKS * raw.len() as u64 {
+                    return None;
+                }
                 if !self.auto.pays() {
                     let now = Instant::now();
                     if self.auto.next_probe.is_some_and(|t| now < t) {
@@ -427,11 +449,16 @@ mod tests {
     fn auto_does_not_compress_without_a_slow_link() {
         let raw = bf16ish(1 << 20);
         let mut e = Encoder::new(Compress::Auto, None, 1 << 20).unwrap().unwrap();
-        // No link measured yet: raw, after one sample.
+        // Nothing waits for the link: raw, and not even a sample is taken.
+        assert!(e.encode(&raw).is_none());
+        assert!(e.auto.compress.0.is_none());
+        // Two chunks wait but no link was measured yet: raw, after one sample.
+        e.first_hop_backlog(2 << 20);
         assert!(e.encode(&raw).is_none());
         assert!(e.auto.compress.0.is_some() && e.auto.ratio.is_some());
         // The rule itself, on given rates (ns a byte), not measured ones.
         let auto = |c: f64, l: f64, r: f64| Auto {
+            backlog: 0,
             compress: Rate(Some(c)),
             link: Rate(Some(l)),
             ratio: Some(r),
@@ -442,5 +469,21 @@ mod tests {
         assert!(!auto(1.0, 8.0, 0.99).pays(), "data that does not compress");
         assert!(!auto(7.0, 8.0, 0.5).pays(), "a tie goes raw");
         assert!(!Auto::default().pays());
+    }
+
+    #[test]
+    fn auto_compresses_only_while_chunks_wait_for_the_link() {
+        let raw = bf16ish(1 << 20);
+        let mut e = Encoder::new(Compress::Auto, Some(1), 1 << 20).unwrap().unwrap();
+        // A link that takes 1 ms a byte: slower than any compressor, even a debug build's.
+        e.link_sent(Duration::from_secs(1), 1000);
+        e.first_hop_backlog(2 << 20);
+        assert!(e.encode(&raw).is_some(), "two chunks wait for a slow link: compress");
+        // The queue ran dry (coding fell behind the link): raw, whatever the rates say.
+        e.first_hop_backlog((2 << 20) - 1);
+        assert!(e.auto.pays());
+        assert!(e.encode(&raw).is_none());
+        e.first_hop_backlog(3 << 20);
+        assert!(e.encode(&raw).is_some());
     }
 }

@@ -38,7 +38,9 @@ impl Session<'_> {
     /// after coding them in place when the push compresses and they shrink.
     pub(super) fn stamp_chunk(&mut self, slot: SlotId, h: Header) {
         let mut header = h.to_bytes();
+        let backlog = if self.codec.enc.is_some() { self.queued_down_bytes(u64::MAX) } else { 0 };
         if let Some(enc) = self.codec.enc.as_mut() {
+            enc.first_hop_backlog(backlog);
             // The read into the slot completed; nothing else touches it yet.
             let raw = self.pool.slot(slot, HEADER_LEN, h.len as usize);
             if let Some((coding, payload)) = enc.encode(raw) {

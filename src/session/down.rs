@@ -141,18 +141,24 @@ impl Session<'_> {
         if limit == 0 || self.down.fd.is_none() || self.down.closed {
             return false;
         }
+        self.queued_down_bytes(limit) >= limit
+    }
+
+    /// The payload bytes queued for downstream behind the send in flight (coded frames count
+    /// what they carry), counted up to `enough`.
+    pub(super) fn queued_down_bytes(&self, enough: u64) -> u64 {
         let mut bytes = 0;
         for item in &self.down.queue {
             bytes += match *item {
-                DnItem::Chunk(seq, _) => self.manifest.chunk(seq).map_or(0, |c| u64::from(c.len)),
+                DnItem::Chunk(_, slot) => u64::from(self.frame_len(slot)),
                 DnItem::Piece { len, .. } => u64::from(len),
                 DnItem::End => 0,
             };
-            if bytes >= limit {
-                return true;
+            if bytes >= enough {
+                break;
             }
         }
-        false
+        bytes
     }
 
     /// The send downstream in flight completed (or failed).
