@@ -22,7 +22,9 @@
 #      OLD_BIN (an older release binary: adds the case shardcast-old), NC (1; 0 skips nc | tee),
 #      PORT (7071; old binary PORT+1, nc PORT+10), SC_CLUSTER (sc), OUT (results/<date>-phases),
 #      PUSH_ARGS (extra push arguments, e.g. "--chunk-size 1MiB"), SERVE_ARGS (extra serve arguments
-#      of the replicas running this binary, e.g. "--pool-mb 8"), SYSCTLS (sysctl settings applied in
+#      of the replicas running this binary, e.g. "--pool-mb 8"), SERVE_ENV (environment of those
+#      replicas only, e.g. "SHARDCAST_RELAY_BACKLOG_BYTES=2097152"; with OLD_BIN set to this same
+#      binary, the two cases differ by that setting alone), SYSCTLS (sysctl settings applied in
 #      every node's namespace, e.g. "net.ipv4.tcp_notsent_lowat=131072"), KEEP_WORK=1.
 # Run it under the shared locks: flock /tmp/sc-netns.lock flock /tmp/sc-bench.lock scripts/bench-phases.sh
 # Needs root, iproute2, python3, nc (netcat-openbsd), cmp (scripts/deps.sh installs them).
@@ -43,6 +45,7 @@ NC=${NC:-1}
 PORT=${PORT:-7071}
 PUSH_ARGS=${PUSH_ARGS:-}
 SERVE_ARGS=${SERVE_ARGS:-}
+SERVE_ENV=${SERVE_ENV:-}
 SYSCTLS=${SYSCTLS:-}
 OUT=${OUT:-results/$(date -u +%Y-%m-%d)-phases}
 export SC_CLUSTER=${SC_CLUSTER:-sc}
@@ -90,14 +93,16 @@ for node in p $(seq -f 'r%g' 1 "$N"); do
 done
 # start_serves BIN PORT TAG [ARGS…]: one `serve` per replica; sets addrs.
 start_serves() {
-    local sbin=$1 port=$2 tag=$3 k addr logf pid i
+    local sbin=$1 port=$2 tag=$3 k addr logf pid i envs=()
     shift 3
+    # shellcheck disable=SC2206 # SERVE_ENV: words
+    [[ -z "$tag" ]] && envs=($SERVE_ENV)
     addrs=()
     for ((k = 1; k <= N; k++)); do
         addr=$("$CLUSTER" addr "r$k" 0)
         logf=$work/serve$tag-r$k.log
         : >"$logf"
-        "$CLUSTER" exec "r$k" env NO_COLOR=1 "$sbin" serve --listen "$addr:$port" --root "$work/root$tag-r$k" \
+        "$CLUSTER" exec "r$k" env NO_COLOR=1 "${envs[@]}" "$sbin" serve --listen "$addr:$port" --root "$work/root$tag-r$k" \
             --keep 1 "$@" >/dev/null 2>"$logf" &
         pid=$!
         bg_started "$pid"
@@ -124,6 +129,7 @@ cmdline="SIZE=$SIZE N=$N REPS=$REPS RATE=$RATE MTU=$MTU CC=$CC"
 [[ "$NC" != 1 ]] && cmdline+=" NC=$NC"
 [[ -n "$PUSH_ARGS" ]] && cmdline+=" PUSH_ARGS=\"$PUSH_ARGS\""
 [[ -n "$SERVE_ARGS" ]] && cmdline+=" SERVE_ARGS=\"$SERVE_ARGS\""
+[[ -n "$SERVE_ENV" ]] && cmdline+=" SERVE_ENV=\"$SERVE_ENV\""
 [[ -n "$SYSCTLS" ]] && cmdline+=" SYSCTLS=\"$SYSCTLS\""
 cmdline+=" scripts/bench-phases.sh"
 mkdir -p "$OUT"
