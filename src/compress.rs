@@ -57,9 +57,9 @@ impl std::fmt::Display for Compress {
 /// find matches in the exponent stream that cost more than they save.
 pub const DEFAULT_LEVEL: i32 = 1;
 
-/// `auto` codes a chunk only while this many chunks' bytes wait for the first hop
-/// ([`Encoder::first_hop_backlog`]).
-const AUTO_BACKLOG_CHUNKS: u64 = 2;
+/// `auto` codes a chunk only while this many frames wait for the first hop, the one being sent
+/// included ([`Encoder::first_hop_backlog`]).
+const AUTO_BACKLOG_FRAMES: usize = 2;
 
 /// Bytes of a chunk the sample that picks the grouping (and measures the rate) compresses.
 const SAMPLE: usize = 64 << 10;
@@ -128,9 +128,9 @@ impl Rate {
 /// link is the bottleneck), and how much waits for it now.
 #[derive(Debug, Default)]
 struct Auto {
-    /// Coded bytes queued for the first hop behind the send in flight, when the chunk being
+    /// Frames waiting for the first hop (the send in flight included) when the chunk being
     /// coded was read ([`Encoder::first_hop_backlog`]).
-    backlog: u64,
+    backlog: usize,
     compress: Rate,
     /// Wire bytes over raw bytes of what was compressed lately.
     ratio: Option<f64>,
@@ -191,19 +191,30 @@ impl Encoder {
         }))
     }
 
-    /// Coded bytes that wait for the first hop (queued behind the send in flight) as the next
-    /// chunk is coded: `auto` compresses a chunk only while at least [`AUTO_BACKLOG_CHUNKS`]
-    /// chunks wait. Then the link, not this thread, sets the pace, and the time spent coding
-    /// is covered by what the link still has to send; when coding falls behind (a slower core,
-    /// a busy machine) the queue empties and chunks go raw until it fills again, so `auto`
-    /// never starves the link it is meant to relieve.
-    pub fn first_hop_backlog(&mut self, bytes: u64) {
-        self.auto.backlog = bytes;
+    /// Frames that wait for the first hop (the send in flight and those queued behind it) as
+    /// the next chunk is coded: `auto` compresses a chunk only while at least
+    /// [`AUTO_BACKLOG_FRAMES`] wait. Then the link, not this thread, sets the pace, and the time
+    /// spent coding is covered by what the link still has to send; when coding falls behind (a
+    /// slower core, a busy machine) the queue empties and chunks go raw until it fills again,
+    /// so `auto` never starves the link it is meant to relieve. Frames, not bytes: the
+    /// primary's pool holds 4 chunks by default, so coded frames (shorter) must count alike.
+    pub fn first_hop_backlog(&mut self, frames: usize) {
+        self.auto.backlog = frames;
     }
 
-    /// A send of `bytes` to the first hop took `d` from submission to completion.
+    /// A send of `bytes` to the first hop took `d` from submission to completion: a measure of
+    /// the link only while its socket buffer is full (a send that finds room completes at
+    /// once), so a TCP hop uses [`Encoder::link_delivery_rate`] instead.
     pub fn link_sent(&mut self, d: Duration, bytes: usize) {
         self.auto.link.add(d, bytes);
+    }
+
+    /// The kernel's delivery rate of the first hop's TCP connection, bytes per second (from
+    /// its ACKs: what the path takes, whether the send buffer was full or not).
+    pub fn link_delivery_rate(&mut self, bytes_per_sec: u64) {
+        if let Ok(n) = usize::try_from(bytes_per_sec) {
+            self.auto.link.add(Duration::from_secs(1), n);
+        }
     }
 
     /// Picks the element width for `raw` from a sample in its middle (1: no grouping), among
@@ -256,7 +267,7 @@ impl Encoder {
             Compress::Zstd => 1,
             Compress::ZstdGrouped => self.pick_width(raw, &[2, 4]),
             Compress::Auto => {
-                if self.auto.backlog < AUTO_BACKLOG_CHUNKS * raw.len() as u64 {
+                if self.auto.backlog < AUTO_BACKLOG_FRAMES {
                     return None;
                 }
                 if !self.auto.pays() {
@@ -452,8 +463,8 @@ mod tests {
         // Nothing waits for the link: raw, and not even a sample is taken.
         assert!(e.encode(&raw).is_none());
         assert!(e.auto.compress.0.is_none());
-        // Two chunks wait but no link was measured yet: raw, after one sample.
-        e.first_hop_backlog(2 << 20);
+        // Two frames wait but no link was measured yet: raw, after one sample.
+        e.first_hop_backlog(2);
         assert!(e.encode(&raw).is_none());
         assert!(e.auto.compress.0.is_some() && e.auto.ratio.is_some());
         // The rule itself, on given rates (ns a byte), not measured ones.
@@ -477,13 +488,13 @@ mod tests {
         let mut e = Encoder::new(Compress::Auto, Some(1), 1 << 20).unwrap().unwrap();
         // A link that takes 1 ms a byte: slower than any compressor, even a debug build's.
         e.link_sent(Duration::from_secs(1), 1000);
-        e.first_hop_backlog(2 << 20);
-        assert!(e.encode(&raw).is_some(), "two chunks wait for a slow link: compress");
+        e.first_hop_backlog(2);
+        assert!(e.encode(&raw).is_some(), "two frames wait for a slow link: compress");
         // The queue ran dry (coding fell behind the link): raw, whatever the rates say.
-        e.first_hop_backlog((2 << 20) - 1);
+        e.first_hop_backlog(1);
         assert!(e.auto.pays());
         assert!(e.encode(&raw).is_none());
-        e.first_hop_backlog(3 << 20);
+        e.first_hop_backlog(3);
         assert!(e.encode(&raw).is_some());
     }
 }

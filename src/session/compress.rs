@@ -38,7 +38,7 @@ impl Session<'_> {
     /// after coding them in place when the push compresses and they shrink.
     pub(super) fn stamp_chunk(&mut self, slot: SlotId, h: Header) {
         let mut header = h.to_bytes();
-        let backlog = if self.codec.enc.is_some() { self.queued_down_bytes(u64::MAX) } else { 0 };
+        let backlog = self.down.queue.len() + usize::from(self.down.sending.is_some());
         if let Some(enc) = self.codec.enc.as_mut() {
             enc.first_hop_backlog(backlog);
             // The read into the slot completed; nothing else touches it yet.

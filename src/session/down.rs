@@ -141,12 +141,6 @@ impl Session<'_> {
         if limit == 0 || self.down.fd.is_none() || self.down.closed {
             return false;
         }
-        self.queued_down_bytes(limit) >= limit
-    }
-
-    /// The payload bytes queued for downstream behind the send in flight (coded frames count
-    /// what they carry), counted up to `enough`.
-    pub(super) fn queued_down_bytes(&self, enough: u64) -> u64 {
         let mut bytes = 0;
         for item in &self.down.queue {
             bytes += match *item {
@@ -154,11 +148,11 @@ impl Session<'_> {
                 DnItem::Piece { len, .. } => u64::from(len),
                 DnItem::End => 0,
             };
-            if bytes >= enough {
-                break;
+            if bytes >= limit {
+                return true;
             }
         }
-        bytes
+        false
     }
 
     /// The send downstream in flight completed (or failed).
@@ -169,7 +163,13 @@ impl Session<'_> {
                 DnItem::Chunk(seq, _) => {
                     self.count_out(n as u64);
                     if let (Some(enc), Some(t)) = (self.codec.enc.as_mut(), self.codec.send_started.take()) {
-                        enc.link_sent(t.elapsed(), n);
+                        // A send's duration says how fast the link drains only while the socket
+                        // buffer stays full; the kernel's delivery rate (from the ACKs) says it
+                        // always, so it wins where there is one.
+                        match self.down.fd.and_then(crate::sys::tcpinfo::tcp_stats) {
+                            Some(s) if s.delivery_rate > 0 => enc.link_delivery_rate(s.delivery_rate),
+                            _ => enc.link_sent(t.elapsed(), n),
+                        }
                     }
                     if let Some(p) = self.progress {
                         p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -19,6 +19,9 @@ pub(crate) struct TcpStats {
     pub(crate) rtt_us: u32,
     /// Congestion window, segments.
     pub(crate) snd_cwnd: u32,
+    /// The kernel's latest delivery rate sample, bytes per second (0: none yet): what the
+    /// path takes, from the ACKs, whatever the send buffer holds.
+    pub(crate) delivery_rate: u64,
 }
 
 /// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed).
@@ -40,6 +43,7 @@ pub(crate) fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
         total_retrans: info.tcpi_total_retrans,
         rtt_us: info.tcpi_rtt,
         snd_cwnd: info.tcpi_snd_cwnd,
+        delivery_rate: info.tcpi_delivery_rate,
     })
 }
 
@@ -59,5 +63,6 @@ mod tests {
         b.read_exact(&mut buf).unwrap();
         let s = super::tcp_stats(a.as_raw_fd()).expect("TCP_INFO on a TCP socket");
         assert!(s.snd_cwnd > 0, "{s:?}");
+        assert!(s.delivery_rate > 0, "100 kB were acked: {s:?}");
     }
 }
