@@ -127,12 +127,19 @@ fn a_lane_with_a_wrong_token_is_refused_and_the_push_goes_on() {
 /// A proxy to `target` that cuts its `victim`th connection (0: the first) after `after` bytes
 /// from the client: both directions are shut down. Returns its address and whether it cut.
 fn cutting_proxy(target: String, victim: usize, after: u64) -> (String, Arc<AtomicBool>) {
+    slow_or_cutting_proxy(target, victim, after, Duration::ZERO)
+}
+
+/// [`cutting_proxy`], and the victim's bytes from the client pass in 64 KiB pieces with
+/// `pause` after each (a slow lane).
+fn slow_or_cutting_proxy(target: String, victim: usize, after: u64, pause: Duration) -> (String, Arc<AtomicBool>) {
     let seen = Arc::new(AtomicUsize::new(0));
     let cut = Arc::new(AtomicBool::new(false));
     let cut2 = Arc::clone(&cut);
     let addr = proxy(target, move |_, client, server| {
         let n = seen.fetch_add(1, Ordering::SeqCst);
         let limit = if n == victim { after } else { u64::MAX };
+        let pause = if n == victim { pause } else { Duration::ZERO };
         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
         // Back from the server: as it comes.
         std::thread::spawn(move || {
@@ -155,6 +162,7 @@ fn cutting_proxy(target: String, victim: usize, after: u64) -> (String, Arc<Atom
                     break;
                 }
                 passed += got as u64;
+                std::thread::sleep(pause);
                 if passed >= limit {
                     cut.store(true, Ordering::SeqCst);
                     let _ = from.shutdown(std::net::Shutdown::Both);
@@ -180,4 +188,20 @@ fn a_lane_cut_mid_push_fails_its_hop_and_the_repair_leaves_every_replica_identic
     assert!(cut.load(Ordering::SeqCst), "the proxy never cut the lane\n{}", show_output(&out));
     c.assert_push_ok(&out);
     c.assert_published(src.path(), "ck", 1);
+}
+
+#[test]
+fn the_primary_gives_a_slow_lane_fewer_chunks() {
+    let c = Cluster::start(1);
+    let src = tempdir();
+    write_random_file(&src.path().join("big.bin"), 32 * MIB, 21);
+    // Lane 1 (the proxy's second connection) passes ~6 MB/s; lane 0 runs at loopback speed.
+    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(10));
+    let out = c.push_to(&slow, src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+    let report = parse_json(&out);
+    let lanes: Vec<u64> = report["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    // Round robin would give each lane 16 of the 32 chunks.
+    assert!(lanes[1] * 3 < lanes[0], "the slow lane was not given fewer chunks: {lanes:?}");
 }
