@@ -11,9 +11,12 @@
 #                 --features bench-switches, the only build that obeys it)
 #   hop-key       the same with a cluster key on both sides (SHARDCAST_KEY_FILE): authentication,
 #                 and the MAC on every chunk header, END and ACK (issue 14: <= 5 % against hop)
+#   with LANES=N (optional, 2..16): iperf3-pN, iperf3 with N parallel streams (-P N), and
+#                 hop-lanes, the push with --lanes N (issue 16: hop-lanes >= 0.8 x iperf3-pN)
 # Source file and replica roots live on tmpfs (/dev/shm), so disks are not measured.
 #
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
+#      LANES (optional, see above),
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
 #      tmpfs work dir for inspection), OLD_BIN=path (optional: adds the measure hop-old, the same
 #      push with an older release binary on both ends, in the same reps, and the ratio hop / hop-old:
@@ -28,6 +31,8 @@ cd "$(dirname "$0")/.."
 SIZE=${SIZE:-2G}
 REPS=${REPS:-5}
 CHUNK=${CHUNK:-}
+LANES=${LANES:-}
+[[ -z "$LANES" || "$LANES" =~ ^([2-9]|1[0-6])$ ]] || die "LANES must be 2..16, got '$LANES'"
 bytes=$(parse_size "$SIZE")
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
 ((bytes > 0)) || die "SIZE must be > 0"
@@ -68,21 +73,22 @@ row() {
 push_args=()
 [[ -n "$CHUNK" ]] && push_args+=(--chunk-size "$CHUNK")
 
-# run_iperf3: one single-stream loopback transfer of $bytes.
+# run_iperf3 [STREAMS]: one loopback transfer of $bytes over STREAMS streams (default 1).
 run_iperf3() {
-    local port out="$work/iperf3-$rep.json" spid
+    local streams=${1:-1} port out="$work/iperf3-$rep-${1:-1}.json" spid measure=iperf3
+    ((streams > 1)) && measure=iperf3-p$streams
     port=$(free_port)
     iperf3 -s -1 -p "$port" -B 127.0.0.1 >"$work/iperf3-server.log" 2>&1 &
     spid=$!
     bg_started "$spid"
     wait_tcp_listen "$port"
-    timeout 600 iperf3 -c 127.0.0.1 -p "$port" -n "$bytes" -P 1 -J >"$out" \
+    timeout 600 iperf3 -c 127.0.0.1 -p "$port" -n "$bytes" -P "$streams" -J >"$out" \
         || { cat "$out" >&2; die "iperf3 client failed"; }
     wait_pid "$spid" || true
     local b s
     b=$(json_get "$out" end sum_received bytes)
     s=$(json_get "$out" end sum_received seconds)
-    row iperf3 "$b" "$s"
+    row "$measure" "$b" "$s"
 }
 
 # The replicas are long-lived, as a replica daemon is: one server per measure, started once,
@@ -103,11 +109,13 @@ start_hop() {
 # then the version removed.
 run_hop() {
     local measure=$1 root="$work/replica-$1" out="$work/push-$1-$rep.json" rc=0 t0 wall bin=$BIN
+    local lanes_args=()
     shift
     [[ $measure == hop-old* ]] && bin=$OLD_BIN
+    [[ $measure == hop-lanes ]] && lanes_args=(--lanes "$LANES")
     t0=$(date +%s.%N)
     env "$@" timeout 900 "$bin" push "$src" --name bench --version "$rep" --to "${HOP_ADDR[$measure]}" --json \
-        "${push_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
+        "${push_args[@]}" "${lanes_args[@]}" >"$out" 2>"$work/push-$measure-$rep.err" || rc=$?
     wall=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.4f}")' "$t0" "$(date +%s.%N)")
     if ((rc != 0)) || [[ "$(json_get "$out" ok 2>/dev/null)" != True ]]; then
         echo "--- push stdout" >&2; cat "$out" >&2
@@ -131,6 +139,7 @@ KEY_ENV=(SHARDCAST_KEY_FILE="$work/cluster.key")
 start_hop hop
 start_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
 start_hop hop-key "${KEY_ENV[@]}"
+[[ -n "$LANES" ]] && start_hop hop-lanes
 if [[ -n "${OLD_BIN:-}" ]]; then
     [[ -x "$OLD_BIN" ]] || die "OLD_BIN=$OLD_BIN is not an executable"
     log "old binary: $OLD_BIN ($("$OLD_BIN" --version))"
@@ -146,6 +155,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
     run_hop hop
     run_hop hop-noverify SHARDCAST_BENCH_NO_VERIFY=1
     run_hop hop-key "${KEY_ENV[@]}"
+    if [[ -n "$LANES" ]]; then
+        run_iperf3 "$LANES"
+        run_hop hop-lanes
+    fi
     if [[ -n "${OLD_BIN:-}" ]]; then
         run_hop hop-old
         run_hop hop-old-key "${KEY_ENV[@]}"
@@ -172,6 +185,8 @@ names = [("iperf3", "iperf3 (1 stream)"), ("hop", "shardcast hop"),
          ("hop-wall", "  hop, process wall"), ("hop-noverify-wall", "  no verify, wall"),
          ("hop-key-wall", "  cluster key, wall"), ("hop-old", "old binary hop"),
          ("hop-old-wall", "  old binary, wall"), ("hop-old-key", "old binary, cluster key")]
+names += [(k, f"iperf3 ({k[8:]} streams)") for k in sorted(by) if k.startswith("iperf3-p")]
+names += [("hop-lanes", "shardcast hop, lanes"), ("hop-lanes-wall", "  lanes, wall")]
 for key, label in [n for n in names if n[0] in by]:
     v = list(by[key].values())
     print(f"{label:<26}{bl.median(v):>9.3f}{min(v):>9.3f}{max(v):>9.3f}")
@@ -185,6 +200,10 @@ def ratio(a, b, label, target=None):
 ratio("hop", "iperf3", "hop / iperf3", 0.8)
 ratio("hop", "hop-noverify", "hop / hop-no-verify")
 ratio("hop-key", "hop", "hop-key / hop", 0.95)
+lanes = next((k for k in by if k.startswith("iperf3-p")), None)
+if lanes and "hop-lanes" in by:
+    ratio("hop-lanes", lanes, f"hop-lanes / {lanes}", 0.8)
+    ratio("hop-lanes", "hop", "hop-lanes / hop")
 if "hop-old" in by:
     ratio("hop", "hop-old", "hop / hop-old (this vs old)")
     ratio("hop-wall", "hop-old-wall", "  wall: this / old")

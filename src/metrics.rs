@@ -38,6 +38,15 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// A lane label: direction (in, out) and lane index.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabel {
+    /// in (from upstream) or out (to downstream).
+    pub direction: String,
+    /// The lane's index in its hop (0: the hop's first connection).
+    pub lane: String,
+}
+
 /// A transport label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
@@ -58,6 +67,8 @@ pub struct Metrics {
     /// Chunk payload bytes received from upstream as they travelled (compressed or not), by
     /// upstream peer: next to `received_bytes`, what compression saved on the link.
     pub wire_bytes_in: Family<PeerLabel, Counter>,
+    /// Chunks received and sent, by direction and lane (`push --lanes R`).
+    pub lane_chunks: Family<LaneLabel, Counter>,
     /// Chunks whose digest checked out.
     pub chunks_verified: Counter,
     /// Chunks whose bytes did not match their digest.
@@ -93,6 +104,7 @@ impl Metrics {
         let bytes_in = Family::<PeerLabel, Counter>::default();
         let bytes_out = Family::<PeerLabel, Counter>::default();
         let wire_bytes_in = Family::<PeerLabel, Counter>::default();
+        let lane_chunks = Family::<LaneLabel, Counter>::default();
         let chunks_verified = Counter::default();
         let digest_failures = Counter::default();
         let pushes = Family::<OutcomeLabel, Counter>::default();
@@ -112,6 +124,7 @@ impl Metrics {
             "Chunk payload bytes received from upstream as they travelled (compressed or not), by peer",
             wire_bytes_in.clone(),
         );
+        registry.register("lane_chunks", "Chunks received (in) or sent (out), by hop lane", lane_chunks.clone());
         registry.register("chunks_verified", "Chunks whose xxh3-128 digest checked out", chunks_verified.clone());
         registry.register("digest_failures", "Chunks whose bytes did not match their digest", digest_failures.clone());
         registry.register("pushes", "Pushes handled by this node, by outcome here", pushes.clone());
@@ -139,6 +152,7 @@ impl Metrics {
             bytes_in,
             bytes_out,
             wire_bytes_in,
+            lane_chunks,
             chunks_verified,
             digest_failures,
             pushes,
@@ -193,6 +207,14 @@ impl SessionMetrics {
             wire_in: all.wire_bytes_in.get_or_create(&PeerLabel { peer: peer_host(upstream) }).clone(),
             bytes_out: all.bytes_out.get_or_create(&PeerLabel { peer: downstream.into() }).clone(),
         }
+    }
+}
+
+impl SessionMetrics {
+    /// The chunk counter of lane `lane` in `direction` (in, out).
+    pub fn lane_chunks(&self, direction: &str, lane: usize) -> Counter<u64, AtomicU64> {
+        let label = LaneLabel { direction: direction.into(), lane: lane.to_string() };
+        self.all.lane_chunks.get_or_create(&label).clone()
     }
 }
 

@@ -320,6 +320,7 @@ fn rogue_push(lie: Lie) {
         manifest: manifest.clone(),
         wants: Vec::new(),
         grant: Default::default(),
+        lanes: 1,
     };
     let mut s = connect(&c);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -150,6 +150,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 manifest,
                 wants,
                 grant: Default::default(),
+                lanes: 1,
             }
         })
 }
@@ -364,6 +365,7 @@ fn write_fuzz_seeds() {
         manifest: plan,
         wants: Vec::new(),
         grant: Default::default(),
+        lanes: 1,
     };
     let tiny_hello = Hello {
         name: "s".into(),
@@ -377,6 +379,7 @@ fn write_fuzz_seeds() {
         manifest: Manifest::new(cs, Vec::new(), Vec::new()).unwrap(),
         wants: Vec::new(),
         grant: Default::default(),
+        lanes: 1,
     };
     let reports = vec![
         ReplicaReport { node: "10.0.0.3:7070".into(), outcome: Outcome::Published },

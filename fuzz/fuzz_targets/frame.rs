@@ -41,6 +41,18 @@ fn payloads(kind: Option<Kind>, payload: &[u8]) {
     {
         assert_eq!(wire::encode_haves(&haves), payload, "ACCEPT payload does not re-encode to itself");
     }
+    if runs(Kind::Lane)
+        && let Ok(join) = wire::LaneJoin::decode(payload)
+    {
+        assert_eq!(wire::LaneJoin::decode(&join.encode()).unwrap(), join);
+    }
+    if runs(Kind::Accept)
+        && let Some((rest, token)) = wire::split_lane_token(payload.to_vec(), 2)
+    {
+        let mut again = rest;
+        again.extend_from_slice(&token.expect("a token with two lanes"));
+        assert_eq!(again, payload, "the lane token split off ACCEPT is not its last bytes");
+    }
     if runs(Kind::Hello)
         && let Ok(hello) = wire::Hello::decode(payload)
     {

@@ -259,6 +259,11 @@ pub(crate) struct PushArgs {
     /// zstd level (1 fastest ... 19; default 1: on float weights the smallest once grouped).
     #[arg(long, env = "SHARDCAST_PUSH_COMPRESS_LEVEL", value_parser = clap::value_parser!(i32).range(1..=19))]
     pub(crate) compress_level: Option<i32>,
+    /// Lanes per hop: each hop of the chain opens this many TCP connections; the primary hands
+    /// each chunk to the lane with room, relays forward each lane on its own (1 to 16; more than
+    /// 1 runs TCP lanes, without --encrypt).
+    #[arg(long, default_value_t = 1, env = "SHARDCAST_PUSH_LANES", value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub(crate) lanes: u8,
     /// Print one JSON object instead of text.
     #[arg(long, env = "SHARDCAST_PUSH_JSON")]
     pub(crate) json: bool,

@@ -53,6 +53,7 @@ fn report_json(r: &PushReport) -> serde_json::Value {
         "replicas": replicas,
         "sent_raw_bytes": r.coded.raw, "sent_wire_bytes": r.coded.wire,
         "compressed_chunks": r.coded.compressed_chunks,
+        "lane_chunks": r.lane_chunks,
     })
 }
 

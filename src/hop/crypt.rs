@@ -46,6 +46,9 @@ pub const LABEL_TRANSPORT_OFFER: &[u8] = b"shardcast transport offer";
 /// back does not pass as the answer).
 pub const LABEL_TRANSPORT_ANSWER: &[u8] = b"shardcast transport answer";
 
+/// The MAC label of LANE (a further lane joining a push).
+pub const LABEL_LANE: &[u8] = b"shardcast lane";
+
 /// Bytes a control frame's MAC adds to its payload on an authenticated connection.
 pub const MAC_LEN: usize = 32;
 

@@ -96,6 +96,53 @@ impl Hop {
         Ok(Self { stream, peer: node.to_owned(), peer_id: None, secret })
     }
 
+    /// Opens lane `lane` (1..R) of a push to `node`: connects and authenticates like the hop's
+    /// first connection (so the lane has its own session secret, and its own frame MACs), then
+    /// sends LANE with the push's `token` (from `node`'s ACCEPT) and waits for its ACCEPT.
+    pub(crate) fn dial_lane(
+        node: &str,
+        timeout: Duration,
+        (key, tls): (Option<&ClusterKey>, Option<&TlsIdentity>),
+        token: [u8; wire::LANE_TOKEN_LEN],
+        lane: u8,
+    ) -> Result<Self, NodeError> {
+        let mut hop = Self::dial(node, timeout, key, tls)?;
+        let lost = |e: &dyn std::fmt::Display| {
+            NodeError::new(ErrorKind::ConnectionLost, format!("lane {lane} to {node} failed at its start: {e}"))
+        };
+        let payload =
+            crypt::seal_frame(hop.secret.as_ref(), crypt::LABEL_LANE, wire::LaneJoin { token, lane }.encode());
+        wire::write_frame(&mut hop.stream, Kind::Lane, 0, &payload).map_err(|e| lost(&e))?;
+        hop.stream.set_read_timeout(Some(timeout)).map_err(|e| lost(&e))?;
+        let frame = wire::read_frame(&mut hop.stream).map_err(|e| lost(&e))?;
+        hop.stream.set_read_timeout(None).map_err(|e| lost(&e))?;
+        match frame.header.kind {
+            Kind::Accept if crypt::open_frame(hop.secret.as_ref(), crypt::LABEL_LANE, &frame.payload).is_ok() => {
+                Ok(hop)
+            }
+            Kind::Accept => Err(unauthentic(node, Kind::Accept)),
+            Kind::Reject => Err(match rejected(node, hop.secret.as_ref(), &frame.payload).into_iter().next() {
+                Some(ReplicaReport { outcome: Outcome::Failed(e), .. }) => e,
+                _ => NodeError::new(ErrorKind::Protocol, format!("{node} refused lane {lane}")),
+            }),
+            k => Err(NodeError::new(ErrorKind::Protocol, format!("{node} answered LANE with {}", k.name()))),
+        }
+    }
+
+    /// The payload of the peer's LANE `frame`, checked against this connection's key.
+    pub(crate) fn open_lane(&self, frame: &Frame) -> Result<wire::LaneJoin, HandshakeError> {
+        let body = crypt::open_frame(self.secret.as_ref(), crypt::LABEL_LANE, &frame.payload).map_err(|_| {
+            HandshakeError::Unauthorized("LANE does not authenticate under this connection's key".into())
+        })?;
+        wire::LaneJoin::decode(body).map_err(HandshakeError::BadFrame)
+    }
+
+    /// Tells the peer its lane joined the push (an empty ACCEPT under the lane's MAC).
+    pub(crate) fn accept_lane(&mut self) -> io::Result<()> {
+        let payload = crypt::seal_frame(self.secret.as_ref(), crypt::LABEL_LANE, Vec::new());
+        wire::write_frame(&mut self.stream, Kind::Accept, 0, &payload)
+    }
+
     /// Sends HELLO to the node dialed and waits for the whole chain's answer.
     /// Returns ACCEPT's payload (a routed push's have-sets; empty otherwise), or the reports of
     /// a REJECT.
@@ -365,6 +412,7 @@ mod tests {
             manifest,
             wants: Vec::new(),
             grant: Grant::default(),
+            lanes: 1,
         }
     }
 

@@ -3,5 +3,6 @@
 //! (`replica.rs`: the control plane that accepts connections, then per push: admit, reserve,
 //! dial onward, run the session, publish).
 
+pub(crate) mod lanes;
 pub mod primary;
 pub mod replica;

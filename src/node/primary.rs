@@ -69,6 +69,9 @@ pub struct PushOptions {
     pub compress: crate::compress::Compress,
     /// The zstd level (None: `compress::DEFAULT_LEVEL`).
     pub compress_level: Option<i32>,
+    /// Lanes per hop (`--lanes R`): each hop of the chain is R TCP connections; chunks go on
+    /// the lane with room at the primary and keep their lane down the chain.
+    pub lanes: u8,
 }
 
 impl PushOptions {
@@ -95,6 +98,7 @@ impl PushOptions {
             encrypt: false,
             compress: crate::compress::Compress::Off,
             compress_level: None,
+            lanes: 1,
         }
     }
 }
@@ -126,6 +130,9 @@ pub struct PushReport {
     /// What the chunks sent took on the wire to the first replica against their size (the
     /// first attempt of the push; all raw unless it compresses).
     pub coded: crate::compress::CodedBytes,
+    /// Chunks sent on each lane of the first hop (`--lanes`; one entry per lane; empty when
+    /// no chunk moved).
+    pub lane_chunks: Vec<u64>,
 }
 
 impl PushReport {
@@ -310,6 +317,7 @@ pub fn push_routed(
                         required: required(opts, opts.to.len()),
                         already_held: held,
                         coded: Default::default(),
+                        lane_chunks: Vec::new(),
                     });
                 }
             }
@@ -452,6 +460,7 @@ fn with_repair(
             required: 0,
             already_held: Vec::new(),
             coded: Default::default(),
+            lane_chunks: Vec::new(),
         });
     }
     let Some(mut report) = base else {
@@ -493,6 +502,11 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
                 .into(),
         ));
     }
+    if opts.lanes == 0 || opts.lanes > wire::MAX_LANES {
+        return Err(PushError::BadInput(format!("--lanes {}: from 1 to {}", opts.lanes, wire::MAX_LANES)));
+    }
+    super::lanes::check_lanes(opts.lanes, opts.encrypt, opts.transport == Transport::Rdma)
+        .map_err(|e| PushError::Unsupported(e.message))?;
     if opts.encrypt && opts.transport == Transport::Rdma {
         return Err(PushError::BadInput(
             "--encrypt covers TCP hops only (RDMA writes land in the replica's memory as they are): \
@@ -529,6 +543,10 @@ fn run_push(
     // chain's answer takes up to one connect timeout per hop.
     let chain_timeout = opts.connect_timeout * (opts.to.len() as u32 + 1);
     let accept = hop.handshake(&hello, chain_timeout).map_err(|reports| refused_at_start(opts, reports))?;
+    let (accept, token) = wire::split_lane_token(accept, opts.lanes).ok_or_else(|| {
+        let error = NodeError::new(ErrorKind::Protocol, "ACCEPT without the token of the push's lanes");
+        PushError::Node { node: first.clone(), error }
+    })?;
     // A routed push reads and sends only the chunks some replica wants and does not hold yet.
     let route = primary_route(&accept, opts, &manifest, &wants)?;
     if let Some(r) = &route {
@@ -555,13 +573,27 @@ fn run_push(
     let dn_link = hop
         .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
+    // The first hop's further lanes, each authenticated on its own (`node::lanes`).
+    let mut lanes = Vec::new();
+    for k in 1..opts.lanes {
+        let token = token.expect("split_lane_token gives one with several lanes");
+        let auth = (opts.auth.key(), opts.auth.tls());
+        let lane = Hop::dial_lane(&first, opts.connect_timeout, auth, token, k)
+            .map_err(|error| PushError::Node { node: first.clone(), error })?;
+        lanes.push(lane);
+    }
+    let lane_fds = lanes.iter().map(|h| (h.stream.as_raw_fd(), h.secret.clone())).collect();
     let Hop { stream, secret, .. } = hop;
     let sealer = match (opts.encrypt, &secret) {
         (true, Some(s)) => Some(crate::crypt::Sealer::new(s)),
         _ => None,
     };
-    let cfg =
-        cfg.route(route, None).crypt(None, sealer).macs(None, secret).compress(opts.compress, opts.compress_level);
+    let cfg = cfg
+        .route(route, None)
+        .crypt(None, sealer)
+        .macs(None, secret)
+        .lanes(Vec::new(), lane_fds)
+        .compress(opts.compress, opts.compress_level);
     let session = Session::new(
         Role::Primary,
         "",
@@ -585,7 +617,8 @@ fn run_push(
     if let Some(p) = progress {
         p.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let (end, streamed, mut coded) = session.run_keeping_manifest();
+    let (end, streamed, mut coded, lane_chunks) = session.run_keeping_manifest();
+    drop(lanes);
     if coded.raw == 0 {
         // Not compressing: every chunk went as it is.
         coded.raw = bytes;
@@ -616,6 +649,7 @@ fn run_push(
         replicas,
         already_held: Vec::new(),
         coded,
+        lane_chunks,
     })
 }
 
@@ -643,9 +677,12 @@ fn hello_for(opts: &PushOptions, manifest: &Manifest, wants: &[Option<Vec<u32>>]
         flags: wire::HelloFlags::default()
             .with(wire::HelloFlags::REPAIR, opts.repair && opts.mode == Mode::Sync)
             .with(wire::HelloFlags::ENCRYPT, opts.encrypt)
-            .with(wire::HelloFlags::COMPRESS, opts.compress != crate::compress::Compress::Off),
-        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC).
-        transport: if opts.encrypt { Transport::Tcp } else { opts.transport },
+            .with(wire::HelloFlags::COMPRESS, opts.compress != crate::compress::Compress::Off)
+            .with(wire::HelloFlags::LANES, opts.lanes > 1),
+        lanes: opts.lanes,
+        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC); so do
+        // the lanes of a hop of several.
+        transport: if opts.encrypt || opts.lanes > 1 { Transport::Tcp } else { opts.transport },
         you: opts.to[0].clone(),
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
@@ -725,6 +762,7 @@ mod tests {
             required: to.len(),
             already_held: Vec::new(),
             coded: Default::default(),
+            lane_chunks: Vec::new(),
         }
     }
 

@@ -257,6 +257,7 @@ impl Server {
                 gate: Gate::start(&opts),
                 opts,
                 me: addr.to_string(),
+                lanes: Arc::default(),
             });
             loop {
                 let accepted = listener.accept().await;
@@ -287,6 +288,8 @@ struct Shared {
     opts: ServeOptions,
     /// This node's listening address, as its reports name it.
     me: String,
+    /// Pushes waiting for their further lanes (`push --lanes R`).
+    lanes: Arc<super::lanes::LaneTable>,
 }
 
 /// Lets a new connection through the gate (a task reads its first frame) or refuses it.
@@ -729,7 +732,20 @@ fn dispatch(mut hop: Hop, peer: &str, frame: wire::Frame, shared: &Shared, pendi
                     return;
                 }
             };
-            push_session(hop, hello, store, &shared.pools, opts);
+            push_session(hop, hello, store, (&shared.pools, &shared.lanes), opts);
+        }
+        Kind::Lane => {
+            // A further lane of a push running here: not a session of its own.
+            drop(pending);
+            let join = match hop.open_lane(&frame) {
+                Ok(join) => join,
+                Err(e) => return refuse_handshake(&mut hop.stream, hop.secret.as_ref(), peer, me, opts, &e),
+            };
+            if let Err((mut hop, e)) = shared.lanes.join(join, hop) {
+                tracing::warn!(%peer, "refused LANE: {e}");
+                audit_refusal(opts, peer, hop.peer_id.as_deref(), e.message.clone());
+                let _ = reject(&mut hop.stream, hop.secret.as_ref(), me, e);
+            }
         }
         k => {
             tracing::warn!(%peer, "refused: {} frame where HELLO or STATUS_REQ was expected", k.name());
@@ -752,7 +768,13 @@ fn dispatch(mut hop: Hop, peer: &str, frame: wire::Frame, shared: &Shared, pendi
 ///
 /// Each step answers upstream itself when it stops the push (a REJECT before ACCEPT, a RESULT
 /// after it) and returns None.
-fn push_session(mut up: Hop, hello: Hello, store: &Arc<Store>, pools: &PoolCache, opts: &ServeOptions) {
+fn push_session(
+    mut up: Hop,
+    hello: Hello,
+    store: &Arc<Store>,
+    (pools, lanes): (&PoolCache, &Arc<super::lanes::LaneTable>),
+    opts: &ServeOptions,
+) {
     let me = hello.you.clone();
     let (peer, key_id) = (up.peer.clone(), up.peer_id.clone());
     let span = tracing::info_span!("push", name = %hello.name, version = hello.version, %peer);
@@ -779,7 +801,7 @@ fn push_session(mut up: Hop, hello: Hello, store: &Arc<Store>, pools: &PoolCache
     let Some(reserved) = reserve(&mut up, &hello, &admitted, store, opts, &mut audit) else { return };
     // On a refusal downstream the reservation is dropped before answering, so that the caller
     // can retry the same version at once.
-    let (mut down, haves) = match dial_onward(&hello, &admitted, reserved.held.clone(), opts) {
+    let (mut down, haves, down_token) = match dial_onward(&hello, &admitted, reserved.held.clone(), opts) {
         Ok(onward) => onward,
         Err(Onward::Refused(node, e)) => {
             drop(reserved);
@@ -793,14 +815,28 @@ fn push_session(mut up: Hop, hello: Hello, store: &Arc<Store>, pools: &PoolCache
             return;
         }
     };
-    let accept = if admitted.routed { wire::encode_haves(&haves) } else { Vec::new() };
+    let mut accept = if admitted.routed { wire::encode_haves(&haves) } else { Vec::new() };
+    // Several lanes: ACCEPT ends with the token the further lanes from upstream present.
+    let lane_wait = match (hello.lanes > 1).then(|| lanes.register(up.peer_id.clone())).transpose() {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = audit.reject(&mut up, &me, e);
+            return;
+        }
+    };
+    if let Some(w) = &lane_wait {
+        accept.extend_from_slice(&w.token);
+    }
     if let Err(e) = up.accept_push(accept) {
         tracing::warn!("upstream went away before the push started: {e}");
         return;
     }
     let retain = (hello.name.clone(), hello.version, hello.keep);
-    let started = start_session(&mut up, down.as_mut(), hello, admitted, reserved, &haves, pools, opts, &mut audit);
-    let Some((session, watch)) = started else { return };
+    let lanes = LaneSetUp { wait: lane_wait, down_token };
+    let started =
+        start_session(&mut up, down.as_mut(), hello, admitted, reserved, &haves, pools, (opts, lanes), &mut audit);
+    // The further lanes' connections stay open while the session uses them.
+    let Some((session, watch, _lanes)) = started else { return };
     let end = session.run();
     // The session's staging is gone: published, or kept as a partial.
     expire_partials(store, opts);
@@ -925,9 +961,9 @@ fn dial_onward(
     admitted: &Admitted,
     held: Vec<(u64, u64)>,
     opts: &ServeOptions,
-) -> Result<(Option<Hop>, Haves), Onward> {
+) -> Result<(Option<Hop>, Haves, Option<super::lanes::Token>), Onward> {
     let mut haves = vec![held];
-    let Some(next) = hello.downstream.first() else { return Ok((None, haves)) };
+    let Some(next) = hello.downstream.first() else { return Ok((None, haves, None)) };
     // The onward handshake as a whole (connect, authenticate, the rest of the chain's answer)
     // is bounded: one handshake timeout per node from here to the tail, so that the nearest
     // node to a silent one times out first and is the one that reports it.
@@ -962,10 +998,19 @@ fn dial_onward(
         ..hello.clone()
     };
     let timeout = onward_deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
-    match down.handshake(&onward, timeout) {
-        Ok(payload) if !admitted.routed => drop(payload),
-        Ok(payload) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
-            Ok(h) if h.len() == hello.downstream.len() => haves.extend(h),
+    let accepted = down.handshake(&onward, timeout).map(|payload| wire::split_lane_token(payload, hello.lanes));
+    let token;
+    match accepted {
+        Ok(None) => {
+            let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no lane token");
+            return Err(Onward::Refused(next.clone(), e));
+        }
+        Ok(Some((payload, t))) if !admitted.routed => (token, _) = (t, payload),
+        Ok(Some((payload, t))) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
+            Ok(h) if h.len() == hello.downstream.len() => {
+                haves.extend(h);
+                token = t;
+            }
             _ => {
                 let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
                 return Err(Onward::Refused(next.clone(), e));
@@ -976,7 +1021,7 @@ fn dial_onward(
             return Err(Onward::Reports(reports));
         }
     }
-    Ok((Some(down), haves))
+    Ok((Some(down), haves, token))
 }
 
 /// The reports of a push that failed at `node` after it was accepted: `node` failed with
@@ -1006,9 +1051,9 @@ fn start_session<'a>(
     reserved: Reserved,
     haves: &[Vec<(u64, u64)>],
     pools: &'a PoolCache,
-    opts: &ServeOptions,
+    (opts, lanes): (&ServeOptions, LaneSetUp),
     audit: &mut AuditGuard<'_>,
-) -> Option<(Session<'a>, Watch)> {
+) -> Option<(Session<'a>, Watch, Vec<Hop>)> {
     let me = hello.you.as_str();
     let Reserved { staging, copies, .. } = reserved;
     let route = admitted
@@ -1038,8 +1083,11 @@ fn start_session<'a>(
     );
     let down_secret = down.as_ref().and_then(|d| d.secret.clone());
     let down_fd = down.as_ref().map(|d| d.stream.as_raw_fd());
+    let down_peer = down.as_ref().map(|d| d.peer.clone());
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
-    let (pool, (up_link, dn_link)) = match links(up, down, &hello, pools, opts) {
+    let set_up = links(up, down, &hello, pools, opts)
+        .and_then(|(pool, links)| Ok((pool, links, lanes.open(&hello, down_peer.as_deref(), opts)?)));
+    let (pool, (up_link, dn_link), (up_lanes, dn_lanes)) = match set_up {
         Ok(set_up) => set_up,
         Err(Failed { node, error, reason }) => {
             tracing::error!("push failed before it started: {error}");
@@ -1073,6 +1121,7 @@ fn start_session<'a>(
             down_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Sealer::new),
         )
         .macs(up_secret.clone(), down_secret.clone())
+        .lanes(lane_fds(&up_lanes), lane_fds(&dn_lanes))
         .metrics(opts.metrics.as_ref().map(|m| {
             crate::metrics::SessionMetrics::new(m, &up.peer, hello.downstream.first().map_or("", String::as_str))
         }));
@@ -1090,7 +1139,48 @@ fn start_session<'a>(
         Some(pools),
         (up_link, dn_link),
     );
-    Some((session, watch))
+    Some((session, watch, up_lanes.into_iter().chain(dn_lanes).collect()))
+}
+
+/// What a push of several lanes needs to open them: its registration for the lanes from
+/// upstream, and the token of the node downstream.
+struct LaneSetUp {
+    wait: Option<super::lanes::LaneWait>,
+    down_token: Option<super::lanes::Token>,
+}
+
+impl LaneSetUp {
+    /// Opens the further lanes of both hops: first those to the node downstream (which waits for
+    /// them), then waits for those from upstream. Returns (upstream's, downstream's).
+    fn open(self, hello: &Hello, down: Option<&str>, opts: &ServeOptions) -> Result<(Vec<Hop>, Vec<Hop>), Failed> {
+        let timeout = opts.limits.handshake_timeout;
+        let mut dn = Vec::new();
+        if let (Some(next), Some(token)) = (down, self.down_token) {
+            for k in 1..hello.lanes {
+                let auth = (opts.auth.key(), opts.auth.tls());
+                let hop = Hop::dial_lane(next, timeout, auth, token, k).map_err(|error| Failed {
+                    node: next.to_owned(),
+                    reason: error.message.clone(),
+                    error,
+                })?;
+                dn.push(hop);
+            }
+        }
+        let up = match &self.wait {
+            Some(w) => w.collect(hello.lanes, std::time::Instant::now() + timeout).map_err(|error| Failed {
+                node: hello.you.clone(),
+                reason: error.message.clone(),
+                error,
+            })?,
+            None => Vec::new(),
+        };
+        Ok((up, dn))
+    }
+}
+
+/// The sockets and secrets of further lanes, as the session takes them.
+fn lane_fds(hops: &[Hop]) -> Vec<(std::os::fd::RawFd, Option<Secret>)> {
+    hops.iter().map(|h| (h.stream.as_raw_fd(), h.secret.clone())).collect()
 }
 
 /// The link of the hop from upstream and of the hop downstream (None: TCP).
@@ -1119,14 +1209,17 @@ fn links(
     let mut pool = pools
         .get(opts.pool_bytes, hello.manifest.chunk_size())
         .map_err(|e| here(NodeError::io("cannot set up the buffer pool", &e)))?;
-    let up_link = up.answer_rdma(hello.transport, &opts.rdma, &mut pool).map_err(here)?;
-    let dn_link =
-        match down {
-            Some(d) => d
-                .offer_rdma(&hello.you, hello.transport, &opts.rdma, &pool)
-                .map_err(|(node, error)| Failed { reason: format!("{node}: {}", error.message), node, error })?,
-            None => None,
-        };
+    // Several lanes run as TCP lanes (`lanes::check_lanes`).
+    let transport = if hello.lanes > 1 { crate::transport::Transport::Tcp } else { hello.transport };
+    let up_link = up.answer_rdma(transport, &opts.rdma, &mut pool).map_err(here)?;
+    let dn_link = match down {
+        Some(d) => d.offer_rdma(&hello.you, transport, &opts.rdma, &pool).map_err(|(node, error)| Failed {
+            reason: format!("{node}: {}", error.message),
+            node,
+            error,
+        })?,
+        None => None,
+    };
     Ok((pool, (up_link, dn_link)))
 }
 
@@ -1216,7 +1309,9 @@ fn finish(up: &mut Hop, retain: (String, u64, u32), end: SessionEnd, store: &Sto
 /// Pure, so that the fuzz targets run it on every HELLO they decode
 /// ([`crate::proto::admission::check_hello`]).
 pub fn admit(hello: &Hello, opts: &ServeOptions) -> Result<(), NodeError> {
-    crate::proto::admission::check_hello(hello, &opts.into())
+    crate::proto::admission::check_hello(hello, &opts.into())?;
+    let rdma_only = hello.transport == crate::transport::Transport::Rdma;
+    super::lanes::check_lanes(hello.lanes, hello.flags.has(wire::HelloFlags::ENCRYPT), rdma_only)
 }
 
 /// Records one push (or refusal) in the audit log when dropped.

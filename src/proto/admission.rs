@@ -227,6 +227,7 @@ mod tests {
             manifest: Manifest::plan_for_files(wire::MIN_CHUNK, &[("a", 10), ("b", 20)]).unwrap().0,
             wants: Vec::new(),
             grant: Grant::default(),
+            lanes: 1,
         }
     }
 

@@ -292,6 +292,11 @@ impl NodeMachine {
         self.finished
     }
 
+    /// The first chunk not handed on yet (chunks after it that arrived wait for it).
+    pub(crate) fn next_dispatch(&self) -> u64 {
+        self.next_dispatch
+    }
+
     /// Whether chunks still go downstream.
     pub(crate) fn downstream_alive(&self) -> bool {
         matches!(self.downstream, Downstream::Alive { .. })
@@ -619,6 +624,32 @@ mod tests {
                 Action::SendEnd,
             ]
         );
+    }
+
+    /// Several lanes (`push --lanes`): a replica sees chunks out of order across lanes, and
+    /// END (on lane 0) may come before chunks still on another lane.
+    #[test]
+    fn a_replica_takes_chunks_out_of_order_across_lanes_and_acks_only_a_written_prefix() {
+        let mut m = NodeMachine::new(Role::Replica, "r2", vec![], 3);
+        // Chunk 1 (lane 1) before chunk 0 (lane 0): held until 0 is here.
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) }), vec![]);
+        assert_eq!(m.next_dispatch(), 0);
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        assert_eq!(a, vec![Action::Write { seq: 0, slot: s(0) }, Action::Write { seq: 1, slot: s(1) }]);
+        // Chunk 1 written first: no ack, the prefix is still empty.
+        assert_eq!(step(&mut m, Event::WriteDone { seq: 1 }), vec![Action::Release { slot: s(1) }]);
+        let a = step(&mut m, Event::WriteDone { seq: 0 });
+        assert_eq!(a, vec![Action::Release { slot: s(0) }, Action::AckUpstream { through: 2 }]);
+        // END before chunk 2 (still on lane 1): nothing is synced yet.
+        assert_eq!(step(&mut m, Event::UpstreamEnd), vec![]);
+        // A chunk that came twice (on two lanes) is refused.
+        let mut twice = NodeMachine::new(Role::Replica, "r3", vec![], 3);
+        step(&mut twice, Event::ChunkReady { seq: 2, slot: s(2) });
+        let a = step(&mut twice, Event::ChunkReady { seq: 2, slot: s(3) });
+        assert!(matches!(&a[..], [Action::Abort { error }] if error.kind == ErrorKind::Protocol), "{a:?}");
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2) }), vec![Action::Write { seq: 2, slot: s(2) }]);
+        let a = step(&mut m, Event::WriteDone { seq: 2 });
+        assert_eq!(a, vec![Action::Release { slot: s(2) }, Action::Sync, Action::AckUpstream { through: 3 }]);
     }
 
     #[test]

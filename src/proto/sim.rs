@@ -260,6 +260,7 @@ impl Sim {
                 manifest: self.manifest.clone(),
                 wants: if routed { vec![None; chain.len() - pos] } else { Vec::new() },
                 grant: Grant::default(),
+                lanes: 1,
             };
             let policy = Policy {
                 max_chain: r.max_chain,

@@ -48,6 +48,9 @@ pub(super) struct Parts {
     pub(super) compress: Option<(crate::compress::Compress, Option<i32>)>,
     /// Replica: upstream may send compressed chunks.
     pub(super) decompress: bool,
+    /// The hops' further lanes (1..R), each a connection with its own secret.
+    pub(super) up_lanes: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
+    pub(super) dn_lanes: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
 }
 
 impl Default for SessionConfig {
@@ -122,6 +125,18 @@ impl SessionConfig {
     pub(crate) fn crypt(mut self, open: Option<crate::crypt::Opener>, seal: Option<crate::crypt::Sealer>) -> Self {
         self.parts.open = open;
         self.parts.seal = seal;
+        self
+    }
+
+    /// The further lanes of the hop upstream and of the hop downstream (`push --lanes R`):
+    /// connected sockets after their handshake, with their secrets.
+    pub(crate) fn lanes(
+        mut self,
+        up: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
+        dn: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
+    ) -> Self {
+        self.parts.up_lanes = up;
+        self.parts.dn_lanes = dn;
         self
     }
 

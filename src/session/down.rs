@@ -43,6 +43,36 @@ pub(super) struct CutThrough {
     /// The machine asked for the chunk's forward: it hears `ForwardDone` once no piece is
     /// pending.
     pub(super) asked: bool,
+    /// The lane downstream its pieces go on (the lane it came on).
+    pub(super) lane: usize,
+}
+
+/// One lane of the hop downstream: its connection, the frames queued for it, the send in
+/// flight on it.
+#[derive(Debug)]
+pub(super) struct DnLane {
+    pub(super) fd: RawFd,
+    pub(super) queue: VecDeque<DnItem>,
+    pub(super) sending: Option<DnItem>,
+    /// Authenticated hop: the MACs of the frames on this lane (lane 0: to and from
+    /// downstream); each lane has its own handshake and secret.
+    pub(super) macs: Option<FrameMacs>,
+    /// Chunks sent (or being cut through) on this lane.
+    pub(super) chunks: u64,
+}
+
+impl DnLane {
+    pub(super) fn new(fd: RawFd) -> Self {
+        Self { fd, queue: VecDeque::new(), sending: None, macs: None, chunks: 0 }
+    }
+
+    /// Counts a chunk that goes on this lane (`lane`, its index).
+    pub(super) fn count_chunk(&mut self, metrics: Option<&crate::metrics::SessionMetrics>, lane: usize) {
+        self.chunks += 1;
+        if let Some(m) = metrics {
+            m.lane_chunks("out", lane).inc();
+        }
+    }
 }
 
 /// The hop downstream: chunk frames forwarded to it (whole, or cut through in pieces), END,
@@ -53,8 +83,12 @@ pub(super) struct Downstream {
     pub(super) fd: Option<RawFd>,
     /// The next node's name (for messages).
     pub(super) name: String,
-    pub(super) queue: VecDeque<DnItem>,
-    pub(super) sending: Option<DnItem>,
+    /// The hop's lanes: lane 0 is `fd`, which also carries END and the answers; the others
+    /// carry chunks only.
+    pub(super) lanes: Vec<DnLane>,
+    /// The primary with several lanes: chunks no lane took yet, in order; each lane takes the
+    /// next one when its send completes, so a slower lane takes fewer (back-pressure).
+    pub(super) shared: VecDeque<DnItem>,
     /// Chunks being cut through, oldest first (relays only).
     pub(super) cut: VecDeque<CutThrough>,
     /// The RDMA hop downstream, when this hop negotiated RDMA.
@@ -74,8 +108,6 @@ pub(super) struct Downstream {
     pub(super) seal: Option<crate::crypt::Sealer>,
     /// Authenticated hop: its session secret (the RESULT from there must carry a MAC).
     pub(super) secret: Option<crate::crypt::SessionSecret>,
-    /// Authenticated hop: the MACs of the data-plane frames to and from downstream.
-    pub(super) macs: Option<FrameMacs>,
     /// A relay takes no new frame from upstream while this many bytes it received wait to be
     /// handed to the socket downstream (`relay_backlog_full`; 0: no bound).
     pub(super) backlog_limit: u64,
@@ -90,8 +122,8 @@ impl Downstream {
         Self {
             fd,
             name,
-            queue: VecDeque::new(),
-            sending: None,
+            lanes: fd.map(DnLane::new).into_iter().collect(),
+            shared: VecDeque::new(),
             cut: VecDeque::new(),
             rdma,
             rdma_inflight: 0,
@@ -102,7 +134,6 @@ impl Downstream {
             progress: crate::proto::stall::HopStall::new(Instant::now()),
             seal: None,
             secret: None,
-            macs: None,
             backlog_limit: relay_backlog_from_env(),
             flip_every: if cfg!(debug_assertions) {
                 std::env::var("SHARDCAST_TEST_FLIP_FORWARD").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
@@ -133,6 +164,43 @@ fn relay_backlog_from_env() -> u64 {
         .unwrap_or(DEFAULT_RELAY_BACKLOG_BYTES)
 }
 
+impl Downstream {
+    /// Whether a send is in flight on any lane.
+    pub(super) fn sending(&self) -> bool {
+        self.lanes.iter().any(|l| l.sending.is_some())
+    }
+
+    /// Whether frames wait for any lane.
+    pub(super) fn queued(&self) -> bool {
+        !self.shared.is_empty() || self.lanes.iter().any(|l| !l.queue.is_empty())
+    }
+
+    /// Drops every frame queued for downstream.
+    pub(super) fn clear_queues(&mut self) {
+        self.shared.clear();
+        for l in &mut self.lanes {
+            l.queue.clear();
+        }
+    }
+
+    /// Shuts every lane's connection (wakes any op blocked on one).
+    pub(super) fn shutdown(&self) {
+        for l in &self.lanes {
+            crate::sys::shutdown(l.fd);
+        }
+    }
+
+    /// Lane 0's MACs (END and the answers travel there).
+    pub(super) fn macs(&mut self) -> Option<&mut FrameMacs> {
+        self.lanes.first_mut().and_then(|l| l.macs.as_mut())
+    }
+
+    /// Whether the hop downstream is authenticated.
+    pub(super) fn authenticated(&self) -> bool {
+        self.lanes.first().is_some_and(|l| l.macs.is_some())
+    }
+}
+
 impl Session<'_> {
     /// Whether this relay already holds `backlog_limit` bytes for downstream that no send has
     /// taken yet: then it takes no new frame from upstream (`pump_up_recv`) until sends drain it.
@@ -142,7 +210,7 @@ impl Session<'_> {
             return false;
         }
         let mut bytes = 0;
-        for item in &self.down.queue {
+        for item in self.down.lanes.iter().flat_map(|l| l.queue.iter()) {
             bytes += match *item {
                 DnItem::Chunk(_, slot) => u64::from(self.frame_len(slot)),
                 DnItem::Piece { len, .. } => u64::from(len),
@@ -156,8 +224,8 @@ impl Session<'_> {
     }
 
     /// The send downstream in flight completed (or failed).
-    pub(super) fn dn_send_done(&mut self, result: std::io::Result<usize>) {
-        let item = self.down.sending.take().expect("a send was in flight");
+    pub(super) fn dn_send_done(&mut self, lane: usize, result: std::io::Result<usize>) {
+        let item = self.down.lanes[lane].sending.take().expect("a send was in flight");
         match result {
             Ok(n) => match item {
                 DnItem::Chunk(seq, _) => {
@@ -205,7 +273,9 @@ impl Session<'_> {
                 });
             }
         }
-        if let Some(ev) = self.down.deferred.take() {
+        if !self.down.sending()
+            && let Some(ev) = self.down.deferred.take()
+        {
             self.events.push_back(ev);
         }
     }
@@ -217,44 +287,15 @@ impl Session<'_> {
         if self.down.rdma.is_some() {
             self.pump_rdma_writes();
         }
-        // Downstream send: one at a time keeps the stream in order.
-        if self.down.rdma.is_none()
-            && self.down.sending.is_none()
-            && !self.down.closed
-            && let Some(item) = self.down.queue.pop_front()
-        {
-            let buf = match item {
-                DnItem::Chunk(_, slot) if self.down.seal.is_some() => {
-                    let len = HEADER_LEN + self.frame_len(slot) as usize;
-                    // The slot holds the whole frame (its payload is checked or read, and
-                    // nothing writes it while it waits to be forwarded).
-                    self.pool.copy_to_seal(slot, len);
-                    self.down.seal.as_mut().expect("checked").seal(self.pool.seal_mut(len + TAG_LEN), HEADER_LEN, len);
-                    Buf::Seal { len: (len + TAG_LEN) as u32 }
+        // Downstream send: one at a time on each lane keeps its stream in order.
+        if self.down.rdma.is_none() {
+            for lane in 0..self.down.lanes.len() {
+                if self.down.closed || self.down.lanes[lane].sending.is_some() {
+                    continue;
                 }
-                DnItem::Chunk(seq, slot) => {
-                    let mac = self.mac_chunk(seq, slot);
-                    if self.codec.enc.is_some() {
-                        self.codec.send_started = Some(Instant::now());
-                    }
-                    Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }
-                }
-                DnItem::Piece { seq, slot, off, len } => {
-                    // The last piece of a cut-through chunk on an authenticated hop is its MAC,
-                    // queued once the chunk from upstream authenticated; made now, in send order.
-                    if off == HEADER_LEN as u32 + self.frame_len(slot) && len == FRAME_MAC_LEN as u32 {
-                        self.mac_chunk(seq, slot);
-                    }
-                    Buf::Slot { id: slot, off: off as usize, len }
-                }
-                DnItem::End => self.end_frame(),
-            };
-            // A chunk's slot stays leased until ForwardDone, which follows this send's completion
-            // (for pieces: the last piece's); a piece's bytes were received before it was queued
-            // and are not written again; the END area is not touched again.
-            let fd = self.down.fd.expect("downstream open");
-            self.pool.submit(&mut self.io, token(T_DN_SEND, 0), OpKind::Send, fd, buf)?;
-            self.down.sending = Some(item);
+                let Some(item) = self.next_for_lane(lane) else { continue };
+                self.send_down(lane, item)?;
+            }
         }
         // Downstream receive: ACK / RESULT headers.
         if self.down.recv == DnRecv::Idle && !self.down.closed {
@@ -266,12 +307,66 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The next frame lane `lane` sends: its own queue's, else (the primary with several lanes)
+    /// the next chunk no lane took yet; END goes on lane 0 once every chunk was taken.
+    fn next_for_lane(&mut self, lane: usize) -> Option<DnItem> {
+        if let Some(item) = self.down.lanes[lane].queue.pop_front() {
+            return Some(item);
+        }
+        match self.down.shared.front()? {
+            DnItem::End if lane != 0 => None,
+            DnItem::End => self.down.shared.pop_front(),
+            _ => {
+                let item = self.down.shared.pop_front();
+                self.down.lanes[lane].count_chunk(self.metrics.as_ref(), lane);
+                item
+            }
+        }
+    }
+
+    /// Submits the send of `item` on lane `lane`.
+    fn send_down(&mut self, lane: usize, item: DnItem) -> std::io::Result<()> {
+        let buf = match item {
+            DnItem::Chunk(_, slot) if self.down.seal.is_some() => {
+                let len = HEADER_LEN + self.frame_len(slot) as usize;
+                // The slot holds the whole frame (its payload is checked or read, and
+                // nothing writes it while it waits to be forwarded).
+                self.pool.copy_to_seal(slot, len);
+                self.down.seal.as_mut().expect("checked").seal(self.pool.seal_mut(len + TAG_LEN), HEADER_LEN, len);
+                Buf::Seal { len: (len + TAG_LEN) as u32 }
+            }
+            DnItem::Chunk(seq, slot) => {
+                let mac = self.mac_chunk(lane, seq, slot);
+                if self.codec.enc.is_some() {
+                    self.codec.send_started = Some(Instant::now());
+                }
+                Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }
+            }
+            DnItem::Piece { seq, slot, off, len } => {
+                // The last piece of a cut-through chunk on an authenticated hop is its MAC,
+                // queued once the chunk from upstream authenticated; made now, in send order.
+                if off == HEADER_LEN as u32 + self.frame_len(slot) && len == FRAME_MAC_LEN as u32 {
+                    self.mac_chunk(lane, seq, slot);
+                }
+                Buf::Slot { id: slot, off: off as usize, len }
+            }
+            DnItem::End => self.end_frame(),
+        };
+        // A chunk's slot stays leased until ForwardDone, which follows this send's completion
+        // (for pieces: the last piece's); a piece's bytes were received before it was queued
+        // and are not written again; the END area is not touched again.
+        let fd = self.down.lanes[lane].fd;
+        self.pool.submit(&mut self.io, token(T_DN_SEND, lane as u64), OpKind::Send, fd, buf)?;
+        self.down.lanes[lane].sending = Some(item);
+        Ok(())
+    }
+
     /// Authenticated hop downstream without encryption: writes the MAC of the chunk frame in
     /// `slot` (its header as it is sent) after its payload, and returns its length (0 without).
-    pub(super) fn mac_chunk(&mut self, seq: u64, slot: SlotId) -> u32 {
+    pub(super) fn mac_chunk(&mut self, lane: usize, seq: u64, slot: SlotId) -> u32 {
         debug_assert!(self.manifest.chunk(seq).is_some(), "chunk {seq} in range");
         let frame_len = self.frame_len(slot);
-        let Some(m) = self.down.macs.as_mut() else { return 0 };
+        let Some(m) = self.down.lanes[lane].macs.as_mut() else { return 0 };
         // The slot holds the chunk's header; nothing writes the header while the chunk waits to
         // be forwarded.
         let header: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
@@ -287,7 +382,7 @@ impl Session<'_> {
     pub(super) fn end_frame(&mut self) -> Buf {
         let h = Header { kind: Kind::End, len: 0, seq: self.manifest.chunk_count(), digest: self.manifest.digest() };
         let mut frame = h.to_bytes().to_vec();
-        if let Some(m) = self.down.macs.as_mut() {
+        if let Some(m) = self.down.macs() {
             let mac = m.sign(&frame, &[]);
             frame.extend_from_slice(&mac);
         }
@@ -304,13 +399,11 @@ impl Session<'_> {
             // stalled hop's send then fails with a broken pipe, which is not the news).
             return;
         }
-        if let Some(down) = self.down.fd {
-            // Wake any op still blocked on the socket; the descriptor stays open until the
-            // session's owner closes it.
-            crate::sys::shutdown(down);
-        }
+        // Wake any op still blocked on the sockets; the descriptors stay open until the
+        // session's owner closes them.
+        self.down.shutdown();
         self.down.closed = true;
-        self.down.queue.clear();
+        self.down.clear_queues();
         // The machine releases every slot it forwarded from when it hears of `event`.
         self.down.cut.clear();
         if self.down.rdma_inflight > 0
@@ -320,7 +413,7 @@ impl Session<'_> {
             // The writes then end by the transport's own retries.
             tracing::warn!("cannot flush the RDMA queue pair to {}: {e}", self.down.name);
         }
-        if self.down.sending.is_some() || self.down.rdma_inflight > 0 {
+        if self.down.sending() || self.down.rdma_inflight > 0 {
             self.down.deferred.get_or_insert(event);
         } else {
             self.events.push_back(event);
@@ -348,7 +441,7 @@ impl Session<'_> {
         if self.end.is_some() {
             return;
         }
-        let waiting = self.down.sending.is_some() || !self.down.queue.is_empty() || self.down.rdma_inflight > 0;
+        let waiting = self.down.sending() || self.down.queued() || self.down.rdma_inflight > 0;
         let limit = hop_limit(self.cfg.hop_timeout, self.machine.downstream_nodes().len());
         let stalled = self.down.progress.tick(Tick { now: Instant::now(), waiting }, limit);
         if let Some(stalled) = stalled
@@ -370,14 +463,14 @@ impl Session<'_> {
                 let bytes: [u8; HEADER_LEN] =
                     self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN).try_into().expect("header-sized");
                 // Authenticated hop: ACK and CREDIT carry a MAC after their payload.
-                let macs = self.down.macs.is_some();
+                let macs = self.down.authenticated();
                 let mac_len = |k: Kind| if macs && k != Kind::Result { FRAME_MAC_LEN as u32 } else { 0 };
                 match Header::decode(&bytes) {
-                    Ok(h) if h.kind == Kind::Ack && self.down.macs.is_none() => {
+                    Ok(h) if h.kind == Kind::Ack && !macs => {
                         self.down.recv = DnRecv::Idle;
                         self.events.push_back(Event::DownstreamAck { through: h.seq });
                     }
-                    Ok(h) if h.kind == Kind::Credit && h.len == 0 && self.down.macs.is_none() => {
+                    Ok(h) if h.kind == Kind::Credit && h.len == 0 && !macs => {
                         self.down.recv = DnRecv::Idle;
                     }
                     Ok(h)
@@ -409,9 +502,9 @@ impl Session<'_> {
             (DnRecv::Payload { kind: kind @ (Kind::Ack | Kind::Credit), len }, Ok(n)) if n == len as usize => {
                 let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
                 let (header, rest) = bytes.split_at(HEADER_LEN);
-                let mac_len = if self.down.macs.is_some() { FRAME_MAC_LEN.min(n) } else { 0 };
+                let mac_len = if self.down.authenticated() { FRAME_MAC_LEN.min(n) } else { 0 };
                 let (payload, mac) = rest.split_at(n - mac_len);
-                let authentic = self.down.macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
+                let authentic = self.down.lanes[0].macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
                 if !authentic {
                     self.down.recv = DnRecv::Done;
                     let error = NodeError::new(

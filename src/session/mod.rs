@@ -227,7 +227,9 @@ impl<'a> Session<'a> {
             let role = if self.up.fd.is_some() { Role::Replica } else { Role::Primary };
             let downstream = self.machine.downstream_nodes().to_vec();
             self.machine = NodeMachine::new(role, self.machine.node(), downstream, total).with_route(route.clone());
-            self.up.next_seq = route.next_passing(0, total);
+            for lane in &mut self.up.lanes {
+                lane.next_seq = route.next_passing(0, total);
+            }
             self.here.next_read = route.next_passing(0, total);
             self.route = route;
             self.digests_known = true;
@@ -242,10 +244,31 @@ impl<'a> Session<'a> {
         if parts.seal.is_some() {
             self.pool.set_seal_len(HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN);
         }
+        self.up.expected = {
+            let total = self.manifest.chunk_count();
+            (0..total).filter(|&q| self.route.passes(q)).count() as u64
+        };
         self.up.open = parts.open;
         self.down.seal = parts.seal;
-        self.up.macs = parts.up_secret.as_ref().map(FrameMacs::downstream_end);
-        self.down.macs = parts.dn_secret.as_ref().map(FrameMacs::upstream_end);
+        if let Some(lane) = self.up.lanes.first_mut() {
+            lane.macs = parts.up_secret.as_ref().map(FrameMacs::downstream_end);
+        }
+        if let Some(lane) = self.down.lanes.first_mut() {
+            lane.macs = parts.dn_secret.as_ref().map(FrameMacs::upstream_end);
+        }
+        // Further lanes, each with its own handshake's secret.
+        let next_seq = self.up.lanes.first().map_or(0, |l| l.next_seq);
+        for (fd, secret) in parts.up_lanes {
+            let mut lane = up::UpLane::new(fd);
+            lane.next_seq = next_seq;
+            lane.macs = secret.as_ref().map(FrameMacs::downstream_end);
+            self.up.lanes.push(lane);
+        }
+        for (fd, secret) in parts.dn_lanes {
+            let mut lane = down::DnLane::new(fd);
+            lane.macs = secret.as_ref().map(FrameMacs::upstream_end);
+            self.down.lanes.push(lane);
+        }
         self.up.secret = parts.up_secret;
         self.down.secret = parts.dn_secret;
         self.superseded = parts.superseded;
@@ -302,10 +325,25 @@ impl<'a> Session<'a> {
     /// Runs the push to its end and returns, with the end, the manifest as this node knows it
     /// then: on the primary of an ordinary push, the digest of every chunk it read (zero for
     /// chunks it never read), which a repair of the push must keep to.
-    pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest, crate::compress::CodedBytes) {
+    pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest, crate::compress::CodedBytes, Vec<u64>) {
         let end = self.drive();
         let coded = self.codec.enc.as_ref().map(|e| e.coded).unwrap_or_default();
-        (end, self.manifest.clone(), coded)
+        let lanes = self.down.lanes.iter().map(|l| l.chunks).collect();
+        (end, self.manifest.clone(), coded, lanes)
+    }
+
+    /// Queues chunk `seq` (whole, from `slot`) for downstream: one lane takes it; with several,
+    /// a relay sends it on the lane it came on, the primary on the first lane with room.
+    fn forward(&mut self, seq: u64, slot: SlotId, lane: Option<usize>) {
+        let lanes = self.down.lanes.len();
+        if lanes > 1 && self.up.fd.is_none() {
+            // Taken by the next lane whose send completes (`next_for_lane`).
+            self.down.shared.push_back(DnItem::Chunk(seq, slot));
+            return;
+        }
+        let lane = lane.unwrap_or(0) % lanes;
+        self.down.lanes[lane].count_chunk(self.metrics.as_ref(), lane);
+        self.down.lanes[lane].queue.push_back(DnItem::Chunk(seq, slot));
     }
 
     fn drive(&mut self) -> SessionEnd {
@@ -405,16 +443,20 @@ impl<'a> Session<'a> {
     fn act(&mut self, action: Action) {
         match action {
             Action::Forward { seq, slot } => {
+                let lane = self.up.lane_of.remove(&seq);
                 if let Some(i) = self.down.cut.iter().position(|c| c.seq == seq) {
                     // Its pieces went (or are going) downstream as they arrived.
                     self.down.cut[i].asked = true;
                     self.cut_settle(i);
                 } else if !self.down.closed {
-                    self.down.queue.push_back(DnItem::Chunk(seq, slot));
+                    self.forward(seq, slot, lane);
                 }
                 // With downstream closed, the machine releases the slot when it hears so.
             }
-            Action::SendEnd => self.down.queue.push_back(DnItem::End),
+            Action::SendEnd if self.down.lanes.len() > 1 && self.up.fd.is_none() => {
+                self.down.shared.push_back(DnItem::End)
+            }
+            Action::SendEnd => self.down.lanes[0].queue.push_back(DnItem::End),
             Action::Write { seq, slot } => self.write_chunk(seq, slot),
             Action::Release { slot } => {
                 self.pool.release(slot);
@@ -488,11 +530,9 @@ impl<'a> Session<'a> {
             }
             self.up.result = Some(reports);
         }
-        if let Some(down) = self.down.fd {
-            crate::sys::shutdown(down);
-        }
+        self.down.shutdown();
         self.down.closed = true;
-        self.down.queue.clear();
+        self.down.clear_queues();
         self.down.cut.clear();
         self.end = Some(SessionEnd::Aborted(error));
     }
@@ -520,13 +560,13 @@ impl<'a> Session<'a> {
             self.down.progress.progress(Instant::now());
         }
         match kind {
-            T_UP_RECV => self.up_recv_done(c.result),
+            T_UP_RECV => self.up_recv_done(value as usize, c.result),
             T_READ => {
                 let (seq, slot) = (value >> 16, SlotId((value & 0xffff) as u16));
                 self.read_done(seq, slot, c.result);
             }
             T_WRITE => self.write_done(value, c.result),
-            T_DN_SEND => self.dn_send_done(c.result),
+            T_DN_SEND => self.dn_send_done(value as usize, c.result),
             T_DN_RECV => self.dn_recv_done(c.result),
             T_RDMA_POLL => match c.result {
                 Ok(_) => self.rdma_ready(value as usize),
@@ -550,7 +590,8 @@ impl Drop for Session<'_> {
             m.all.pool_slots_in_use.dec_by(self.slots_reported);
         }
         if self.io.in_flight() > 0 {
-            for fd in [self.up.fd, self.down.fd].into_iter().flatten() {
+            let lanes = self.up.lanes.iter().map(|l| l.fd).chain(self.down.lanes.iter().map(|l| l.fd));
+            for fd in lanes {
                 // Ends receives still in flight.
                 crate::sys::shutdown(fd);
             }

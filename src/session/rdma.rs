@@ -25,16 +25,16 @@ impl Session<'_> {
     pub(super) fn pump_rdma_writes(&mut self) {
         while !self.down.closed {
             let Some(link) = self.down.rdma.as_mut() else { return };
-            if link.credits.is_empty() || self.down.queue.is_empty() {
+            if link.credits.is_empty() || self.down.lanes[0].queue.is_empty() {
                 return;
             }
-            let item = self.down.queue.pop_front().expect("checked");
+            let item = self.down.lanes[0].queue.pop_front().expect("checked");
             let credit = self.down.rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
             let (buf, wr) = match item {
                 DnItem::Chunk(seq, slot) => {
                     // The MAC travels in the slot too, after the payload (the receiver's slots
                     // leave room for it).
-                    let mac = self.mac_chunk(seq, slot);
+                    let mac = self.mac_chunk(0, seq, slot);
                     (Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }, seq)
                 }
                 DnItem::End => (self.end_frame(), END_WR),
@@ -129,7 +129,7 @@ impl Session<'_> {
             }
         }
         if self.down.rdma_inflight == 0
-            && self.down.sending.is_none()
+            && !self.down.sending()
             && let Some(ev) = self.down.deferred.take()
         {
             self.events.push_back(ev);
@@ -169,12 +169,12 @@ impl Session<'_> {
         let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         match Header::decode(&bytes) {
             Ok(h) if h.kind == Kind::Chunk => {
-                if let Err((kind, message)) = self.check_chunk_header(&h) {
+                if let Err((kind, message)) = self.check_chunk_header(0, &h) {
                     self.pool.release(slot);
                     self.abort(NodeError::new(kind, message));
                     return;
                 }
-                if let Some(m) = self.up.macs.as_mut() {
+                if let Some(m) = self.up.lanes[0].macs.as_mut() {
                     // The frame's MAC follows its payload in the slot.
                     let mac = self.pool.slot(slot, HEADER_LEN + h.len as usize, FRAME_MAC_LEN);
                     if m.verify(&bytes, &[], mac).is_err() {
@@ -182,10 +182,10 @@ impl Session<'_> {
                         return self.abort(unauthentic_chunk(h.seq));
                     }
                 }
-                self.chunk_arrived(slot, h.seq, h.digest);
+                self.chunk_arrived(0, slot, h.seq, h.digest);
             }
             Ok(h) => {
-                if let Some(m) = self.up.macs.as_mut() {
+                if let Some(m) = self.up.lanes[0].macs.as_mut() {
                     // The frame's MAC follows its header in the slot.
                     let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
                     if m.verify(&bytes, &[], mac).is_err() {

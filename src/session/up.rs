@@ -43,9 +43,18 @@ pub(super) enum UpItem {
 pub(super) struct Upstream {
     /// The socket (none on the primary).
     pub(super) fd: Option<RawFd>,
-    pub(super) recv: UpRecv,
-    /// The next chunk expected from upstream.
-    pub(super) next_seq: u64,
+    /// The hop's lanes (`push --lanes R`): lane 0 is `fd`, which also carries the control
+    /// frames; the others carry chunks only. One receive in flight on each.
+    pub(super) lanes: Vec<UpLane>,
+    /// Chunks that arrived whole, on whichever lane, and the number this node is to receive
+    /// (END is acted on only once they are equal).
+    pub(super) arrived: u64,
+    pub(super) expected: u64,
+    /// Several lanes: END came before every chunk it counts (they are still on other lanes).
+    pub(super) end_pending: Option<Header>,
+    /// Several lanes: the lane each chunk received and not yet forwarded came on (a relay
+    /// forwards it on the same lane downstream).
+    pub(super) lane_of: std::collections::HashMap<u64, usize>,
     /// The RDMA hop upstream, when that hop negotiated RDMA.
     pub(super) rdma: Option<UpLink>,
     /// Slots granted to upstream (with their windows' keys) and not yet sent in a CREDIT frame.
@@ -65,20 +74,41 @@ pub(super) struct Upstream {
     pub(super) open: Option<crate::crypt::Opener>,
     /// Authenticated hop: its session secret (the RESULT sent there carries a MAC).
     pub(super) secret: Option<crate::crypt::SessionSecret>,
+}
+
+/// One lane of the hop upstream: its connection and the receive in flight on it.
+#[derive(Debug)]
+pub(super) struct UpLane {
+    pub(super) fd: RawFd,
+    pub(super) recv: UpRecv,
+    /// The next chunk expected on this lane (one lane: the next one at all; several: chunks
+    /// come in increasing order on each lane, and this is past the last one).
+    pub(super) next_seq: u64,
     /// The header of the chunk being received, as it came (an encrypted chunk's associated
     /// data; the test fault may change the slot's copy).
     pub(super) header: [u8; HEADER_LEN],
-    /// Authenticated hop: the MACs of the data-plane frames from and to upstream (see
-    /// `crypt::FrameMacs`).
+    /// Authenticated hop: the MACs of the data-plane frames on this lane (lane 0: from and to
+    /// upstream; see `crypt::FrameMacs`). Each lane has its own handshake and secret.
     pub(super) macs: Option<FrameMacs>,
+    /// Chunks that arrived on this lane.
+    pub(super) chunks: u64,
+}
+
+impl UpLane {
+    pub(super) fn new(fd: RawFd) -> Self {
+        Self { fd, recv: UpRecv::Idle, next_seq: 0, header: [0; HEADER_LEN], macs: None, chunks: 0 }
+    }
 }
 
 impl Upstream {
     pub(super) fn new(fd: Option<RawFd>, rdma: Option<UpLink>, nic_grants: crate::sys::nic::Grants) -> Self {
         Self {
             fd,
-            recv: if fd.is_some() { UpRecv::Idle } else { UpRecv::Done },
-            next_seq: 0,
+            lanes: fd.map(UpLane::new).into_iter().collect(),
+            arrived: 0,
+            expected: 0,
+            end_pending: None,
+            lane_of: std::collections::HashMap::new(),
             rdma,
             credits: Vec::new(),
             nic_grants,
@@ -91,8 +121,6 @@ impl Upstream {
             reported_early: false,
             open: None,
             secret: None,
-            header: [0; HEADER_LEN],
-            macs: None,
         }
     }
 }
@@ -102,32 +130,56 @@ impl Session<'_> {
     /// the socket, else a frame header into a fresh slot.
     pub(super) fn pump_up_recv(&mut self) -> std::io::Result<()> {
         // RDMA upstream: chunks land by themselves; the socket is only watched for closing.
-        if self.up.recv == UpRecv::Idle && self.up.rdma.is_some() {
+        if self.up.lanes.first().is_some_and(|l| l.recv == UpRecv::Idle) && self.up.rdma.is_some() {
             let fd = self.up.fd.expect("replica has upstream");
             let buf = Buf::Ctrl { area: Ctrl::UpRecv, off: 0, len: HEADER_LEN as u32 };
             self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
-            self.up.recv = UpRecv::Watch;
+            self.up.lanes[0].recv = UpRecv::Watch;
         }
-        // Upstream receive: one frame header at a time, into a fresh slot; a relay with a full
-        // backlog for downstream waits (backpressure upstream).
-        if self.up.recv == UpRecv::Idle
-            && !self.relay_backlog_full()
-            && let Some(slot) = self.pool.lease()
-        {
-            let fd = self.up.fd.expect("replica has upstream");
-            let buf = Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 };
-            self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
-            self.up.recv = UpRecv::Header(slot);
+        // Upstream receive: one frame header at a time on each lane, into a fresh slot; a relay
+        // with a full backlog for downstream waits (backpressure upstream).
+        for lane in 0..self.up.lanes.len() {
+            if self.up.lanes[lane].recv == UpRecv::Idle
+                && !self.relay_backlog_full()
+                && self.lane_may_lease(lane)
+                && let Some(slot) = self.pool.lease()
+            {
+                let fd = self.up.lanes[lane].fd;
+                let buf = Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 };
+                self.pool.submit(&mut self.io, token(T_UP_RECV, lane as u64), OpKind::Recv, fd, buf)?;
+                self.up.lanes[lane].recv = UpRecv::Header(slot);
+            }
         }
         Ok(())
     }
 
+    /// Whether lane `lane` may take a slot for its next frame. Chunks that arrive ahead of one
+    /// still missing wait in their slots (the machine hands them on in order), so with several
+    /// lanes the last free slots are kept for the lanes that may carry the missing chunk (those
+    /// not yet past it): else lanes running ahead could take every slot and the missing chunk
+    /// would have none to land in.
+    fn lane_may_lease(&self, lane: usize) -> bool {
+        let lanes = self.up.lanes.len();
+        if lanes == 1 {
+            return true;
+        }
+        if self.up.end_received || self.up.end_pending.is_some() && lane == 0 {
+            return false;
+        }
+        self.up.lanes[lane].next_seq <= self.machine.next_dispatch() || self.pool.free_slots() > lanes
+    }
+
     /// A chunk header from upstream is the one expected next and matches the manifest.
-    pub(super) fn check_chunk_header(&self, h: &Header) -> Result<(), (ErrorKind, String)> {
+    pub(super) fn check_chunk_header(&self, lane: usize, h: &Header) -> Result<(), (ErrorKind, String)> {
+        let next = self.up.lanes[lane].next_seq;
+        let several = self.up.lanes.len() > 1;
         match self.manifest.chunk(h.seq) {
-            _ if h.seq != self.up.next_seq => Err((
+            _ if !several && h.seq != next => {
+                Err((ErrorKind::Protocol, format!("chunk {} arrived while chunk {next} was expected", h.seq)))
+            }
+            _ if several && (h.seq < next || !self.route.passes(h.seq)) => Err((
                 ErrorKind::Protocol,
-                format!("chunk {} arrived while chunk {} was expected", h.seq, self.up.next_seq),
+                format!("chunk {} arrived on lane {lane}, which had reached chunk {next}", h.seq),
             )),
             None => Err((ErrorKind::Protocol, format!("chunk {} is past the end", h.seq))),
             // A compressed push's chunk may come shorter (its coding is checked once it is whole).
@@ -140,10 +192,16 @@ impl Session<'_> {
     }
 
     /// Chunk `seq` is whole in `slot`: check its digest and hand it to the machine.
-    pub(super) fn chunk_arrived(&mut self, slot: SlotId, seq: u64, announced: u128) {
+    pub(super) fn chunk_arrived(&mut self, lane: usize, slot: SlotId, seq: u64, announced: u128) {
         let c = self.manifest.chunk(seq).expect("checked on the header");
         let n = c.len as usize;
-        self.up.next_seq = self.route.next_passing(seq + 1, self.manifest.chunk_count());
+        self.up.lanes[lane].next_seq = self.route.next_passing(seq + 1, self.manifest.chunk_count());
+        self.up.lanes[lane].chunks += 1;
+        self.up.arrived += 1;
+        if self.up.lanes.len() > 1 && !self.down.closed && self.route.onward(seq) {
+            // A relay forwards it on the same lane.
+            self.up.lane_of.insert(seq, lane);
+        }
         // The payload has landed in this slot and nothing writes it now. A compressed chunk is
         // checked after it is decompressed, whatever `verify` says; one whose coding does not
         // fit the manifest, or that does not decompress, is refused like a bad digest (its
@@ -163,6 +221,7 @@ impl Session<'_> {
                 }
             };
         if let Some(m) = &self.metrics {
+            m.lane_chunks("in", lane).inc();
             m.bytes_in.inc_by(n as u64);
             m.wire_in.inc_by(u64::from(self.frame_len(slot)));
             if ok {
@@ -177,12 +236,25 @@ impl Session<'_> {
         } else {
             self.events.push_back(Event::ChunkCorrupt { seq, slot });
         }
+        if self.up.arrived == self.up.expected
+            && let Some(end) = self.up.end_pending.take()
+        {
+            // END came ahead of this chunk, on another lane.
+            self.frame_after_chunks(end);
+        }
     }
 
     /// A non-chunk frame from upstream: END after the last chunk, or a protocol error.
     pub(super) fn frame_after_chunks(&mut self, h: Header) {
         let total = self.manifest.chunk_count();
-        if h.kind == Kind::End && h.seq == total && self.up.next_seq == total {
+        let several = self.up.lanes.len() > 1;
+        if several && h.kind == Kind::End && h.seq == total && self.up.arrived < self.up.expected {
+            // Chunks it counts are still on other lanes: acted on once they are all here.
+            self.up.end_pending = Some(h);
+            return;
+        }
+        let all_here = if several { self.up.arrived == self.up.expected } else { self.up.lanes[0].next_seq == total };
+        if h.kind == Kind::End && h.seq == total && all_here {
             let mine = self.manifest.digest();
             if h.digest == mine {
                 self.up.end_received = true;
@@ -204,7 +276,7 @@ impl Session<'_> {
                     "unexpected {} frame from upstream (seq {}) after {} of {total} chunks",
                     h.kind.name(),
                     h.seq,
-                    self.up.next_seq
+                    self.up.arrived
                 ),
             ));
         }
@@ -224,7 +296,7 @@ impl Session<'_> {
                 let h = Header { kind: Kind::Credit, len: (wire::CREDIT_LEN * n) as u32, seq: 0, digest: 0 };
                 let mut b = h.to_bytes().to_vec();
                 wire::encode_credits(&credits, &mut b);
-                if let Some(m) = self.up.macs.as_mut() {
+                if let Some(m) = self.up.lanes[0].macs.as_mut() {
                     let mac = m.sign(&b[..HEADER_LEN], &b[HEADER_LEN..]);
                     b.extend_from_slice(&mac);
                 }
@@ -232,7 +304,7 @@ impl Session<'_> {
             } else if let Some(through) = self.up.ack.take().filter(|t| *t > self.up.ack_sent) {
                 self.up.ack_sent = through;
                 let mut b = Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec();
-                if let Some(m) = self.up.macs.as_mut() {
+                if let Some(m) = self.up.lanes[0].macs.as_mut() {
                     let mac = m.sign(&b, &[]);
                     b.extend_from_slice(&mac);
                 }
@@ -271,10 +343,8 @@ impl Session<'_> {
         if !matches!(self.end, Some(SessionEnd::Aborted(_))) {
             self.end = Some(SessionEnd::UpstreamLost(why));
         }
-        if let Some(down) = self.down.fd {
-            // Downstream then drops its staging too.
-            crate::sys::shutdown(down);
-        }
+        // Downstream then drops its staging too.
+        self.down.shutdown();
         self.down.closed = true;
     }
 
@@ -283,7 +353,7 @@ impl Session<'_> {
     pub(super) fn tag_len(&self) -> u32 {
         if self.up.open.is_some() {
             TAG_LEN as u32
-        } else if self.up.macs.is_some() {
+        } else if self.up.lanes.first().is_some_and(|l| l.macs.is_some()) {
             FRAME_MAC_LEN as u32
         } else {
             0
@@ -293,36 +363,37 @@ impl Session<'_> {
     /// Receives the next piece of chunk `seq`'s payload into `slot` after `got` bytes.
     pub(super) fn recv_piece(
         &mut self,
+        lane: usize,
         slot: SlotId,
         seq: u64,
         digest: u128,
         got: u32,
         len: u32,
     ) -> std::io::Result<()> {
-        let piece = if self.down.cut.back().is_some_and(|c| c.seq == seq) { self.cfg.piece_bytes } else { 0 };
+        let piece = if self.down.cut.iter().any(|c| c.seq == seq) { self.cfg.piece_bytes } else { 0 };
         let want = if piece == 0 { len - got } else { piece.min(len - got) };
         // The payload receive completes before the slot goes to the machine, and pieces already
         // queued downstream lie before `got`.
         let buf = Buf::Slot { id: slot, off: HEADER_LEN + got as usize, len: want };
-        self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, self.up.fd.expect("upstream"), buf)?;
-        self.up.recv = UpRecv::Payload(PayloadRecv { slot, seq, digest, got, want });
+        self.pool.submit(&mut self.io, token(T_UP_RECV, lane as u64), OpKind::Recv, self.up.lanes[lane].fd, buf)?;
+        self.up.lanes[lane].recv = UpRecv::Payload(PayloadRecv { slot, seq, digest, got, want });
         Ok(())
     }
 
-    pub(super) fn up_recv_done(&mut self, result: std::io::Result<usize>) {
+    pub(super) fn up_recv_done(&mut self, lane: usize, result: std::io::Result<usize>) {
         if self.end.is_some() {
             if let UpRecv::Header(slot) | UpRecv::Payload(PayloadRecv { slot, .. }) | UpRecv::Trailer(slot) =
-                self.up.recv
+                self.up.lanes[lane].recv
             {
                 self.pool.release(slot);
             }
-            self.up.recv = UpRecv::Done;
+            self.up.lanes[lane].recv = UpRecv::Done;
             return;
         }
-        match (self.up.recv, result) {
+        match (self.up.lanes[lane].recv, result) {
             (UpRecv::Watch, res) => {
                 // Nothing but the socket's end may come here on an RDMA hop.
-                self.up.recv = UpRecv::Done;
+                self.up.lanes[lane].recv = UpRecv::Done;
                 match res {
                     Ok(0) if self.up.end_received => {}
                     Ok(0) => self.upstream_lost("upstream closed the connection before END".into()),
@@ -334,23 +405,29 @@ impl Session<'_> {
                     Err(e) => self.upstream_lost(format!("upstream connection failed: {e}")),
                 }
             }
-            (UpRecv::Header(slot), Ok(n)) if n == HEADER_LEN => self.up_header_done(slot),
-            (UpRecv::Payload(p), Ok(n)) if n == p.want as usize => self.up_payload_done(p),
+            (UpRecv::Header(slot), Ok(n)) if n == HEADER_LEN => self.up_header_done(lane, slot),
+            (UpRecv::Header(slot), _) if lane > 0 && self.up.end_received => {
+                // A further lane closing once END was acted on: nothing more was to come on it.
+                self.pool.release(slot);
+                self.up.lanes[lane].recv = UpRecv::Done;
+            }
+            (UpRecv::Payload(p), Ok(n)) if n == p.want as usize => self.up_payload_done(lane, p),
             (UpRecv::Payload(p), Ok(_)) => {
                 self.pool.release(p.slot);
-                self.up.recv = UpRecv::Done;
+                self.up.lanes[lane].recv = UpRecv::Done;
                 self.upstream_lost(format!("upstream closed the connection in the middle of chunk {}", p.seq));
             }
             (UpRecv::Trailer(slot), Ok(n)) if n == FRAME_MAC_LEN => {
-                self.up.recv = UpRecv::Done;
+                self.up.lanes[lane].recv = UpRecv::Done;
                 let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
-                let ok = self.up.macs.as_mut().expect("a trailer only on authenticated hops").verify(
-                    &self.up.header,
+                let header = self.up.lanes[lane].header;
+                let ok = self.up.lanes[lane].macs.as_mut().expect("a trailer only on authenticated hops").verify(
+                    &header,
                     &[],
                     mac,
                 );
                 self.pool.release(slot);
-                match Header::decode(&self.up.header) {
+                match Header::decode(&self.up.lanes[lane].header) {
                     Ok(h) if ok.is_ok() => self.frame_after_chunks(h),
                     Ok(h) => self.abort(unauthentic_frame(h.kind)),
                     Err(e) => self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}"))),
@@ -358,7 +435,7 @@ impl Session<'_> {
             }
             (UpRecv::Header(slot) | UpRecv::Payload(PayloadRecv { slot, .. }) | UpRecv::Trailer(slot), res) => {
                 self.pool.release(slot);
-                self.up.recv = UpRecv::Done;
+                self.up.lanes[lane].recv = UpRecv::Done;
                 let why = match res {
                     Ok(_) => "upstream closed the connection before END".to_owned(),
                     Err(e) => format!("upstream connection failed: {e}"),
@@ -370,20 +447,20 @@ impl Session<'_> {
     }
 
     /// Gives up on the upstream receive into `slot` (its submission failed).
-    fn up_recv_failed(&mut self, slot: SlotId, e: &std::io::Error) {
+    fn up_recv_failed(&mut self, lane: usize, slot: SlotId, e: &std::io::Error) {
         self.pool.release(slot);
-        self.up.recv = UpRecv::Done;
+        self.up.lanes[lane].recv = UpRecv::Done;
         self.abort(NodeError::io("submitting a receive", e));
     }
 
     /// A frame header landed in `slot`: a chunk's (receive its payload next), or END's.
-    fn up_header_done(&mut self, slot: SlotId) {
+    fn up_header_done(&mut self, lane: usize, slot: SlotId) {
         let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         match Header::decode(&bytes) {
             Ok(h) if h.kind == Kind::Chunk => {
-                if let Err((kind, message)) = self.check_chunk_header(&h) {
+                if let Err((kind, message)) = self.check_chunk_header(lane, &h) {
                     self.pool.release(slot);
-                    self.up.recv = UpRecv::Done;
+                    self.up.lanes[lane].recv = UpRecv::Done;
                     self.abort(NodeError::new(kind, message));
                     return;
                 }
@@ -396,33 +473,41 @@ impl Session<'_> {
                     let header = self.pool.slot_mut(slot, 0, HEADER_LEN);
                     header[HEADER_LEN - 1] ^= 1;
                 }
-                self.up.header = bytes;
+                self.up.lanes[lane].header = bytes;
                 if self.cuts_through(&h) {
-                    self.down.cut.push_back(CutThrough { seq: h.seq, pending: 0, complete: false, asked: false });
+                    let dn = lane % self.down.lanes.len().max(1);
+                    self.down.cut.push_back(CutThrough {
+                        seq: h.seq,
+                        pending: 0,
+                        complete: false,
+                        asked: false,
+                        lane: dn,
+                    });
+                    self.down.lanes[dn].count_chunk(self.metrics.as_ref(), dn);
                 }
                 let wire_len = h.len + self.tag_len();
-                if let Err(e) = self.recv_piece(slot, h.seq, h.digest, 0, wire_len) {
-                    self.up_recv_failed(slot, &e);
+                if let Err(e) = self.recv_piece(lane, slot, h.seq, h.digest, 0, wire_len) {
+                    self.up_recv_failed(lane, slot, &e);
                 }
             }
-            Ok(_) if self.up.macs.is_some() => {
+            Ok(_) if self.up.lanes[lane].macs.is_some() => {
                 // Its MAC follows: taken into the same slot, after the header.
-                self.up.header = bytes;
-                let fd = self.up.fd.expect("replica has upstream");
+                self.up.lanes[lane].header = bytes;
+                let fd = self.up.lanes[lane].fd;
                 let buf = Buf::Slot { id: slot, off: HEADER_LEN, len: FRAME_MAC_LEN as u32 };
-                match self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf) {
-                    Ok(()) => self.up.recv = UpRecv::Trailer(slot),
-                    Err(e) => self.up_recv_failed(slot, &e),
+                match self.pool.submit(&mut self.io, token(T_UP_RECV, lane as u64), OpKind::Recv, fd, buf) {
+                    Ok(()) => self.up.lanes[lane].recv = UpRecv::Trailer(slot),
+                    Err(e) => self.up_recv_failed(lane, slot, &e),
                 }
             }
             Ok(h) => {
                 self.pool.release(slot);
-                self.up.recv = UpRecv::Done;
+                self.up.lanes[lane].recv = UpRecv::Done;
                 self.frame_after_chunks(h);
             }
             Err(e) => {
                 self.pool.release(slot);
-                self.up.recv = UpRecv::Done;
+                self.up.lanes[lane].recv = UpRecv::Done;
                 self.abort(NodeError::new(ErrorKind::Protocol, format!("bad frame from upstream: {e}")));
             }
         }
@@ -435,71 +520,92 @@ impl Session<'_> {
     /// granted slot takes whole frames), not from or onto an encrypted hop (a chunk is opened,
     /// or sealed, whole), and only for a non-empty chunk the route sends onward.
     fn cuts_through(&self, h: &Header) -> bool {
+        // With several lanes an empty chunk is cut through too (its header alone), so that each
+        // lane downstream carries its chunks in the order they came on it.
+        let several = self.up.lanes.len() > 1;
         self.cfg.piece_bytes > 0
             && !self.down.closed
             && self.down.rdma.is_none()
             && self.up.open.is_none()
             && self.down.seal.is_none()
-            && h.len > 0
+            && (h.len > 0 || several)
             && self.route.onward(h.seq)
     }
 
     /// The receive of `p` completed whole: queue what arrived downstream when the chunk is cut
     /// through, then receive the rest, or check the whole chunk.
-    fn up_payload_done(&mut self, p: PayloadRecv) {
+    fn up_payload_done(&mut self, lane: usize, p: PayloadRecv) {
         let PayloadRecv { slot, seq, digest: announced, got, want } = p;
         // The frame's payload length as its header announced it (shorter than the chunk when
         // compressed).
-        let frame_len = u32::from_le_bytes(self.up.header[8..12].try_into().expect("4 bytes"));
-        let cutting = self.down.cut.back().is_some_and(|c| c.seq == seq);
+        let frame_len = u32::from_le_bytes(self.up.lanes[lane].header[8..12].try_into().expect("4 bytes"));
+        let cut = self.down.cut.iter().position(|c| c.seq == seq);
         let now = got + want;
         let wire_len = frame_len + self.tag_len();
         // Payload bytes of this receive (not the MAC after them, which is this hop's).
         let payload_end = now.min(frame_len);
-        if cutting && !self.down.closed && payload_end > got {
+        // An empty chunk (several lanes only) goes as its header alone.
+        if let Some(ci) = cut
+            && !self.down.closed
+            && (payload_end > got || (got == 0 && frame_len == 0))
+        {
             // The first piece carries the chunk's header, exactly as it arrived.
             let (off, len) = if got == 0 {
                 (0, HEADER_LEN as u32 + payload_end)
             } else {
                 (HEADER_LEN as u32 + got, payload_end - got)
             };
-            self.down.queue.push_back(DnItem::Piece { seq, slot, off, len });
-            let ct = self.down.cut.back_mut().expect("cutting");
+            let dn = self.down.cut[ci].lane;
+            self.down.lanes[dn].queue.push_back(DnItem::Piece { seq, slot, off, len });
+            let macs_down = self.down.lanes[dn].macs.is_some();
+            let ct = &mut self.down.cut[ci];
             ct.pending += 1;
             // Authenticated downstream: complete once its MAC is queued (below).
-            ct.complete = payload_end == frame_len && self.down.macs.is_none();
+            ct.complete = payload_end == frame_len && !macs_down;
         }
         if now < wire_len {
-            if let Err(e) = self.recv_piece(slot, seq, announced, now, wire_len) {
-                self.up.recv = UpRecv::Done;
+            if let Err(e) = self.recv_piece(lane, slot, seq, announced, now, wire_len) {
+                self.up.lanes[lane].recv = UpRecv::Done;
                 self.abort(NodeError::io("submitting a receive", &e));
             }
             return;
         }
-        self.up.recv = UpRecv::Idle;
-        if let Err(error) = self.authenticate_chunk(slot, seq, frame_len, wire_len) {
+        self.up.lanes[lane].recv = UpRecv::Idle;
+        if let Err(error) = self.authenticate_chunk(lane, slot, seq, frame_len, wire_len) {
             self.pool.release(slot);
-            self.up.recv = UpRecv::Done;
+            self.up.lanes[lane].recv = UpRecv::Done;
             return self.abort(error);
         }
-        if cutting && !self.down.closed && self.down.macs.is_some() {
+        if let Some(ci) = self.down.cut.iter().position(|c| c.seq == seq)
+            && !self.down.closed
+            && self.down.lanes[self.down.cut[ci].lane].macs.is_some()
+        {
             // Only now, the chunk's header authentic, does this node vouch for it downstream:
             // its own MAC goes last (made when sent, in send order).
             let off = HEADER_LEN as u32 + frame_len;
-            self.down.queue.push_back(DnItem::Piece { seq, slot, off, len: FRAME_MAC_LEN as u32 });
-            let ct = self.down.cut.back_mut().expect("cutting");
+            let dn = self.down.cut[ci].lane;
+            self.down.lanes[dn].queue.push_back(DnItem::Piece { seq, slot, off, len: FRAME_MAC_LEN as u32 });
+            let ct = &mut self.down.cut[ci];
             ct.pending += 1;
             ct.complete = true;
         }
-        self.chunk_arrived(slot, seq, announced);
+        self.chunk_arrived(lane, slot, seq, announced);
     }
 
     /// A whole chunk frame from an encrypted hop is opened in place; one from an authenticated
     /// hop has its MAC checked. Err: it does not authenticate.
-    fn authenticate_chunk(&mut self, slot: SlotId, seq: u64, len: u32, wire_len: u32) -> Result<(), NodeError> {
+    fn authenticate_chunk(
+        &mut self,
+        lane: usize,
+        slot: SlotId,
+        seq: u64,
+        len: u32,
+        wire_len: u32,
+    ) -> Result<(), NodeError> {
+        let header = self.up.lanes[lane].header;
         if let Some(open) = self.up.open.as_mut() {
             let sealed = self.pool.slot_mut(slot, HEADER_LEN, wire_len as usize);
-            if open.open(&self.up.header, sealed).is_err() {
+            if open.open(&header, sealed).is_err() {
                 return Err(NodeError::new(
                     ErrorKind::Unauthorized,
                     format!(
@@ -508,10 +614,10 @@ impl Session<'_> {
                     ),
                 ));
             }
-        } else if let Some(m) = self.up.macs.as_mut() {
+        } else if let Some(m) = self.up.lanes[lane].macs.as_mut() {
             // The frame's MAC follows the payload.
             let mac = self.pool.slot(slot, HEADER_LEN + len as usize, FRAME_MAC_LEN);
-            if m.verify(&self.up.header, &[], mac).is_err() {
+            if m.verify(&header, &[], mac).is_err() {
                 return Err(unauthentic_chunk(seq));
             }
         }

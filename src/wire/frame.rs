@@ -52,11 +52,61 @@ pub enum Kind {
     Credit = 11,
     /// Authentication with the cluster key (see `auth.rs`): the first frames of a connection.
     Auth = 12,
+    /// A further lane of a push's hop (`push --lanes R`): the first frame after the lane
+    /// connection's authentication; payload: [`LaneJoin`] under the connection's MAC.
+    Lane = 13,
 }
 
 /// Largest ACCEPT payload: a routed push's held-chunk ranges (16 bytes a range; at worst every
 /// other chunk of a large push on each node).
 pub const MAX_HAVES: u32 = 64 << 20;
+/// Largest LANE payload: the token, the lane index, and a MAC.
+pub const MAX_LANE: u32 = 64;
+/// Bytes of the token a replica gives in ACCEPT for the lanes of a push.
+pub const LANE_TOKEN_LEN: usize = 16;
+/// The most lanes a hop may have.
+pub const MAX_LANES: u8 = 16;
+
+/// LANE's payload: which push (the token its ACCEPT gave) and which lane (1..R) this
+/// connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneJoin {
+    /// The random token of the push, from the downstream node's ACCEPT.
+    pub token: [u8; LANE_TOKEN_LEN],
+    /// The lane's index, 1..R (lane 0 is the hop's first connection).
+    pub lane: u8,
+}
+
+impl LaneJoin {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.token.to_vec();
+        b.push(self.lane);
+        b
+    }
+
+    /// Decodes the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        if b.len() != LANE_TOKEN_LEN + 1 {
+            return Err(WireError::Invalid(format!("LANE payload of {} bytes", b.len())));
+        }
+        let token = b[..LANE_TOKEN_LEN].try_into().expect("checked length");
+        Ok(Self { token, lane: b[LANE_TOKEN_LEN] })
+    }
+}
+
+/// Splits the lane token off the end of an ACCEPT's payload (a push of `lanes` > 1 carries
+/// one). None when it is too short to hold one.
+pub fn split_lane_token(mut payload: Vec<u8>, lanes: u8) -> Option<(Vec<u8>, Option<[u8; LANE_TOKEN_LEN]>)> {
+    if lanes <= 1 {
+        return Some((payload, None));
+    }
+    let at = payload.len().checked_sub(LANE_TOKEN_LEN)?;
+    let token = payload[at..].try_into().expect("token-sized");
+    payload.truncate(at);
+    Some((payload, Some(token)))
+}
+
 /// Largest TRANSPORT payload (an answer granting every slot of a pool: 8 bytes a credit).
 pub const MAX_TRANSPORT: u32 = 1 << 20;
 /// The largest CREDIT payload (every slot of a pool with its key, slot and key 6 bytes).
@@ -78,6 +128,7 @@ impl Kind {
             10 => Self::Transport,
             11 => Self::Credit,
             12 => Self::Auth,
+            13 => Self::Lane,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -97,6 +148,7 @@ impl Kind {
             Self::Transport => "TRANSPORT",
             Self::Credit => "CREDIT",
             Self::Auth => "AUTH",
+            Self::Lane => "LANE",
         }
     }
 
@@ -111,6 +163,7 @@ impl Kind {
             Self::Credit => MAX_CREDIT,
             Self::Accept => MAX_HAVES,
             Self::Auth => 1024,
+            Self::Lane => MAX_LANE,
             Self::End | Self::Ack | Self::StatusReq => 0,
         }
     }

@@ -21,7 +21,10 @@ impl HelloFlags {
     /// them as they are, and every replica decompresses and checks the digest before writing.
     /// A replica without it refuses the HELLO, so an old one says so before any chunk moves.
     pub const COMPRESS: u8 = 4;
-    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT | Self::COMPRESS;
+    /// Every hop of the push opens more than one lane (`push --lanes R`): the lane count
+    /// follows the grant. Without it a hop is one connection, as before.
+    pub const LANES: u8 = 8;
+    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT | Self::COMPRESS | Self::LANES;
 
     /// From the wire byte; unknown bits are refused (a newer primary asks for something this
     /// replica cannot do).
@@ -89,6 +92,9 @@ pub struct Hello {
     /// the receiver put on it (protocol 5). Every node narrows them with its own rules, never
     /// widens them.
     pub grant: Grant,
+    /// Lanes per hop (1: one connection; more: `HelloFlags::LANES` is set and the count
+    /// travels after the grant).
+    pub lanes: u8,
 }
 
 /// On whose behalf a push travels, and what it may do (HELLO, protocol 5).
@@ -224,6 +230,9 @@ impl Hello {
         }
         // Protocol 5: the grant, after every fixed field (the manifest takes the rest).
         self.grant.encode(&mut e);
+        if self.flags.has(HelloFlags::LANES) {
+            e.u8(self.lanes);
+        }
         let manifest = if self.wants.is_empty() { self.manifest.encode_plan() } else { self.manifest.encode() };
         e.0.extend_from_slice(&manifest);
         e.0
@@ -278,6 +287,10 @@ impl Hello {
             });
         }
         let grant = Grant::decode(&mut d).map_err(bad)?;
+        let lanes = if flags.has(HelloFlags::LANES) { d.u8("lanes").map_err(bad)? } else { 1 };
+        if lanes == 0 || lanes > super::MAX_LANES {
+            return Err(NodeError::new(ErrorKind::Protocol, format!("bad HELLO: {lanes} lanes per hop")));
+        }
         let rest = &buf[buf.len() - d.remaining()..];
         let manifest = if wants.is_empty() { Manifest::decode_plan(rest) } else { Manifest::decode(rest) }
             .map_err(|e| NodeError::new(ErrorKind::BadManifest, e.to_string()))?;
@@ -288,7 +301,7 @@ impl Hello {
                 format!("a wanted entry ({i}) is past the manifest's {entries} entries"),
             ));
         }
-        Ok(Self { name, version, mode, transport, keep, flags, you, downstream, manifest, wants, grant })
+        Ok(Self { name, version, mode, transport, keep, flags, you, downstream, manifest, wants, grant, lanes })
     }
 }
 

@@ -84,8 +84,13 @@ mod tests {
                 manifest: m.clone(),
                 wants: Vec::new(),
                 grant,
+                lanes: 1,
             };
             assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+            // Several lanes: the flag and the count travel; one lane encodes as it always did.
+            let laned = Hello { flags: HelloFlags::default().with(HelloFlags::LANES, true), lanes: 3, ..h.clone() };
+            assert_eq!(Hello::decode(&laned.encode()).unwrap(), laned);
+            assert_eq!(laned.encode().len(), h.encode().len() + 1);
         }
     }
 

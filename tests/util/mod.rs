@@ -1078,6 +1078,7 @@ pub fn plain_hello(
         manifest,
         wants: Vec::new(),
         grant: Default::default(),
+        lanes: 1,
     }
 }
 

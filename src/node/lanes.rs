@@ -1,0 +1,129 @@
+//! The further lanes of a hop (`push --lanes R`), as the replica's control plane sees them.
+//!
+//! A push of R lanes opens its hop's first connection as ever (HELLO, ACCEPT); the downstream
+//! node's ACCEPT then ends with a random token. The upstream node dials R - 1 more connections,
+//! each authenticated like the first (its own key handshake or TLS, so its own secret and frame
+//! MACs), whose first frame is LANE {token, lane index}. The serve loop hands such a connection
+//! to the push waiting under that token ([`LaneTable::join`]); a LANE with an unknown token, or
+//! from a peer that authenticated with another key than the push's, is refused.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{ErrorKind, NodeError};
+use crate::hop::Hop;
+use crate::wire::{LANE_TOKEN_LEN, LaneJoin};
+
+/// A lane token.
+pub(crate) type Token = [u8; LANE_TOKEN_LEN];
+
+/// A push waiting for its lanes: who may join it, and where the lanes go.
+#[derive(Debug)]
+struct Waiting {
+    /// The key (or certificate) id the push's first connection authenticated with.
+    peer_id: Option<String>,
+    tx: Sender<(u8, Hop)>,
+}
+
+/// The pushes on this node waiting for lanes, by token.
+#[derive(Debug, Default)]
+pub(crate) struct LaneTable(Mutex<HashMap<Token, Waiting>>);
+
+/// A push's registration in the [`LaneTable`]: its token and the lanes that joined; removed
+/// from the table when dropped.
+#[derive(Debug)]
+pub(crate) struct LaneWait {
+    table: Arc<LaneTable>,
+    pub(crate) token: Token,
+    rx: Receiver<(u8, Hop)>,
+}
+
+impl Drop for LaneWait {
+    fn drop(&mut self) {
+        self.table.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.token);
+    }
+}
+
+impl LaneTable {
+    /// Registers a push whose first connection authenticated as `peer_id`, under a fresh
+    /// random token.
+    pub(crate) fn register(self: &Arc<Self>, peer_id: Option<String>) -> Result<LaneWait, NodeError> {
+        let mut token = [0u8; LANE_TOKEN_LEN];
+        getrandom::fill(&mut token)
+            .map_err(|e| NodeError::new(ErrorKind::Io, format!("no randomness for a lane token: {e}")))?;
+        let (tx, rx) = channel();
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(token, Waiting { peer_id, tx });
+        Ok(LaneWait { table: Arc::clone(self), token, rx })
+    }
+
+    /// Hands the lane connection `hop` (its LANE said `join`) to the push waiting for it, after
+    /// telling the peer it joined. Err: why it was refused (the hop back, to answer on).
+    pub(crate) fn join(&self, join: LaneJoin, mut hop: Hop) -> Result<(), (Hop, NodeError)> {
+        let refuse = |why: &str| NodeError::new(ErrorKind::Unauthorized, why.to_owned());
+        let tx = {
+            let table = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match table.get(&join.token) {
+                None => return Err((hop, refuse("LANE names no push waiting for lanes here"))),
+                Some(w) if w.peer_id != hop.peer_id => {
+                    return Err((hop, refuse("LANE from a peer that authenticated otherwise than the push")));
+                }
+                Some(w) => w.tx.clone(),
+            }
+        };
+        if let Err(e) = hop.accept_lane() {
+            tracing::debug!("lane {} went away before it joined: {e}", join.lane);
+            return Ok(());
+        }
+        // A push that stopped waiting drops the lane (its peer sees the connection close).
+        let _ = tx.send((join.lane, hop));
+        Ok(())
+    }
+}
+
+impl LaneWait {
+    /// Waits until `lanes - 1` further lanes joined (by `deadline`), and returns them in lane
+    /// order (lane 1 first).
+    pub(crate) fn collect(&self, lanes: u8, deadline: Instant) -> Result<Vec<Hop>, NodeError> {
+        let mut got: Vec<Option<Hop>> = (1..lanes).map(|_| None).collect();
+        while got.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let (k, hop) = self.rx.recv_timeout(left).map_err(|_| {
+                let missing = got.iter().filter(|h| h.is_none()).count();
+                NodeError::new(ErrorKind::Stalled, format!("{missing} of {} lanes from upstream never came", lanes - 1))
+            })?;
+            match got.get_mut(usize::from(k).wrapping_sub(1)) {
+                Some(slot @ None) => *slot = Some(hop),
+                _ => {
+                    return Err(NodeError::new(
+                        ErrorKind::Protocol,
+                        format!("upstream opened lane {k} of a hop of {lanes} lanes, or opened it twice"),
+                    ));
+                }
+            }
+        }
+        Ok(got.into_iter().flatten().collect())
+    }
+}
+
+/// The `--lanes R` limits every node checks: more than one lane means TCP lanes without
+/// encryption (an encrypted lane would need keys and a sealing buffer of its own; RDMA lanes
+/// would need a queue pair each), so such a push is refused rather than run otherwise.
+pub(crate) fn check_lanes(lanes: u8, encrypt: bool, rdma_only: bool) -> Result<(), NodeError> {
+    if lanes > 1 && encrypt {
+        return Err(NodeError::new(
+            ErrorKind::Unsupported,
+            "--lanes above 1 with --encrypt is not supported yet: each lane needs its own keys; push with \
+             --lanes 1 to encrypt",
+        ));
+    }
+    if lanes > 1 && rdma_only {
+        return Err(NodeError::new(
+            ErrorKind::Unsupported,
+            "--lanes above 1 runs TCP lanes only (RDMA lanes, a queue pair each, are not built yet): use \
+             --transport tcp or auto with --lanes",
+        ));
+    }
+    Ok(())
+}

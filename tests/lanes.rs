@@ -1,0 +1,207 @@
+//! `push --lanes R`: every hop of the chain is R TCP connections. Real `shardcast serve`
+//! processes; the lanes' balance is read from `push --json` (the first hop) and each server's
+//! `shardcast_lane_chunks_total` metrics (every hop).
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use shardcast::wire::{self, Kind, LaneJoin};
+use util::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Chunks server `maddr` counted on lane `lane` in `direction` (in, out).
+fn lane_chunks(maddr: &str, direction: &str, lane: usize) -> u64 {
+    metric_sum(maddr, &format!("shardcast_lane_chunks_total{{direction=\"{direction}\",lane=\"{lane}\"}}"))
+}
+
+/// A source with a large file, small ones and an empty one (an empty chunk on some lane).
+fn source(seed: u64) -> tempfile::TempDir {
+    let src = tempdir();
+    make_small_tree(src.path(), seed);
+    write_random_file(&src.path().join("big.bin"), 48 * MIB + 12_345, seed + 10);
+    src
+}
+
+fn push_through_three(lanes: usize) {
+    let c = Cluster::builder().serve_arg("--metrics").serve_arg("127.0.0.1:0").start(3);
+    let src = source(lanes as u64);
+    let lanes_arg = lanes.to_string();
+    let out = c.push(src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", &lanes_arg]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+    let report = parse_json(&out);
+    let first: Vec<u64> = report["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(first.len(), lanes, "one count per lane: {report}");
+    assert!(first.iter().all(|&n| n > 0), "a lane of the first hop carried nothing: {first:?}");
+    let total: u64 = first.iter().sum();
+    assert_eq!(total, report["chunks"].as_u64().unwrap(), "every chunk went on exactly one lane");
+    for i in 0..3 {
+        let m = metrics_addr(&c.log(i));
+        let inbound: Vec<u64> = (0..lanes).map(|k| lane_chunks(&m, "in", k)).collect();
+        assert!(inbound.iter().all(|&n| n > 0), "server {i}: a lane in carried nothing: {inbound:?}");
+        assert_eq!(inbound.iter().sum::<u64>(), total, "server {i}: chunks in over its lanes");
+        if i < 2 {
+            let out: Vec<u64> = (0..lanes).map(|k| lane_chunks(&m, "out", k)).collect();
+            // A relay forwards on lane k what came on lane k.
+            assert_eq!(out, inbound, "server {i}: lanes out differ from lanes in");
+        }
+    }
+}
+
+#[test]
+fn two_lanes_through_a_chain_of_three_publish_identical_bytes_and_every_lane_carries_chunks() {
+    push_through_three(2);
+}
+
+#[test]
+fn three_lanes_through_a_chain_of_three_publish_identical_bytes_and_every_lane_carries_chunks() {
+    push_through_three(3);
+}
+
+/// A cluster key file (mode 0600) in `dir`.
+fn key_file(dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("cluster.key");
+    std::fs::write(&p, "correct-horse-battery-staple-0123456789abcdef").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn two_lanes_with_a_cluster_key_authenticate_each_lane_and_publish_identical_bytes() {
+    let key = tempdir();
+    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", &key_file(key.path())).start(2);
+    let src = source(7);
+    let out = c.push(src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+}
+
+#[test]
+fn lanes_with_encrypt_are_refused_with_what_is_missing() {
+    let key = tempdir();
+    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", &key_file(key.path())).start(1);
+    let src = source(3);
+    let out = c.push(src.path(), "ck", 1, &["--lanes", "2", "--encrypt"]);
+    assert_ne!(code(&out), 0, "{}", show_output(&out));
+    let all = all_output(&out);
+    assert!(all.contains("--encrypt") && all.contains("own keys"), "{all}");
+    assert!(!c.root(0).join("ck").exists(), "the refused push published");
+}
+
+#[test]
+fn a_lane_with_a_wrong_token_is_refused_and_the_push_goes_on() {
+    let c = Cluster::start(2);
+    let src = source(5);
+    let mut push = Running::spawn(&mut c.push_cmd(
+        &c.addrs(),
+        src.path(),
+        "ck",
+        1,
+        &["--chunk-size", "1M", "--json", "--lanes", "2"],
+    ));
+    // A LANE naming no push (a guessed token), while the push runs, at both replicas.
+    for i in 0..2 {
+        let mut s = TcpStream::connect(c.addr(i)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let join = LaneJoin { token: [0x5a; wire::LANE_TOKEN_LEN], lane: 1 };
+        wire::write_frame(&mut s, Kind::Lane, 0, &join.encode()).unwrap();
+        let f = wire::read_frame(&mut s).unwrap_or_else(|e| panic!("no answer to LANE: {e}\n{}", c.logs()));
+        assert_eq!(f.header.kind, Kind::Reject, "LANE with a wrong token got {}", f.header.kind.name());
+        let reports = wire::decode_reports(&f.payload).unwrap();
+        let why = format!("{:?}", reports[0].outcome);
+        assert!(why.contains("Unauthorized") && why.contains("no push waiting"), "{why}");
+    }
+    assert!(push.wait_timeout(Duration::from_secs(120)).is_some(), "push hangs\n{}", c.logs());
+    let out = push.finish(Duration::from_secs(5));
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+}
+
+/// A proxy to `target` that cuts its `victim`th connection (0: the first) after `after` bytes
+/// from the client: both directions are shut down. Returns its address and whether it cut.
+fn cutting_proxy(target: String, victim: usize, after: u64) -> (String, Arc<AtomicBool>) {
+    slow_or_cutting_proxy(target, victim, after, Duration::ZERO)
+}
+
+/// [`cutting_proxy`], and the victim's bytes from the client pass in 64 KiB pieces with
+/// `pause` after each (a slow lane).
+fn slow_or_cutting_proxy(target: String, victim: usize, after: u64, pause: Duration) -> (String, Arc<AtomicBool>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = Arc::clone(&cut);
+    let addr = proxy(target, move |_, client, server| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        let limit = if n == victim { after } else { u64::MAX };
+        let pause = if n == victim { pause } else { Duration::ZERO };
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        // Back from the server: as it comes.
+        std::thread::spawn(move || {
+            let (mut from, mut to) = (s2, c2);
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+        let cut = Arc::clone(&cut2);
+        std::thread::spawn(move || {
+            let (mut from, mut to) = (client, server);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut passed = 0u64;
+            loop {
+                let want = buf.len().min((limit - passed).min(buf.len() as u64) as usize);
+                let got = match from.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => k,
+                };
+                if to.write_all(&buf[..got]).is_err() {
+                    break;
+                }
+                passed += got as u64;
+                std::thread::sleep(pause);
+                if passed >= limit {
+                    cut.store(true, Ordering::SeqCst);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    });
+    (addr, cut)
+}
+
+#[test]
+fn a_lane_cut_mid_push_fails_its_hop_and_the_repair_leaves_every_replica_identical() {
+    let c = Cluster::start(3);
+    let src = source(9);
+    // The hop to the middle replica: its second connection (lane 1 of the first attempt) is
+    // cut after 6 MiB.
+    let (middle, cut) = cutting_proxy(c.addr(1), 1, 6 * MIB);
+    let to = format!("{},{},{}", c.addr(0), middle, c.addr(2));
+    let out = c.push_to(&to, src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
+    assert!(cut.load(Ordering::SeqCst), "the proxy never cut the lane\n{}", show_output(&out));
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+}
+
+#[test]
+fn the_primary_gives_a_slow_lane_fewer_chunks() {
+    let c = Cluster::start(1);
+    let src = tempdir();
+    write_random_file(&src.path().join("big.bin"), 32 * MIB, 21);
+    // Lane 1 (the proxy's second connection) passes ~6 MB/s; lane 0 runs at loopback speed.
+    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(10));
+    let out = c.push_to(&slow, src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+    let report = parse_json(&out);
+    let lanes: Vec<u64> = report["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    // Round robin would give each lane 16 of the 32 chunks.
+    assert!(lanes[1] * 3 < lanes[0], "the slow lane was not given fewer chunks: {lanes:?}");
+}
