@@ -38,7 +38,12 @@ impl Session<'_> {
     /// after coding them in place when the push compresses and they shrink.
     pub(super) fn stamp_chunk(&mut self, slot: SlotId, h: Header) {
         let mut header = h.to_bytes();
-        let backlog = self.down.queue.len() + usize::from(self.down.sending.is_some());
+        // Frames waiting for the first hop, the sends in flight included; with several lanes
+        // each lane but one has its own send in flight before anything waits.
+        let lanes = &self.down.lanes;
+        let waiting = self.down.shared.len()
+            + lanes.iter().map(|l| l.queue.len() + usize::from(l.sending.is_some())).sum::<usize>();
+        let backlog = waiting.saturating_sub(lanes.len().saturating_sub(1));
         if let Some(enc) = self.codec.enc.as_mut() {
             enc.first_hop_backlog(backlog);
             // The read into the slot completed; nothing else touches it yet.

@@ -234,8 +234,11 @@ impl Session<'_> {
                         // A send's duration says how fast the link drains only while the socket
                         // buffer stays full; the kernel's delivery rate (from the ACKs) says it
                         // always, so it wins where there is one.
-                        match self.down.fd.and_then(crate::sys::tcpinfo::tcp_stats) {
-                            Some(s) if s.delivery_rate > 0 => enc.link_delivery_rate(s.delivery_rate),
+                        // Lanes share the link alike (the primary balances them): this lane's
+                        // rate times their number.
+                        let lanes = self.down.lanes.len() as u64;
+                        match crate::sys::tcpinfo::tcp_stats(self.down.lanes[lane].fd) {
+                            Some(s) if s.delivery_rate > 0 => enc.link_delivery_rate(s.delivery_rate * lanes),
                             _ => enc.link_sent(t.elapsed(), n),
                         }
                     }
