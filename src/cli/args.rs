@@ -259,6 +259,15 @@ pub(crate) struct PushArgs {
     /// zstd level (1 fastest ... 19; default 3).
     #[arg(long, env = "SHARDCAST_PUSH_COMPRESS_LEVEL", value_parser = clap::value_parser!(i32).range(1..=19))]
     pub(crate) compress_level: Option<i32>,
+    /// Send chunks as XOR deltas against the replicas' current version of NAME where they hold
+    /// the same bytes as --delta-base at the same path and chunk index (zstd of the XOR; the
+    /// rest whole). Implies --incremental. Needs --delta-base.
+    #[arg(long, requires = "delta_base", env = "SHARDCAST_PUSH_DELTA")]
+    pub(crate) delta: bool,
+    /// The previous version of SOURCE on this host (a directory, or a file of the same name),
+    /// laid out like it: the base of --delta.
+    #[arg(long, requires = "delta", env = "SHARDCAST_PUSH_DELTA_BASE")]
+    pub(crate) delta_base: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long, env = "SHARDCAST_PUSH_JSON")]
     pub(crate) json: bool,
@@ -303,6 +312,10 @@ pub(crate) struct MirrorArgs {
     /// Compress chunks (as `push --compress`: auto, off, zstd, zstd-grouped).
     #[arg(long, default_value = "off", env = "SHARDCAST_MIRROR_COMPRESS")]
     pub(crate) compress: shardcast::compress::Compress,
+    /// Send each checkpoint as XOR deltas against the previous one mirrored (still in --watch:
+    /// as `push --delta --delta-base PREVIOUS`; implies --incremental).
+    #[arg(long, env = "SHARDCAST_MIRROR_DELTA")]
+    pub(crate) delta: bool,
 }
 
 // `shardcast stage`: its flags (the variant of [`Cmd`] documents the command).

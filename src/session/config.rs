@@ -48,6 +48,9 @@ pub(super) struct Parts {
     pub(super) compress: Option<(crate::compress::Compress, Option<i32>)>,
     /// Replica: upstream may send compressed chunks.
     pub(super) decompress: bool,
+    /// A delta push: on the primary, the chunks to send as XOR deltas and their bases; on a
+    /// replica, the chunks it may take as deltas and its base of each.
+    pub(super) deltas: Option<Vec<crate::store::BaseChunk>>,
 }
 
 impl Default for SessionConfig {
@@ -171,6 +174,14 @@ impl SessionConfig {
     /// Replica of a push whose chunks may come compressed (HELLO's COMPRESS flag).
     pub(crate) fn decompress(mut self, on: bool) -> Self {
         self.parts.decompress = on;
+        self
+    }
+
+    /// A delta push (`push --delta`): on the primary, the chunks it sends as XOR deltas against
+    /// their bases; on a replica (HELLO's DELTA flag), the chunks it may take as deltas and its
+    /// base of each (a delta for any other chunk it stores is refused).
+    pub(crate) fn deltas(mut self, bases: Option<Vec<crate::store::BaseChunk>>) -> Self {
+        self.parts.deltas = bases;
         self
     }
 

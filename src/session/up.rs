@@ -149,7 +149,9 @@ impl Session<'_> {
         // fit the manifest, or that does not decompress, is refused like a bad digest (its
         // pieces may be on their way downstream: the machine settles its slot).
         let checked = self.coding_fits(slot, c.len).and_then(|coding| {
-            if !self.cfg.verify && coding.is_raw() {
+            // A relay forwards a delta it does not store as it came (it may hold no base for
+            // it): the nodes that store it check it.
+            if !self.cfg.verify && coding.is_raw() || coding.is_delta() && !self.route.here(seq) {
                 return Ok(announced);
             }
             self.chunk_digest(slot, seq, coding)
