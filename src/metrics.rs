@@ -62,6 +62,8 @@ pub struct Metrics {
     pub chunks_verified: Counter,
     /// Chunks whose bytes did not match their digest.
     pub digest_failures: Counter,
+    /// Chunks received as XOR deltas (`push --delta`), applied to this node's base and checked.
+    pub delta_chunks: Counter,
     /// Pushes, by outcome at this node.
     pub pushes: Family<OutcomeLabel, Counter>,
     /// Hop throughput of finished pushes, bytes per second received.
@@ -95,6 +97,7 @@ impl Metrics {
         let wire_bytes_in = Family::<PeerLabel, Counter>::default();
         let chunks_verified = Counter::default();
         let digest_failures = Counter::default();
+        let delta_chunks = Counter::default();
         let pushes = Family::<OutcomeLabel, Counter>::default();
         // 1 MB/s .. ~137 GB/s
         let hop_throughput = Histogram::new(exponential_buckets(1e6, 2.0, 18));
@@ -114,6 +117,11 @@ impl Metrics {
         );
         registry.register("chunks_verified", "Chunks whose xxh3-128 digest checked out", chunks_verified.clone());
         registry.register("digest_failures", "Chunks whose bytes did not match their digest", digest_failures.clone());
+        registry.register(
+            "delta_chunks",
+            "Chunks received as XOR deltas, applied to this node's base and checked",
+            delta_chunks.clone(),
+        );
         registry.register("pushes", "Pushes handled by this node, by outcome here", pushes.clone());
         registry.register(
             "hop_throughput_bytes_per_second",
@@ -141,6 +149,7 @@ impl Metrics {
             wire_bytes_in,
             chunks_verified,
             digest_failures,
+            delta_chunks,
             pushes,
             hop_throughput,
             chunk_latency,
