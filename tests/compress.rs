@@ -320,3 +320,18 @@ fn a_corrupted_delta_frame_is_refused_and_sent_again() {
     c.assert_published(v2.path(), "ft", 2);
     assert!(c.log(1).contains("compressed chunk refused"), "r1 did not refuse the corrupted delta:\n{}", c.logs());
 }
+
+#[test]
+fn a_relay_forwards_deltas_it_does_not_store() {
+    // r0 already has v2's bytes as its current version (it stores none of them again and has
+    // no base for them); r1 has v1: every chunk passes r0 as a delta for r1 only, and r0 must
+    // forward it without trying to apply it.
+    let c = Cluster::start(2);
+    let (v1, v2) = two_steps(&c);
+    c.assert_push_ok(&c.push_to(&c.addr(0), v2.path(), "ft", 2, &["--chunk-size", "1M"]));
+    let out = delta_push(&c, &c.addrs(), v1.path(), v2.path(), 3);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 3);
+    assert_eq!(delta_counts(&parse_json(&out)).0, 11, "{out:?}");
+    assert!(!c.logs().contains("refused"), "a relay refused a delta it only forwards:\n{}", c.logs());
+}
