@@ -41,29 +41,16 @@ fn write_checkpoint(dir: &Path, seed: u64) {
     std::fs::write(dir.join("model.fp32.bin"), fp32).unwrap();
 }
 
-fn metrics_text(maddr: &str) -> String {
+fn metric_sum(maddr: &str, name: &str) -> u64 {
     let mut s = TcpStream::connect(maddr).expect("connect to the metrics port");
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    text
-}
-
-/// A counter summed over its labels.
-fn metric_sum(maddr: &str, name: &str) -> u64 {
-    metrics_text(maddr)
-        .lines()
+    text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
-}
-
-/// An unlabelled counter.
-fn metric_total(maddr: &str, name: &str) -> u64 {
-    let text = metrics_text(maddr);
-    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
-    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64
 }
 
 fn metrics_cluster(n: usize) -> Cluster {
@@ -259,7 +246,7 @@ fn deltas_through_three_replicas() {
     assert!(wire < raw / 20, "{wire} bytes on the wire for {raw}");
     for (i, m) in maddrs.iter().enumerate() {
         assert_eq!(metric_sum(m, "shardcast_received_wire_bytes_total") - before[i], wire, "replica {i}");
-        assert_eq!(metric_total(m, "shardcast_delta_chunks_total"), 11, "replica {i}");
+        assert_eq!(util::metric_sum(m, "shardcast_delta_chunks_total "), 11, "replica {i}");
     }
 }
 
