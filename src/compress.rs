@@ -97,6 +97,36 @@ fn group_flag(w: usize) -> u8 {
     }
 }
 
+/// Compresses a sample from the middle of `raw` (at most [`SAMPLE`] bytes) grouped by each of
+/// `widths` (1: not grouped) with `zc`: the width that came out smallest, its compressed
+/// length, and the sample's length. `grouped` and `out` are scratch space.
+fn sample_width(
+    zc: &mut zstd::bulk::Compressor<'static>,
+    raw: &[u8],
+    widths: &[usize],
+    grouped: &mut [u8],
+    out: &mut [u8],
+) -> (usize, usize, usize) {
+    let len = raw.len().min(SAMPLE) & !3;
+    let start = ((raw.len() - len) / 2) & !3;
+    let s = &raw[start..start + len];
+    let (mut best, mut best_len) = (widths[0], usize::MAX);
+    for &w in widths {
+        let input = if w == 1 {
+            s
+        } else {
+            group(s, w, &mut grouped[..len]);
+            &grouped[..len]
+        };
+        if let Ok(n) = zc.compress_to_buffer(input, out)
+            && n < best_len
+        {
+            (best, best_len) = (w, n);
+        }
+    }
+    (best, best_len, len)
+}
+
 /// What the encoder has done so far (the primary's report: raw bytes that went into coded
 /// frames, and the bytes those frames' payloads took on the wire).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -107,6 +137,11 @@ pub struct CodedBytes {
     pub wire: u64,
     /// Chunks that travelled compressed.
     pub compressed_chunks: u64,
+    /// Chunks that travelled as XOR deltas (`push --delta`; counted in `compressed_chunks`
+    /// too).
+    pub delta_chunks: u64,
+    /// Bytes of those deltas' payloads on the wire (counted in `wire` too).
+    pub delta_wire: u64,
 }
 
 /// An exponentially weighted mean of nanoseconds per byte.
@@ -220,24 +255,8 @@ impl Encoder {
     /// Picks the element width for `raw` from a sample in its middle (1: no grouping), among
     /// `widths`, measuring the sample's compression rate and ratio on the way.
     fn pick_width(&mut self, raw: &[u8], widths: &[usize]) -> usize {
-        let len = raw.len().min(SAMPLE) & !3;
-        let start = ((raw.len() - len) / 2) & !3;
-        let s = &raw[start..start + len];
-        let (mut best, mut best_len) = (widths[0], usize::MAX);
         let t = Instant::now();
-        for &w in widths {
-            let input = if w == 1 {
-                s
-            } else {
-                group(s, w, &mut self.grouped[..len]);
-                &self.grouped[..len]
-            };
-            if let Ok(n) = self.sample.compress_to_buffer(input, &mut self.out[..])
-                && n < best_len
-            {
-                (best, best_len) = (w, n);
-            }
-        }
+        let (best, best_len, len) = sample_width(&mut self.sample, raw, widths, &mut self.grouped, &mut self.out);
         if self.mode == Compress::Auto && len > 0 {
             // One trial per width: the rate of one, and the ratio of the best.
             self.auto.compress.add(t.elapsed() / widths.len() as u32, len);
@@ -301,12 +320,73 @@ impl Encoder {
     }
 }
 
+/// The primary's side of `push --delta`: codes the XOR of a chunk with its base (the same
+/// chunk of the version the replicas hold), byte-grouped where a sample says it helps.
+pub struct DeltaEncoder {
+    zc: zstd::bulk::Compressor<'static>,
+    sample: zstd::bulk::Compressor<'static>,
+    xor: Vec<u8>,
+    grouped: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for DeltaEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaEncoder").finish_non_exhaustive()
+    }
+}
+
+impl DeltaEncoder {
+    /// A delta encoder for chunks of at most `chunk_size` bytes at zstd `level` (None: the
+    /// default).
+    pub fn new(level: Option<i32>, chunk_size: u32) -> std::io::Result<Self> {
+        let n = chunk_size as usize;
+        Ok(Self {
+            zc: zstd::bulk::Compressor::new(level.unwrap_or(DEFAULT_LEVEL))?,
+            sample: zstd::bulk::Compressor::new(1)?,
+            xor: vec![0; n],
+            grouped: vec![0; n],
+            out: vec![0; Coding::BASE_LEN as usize + zstd::zstd_safe::compress_bound(n)],
+        })
+    }
+
+    /// Codes `raw` as a delta against `base` (as long), whose digest is `base_digest`: the
+    /// coding and the payload (the base's digest, then the zstd frame), or None when that does
+    /// not shrink the chunk by 1/32 (it then goes as an ordinary chunk).
+    pub fn encode(&mut self, raw: &[u8], base: &[u8], base_digest: u128) -> Option<(Coding, &[u8])> {
+        let n = raw.len();
+        if n < 64 || base.len() != n {
+            return None;
+        }
+        for ((x, a), b) in self.xor[..n].iter_mut().zip(raw).zip(base) {
+            *x = a ^ b;
+        }
+        // The element width from a sample in the middle, as `zstd-grouped` picks it.
+        let (width, _, _) =
+            sample_width(&mut self.sample, &self.xor[..n], &[1, 2, 4], &mut self.grouped, &mut self.out);
+        let input = if width == 1 {
+            &self.xor[..n]
+        } else {
+            group(&self.xor[..n], width, &mut self.grouped[..n]);
+            &self.grouped[..n]
+        };
+        let head = Coding::BASE_LEN as usize;
+        let k = self.zc.compress_to_buffer(input, &mut self.out[head..]).ok()?;
+        self.out[..head].copy_from_slice(&base_digest.to_le_bytes());
+        let coding = Coding { flags: Coding::ZSTD | Coding::DELTA | group_flag(width), raw_len: n as u32 };
+        (head + k <= n - n / 32).then_some((coding, &self.out[..head + k]))
+    }
+}
+
 /// Why a coded payload could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// zstd refused the bytes (corrupt, or not zstd).
     #[error("the compressed payload does not decompress: {0}")]
     Corrupt(std::io::Error),
+    /// A delta whose base is not the receiver's (its digest, or the bytes read, differ).
+    #[error("the delta's base differs from this node's: {0}")]
+    Base(String),
     /// It decompressed to another length than the header says.
     #[error("the compressed payload decompresses to {got} bytes, the header says {want}")]
     Length {
@@ -367,6 +447,20 @@ impl Decoder {
         self.holds = Some(seq);
         Ok(&self.buf[..want])
     }
+
+    /// Decodes chunk `seq`'s delta (`zstd`: the payload after the base digest) and XORs it
+    /// into `base`'s bytes; the result stays held like [`Decoder::decode`]'s.
+    pub fn decode_delta(&mut self, seq: u64, coding: Coding, zstd: &[u8], base: &[u8]) -> Result<&[u8], DecodeError> {
+        let want = coding.raw_len as usize;
+        if base.len() != want {
+            return Err(DecodeError::Base(format!("{} bytes for a chunk of {want}", base.len())));
+        }
+        self.decode(seq, coding, zstd)?;
+        for (b, x) in self.buf[..want].iter_mut().zip(base) {
+            *b ^= x;
+        }
+        Ok(&self.buf[..want])
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +508,26 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_decodes_onto_its_base_only() {
+        let base = bf16ish(1 << 20);
+        let mut new = base.clone();
+        for i in (0..new.len()).step_by(4099) {
+            new[i] ^= 0x5a;
+        }
+        let mut e = DeltaEncoder::new(None, 1 << 20).unwrap();
+        let (coding, payload) = e.encode(&new, &base, 77).expect("a sparse XOR shrinks");
+        assert!(coding.is_delta() && payload.len() < new.len() / 50, "{} bytes", payload.len());
+        assert_eq!(u128::from_le_bytes(payload[..16].try_into().unwrap()), 77);
+        let payload = payload.to_vec();
+        let mut d = Decoder::new(1 << 20).unwrap();
+        assert_eq!(d.decode_delta(5, coding, &payload[16..], &base).unwrap(), &new[..]);
+        let mut other = base.clone();
+        other[10] ^= 1;
+        assert_ne!(d.decode_delta(5, coding, &payload[16..], &other).unwrap(), &new[..]);
+        assert!(d.decode_delta(5, coding, &payload[16..], &base[1..]).is_err());
+    }
+
+    #[test]
     fn random_bytes_go_raw() {
         // Hashes of a counter: as good as random to a compressor.
         let raw: Vec<u8> =
@@ -451,7 +565,13 @@ mod tests {
         assert!(with(Coding::ZSTD, 100, Kind::Chunk).is_err(), "a payload as long as the chunk");
         assert!(with(Coding::ZSTD | Coding::GROUP2 | Coding::GROUP4, 4096, Kind::Chunk).is_err());
         assert!(with(Coding::GROUP4, 0, Kind::Chunk).is_err(), "grouping without zstd");
-        assert!(with(8, 4096, Kind::Chunk).is_err(), "an unknown flag");
+        assert!(with(16, 4096, Kind::Chunk).is_err(), "an unknown flag");
+        assert!(with(Coding::DELTA, 4096, Kind::Chunk).is_err(), "a delta without zstd");
+        assert_eq!(with(Coding::ZSTD | Coding::DELTA, 4096, Kind::Chunk), Ok(h));
+        let short = Header { len: 16, ..h };
+        let mut b = short.to_bytes();
+        Coding { flags: Coding::ZSTD | Coding::DELTA, raw_len: 4096 }.stamp(&mut b);
+        assert!(Header::decode(&b).is_err(), "a delta payload of its base digest only");
         assert!(with(0, 4096, Kind::Chunk).is_err(), "a raw length on a raw chunk");
         assert!(with(Coding::ZSTD, 4096, Kind::End).is_err(), "flags on END");
     }

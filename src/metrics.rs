@@ -73,6 +73,8 @@ pub struct Metrics {
     pub chunks_verified: Counter,
     /// Chunks whose bytes did not match their digest.
     pub digest_failures: Counter,
+    /// Chunks received as XOR deltas (`push --delta`), applied to this node's base and checked.
+    pub delta_chunks: Counter,
     /// Pushes, by outcome at this node.
     pub pushes: Family<OutcomeLabel, Counter>,
     /// Hop throughput of finished pushes, bytes per second received.
@@ -107,6 +109,7 @@ impl Metrics {
         let lane_chunks = Family::<LaneLabel, Counter>::default();
         let chunks_verified = Counter::default();
         let digest_failures = Counter::default();
+        let delta_chunks = Counter::default();
         let pushes = Family::<OutcomeLabel, Counter>::default();
         // 1 MB/s .. ~137 GB/s
         let hop_throughput = Histogram::new(exponential_buckets(1e6, 2.0, 18));
@@ -127,6 +130,11 @@ impl Metrics {
         registry.register("lane_chunks", "Chunks received (in) or sent (out), by hop lane", lane_chunks.clone());
         registry.register("chunks_verified", "Chunks whose xxh3-128 digest checked out", chunks_verified.clone());
         registry.register("digest_failures", "Chunks whose bytes did not match their digest", digest_failures.clone());
+        registry.register(
+            "delta_chunks",
+            "Chunks received as XOR deltas, applied to this node's base and checked",
+            delta_chunks.clone(),
+        );
         registry.register("pushes", "Pushes handled by this node, by outcome here", pushes.clone());
         registry.register(
             "hop_throughput_bytes_per_second",
@@ -155,6 +163,7 @@ impl Metrics {
             lane_chunks,
             chunks_verified,
             digest_failures,
+            delta_chunks,
             pushes,
             hop_throughput,
             chunk_latency,

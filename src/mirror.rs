@@ -48,6 +48,17 @@ pub struct MirrorOptions {
     pub interval: Duration,
     /// The push to run for each checkpoint (its version is replaced by the step number).
     pub push: PushOptions,
+    /// Send each checkpoint as XOR deltas against the previous one pushed (`mirror --delta`):
+    /// it is still on disk here, so it is the push's `delta_base`.
+    pub delta: bool,
+}
+
+/// The checkpoint of step `step` under `watch` (the base of the next delta push).
+fn path_of(watch: &Path, step: u64) -> Option<PathBuf> {
+    std::fs::read_dir(watch).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        (!temporary(&name) && step_of(&name) == Some(step)).then(|| e.path())
+    })
 }
 
 /// The step number at the end of a checkpoint's name (before an extension), if any.
@@ -88,6 +99,7 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
     let watch = if once { None } else { Watch::start(&opts.watch) };
     let settle = opts.interval.min(SETTLE);
     let mut pushed = newest_done(opts);
+    let mut base = pushed.and_then(|p| path_of(&opts.watch, p));
     let mut seen: HashMap<String, (u64, u64, SystemTime)> = HashMap::new();
     let mut conflicts: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut looks = 0;
@@ -127,9 +139,11 @@ pub fn run(opts: &MirrorOptions, once: bool, mut on_push: impl FnMut(u64, &str))
         for (step, path) in ready {
             let mut po = opts.push.clone();
             po.version = step;
+            po.delta_base = base.clone().filter(|_| opts.delta);
             let (line, retry) = match push(&path, &po, None) {
                 Ok(r) if r.ok() => {
                     pushed = Some(step);
+                    base = Some(path.clone());
                     let held = if r.already_held.is_empty() {
                         String::new()
                     } else {

@@ -7,6 +7,7 @@ mod util;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -112,7 +113,8 @@ fn random_bytes_go_raw() {
 }
 
 /// A TCP proxy in front of `target` that parses the frames towards it and, on the first
-/// connection, flips a byte in the middle of the payload of the first compressed CHUNK.
+/// connection, flips a byte in the middle of the payload of the first CHUNK whose flags have
+/// a bit of `mask` (1: compressed, 8: a delta).
 struct Corrupter {
     addr: String,
     flipped: Arc<AtomicUsize>,
@@ -120,12 +122,16 @@ struct Corrupter {
 
 impl Corrupter {
     fn start(target: String) -> Corrupter {
+        Self::start_on(target, 1)
+    }
+
+    fn start_on(target: String, mask: u8) -> Corrupter {
         let flipped = Arc::new(AtomicUsize::new(0));
         let f = flipped.clone();
         let addr = proxy(target, move |first, client, server| {
             let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
             let tamper = first.then(|| f.clone());
-            std::thread::spawn(move || frames(client, server, tamper));
+            std::thread::spawn(move || frames(client, server, tamper, mask));
             std::thread::spawn(move || copy(s2, c2));
         });
         Corrupter { addr, flipped }
@@ -138,8 +144,8 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
 }
 
 /// Forwards frame by frame (header, then payload), flipping one payload byte of the first
-/// CHUNK whose flags say compressed when `tamper` is set.
-fn frames(mut from: TcpStream, mut to: TcpStream, tamper: Option<Arc<AtomicUsize>>) {
+/// CHUNK whose flags have a bit of `mask` when `tamper` is set.
+fn frames(mut from: TcpStream, mut to: TcpStream, tamper: Option<Arc<AtomicUsize>>, mask: u8) {
     loop {
         let mut h = [0u8; 40];
         if from.read_exact(&mut h).is_err() {
@@ -152,7 +158,7 @@ fn frames(mut from: TcpStream, mut to: TcpStream, tamper: Option<Arc<AtomicUsize
         }
         if let Some(t) = &tamper
             && h[6] == 4
-            && h[7] & 1 != 0
+            && h[7] & mask != 0
             && t.load(Ordering::SeqCst) == 0
         {
             payload[len / 2] ^= 0x5a;
@@ -186,4 +192,154 @@ fn a_corrupted_compressed_frame_is_refused_and_sent_again() {
         "r1 did not refuse the corrupted chunk:\n{}",
         c.logs()
     );
+}
+
+// XOR deltas (`push --delta --delta-base DIR`): the replicas hold v1, the primary pushes v2 as
+// deltas against its copy of v1.
+
+/// A checkpoint after a fine-tuning step: `v1`'s files with one weight in `every` nudged by a
+/// step of its lowest mantissa bit, so that every chunk holds some change.
+fn next_step(v1: &Path, v2: &Path, every: usize) {
+    for f in ["model.bf16.bin", "model.fp32.bin"] {
+        let mut b = std::fs::read(v1.join(f)).unwrap();
+        for i in (0..b.len()).step_by(every) {
+            // Little-endian: the byte at an even offset holds the lowest mantissa bits.
+            b[i & !1] ^= 1;
+        }
+        std::fs::write(v2.join(f), b).unwrap();
+    }
+}
+
+/// The CHUNK frames of a push's JSON: the delta count and the wire bytes against the raw ones.
+fn delta_counts(j: &serde_json::Value) -> (u64, u64, u64) {
+    let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("no {k} in {j}"));
+    (n("delta_chunks"), n("sent_wire_bytes"), n("sent_raw_bytes"))
+}
+
+/// v1 everywhere, and v2 (one weight in 500 changed) in `src2`.
+fn two_steps(c: &Cluster) -> (tempfile::TempDir, tempfile::TempDir) {
+    let (v1, v2) = (tempdir(), tempdir());
+    write_checkpoint(v1.path(), 5);
+    next_step(v1.path(), v2.path(), 1000);
+    let out = c.push(v1.path(), "ft", 1, &["--chunk-size", "1M"]);
+    c.assert_push_ok(&out);
+    (v1, v2)
+}
+
+fn delta_push(c: &Cluster, chain: &str, v1: &Path, v2: &Path, version: u64) -> Output {
+    let base = v1.to_str().unwrap();
+    c.push_to(chain, v2, "ft", version, &["--chunk-size", "1M", "--delta", "--delta-base", base, "--json"])
+}
+
+#[test]
+fn deltas_through_three_replicas() {
+    let c = metrics_cluster(3);
+    let (v1, v2) = two_steps(&c);
+    let maddrs: Vec<String> = (0..3).map(|i| metrics_addr(&c.log(i))).collect();
+    let before: Vec<u64> = maddrs.iter().map(|m| metric_sum(m, "shardcast_received_wire_bytes_total")).collect();
+    let out = delta_push(&c, &c.addrs(), v1.path(), v2.path(), 2);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 2);
+    let (deltas, wire, raw) = delta_counts(&parse_json(&out));
+    // Every chunk changed and went as a delta: far fewer bytes than the chunks.
+    assert_eq!((deltas, raw), (11, 10 * MIB as u64 + 4 * 12345), "{out:?}");
+    assert!(wire < raw / 20, "{wire} bytes on the wire for {raw}");
+    for (i, m) in maddrs.iter().enumerate() {
+        assert_eq!(metric_sum(m, "shardcast_received_wire_bytes_total") - before[i], wire, "replica {i}");
+        assert_eq!(util::metric_sum(m, "shardcast_delta_chunks_total "), 11, "replica {i}");
+    }
+}
+
+#[test]
+fn deltas_over_two_lanes() {
+    // A delta push over lanes: each replica's ACCEPT carries its base digests and then the lane
+    // token, and both must come apart again at the node before it.
+    let c = metrics_cluster(3);
+    let (v1, v2) = two_steps(&c);
+    let base = v1.path().to_str().unwrap();
+    let args = ["--chunk-size", "1M", "--delta", "--delta-base", base, "--lanes", "2", "--json"];
+    let out = c.push(v2.path(), "ft", 2, &args);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 2);
+    let j = parse_json(&out);
+    assert_eq!(delta_counts(&j).0, 11, "every chunk went as a delta: {out:?}");
+    let lanes: Vec<u64> = j["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(lanes.len(), 2, "{j}");
+    assert!(lanes.iter().all(|&n| n > 0), "a lane carried nothing: {lanes:?}");
+    for i in 0..3 {
+        assert_eq!(util::metric_sum(&metrics_addr(&c.log(i)), "shardcast_delta_chunks_total "), 11, "replica {i}");
+    }
+}
+
+#[test]
+fn a_replica_with_another_base_gets_that_chunk_whole() {
+    // r1's current version differs from v1 in one byte of the first chunk of model.bf16.bin:
+    // it reports that chunk's other digest, so the chunk goes whole (to every node: each stores
+    // it), the rest as deltas, and nothing is refused.
+    let c = Cluster::start(3);
+    let (v1, v2) = two_steps(&c);
+    let other = tempdir();
+    for f in ["model.bf16.bin", "model.fp32.bin"] {
+        std::fs::copy(v1.path().join(f), other.path().join(f)).unwrap();
+    }
+    let mut b = std::fs::read(other.path().join("model.bf16.bin")).unwrap();
+    b[4321] ^= 0x10;
+    std::fs::write(other.path().join("model.bf16.bin"), b).unwrap();
+    c.assert_push_ok(&c.push_to(&c.addr(1), other.path(), "ft", 2, &["--chunk-size", "1M"]));
+    let out = delta_push(&c, &c.addrs(), v1.path(), v2.path(), 3);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 3);
+    assert_eq!(delta_counts(&parse_json(&out)).0, 10, "{out:?}");
+    assert!(!c.logs().contains("refused"), "a delta went to a node with another base:\n{}", c.logs());
+}
+
+#[test]
+fn a_base_that_differs_on_disk_is_refused_and_the_chunk_fetched_whole() {
+    // r1's published v1 has one byte changed on disk (its manifest still says the old digest,
+    // so it reports the primary's base): the delta of that chunk must be refused before it is
+    // applied, and the repair sends the chunk whole.
+    let c = Cluster::start(3);
+    let (v1, v2) = two_steps(&c);
+    let f = c.root(1).join("ft/1/model.bf16.bin");
+    let mut perm = std::fs::metadata(&f).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(&f, perm).unwrap();
+    let mut b = std::fs::read(&f).unwrap();
+    b[2 * MIB + 77] ^= 1;
+    std::fs::write(&f, b).unwrap();
+    let out = delta_push(&c, &c.addrs(), v1.path(), v2.path(), 2);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 2);
+    assert!(c.log(1).contains("base chunk no longer matches"), "r1 did not refuse the delta:\n{}", c.logs());
+    assert_eq!(delta_counts(&parse_json(&out)).0, 11, "the first attempt sent every chunk as a delta: {out:?}");
+}
+
+#[test]
+fn a_corrupted_delta_frame_is_refused_and_sent_again() {
+    // primary -> r0 -> proxy -> r1: the proxy corrupts the first delta r0 forwards.
+    let c = Cluster::start(2);
+    let (v1, v2) = two_steps(&c);
+    let proxy = Corrupter::start_on(c.addr(1), 8);
+    let chain = format!("{},{}", c.addr(0), proxy.addr);
+    let out = delta_push(&c, &chain, v1.path(), v2.path(), 2);
+    assert_eq!(proxy.flipped.load(Ordering::SeqCst), 1, "no delta passed the proxy\n{}", c.logs());
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 2);
+    assert!(c.log(1).contains("compressed chunk refused"), "r1 did not refuse the corrupted delta:\n{}", c.logs());
+}
+
+#[test]
+fn a_relay_forwards_deltas_it_does_not_store() {
+    // r0 already has v2's bytes as its current version (it stores none of them again and has
+    // no base for them); r1 has v1: every chunk passes r0 as a delta for r1 only, and r0 must
+    // forward it without trying to apply it.
+    let c = Cluster::start(2);
+    let (v1, v2) = two_steps(&c);
+    c.assert_push_ok(&c.push_to(&c.addr(0), v2.path(), "ft", 2, &["--chunk-size", "1M"]));
+    let out = delta_push(&c, &c.addrs(), v1.path(), v2.path(), 3);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 3);
+    assert_eq!(delta_counts(&parse_json(&out)).0, 11, "{out:?}");
+    assert!(!c.logs().contains("refused"), "a relay refused a delta it only forwards:\n{}", c.logs());
 }

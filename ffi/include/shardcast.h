@@ -267,6 +267,12 @@ typedef struct sc_push_opts {
    * The zstd level, 1 to 19 (0: the default, 3).
    */
   uint32_t compress_level;
+  /**
+   * XOR deltas (`shardcast push --delta --delta-base`): the previous version of `source` on
+   * this host, laid out like it (NULL: no deltas). Implies `incremental`. Pushes from files
+   * only.
+   */
+  const char *delta_base;
 } sc_push_opts;
 
 /**

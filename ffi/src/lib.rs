@@ -323,6 +323,10 @@ pub struct ScPushOpts {
     pub compress: u32,
     /// The zstd level, 1 to 19 (0: the default, 3).
     pub compress_level: u32,
+    /// XOR deltas (`shardcast push --delta --delta-base`): the previous version of `source` on
+    /// this host, laid out like it (NULL: no deltas). Implies `incremental`. Pushes from files
+    /// only.
+    pub delta_base: *const c_char,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -520,6 +524,10 @@ unsafe fn push_options(o: &ScPushOpts) -> Result<PushOptions, (i32, String)> {
     };
     po.min_replicas = (o.min_replicas > 0).then_some(o.min_replicas as usize);
     po.repair = o.no_repair == 0;
+    if !o.delta_base.is_null() {
+        // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+        po.delta_base = Some(PathBuf::from(unsafe { str_arg(o.delta_base, "delta_base") }?));
+    }
     Ok(po)
 }
 

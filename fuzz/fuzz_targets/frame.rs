@@ -53,6 +53,12 @@ fn payloads(kind: Option<Kind>, payload: &[u8]) {
         again.extend_from_slice(&token.expect("a token with two lanes"));
         assert_eq!(again, payload, "the lane token split off ACCEPT is not its last bytes");
     }
+    if runs(Kind::Accept)
+        && let Ok((haves, bases)) = wire::decode_accept(payload, 1 << 40, true)
+    {
+        let again = wire::encode_accept(&haves, Some(&bases));
+        assert_eq!(again, payload, "a delta push's ACCEPT payload does not re-encode to itself");
+    }
     if runs(Kind::Hello)
         && let Ok(hello) = wire::Hello::decode(payload)
     {
@@ -75,8 +81,16 @@ fuzz_target!(|data: &[u8]| {
             // The payload decompresses to exactly the announced length, or not at all.
             if !c.is_raw() && c.raw_len <= 1 << 20 {
                 let mut d = shardcast::compress::Decoder::new(c.raw_len).expect("a decoder");
-                if let Ok(raw) = d.decode(0, c, &data[HEADER_LEN..]) {
-                    assert_eq!(raw.len(), c.raw_len as usize);
+                let payload = &data[HEADER_LEN..];
+                // A delta (`push --delta`): its zstd frame after the base digest, onto a base.
+                let decoded = if c.is_delta() {
+                    let base = vec![0u8; c.raw_len as usize];
+                    d.decode_delta(0, c, payload.get(16..).unwrap_or_default(), &base).map(<[u8]>::len)
+                } else {
+                    d.decode(0, c, payload).map(<[u8]>::len)
+                };
+                if let Ok(n) = decoded {
+                    assert_eq!(n, c.raw_len as usize);
                 }
             }
         } else {

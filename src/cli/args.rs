@@ -264,6 +264,15 @@ pub(crate) struct PushArgs {
     /// 1 runs TCP lanes, without --encrypt).
     #[arg(long, default_value_t = 1, env = "SHARDCAST_PUSH_LANES", value_parser = clap::value_parser!(u8).range(1..=16))]
     pub(crate) lanes: u8,
+    /// Send chunks as XOR deltas against the replicas' current version of NAME where they hold
+    /// the same bytes as --delta-base at the same path and chunk index (zstd of the XOR; the
+    /// rest whole). Implies --incremental. Needs --delta-base.
+    #[arg(long, requires = "delta_base", env = "SHARDCAST_PUSH_DELTA")]
+    pub(crate) delta: bool,
+    /// The previous version of SOURCE on this host (a directory, or a file of the same name),
+    /// laid out like it: the base of --delta.
+    #[arg(long, requires = "delta", env = "SHARDCAST_PUSH_DELTA_BASE")]
+    pub(crate) delta_base: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long, env = "SHARDCAST_PUSH_JSON")]
     pub(crate) json: bool,
@@ -308,6 +317,10 @@ pub(crate) struct MirrorArgs {
     /// Compress chunks (as `push --compress`: auto, off, zstd, zstd-grouped).
     #[arg(long, default_value = "off", env = "SHARDCAST_MIRROR_COMPRESS")]
     pub(crate) compress: shardcast::compress::Compress,
+    /// Send each checkpoint as XOR deltas against the previous one mirrored (still in --watch:
+    /// as `push --delta --delta-base PREVIOUS`; implies --incremental).
+    #[arg(long, env = "SHARDCAST_MIRROR_DELTA")]
+    pub(crate) delta: bool,
 }
 
 // `shardcast stage`: its flags (the variant of [`Cmd`] documents the command).

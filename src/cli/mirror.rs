@@ -27,6 +27,7 @@ pub(crate) fn run(a: MirrorArgs, g: &Global) -> u8 {
         marker: a.marker,
         interval: Duration::from_millis(a.interval_ms.max(10)),
         push,
+        delta: a.delta,
     };
     shardcast::mirror::run(&opts, a.once, |_, line| println!("{line}"));
     0

@@ -54,6 +54,7 @@ fn report_json(r: &PushReport) -> serde_json::Value {
         "sent_raw_bytes": r.coded.raw, "sent_wire_bytes": r.coded.wire,
         "compressed_chunks": r.coded.compressed_chunks,
         "lane_chunks": r.lane_chunks,
+        "delta_chunks": r.coded.delta_chunks, "delta_wire_bytes": r.coded.delta_wire,
     })
 }
 
@@ -131,6 +132,12 @@ fn print_report(r: &PushReport, json: bool) -> u8 {
                 r.coded.raw,
                 r.coded.wire as f64 / r.coded.raw.max(1) as f64,
                 r.coded.compressed_chunks
+            );
+        }
+        if r.coded.delta_chunks > 0 {
+            println!(
+                "  deltas: {} chunks as XOR deltas, {} bytes on the wire",
+                r.coded.delta_chunks, r.coded.delta_wire
             );
         }
         for rep in &r.replicas {

@@ -14,7 +14,7 @@ use crate::proto::Role;
 use crate::proto::repair::{Attempted, Failed, Repair, Step, Why};
 use crate::proto::route::Route;
 use crate::session::{Local, MemoryData, Progress, Session, SessionConfig, SessionEnd, SourceData};
-use crate::store::check_name;
+use crate::store::{BaseChunk, check_name};
 use crate::sys::io::IoChoice;
 use crate::transport::Transport;
 use crate::wire::{self, Hello, Mode, Outcome, ReplicaReport};
@@ -72,6 +72,12 @@ pub struct PushOptions {
     /// Lanes per hop (`--lanes R`): each hop of the chain is R TCP connections; chunks go on
     /// the lane with room at the primary and keep their lane down the chain.
     pub lanes: u8,
+    /// XOR deltas (`--delta-base DIR`): the previous version of the source, laid out like it
+    /// (a directory, or a file of the same name). A chunk whose replicas all hold, at the same
+    /// path and index, the same bytes as this base's chunk goes as the compressed XOR of the
+    /// two; the push is incremental (routed). The first attempt only: a repair sends whole
+    /// chunks.
+    pub delta_base: Option<PathBuf>,
 }
 
 impl PushOptions {
@@ -99,6 +105,7 @@ impl PushOptions {
             compress: crate::compress::Compress::Off,
             compress_level: None,
             lanes: 1,
+            delta_base: None,
         }
     }
 }
@@ -161,7 +168,14 @@ impl PushReport {
 /// the push could not start (bad source, unreachable or refusing replica) or the first replica
 /// could not report at all.
 pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
-    with_repair(opts, |o, pinned| push_once(source, o, progress, pinned))
+    // Deltas need the have-set exchange of a routed push.
+    let opts = &PushOptions { incremental: opts.incremental || opts.delta_base.is_some(), ..opts.clone() };
+    with_repair(opts, |o, pinned| {
+        // An attempt after chunks moved (a repair) sends whole chunks: a delta refused for its
+        // base is never sent as a delta again.
+        let o = &PushOptions { delta_base: o.delta_base.clone().filter(|_| pinned.is_none()), ..o.clone() };
+        push_once(source, o, progress, pinned)
+    })
 }
 
 /// Why an attempt failed, and whether that was before any chunk left the primary (the chain
@@ -548,7 +562,7 @@ fn run_push(
         PushError::Node { node: first.clone(), error }
     })?;
     // A routed push reads and sends only the chunks some replica wants and does not hold yet.
-    let route = primary_route(&accept, opts, &manifest, &wants)?;
+    let (route, deltas) = primary_route(&accept, opts, &manifest, &wants)?;
     if let Some(r) = &route {
         bytes = (0..chunks).filter(|&q| r.onward(q)).map(|q| u64::from(manifest.chunk(q).expect("in range").len)).sum();
         if let Some(p) = progress {
@@ -593,7 +607,8 @@ fn run_push(
         .crypt(None, sealer)
         .macs(None, secret)
         .lanes(Vec::new(), lane_fds)
-        .compress(opts.compress, opts.compress_level);
+        .compress(opts.compress, opts.compress_level)
+        .deltas(deltas);
     let session = Session::new(
         Role::Primary,
         "",
@@ -678,7 +693,8 @@ fn hello_for(opts: &PushOptions, manifest: &Manifest, wants: &[Option<Vec<u32>>]
             .with(wire::HelloFlags::REPAIR, opts.repair && opts.mode == Mode::Sync)
             .with(wire::HelloFlags::ENCRYPT, opts.encrypt)
             .with(wire::HelloFlags::COMPRESS, opts.compress != crate::compress::Compress::Off)
-            .with(wire::HelloFlags::LANES, opts.lanes > 1),
+            .with(wire::HelloFlags::LANES, opts.lanes > 1)
+            .with(wire::HelloFlags::DELTA, opts.delta_base.is_some() && !wants.is_empty()),
         lanes: opts.lanes,
         // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC); so do
         // the lanes of a hop of several.
@@ -712,24 +728,74 @@ fn refused_at_start(opts: &PushOptions, reports: Vec<ReplicaReport>) -> Failure 
     Failure::at_start(PushError::Node { node: r.node, error })
 }
 
-/// A routed push's route at the primary, from ACCEPT's have-sets (None: an ordinary push).
+/// A routed push's route at the primary, from ACCEPT's have-sets (None: an ordinary push), and
+/// on a delta push the chunks to send as deltas ([`delta_plan`]).
 fn primary_route(
     accept: &[u8],
     opts: &PushOptions,
     manifest: &Manifest,
     wants: &[Option<Vec<u32>>],
-) -> Result<Option<Route>, PushError> {
+) -> Result<(Option<Route>, Option<Vec<BaseChunk>>), PushError> {
     if wants.is_empty() {
-        return Ok(None);
+        return Ok((None, None));
     }
-    let haves = wire::decode_haves(accept, manifest.chunk_count())
+    let (haves, bases) = wire::decode_accept(accept, manifest.chunk_count(), opts.delta_base.is_some())
         .ok()
-        .filter(|h| h.len() == opts.to.len())
+        .filter(|(h, _)| h.len() == opts.to.len())
         .ok_or_else(|| PushError::Node {
             node: opts.to[0].clone(),
             error: NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks"),
         })?;
-    Ok(Some(Route::for_position(&crate::proto::route::needs(manifest, wants, &haves), 0)))
+    let needs = crate::proto::route::needs(manifest, wants, &haves);
+    let deltas = match &opts.delta_base {
+        Some(dir) => Some(delta_plan(dir, manifest, &needs, &bases)?),
+        None => None,
+    };
+    Ok((Some(Route::for_position(&needs, 0)), deltas))
+}
+
+/// The chunks of a delta push that go as XOR deltas: those whose every storing node (`needs`)
+/// reported the same base digest (`bases`), and whose chunk at the same path and index of
+/// `base_dir` has that digest here (read and hashed now; a base that changes before it is read
+/// again makes a delta the replicas refuse, and the repair sends that chunk whole).
+fn delta_plan(
+    base_dir: &Path,
+    manifest: &Manifest,
+    needs: &[crate::proto::route::ChunkSet],
+    bases: &wire::Bases,
+) -> Result<Vec<BaseChunk>, PushError> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::FileExt;
+    let (old, paths) = Manifest::scan(base_dir, manifest.chunk_size())
+        .map_err(|e| PushError::BadInput(format!("--delta-base {}: {e}", base_dir.display())))?;
+    let files: HashMap<&str, &PathBuf> = paths.iter().map(|(i, p)| (old.entries()[*i].path.as_str(), p)).collect();
+    let reported: Vec<HashMap<u64, u128>> = bases.iter().map(|b| b.iter().copied().collect()).collect();
+    let (mut plan, mut open, mut buf) = (Vec::new(), HashMap::new(), Vec::new());
+    for q in 0..manifest.chunk_count() {
+        let mut storing = needs.iter().zip(&reported).filter(|(n, _)| n.contains(q)).map(|(_, r)| r.get(&q));
+        let Some(Some(&want)) = storing.next() else { continue };
+        if !storing.all(|d| d == Some(&want)) {
+            continue;
+        }
+        let c = manifest.chunk(q).expect("in range");
+        let Some(&path) = files.get(manifest.entries()[c.entry].path.as_str()) else { continue };
+        let file = match open.entry(path) {
+            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => match File::open(path) {
+                Ok(f) => v.insert(f),
+                Err(e) => {
+                    tracing::warn!("--delta-base {}: {e}: its chunks go whole", path.display());
+                    continue;
+                }
+            },
+        };
+        buf.resize(c.len as usize, 0);
+        if file.read_exact_at(&mut buf, c.offset).is_ok() && crate::manifest::digest(&buf) == want {
+            plan.push(BaseChunk { seq: q, digest: want, from: path.clone(), offset: c.offset });
+        }
+    }
+    tracing::debug!(chunks = plan.len(), "chunks go as XOR deltas");
+    Ok(plan)
 }
 
 fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec<Option<SourceData>>, PushError> {

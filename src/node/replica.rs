@@ -801,7 +801,9 @@ fn push_session(
     let Some(reserved) = reserve(&mut up, &hello, &admitted, store, opts, &mut audit) else { return };
     // On a refusal downstream the reservation is dropped before answering, so that the caller
     // can retry the same version at once.
-    let (mut down, haves, down_token) = match dial_onward(&hello, &admitted, reserved.held.clone(), opts) {
+    let mine = reserved.bases.iter().map(|b| (b.seq, b.digest)).collect();
+    let (mut down, haves, bases, down_token) = match dial_onward(&hello, &admitted, (reserved.held.clone(), mine), opts)
+    {
         Ok(onward) => onward,
         Err(Onward::Refused(node, e)) => {
             drop(reserved);
@@ -815,7 +817,8 @@ fn push_session(
             return;
         }
     };
-    let mut accept = if admitted.routed { wire::encode_haves(&haves) } else { Vec::new() };
+    let delta = hello.flags.has(wire::HelloFlags::DELTA);
+    let mut accept = if admitted.routed { wire::encode_accept(&haves, delta.then_some(&bases)) } else { Vec::new() };
     // Several lanes: ACCEPT ends with the token the further lanes from upstream present.
     let lane_wait = match (hello.lanes > 1).then(|| lanes.register(up.peer_id.clone())).transpose() {
         Ok(w) => w,
@@ -882,6 +885,8 @@ struct Reserved {
     held: Vec<(u64, u64)>,
     /// The chunks the current version of the name has, to copy into the staging.
     copies: Vec<crate::store::Reuse>,
+    /// A delta push: the chunks this node may take as XOR deltas, and its base of each.
+    bases: Vec<crate::store::BaseChunk>,
 }
 
 /// Reserves the staging of the push (resuming a partial one of a routed push), and finds the
@@ -928,7 +933,7 @@ fn reserve(
     // from a partial staging (journaled, same digest), and those its current version of the
     // name has (copied locally). They do not travel here.
     let resumed = resumed_chunks(&hello.manifest, own.map(|s| &s.map[..]), staging.resumed());
-    let crate::store::Reusable { mut held, copies } = match (routed, store.current_manifest(&hello.name)) {
+    let crate::store::Reusable { mut held, copies, mut bases } = match (routed, store.current_manifest(&hello.name)) {
         (true, Some((v, old, dir))) => {
             let wanted = hello.wants.first().and_then(Option::as_deref);
             let map = own.map(|s| &s.map[..]);
@@ -939,11 +944,17 @@ fn reserve(
         _ => crate::store::Reusable::default(),
     };
     held.extend((0..resumed.total()).filter(|&q| resumed.contains(q)).map(|q| (q, 1)));
-    Some(Reserved { staging, held, copies })
+    if !routed || !hello.flags.has(wire::HelloFlags::DELTA) {
+        bases.clear();
+    }
+    Some(Reserved { staging, held, copies, bases })
 }
 
 /// For each node from this one to the tail, the chunk ranges (start, count) it already holds.
 type Haves = Vec<Vec<(u64, u64)>>;
+
+/// This node's held chunk ranges and, on a delta push, its bases (chunk, digest).
+type Mine = (Vec<(u64, u64)>, Vec<(u64, u128)>);
 
 /// How the onward dial stopped a push.
 enum Onward {
@@ -953,17 +964,16 @@ enum Onward {
     Reports(Vec<ReplicaReport>),
 }
 
+/// What [`dial_onward`] returns: the hop downstream; for each node from this one to the tail,
+/// the chunks it holds and (a delta push) its bases; the lane token from the next node.
+type Onwards = (Option<Hop>, Haves, wire::Bases, Option<super::lanes::Token>);
+
 /// Dials the next node (if any) and hands it the push, narrowed to the nodes after this one.
-/// Returns the hop downstream and, for each node from this one (`held`: this node's) to the
-/// tail, the chunks it holds.
-fn dial_onward(
-    hello: &Hello,
-    admitted: &Admitted,
-    held: Vec<(u64, u64)>,
-    opts: &ServeOptions,
-) -> Result<(Option<Hop>, Haves, Option<super::lanes::Token>), Onward> {
-    let mut haves = vec![held];
-    let Some(next) = hello.downstream.first() else { return Ok((None, haves, None)) };
+/// Returns the hop downstream and, for each node from this one (`mine`: this node's) to the
+/// tail, the chunks it holds and (a delta push) its bases.
+fn dial_onward(hello: &Hello, admitted: &Admitted, (held, mine): Mine, opts: &ServeOptions) -> Result<Onwards, Onward> {
+    let (mut haves, mut bases) = (vec![held], vec![mine]);
+    let Some(next) = hello.downstream.first() else { return Ok((None, haves, bases, None)) };
     // The onward handshake as a whole (connect, authenticate, the rest of the chain's answer)
     // is bounded: one handshake timeout per node from here to the tail, so that the nearest
     // node to a silent one times out first and is the one that reports it.
@@ -1006,22 +1016,26 @@ fn dial_onward(
             return Err(Onward::Refused(next.clone(), e));
         }
         Ok(Some((payload, t))) if !admitted.routed => (token, _) = (t, payload),
-        Ok(Some((payload, t))) => match wire::decode_haves(&payload, hello.manifest.chunk_count()) {
-            Ok(h) if h.len() == hello.downstream.len() => {
-                haves.extend(h);
-                token = t;
+        Ok(Some((payload, t))) => {
+            let delta = hello.flags.has(wire::HelloFlags::DELTA);
+            match wire::decode_accept(&payload, hello.manifest.chunk_count(), delta) {
+                Ok((h, b)) if h.len() == hello.downstream.len() => {
+                    haves.extend(h);
+                    bases.extend(b);
+                    token = t;
+                }
+                _ => {
+                    let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
+                    return Err(Onward::Refused(next.clone(), e));
+                }
             }
-            _ => {
-                let e = NodeError::new(ErrorKind::Protocol, "bad ACCEPT: no valid list of held chunks");
-                return Err(Onward::Refused(next.clone(), e));
-            }
-        },
+        }
         Err(reports) => {
             tracing::warn!("downstream refused: {:?}", reports.first());
             return Err(Onward::Reports(reports));
         }
     }
-    Ok((Some(down), haves, token))
+    Ok((Some(down), haves, bases, token))
 }
 
 /// The reports of a push that failed at `node` after it was accepted: `node` failed with
@@ -1055,7 +1069,7 @@ fn start_session<'a>(
     audit: &mut AuditGuard<'_>,
 ) -> Option<(Session<'a>, Watch, Vec<Hop>)> {
     let me = hello.you.as_str();
-    let Reserved { staging, copies, .. } = reserved;
+    let Reserved { staging, copies, bases, .. } = reserved;
     let route = admitted
         .routed
         .then(|| Route::for_position(&crate::proto::route::needs(&hello.manifest, &hello.wants, haves), 1));
@@ -1116,6 +1130,7 @@ fn start_session<'a>(
         .early_report(hello.mode == wire::Mode::Async)
         .stop_on_loss(hello.flags.has(wire::HelloFlags::REPAIR))
         .decompress(hello.flags.has(wire::HelloFlags::COMPRESS))
+        .deltas(hello.flags.has(wire::HelloFlags::DELTA).then_some(bases))
         .crypt(
             up_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Opener::new),
             down_secret.as_ref().filter(|_| encrypt).map(crate::crypt::Sealer::new),

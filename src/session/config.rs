@@ -51,6 +51,9 @@ pub(super) struct Parts {
     /// The hops' further lanes (1..R), each a connection with its own secret.
     pub(super) up_lanes: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
     pub(super) dn_lanes: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
+    /// A delta push: on the primary, the chunks to send as XOR deltas and their bases; on a
+    /// replica, the chunks it may take as deltas and its base of each.
+    pub(super) deltas: Option<Vec<crate::store::BaseChunk>>,
 }
 
 impl Default for SessionConfig {
@@ -186,6 +189,14 @@ impl SessionConfig {
     /// Replica of a push whose chunks may come compressed (HELLO's COMPRESS flag).
     pub(crate) fn decompress(mut self, on: bool) -> Self {
         self.parts.decompress = on;
+        self
+    }
+
+    /// A delta push (`push --delta`): on the primary, the chunks it sends as XOR deltas against
+    /// their bases; on a replica (HELLO's DELTA flag), the chunks it may take as deltas and its
+    /// base of each (a delta for any other chunk it stores is refused).
+    pub(crate) fn deltas(mut self, bases: Option<Vec<crate::store::BaseChunk>>) -> Self {
+        self.parts.deltas = bases;
         self
     }
 

@@ -281,7 +281,17 @@ impl<'a> Session<'a> {
                 Err(e) => tracing::warn!("cannot set up zstd ({e}): chunks go uncompressed"),
             }
         }
-        if parts.decompress {
+        if let Some(bases) = parts.deltas {
+            if self.up.fd.is_none() {
+                let level = parts.compress.and_then(|(_, l)| l);
+                match crate::compress::DeltaEncoder::new(level, chunk) {
+                    Ok(d) => self.codec.denc = Some(d),
+                    Err(e) => tracing::warn!("cannot set up zstd ({e}): chunks go whole, not as deltas"),
+                }
+            }
+            self.codec.bases = Some(bases.into_iter().map(|b| (b.seq, b)).collect());
+        }
+        if parts.decompress || self.codec.bases.is_some() && self.up.fd.is_some() {
             match crate::compress::Decoder::new(chunk) {
                 Ok(dec) => self.codec.dec = Some(dec),
                 Err(e) => {
@@ -327,7 +337,7 @@ impl<'a> Session<'a> {
     /// chunks it never read), which a repair of the push must keep to.
     pub(crate) fn run_keeping_manifest(mut self) -> (SessionEnd, Manifest, crate::compress::CodedBytes, Vec<u64>) {
         let end = self.drive();
-        let coded = self.codec.enc.as_ref().map(|e| e.coded).unwrap_or_default();
+        let coded = self.codec.coded;
         let lanes = self.down.lanes.iter().map(|l| l.chunks).collect();
         (end, self.manifest.clone(), coded, lanes)
     }

@@ -206,8 +206,12 @@ impl Session<'_> {
         // checked after it is decompressed, whatever `verify` says; one whose coding does not
         // fit the manifest, or that does not decompress, is refused like a bad digest (its
         // pieces may be on their way downstream: the machine settles its slot).
-        let checked = self.coding_fits(slot, c.len).and_then(|coding| {
-            if !self.cfg.verify && coding.is_raw() {
+        let coding = self.coding_fits(slot, c.len);
+        let delta = coding.as_ref().is_ok_and(|c| c.is_delta()) && self.route.here(seq);
+        let checked = coding.and_then(|coding| {
+            // A relay forwards a delta it does not store as it came (it may hold no base for
+            // it): the nodes that store it check it.
+            if !self.cfg.verify && coding.is_raw() || coding.is_delta() && !self.route.here(seq) {
                 return Ok(announced);
             }
             self.chunk_digest(slot, seq, coding)
@@ -224,6 +228,9 @@ impl Session<'_> {
             m.lane_chunks("in", lane).inc();
             m.bytes_in.inc_by(n as u64);
             m.wire_in.inc_by(u64::from(self.frame_len(slot)));
+            if ok && delta {
+                m.all.delta_chunks.inc();
+            }
             if ok {
                 m.all.chunks_verified.inc()
             } else {

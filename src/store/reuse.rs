@@ -26,6 +26,22 @@ pub struct Reusable {
     pub held: Vec<(u64, u64)>,
     /// The copies that fill them in.
     pub copies: Vec<Reuse>,
+    /// Chunks not held whose path and index the current version has with the same length but
+    /// other bytes: the bases a delta push may send them against.
+    pub bases: Vec<BaseChunk>,
+}
+
+/// A chunk of the current version that a chunk of a delta push may be coded against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseChunk {
+    /// The push's chunk number.
+    pub seq: u64,
+    /// The digest of the current version's chunk (its manifest's).
+    pub digest: u128,
+    /// The published file it is in.
+    pub from: PathBuf,
+    /// Its byte offset there (the same as the new chunk's).
+    pub offset: u64,
 }
 
 /// Which chunks of the push described by `manifest` a node already holds in its current version
@@ -41,7 +57,7 @@ pub fn find_reuse(
     old_dir: &Path,
     skip: &dyn Fn(u64) -> bool,
 ) -> Reusable {
-    let (mut held, mut copies) = (Vec::new(), Vec::new());
+    let (mut held, mut copies, mut bases) = (Vec::new(), Vec::new(), Vec::new());
     if old.chunk_size() != manifest.chunk_size() {
         return Reusable::default();
     }
@@ -73,10 +89,15 @@ pub fn find_reuse(
             copies.push(Reuse { from: old_dir.join(&entry.path), entry: staging_entry, offset, len: end - offset });
         };
         for i in 0..(new_r.end - new_r.start) {
-            let same = !skip(new_r.start + i) && old_r.start + i < old_r.end && {
-                let (a, b) = (manifest.chunk(new_r.start + i), old.chunk(old_r.start + i));
-                a.zip(b).is_some_and(|(a, b)| a.len == b.len && a.digest == b.digest)
-            };
+            let q = new_r.start + i;
+            let pair = (old_r.start + i < old_r.end && !skip(q))
+                .then(|| manifest.chunk(q).zip(old.chunk(old_r.start + i)))
+                .flatten()
+                .filter(|(a, b)| a.len == b.len);
+            let same = pair.is_some_and(|(a, b)| a.digest == b.digest);
+            if let Some((a, b)) = pair.filter(|_| !same) {
+                bases.push(BaseChunk { seq: q, digest: b.digest, from: old_dir.join(&entry.path), offset: a.offset });
+            }
             run = match (run, same) {
                 (Some((s, n)), true) => Some((s, n + 1)),
                 (None, true) => Some((i, 1)),
@@ -91,7 +112,7 @@ pub fn find_reuse(
             flush(r, &mut held, &mut copies);
         }
     }
-    Reusable { held, copies }
+    Reusable { held, copies, bases }
 }
 
 /// Copies `len` bytes at `offset` from `src` to the same offset of `dst`: copy_file_range (a

@@ -264,13 +264,24 @@ impl Coding {
     pub const GROUP2: u8 = 2;
     /// The same with 4-byte elements.
     pub const GROUP4: u8 = 4;
-    const KNOWN: u8 = Self::ZSTD | Self::GROUP2 | Self::GROUP4;
+    /// The coded bytes are the XOR of the chunk with the same chunk (path, index) of the
+    /// receiver's current version: the payload starts with that base chunk's digest (16 bytes),
+    /// then the zstd frame. Only with ZSTD, and only on a push whose HELLO says DELTA.
+    pub const DELTA: u8 = 8;
+    /// Bytes of a delta payload before its zstd frame (the base's digest).
+    pub const BASE_LEN: u32 = 16;
+    const KNOWN: u8 = Self::ZSTD | Self::GROUP2 | Self::GROUP4 | Self::DELTA;
     /// A raw payload.
     pub const RAW: Self = Self { flags: 0, raw_len: 0 };
 
     /// Whether the payload is the chunk's bytes as they are.
     pub fn is_raw(self) -> bool {
         self.flags == 0
+    }
+
+    /// Whether the payload is an XOR delta against the receiver's base chunk.
+    pub fn is_delta(self) -> bool {
+        self.flags & Self::DELTA != 0
     }
 
     /// The element width the bytes were grouped by (1: not grouped).
@@ -305,6 +316,9 @@ impl Coding {
         }
         if flags & Self::GROUP2 != 0 && flags & Self::GROUP4 != 0 {
             return bad("two element widths");
+        }
+        if flags & Self::DELTA != 0 && len <= Self::BASE_LEN {
+            return bad("a delta payload without its base digest and zstd frame");
         }
         if raw_len > MAX_CHUNK || len >= raw_len {
             return bad(&format!(

@@ -23,8 +23,12 @@ impl HelloFlags {
     pub const COMPRESS: u8 = 4;
     /// Every hop of the push opens more than one lane (`push --lanes R`): the lane count
     /// follows the grant. Without it a hop is one connection, as before.
-    pub const LANES: u8 = 8;
-    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT | Self::COMPRESS | Self::LANES;
+    pub const LANES: u8 = 16;
+    /// Chunk frames may come as XOR deltas against the replica's current version (`push
+    /// --delta`; see `wire::Coding::DELTA`), and ACCEPT carries each node's base digests after
+    /// its have-sets ([`encode_accept`]). Only with a routed push.
+    pub const DELTA: u8 = 8;
+    const KNOWN: u8 = Self::REPAIR | Self::ENCRYPT | Self::COMPRESS | Self::DELTA | Self::LANES;
 
     /// From the wire byte; unknown bits are refused (a newer primary asks for something this
     /// replica cannot do).
@@ -323,6 +327,12 @@ pub fn encode_haves(haves: &[Vec<(u64, u64)>]) -> Vec<u8> {
 /// Decodes [`encode_haves`]'s payload, checking every range lies below `total` chunks.
 pub fn decode_haves(buf: &[u8], total: u64) -> Result<Vec<Vec<(u64, u64)>>, WireError> {
     let mut d = Dec::new(buf);
+    let out = read_haves(&mut d, total)?;
+    d.finish("haves")?;
+    Ok(out)
+}
+
+fn read_haves(d: &mut Dec<'_>, total: u64) -> Result<Vec<Vec<(u64, u64)>>, WireError> {
     let n = d.count("nodes", 8)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -337,6 +347,57 @@ pub fn decode_haves(buf: &[u8], total: u64) -> Result<Vec<Vec<(u64, u64)>>, Wire
         }
         out.push(ranges);
     }
-    d.finish("haves")?;
     Ok(out)
+}
+
+/// For each node, in chain order, its held chunks as `(start, len)` ranges.
+pub type HaveSets = Vec<Vec<(u64, u64)>>;
+
+/// For each node, in chain order, the chunks of a delta push (HELLO flag `DELTA`) it could
+/// take as XOR deltas: `(seq, digest)` where its current version has, at the same path and
+/// chunk index, a chunk of the same length with that digest (and not the push's).
+pub type Bases = Vec<Vec<(u64, u128)>>;
+
+/// ACCEPT's payload of a routed push: the have-sets ([`encode_haves`]), then, on a delta push,
+/// each node's [`Bases`].
+pub fn encode_accept(haves: &[Vec<(u64, u64)>], bases: Option<&Bases>) -> Vec<u8> {
+    let mut e = Enc(encode_haves(haves));
+    if let Some(bases) = bases {
+        e.u64(bases.len() as u64);
+        for list in bases {
+            e.u64(list.len() as u64);
+            for &(seq, digest) in list {
+                e.u64(seq).u128(digest);
+            }
+        }
+    }
+    e.0
+}
+
+/// Decodes [`encode_accept`]'s payload (`delta`: the push is a delta push, so bases follow),
+/// checking every chunk number lies below `total`.
+pub fn decode_accept(buf: &[u8], total: u64, delta: bool) -> Result<(HaveSets, Bases), WireError> {
+    let mut d = Dec::new(buf);
+    let haves = read_haves(&mut d, total)?;
+    let mut bases = Vec::new();
+    if delta {
+        let n = d.count("base nodes", 8)?;
+        if n != haves.len() {
+            return Err(WireError::Invalid(format!("bases for {n} nodes, have-sets for {}", haves.len())));
+        }
+        for _ in 0..n {
+            let k = d.count("bases", 24)?;
+            let mut list = Vec::with_capacity(k);
+            for _ in 0..k {
+                let (seq, digest) = (d.u64("base chunk")?, d.u128("base digest")?);
+                if seq >= total {
+                    return Err(WireError::Invalid(format!("a base for chunk {seq} past the {total} chunks")));
+                }
+                list.push((seq, digest));
+            }
+            bases.push(list);
+        }
+    }
+    d.finish("ACCEPT")?;
+    Ok((haves, bases))
 }

@@ -28,6 +28,23 @@ mod tests {
     }
 
     #[test]
+    fn accept_carries_bases_only_on_a_delta_push() {
+        let haves = vec![vec![(0, 2)], vec![]];
+        let bases = vec![vec![(3, 7u128 << 100)], vec![(3, 9), (4, 1)]];
+        let b = encode_accept(&haves, Some(&bases));
+        assert_eq!(decode_accept(&b, 5, true).unwrap(), (haves.clone(), bases.clone()));
+        assert!(decode_accept(&b, 5, false).is_err(), "bases where none were asked for");
+        assert!(decode_accept(&b, 4, true).is_err(), "a base past the chunks");
+        assert!(decode_accept(&b[..b.len() - 1], 5, true).is_err());
+        let plain = encode_accept(&haves, None);
+        assert_eq!(plain, encode_haves(&haves));
+        assert_eq!(decode_accept(&plain, 5, false).unwrap(), (haves.clone(), Vec::new()));
+        assert!(decode_accept(&plain, 5, true).is_err(), "a delta push's ACCEPT without bases");
+        let short = encode_accept(&haves, Some(&bases[..1].to_vec()));
+        assert!(decode_accept(&short, 5, true).is_err(), "bases for fewer nodes than have-sets");
+    }
+
+    #[test]
     fn header_rejects_garbage() {
         let mut b = Header::new(Kind::Ack).to_bytes();
         b[0] = b'X';
@@ -146,6 +163,7 @@ mod tests {
             let _ = Hello::decode(&bytes);
             let _ = TransportMsg::decode(&bytes);
             let _ = decode_credits(&bytes);
+            let _ = decode_accept(&bytes, 1 << 20, true);
             if bytes.len() >= HEADER_LEN {
                 let _ = Header::decode(bytes[..HEADER_LEN].try_into().unwrap());
             }

@@ -244,6 +244,7 @@ def push_async(
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
     compress: str = "off",
     compress_level: int = 0,
+    delta_base: Optional[PathLike] = None,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -264,7 +265,10 @@ def push_async(
     encrypt the chunks on every hop (AES-256-GCM; needs ``key_file`` or ``tls``). ``tls``:
     ``(cert, key, ca)`` PEM files for mutual TLS instead of a cluster key. ``compress``:
     ``"off"``, ``"auto"``, ``"zstd"`` or ``"zstd-grouped"`` (see ``shardcast push --compress``),
-    at zstd level ``compress_level`` (0: the default)."""
+    at zstd level ``compress_level`` (0: the default). ``delta_base``: the previous version of
+    ``source`` on this host, laid out like it: chunks go as XOR deltas against the replicas'
+    current version where they hold the same bytes (see ``shardcast push --delta``; implies
+    ``incremental``; a path source only)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if compress not in _COMPRESS:
@@ -289,6 +293,7 @@ def push_async(
         *_tls_args(tls),
         _COMPRESS[compress],
         int(compress_level),
+        os.fsencode(delta_base) if delta_base is not None else None,
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -339,6 +344,7 @@ def push(
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
     compress: str = "off",
     compress_level: int = 0,
+    delta_base: Optional[PathLike] = None,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -362,6 +368,7 @@ def push(
         tls=tls,
         compress=compress,
         compress_level=compress_level,
+        delta_base=delta_base,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 

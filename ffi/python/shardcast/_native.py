@@ -41,6 +41,7 @@ class PushOpts(ctypes.Structure):
         ("tls_ca", ctypes.c_char_p),
         ("compress", ctypes.c_uint32),
         ("compress_level", ctypes.c_uint32),
+        ("delta_base", ctypes.c_char_p),
     ]
 
 

@@ -148,6 +148,22 @@ class PushTests(unittest.TestCase):
             self.assertTrue(report.ok)
         self.assertEqual((self.tmp / "ri" / "inc" / "2" / "w.bin").read_bytes(), bytes(data))
 
+    def test_delta_push_against_the_previous_version(self):
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "r0") as srv:
+            self.assertTrue(shardcast.push(self.src, to=[srv.addr], name="ckpt", version=1).ok)
+            v2 = self.tmp / "v2"
+            shutil.copytree(self.src, v2)
+            w = bytearray((v2 / "weights.bin").read_bytes())
+            for i in range(0, len(w), 100_000):
+                w[i] ^= 1
+            (v2 / "weights.bin").write_bytes(bytes(w))
+            report = shardcast.push(v2, to=[srv.addr], name="ckpt", version=2, delta_base=self.src)
+            self.assertTrue(report.ok)
+            # The base reaches the push: one that does not exist fails it.
+            with self.assertRaises(shardcast.ShardcastError):
+                shardcast.push(self.src, to=[srv.addr], name="ckpt", version=3, delta_base=self.tmp / "none")
+        self.assertTrue(same_tree(v2, self.tmp / "r0" / "ckpt" / "2"))
+
     def test_async_push_returns_after_the_first_replica(self):
         big = self.tmp / "big"
         big.mkdir()
