@@ -112,13 +112,7 @@ fn sample_width(
     let s = &raw[start..start + len];
     let (mut best, mut best_len) = (widths[0], usize::MAX);
     for &w in widths {
-        let input = if w == 1 {
-            s
-        } else {
-            group(s, w, &mut grouped[..len]);
-            &grouped[..len]
-        };
-        if let Ok(n) = zc.compress_to_buffer(input, out)
+        if let Ok(n) = zc.compress_to_buffer(grouped_by(s, w, grouped), out)
             && n < best_len
         {
             (best, best_len) = (w, n);
@@ -127,8 +121,8 @@ fn sample_width(
     (best, best_len, len)
 }
 
-/// What the encoder has done so far (the primary's report: raw bytes that went into coded
-/// frames, and the bytes those frames' payloads took on the wire).
+/// What the primary's session sent (its report): raw bytes of the chunks, and the bytes their
+/// frames' payloads took on the wire, counted where each chunk is stamped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CodedBytes {
     /// Bytes of every chunk sent, as they are on disk.
@@ -198,13 +192,11 @@ pub struct Encoder {
     grouped: Vec<u8>,
     out: Vec<u8>,
     auto: Auto,
-    /// What was sent so far.
-    pub coded: CodedBytes,
 }
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder").field("mode", &self.mode).field("coded", &self.coded).finish()
+        f.debug_struct("Encoder").field("mode", &self.mode).finish_non_exhaustive()
     }
 }
 
@@ -222,7 +214,6 @@ impl Encoder {
             grouped: vec![0; n],
             out: vec![0; zstd::zstd_safe::compress_bound(n)],
             auto: Auto::default(),
-            coded: CodedBytes::default(),
         }))
     }
 
@@ -268,12 +259,7 @@ impl Encoder {
     /// Codes `raw`: the coding and the coded payload, or None when it goes raw (it does not
     /// shrink by 1/32, or `auto` finds compressing slower than the link).
     pub fn encode(&mut self, raw: &[u8]) -> Option<(Coding, &[u8])> {
-        self.coded.raw += raw.len() as u64;
-        let coded = self.try_encode(raw);
-        let wire = coded.map_or(raw.len(), |(_, n)| n);
-        self.coded.wire += wire as u64;
-        let (coding, n) = coded?;
-        self.coded.compressed_chunks += 1;
+        let (coding, n) = self.try_encode(raw)?;
         Some((coding, &self.out[..n]))
     }
 
@@ -304,13 +290,8 @@ impl Encoder {
             }
         };
         let t = Instant::now();
-        let n = if width == 1 {
-            self.zc.compress_to_buffer(raw, &mut self.out[..])
-        } else {
-            group(raw, width, &mut self.grouped[..raw.len()]);
-            self.zc.compress_to_buffer(&self.grouped[..raw.len()], &mut self.out[..])
-        }
-        .ok()?;
+        let input = grouped_by(raw, width, &mut self.grouped);
+        let n = self.zc.compress_to_buffer(input, &mut self.out[..]).ok()?;
         if self.mode == Compress::Auto {
             self.auto.compress.add(t.elapsed(), raw.len());
             self.auto.ratio = Some(n as f64 / raw.len() as f64);
@@ -364,18 +345,23 @@ impl DeltaEncoder {
         // The element width from a sample in the middle, as `zstd-grouped` picks it.
         let (width, _, _) =
             sample_width(&mut self.sample, &self.xor[..n], &[1, 2, 4], &mut self.grouped, &mut self.out);
-        let input = if width == 1 {
-            &self.xor[..n]
-        } else {
-            group(&self.xor[..n], width, &mut self.grouped[..n]);
-            &self.grouped[..n]
-        };
+        let input = grouped_by(&self.xor[..n], width, &mut self.grouped);
         let head = Coding::BASE_LEN as usize;
         let k = self.zc.compress_to_buffer(input, &mut self.out[head..]).ok()?;
         self.out[..head].copy_from_slice(&base_digest.to_le_bytes());
         let coding = Coding { flags: Coding::ZSTD | Coding::DELTA | group_flag(width), raw_len: n as u32 };
         (head + k <= n - n / 32).then_some((coding, &self.out[..head + k]))
     }
+}
+
+/// `raw` as the coder takes it at element width `width`: itself (1), else its bytes grouped by
+/// position into `scratch` (at least as long).
+fn grouped_by<'a>(raw: &'a [u8], width: usize, scratch: &'a mut [u8]) -> &'a [u8] {
+    if width == 1 {
+        return raw;
+    }
+    group(raw, width, &mut scratch[..raw.len()]);
+    &scratch[..raw.len()]
 }
 
 /// Why a coded payload could not be decoded.
@@ -534,7 +520,6 @@ mod tests {
             (0..1u64 << 16).flat_map(|i| crate::manifest::digest(&i.to_le_bytes()).to_le_bytes()).collect();
         let mut e = Encoder::new(Compress::Zstd, None, 1 << 20).unwrap().unwrap();
         assert!(e.encode(&raw).is_none());
-        assert_eq!(e.coded.wire, raw.len() as u64);
     }
 
     #[test]

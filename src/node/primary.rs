@@ -587,15 +587,7 @@ fn run_push(
     let dn_link = hop
         .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
-    // The first hop's further lanes, each authenticated on its own (`node::lanes`).
-    let mut lanes = Vec::new();
-    for k in 1..opts.lanes {
-        let token = token.expect("split_lane_token gives one with several lanes");
-        let auth = (opts.auth.key(), opts.auth.tls());
-        let lane = Hop::dial_lane(&first, opts.connect_timeout, auth, token, k)
-            .map_err(|error| PushError::Node { node: first.clone(), error })?;
-        lanes.push(lane);
-    }
+    let lanes = dial_lanes(&first, opts, token)?;
     let lane_fds = lanes.iter().map(|h| (h.stream.as_raw_fd(), h.secret.clone())).collect();
     let Hop { stream, secret, .. } = hop;
     let sealer = match (opts.encrypt, &secret) {
@@ -632,26 +624,15 @@ fn run_push(
     if let Some(p) = progress {
         p.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let (end, streamed, mut coded, lane_chunks) = session.run_keeping_manifest();
+    // The session counts every chunk it stamps (`coded`), compressed or not.
+    let (end, streamed, coded, lane_chunks) = session.run_keeping_manifest();
     drop(lanes);
-    if coded.raw == 0 {
-        // Not compressing: every chunk went as it is.
-        coded.raw = bytes;
-        coded.wire = bytes;
-    }
     drop(stream);
     // Chunks moved: whatever a later attempt of this push sends must match what was read now.
     if pinned.is_none() {
         *pinned = Some(streamed);
     }
-    let replicas = match end {
-        SessionEnd::Finished(reports) => reports,
-        SessionEnd::Aborted(error) if error.kind == ErrorKind::Source => {
-            return Err(PushError::Node { node: "primary".into(), error }.into());
-        }
-        SessionEnd::Aborted(error) => return Err(PushError::Node { node: first, error }.into()),
-        SessionEnd::UpstreamLost(why) => unreachable!("the primary has no upstream ({why})"),
-    };
+    let replicas = chain_reports(end, first)?;
     Ok(PushReport {
         name: opts.name.clone(),
         version: opts.version,
@@ -668,7 +649,32 @@ fn run_push(
     })
 }
 
-/// Opens every source file that has chunks (`paths`: entry index and path of each file).
+/// The first hop's further lanes (1..R), each authenticated on its own (`node::lanes`) and
+/// joined to the push with the `token` from the first replica's ACCEPT.
+fn dial_lanes(first: &str, opts: &PushOptions, token: Option<super::lanes::Token>) -> Result<Vec<Hop>, PushError> {
+    (1..opts.lanes)
+        .map(|k| {
+            let token = token.expect("split_lane_token gives one with several lanes");
+            let auth = (opts.auth.key(), opts.auth.tls());
+            Hop::dial_lane(first, opts.connect_timeout, auth, token, k)
+                .map_err(|error| PushError::Node { node: first.to_owned(), error })
+        })
+        .collect()
+}
+
+/// The replicas' reports of a session that ran to the end, or why it did not (`first`: the
+/// first replica, which reports for the chain when the session aborted).
+fn chain_reports(end: SessionEnd, first: String) -> Result<Vec<ReplicaReport>, Failure> {
+    match end {
+        SessionEnd::Finished(reports) => Ok(reports),
+        SessionEnd::Aborted(error) if error.kind == ErrorKind::Source => {
+            Err(PushError::Node { node: "primary".into(), error }.into())
+        }
+        SessionEnd::Aborted(error) => Err(PushError::Node { node: first, error }.into()),
+        SessionEnd::UpstreamLost(why) => unreachable!("the primary has no upstream ({why})"),
+    }
+}
+
 /// Maps and pins the pool on a thread of its own, so that it is ready when the chain is.
 fn spawn_pool(pool_bytes: usize, chunk_size: u32) -> Result<std::thread::JoinHandle<std::io::Result<Pool>>, PushError> {
     std::thread::Builder::new()
@@ -798,6 +804,7 @@ fn delta_plan(
     Ok(plan)
 }
 
+/// Opens every source file that has chunks (`paths`: entry index and path of each file).
 fn open_sources(manifest: &Manifest, paths: Vec<(usize, PathBuf)>) -> Result<Vec<Option<SourceData>>, PushError> {
     let mut files: Vec<Option<SourceData>> = (0..manifest.entries().len()).map(|_| None).collect();
     for (i, path) in paths {
