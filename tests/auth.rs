@@ -7,7 +7,7 @@ mod util;
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use shardcast::wire::{self, Kind};
@@ -15,19 +15,6 @@ use util::*;
 
 const SECRET_A: &str = "correct-horse-battery-staple-0123456789abcdef";
 const SECRET_B: &str = "another-cluster-entirely-0123456789abcdef0000";
-
-fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, secret).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
-/// Replicas with the key (through the environment, which the cluster's own commands share:
-/// `status`, the checks of `assert_published`).
-fn keyed_cluster(n: usize, key: &Path) -> Cluster {
-    Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(n)
-}
 
 /// A push with `key` on the command line (over the environment's), or with no key at all.
 fn push_with(c: &Cluster, src: &Path, name: &str, key: Option<&Path>) -> std::process::Output {

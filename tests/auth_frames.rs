@@ -9,21 +9,12 @@ mod util;
 
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 
 use shardcast::wire::{self, HEADER_LEN, Kind, MAGIC, Outcome, TransportMsg};
 use util::*;
 
 const SECRET: &str = "correct-horse-battery-staple-0123456789abcdef";
 const OTHER: &str = "another-cluster-entirely-0123456789abcdef0000";
-
-fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, secret).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
 
 /// Bytes of the MAC a control frame carries after its payload on an authenticated connection.
 const MAC: usize = shardcast::crypt::MAC_LEN;
@@ -181,7 +172,7 @@ fn a_reject_with_a_changed_reason_is_not_believed() {
 fn a_transport_answer_changed_in_transit_is_refused() {
     let t = tempdir();
     let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(1);
+    let c = keyed_cluster(1, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 1 << 20, 4);
     let proxy = rewriting_proxy(c.addr(0), Kind::Transport, forge_transport_choice);
@@ -201,7 +192,7 @@ fn a_transport_answer_changed_in_transit_is_refused() {
 fn a_status_answer_changed_in_transit_is_refused() {
     let t = tempdir();
     let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(1);
+    let c = keyed_cluster(1, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 1 << 20, 5);
     c.assert_push_ok(&c.push(&src, "s", 1, &["--json"]));

@@ -8,21 +8,12 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use util::*;
 
 const SECRET: &str = "correct-horse-battery-staple-0123456789abcdef";
-
-fn key_file(dir: &Path) -> PathBuf {
-    let p = dir.join("cluster.key");
-    std::fs::write(&p, SECRET).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
 
 /// How a proxy alters the first connection it forwards.
 #[derive(Clone, Copy)]
@@ -133,8 +124,8 @@ fn proxied(c: &Cluster, first_hop: Tamper) -> (Proxy, Proxy) {
 #[test]
 fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
     let t = tempdir();
-    let key = key_file(t.path());
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let key = key_file(t.path(), "cluster.key", SECRET);
+    let c = keyed_cluster(2, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 5 << 20, 1);
     write_random_file(&src.join("sub/b.bin"), (1 << 20) + 12345, 2);
@@ -167,8 +158,8 @@ fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
 #[test]
 fn an_encrypted_incremental_push_relays_chunks_the_relay_does_not_store() {
     let t = tempdir();
-    let key = key_file(t.path());
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let key = key_file(t.path(), "cluster.key", SECRET);
+    let c = keyed_cluster(2, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("w.bin"), (6 << 20) + 3, 6);
     let out = run(&mut c.push_cmd(&c.addr(0), &src, "inc", 1, &["--chunk-size", "1MiB"]));
@@ -193,8 +184,8 @@ fn an_encrypted_incremental_push_relays_chunks_the_relay_does_not_store() {
 #[test]
 fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
     let t = tempdir();
-    let key = key_file(t.path());
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let key = key_file(t.path(), "cluster.key", SECRET);
+    let c = keyed_cluster(2, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 4 << 20, 3);
     // 2.5 MiB into the first hop's stream: inside the third chunk's ciphertext.
@@ -221,8 +212,8 @@ fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
 #[test]
 fn altered_hello_or_result_frames_are_refused() {
     let t = tempdir();
-    let key = key_file(t.path());
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let key = key_file(t.path(), "cluster.key", SECRET);
+    let c = keyed_cluster(2, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 2 << 20, 5);
 
@@ -246,7 +237,7 @@ fn altered_hello_or_result_frames_are_refused() {
 #[test]
 fn misconfigured_encryption_is_refused_with_what_to_do() {
     let t = tempdir();
-    let key = key_file(t.path());
+    let key = key_file(t.path(), "cluster.key", SECRET);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 1 << 20, 4);
 
@@ -357,8 +348,8 @@ fn rewriting_proxy(target: String, victim: u64) -> String {
 #[test]
 fn a_chunk_and_its_digest_changed_together_on_an_authenticated_hop_are_refused() {
     let t = tempdir();
-    let key = key_file(t.path());
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(2);
+    let key = key_file(t.path(), "cluster.key", SECRET);
+    let c = keyed_cluster(2, &key);
     let src = t.path().join("src");
     write_random_file(&src.join("a.bin"), 4 << 20, 9);
     let p0 = rewriting_proxy(c.addr(0), 2);

@@ -15,6 +15,9 @@ use util::*;
 
 const MIB: u64 = 1 << 20;
 
+/// The cluster key of the keyed lane tests.
+const LANE_KEY: &str = "correct-horse-battery-staple-0123456789abcdef";
+
 /// Chunks server `maddr` counted on lane `lane` in `direction` (in, out).
 fn lane_chunks(maddr: &str, direction: &str, lane: usize) -> u64 {
     metric_sum(maddr, &format!("shardcast_lane_chunks_total{{direction=\"{direction}\",lane=\"{lane}\"}}"))
@@ -64,19 +67,10 @@ fn three_lanes_through_a_chain_of_three_publish_identical_bytes_and_every_lane_c
     push_through_three(3);
 }
 
-/// A cluster key file (mode 0600) in `dir`.
-fn key_file(dir: &std::path::Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join("cluster.key");
-    std::fs::write(&p, "correct-horse-battery-staple-0123456789abcdef").unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p.to_str().unwrap().to_owned()
-}
-
 #[test]
 fn two_lanes_with_a_cluster_key_authenticate_each_lane_and_publish_identical_bytes() {
     let key = tempdir();
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", &key_file(key.path())).start(2);
+    let c = keyed_cluster(2, &key_file(key.path(), "cluster.key", LANE_KEY));
     let src = source(7);
     let out = c.push(src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
     c.assert_push_ok(&out);
@@ -86,7 +80,7 @@ fn two_lanes_with_a_cluster_key_authenticate_each_lane_and_publish_identical_byt
 #[test]
 fn lanes_with_encrypt_are_refused_with_what_is_missing() {
     let key = tempdir();
-    let c = Cluster::builder().env("SHARDCAST_KEY_FILE", &key_file(key.path())).start(1);
+    let c = keyed_cluster(1, &key_file(key.path(), "cluster.key", LANE_KEY));
     let src = source(3);
     let out = c.push(src.path(), "ck", 1, &["--lanes", "2", "--encrypt"]);
     assert_ne!(code(&out), 0, "{}", show_output(&out));

@@ -1102,3 +1102,18 @@ pub fn proxy(
     });
     addr
 }
+
+/// Writes a cluster key file `name` holding `secret` into `dir`, readable by its owner only (as
+/// `serve` and `push` require).
+pub fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, secret).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// `n` replicas with the key at `key` (through the environment, which the cluster's own
+/// commands share: `status`, the checks of `assert_published`).
+pub fn keyed_cluster(n: usize, key: &Path) -> Cluster {
+    Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(n)
+}
