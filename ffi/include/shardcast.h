@@ -264,7 +264,7 @@ typedef struct sc_push_opts {
    */
   uint32_t compress;
   /**
-   * The zstd level, 1 to 19 (0: the default, 3).
+   * The zstd level, 1 to 19 (0: the default, 1).
    */
   uint32_t compress_level;
   /**
@@ -273,6 +273,11 @@ typedef struct sc_push_opts {
    * only.
    */
   const char *delta_base;
+  /**
+   * Lanes per hop (`shardcast push --lanes`): every hop of the chain runs as this many TCP
+   * connections, each chunk on the lane that has room (0: 1 lane; at most 16).
+   */
+  uint32_t lanes;
 } sc_push_opts;
 
 /**
@@ -408,9 +413,10 @@ int32_t sc_push_start_buffers(const struct sc_push_opts *opts,
 /**
  * Starts staging the plan at `plan_path` (see `shardcast stage --help` for its TOML format)
  * on a background thread and returns at once: every node of the plan gets exactly its files,
- * published as the plan's NAME@VERSION. From `opts` only `connect_timeout_s`, `transport` and
- * `keep` are used (name, version, chain and chunk size come from the plan). The handle is used
- * like a push's.
+ * published as the plan's NAME@VERSION. From `opts` only the options of the chain are used:
+ * `connect_timeout_s`, `transport`, `keep`, the authentication (`key_file`, `tls_*`),
+ * `encrypt`, `compress`, `compress_level` and `lanes` (name, version, chain and chunk size come
+ * from the plan). The handle is used like a push's.
  *
  * # Safety
  * `opts` as for [`sc_push_start`] (its `source`, `name` and `to` may be NULL); `plan_path` is
@@ -468,6 +474,16 @@ int32_t sc_push_replica_result(const struct sc_push *push,
                                struct sc_replica_result *out,
                                char *msg,
                                size_t msg_len);
+
+/**
+ * Chunks the finished push sent on each lane of its first hop: fills `out` with up to `len`
+ * counts (lane 0 first) and returns the number of lanes (0 while the push runs, or when it
+ * failed before the chain reported).
+ *
+ * # Safety
+ * `push` is a live handle; `out` is NULL (with `len` 0) or `len` writable `uint64_t`s.
+ */
+int32_t sc_push_lane_chunks(const struct sc_push *push, uint64_t *out, size_t len);
 
 /**
  * Frees the handle; a push still running is cancelled and waited for first.

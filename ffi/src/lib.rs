@@ -321,12 +321,15 @@ pub struct ScPushOpts {
     pub tls_ca: *const c_char,
     /// Chunk compression (`shardcast push --compress`): 0 off, 1 auto, 2 zstd, 3 zstd-grouped.
     pub compress: u32,
-    /// The zstd level, 1 to 19 (0: the default, 3).
+    /// The zstd level, 1 to 19 (0: the default, 1).
     pub compress_level: u32,
     /// XOR deltas (`shardcast push --delta --delta-base`): the previous version of `source` on
     /// this host, laid out like it (NULL: no deltas). Implies `incremental`. Pushes from files
     /// only.
     pub delta_base: *const c_char,
+    /// Lanes per hop (`shardcast push --lanes`): every hop of the chain runs as this many TCP
+    /// connections, each chunk on the lane that has room (0: 1 lane; at most 16).
+    pub lanes: u32,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -450,9 +453,10 @@ pub unsafe extern "C" fn sc_push_start_buffers(
 
 /// Starts staging the plan at `plan_path` (see `shardcast stage --help` for its TOML format)
 /// on a background thread and returns at once: every node of the plan gets exactly its files,
-/// published as the plan's NAME@VERSION. From `opts` only `connect_timeout_s`, `transport` and
-/// `keep` are used (name, version, chain and chunk size come from the plan). The handle is used
-/// like a push's.
+/// published as the plan's NAME@VERSION. From `opts` only the options of the chain are used:
+/// `connect_timeout_s`, `transport`, `keep`, the authentication (`key_file`, `tls_*`),
+/// `encrypt`, `compress`, `compress_level` and `lanes` (name, version, chain and chunk size come
+/// from the plan). The handle is used like a push's.
 ///
 /// # Safety
 /// `opts` as for [`sc_push_start`] (its `source`, `name` and `to` may be NULL); `plan_path` is
@@ -559,6 +563,10 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
         0 => None,
         n @ 1..=19 => Some(n as i32),
         n => return Err(invalid(format!("compress_level {n}: 1 to 19, or 0 for the default"))),
+    };
+    po.lanes = match o.lanes {
+        0 => 1,
+        n => u8::try_from(n).map_err(|_| invalid(format!("lanes {n}: 1 to 16, or 0 for one lane")))?,
     };
     Ok(())
 }
@@ -824,6 +832,33 @@ pub unsafe extern "C" fn sc_push_replica_result(
             *out = res;
             Ok(copy_out(&text, msg, msg_len))
         }
+    })
+}
+
+/// Chunks the finished push sent on each lane of its first hop: fills `out` with up to `len`
+/// counts (lane 0 first) and returns the number of lanes (0 while the push runs, or when it
+/// failed before the chain reported).
+///
+/// # Safety
+/// `push` is a live handle; `out` is NULL (with `len` 0) or `len` writable `uint64_t`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sc_push_lane_chunks(push: *const ScPush, out: *mut u64, len: usize) -> i32 {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let p = unsafe { push_ref(push, "sc_push_lane_chunks") }?;
+        if out.is_null() && len > 0 {
+            return Err(invalid("sc_push_lane_chunks: out is NULL with len > 0"));
+        }
+        let g = p.shared.result.lock().unwrap_or_else(|e| e.into_inner());
+        let counts: &[u64] = match g.as_ref() {
+            Some(Ok(rep)) => &rep.lane_chunks,
+            _ => &[],
+        };
+        for (i, &c) in counts.iter().take(len).enumerate() {
+            // SAFETY: i < len, and `out` has `len` writable entries by the caller's contract.
+            unsafe { *out.add(i) = c };
+        }
+        Ok(i32::try_from(counts.len()).unwrap_or(i32::MAX))
     })
 }
 

@@ -110,9 +110,11 @@ class ReplicaResult:
 
 @dataclass(frozen=True)
 class PushReport:
-    """A finished push: one result per replica, in chain order."""
+    """A finished push: one result per replica, in chain order, and (a push of several
+    ``lanes``) the chunks sent on each lane of the first hop, lane 0 first."""
 
     replicas: List[ReplicaResult] = field(default_factory=list)
+    lane_chunks: List[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -197,7 +199,9 @@ class PushHandle:
             else:
                 kind = _native.ERROR_KINDS.get(r.error, "internal")
                 out.append(ReplicaResult(node=node, published=False, kind=kind, message=message))
-        return PushReport(out)
+        counts = (ctypes.c_uint64 * 16)()
+        lanes = lib.sc_push_lane_chunks(self._handle(), counts, len(counts))
+        return PushReport(out, [int(c) for c in counts[: max(lanes, 0)]])
 
     def cancel(self) -> None:
         """Asks the push to stop; the replicas drop what they staged. :meth:`wait` then raises
@@ -245,6 +249,7 @@ def push_async(
     compress: str = "off",
     compress_level: int = 0,
     delta_base: Optional[PathLike] = None,
+    lanes: int = 1,
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -268,7 +273,8 @@ def push_async(
     at zstd level ``compress_level`` (0: the default). ``delta_base``: the previous version of
     ``source`` on this host, laid out like it: chunks go as XOR deltas against the replicas'
     current version where they hold the same bytes (see ``shardcast push --delta``; implies
-    ``incremental``; a path source only)."""
+    ``incremental``; a path source only). ``lanes``: TCP connections per hop of the chain (1 to
+    16; see ``shardcast push --lanes``); the report's ``lane_chunks`` says what each carried."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if compress not in _COMPRESS:
@@ -294,6 +300,7 @@ def push_async(
         _COMPRESS[compress],
         int(compress_level),
         os.fsencode(delta_base) if delta_base is not None else None,
+        _lanes(lanes),
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -345,6 +352,7 @@ def push(
     compress: str = "off",
     compress_level: int = 0,
     delta_base: Optional[PathLike] = None,
+    lanes: int = 1,
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -369,11 +377,18 @@ def push(
         compress=compress,
         compress_level=compress_level,
         delta_base=delta_base,
+        lanes=lanes,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 
 
 _COMPRESS = {"off": 0, "auto": 1, "zstd": 2, "zstd-grouped": 3}
+
+
+def _lanes(lanes: int) -> int:
+    if not 1 <= int(lanes) <= 16:
+        raise ValueError(f"lanes {lanes!r}: 1 to 16")
+    return int(lanes)
 
 
 def _tls_args(tls: Optional[Tuple[PathLike, PathLike, PathLike]]) -> Tuple[Optional[bytes], ...]:
@@ -424,6 +439,7 @@ def stage_async(
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
+    lanes: int = 1,
 ) -> PushHandle:
     """Starts staging an epoch's shards and returns at once (use the handle like a push's).
 
@@ -434,7 +450,8 @@ def stage_async(
                   {"addr": "node2:7071", "files": ["shard-1.tar", "shard-2.tar"]}]}
 
     Every node gets exactly its files, published as ``name@version``; each chunk travels down
-    the chain (the nodes in order) only as far as the last node that wants it."""
+    the chain (the nodes in order) only as far as the last node that wants it. ``lanes``: TCP
+    connections per hop (see :func:`push_async`)."""
     opts = _native.PushOpts(
         None,
         None,
@@ -452,6 +469,7 @@ def stage_async(
         int(bool(encrypt)),
         *_tls_args(tls),
     )
+    opts.lanes = _lanes(lanes)
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
         plan = dict(plan)
@@ -476,10 +494,13 @@ def stage(
     key_file: Optional[PathLike] = None,
     encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
+    lanes: int = 1,
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""
-    with stage_async(plan, transport=transport, keep=keep, key_file=key_file, encrypt=encrypt, tls=tls) as h:
+    with stage_async(
+        plan, transport=transport, keep=keep, key_file=key_file, encrypt=encrypt, tls=tls, lanes=lanes
+    ) as h:
         return _finish(h, timeout, "staging")
 
 

@@ -42,6 +42,7 @@ class PushOpts(ctypes.Structure):
         ("compress", ctypes.c_uint32),
         ("compress_level", ctypes.c_uint32),
         ("delta_base", ctypes.c_char_p),
+        ("lanes", ctypes.c_uint32),
     ]
 
 
@@ -137,6 +138,7 @@ def _load() -> ctypes.CDLL:
             [ctypes.c_void_p, ctypes.c_size_t, p(ReplicaResult), ctypes.c_char_p, ctypes.c_size_t],
             ctypes.c_int32,
         ),
+        "sc_push_lane_chunks": ([ctypes.c_void_p, p(ctypes.c_uint64), ctypes.c_size_t], ctypes.c_int32),
         "sc_push_free": ([ctypes.c_void_p], ctypes.c_int32),
     }
     for name, (args, res) in sigs.items():

@@ -79,6 +79,24 @@ class PushTests(unittest.TestCase):
                 p.wait()
                 p.stderr.close()
 
+    def test_push_over_two_lanes(self):
+        # 16 MiB in 64 KiB chunks: 257 chunks, enough that both lanes of each hop carry some.
+        (self.src / "big.bin").write_bytes(os.urandom(16 << 20))
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "l0") as a, shardcast.serve(
+            "127.0.0.1:0", root=self.tmp / "l1"
+        ) as b:
+            report = shardcast.push(self.src, to=[a.addr, b.addr], name="ckpt", version=1, chunk_size=1 << 16, lanes=2)
+            self.assertTrue(report.ok)
+            self.assertEqual(len(report.lane_chunks), 2, report.lane_chunks)
+            self.assertTrue(all(n > 0 for n in report.lane_chunks), report.lane_chunks)
+            one = shardcast.push(self.src, to=[a.addr, b.addr], name="ckpt", version=2, chunk_size=1 << 16)
+            self.assertEqual(len(one.lane_chunks), 1, one.lane_chunks)
+            self.assertEqual(sum(report.lane_chunks), one.lane_chunks[0])
+            with self.assertRaises(ValueError):
+                shardcast.push(self.src, to=[a.addr], name="ckpt", version=3, lanes=17)
+        for r in ("l0", "l1"):
+            self.assertTrue(same_tree(self.src, self.tmp / r / "ckpt" / "1"))
+
     def test_errors_carry_node_and_kind(self):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
