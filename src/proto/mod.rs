@@ -11,10 +11,12 @@
 //!   its rights and whether chunks are sealed) or reject (with the error to send back).
 //! - [`repair`]: the reports of one attempt of a push -> the next attempt, or the final result.
 //! - [`stall`]: the downstream hop's deadline, driven by `Tick { now }`.
+//! - [`lanes`]: when a lane of a hop of several may take a slot for its next frame.
 
 #![deny(unsafe_code)]
 
 pub(crate) mod admission;
+pub(crate) mod lanes;
 pub(crate) mod machine;
 pub(crate) mod repair;
 pub(crate) mod route;

@@ -6,6 +6,10 @@
 //! What the sim does is what the session does with the machines' actions, made small:
 //! - a link carries at most [`WINDOW`] frames; a sender's further sends wait in its queue, and a
 //!   receiver takes a chunk off its link only into a free pool slot (backpressure);
+//! - a hop of several lanes (`push --lanes`) is that many links downstream, each in order, with
+//!   its own jitter and pace (so chunks arrive out of order across lanes): the primary hands each
+//!   chunk to the lane with room, a relay forwards it on the lane it came on, END goes on lane 0,
+//!   a receiver acts on END once every chunk is here and leases slots by `proto::lanes`;
 //! - the HELLO goes down the chain and every replica runs [`admission`] on it;
 //! - a hop's deadline is [`stall::HopStall`], ticked with the virtual clock;
 //! - the primary runs attempts as [`repair::Repair`] says, resuming replicas from their journals
@@ -19,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::admission::{self, Peer, Policy};
+use super::lanes::{EndSeen, may_lease};
 use super::repair::{Attempted, Failed, Repair, Step};
 use super::route::{self, Route};
 use super::stall::{HopStall, Tick, hop_limit};
@@ -91,8 +96,20 @@ struct Node {
     route: Route,
     free: Vec<SlotId>,
     held: BTreeSet<SlotId>,
-    /// Sends waiting for room on the link downstream.
+    /// Sends waiting for room on the link downstream: the frames any lane may take (the
+    /// primary's, taken in order; END only by lane 0), then each lane's own (a relay's).
     queue: VecDeque<Frame>,
+    lane_queues: Vec<VecDeque<Frame>>,
+    /// The lane each chunk came on (relays forward it on the same one).
+    lane_of: BTreeMap<u64, usize>,
+    /// The next chunk each lane upstream may carry.
+    lane_next: Vec<u64>,
+    /// Chunks sent on each lane downstream.
+    lane_chunks: Vec<u64>,
+    /// Chunks that arrived from upstream, and how many will.
+    arrived: u64,
+    expected: u64,
+    end: EndSeen,
     stall: HopStall,
     acks: Vec<u64>,
     /// The session is over (finished, aborted, or its upstream went away).
@@ -124,6 +141,8 @@ enum Fault {
     Hang,
     /// The chunk that arrives then has bytes that do not match its digest (once).
     Corrupt,
+    /// The lane it arrived on breaks (the connection between it and its upstream).
+    CutLane,
 }
 
 /// One attempt's end at the primary.
@@ -141,8 +160,15 @@ struct Sim {
     hop_timeout: Duration,
     /// The attempt's nodes, primary first.
     nodes: Vec<Node>,
-    /// Link i: frames between node i and node i + 1, each with its arrival time.
-    down: Vec<VecDeque<(Duration, Frame)>>,
+    /// Link i, lane k: frames between node i and node i + 1, each with its arrival time.
+    down: Vec<Vec<VecDeque<(Duration, Frame)>>>,
+    /// Lanes per hop; the least time between two frames on each lane (its pace).
+    lanes: usize,
+    pace: Vec<Duration>,
+    /// Leases slots by `proto::lanes` (off: any free slot, to show what the rule prevents).
+    lease_rule: bool,
+    /// Pool slots per node.
+    slots: u16,
     up: Vec<VecDeque<(Duration, Frame)>>,
     /// The HELLO each replica received, by replica index, per attempt.
     hellos: Vec<(usize, Hello)>,
@@ -183,11 +209,22 @@ impl Sim {
             hop_timeout: Duration::from_secs(10),
             nodes: Vec::new(),
             down: Vec::new(),
+            lanes: 1,
+            pace: vec![Duration::ZERO],
+            lease_rule: true,
+            slots: SLOTS,
             up: Vec::new(),
             hellos: Vec::new(),
             result: None,
             attempts: Vec::new(),
         }
+    }
+
+    /// Hops of `lanes` lanes, lane k at least `pace[k]` between two frames.
+    fn with_lanes(mut self, pace: &[Duration]) -> Self {
+        self.lanes = pace.len();
+        self.pace = pace.to_vec();
+        self
     }
 
     fn replica(&mut self, name: &str) -> &mut Replica {
@@ -260,7 +297,7 @@ impl Sim {
                 manifest: self.manifest.clone(),
                 wants: if routed { vec![None; chain.len() - pos] } else { Vec::new() },
                 grant: Grant::default(),
-                lanes: 1,
+                lanes: self.lanes as u8,
             };
             let policy = Policy {
                 max_chain: r.max_chain,
@@ -286,6 +323,8 @@ impl Sim {
         for pos in 0..=chain.len() {
             let (role, name) = if pos == 0 { (Role::Primary, "") } else { (Role::Replica, chain[pos - 1].as_str()) };
             let route = Route::for_position(&needs, pos);
+            let first = route.next_passing(0, self.total);
+            let expected = (0..self.total).filter(|&q| route.passes(q)).count() as u64;
             let mut machine = NodeMachine::new(role, name, chain[pos..].to_vec(), self.total).with_route(route.clone());
             if repair && pos > 0 {
                 machine.set_stop_on_loss();
@@ -294,16 +333,23 @@ impl Sim {
                 replica: (pos > 0).then(|| idx[pos - 1]),
                 machine,
                 route,
-                free: (0..SLOTS).rev().map(SlotId).collect(),
+                free: (0..self.slots).rev().map(SlotId).collect(),
                 held: BTreeSet::new(),
                 queue: VecDeque::new(),
+                lane_queues: vec![VecDeque::new(); self.lanes],
+                lane_of: BTreeMap::new(),
+                lane_next: vec![first; self.lanes],
+                lane_chunks: vec![0; self.lanes],
+                arrived: 0,
+                expected,
+                end: EndSeen::No,
                 stall: HopStall::new(self.base + self.now),
                 acks: Vec::new(),
                 done: false,
                 next_read: 0,
             });
         }
-        self.down = vec![VecDeque::new(); chain.len()];
+        self.down = vec![vec![VecDeque::new(); self.lanes]; chain.len()];
         self.up = vec![VecDeque::new(); chain.len()];
         self.events.clear();
         for n in 0..self.nodes.len() {
@@ -358,8 +404,11 @@ impl Sim {
     fn act(&mut self, n: usize, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Forward { seq, .. } => self.send_down(n, Frame::Chunk(seq)),
-                Action::SendEnd => self.send_down(n, Frame::End),
+                Action::Forward { seq, .. } => {
+                    let lane = self.nodes[n].lane_of.remove(&seq);
+                    self.send_down(n, lane, Frame::Chunk(seq));
+                }
+                Action::SendEnd => self.send_down(n, (n > 0).then_some(0), Frame::End),
                 Action::Write { seq, .. } => {
                     let d = self.rng.delay();
                     self.at(d, Ev::Local(n, Event::WriteDone { seq }));
@@ -449,29 +498,54 @@ impl Sim {
         if self.nodes[n].done || self.is_dead(n) {
             return;
         }
-        self.nodes[n].queue.clear();
-        self.down[n].clear();
+        self.clear_down(n);
         self.up[n].clear();
         self.upstream_lost(n + 1);
         self.feed(n, Event::DownstreamLost { error });
     }
 
-    fn send_down(&mut self, n: usize, frame: Frame) {
-        self.nodes[n].queue.push_back(frame);
+    /// Queues `frame` for node `n`'s hop downstream: on lane `lane` (a relay's chunk: the lane
+    /// it came on; END: lane 0), or for whichever lane has room first (the primary's).
+    fn send_down(&mut self, n: usize, lane: Option<usize>, frame: Frame) {
+        match lane {
+            Some(k) if self.lanes > 1 => self.nodes[n].lane_queues[k].push_back(frame),
+            _ => self.nodes[n].queue.push_back(frame),
+        }
         self.pump(n);
     }
 
-    /// Moves node `n`'s queued sends onto its link while the link has room. A send completes
+    /// Nothing more goes downstream from node `n`, and nothing is in flight.
+    fn clear_down(&mut self, n: usize) {
+        self.nodes[n].queue.clear();
+        self.nodes[n].lane_queues.iter_mut().for_each(VecDeque::clear);
+        self.down[n].iter_mut().for_each(VecDeque::clear);
+    }
+
+    /// Moves node `n`'s queued sends onto its lanes while they have room. A send completes
     /// when the link takes it.
     fn pump(&mut self, n: usize) {
-        while self.down[n].len() < WINDOW {
-            let Some(frame) = self.nodes[n].queue.pop_front() else { break };
-            let arrival = (self.now + LATENCY).max(self.down[n].back().map_or(Duration::ZERO, |f| f.0));
-            if let Frame::Chunk(seq) = frame {
-                self.at(Duration::ZERO, Ev::Local(n, Event::ForwardDone { seq }));
+        for k in 0..self.lanes {
+            while self.down[n][k].len() < WINDOW {
+                let node = &mut self.nodes[n];
+                let frame = match node.lane_queues[k].pop_front() {
+                    Some(f) => f,
+                    None if k > 0 && node.queue.front() == Some(&Frame::End) => break,
+                    None => match node.queue.pop_front() {
+                        Some(f) => f,
+                        None => break,
+                    },
+                };
+                let lane = &self.down[n][k];
+                let after = lane.back().map_or(Duration::ZERO, |f| f.0 + self.pace[k]);
+                let jitter = if self.lanes > 1 { self.rng.delay() / 4 } else { Duration::ZERO };
+                let arrival = (self.now + LATENCY + jitter).max(after);
+                if let Frame::Chunk(seq) = frame {
+                    self.nodes[n].lane_chunks[k] += 1;
+                    self.at(Duration::ZERO, Ev::Local(n, Event::ForwardDone { seq }));
+                }
+                self.down[n][k].push_back((arrival, frame));
+                self.at(arrival - self.now, Ev::Arrive { link: n, down: true });
             }
-            self.down[n].push_back((arrival, frame));
-            self.at(arrival - self.now, Ev::Arrive { link: n, down: true });
         }
     }
 
@@ -482,23 +556,46 @@ impl Sim {
         self.at(arrival - self.now, Ev::Arrive { link: n - 1, down: false });
     }
 
-    /// Node `n` takes what arrived from upstream: chunks only into free slots.
+    /// Node `n` takes what arrived from upstream on each lane: a frame only into a free slot
+    /// its lane may lease (the session receives every frame's header into one).
     fn receive_down(&mut self, n: usize) {
+        for k in 0..self.lanes {
+            if self.receive_lane(n, k) {
+                return;
+            }
+        }
+    }
+
+    /// `receive_down` on lane `k`; true when the node died or hung meanwhile.
+    fn receive_lane(&mut self, n: usize, k: usize) -> bool {
         if self.nodes[n].done || self.is_dead(n) {
-            return;
+            return true;
         }
         let i = self.nodes[n].replica.expect("replicas receive");
-        while let Some((t, frame)) = self.down[n - 1].front() {
-            if *t > self.now || (matches!(frame, Frame::Chunk(_)) && self.nodes[n].free.is_empty()) {
+        while let Some((t, frame)) = self.down[n - 1][k].front() {
+            let node = &self.nodes[n];
+            let next = node.machine.next_dispatch();
+            let lease =
+                !self.lease_rule || may_lease(k, self.lanes, node.lane_next[k], next, node.free.len(), node.end);
+            // Every frame's header lands in a leased slot; one lane keeps the sim's simpler model
+            // of END, taken without one.
+            let needs_slot = matches!(frame, Frame::Chunk(_)) || self.lanes > 1;
+            if *t > self.now || needs_slot && (node.free.is_empty() || !lease) {
                 break;
             }
-            let (_, frame) = self.down[n - 1].pop_front().expect("front");
+            let (_, frame) = self.down[n - 1][k].pop_front().expect("front");
             self.nodes[n - 1].stall.progress(self.base + self.now);
             self.pump(n - 1);
             match frame {
                 Frame::Chunk(seq) => {
-                    let slot = self.nodes[n].free.pop().expect("a free slot");
-                    self.nodes[n].held.insert(slot);
+                    let node = &mut self.nodes[n];
+                    let slot = node.free.pop().expect("a free slot");
+                    node.held.insert(slot);
+                    node.lane_next[k] = node.route.next_passing(seq + 1, self.total);
+                    node.arrived += 1;
+                    if self.lanes > 1 && node.route.onward(seq) {
+                        node.lane_of.insert(seq, k);
+                    }
                     self.replicas[i].arrived.push(seq);
                     let count = self.replicas[i].arrived.len() as u64;
                     let d = self.rng.delay();
@@ -508,19 +605,43 @@ impl Sim {
                         continue;
                     }
                     self.at(d, Ev::Local(n, Event::ChunkReady { seq, slot }));
+                    let node = &mut self.nodes[n];
+                    if node.end == EndSeen::Pending && node.arrived == node.expected {
+                        // END came ahead of this chunk, on lane 0.
+                        node.end = EndSeen::Received;
+                        self.at(d, Ev::Local(n, Event::UpstreamEnd));
+                    }
                     match self.replicas[i].fault {
-                        Some((after, Fault::Die)) if count >= after => return self.kill(n),
+                        Some((after, Fault::Die)) if count >= after => {
+                            self.kill(n);
+                            return true;
+                        }
                         Some((after, Fault::Hang)) if count >= after => {
                             self.replicas[i].hung = true;
-                            return;
+                            return true;
+                        }
+                        Some((after, Fault::CutLane)) if count == after => {
+                            // The hop breaks: its upstream hears at once, and this session ends.
+                            self.replicas[i].fault = None;
+                            let e = NodeError::new(
+                                ErrorKind::ConnectionLost,
+                                format!("lane {k} to {} cut", self.replicas[i].name),
+                            );
+                            self.at(Duration::ZERO, Ev::Lost(n - 1, e));
+                            return true;
                         }
                         _ => {}
                     }
                 }
-                Frame::End => self.at(Duration::ZERO, Ev::Local(n, Event::UpstreamEnd)),
+                Frame::End if self.nodes[n].arrived < self.nodes[n].expected => self.nodes[n].end = EndSeen::Pending,
+                Frame::End => {
+                    self.nodes[n].end = EndSeen::Received;
+                    self.at(Duration::ZERO, Ev::Local(n, Event::UpstreamEnd));
+                }
                 f => panic!("{f:?} travelling downstream"),
             }
         }
+        false
     }
 
     /// Node `n` takes what its downstream sent back.
@@ -535,8 +656,7 @@ impl Sim {
                 Frame::Ack(through) => self.feed(n, Event::DownstreamAck { through }),
                 Frame::Result(reports) => {
                     // Downstream is done: nothing more goes to it, nothing is in flight.
-                    self.nodes[n].queue.clear();
-                    self.down[n].clear();
+                    self.clear_down(n);
                     self.feed(n, Event::DownstreamResult { reports });
                 }
                 f => panic!("{f:?} travelling upstream"),
@@ -571,7 +691,8 @@ impl Sim {
             let now = self.base + self.now;
             let node = &mut self.nodes[n];
             let limit = hop_limit(self.hop_timeout, node.machine.downstream_nodes().len());
-            if let Some(stalled) = node.stall.tick(Tick { now, waiting: !node.queue.is_empty() }, limit) {
+            let waiting = !node.queue.is_empty() || node.lane_queues.iter().any(|q| !q.is_empty());
+            if let Some(stalled) = node.stall.tick(Tick { now, waiting }, limit) {
                 let e = stalled.error(&node.machine.downstream_nodes()[0]);
                 self.lost(n, e);
             }
@@ -726,4 +847,91 @@ fn a_corrupt_chunk_fails_one_replica_and_the_repair_refetches_from_where_it_stop
     assert!(r2.arrived.iter().all(|q| !r2.before[1].contains(q) || !r3.before[1].contains(q)));
     assert!(r3.arrived.iter().all(|q| !r3.before[1].contains(q)), "a journaled chunk travelled again");
     assert!(r2.arrived.len() < 40, "r2 resumed");
+}
+
+const US: Duration = Duration::from_micros(1);
+
+#[test]
+fn lanes_reorder_chunks_yet_every_replica_writes_each_once_and_acks_never_run_ahead() {
+    let mut reordered = 0;
+    for (seed, pace) in (0..30).zip(
+        [
+            [Duration::ZERO, Duration::ZERO].as_slice(),
+            &[Duration::ZERO, Duration::ZERO, Duration::ZERO],
+            &[US * 100, US * 600],
+        ]
+        .iter()
+        .cycle(),
+    ) {
+        let lanes = pace.len();
+        let mut sim = Sim::new(seed, &CHAIN, 40).with_lanes(pace);
+        let reports = sim.push(false).unwrap_or_else(|e| panic!("seed {seed}, {lanes} lanes: {e}"));
+        assert_eq!(names(&reports), vec![("r1:1", None), ("r2:2", None), ("r3:3", None)], "seed {seed}");
+        for r in &sim.replicas {
+            assert!(r.published, "seed {seed}: {}", r.name);
+            assert_eq!(r.journal.len(), 40, "seed {seed}: {}", r.name);
+            let mut got = r.arrived.clone();
+            reordered += usize::from(got.windows(2).any(|w| w[0] > w[1]));
+            got.sort_unstable();
+            assert_eq!(got, (0..40).collect::<Vec<_>>(), "seed {seed}: {} got a chunk twice or never", r.name);
+        }
+        for (n, node) in sim.nodes.iter().enumerate() {
+            assert_eq!(node.acks.last(), Some(&40), "seed {seed}: node {n} acked {:?}", node.acks);
+            assert!(node.held.is_empty() && node.free.len() == usize::from(sim.slots), "seed {seed}: node {n}");
+            if n + 1 < sim.nodes.len() {
+                assert!(node.lane_chunks.iter().all(|&c| c > 0), "seed {seed}: node {n} lanes {:?}", node.lane_chunks);
+                assert_eq!(node.lane_chunks.iter().sum::<u64>(), 40, "seed {seed}: node {n}");
+            }
+        }
+        // A relay forwards on lane k what came on lane k: every hop's lanes carry alike.
+        assert_eq!(sim.nodes[1].lane_chunks, sim.nodes[0].lane_chunks, "seed {seed}");
+        assert_eq!(sim.nodes[2].lane_chunks, sim.nodes[0].lane_chunks, "seed {seed}");
+    }
+    assert!(reordered > 0, "no replica ever saw chunks out of order: the lanes tested nothing");
+}
+
+#[test]
+fn a_slower_lane_carries_fewer_chunks() {
+    // Enough slots that the receivers can hold what the fast lane brings while a chunk of the
+    // slow one is on its way (with too few, the slow lane paces the whole hop).
+    let mut sim = Sim::new(5, &CHAIN, 60).with_lanes(&[US * 50, US * 1000]);
+    sim.slots = 16;
+    sim.push(false).unwrap();
+    let l = &sim.nodes[0].lane_chunks;
+    assert!(l[1] > 0 && l[1] * 3 < l[0], "a lane 20 x slower took {l:?}");
+}
+
+#[test]
+fn without_the_lease_rule_lanes_running_ahead_take_every_slot_and_the_chain_stalls() {
+    // Lane 1 is slow: lane 0 runs ahead of the chunk it carries.
+    let pace = [US * 10, US * 2000];
+    let mut stalled = 0;
+    for seed in 0..10 {
+        let mut sim = Sim::new(seed, &CHAIN, 40).with_lanes(&pace);
+        sim.lease_rule = false;
+        let reports = sim.push(false).unwrap();
+        stalled += usize::from(names(&reports).iter().any(|(_, e)| *e == Some(ErrorKind::Stalled)));
+        let mut sim = Sim::new(seed, &CHAIN, 40).with_lanes(&pace);
+        let reports = sim.push(false).unwrap();
+        assert_eq!(names(&reports), vec![("r1:1", None), ("r2:2", None), ("r3:3", None)], "seed {seed}");
+    }
+    assert!(stalled > 0, "lanes ran ahead without the rule, and nothing stalled: the test shows nothing");
+}
+
+#[test]
+fn a_lane_cut_mid_push_fails_its_hop_and_the_repair_resumes_every_replica() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(seed, &CHAIN, 40).with_lanes(&[Duration::ZERO, Duration::ZERO]);
+        sim.replica("r2:2").fault = Some((15, Fault::CutLane));
+        let reports = sim.push(true).unwrap();
+        assert_eq!(names(&reports), vec![("r1:1", None), ("r2:2", None), ("r3:3", None)], "seed {seed}");
+        assert!(sim.replicas.iter().all(|r| r.published && r.journal.len() == 40), "seed {seed}");
+        assert!(sim.attempts.len() > 1, "seed {seed}: the cut lane was never noticed");
+        // r2 resumes: a chunk travels to it again only when r2 or r3 (after it) lacks it.
+        let (r2, r3) = (&sim.replicas[1], &sim.replicas[2]);
+        let (b2, b3) = (r2.before.last().unwrap(), r3.before.last().unwrap());
+        assert!(b2.len() >= 10, "seed {seed}: r2 had journaled {} chunks", b2.len());
+        assert!(r2.arrived.iter().all(|q| !b2.contains(q) || !b3.contains(q)), "seed {seed}: a chunk travelled again");
+        assert!(r2.arrived.len() < 40, "seed {seed}: r2 did not resume");
+    }
 }

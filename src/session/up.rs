@@ -153,20 +153,16 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Whether lane `lane` may take a slot for its next frame. Chunks that arrive ahead of one
-    /// still missing wait in their slots (the machine hands them on in order), so with several
-    /// lanes the last free slots are kept for the lanes that may carry the missing chunk (those
-    /// not yet past it): else lanes running ahead could take every slot and the missing chunk
-    /// would have none to land in.
+    /// Whether lane `lane` may take a slot for its next frame (`proto::lanes`).
     fn lane_may_lease(&self, lane: usize) -> bool {
-        let lanes = self.up.lanes.len();
-        if lanes == 1 {
-            return true;
-        }
-        if self.up.end_received || self.up.end_pending.is_some() && lane == 0 {
-            return false;
-        }
-        self.up.lanes[lane].next_seq <= self.machine.next_dispatch() || self.pool.free_slots() > lanes
+        use crate::proto::lanes::{EndSeen, may_lease};
+        let end = match (self.up.end_received, self.up.end_pending.is_some()) {
+            (true, _) => EndSeen::Received,
+            (false, true) => EndSeen::Pending,
+            (false, false) => EndSeen::No,
+        };
+        let (lanes, next) = (self.up.lanes.len(), self.up.lanes[lane].next_seq);
+        may_lease(lane, lanes, next, self.machine.next_dispatch(), self.pool.free_slots(), end)
     }
 
     /// A chunk header from upstream is the one expected next and matches the manifest.
