@@ -228,13 +228,8 @@ fn acl_keys_push_only_their_names_and_may_be_kept_from_moving_current() {
     let admin = key_file(t.path(), "admin.key", SECRET_A);
     let trainer = key_file(t.path(), "trainer.key", SECRET_B);
     let stranger = key_file(t.path(), "stranger.key", "a-third-key-nobody-listed-0123456789abcdefgh");
-    let acl = t.path().join("acl.toml");
-    std::fs::write(&acl, "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\nreplace_current = false\n").unwrap();
-    let c = Cluster::builder()
-        .env("SHARDCAST_KEY_FILE", admin.to_str().unwrap())
-        .serve_arg("--acl")
-        .serve_arg(acl.to_str().unwrap())
-        .start(1);
+    let acl = "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\nreplace_current = false\n";
+    let c = acl_cluster(1, &admin, t.path(), acl);
     let src = t.path().join("src");
     write_random_file(&src.join("w.bin"), 1 << 20, 6);
     let push = |name: &str, v: u64, key: &Path| {
@@ -279,22 +274,10 @@ fn acl_limits_hold_at_every_replica_of_the_chain() {
     // r1 lets the trainer push "other" and prune, but not move `current`; r2 and r3 let it move
     // `current` (only r1's limit, carried in HELLO, keeps it from doing so there), but not push
     // "other" nor prune.
-    let acl1 = d1.join("acl.toml");
-    std::fs::write(
-        &acl1,
-        "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\", \"other\"]\nreplace_current = false\nprune = true\n",
-    )
-    .unwrap();
-    let acl2 = d2.join("acl.toml");
-    std::fs::write(&acl2, "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\nreplace_current = true\n").unwrap();
-    let keyed = |acl: &Path, n| {
-        Cluster::builder()
-            .env("SHARDCAST_KEY_FILE", admin.to_str().unwrap())
-            .serve_arg("--acl")
-            .serve_arg(acl.to_str().unwrap())
-            .start(n)
-    };
-    let (c1, c23) = (keyed(&acl1, 1), keyed(&acl2, 2));
+    let acl1 =
+        "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\", \"other\"]\nreplace_current = false\nprune = true\n";
+    let acl2 = "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\nreplace_current = true\n";
+    let (c1, c23) = (acl_cluster(1, &admin, &d1, acl1), acl_cluster(2, &admin, &d2, acl2));
     let roots = [c1.root(0), c23.root(0), c23.root(1)];
     let to = format!("{},{}", c1.addr(0), c23.addrs());
     let logs = || format!("{}{}", c1.logs(), c23.logs());

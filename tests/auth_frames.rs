@@ -139,13 +139,7 @@ fn a_reject_with_a_changed_reason_is_not_believed() {
     let t = tempdir();
     let admin = key_file(t.path(), "admin.key", SECRET);
     let trainer = key_file(t.path(), "trainer.key", OTHER);
-    let acl = t.path().join("acl.toml");
-    std::fs::write(&acl, "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\n").unwrap();
-    let c = Cluster::builder()
-        .env("SHARDCAST_KEY_FILE", admin.to_str().unwrap())
-        .serve_arg("--acl")
-        .serve_arg(acl.to_str().unwrap())
-        .start(1);
+    let c = acl_cluster(1, &admin, t.path(), "[[key]]\nfile = \"trainer.key\"\nnames = [\"ckpt-\"]\n");
     let src = t.path().join("src");
     write_random_file(&src.join("w.bin"), 1 << 20, 3);
     let proxy = rewriting_proxy(c.addr(0), Kind::Reject, forge_reject_reason);

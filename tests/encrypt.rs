@@ -7,9 +7,8 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use util::*;
 
@@ -30,29 +29,20 @@ enum Tamper {
 struct Proxy {
     addr: String,
     seen: Arc<Mutex<Vec<u8>>>,
-    _accept: JoinHandle<()>,
 }
 
 impl Proxy {
     fn start(target: String, tamper: Tamper) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let rec = seen.clone();
-        let accept = std::thread::spawn(move || {
-            let mut first = true;
-            for client in l.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(&target) else { return };
-                let t = if first { tamper } else { Tamper::None };
-                first = false;
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let rec = rec.clone();
-                std::thread::spawn(move || pipe(client, server, Some(rec), t));
-                std::thread::spawn(move || pipe(s2, c2, None, t));
-            }
+        let addr = proxy(target, move |first, client, server| {
+            let t = if first { tamper } else { Tamper::None };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let rec = rec.clone();
+            std::thread::spawn(move || pipe(client, server, Some(rec), t));
+            std::thread::spawn(move || pipe(s2, c2, None, t));
         });
-        Proxy { addr, seen, _accept: accept }
+        Proxy { addr, seen }
     }
 
     fn seen(&self) -> Vec<u8> {
@@ -271,75 +261,67 @@ fn misconfigured_encryption_is_refused_with_what_to_do() {
 /// as they are.
 fn rewriting_proxy(target: String, victim: u64) -> String {
     use shardcast::wire::{HEADER_LEN, Hello, Kind, MAGIC};
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        let mut first = true;
-        for client in l.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(&target) else { return };
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || pipe(s2, c2, None, Tamper::None));
-            if !std::mem::take(&mut first) {
-                std::thread::spawn(move || pipe(client, server, None, Tamper::None));
-                continue;
-            }
-            std::thread::spawn(move || {
-                let mut from = std::io::BufReader::with_capacity(1 << 20, client);
-                let mut to = server;
-                let mut manifest = None;
-                let mut header = [0u8; HEADER_LEN];
-                let mut raw_after = false;
-                while !raw_after && from.read_exact(&mut header).is_ok() {
-                    let kind = header[6];
-                    let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
-                    let mut payload = vec![0u8; len];
-                    if from.read_exact(&mut payload).is_err() {
-                        return;
-                    }
-                    if kind == Kind::Hello as u8 {
-                        // The HELLO's MAC (32 bytes) follows its encoding.
-                        let h = Hello::decode(&payload[..len - 32]).expect("a HELLO");
-                        manifest = Some(h.manifest);
-                    } else if kind == Kind::Chunk as u8 {
-                        let seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
-                        if seq == victim {
-                            for b in &mut payload {
-                                *b = !*b;
-                            }
-                            let d = shardcast::manifest::digest(&payload);
-                            header[24..40].copy_from_slice(&d.to_le_bytes());
-                        }
-                        let d = u128::from_le_bytes(header[24..40].try_into().unwrap());
-                        manifest.as_mut().expect("HELLO first").set_digest(seq, d);
-                    } else if kind == Kind::End as u8 {
-                        let d = manifest.as_ref().expect("HELLO first").digest();
-                        header[24..40].copy_from_slice(&d.to_le_bytes());
-                        raw_after = true;
-                    }
-                    if to.write_all(&header).and_then(|()| to.write_all(&payload)).is_err() {
-                        return;
-                    }
-                    // A MAC after a chunk: whatever does not start a frame.
-                    if kind == Kind::Chunk as u8 {
-                        let Ok(next) = std::io::BufRead::fill_buf(&mut from) else { return };
-                        if next.len() >= 4 && next[..4] != MAGIC {
-                            let mut mac = [0u8; 16];
-                            if from.read_exact(&mut mac).is_err() || to.write_all(&mac).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                // The rest (END's MAC, if any) as it comes.
-                let rest = from.buffer().to_vec();
-                if to.write_all(&rest).is_ok() {
-                    pipe(from.into_inner(), to, None, Tamper::None);
-                }
-            });
+    proxy(target, move |first, client, server| {
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || pipe(s2, c2, None, Tamper::None));
+        if !first {
+            std::thread::spawn(move || pipe(client, server, None, Tamper::None));
+            return;
         }
-    });
-    addr
+        std::thread::spawn(move || {
+            let mut from = std::io::BufReader::with_capacity(1 << 20, client);
+            let mut to = server;
+            let mut manifest = None;
+            let mut header = [0u8; HEADER_LEN];
+            let mut raw_after = false;
+            while !raw_after && from.read_exact(&mut header).is_ok() {
+                let kind = header[6];
+                let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+                let mut payload = vec![0u8; len];
+                if from.read_exact(&mut payload).is_err() {
+                    return;
+                }
+                if kind == Kind::Hello as u8 {
+                    // The HELLO's MAC (32 bytes) follows its encoding.
+                    let h = Hello::decode(&payload[..len - 32]).expect("a HELLO");
+                    manifest = Some(h.manifest);
+                } else if kind == Kind::Chunk as u8 {
+                    let seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
+                    if seq == victim {
+                        for b in &mut payload {
+                            *b = !*b;
+                        }
+                        let d = shardcast::manifest::digest(&payload);
+                        header[24..40].copy_from_slice(&d.to_le_bytes());
+                    }
+                    let d = u128::from_le_bytes(header[24..40].try_into().unwrap());
+                    manifest.as_mut().expect("HELLO first").set_digest(seq, d);
+                } else if kind == Kind::End as u8 {
+                    let d = manifest.as_ref().expect("HELLO first").digest();
+                    header[24..40].copy_from_slice(&d.to_le_bytes());
+                    raw_after = true;
+                }
+                if to.write_all(&header).and_then(|()| to.write_all(&payload)).is_err() {
+                    return;
+                }
+                // A MAC after a chunk: whatever does not start a frame.
+                if kind == Kind::Chunk as u8 {
+                    let Ok(next) = std::io::BufRead::fill_buf(&mut from) else { return };
+                    if next.len() >= 4 && next[..4] != MAGIC {
+                        let mut mac = [0u8; 16];
+                        if from.read_exact(&mut mac).is_err() || to.write_all(&mac).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // The rest (END's MAC, if any) as it comes.
+            let rest = from.buffer().to_vec();
+            if to.write_all(&rest).is_ok() {
+                pipe(from.into_inner(), to, None, Tamper::None);
+            }
+        });
+    })
 }
 
 /// Without --encrypt, a cluster key still makes the data authentic: a chunk and its digest

@@ -1117,3 +1117,16 @@ pub fn key_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
 pub fn keyed_cluster(n: usize, key: &Path) -> Cluster {
     Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(n)
 }
+
+/// `n` replicas with the key at `key` and the access list `acl` (the TOML of `serve --acl`,
+/// written to `acl.toml` in `dir`, where its `file = ...` key files are looked up).
+#[allow(dead_code)]
+pub fn acl_cluster(n: usize, key: &Path, dir: &Path, acl: &str) -> Cluster {
+    let path = dir.join("acl.toml");
+    fs::write(&path, acl).unwrap();
+    Cluster::builder()
+        .env("SHARDCAST_KEY_FILE", key.to_str().unwrap())
+        .serve_arg("--acl")
+        .serve_arg(path.to_str().unwrap())
+        .start(n)
+}
