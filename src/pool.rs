@@ -46,8 +46,8 @@ pub(crate) enum Buf {
     Slot { id: SlotId, off: usize, len: u32 },
     /// `len` bytes from byte `off` of a control area.
     Ctrl { area: Ctrl, off: usize, len: u32 },
-    /// The first `len` bytes of the sealing buffer (see [`Pool::set_seal_len`]).
-    Seal { len: u32 },
+    /// The first `len` bytes of lane `lane`'s sealing buffer (see [`Pool::set_seal_len`]).
+    Seal { lane: u8, len: u32 },
 }
 
 /// A pinned buffer pool of fixed-size slots.
@@ -64,6 +64,8 @@ pub(crate) struct Pool {
     free: Vec<SlotId>,
     leased: Vec<bool>,
     locked: bool,
+    /// Bytes of each lane's sealing buffer (they follow one another in the spare buffer).
+    seal_len: usize,
 }
 
 static MEMLOCK_WARNING: Once = Once::new();
@@ -92,7 +94,7 @@ impl Pool {
             }
         };
         let free = (0..slots as u16).rev().map(SlotId).collect();
-        Ok(Self { mem, slot_size, slots, free, leased: vec![false; slots], locked })
+        Ok(Self { mem, slot_size, slots, free, leased: vec![false; slots], locked, seal_len: 0 })
     }
 
     /// A pool whose slots hold at most `bytes` bytes of chunks; refused (`InvalidInput`, the
@@ -149,6 +151,7 @@ impl Pool {
             free: Vec::new(),
             leased: Vec::new(),
             locked: false,
+            seal_len: 0,
         };
         std::mem::replace(self, husk)
     }
@@ -165,6 +168,7 @@ impl Pool {
             return false;
         }
         self.mem.set_spare(0);
+        self.seal_len = 0;
         self.leased.iter_mut().for_each(|l| *l = false);
         self.free = (0..self.slots as u16).rev().map(SlotId).collect();
         true
@@ -208,7 +212,10 @@ impl Pool {
                 assert!(off + len as usize <= CTRL_LEN, "{buf:?} out of bounds");
                 Span { off: self.slots * self.slot_size + area as usize * CTRL_LEN + off, len }
             }
-            Buf::Seal { len } => Span { off: self.mem.len(), len },
+            Buf::Seal { lane, len } => {
+                assert!(len as usize <= self.seal_len, "{buf:?} out of bounds");
+                Span { off: self.mem.len() + usize::from(lane) * self.seal_len, len }
+            }
         }
     }
 
@@ -240,22 +247,23 @@ impl Pool {
         self.mem.bytes_mut(span)
     }
 
-    /// Gives the pool a sealing buffer of `len` bytes (an encrypted hop seals each chunk there
-    /// and sends it from there); 0 drops it.
-    pub(crate) fn set_seal_len(&mut self, len: usize) {
-        self.mem.set_spare(len);
+    /// Gives the pool a sealing buffer of `len` bytes for each of `lanes` lanes (an encrypted
+    /// hop seals each chunk in its lane's buffer and sends it from there); 0 drops them.
+    pub(crate) fn set_seal_len(&mut self, len: usize, lanes: usize) {
+        self.mem.set_spare(len * lanes);
+        self.seal_len = len;
     }
 
-    /// The first `len` bytes of the sealing buffer, to write.
-    pub(crate) fn seal_mut(&mut self, len: usize) -> &mut [u8] {
-        let span = self.span(Buf::Seal { len: len as u32 });
+    /// The first `len` bytes of lane `lane`'s sealing buffer, to write.
+    pub(crate) fn seal_mut(&mut self, lane: u8, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Seal { lane, len: len as u32 });
         self.mem.bytes_mut(span)
     }
 
-    /// Copies bytes `0..len` of slot `id` to the start of the sealing buffer.
-    pub(crate) fn copy_to_seal(&mut self, id: SlotId, len: usize) {
+    /// Copies bytes `0..len` of slot `id` to the start of lane `lane`'s sealing buffer.
+    pub(crate) fn copy_to_seal(&mut self, id: SlotId, lane: u8, len: usize) {
         let from = self.span(Buf::Slot { id, off: 0, len: len as u32 });
-        let to = self.span(Buf::Seal { len: len as u32 });
+        let to = self.span(Buf::Seal { lane, len: len as u32 });
         self.mem.copy(from, to);
     }
 

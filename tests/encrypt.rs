@@ -142,6 +142,33 @@ fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
     }
 }
 
+/// An encrypted push of 2 lanes per hop: each lane seals under its own handshake's secret, so
+/// nothing passes any lane's connection in the clear (the proxies record every connection,
+/// lanes included), every lane carries chunks, and both replicas publish exact copies.
+#[test]
+fn encrypted_lanes_each_seal_their_chunks_and_publish_exact_copies() {
+    let t = tempdir();
+    let key = key_file(t.path(), "cluster.key", SECRET);
+    let c = keyed_cluster(2, &key);
+    let src = t.path().join("src");
+    write_random_file(&src.join("a.bin"), 24 << 20, 4);
+    let data = std::fs::read(src.join("a.bin")).unwrap();
+    let (p0, p1) = proxied(&c, Tamper::None);
+    let to = format!("{},{}", p0.addr, p1.addr);
+    let args = ["--chunk-size", "1MiB", "--encrypt", "--lanes", "2", "--json"];
+    let out = run(&mut c.push_cmd(&to, &src, "laned", 1, &args));
+    c.assert_push_ok(&out);
+    c.assert_published(&src, "laned", 1);
+    assert_sealed_on_both_hops(&data, &p0, &p1);
+    let report = parse_json(&out);
+    let lanes: Vec<u64> = report["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(lanes.len() == 2 && lanes.iter().all(|&n| n > 0), "a lane carried nothing: {lanes:?}");
+    for i in 0..2 {
+        let v = c.verify(i, "laned", &[]);
+        assert_eq!(code(&v), 0, "{}", show_output(&v));
+    }
+}
+
 /// A routed push under encryption: the relay holds most of the new version already (it copies
 /// those chunks locally), and still relays every chunk to the replica after it, which has
 /// nothing: sealed again on the second hop, exact on both.

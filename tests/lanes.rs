@@ -78,18 +78,6 @@ fn two_lanes_with_a_cluster_key_authenticate_each_lane_and_publish_identical_byt
 }
 
 #[test]
-fn lanes_with_encrypt_are_refused_with_what_is_missing() {
-    let key = tempdir();
-    let c = keyed_cluster(1, &key_file(key.path(), "cluster.key", LANE_KEY));
-    let src = source(3);
-    let out = c.push(src.path(), "ck", 1, &["--lanes", "2", "--encrypt"]);
-    assert_ne!(code(&out), 0, "{}", show_output(&out));
-    let all = all_output(&out);
-    assert!(all.contains("--encrypt") && all.contains("own keys"), "{all}");
-    assert!(!c.root(0).join("ck").exists(), "the refused push published");
-}
-
-#[test]
 fn a_lane_with_a_wrong_token_is_refused_and_the_push_goes_on() {
     let c = Cluster::start(2);
     let src = source(5);

@@ -261,7 +261,7 @@ pub(crate) struct PushArgs {
     pub(crate) compress_level: Option<i32>,
     /// Lanes per hop: each hop of the chain opens this many TCP connections; the primary hands
     /// each chunk to the lane with room, relays forward each lane on its own (1 to 16; more than
-    /// 1 runs TCP lanes, without --encrypt).
+    /// 1 runs TCP lanes; with --encrypt each lane has its own keys).
     #[arg(long, default_value_t = 1, env = "SHARDCAST_PUSH_LANES", value_parser = clap::value_parser!(u8).range(1..=16))]
     pub(crate) lanes: u8,
     /// Send chunks as XOR deltas against the replicas' current version of NAME where they hold

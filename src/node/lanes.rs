@@ -107,17 +107,10 @@ impl LaneWait {
     }
 }
 
-/// The `--lanes R` limits every node checks: more than one lane means TCP lanes without
-/// encryption (an encrypted lane would need keys and a sealing buffer of its own; RDMA lanes
-/// would need a queue pair each), so such a push is refused rather than run otherwise.
-pub(crate) fn check_lanes(lanes: u8, encrypt: bool, rdma_only: bool) -> Result<(), NodeError> {
-    if lanes > 1 && encrypt {
-        return Err(NodeError::new(
-            ErrorKind::Unsupported,
-            "--lanes above 1 with --encrypt is not supported yet: each lane needs its own keys; push with \
-             --lanes 1 to encrypt",
-        ));
-    }
+/// The `--lanes R` limit every node checks: more than one lane means TCP lanes (RDMA lanes
+/// would need a queue pair each), so such a push over RDMA only is refused rather than run
+/// otherwise. Encrypted lanes each seal under their own handshake's secret.
+pub(crate) fn check_lanes(lanes: u8, rdma_only: bool) -> Result<(), NodeError> {
     if lanes > 1 && rdma_only {
         return Err(NodeError::new(
             ErrorKind::Unsupported,

@@ -519,7 +519,7 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
     if opts.lanes == 0 || opts.lanes > wire::MAX_LANES {
         return Err(PushError::BadInput(format!("--lanes {}: from 1 to {}", opts.lanes, wire::MAX_LANES)));
     }
-    super::lanes::check_lanes(opts.lanes, opts.encrypt, opts.transport == Transport::Rdma)
+    super::lanes::check_lanes(opts.lanes, opts.transport == Transport::Rdma)
         .map_err(|e| PushError::Unsupported(e.message))?;
     if opts.encrypt && opts.transport == Transport::Rdma {
         return Err(PushError::BadInput(

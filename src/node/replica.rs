@@ -1326,7 +1326,7 @@ fn finish(up: &mut Hop, retain: (String, u64, u32), end: SessionEnd, store: &Sto
 pub fn admit(hello: &Hello, opts: &ServeOptions) -> Result<(), NodeError> {
     crate::proto::admission::check_hello(hello, &opts.into())?;
     let rdma_only = hello.transport == crate::transport::Transport::Rdma;
-    super::lanes::check_lanes(hello.lanes, hello.flags.has(wire::HelloFlags::ENCRYPT), rdma_only)
+    super::lanes::check_lanes(hello.lanes, rdma_only)
 }
 
 /// Records one push (or refusal) in the audit log when dropped.

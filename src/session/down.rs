@@ -57,13 +57,16 @@ pub(super) struct DnLane {
     /// Authenticated hop: the MACs of the frames on this lane (lane 0: to and from
     /// downstream); each lane has its own handshake and secret.
     pub(super) macs: Option<FrameMacs>,
+    /// Encrypted hop: seals each chunk sent on this lane (under this lane's secret), in the
+    /// lane's sealing buffer (sends go one at a time on a lane).
+    pub(super) seal: Option<crate::crypt::Sealer>,
     /// Chunks sent (or being cut through) on this lane.
     pub(super) chunks: u64,
 }
 
 impl DnLane {
     pub(super) fn new(fd: RawFd) -> Self {
-        Self { fd, queue: VecDeque::new(), sending: None, macs: None, chunks: 0 }
+        Self { fd, queue: VecDeque::new(), sending: None, macs: None, seal: None, chunks: 0 }
     }
 
     /// Counts a chunk that goes on this lane (`lane`, its index).
@@ -103,9 +106,6 @@ pub(super) struct Downstream {
     pub(super) closed: bool,
     /// When downstream last took or answered something (while this node waited on it).
     pub(super) progress: crate::proto::stall::HopStall,
-    /// Encrypted hop: seals each chunk sent, in the pool's sealing buffer (sends go one at a
-    /// time, so one buffer does; the pool keeps it untouched while a send from it is in flight).
-    pub(super) seal: Option<crate::crypt::Sealer>,
     /// Authenticated hop: its session secret (the RESULT from there must carry a MAC).
     pub(super) secret: Option<crate::crypt::SessionSecret>,
     /// A relay takes no new frame from upstream while this many bytes it received wait to be
@@ -132,7 +132,6 @@ impl Downstream {
             deferred: None,
             closed: fd.is_none(),
             progress: crate::proto::stall::HopStall::new(Instant::now()),
-            seal: None,
             secret: None,
             backlog_limit: relay_backlog_from_env(),
             flip_every: if cfg!(debug_assertions) {
@@ -198,6 +197,11 @@ impl Downstream {
     /// Whether the hop downstream is authenticated.
     pub(super) fn authenticated(&self) -> bool {
         self.lanes.first().is_some_and(|l| l.macs.is_some())
+    }
+
+    /// Whether the hop downstream is encrypted (every lane seals its chunks).
+    pub(super) fn sealed(&self) -> bool {
+        self.lanes.first().is_some_and(|l| l.seal.is_some())
     }
 }
 
@@ -330,13 +334,17 @@ impl Session<'_> {
     /// Submits the send of `item` on lane `lane`.
     fn send_down(&mut self, lane: usize, item: DnItem) -> std::io::Result<()> {
         let buf = match item {
-            DnItem::Chunk(_, slot) if self.down.seal.is_some() => {
+            DnItem::Chunk(_, slot) if self.down.sealed() => {
                 let len = HEADER_LEN + self.frame_len(slot) as usize;
                 // The slot holds the whole frame (its payload is checked or read, and
-                // nothing writes it while it waits to be forwarded).
-                self.pool.copy_to_seal(slot, len);
-                self.down.seal.as_mut().expect("checked").seal(self.pool.seal_mut(len + TAG_LEN), HEADER_LEN, len);
-                Buf::Seal { len: (len + TAG_LEN) as u32 }
+                // nothing writes it while it waits to be forwarded). The lane's sealing buffer
+                // is free: its previous send completed (one send at a time on a lane), and the
+                // pool keeps it untouched while a send from it is in flight.
+                let k = lane as u8;
+                self.pool.copy_to_seal(slot, k, len);
+                let seal = self.down.lanes[lane].seal.as_mut().expect("every lane of a sealed hop seals");
+                seal.seal(self.pool.seal_mut(k, len + TAG_LEN), HEADER_LEN, len);
+                Buf::Seal { lane: k, len: (len + TAG_LEN) as u32 }
             }
             DnItem::Chunk(seq, slot) => {
                 let mac = self.mac_chunk(lane, seq, slot);

@@ -242,32 +242,47 @@ impl<'a> Session<'a> {
             self.machine.set_stop_on_loss();
         }
         if parts.seal.is_some() {
-            self.pool.set_seal_len(HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN);
+            let lanes = 1 + parts.dn_lanes.len();
+            self.pool.set_seal_len(HEADER_LEN + self.manifest.chunk_size() as usize + TAG_LEN, lanes);
         }
         self.up.expected = {
             let total = self.manifest.chunk_count();
             (0..total).filter(|&q| self.route.passes(q)).count() as u64
         };
-        self.up.open = parts.open;
-        self.down.seal = parts.seal;
+        let (opens, seals) = (parts.open.is_some(), parts.seal.is_some());
         if let Some(lane) = self.up.lanes.first_mut() {
             lane.macs = parts.up_secret.as_ref().map(FrameMacs::downstream_end);
+            lane.open = parts.open;
         }
         if let Some(lane) = self.down.lanes.first_mut() {
             lane.macs = parts.dn_secret.as_ref().map(FrameMacs::upstream_end);
+            lane.seal = parts.seal;
         }
-        // Further lanes, each with its own handshake's secret.
+        // Further lanes, each with its own handshake's secret, so its own MACs and, on an
+        // encrypted hop, its own keys (an encrypted push is authenticated: every lane has one).
         let next_seq = self.up.lanes.first().map_or(0, |l| l.next_seq);
+        let mut keyless = false;
         for (fd, secret) in parts.up_lanes {
             let mut lane = up::UpLane::new(fd);
             lane.next_seq = next_seq;
             lane.macs = secret.as_ref().map(FrameMacs::downstream_end);
+            lane.open = secret.as_ref().filter(|_| opens).map(crate::crypt::Opener::new);
+            keyless |= opens && secret.is_none();
             self.up.lanes.push(lane);
         }
         for (fd, secret) in parts.dn_lanes {
             let mut lane = down::DnLane::new(fd);
             lane.macs = secret.as_ref().map(FrameMacs::upstream_end);
+            lane.seal = secret.as_ref().filter(|_| seals).map(crate::crypt::Sealer::new);
+            keyless |= seals && secret.is_none();
             self.down.lanes.push(lane);
+        }
+        if keyless {
+            // Never send or take a lane's chunks in the clear on an encrypted push.
+            self.abort(NodeError::new(
+                ErrorKind::Unauthorized,
+                "a lane of an encrypted hop has no secret to seal with",
+            ));
         }
         self.up.secret = parts.up_secret;
         self.down.secret = parts.dn_secret;

@@ -70,8 +70,6 @@ pub(super) struct Upstream {
     pub(super) gone: bool,
     /// Async push: this node has told upstream it published; upstream leaving is expected now.
     pub(super) reported_early: bool,
-    /// Encrypted hop: opens each chunk that arrives.
-    pub(super) open: Option<crate::crypt::Opener>,
     /// Authenticated hop: its session secret (the RESULT sent there carries a MAC).
     pub(super) secret: Option<crate::crypt::SessionSecret>,
 }
@@ -90,13 +88,15 @@ pub(super) struct UpLane {
     /// Authenticated hop: the MACs of the data-plane frames on this lane (lane 0: from and to
     /// upstream; see `crypt::FrameMacs`). Each lane has its own handshake and secret.
     pub(super) macs: Option<FrameMacs>,
+    /// Encrypted hop: opens each chunk that arrives on this lane (under this lane's secret).
+    pub(super) open: Option<crate::crypt::Opener>,
     /// Chunks that arrived on this lane.
     pub(super) chunks: u64,
 }
 
 impl UpLane {
     pub(super) fn new(fd: RawFd) -> Self {
-        Self { fd, recv: UpRecv::Idle, next_seq: 0, header: [0; HEADER_LEN], macs: None, chunks: 0 }
+        Self { fd, recv: UpRecv::Idle, next_seq: 0, header: [0; HEADER_LEN], macs: None, open: None, chunks: 0 }
     }
 }
 
@@ -119,9 +119,13 @@ impl Upstream {
             result: None,
             gone: fd.is_none(),
             reported_early: false,
-            open: None,
             secret: None,
         }
+    }
+
+    /// Whether the hop upstream is encrypted (every lane opens its chunks).
+    pub(super) fn opened(&self) -> bool {
+        self.lanes.first().is_some_and(|l| l.open.is_some())
     }
 }
 
@@ -354,7 +358,7 @@ impl Session<'_> {
     /// Bytes the hop upstream adds after each chunk's payload: an encrypted hop its GCM tag,
     /// an authenticated one its MAC.
     pub(super) fn tag_len(&self) -> u32 {
-        if self.up.open.is_some() {
+        if self.up.opened() {
             TAG_LEN as u32
         } else if self.up.lanes.first().is_some_and(|l| l.macs.is_some()) {
             FRAME_MAC_LEN as u32
@@ -529,8 +533,8 @@ impl Session<'_> {
         self.cfg.piece_bytes > 0
             && !self.down.closed
             && self.down.rdma.is_none()
-            && self.up.open.is_none()
-            && self.down.seal.is_none()
+            && !self.up.opened()
+            && !self.down.sealed()
             && (h.len > 0 || several)
             && self.route.onward(h.seq)
     }
@@ -606,7 +610,7 @@ impl Session<'_> {
         wire_len: u32,
     ) -> Result<(), NodeError> {
         let header = self.up.lanes[lane].header;
-        if let Some(open) = self.up.open.as_mut() {
+        if let Some(open) = self.up.lanes[lane].open.as_mut() {
             let sealed = self.pool.slot_mut(slot, HEADER_LEN, wire_len as usize);
             if open.open(&header, sealed).is_err() {
                 return Err(NodeError::new(
