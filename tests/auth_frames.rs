@@ -164,11 +164,7 @@ fn a_reject_with_a_changed_reason_is_not_believed() {
 /// as unauthentic instead of taking the link it names; a push without the proxy works.
 #[test]
 fn a_transport_answer_changed_in_transit_is_refused() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(1, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 1 << 20, 4);
+    let (_t, c, src) = keyed_source(1, SECRET, 1 << 20, 4);
     let proxy = rewriting_proxy(c.addr(0), Kind::Transport, forge_transport_choice);
     let out = run(&mut c.push_cmd(&proxy, &src, "t", 1, &["--json", "--transport", "auto"]));
     let all = all_output(&out);
@@ -184,11 +180,7 @@ fn a_transport_answer_changed_in_transit_is_refused() {
 /// as unauthentic and shows nothing forged; straight to the replica it shows the truth.
 #[test]
 fn a_status_answer_changed_in_transit_is_refused() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(1, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 1 << 20, 5);
+    let (_t, c, src) = keyed_source(1, SECRET, 1 << 20, 5);
     c.assert_push_ok(&c.push(&src, "s", 1, &["--json"]));
     let proxy = rewriting_proxy(c.addr(0), Kind::StatusResp, forge_status);
     let out = run(c.cmd().arg("status").arg(&proxy).arg("--json"));

@@ -113,11 +113,7 @@ fn proxied(c: &Cluster, first_hop: Tamper) -> (Proxy, Proxy) {
 
 #[test]
 fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(2, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 5 << 20, 1);
+    let (_t, c, src) = keyed_source(2, SECRET, 5 << 20, 1);
     write_random_file(&src.join("sub/b.bin"), (1 << 20) + 12345, 2);
     let data = std::fs::read(src.join("a.bin")).unwrap();
 
@@ -147,11 +143,7 @@ fn encrypted_pushes_hide_the_bytes_on_every_hop_and_publish_exact_copies() {
 /// lanes included), every lane carries chunks, and both replicas publish exact copies.
 #[test]
 fn encrypted_lanes_each_seal_their_chunks_and_publish_exact_copies() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(2, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 24 << 20, 4);
+    let (_t, c, src) = keyed_source(2, SECRET, 24 << 20, 4);
     let data = std::fs::read(src.join("a.bin")).unwrap();
     let (p0, p1) = proxied(&c, Tamper::None);
     let to = format!("{},{}", p0.addr, p1.addr);
@@ -200,11 +192,7 @@ fn an_encrypted_incremental_push_relays_chunks_the_relay_does_not_store() {
 
 #[test]
 fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(2, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 4 << 20, 3);
+    let (_t, c, src) = keyed_source(2, SECRET, 4 << 20, 3);
     // 2.5 MiB into the first hop's stream: inside the third chunk's ciphertext.
     let (p0, p1) = proxied(&c, Tamper::Forward((5 << 20) / 2));
     let to = format!("{},{}", p0.addr, p1.addr);
@@ -228,11 +216,7 @@ fn a_byte_changed_in_transit_is_refused_there_and_repaired_around() {
 /// published) carry a MAC: altered in transit, they are refused, never acted on.
 #[test]
 fn altered_hello_or_result_frames_are_refused() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(2, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 2 << 20, 5);
+    let (_t, c, src) = keyed_source(2, SECRET, 2 << 20, 5);
 
     // A byte of the HELLO's payload (after the two AUTH frames: 93 and 73 bytes, and HELLO's
     // 40-byte header) changed on the first hop.
@@ -356,11 +340,7 @@ fn rewriting_proxy(target: String, victim: u64) -> String {
 /// `unauthorized` by the replica after the change, and no replica publishes other bytes.
 #[test]
 fn a_chunk_and_its_digest_changed_together_on_an_authenticated_hop_are_refused() {
-    let t = tempdir();
-    let key = key_file(t.path(), "cluster.key", SECRET);
-    let c = keyed_cluster(2, &key);
-    let src = t.path().join("src");
-    write_random_file(&src.join("a.bin"), 4 << 20, 9);
+    let (_t, c, src) = keyed_source(2, SECRET, 4 << 20, 9);
     let p0 = rewriting_proxy(c.addr(0), 2);
     let to = format!("{p0},{}", c.addr(1));
     let out = run(&mut c.push_cmd(&to, &src, "swapped", 1, &["--chunk-size", "1MiB", "--json", "--no-repair"]));

@@ -1118,6 +1118,17 @@ pub fn keyed_cluster(n: usize, key: &Path) -> Cluster {
     Cluster::builder().env("SHARDCAST_KEY_FILE", key.to_str().unwrap()).start(n)
 }
 
+/// A temporary directory holding the cluster key `secret` (`cluster.key`) and a source
+/// `src/a.bin` of `size` random bytes (`seed`), and `n` replicas keyed with it.
+#[allow(dead_code)]
+pub fn keyed_source(n: usize, secret: &str, size: u64, seed: u64) -> (TempDir, Cluster, PathBuf) {
+    let t = tempdir();
+    let c = keyed_cluster(n, &key_file(t.path(), "cluster.key", secret));
+    let src = t.path().join("src");
+    write_random_file(&src.join("a.bin"), size, seed);
+    (t, c, src)
+}
+
 /// `n` replicas with the key at `key` and the access list `acl` (the TOML of `serve --acl`,
 /// written to `acl.toml` in `dir`, where its `file = ...` key files are looked up).
 #[allow(dead_code)]
