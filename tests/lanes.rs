@@ -77,6 +77,49 @@ fn two_lanes_with_a_cluster_key_authenticate_each_lane_and_publish_identical_byt
     c.assert_published(src.path(), "ck", 1);
 }
 
+/// A routed push over lanes: r0 holds version 1, r1 and r2 nothing. r0 stores only the one
+/// changed chunk but relays every chunk on the lane it came on; each replica publishes the new
+/// bytes, and r0 takes in no more than the routed push sends it.
+#[test]
+fn an_incremental_push_over_lanes_relays_chunks_the_relay_already_holds() {
+    let c = Cluster::builder().serve_arg("--metrics").serve_arg("127.0.0.1:0").start(3);
+    let m: Vec<String> = (0..3).map(|i| metrics_addr(&c.log(i))).collect();
+    let src = tempdir();
+    let w = src.path().join("w.bin");
+    write_random_file(&w, 24 * MIB + 7, 11);
+    c.assert_push_ok(&c.push_to(&c.addr(0), src.path(), "ck", 1, &["--chunk-size", "1M"]));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&w).unwrap();
+        f.write_all_at(&random_bytes(100, 12), 5 * MIB + 10).unwrap();
+    }
+    let before: Vec<u64> = m.iter().map(|a| received(a)).collect();
+    // r0's lane 0 counted version 1's chunks already.
+    let lanes_before = |a: &str, d: &str| -> Vec<u64> { (0..2).map(|k| lane_chunks(a, d, k)).collect() };
+    let (in0, out0) = (lanes_before(&m[0], "in"), lanes_before(&m[0], "out"));
+    let out = c.push(src.path(), "ck", 2, &["--chunk-size", "1M", "--incremental", "--lanes", "2", "--json"]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 2);
+    let size = 24 * MIB + 7;
+    for (i, a) in m.iter().enumerate() {
+        assert_eq!(received(a) - before[i], size, "replica {i}: every chunk passes it (r1 and r2 need them all)");
+    }
+    for (i, a) in m.iter().enumerate() {
+        let since = |d: &str, base: &[u64]| -> Vec<u64> {
+            lanes_before(a, d).iter().enumerate().map(|(k, n)| n - base.get(k).copied().unwrap_or(0)).collect()
+        };
+        let (inbound, out) =
+            if i == 0 { (since("in", &in0), since("out", &out0)) } else { (since("in", &[]), since("out", &[])) };
+        assert!(inbound.iter().all(|&n| n > 0), "replica {i}: a lane in carried nothing: {inbound:?}");
+        assert_eq!(inbound.iter().sum::<u64>(), 25, "replica {i}: every chunk came in once");
+        if i < 2 {
+            assert_eq!(out, inbound, "replica {i} forwards on lane k what came on lane k");
+        }
+    }
+    let v = c.verify(0, "ck", &["--version", "1"]);
+    assert_eq!(code(&v), 0, "version 1 must stay intact on r0: {}", show_output(&v));
+}
+
 #[test]
 fn a_lane_with_a_wrong_token_is_refused_and_the_push_goes_on() {
     let c = Cluster::start(2);
