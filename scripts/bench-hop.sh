@@ -16,7 +16,9 @@
 # Source file and replica roots live on tmpfs (/dev/shm), so disks are not measured.
 #
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
-#      LANES (optional, see above),
+#      LANES (optional, see above), FILES (default 1: the source is one file; 2..16: SIZE split
+#      into that many files, which the replica writes in parallel: the kernel serializes the
+#      writes to one file, and on tmpfs that write is what caps a hop on loopback),
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
 #      tmpfs work dir for inspection), OLD_BIN=path (optional: adds the measure hop-old, the same
 #      push with an older release binary on both ends, in the same reps, and the ratio hop / hop-old:
@@ -33,6 +35,8 @@ REPS=${REPS:-5}
 CHUNK=${CHUNK:-}
 LANES=${LANES:-}
 [[ -z "$LANES" || "$LANES" =~ ^([2-9]|1[0-6])$ ]] || die "LANES must be 2..16, got '$LANES'"
+FILES=${FILES:-1}
+[[ "$FILES" =~ ^([1-9]|1[0-6])$ ]] || die "FILES must be 1..16, got '$FILES'"
 bytes=$(parse_size "$SIZE")
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
 ((bytes > 0)) || die "SIZE must be > 0"
@@ -51,9 +55,20 @@ avail=$(avail_bytes /dev/shm)
 
 work=$(mktemp -d /dev/shm/shardcast-bench-hop.XXXXXX)
 if [[ "${KEEP_WORK:-0}" == 1 ]]; then log "keeping $work"; else cleanup_register_dir "$work"; fi
-src=$work/src.bin
-log "generating $(fmt_bytes "$bytes") of random data in $src"
-gen_random_file "$src" "$bytes"
+if ((FILES == 1)); then
+    src=$work/src.bin
+    log "generating $(fmt_bytes "$bytes") of random data in $src"
+    gen_random_file "$src" "$bytes"
+else
+    src=$work/src
+    log "generating $(fmt_bytes "$bytes") of random data in $FILES files in $src"
+    mkdir -p "$src"
+    for ((i = 0; i < FILES; i++)); do
+        part=$((bytes / FILES))
+        ((i == FILES - 1)) && part=$((bytes - part * (FILES - 1)))
+        gen_random_file "$src/part-$i.bin" "$part"
+    done
+fi
 
 mkdir -p results/hop
 stamp=$(date +%Y%m%d-%H%M%S)
@@ -125,7 +140,11 @@ run_hop() {
     fi
     # First rep: the replica's copy must be byte-identical to the source.
     if ((rep == 1)); then
-        cmp "$src" "$root/bench/$rep/src.bin" || die "$measure: replica copy differs from source"
+        if ((FILES == 1)); then
+            cmp "$src" "$root/bench/$rep/src.bin" || die "$measure: replica copy differs from source"
+        else
+            diff -rq "$src" "$root/bench/$rep" || die "$measure: replica copy differs from source"
+        fi
     fi
     row "$measure" "$(json_get "$out" bytes)" "$(json_get "$out" seconds)" "$wall"
     # Keep tmpfs small: drop the version before the next rep.
