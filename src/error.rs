@@ -357,6 +357,9 @@ pub enum ServeError {
     /// The transport asked for is not available.
     #[error("{0}")]
     Unsupported(String),
+    /// A `--rail` that is not an address of this host, or that cannot be listened on.
+    #[error("{0}")]
+    BadRail(String),
 }
 
 /// Errors of `shardcast verify`.

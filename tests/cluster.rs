@@ -90,6 +90,24 @@ impl Lock {
     }
 }
 
+/// The test's lock when network namespaces can be made here; else None, the skip printed and
+/// counted under NAME.
+fn netns_or_skip(name: &str) -> Option<Lock> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(name, "not running as root: network namespaces need CAP_SYS_ADMIN");
+        return None;
+    }
+    let lock = Lock::take();
+    match netns_unavailable() {
+        Some(why) => {
+            skip(name, &why);
+            None
+        }
+        None => Some(lock),
+    }
+}
+
 /// A running cluster: its servers die and its namespaces go when it is dropped, whether the test
 /// passed or panicked.
 struct NetCluster {
@@ -109,7 +127,7 @@ impl NetCluster {
     }
 
     /// `cluster.sh up N --rate RATE --mtu 1500 UP_ARGS…`, every replica serving on its address
-    /// on rail RAIL.
+    /// on rail RAIL (`@railK` in SERVE_ARGS stands for the node's own address on rail K).
     fn up_rail(n: usize, rate_mbit: u64, up_args: &[&str], rail: usize, serve_args: &[&str]) -> NetCluster {
         let (n_arg, rate) = (n.to_string(), format!("{rate_mbit}mbit"));
         let mut args = vec!["up", n_arg.as_str(), "--rate", rate.as_str(), "--mtu", "1500"];
@@ -126,7 +144,12 @@ impl NetCluster {
             let root = c.dir.path().join(&node);
             let ns = format!("{PREFIX}-{node}");
             let mut cmd = shardcast_via(&["ip", "netns", "exec", &ns]);
-            cmd.arg("serve").arg("--listen").arg(&addr).arg("--root").arg(&root).args(serve_args);
+            // `@railK` in SERVE_ARGS: this node's address on rail K.
+            let args = serve_args.iter().map(|a| match a.strip_prefix("@rail") {
+                Some(k) => stdout_str(&cluster_sh(&["addr", &node, k])).trim().to_owned(),
+                None => a.to_string(),
+            });
+            cmd.arg("serve").arg("--listen").arg(&addr).arg("--root").arg(&root).args(args);
             let srv = Server::start_with(cmd, &root);
             assert_eq!(srv.addr().to_string(), addr, "r{k} listens on the wrong address");
             c.servers.push(srv);
@@ -410,4 +433,42 @@ fn two_rails_each_reach_only_their_own_rail() {
     let up = cluster_sh(&["rail-up", "r2", "1"]);
     assert!(up.status.success(), "{}", show_output(&up));
     assert!(connects("p", &c.addrs[1]), "p cannot reach r2 on rail 1 after rail-up");
+}
+
+#[test]
+fn a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail_and_every_replica_identical() {
+    let Some(_lock) = netns_or_skip("cluster::a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail") else {
+        return;
+    };
+    // Two rails of 200 Mbit/s per node; every replica announces both, the chain names rail 0.
+    let c = NetCluster::up_rail(REPLICAS, 200, &["--rails", "2"], 0, &["--rail", "@rail0", "--rail", "@rail1"]);
+    let src = tempdir();
+    let size = 96 * MIB;
+    write_random_file(&src.path().join("ckpt.bin"), size, 43);
+    let rails = ["--rail", "10.77.0.10", "--rail", "10.77.1.10"];
+    let mut args = vec!["--chunk-size", "1MiB", "--lanes", "2"];
+    args.extend(rails);
+    let mut push = Running::spawn(&mut c.push_cmd(src.path(), "ck", 1, &args));
+    // Rail 1 of every node goes down once about half has reached the last replica.
+    let staging = c.root(REPLICAS).join(".staging");
+    let half = wait_until(Duration::from_secs(60), || bytes_under(&staging) >= size / 2 || push.try_wait().is_some());
+    assert!(half && push.try_wait().is_none(), "the push ended before the rail could be cut\n{}", c.logs());
+    for node in ["p", "r1", "r2", "r3"] {
+        let out = cluster_sh(&["rail-down", node, "1"]);
+        assert!(out.status.success(), "rail-down {node} 1\n{}", show_output(&out));
+    }
+    assert!(push.wait_timeout(Duration::from_secs(120)).is_some(), "push hangs after rail 1 went down\n{}", c.logs());
+    let out = push.finish(Duration::from_secs(5));
+    let j = parse_json(&out);
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas: {j}\n{}", c.logs()));
+    assert!(reps.iter().all(|r| r["status"] == "published"), "{j}\n{}\n{}", show_output(&out), c.logs());
+    assert_eq!(code(&out), 0, "{}", show_output(&out));
+    for k in 1..=REPLICAS {
+        assert_tree_identical(src.path(), &c.root(k).join("ck").join("1"));
+        let v = verify(&c.root(k), "ck", &[]);
+        assert_eq!(code(&v), 0, "r{k}: {}", show_output(&v));
+    }
+    // The repair's lanes all ran on rail 0: r1's relay log says so for its lane 1 to r2.
+    let log = c.servers[0].log();
+    assert!(log.contains("rail 1 at 10.77.1.12:7071"), "r1 never found r2's rail 1 down\n{log}");
 }

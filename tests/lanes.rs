@@ -230,3 +230,61 @@ fn the_primary_gives_a_slow_lane_fewer_chunks() {
     // Round robin would give each lane 16 of the 32 chunks.
     assert!(lanes[1] * 3 < lanes[0], "the slow lane was not given fewer chunks: {lanes:?}");
 }
+
+/// The (local, peer) IP addresses of each lane of the first hop, from `push --json`.
+fn lane_ips(report: &serde_json::Value) -> Vec<(String, String)> {
+    let ip = |v: &serde_json::Value| v.as_str().unwrap().parse::<std::net::SocketAddr>().unwrap().ip().to_string();
+    report["lane_addrs"].as_array().unwrap().iter().map(|l| (ip(&l["local"]), ip(&l["peer"]))).collect()
+}
+
+#[test]
+fn lanes_run_from_the_pushers_rails_to_the_replicas_rails_lane_k_on_rail_k_mod_r() {
+    // Every replica: rails 127.0.0.2 and 127.0.0.3 (listening on 127.0.0.1); the pusher's:
+    // 127.0.0.4 and 127.0.0.5 (the whole of 127/8 is this host's on Linux).
+    let c = Cluster::builder()
+        .serve_arg("--rail")
+        .serve_arg("127.0.0.2")
+        .serve_arg("--rail")
+        .serve_arg("127.0.0.3")
+        .start(2);
+    let src = source(11);
+    let rails = ["--rail", "127.0.0.4", "--rail", "127.0.0.5"];
+    let mut args = vec!["--chunk-size", "1M", "--json", "--lanes", "3"];
+    args.extend(rails);
+    let out = c.push(src.path(), "ck", 1, &args);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+    let report = parse_json(&out);
+    let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    // Lane 0 is the hop's first connection (to the address the chain names, from rail 0);
+    // lane k >= 1 goes from the pusher's rail k mod 2 to the replica's rail k mod 2.
+    assert_eq!(
+        lane_ips(&report),
+        vec![s("127.0.0.4", "127.0.0.1"), s("127.0.0.5", "127.0.0.3"), s("127.0.0.4", "127.0.0.2")],
+        "{report}"
+    );
+    // The relay's lanes to the next replica, as its log names them.
+    let next_port = c.addr(1).rsplit(':').next().unwrap().to_owned();
+    let log = c.log(0);
+    for (k, from, to) in [(1, "127.0.0.3", "127.0.0.3"), (2, "127.0.0.2", "127.0.0.2")] {
+        let want = format!("lane {k} to {}: {from}:", c.addr(1));
+        let line =
+            log.lines().find(|l| l.contains(&want)).unwrap_or_else(|| panic!("no `{want}` in the relay's log\n{log}"));
+        assert!(line.contains(&format!("-> {to}:{next_port}")), "lane {k} of the relay: {line}");
+    }
+}
+
+#[test]
+fn a_rail_that_is_not_an_address_of_this_host_stops_serve_at_its_start() {
+    let root = tempdir();
+    let out = run_timeout(
+        shardcast()
+            .args(["serve", "--listen", "127.0.0.1:0", "--rail", "127.0.0.2", "--rail", "192.0.2.1", "--root"])
+            .arg(root.path()),
+        Duration::from_secs(30),
+    );
+    assert_ne!(code(&out), 0, "{}", show_output(&out));
+    let all = all_output(&out);
+    assert!(all.contains("--rail 192.0.2.1") && all.contains("not an address of this host"), "{all}");
+    assert!(!all.contains("listening on"), "{all}");
+}

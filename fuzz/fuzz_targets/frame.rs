@@ -47,11 +47,14 @@ fn payloads(kind: Option<Kind>, payload: &[u8]) {
         assert_eq!(wire::LaneJoin::decode(&join.encode()).unwrap(), join);
     }
     if runs(Kind::Accept)
-        && let Some((rest, token)) = wire::split_lane_token(payload.to_vec(), 2)
+        && let Some((rest, offer)) = wire::split_lane_token(payload.to_vec(), 2)
     {
+        // The token and the rails announced re-encode to exactly the bytes split off.
+        let offer = offer.expect("a lane offer with two lanes");
+        assert!(offer.rails.len() <= wire::MAX_RAILS);
         let mut again = rest;
-        again.extend_from_slice(&token.expect("a token with two lanes"));
-        assert_eq!(again, payload, "the lane token split off ACCEPT is not its last bytes");
+        again.extend(offer.encode());
+        assert_eq!(again, payload, "the lane offer split off ACCEPT is not its last bytes");
     }
     if runs(Kind::Accept)
         && let Ok((haves, bases)) = wire::decode_accept(payload, 1 << 40, true)

@@ -103,12 +103,18 @@ pub(crate) enum Cmd {
 }
 
 // `shardcast serve`: its flags (the variant of [`Cmd`] documents the command). One field per
-// flag, as clap derives them: 23, over the ~20 the code keeps to, because `serve` has that many.
+// flag, as clap derives them: 24, over the ~20 the code keeps to, because `serve` has that many.
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the log says which).
     #[arg(long, default_value = "0.0.0.0:7071", env = "SHARDCAST_SERVE_LISTEN")]
     pub(crate) listen: String,
+    /// A rail of this node (repeatable, rail 0 first): a local IP address, one per NIC. The
+    /// rails are announced to upstream (with the serve port, listened on there too) and lane k
+    /// of a hop of several (`push --lanes`) comes in on rail (k mod R) and leaves from it.
+    /// Default: the listen address alone.
+    #[arg(long = "rail", value_name = "ADDR", env = "SHARDCAST_SERVE_RAILS", value_delimiter = ',')]
+    pub(crate) rails: Vec<std::net::IpAddr>,
     /// Directory that holds the published shard sets.
     #[arg(long, env = "SHARDCAST_SERVE_ROOT")]
     pub(crate) root: PathBuf,
@@ -264,6 +270,11 @@ pub(crate) struct PushArgs {
     /// 1 runs TCP lanes; with --encrypt each lane has its own keys).
     #[arg(long, default_value_t = 1, env = "SHARDCAST_PUSH_LANES", value_parser = clap::value_parser!(u8).range(1..=16))]
     pub(crate) lanes: u8,
+    /// A rail of this node (repeatable, rail 0 first): the local IP address lane k of the first
+    /// hop binds to is rail (k mod R); it goes to the first replica's rail (k mod R') as that
+    /// replica announces them (`serve --rail`). Default: none, the kernel picks.
+    #[arg(long = "rail", value_name = "ADDR", env = "SHARDCAST_PUSH_RAILS", value_delimiter = ',')]
+    pub(crate) rails: Vec<std::net::IpAddr>,
     /// Send chunks as XOR deltas against the replicas' current version of NAME where they hold
     /// the same bytes as --delta-base at the same path and chunk index (zstd of the XOR; the
     /// rest whole). Implies --incremental. Needs --delta-base.

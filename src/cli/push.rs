@@ -34,6 +34,7 @@ pub(crate) fn run(a: PushArgs, g: &Global) -> u8 {
     opts.compress = a.compress;
     opts.compress_level = a.compress_level;
     opts.lanes = a.lanes;
+    opts.rails = a.rails;
     opts.delta_base = a.delta_base.filter(|_| a.delta);
     let source = a.source;
     with_progress(&opts, a.json, |o, p| shardcast::push(&source, o, p))

@@ -59,7 +59,11 @@ pub(crate) fn run(a: ServeArgs, g: &Global) -> u8 {
             0
         }
         Err(e) => {
-            let code = if matches!(e, shardcast::ServeError::Unsupported(_)) { EXIT_USAGE } else { EXIT_FAILED };
+            let code = if matches!(e, shardcast::ServeError::Unsupported(_) | shardcast::ServeError::BadRail(_)) {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            };
             output::fail(code, e)
         }
     }
@@ -91,6 +95,7 @@ fn options(a: ServeArgs, g: &Global) -> Result<ServeOptions, u8> {
         opts.audit = Some(log);
     }
     opts.keep = a.keep;
+    opts.rails = a.rails;
     opts.pool_bytes = a.pool_mb << 20;
     opts.transport = a.transport;
     opts.rdma = a.rdma.config();

@@ -22,7 +22,7 @@ pub(crate) mod rdma;
 pub mod tls;
 
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::error::{ErrorKind, NodeError};
@@ -66,6 +66,29 @@ pub(crate) struct AcceptPolicy<'a> {
     pub max_frame: u32,
 }
 
+/// Where a further lane of a hop goes: the address it dials (a rail of the next node, or the
+/// address the chain names it by), the local address it binds first (a rail of this node; None:
+/// the kernel picks), and the next node's rail it is meant for (for what an error says).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LanePath {
+    /// What to connect to.
+    pub to: String,
+    /// This node's address to connect from.
+    pub from: Option<IpAddr>,
+    /// The next node's rail index `to` is (None: the address the chain names).
+    pub rail: Option<usize>,
+}
+
+/// How long a lane's TCP connect may take before its rail counts as down: a rail whose link is
+/// down answers ENETUNREACH at once, or not at all (an ARP timeout takes ~3 s).
+pub(crate) const RAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long data sent on a lane of a hop of several may stay unacknowledged before the kernel
+/// fails the lane (TCP_USER_TIMEOUT): a rail whose link goes down mid-push breaks its lane in
+/// about this long instead of stalling the hop until `--hop-timeout`, and the repair re-dials.
+/// A slow but live receiver (a zero window) acknowledges the kernel's probes and is not cut.
+pub(crate) const LANE_USER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A handshake the accepting side refused, with the connection to tell the peer on.
 #[derive(Debug)]
 pub(crate) struct Refused {
@@ -87,7 +110,30 @@ impl Hop {
         key: Option<&ClusterKey>,
         tls: Option<&TlsIdentity>,
     ) -> Result<Self, NodeError> {
-        let mut stream = connect_plain(node, timeout)?;
+        Self::dial_from(node, None, timeout, key, tls)
+    }
+
+    /// [`Hop::dial`] from the local address `from` (bound before connecting; None: the kernel
+    /// picks).
+    pub(crate) fn dial_from(
+        node: &str,
+        from: Option<IpAddr>,
+        timeout: Duration,
+        key: Option<&ClusterKey>,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Self, NodeError> {
+        let stream = connect_plain(node, from, timeout)?;
+        Self::authenticate_to(stream, node, timeout, key, tls)
+    }
+
+    /// Authenticates the connection `stream` to `node` (a cluster key or TLS, if any).
+    fn authenticate_to(
+        mut stream: TcpStream,
+        node: &str,
+        timeout: Duration,
+        key: Option<&ClusterKey>,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Self, NodeError> {
         let secret = match (tls, key) {
             (Some(id), _) => Some(tls::client(&mut stream, node, id, timeout)?),
             (None, Some(k)) => Some(auth::client(&mut stream, node, k, timeout)?),
@@ -96,17 +142,29 @@ impl Hop {
         Ok(Self { stream, peer: node.to_owned(), peer_id: None, secret })
     }
 
-    /// Opens lane `lane` (1..R) of a push to `node`: connects and authenticates like the hop's
-    /// first connection (so the lane has its own session secret, and its own frame MACs), then
-    /// sends LANE with the push's `token` (from `node`'s ACCEPT) and waits for its ACCEPT.
+    /// Opens lane `lane` (1..R) of a push to `node` on `path`: connects (within
+    /// [`RAIL_CONNECT_TIMEOUT`] at most) and authenticates like the hop's first connection (so
+    /// the lane has its own session secret, and its own frame MACs), then sends LANE with the
+    /// push's `token` (from `node`'s ACCEPT) and waits for its ACCEPT. A rail that cannot be
+    /// reached fails with `unreachable`, naming the node, the rail and both addresses.
     pub(crate) fn dial_lane(
         node: &str,
+        path: &LanePath,
         timeout: Duration,
         (key, tls): (Option<&ClusterKey>, Option<&TlsIdentity>),
         token: [u8; wire::LANE_TOKEN_LEN],
         lane: u8,
     ) -> Result<Self, NodeError> {
-        let mut hop = Self::dial(node, timeout, key, tls)?;
+        let stream = connect_plain(&path.to, path.from, timeout.min(RAIL_CONNECT_TIMEOUT)).map_err(|e| {
+            let rail = path.rail.map_or_else(|| "its address".to_owned(), |r| format!("its rail {r}"));
+            let from = path.from.map_or_else(String::new, |a| format!(" from {a}"));
+            NodeError::new(
+                ErrorKind::Unreachable,
+                format!("lane {lane} to {node}: {rail} at {}{from} cannot be reached: {}", path.to, e.message),
+            )
+        })?;
+        let mut hop = Self::authenticate_to(stream, node, timeout, key, tls)?;
+        hop.peer = node.to_owned();
         let lost = |e: &dyn std::fmt::Display| {
             NodeError::new(ErrorKind::ConnectionLost, format!("lane {lane} to {node} failed at its start: {e}"))
         };
@@ -127,6 +185,20 @@ impl Hop {
             }),
             k => Err(NodeError::new(ErrorKind::Protocol, format!("{node} answered LANE with {}", k.name()))),
         }
+    }
+
+    /// Makes the kernel fail this connection when data it sent stays unacknowledged for
+    /// [`LANE_USER_TIMEOUT`] (a lane of a hop of several: its rail may go down).
+    pub(crate) fn fail_fast(&self) {
+        if let Err(e) = socket2::SockRef::from(&self.stream).set_tcp_user_timeout(Some(LANE_USER_TIMEOUT)) {
+            tracing::debug!("cannot set TCP_USER_TIMEOUT on a lane to {}: {e}", self.peer);
+        }
+    }
+
+    /// The connection's local and peer socket addresses (`?` when the socket cannot say).
+    pub(crate) fn addrs(&self) -> (String, String) {
+        let show = |a: io::Result<SocketAddr>| a.map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        (show(self.stream.local_addr()), show(self.stream.peer_addr()))
     }
 
     /// The payload of the peer's LANE `frame`, checked against this connection's key.
@@ -315,15 +387,20 @@ pub(crate) fn unauthentic(node: &str, kind: Kind) -> NodeError {
     )
 }
 
-/// Connects to `node` within `timeout`, trying each address it resolves to.
-fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> {
+/// Connects to `node` within `timeout`, trying each address it resolves to (of `from`'s family,
+/// bound to `from` first when given).
+fn connect_plain(node: &str, from: Option<IpAddr>, timeout: Duration) -> Result<TcpStream, NodeError> {
     let unreachable = |e: &dyn std::fmt::Display| {
         NodeError::new(ErrorKind::Unreachable, format!("unreachable: {e} (is `shardcast serve` running at {node}?)"))
     };
     let addrs = node.to_socket_addrs().map_err(|e| unreachable(&e))?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        if from.is_some_and(|f| f.is_ipv4() != addr.is_ipv4()) {
+            last = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{addr} is not of the family of {from:?}"));
+            continue;
+        }
+        match connect_from(addr, from, timeout) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -332,6 +409,17 @@ fn connect_plain(node: &str, timeout: Duration) -> Result<TcpStream, NodeError> 
         }
     }
     Err(unreachable(&last))
+}
+
+/// One TCP connect to `addr` within `timeout`, from the local address `from` when given.
+fn connect_from(addr: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
+    let Some(from) = from else { return TcpStream::connect_timeout(&addr, timeout) };
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(from, 0).into()).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot bind to {from} (is it an address of this host?): {e}"))
+    })?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
 }
 
 /// The accepting side's authentication: mutual TLS, or a cluster key's challenge, as `policy`

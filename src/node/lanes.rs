@@ -6,14 +6,21 @@
 //! MACs), whose first frame is LANE {token, lane index}. The serve loop hands such a connection
 //! to the push waiting under that token ([`LaneTable::join`]); a LANE with an unknown token, or
 //! from a peer that authenticated with another key than the push's, is refused.
+//!
+//! Rails (`serve --rail`, `push --rail`): the ACCEPT also lists the downstream node's rails, and
+//! lane k (k >= 1) goes from this node's rail (k mod R_up) to the next node's rail (k mod
+//! R_down); lane 0 is the hop's first connection, to the address the chain names, from rail 0.
+//! A lane whose rail cannot be reached (its link down, say) runs on lane 0's path instead, so
+//! that a repair after a rail went down goes on with every lane on the rails that are left.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{ErrorKind, NodeError};
-use crate::hop::Hop;
+use crate::hop::{Hop, LanePath};
 use crate::wire::{LANE_TOKEN_LEN, LaneJoin};
 
 /// A lane token.
@@ -27,9 +34,9 @@ struct Waiting {
     tx: Sender<(u8, Hop)>,
 }
 
-/// The pushes on this node waiting for lanes, by token.
+/// The pushes on this node waiting for lanes, by token; and the rails this node announces.
 #[derive(Debug, Default)]
-pub(crate) struct LaneTable(Mutex<HashMap<Token, Waiting>>);
+pub(crate) struct LaneTable(Mutex<HashMap<Token, Waiting>>, Vec<SocketAddr>);
 
 /// A push's registration in the [`LaneTable`]: its token and the lanes that joined; removed
 /// from the table when dropped.
@@ -47,6 +54,17 @@ impl Drop for LaneWait {
 }
 
 impl LaneTable {
+    /// A table of a node whose rails are `rails` (each with the serve port; empty: the listen
+    /// address alone).
+    pub(crate) fn new(rails: Vec<SocketAddr>) -> Self {
+        Self(Mutex::default(), rails)
+    }
+
+    /// The rails this node announces in ACCEPT.
+    pub(crate) fn rails(&self) -> &[SocketAddr] {
+        &self.1
+    }
+
     /// Registers a push whose first connection authenticated as `peer_id`, under a fresh
     /// random token.
     pub(crate) fn register(self: &Arc<Self>, peer_id: Option<String>) -> Result<LaneWait, NodeError> {
@@ -117,6 +135,61 @@ pub(crate) fn check_lanes(lanes: u8, rdma_only: bool) -> Result<(), NodeError> {
             "--lanes above 1 runs TCP lanes only (RDMA lanes, a queue pair each, are not built yet): use \
              --transport tcp or auto with --lanes",
         ));
+    }
+    Ok(())
+}
+
+/// The paths of a hop's further lanes 1..`lanes` to `node`: lane k from `mine[k mod R_up]` (no
+/// rails: the kernel picks) to `theirs[k mod R_down]` (none announced: `node` itself).
+pub(crate) fn lane_paths(node: &str, theirs: &[SocketAddr], mine: &[IpAddr], lanes: u8) -> Vec<LanePath> {
+    (1..usize::from(lanes))
+        .map(|k| LanePath {
+            to: theirs.get(k % theirs.len().max(1)).map_or_else(|| node.to_owned(), SocketAddr::to_string),
+            from: mine.get(k % mine.len().max(1)).copied(),
+            rail: (!theirs.is_empty()).then(|| k % theirs.len()),
+        })
+        .collect()
+}
+
+/// Opens the further lanes of a hop to `node` on `paths` (lane 1 first; `token` from `node`'s
+/// ACCEPT). A lane whose rail cannot be reached is dialed again on lane 0's path (`node`, from
+/// `mine[0]`), with a warning that names the rail; an error on that path too fails the hop.
+pub(crate) fn open_lanes(
+    node: &str,
+    paths: &[LanePath],
+    mine: &[IpAddr],
+    timeout: Duration,
+    auth: (Option<&crate::hop::auth::ClusterKey>, Option<&crate::hop::tls::TlsIdentity>),
+    token: Token,
+) -> Result<Vec<Hop>, NodeError> {
+    let control = LanePath { to: node.to_owned(), from: mine.first().copied(), rail: None };
+    let mut hops = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let lane = u8::try_from(i + 1).expect("at most MAX_LANES lanes");
+        let hop = match Hop::dial_lane(node, path, timeout, auth, token, lane) {
+            Err(e) if e.kind == ErrorKind::Unreachable && *path != control => {
+                tracing::warn!("{}; lane {lane} runs on the path of lane 0 ({}) instead", e.message, node);
+                Hop::dial_lane(node, &control, timeout, auth, token, lane)?
+            }
+            other => other?,
+        };
+        hop.fail_fast();
+        let (local, peer) = hop.addrs();
+        tracing::info!("lane {lane} to {node}: {local} -> {peer}");
+        hops.push(hop);
+    }
+    Ok(hops)
+}
+
+/// Checks that every address of `rails` is one of this host's (binds a socket to it): a rail
+/// must be a local address.
+pub(crate) fn check_rails(rails: &[IpAddr], flag: &str) -> Result<(), String> {
+    for ip in rails {
+        if let Err(e) = std::net::TcpListener::bind(SocketAddr::new(*ip, 0)) {
+            return Err(format!(
+                "{flag} {ip}: not an address of this host ({e}); give each rail as one of its own addresses (`ip -br addr`)"
+            ));
+        }
     }
     Ok(())
 }

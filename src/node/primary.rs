@@ -72,6 +72,10 @@ pub struct PushOptions {
     /// Lanes per hop (`--lanes R`): each hop of the chain is R TCP connections; chunks go on
     /// the lane with room at the primary and keep their lane down the chain.
     pub lanes: u8,
+    /// This node's rails (`push --rail ADDR`): the local addresses the first hop's lanes bind
+    /// to, lane k to `rails[k mod R]` (lane 0, the hop's first connection, to `rails[0]`);
+    /// empty: the kernel picks.
+    pub rails: Vec<std::net::IpAddr>,
     /// XOR deltas (`--delta-base DIR`): the previous version of the source, laid out like it
     /// (a directory, or a file of the same name). A chunk whose replicas all hold, at the same
     /// path and index, the same bytes as this base's chunk goes as the compressed XOR of the
@@ -105,6 +109,7 @@ impl PushOptions {
             compress: crate::compress::Compress::Off,
             compress_level: None,
             lanes: 1,
+            rails: Vec::new(),
             delta_base: None,
         }
     }
@@ -140,6 +145,9 @@ pub struct PushReport {
     /// Chunks sent on each lane of the first hop (`--lanes`; one entry per lane; empty when
     /// no chunk moved).
     pub lane_chunks: Vec<u64>,
+    /// The first hop's lanes as connected, lane 0 first: (local address, peer address) of
+    /// each (empty when the push did not stream).
+    pub lane_addrs: Vec<(String, String)>,
 }
 
 impl PushReport {
@@ -332,6 +340,7 @@ pub fn push_routed(
                         already_held: held,
                         coded: Default::default(),
                         lane_chunks: Vec::new(),
+                        lane_addrs: Vec::new(),
                     });
                 }
             }
@@ -475,6 +484,7 @@ fn with_repair(
             already_held: Vec::new(),
             coded: Default::default(),
             lane_chunks: Vec::new(),
+            lane_addrs: Vec::new(),
         });
     }
     let Some(mut report) = base else {
@@ -521,6 +531,7 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
     }
     super::lanes::check_lanes(opts.lanes, opts.transport == Transport::Rdma)
         .map_err(|e| PushError::Unsupported(e.message))?;
+    super::lanes::check_rails(&opts.rails, "--rail").map_err(PushError::BadInput)?;
     if opts.encrypt && opts.transport == Transport::Rdma {
         return Err(PushError::BadInput(
             "--encrypt covers TCP hops only (RDMA writes land in the replica's memory as they are): \
@@ -550,8 +561,9 @@ fn run_push(
     // Mapping and pinning the pool takes tens of milliseconds: do it while the chain connects.
     let pool = spawn_pool(opts.pool_bytes, manifest.chunk_size())?;
     let first = opts.to[0].clone();
-    let mut hop = Hop::dial(&first, opts.connect_timeout, opts.auth.key(), opts.auth.tls())
-        .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
+    let mut hop =
+        Hop::dial_from(&first, opts.rails.first().copied(), opts.connect_timeout, opts.auth.key(), opts.auth.tls())
+            .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
     let hello = hello_for(opts, &manifest, &wants);
     // Every node validates, reserves and connects onward before any chunk moves: the whole
     // chain's answer takes up to one connect timeout per hop.
@@ -588,6 +600,10 @@ fn run_push(
         .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
     let lanes = dial_lanes(&first, opts, token)?;
+    if opts.lanes > 1 {
+        hop.fail_fast();
+    }
+    let lane_addrs = std::iter::once(&hop).chain(&lanes).map(Hop::addrs).collect();
     let lane_fds = lanes.iter().map(|h| (h.stream.as_raw_fd(), h.secret.clone())).collect();
     let Hop { stream, secret, .. } = hop;
     let sealer = match (opts.encrypt, &secret) {
@@ -646,20 +662,18 @@ fn run_push(
         already_held: Vec::new(),
         coded,
         lane_chunks,
+        lane_addrs,
     })
 }
 
 /// The first hop's further lanes (1..R), each authenticated on its own (`node::lanes`) and
-/// joined to the push with the `token` from the first replica's ACCEPT.
-fn dial_lanes(first: &str, opts: &PushOptions, token: Option<super::lanes::Token>) -> Result<Vec<Hop>, PushError> {
-    (1..opts.lanes)
-        .map(|k| {
-            let token = token.expect("split_lane_token gives one with several lanes");
-            let auth = (opts.auth.key(), opts.auth.tls());
-            Hop::dial_lane(first, opts.connect_timeout, auth, token, k)
-                .map_err(|error| PushError::Node { node: first.to_owned(), error })
-        })
-        .collect()
+/// joined to the push with the token from the first replica's ACCEPT, on the rails it announced.
+fn dial_lanes(first: &str, opts: &PushOptions, offer: Option<wire::LaneOffer>) -> Result<Vec<Hop>, PushError> {
+    let Some(offer) = offer.filter(|_| opts.lanes > 1) else { return Ok(Vec::new()) };
+    let paths = super::lanes::lane_paths(first, &offer.rails, &opts.rails, opts.lanes);
+    let auth = (opts.auth.key(), opts.auth.tls());
+    super::lanes::open_lanes(first, &paths, &opts.rails, opts.connect_timeout, auth, offer.token)
+        .map_err(|error| PushError::Node { node: first.to_owned(), error })
 }
 
 /// The replicas' reports of a session that ran to the end, or why it did not (`first`: the
@@ -836,6 +850,7 @@ mod tests {
             already_held: Vec::new(),
             coded: Default::default(),
             lane_chunks: Vec::new(),
+            lane_addrs: Vec::new(),
         }
     }
 

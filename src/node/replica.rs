@@ -61,6 +61,11 @@ pub struct ServeOptions {
     pub acl: Vec<crate::auth::AclEntry>,
     /// Timeouts, and how many and how large: what a peer may take of this replica.
     pub limits: ServeLimits,
+    /// This node's rails (`serve --rail ADDR`): local addresses, rail 0 first, announced to
+    /// upstream in ACCEPT (with the serve port) so that lane k of a hop comes in on rail
+    /// (k mod R), and the local addresses its own lanes downstream bind to. Empty: the listen
+    /// address alone.
+    pub rails: Vec<std::net::IpAddr>,
 }
 
 impl ServeOptions {
@@ -82,6 +87,7 @@ impl ServeOptions {
             audit: None,
             acl: Vec::new(),
             limits: ServeLimits::default(),
+            rails: Vec::new(),
         }
     }
 }
@@ -160,6 +166,9 @@ pub fn bench_no_verify() -> bool {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    /// Listeners on the rails the main one does not cover (`--rail` addresses other than an
+    /// unspecified or the same listen address), on the same port.
+    rail_listeners: Vec<TcpListener>,
     store: Arc<Store>,
     opts: ServeOptions,
     addr: SocketAddr,
@@ -205,7 +214,18 @@ impl Server {
         let listener =
             TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
-        Ok(Self { listener, store, opts, addr })
+        super::lanes::check_rails(&opts.rails, "--rail").map_err(ServeError::BadRail)?;
+        let mut rail_listeners = Vec::new();
+        for ip in &opts.rails {
+            if addr.ip().is_unspecified() || addr.ip() == *ip {
+                continue;
+            }
+            let at = SocketAddr::new(*ip, addr.port());
+            rail_listeners.push(TcpListener::bind(at).map_err(|e| {
+                ServeError::BadRail(format!("--rail {ip}: cannot listen on {at} (the serve port on that rail): {e}"))
+            })?);
+        }
+        Ok(Self { listener, rail_listeners, store, opts, addr })
     }
 
     /// The bound address.
@@ -241,13 +261,22 @@ impl Server {
             Ok(r) => r,
             Err(e) => return tracing::error!("cannot start the control plane (a tokio runtime): {e}"),
         };
-        let Self { listener, store, opts, addr } = self;
+        let Self { listener, rail_listeners, store, opts, addr } = self;
         runtime.block_on(async move {
-            let listener =
-                match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
-                    Ok(l) => l,
-                    Err(e) => return tracing::error!("cannot listen on {addr} with tokio: {e}"),
-                };
+            let to_tokio = |l: TcpListener| l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l));
+            let listener = match to_tokio(listener) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!("cannot listen on {addr} with tokio: {e}"),
+            };
+            let mut rails = Vec::new();
+            for l in rail_listeners {
+                match to_tokio(l) {
+                    Ok(l) => rails.push(l),
+                    Err(e) => return tracing::error!("cannot listen on a rail with tokio: {e}"),
+                }
+            }
+            // The rails announced: each --rail with the serve port.
+            let announced = opts.rails.iter().map(|ip| SocketAddr::new(*ip, addr.port())).collect();
             let shared = Arc::new(Shared {
                 store,
                 // One idle pool is kept for the next push (see `PoolCache`).
@@ -257,8 +286,24 @@ impl Server {
                 gate: Gate::start(&opts),
                 opts,
                 me: addr.to_string(),
-                lanes: Arc::default(),
+                lanes: Arc::new(super::lanes::LaneTable::new(announced)),
             });
+            // The rails' own listeners (when the listen address does not cover them) take
+            // connections like the main one; they end with the runtime.
+            for l in rails {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    loop {
+                        match l.accept().await {
+                            Ok((conn, _)) => accept(conn, &shared),
+                            Err(e) => {
+                                tracing::warn!("accept failed on a rail: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                });
+            }
             loop {
                 let accepted = listener.accept().await;
                 if stop.load(Ordering::SeqCst) {
@@ -802,7 +847,7 @@ fn push_session(
     // On a refusal downstream the reservation is dropped before answering, so that the caller
     // can retry the same version at once.
     let mine = reserved.bases.iter().map(|b| (b.seq, b.digest)).collect();
-    let (mut down, haves, bases, down_token) = match dial_onward(&hello, &admitted, (reserved.held.clone(), mine), opts)
+    let (mut down, haves, bases, down_offer) = match dial_onward(&hello, &admitted, (reserved.held.clone(), mine), opts)
     {
         Ok(onward) => onward,
         Err(Onward::Refused(node, e)) => {
@@ -828,14 +873,17 @@ fn push_session(
         }
     };
     if let Some(w) = &lane_wait {
-        accept.extend_from_slice(&w.token);
+        accept.extend(wire::LaneOffer { token: w.token, rails: lanes.rails().to_vec() }.encode());
     }
     if let Err(e) = up.accept_push(accept) {
         tracing::warn!("upstream went away before the push started: {e}");
         return;
     }
     let retain = (hello.name.clone(), hello.version, hello.keep);
-    let lanes = LaneSetUp { wait: lane_wait, down_token };
+    if let Some(d) = down.as_ref().filter(|_| hello.lanes > 1) {
+        d.fail_fast();
+    }
+    let lanes = LaneSetUp { wait: lane_wait, down_offer };
     let started =
         start_session(&mut up, down.as_mut(), hello, admitted, reserved, &haves, pools, (opts, lanes), &mut audit);
     // The further lanes' connections stay open while the session uses them.
@@ -966,7 +1014,7 @@ enum Onward {
 
 /// What [`dial_onward`] returns: the hop downstream; for each node from this one to the tail,
 /// the chunks it holds and (a delta push) its bases; the lane token from the next node.
-type Onwards = (Option<Hop>, Haves, wire::Bases, Option<super::lanes::Token>);
+type Onwards = (Option<Hop>, Haves, wire::Bases, Option<wire::LaneOffer>);
 
 /// Dials the next node (if any) and hands it the push, narrowed to the nodes after this one.
 /// Returns the hop downstream and, for each node from this one (`mine`: this node's) to the
@@ -979,7 +1027,8 @@ fn dial_onward(hello: &Hello, admitted: &Admitted, (held, mine): Mine, opts: &Se
     // node to a silent one times out first and is the one that reports it.
     let onward_deadline =
         std::time::Instant::now() + opts.limits.handshake_timeout * (hello.downstream.len() as u32 + 1);
-    let mut down = match Hop::dial(next, opts.limits.handshake_timeout, opts.auth.key(), opts.auth.tls()) {
+    let from = opts.rails.first().copied();
+    let mut down = match Hop::dial_from(next, from, opts.limits.handshake_timeout, opts.auth.key(), opts.auth.tls()) {
         Ok(hop) if admitted.encrypt && hop.secret.is_none() => {
             let e = NodeError::new(
                 ErrorKind::Unsupported,
@@ -1161,7 +1210,7 @@ fn start_session<'a>(
 /// upstream, and the token of the node downstream.
 struct LaneSetUp {
     wait: Option<super::lanes::LaneWait>,
-    down_token: Option<super::lanes::Token>,
+    down_offer: Option<wire::LaneOffer>,
 }
 
 impl LaneSetUp {
@@ -1170,16 +1219,11 @@ impl LaneSetUp {
     fn open(self, hello: &Hello, down: Option<&str>, opts: &ServeOptions) -> Result<(Vec<Hop>, Vec<Hop>), Failed> {
         let timeout = opts.limits.handshake_timeout;
         let mut dn = Vec::new();
-        if let (Some(next), Some(token)) = (down, self.down_token) {
-            for k in 1..hello.lanes {
-                let auth = (opts.auth.key(), opts.auth.tls());
-                let hop = Hop::dial_lane(next, timeout, auth, token, k).map_err(|error| Failed {
-                    node: next.to_owned(),
-                    reason: error.message.clone(),
-                    error,
-                })?;
-                dn.push(hop);
-            }
+        if let (Some(next), Some(offer)) = (down, self.down_offer) {
+            let paths = super::lanes::lane_paths(next, &offer.rails, &opts.rails, hello.lanes);
+            let auth = (opts.auth.key(), opts.auth.tls());
+            dn = super::lanes::open_lanes(next, &paths, &opts.rails, timeout, auth, offer.token)
+                .map_err(|error| Failed { node: next.to_owned(), reason: error.message.clone(), error })?;
         }
         let up = match &self.wait {
             Some(w) => w.collect(hello.lanes, std::time::Instant::now() + timeout).map_err(|error| Failed {

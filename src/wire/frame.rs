@@ -95,16 +95,64 @@ impl LaneJoin {
     }
 }
 
-/// Splits the lane token off the end of an ACCEPT's payload (a push of `lanes` > 1 carries
-/// one). None when it is too short to hold one.
-pub fn split_lane_token(mut payload: Vec<u8>, lanes: u8) -> Option<(Vec<u8>, Option<[u8; LANE_TOKEN_LEN]>)> {
+/// What a push of several lanes learns from the next node's ACCEPT: the token its further
+/// lanes present, and the node's rails (`serve --rail`: the addresses its lanes may be dialed
+/// at, rail 0 first; empty: the address the chain names, alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneOffer {
+    /// The token of LANE.
+    pub token: [u8; LANE_TOKEN_LEN],
+    /// The node's rails, each with its serve port.
+    pub rails: Vec<std::net::SocketAddr>,
+}
+
+/// Bytes of one announced rail: an IPv6 address (IPv4 as mapped) and a port.
+const RAIL_LEN: usize = 18;
+
+impl LaneOffer {
+    /// The offer's bytes as they end an ACCEPT: the token, each rail (16-byte address, IPv4
+    /// mapped, then the port), then the rail count (one byte).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.token.to_vec();
+        for r in self.rails.iter().take(MAX_RAILS) {
+            let ip = match r.ip() {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                std::net::IpAddr::V6(v6) => v6,
+            };
+            b.extend_from_slice(&ip.octets());
+            b.extend_from_slice(&r.port().to_be_bytes());
+        }
+        b.push(self.rails.len().min(MAX_RAILS) as u8);
+        b
+    }
+}
+
+/// The most rails a node announces.
+pub const MAX_RAILS: usize = 16;
+
+/// Splits the lane offer ([`LaneOffer`]: the token and the node's rails) off the end of an
+/// ACCEPT's payload (a push of `lanes` > 1 carries one; one lane: the payload as it is). None
+/// when it is too short to hold one, or names more than [`MAX_RAILS`] rails.
+pub fn split_lane_token(mut payload: Vec<u8>, lanes: u8) -> Option<(Vec<u8>, Option<LaneOffer>)> {
     if lanes <= 1 {
         return Some((payload, None));
     }
-    let at = payload.len().checked_sub(LANE_TOKEN_LEN)?;
-    let token = payload[at..].try_into().expect("token-sized");
+    let n = usize::from(*payload.last()?);
+    if n > MAX_RAILS {
+        return None;
+    }
+    let at = payload.len().checked_sub(1 + n * RAIL_LEN + LANE_TOKEN_LEN)?;
+    let token = payload[at..at + LANE_TOKEN_LEN].try_into().expect("token-sized");
+    let rails = payload[at + LANE_TOKEN_LEN..payload.len() - 1]
+        .chunks_exact(RAIL_LEN)
+        .map(|r| {
+            let ip = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&r[..16]).expect("16 bytes"));
+            let ip = ip.to_ipv4_mapped().map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
+            std::net::SocketAddr::new(ip, u16::from_be_bytes([r[16], r[17]]))
+        })
+        .collect();
     payload.truncate(at);
-    Some((payload, Some(token)))
+    Some((payload, Some(LaneOffer { token, rails })))
 }
 
 /// Largest TRANSPORT payload (an answer granting every slot of a pool: 8 bytes a credit).

@@ -112,6 +112,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lane_offer_splits_off_accept_with_its_rails_and_one_lane_leaves_accept_as_it_is() {
+        let haves = encode_accept(&[vec![(0, 3)]], None);
+        let rails: Vec<std::net::SocketAddr> = vec![
+            "10.77.0.2:7071".parse().unwrap(),
+            "[fd00::7]:7071".parse().unwrap(),
+            "10.77.1.2:7071".parse().unwrap(),
+        ];
+        for rails in [Vec::new(), rails] {
+            let offer = LaneOffer { token: [7; LANE_TOKEN_LEN], rails };
+            let mut payload = haves.clone();
+            payload.extend(offer.encode());
+            assert_eq!(split_lane_token(payload.clone(), 2), Some((haves.clone(), Some(offer))));
+            // One lane: ACCEPT is what it always was, nothing split off.
+            assert_eq!(split_lane_token(payload.clone(), 1), Some((payload, None)));
+        }
+        // Too short for the rails it counts, or more rails than allowed: refused.
+        assert_eq!(split_lane_token(vec![1; LANE_TOKEN_LEN + 1], 2), None);
+        assert_eq!(split_lane_token(vec![(MAX_RAILS + 1) as u8; 1000], 2), None);
+    }
+
+    #[test]
     fn transport_messages_round_trip() {
         let msgs = [
             TransportMsg::Tcp { reason: "no RDMA device".into() },
