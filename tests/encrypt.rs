@@ -8,6 +8,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use util::*;
@@ -29,20 +30,24 @@ enum Tamper {
 struct Proxy {
     addr: String,
     seen: Arc<Mutex<Vec<u8>>>,
+    /// Connections it accepted.
+    conns: Arc<AtomicUsize>,
 }
 
 impl Proxy {
     fn start(target: String, tamper: Tamper) -> Proxy {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let rec = seen.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (rec, count) = (seen.clone(), conns.clone());
         let addr = proxy(target, move |first, client, server| {
+            count.fetch_add(1, Ordering::SeqCst);
             let t = if first { tamper } else { Tamper::None };
             let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
             let rec = rec.clone();
             std::thread::spawn(move || pipe(client, server, Some(rec), t));
             std::thread::spawn(move || pipe(s2, c2, None, t));
         });
-        Proxy { addr, seen }
+        Proxy { addr, seen, conns }
     }
 
     fn seen(&self) -> Vec<u8> {
@@ -152,6 +157,11 @@ fn encrypted_lanes_each_seal_their_chunks_and_publish_exact_copies() {
     c.assert_push_ok(&out);
     c.assert_published(&src, "laned", 1);
     assert_sealed_on_both_hops(&data, &p0, &p1);
+    // Both lanes of each hop passed its proxy (lanes follow the address lane 0 dialed when the
+    // replica announces no rails).
+    for p in [&p0, &p1] {
+        assert_eq!(p.conns.load(Ordering::SeqCst), 2, "lanes that bypassed a proxy were not looked at");
+    }
     let report = parse_json(&out);
     let lanes: Vec<u64> = report["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert!(lanes.len() == 2 && lanes.iter().all(|&n| n > 0), "a lane carried nothing: {lanes:?}");
