@@ -181,6 +181,12 @@ typedef struct sc_server_opts {
    * See `tls_cert`.
    */
   const char *tls_ca;
+  /**
+   * This node's rails (`serve --rail`): comma-separated local addresses, rail 0 first, each
+   * listened on at the serve port and announced to the node upstream, whose lane k connects
+   * to rail k mod R (NULL: the listen address alone).
+   */
+  const char *rails;
 } sc_server_opts;
 
 /**
@@ -278,6 +284,11 @@ typedef struct sc_push_opts {
    * connections, each chunk on the lane that has room (0: 1 lane; at most 16).
    */
   uint32_t lanes;
+  /**
+   * This node's rails (`shardcast push --rail`): comma-separated local addresses the first
+   * hop's lanes bind to, lane k to rail k mod R (NULL: the kernel picks).
+   */
+  const char *rails;
 } sc_push_opts;
 
 /**
@@ -415,8 +426,8 @@ int32_t sc_push_start_buffers(const struct sc_push_opts *opts,
  * on a background thread and returns at once: every node of the plan gets exactly its files,
  * published as the plan's NAME@VERSION. From `opts` only the options of the chain are used:
  * `connect_timeout_s`, `transport`, `keep`, the authentication (`key_file`, `tls_*`),
- * `encrypt`, `compress`, `compress_level` and `lanes` (name, version, chain and chunk size come
- * from the plan). The handle is used like a push's.
+ * `encrypt`, `compress`, `compress_level`, `lanes` and `rails` (name, version, chain and chunk
+ * size come from the plan). The handle is used like a push's.
  *
  * # Safety
  * `opts` as for [`sc_push_start`] (its `source`, `name` and `to` may be NULL); `plan_path` is

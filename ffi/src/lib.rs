@@ -197,6 +197,10 @@ pub struct ScServerOpts {
     pub tls_key: *const c_char,
     /// See `tls_cert`.
     pub tls_ca: *const c_char,
+    /// This node's rails (`serve --rail`): comma-separated local addresses, rail 0 first, each
+    /// listened on at the serve port and announced to the node upstream, whose lane k connects
+    /// to rail k mod R (NULL: the listen address alone).
+    pub rails: *const c_char,
 }
 
 /// A running replica server (opaque).
@@ -233,7 +237,12 @@ pub unsafe extern "C" fn sc_server_start(opts: *const ScServerOpts, out: *mut *m
         // SAFETY: each NULL or NUL-terminated by the caller's contract.
         so.auth = unsafe { auth_arg(o.key_file, o.tls_cert, o.tls_key, o.tls_ca) }?;
         so.require_encrypt = o.require_encrypt != 0;
-        let server = Server::bind(so).map_err(|e| (SC_ERR_IO, format!("cannot start the server: {e}")))?;
+        // SAFETY: NULL or NUL-terminated by the caller's contract.
+        so.rails = unsafe { rails_arg(o.rails) }?;
+        let server = Server::bind(so).map_err(|e| match e {
+            shardcast::ServeError::BadRail(m) => invalid(m),
+            e => (SC_ERR_IO, format!("cannot start the server: {e}")),
+        })?;
         let boxed = Box::new(ScServer { handle: server.spawn() });
         // SAFETY: out is writable.
         unsafe { *out = Box::into_raw(boxed) };
@@ -330,6 +339,9 @@ pub struct ScPushOpts {
     /// Lanes per hop (`shardcast push --lanes`): every hop of the chain runs as this many TCP
     /// connections, each chunk on the lane that has room (0: 1 lane; at most 16).
     pub lanes: u32,
+    /// This node's rails (`shardcast push --rail`): comma-separated local addresses the first
+    /// hop's lanes bind to, lane k to rail k mod R (NULL: the kernel picks).
+    pub rails: *const c_char,
 }
 
 /// One file of a push from memory ([`sc_push_start_buffers`]).
@@ -455,8 +467,8 @@ pub unsafe extern "C" fn sc_push_start_buffers(
 /// on a background thread and returns at once: every node of the plan gets exactly its files,
 /// published as the plan's NAME@VERSION. From `opts` only the options of the chain are used:
 /// `connect_timeout_s`, `transport`, `keep`, the authentication (`key_file`, `tls_*`),
-/// `encrypt`, `compress`, `compress_level` and `lanes` (name, version, chain and chunk size come
-/// from the plan). The handle is used like a push's.
+/// `encrypt`, `compress`, `compress_level`, `lanes` and `rails` (name, version, chain and chunk
+/// size come from the plan). The handle is used like a push's.
 ///
 /// # Safety
 /// `opts` as for [`sc_push_start`] (its `source`, `name` and `to` may be NULL); `plan_path` is
@@ -568,7 +580,26 @@ unsafe fn chain_options(o: &ScPushOpts, po: &mut PushOptions) -> Result<(), (i32
         0 => 1,
         n => u8::try_from(n).map_err(|_| invalid(format!("lanes {n}: 1 to 16, or 0 for one lane")))?,
     };
+    // SAFETY: NULL or NUL-terminated by the caller's contract.
+    po.rails = unsafe { rails_arg(o.rails) }?;
     Ok(())
+}
+
+/// The addresses of a comma-separated `rails` option (NULL: none).
+///
+/// # Safety
+/// `rails` is NULL or a NUL-terminated string.
+unsafe fn rails_arg(rails: *const c_char) -> Result<Vec<std::net::IpAddr>, (i32, String)> {
+    if rails.is_null() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    let text = unsafe { str_arg(rails, "rails") }?;
+    text.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| r.parse().map_err(|_| invalid(format!("rails: {r:?} is not an IP address"))))
+        .collect()
 }
 
 /// The node's authentication from the C options' four file arguments: a cluster key

@@ -250,6 +250,7 @@ def push_async(
     compress_level: int = 0,
     delta_base: Optional[PathLike] = None,
     lanes: int = 1,
+    rails: Sequence[str] = (),
 ) -> PushHandle:
     """Starts pushing ``source`` as ``name@version`` down the chain ``to`` (replica addresses,
     first replica first) and returns at once.
@@ -274,7 +275,9 @@ def push_async(
     ``source`` on this host, laid out like it: chunks go as XOR deltas against the replicas'
     current version where they hold the same bytes (see ``shardcast push --delta``; implies
     ``incremental``; a path source only). ``lanes``: TCP connections per hop of the chain (1 to
-    16; see ``shardcast push --lanes``); the report's ``lane_chunks`` says what each carried."""
+    16; see ``shardcast push --lanes``); the report's ``lane_chunks`` says what each carried.
+    ``rails``: this host's addresses the lanes bind to, lane k to ``rails[k % len(rails)]`` (see
+    ``shardcast push --rail``)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if compress not in _COMPRESS:
@@ -301,6 +304,7 @@ def push_async(
         int(compress_level),
         os.fsencode(delta_base) if delta_base is not None else None,
         _lanes(lanes),
+        _rails(rails),
     )
     h = ctypes.c_void_p()
     if isinstance(source, Mapping):
@@ -353,6 +357,7 @@ def push(
     compress_level: int = 0,
     delta_base: Optional[PathLike] = None,
     lanes: int = 1,
+    rails: Sequence[str] = (),
 ) -> PushReport:
     """Pushes ``source`` (a path, or ``{relative path: buffer}``: see :func:`push_async`) as
     ``name@version`` to the chain ``to`` and returns when every replica has published
@@ -378,6 +383,7 @@ def push(
         compress_level=compress_level,
         delta_base=delta_base,
         lanes=lanes,
+        rails=rails,
     ) as h:
         return _finish(h, timeout, f"push {name}@{version}")
 
@@ -389,6 +395,12 @@ def _lanes(lanes: int) -> int:
     if not 1 <= int(lanes) <= 16:
         raise ValueError(f"lanes {lanes!r}: 1 to 16")
     return int(lanes)
+
+
+def _rails(rails: Sequence[str]) -> Optional[bytes]:
+    if isinstance(rails, str):
+        rails = [rails]
+    return ",".join(rails).encode() if rails else None
 
 
 def _tls_args(tls: Optional[Tuple[PathLike, PathLike, PathLike]]) -> Tuple[Optional[bytes], ...]:
@@ -440,6 +452,7 @@ def stage_async(
     encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
     lanes: int = 1,
+    rails: Sequence[str] = (),
 ) -> PushHandle:
     """Starts staging an epoch's shards and returns at once (use the handle like a push's).
 
@@ -451,7 +464,7 @@ def stage_async(
 
     Every node gets exactly its files, published as ``name@version``; each chunk travels down
     the chain (the nodes in order) only as far as the last node that wants it. ``lanes``: TCP
-    connections per hop (see :func:`push_async`)."""
+    connections per hop, ``rails``: this host's addresses they bind to (see :func:`push_async`)."""
     opts = _native.PushOpts(
         None,
         None,
@@ -470,6 +483,7 @@ def stage_async(
         *_tls_args(tls),
     )
     opts.lanes = _lanes(lanes)
+    opts.rails = _rails(rails)
     h = ctypes.c_void_p()
     if isinstance(plan, Mapping):
         plan = dict(plan)
@@ -495,11 +509,19 @@ def stage(
     encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
     lanes: int = 1,
+    rails: Sequence[str] = (),
 ) -> PushReport:
     """Stages ``plan`` (see :func:`stage_async`) and returns when every node has published its
     files. Raises :class:`ShardcastError` on failure or when ``timeout`` seconds pass first."""
     with stage_async(
-        plan, transport=transport, keep=keep, key_file=key_file, encrypt=encrypt, tls=tls, lanes=lanes
+        plan,
+        transport=transport,
+        keep=keep,
+        key_file=key_file,
+        encrypt=encrypt,
+        tls=tls,
+        lanes=lanes,
+        rails=rails,
     ) as h:
         return _finish(h, timeout, "staging")
 
@@ -535,12 +557,15 @@ def serve(
     key_file: Optional[PathLike] = None,
     require_encrypt: bool = False,
     tls: Optional[Tuple[PathLike, PathLike, PathLike]] = None,
+    rails: Sequence[str] = (),
 ) -> Server:
     """Starts a replica server in this process, listening on ``listen`` ("127.0.0.1:0" picks a
     free port; see :attr:`Server.addr`) and publishing under ``root``. With ``key_file`` every
     peer must prove it holds the cluster key; with ``tls=(cert, key, ca)`` every peer must present
     a certificate from the CA instead; with ``require_encrypt`` only pushes that encrypt their
-    chunks are accepted."""
+    chunks are accepted. ``rails``: this host's addresses, rail 0 first, listened on at the serve
+    port and announced to the node upstream, whose lane k connects to rail k mod R (see
+    ``shardcast serve --rail``)."""
     opts = _native.ServerOpts(
         listen.encode(),
         os.fsencode(root),
@@ -550,6 +575,7 @@ def serve(
         os.fsencode(key_file) if key_file is not None else None,
         int(bool(require_encrypt)),
         *_tls_args(tls),
+        _rails(rails),
     )
     h = ctypes.c_void_p()
     rc = lib.sc_server_start(ctypes.byref(opts), ctypes.byref(h))

@@ -17,6 +17,7 @@ class ServerOpts(ctypes.Structure):
         ("tls_cert", ctypes.c_char_p),
         ("tls_key", ctypes.c_char_p),
         ("tls_ca", ctypes.c_char_p),
+        ("rails", ctypes.c_char_p),
     ]
 
 
@@ -43,6 +44,7 @@ class PushOpts(ctypes.Structure):
         ("compress_level", ctypes.c_uint32),
         ("delta_base", ctypes.c_char_p),
         ("lanes", ctypes.c_uint32),
+        ("rails", ctypes.c_char_p),
     ]
 
 

@@ -97,6 +97,26 @@ class PushTests(unittest.TestCase):
         for r in ("l0", "l1"):
             self.assertTrue(same_tree(self.src, self.tmp / r / "ckpt" / "1"))
 
+    def test_push_over_rails(self):
+        # The whole of 127/8 is this host's: two rails per node, lanes bound to them.
+        (self.src / "big.bin").write_bytes(os.urandom(8 << 20))
+        with shardcast.serve("127.0.0.1:0", root=self.tmp / "rr", rails=["127.0.0.2", "127.0.0.3"]) as srv:
+            report = shardcast.push(
+                self.src, to=[srv.addr], name="ckpt", version=1, chunk_size=1 << 16, lanes=2, rails=["127.0.0.4", "127.0.0.5"]
+            )
+            self.assertTrue(report.ok)
+            self.assertTrue(all(n > 0 for n in report.lane_chunks), report.lane_chunks)
+            # A rail that is not this host's is refused before anything moves, on either side.
+            with self.assertRaises(shardcast.ShardcastError) as cm:
+                shardcast.push(self.src, to=[srv.addr], name="ckpt", version=2, lanes=2, rails=["192.0.2.1"])
+            self.assertIn("192.0.2.1: not an address of this host", str(cm.exception))
+            self.assertFalse((self.tmp / "rr" / "ckpt" / "2").exists())
+        with self.assertRaises(shardcast.ShardcastError) as cm:
+            shardcast.serve("127.0.0.1:0", root=self.tmp / "bad", rails=["192.0.2.1"])
+        self.assertEqual(cm.exception.kind, "invalid_argument", cm.exception)
+        self.assertIn("192.0.2.1", str(cm.exception))
+        self.assertTrue(same_tree(self.src, self.tmp / "rr" / "ckpt" / "1"))
+
     def test_errors_carry_node_and_kind(self):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
