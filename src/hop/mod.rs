@@ -87,7 +87,7 @@ pub(crate) const RAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// fails the lane (TCP_USER_TIMEOUT): a rail whose link goes down mid-push breaks its lane in
 /// about this long instead of stalling the hop until `--hop-timeout`, and the repair re-dials.
 /// A slow but live receiver (a zero window) acknowledges the kernel's probes and is not cut.
-pub(crate) const LANE_USER_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const LANE_USER_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A handshake the accepting side refused, with the connection to tell the peer on.
 #[derive(Debug)]

@@ -193,3 +193,30 @@ pub(crate) fn check_rails(rails: &[IpAddr], flag: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_k_goes_from_rail_k_mod_r_up_to_rail_k_mod_r_down() {
+        let theirs: Vec<SocketAddr> = vec!["10.0.0.2:7".parse().unwrap(), "10.0.1.2:7".parse().unwrap()];
+        let mine: Vec<IpAddr> = ["10.0.0.1", "10.0.1.1", "10.0.2.1"].map(|a| a.parse().unwrap()).to_vec();
+        let paths = lane_paths("node:7", &theirs, &mine, 4);
+        let got: Vec<(String, Option<IpAddr>, Option<usize>)> =
+            paths.into_iter().map(|p| (p.to, p.from, p.rail)).collect();
+        let ip = |a: &str| Some(a.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            got,
+            vec![
+                ("10.0.1.2:7".to_owned(), ip("10.0.1.1"), Some(1)),
+                ("10.0.0.2:7".to_owned(), ip("10.0.2.1"), Some(0)),
+                ("10.0.1.2:7".to_owned(), ip("10.0.0.1"), Some(1)),
+            ]
+        );
+        // No rails on either side: every lane to the address the chain names, the kernel's pick.
+        let plain = lane_paths("node:7", &[], &[], 3);
+        assert!(plain.iter().all(|p| p.to == "node:7" && p.from.is_none() && p.rail.is_none()), "{plain:?}");
+        assert_eq!(plain.len(), 2);
+    }
+}

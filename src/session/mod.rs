@@ -418,12 +418,15 @@ impl<'a> Session<'a> {
                 continue;
             }
             completions.clear();
-            // Short slices when a caller watches (and may cancel) the push.
-            let slice = self.cfg.idle_timeout.min(self.cfg.hop_timeout).min(if self.progress.is_some() {
-                Duration::from_millis(100)
-            } else {
-                Duration::from_secs(1)
-            });
+            // Short slices when a caller watches (and may cancel) the push, or a newer push of
+            // the same version may supersede it (a repair waits for this one to end).
+            let slice = self.cfg.idle_timeout.min(self.cfg.hop_timeout).min(
+                if self.progress.is_some() || self.superseded.is_some() {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_secs(1)
+                },
+            );
             if let Err(e) = self.io.wait(self.pool.mem_mut(), &mut completions, slice) {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
                 continue;
