@@ -230,7 +230,7 @@ impl Session<'_> {
             Ok(n) => match item {
                 DnItem::Chunk(seq, _) => {
                     self.count_out(n as u64);
-                    if let (Some(enc), Some(t)) = (self.codec.enc.as_mut(), self.codec.send_started.take()) {
+                    if let (Some(enc), Some(t)) = (self.codec.policy.as_mut(), self.codec.send_started.take()) {
                         // A send's duration says how fast the link drains only while the socket
                         // buffer stays full; the kernel's delivery rate (from the ACKs) says it
                         // always, so it wins where there is one.
@@ -340,7 +340,7 @@ impl Session<'_> {
             }
             DnItem::Chunk(seq, slot) => {
                 let mac = self.mac_chunk(lane, seq, slot);
-                if self.codec.enc.is_some() {
+                if self.codec.policy.is_some() {
                     self.codec.send_started = Some(Instant::now());
                 }
                 Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }
