@@ -390,6 +390,25 @@ fn a_push_that_announced_only_deltas_gets_no_compressed_chunk_accepted() {
 }
 
 #[test]
+fn a_push_from_memory_sends_deltas_against_its_base() {
+    // The library's push from buffers with `delta_base` (the C ABI's and Python's): the base is
+    // the previous version on disk, the new one in memory; every chunk goes as a delta.
+    let c = Cluster::start(2);
+    let (v1, v2) = two_steps(&c);
+    let files: Vec<(String, shardcast::MemoryData)> = ["model.bf16.bin", "model.fp32.bin"]
+        .iter()
+        .map(|f| (f.to_string(), Arc::new(std::fs::read(v2.path().join(f)).unwrap()) as shardcast::MemoryData))
+        .collect();
+    let mut opts = shardcast::PushOptions::new("ft", 2, vec![c.addr(0), c.addr(1)]);
+    opts.chunk_size = MIB as u32;
+    opts.delta_base = Some(v1.path().to_path_buf());
+    let report = shardcast::push_memory(files, &opts, None).unwrap();
+    assert!(report.ok(), "{report:?}\n{}", c.logs());
+    c.assert_published(v2.path(), "ft", 2);
+    assert_eq!(report.coded.delta_chunks, 11, "{report:?}");
+}
+
+#[test]
 fn many_chunks_coded_on_several_coder_threads_arrive_intact() {
     // 3 coder threads at the primary, 64 KiB chunks (161 of them): each chunk is copied to a
     // coder, coded there and copied back into its slot before it is sent; chunks finish out of

@@ -324,8 +324,8 @@ pub struct ScPushOpts {
     /// The zstd level, 1 to 19 (0: the default, 3).
     pub compress_level: u32,
     /// XOR deltas (`shardcast push --delta --delta-base`): the previous version of `source` on
-    /// this host, laid out like it (NULL: no deltas). Implies `incremental`. Pushes from files
-    /// only.
+    /// this host, laid out like it (NULL: no deltas). Implies `incremental`. For buffers, the
+    /// base's files are those at the buffers' paths.
     pub delta_base: *const c_char,
 }
 

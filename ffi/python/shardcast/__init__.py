@@ -268,7 +268,7 @@ def push_async(
     at zstd level ``compress_level`` (0: the default). ``delta_base``: the previous version of
     ``source`` on this host, laid out like it: chunks go as XOR deltas against the replicas'
     current version where they hold the same bytes (see ``shardcast push --delta``; implies
-    ``incremental``; a path source only)."""
+    ``incremental``; for buffers, the files of the base are those at the buffers' paths)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if compress not in _COMPRESS:
