@@ -65,10 +65,28 @@ const SAMPLE: usize = 64 << 10;
 /// k = 0..w, then the tail that does not fill an element.
 pub fn group(src: &[u8], w: usize, dst: &mut [u8]) {
     let n = src.len() / w;
-    for k in 0..w {
-        let out = &mut dst[k * n..(k + 1) * n];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = src[i * w + k];
+    match w {
+        // One pass over the elements (the general loop makes w strided passes).
+        2 => {
+            let (a, rest) = dst.split_at_mut(n);
+            for ((x, y), e) in a.iter_mut().zip(&mut rest[..n]).zip(src.chunks_exact(2)) {
+                (*x, *y) = (e[0], e[1]);
+            }
+        }
+        4 => {
+            let (a, rest) = dst.split_at_mut(n);
+            let (b, rest) = rest.split_at_mut(n);
+            let (c, d) = rest.split_at_mut(n);
+            for ((((p, q), r), t), e) in a.iter_mut().zip(b).zip(c).zip(&mut d[..n]).zip(src.chunks_exact(4)) {
+                (*p, *q, *r, *t) = (e[0], e[1], e[2], e[3]);
+            }
+        }
+        _ => {
+            for k in 0..w {
+                for (i, o) in dst[k * n..(k + 1) * n].iter_mut().enumerate() {
+                    *o = src[i * w + k];
+                }
+            }
         }
     }
     dst[n * w..src.len()].copy_from_slice(&src[n * w..]);
@@ -77,10 +95,27 @@ pub fn group(src: &[u8], w: usize, dst: &mut [u8]) {
 /// Undoes [`group`].
 pub fn ungroup(src: &[u8], w: usize, dst: &mut [u8]) {
     let n = src.len() / w;
-    for k in 0..w {
-        let inp = &src[k * n..(k + 1) * n];
-        for (i, b) in inp.iter().enumerate() {
-            dst[i * w + k] = *b;
+    match w {
+        2 => {
+            let (a, b) = src.split_at(n);
+            for ((x, y), e) in a.iter().zip(&b[..n]).zip(dst.chunks_exact_mut(2)) {
+                (e[0], e[1]) = (*x, *y);
+            }
+        }
+        4 => {
+            let (a, rest) = src.split_at(n);
+            let (b, rest) = rest.split_at(n);
+            let (c, d) = rest.split_at(n);
+            for ((((p, q), r), t), e) in a.iter().zip(b).zip(c).zip(&d[..n]).zip(dst.chunks_exact_mut(4)) {
+                (e[0], e[1], e[2], e[3]) = (*p, *q, *r, *t);
+            }
+        }
+        _ => {
+            for k in 0..w {
+                for (i, b) in src[k * n..(k + 1) * n].iter().enumerate() {
+                    dst[i * w + k] = *b;
+                }
+            }
         }
     }
     dst[n * w..src.len()].copy_from_slice(&src[n * w..]);
@@ -488,11 +523,17 @@ mod tests {
     #[test]
     fn group_round_trips_with_a_tail() {
         let src: Vec<u8> = (0..1027u32).map(|i| (i * 7) as u8).collect();
-        for w in [2, 4] {
+        for w in [2, 3, 4] {
             let mut g = vec![0; src.len()];
             let mut back = vec![0; src.len()];
             group(&src, w, &mut g);
             assert_ne!(g, src);
+            // The layout on the wire: byte k of element i at k * n + i, then the tail.
+            let n = src.len() / w;
+            for (i, k) in (0..n).flat_map(|i| (0..w).map(move |k| (i, k))) {
+                assert_eq!(g[k * n + i], src[i * w + k], "width {w}, element {i}, byte {k}");
+            }
+            assert_eq!(g[n * w..], src[n * w..]);
             ungroup(&g, w, &mut back);
             assert_eq!(back, src, "width {w}");
         }

@@ -25,12 +25,14 @@ use crate::store::BaseChunk;
 use crate::wire::{Coding, Header};
 
 /// Coder threads of a push: `SHARDCAST_CODERS` (benchmarks compare counts), else one per core
-/// the process may run on; at least one.
+/// the process may run on but the session thread's; at least one. On the emulated cluster
+/// (5 nodes on 2 vCPUs) two coders took the cycles the relays need: `auto` at 1 Gbit/s was
+/// 1.3 x slower than `off` with two, 0.94 x with one (BENCHMARKS.md).
 pub(super) fn coder_count() -> usize {
     std::env::var("SHARDCAST_CODERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get).saturating_sub(1))
         .max(1)
 }
 
