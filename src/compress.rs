@@ -2,10 +2,11 @@
 //! bytes of float elements by position (all first bytes, then all second bytes, ...), which
 //! puts the repetitive exponent bytes of bf16/fp32 weights together.
 //!
-//! The primary codes each chunk once ([`Encoder`]); relays forward the coded frame as it came;
-//! every replica decodes it ([`Decoder`]) and checks the digest of the decoded bytes. A chunk
-//! that does not shrink by at least 1/32 travels raw. `auto` compresses only while compressing
-//! is faster than the first hop drains (see [`Encoder::encode`]).
+//! The primary codes each chunk once, on coder threads ([`Coder`]; its session thread decides
+//! which chunks, [`Policy`]); relays forward the coded frame as it came; every replica decodes
+//! it ([`Decoder`]) and checks the digest of the decoded bytes. A chunk that does not shrink by
+//! at least 1/32 travels raw. `auto` compresses only while compressing is faster than the first
+//! hop drains, and never makes the link wait for a coder (see [`Policy`]).
 
 use std::time::{Duration, Instant};
 
@@ -57,10 +58,6 @@ impl std::fmt::Display for Compress {
 /// find matches in the exponent stream that cost more than they save.
 pub const DEFAULT_LEVEL: i32 = 1;
 
-/// `auto` codes a chunk only while this many frames wait for the first hop, the one being sent
-/// included ([`Encoder::first_hop_backlog`]).
-const AUTO_BACKLOG_FRAMES: usize = 2;
-
 /// Bytes of a chunk the sample that picks the grouping (and measures the rate) compresses.
 const SAMPLE: usize = 64 << 10;
 
@@ -68,10 +65,28 @@ const SAMPLE: usize = 64 << 10;
 /// k = 0..w, then the tail that does not fill an element.
 pub fn group(src: &[u8], w: usize, dst: &mut [u8]) {
     let n = src.len() / w;
-    for k in 0..w {
-        let out = &mut dst[k * n..(k + 1) * n];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = src[i * w + k];
+    match w {
+        // One pass over the elements (the general loop makes w strided passes).
+        2 => {
+            let (a, rest) = dst.split_at_mut(n);
+            for ((x, y), e) in a.iter_mut().zip(&mut rest[..n]).zip(src.chunks_exact(2)) {
+                (*x, *y) = (e[0], e[1]);
+            }
+        }
+        4 => {
+            let (a, rest) = dst.split_at_mut(n);
+            let (b, rest) = rest.split_at_mut(n);
+            let (c, d) = rest.split_at_mut(n);
+            for ((((p, q), r), t), e) in a.iter_mut().zip(b).zip(c).zip(&mut d[..n]).zip(src.chunks_exact(4)) {
+                (*p, *q, *r, *t) = (e[0], e[1], e[2], e[3]);
+            }
+        }
+        _ => {
+            for k in 0..w {
+                for (i, o) in dst[k * n..(k + 1) * n].iter_mut().enumerate() {
+                    *o = src[i * w + k];
+                }
+            }
         }
     }
     dst[n * w..src.len()].copy_from_slice(&src[n * w..]);
@@ -80,10 +95,27 @@ pub fn group(src: &[u8], w: usize, dst: &mut [u8]) {
 /// Undoes [`group`].
 pub fn ungroup(src: &[u8], w: usize, dst: &mut [u8]) {
     let n = src.len() / w;
-    for k in 0..w {
-        let inp = &src[k * n..(k + 1) * n];
-        for (i, b) in inp.iter().enumerate() {
-            dst[i * w + k] = *b;
+    match w {
+        2 => {
+            let (a, b) = src.split_at(n);
+            for ((x, y), e) in a.iter().zip(&b[..n]).zip(dst.chunks_exact_mut(2)) {
+                (e[0], e[1]) = (*x, *y);
+            }
+        }
+        4 => {
+            let (a, rest) = src.split_at(n);
+            let (b, rest) = rest.split_at(n);
+            let (c, d) = rest.split_at(n);
+            for ((((p, q), r), t), e) in a.iter().zip(b).zip(c).zip(&d[..n]).zip(dst.chunks_exact_mut(4)) {
+                (e[0], e[1], e[2], e[3]) = (*p, *q, *r, *t);
+            }
+        }
+        _ => {
+            for k in 0..w {
+                for (i, b) in src[k * n..(k + 1) * n].iter().enumerate() {
+                    dst[i * w + k] = *b;
+                }
+            }
         }
     }
     dst[n * w..src.len()].copy_from_slice(&src[n * w..]);
@@ -152,85 +184,119 @@ impl Rate {
     }
 }
 
-/// `auto`'s measurements: how fast this node compresses and how well, how fast the first hop
-/// drains (from the send completions downstream, which wait for the socket's buffer once the
-/// link is the bottleneck), and how much waits for it now.
+/// `auto`'s measurements: how fast one coder thread compresses and how well, and how fast the
+/// first hop drains.
 #[derive(Debug, Default)]
 struct Auto {
-    /// Frames waiting for the first hop (the send in flight included) when the chunk being
-    /// coded was read ([`Encoder::first_hop_backlog`]).
-    backlog: usize,
+    /// One coder thread's time per raw byte.
     compress: Rate,
     /// Wire bytes over raw bytes of what was compressed lately.
     ratio: Option<f64>,
     link: Rate,
-    /// Samples cost time; while not compressing one is taken only once the last one's cost is
-    /// under 1 % of the time since.
+    /// While the link is known to be faster than the coders, a chunk is still coded now and
+    /// then to measure again: the next one not before this.
     next_probe: Option<Instant>,
 }
 
 impl Auto {
-    /// Whether compressing pays now: only when the compressor produces raw bytes faster than
-    /// the link takes them (then the link, not the compressor, sets the pace, and it moves
-    /// fewer bytes). Unknown rates say no: a link is only measured once it pushed back.
-    fn pays(&self) -> bool {
+    /// Whether compressing pays now, with `coders` threads: only when they produce raw bytes
+    /// faster than the link takes them (then the link, not the coders, sets the pace, and it
+    /// moves fewer bytes) and the data shrinks. None: not known yet (no link measured, or
+    /// nothing coded yet).
+    fn pays(&self, coders: usize) -> Option<bool> {
         match (self.compress.0, self.link.0, self.ratio) {
-            // ns per raw byte compressing vs ns per raw byte the link takes uncompressed, with
-            // a margin so that a tie goes raw.
-            (Some(c), Some(l), Some(r)) => r < 0.97 && c * 1.2 < l,
-            _ => false,
+            // ns per raw byte compressing (the coders share the chunks) vs ns per raw byte the
+            // link takes uncompressed, with a margin so that a tie goes raw.
+            (Some(c), Some(l), Some(r)) => Some(r < 0.97 && c / coders.max(1) as f64 * 1.2 < l),
+            (_, Some(_), Some(r)) if r >= 0.97 => Some(false),
+            _ => None,
         }
     }
 }
 
-/// The primary's side: codes chunks into frames' payloads.
-pub struct Encoder {
+/// The primary's side of a compressed push, on its session thread: decides which chunks go to
+/// the coder threads ([`Coder`]) and learns from what they report.
+///
+/// `auto` hands a chunk to a coder when compressing pays (the coders are faster than the first
+/// hop and the data shrinks) or when that is not known yet (no link measured); it decides as a
+/// coder takes the chunk, not when the chunk was read, so the first chunks are decided with the
+/// measurements there are by then. Whatever it decided, a chunk whose coding is not done when the
+/// first hop has nothing left to send goes raw ([`Policy::gives_way`]): the link never waits for
+/// a coder. While the link is known to be faster, one chunk is still coded now and then (under
+/// 1 % of a coder's time) to measure again.
+#[derive(Debug)]
+pub struct Policy {
     mode: Compress,
-    zc: zstd::bulk::Compressor<'static>,
-    /// The fast compressor of samples.
-    sample: zstd::bulk::Compressor<'static>,
-    grouped: Vec<u8>,
-    out: Vec<u8>,
+    level: Option<i32>,
+    coders: usize,
     auto: Auto,
 }
 
-impl std::fmt::Debug for Encoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder").field("mode", &self.mode).finish_non_exhaustive()
+impl Policy {
+    /// The policy of a push compressing as `mode` says at zstd `level` with `coders` threads;
+    /// None when `mode` is off.
+    pub fn new(mode: Compress, level: Option<i32>, coders: usize) -> Option<Self> {
+        (mode != Compress::Off).then(|| Self { mode, level, coders: coders.max(1), auto: Auto::default() })
     }
-}
 
-impl Encoder {
-    /// An encoder for chunks of at most `chunk_size` bytes; None when `mode` is off.
-    pub fn new(mode: Compress, level: Option<i32>, chunk_size: u32) -> std::io::Result<Option<Self>> {
-        if mode == Compress::Off {
-            return Ok(None);
+    /// The mode.
+    pub fn mode(&self) -> Compress {
+        self.mode
+    }
+
+    /// The zstd level (None: [`DEFAULT_LEVEL`]).
+    pub fn level(&self) -> Option<i32> {
+        self.level
+    }
+
+    /// Whether the next chunk a coder takes is to be compressed (at `now`).
+    pub fn code_next(&mut self, now: Instant) -> bool {
+        if self.mode != Compress::Auto {
+            return true;
         }
-        let n = chunk_size as usize;
-        Ok(Some(Self {
-            mode,
-            zc: zstd::bulk::Compressor::new(level.unwrap_or(DEFAULT_LEVEL))?,
-            sample: zstd::bulk::Compressor::new(1)?,
-            grouped: vec![0; n],
-            out: vec![0; zstd::zstd_safe::compress_bound(n)],
-            auto: Auto::default(),
-        }))
+        match self.auto.pays(self.coders) {
+            None | Some(true) => true,
+            Some(false) if self.auto.next_probe.is_some_and(|t| now < t) => false,
+            Some(false) => {
+                // A probe; when its result comes the next one is set from its cost.
+                self.auto.next_probe = Some(now + Duration::from_secs(1));
+                true
+            }
+        }
     }
 
-    /// Frames that wait for the first hop (the send in flight and those queued behind it) as
-    /// the next chunk is coded: `auto` compresses a chunk only while at least
-    /// [`AUTO_BACKLOG_FRAMES`] wait. Then the link, not this thread, sets the pace, and the time
-    /// spent coding is covered by what the link still has to send; when coding falls behind (a
-    /// slower core, a busy machine) the queue empties and chunks go raw until it fills again,
-    /// so `auto` never starves the link it is meant to relieve. Frames, not bytes: the
-    /// primary's pool holds 4 chunks by default, so coded frames (shorter) must count alike.
-    pub fn first_hop_backlog(&mut self, frames: usize) {
-        self.auto.backlog = frames;
+    /// Whether a chunk whose coding is not done yet goes raw when the first hop has nothing
+    /// else to send (`auto`; a forced mode waits for its coder).
+    pub fn gives_way(&self) -> bool {
+        self.mode == Compress::Auto
+    }
+
+    /// Whether the first hop sends `bytes` within `within` (at the rate measured; while none
+    /// is, whether they are at most 256 KiB, 2 ms at 1 Gbit/s).
+    pub fn drains_within(&self, bytes: usize, within: Duration) -> bool {
+        match self.auto.link.0 {
+            Some(ns) => bytes as f64 * ns <= within.as_nanos() as f64,
+            None => bytes <= 256 << 10,
+        }
+    }
+
+    /// A coder compressed `raw` bytes into `wire` in `took` (one thread's time).
+    pub fn coded(&mut self, took: Duration, raw: usize, wire: usize) {
+        if self.mode != Compress::Auto || raw == 0 {
+            return;
+        }
+        self.auto.compress.add(took, raw);
+        self.auto.ratio = Some(wire as f64 / raw as f64);
+        if self.auto.pays(self.coders) == Some(false) {
+            // Probes take under 1 % of one coder's time.
+            let now = Instant::now();
+            self.auto.next_probe = Some(now + took * 100);
+        }
     }
 
     /// A send of `bytes` to the first hop took `d` from submission to completion: a measure of
     /// the link only while its socket buffer is full (a send that finds room completes at
-    /// once), so a TCP hop uses [`Encoder::link_delivery_rate`] instead.
+    /// once), so a TCP hop uses [`Policy::link_delivery_rate`] instead.
     pub fn link_sent(&mut self, d: Duration, bytes: usize) {
         self.auto.link.add(d, bytes);
     }
@@ -242,115 +308,105 @@ impl Encoder {
             self.auto.link.add(Duration::from_secs(1), n);
         }
     }
-
-    /// Picks the element width for `raw` from a sample in its middle (1: no grouping), among
-    /// `widths`, measuring the sample's compression rate and ratio on the way.
-    fn pick_width(&mut self, raw: &[u8], widths: &[usize]) -> usize {
-        let t = Instant::now();
-        let (best, best_len, len) = sample_width(&mut self.sample, raw, widths, &mut self.grouped, &mut self.out);
-        if self.mode == Compress::Auto && len > 0 {
-            // One trial per width: the rate of one, and the ratio of the best.
-            self.auto.compress.add(t.elapsed() / widths.len() as u32, len);
-            self.auto.ratio = Some(best_len as f64 / len as f64);
-        }
-        best
-    }
-
-    /// Codes `raw`: the coding and the coded payload, or None when it goes raw (it does not
-    /// shrink by 1/32, or `auto` finds compressing slower than the link).
-    pub fn encode(&mut self, raw: &[u8]) -> Option<(Coding, &[u8])> {
-        let (coding, n) = self.try_encode(raw)?;
-        Some((coding, &self.out[..n]))
-    }
-
-    fn try_encode(&mut self, raw: &[u8]) -> Option<(Coding, usize)> {
-        if raw.len() < 64 {
-            return None;
-        }
-        let width = match self.mode {
-            Compress::Off => return None,
-            Compress::Zstd => 1,
-            Compress::ZstdGrouped => self.pick_width(raw, &[2, 4]),
-            Compress::Auto => {
-                if self.auto.backlog < AUTO_BACKLOG_FRAMES {
-                    return None;
-                }
-                if !self.auto.pays() {
-                    let now = Instant::now();
-                    if self.auto.next_probe.is_some_and(|t| now < t) {
-                        return None;
-                    }
-                    self.pick_width(raw, &[1, 2, 4]);
-                    self.auto.next_probe = Some(now + now.elapsed() * 100);
-                    if !self.auto.pays() {
-                        return None;
-                    }
-                }
-                self.pick_width(raw, &[1, 2, 4])
-            }
-        };
-        let t = Instant::now();
-        let input = grouped_by(raw, width, &mut self.grouped);
-        let n = self.zc.compress_to_buffer(input, &mut self.out[..]).ok()?;
-        if self.mode == Compress::Auto {
-            self.auto.compress.add(t.elapsed(), raw.len());
-            self.auto.ratio = Some(n as f64 / raw.len() as f64);
-        }
-        (n <= raw.len() - raw.len() / 32)
-            .then_some((Coding { flags: Coding::ZSTD | group_flag(width), raw_len: raw.len() as u32 }, n))
-    }
 }
 
-/// The primary's side of `push --delta`: codes the XOR of a chunk with its base (the same
-/// chunk of the version the replicas hold), byte-grouped where a sample says it helps.
-pub struct DeltaEncoder {
+/// One coder thread's state: zstd contexts and fixed-size scratch buffers of one chunk, so
+/// memory does not grow with the push. Codes bytes it owns (copies of chunks), never a pool
+/// slot.
+pub struct Coder {
     zc: zstd::bulk::Compressor<'static>,
+    /// The fast compressor of samples.
     sample: zstd::bulk::Compressor<'static>,
-    xor: Vec<u8>,
     grouped: Vec<u8>,
-    out: Vec<u8>,
+    sample_out: Vec<u8>,
 }
 
-impl std::fmt::Debug for DeltaEncoder {
+impl std::fmt::Debug for Coder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeltaEncoder").finish_non_exhaustive()
+        f.debug_struct("Coder").finish_non_exhaustive()
     }
 }
 
-impl DeltaEncoder {
-    /// A delta encoder for chunks of at most `chunk_size` bytes at zstd `level` (None: the
-    /// default).
+/// Room a coded payload of a chunk of `chunk_size` bytes needs (a delta's base digest and the
+/// zstd bound).
+pub fn coded_capacity(chunk_size: u32) -> usize {
+    Coding::BASE_LEN as usize + zstd::zstd_safe::compress_bound(chunk_size as usize)
+}
+
+impl Coder {
+    /// A coder for chunks of at most `chunk_size` bytes at zstd `level` (None: the default).
     pub fn new(level: Option<i32>, chunk_size: u32) -> std::io::Result<Self> {
-        let n = chunk_size as usize;
         Ok(Self {
             zc: zstd::bulk::Compressor::new(level.unwrap_or(DEFAULT_LEVEL))?,
             sample: zstd::bulk::Compressor::new(1)?,
-            xor: vec![0; n],
-            grouped: vec![0; n],
-            out: vec![0; Coding::BASE_LEN as usize + zstd::zstd_safe::compress_bound(n)],
+            grouped: vec![0; chunk_size as usize],
+            sample_out: vec![0; zstd::zstd_safe::compress_bound(SAMPLE)],
         })
     }
 
-    /// Codes `raw` as a delta against `base` (as long), whose digest is `base_digest`: the
-    /// coding and the payload (the base's digest, then the zstd frame), or None when that does
-    /// not shrink the chunk by 1/32 (it then goes as an ordinary chunk).
-    pub fn encode(&mut self, raw: &[u8], base: &[u8], base_digest: u128) -> Option<(Coding, &[u8])> {
+    /// Compresses `raw` into `out` (at least [`coded_capacity`] long) as `mode` says: the
+    /// coding and the payload's length, or None when it does not shrink by 1/32 (it goes raw).
+    /// `zstd` never groups; `zstd-grouped` groups by 2 or 4, `auto` by 1, 2 or 4, whichever
+    /// a sample from the chunk's middle says is smaller.
+    pub fn compress(&mut self, mode: Compress, raw: &[u8], out: &mut [u8]) -> Option<(Coding, usize)> {
+        if raw.len() < 64 {
+            return None;
+        }
+        let width = match mode {
+            Compress::Off => return None,
+            Compress::Zstd => 1,
+            Compress::ZstdGrouped => self.pick_width(raw, &[2, 4]),
+            Compress::Auto => self.pick_width(raw, &[1, 2, 4]),
+        };
+        let input = grouped_by(raw, width, &mut self.grouped);
+        let n = self.zc.compress_to_buffer(input, out).ok()?;
+        (n <= raw.len() - raw.len() / 32)
+            .then_some((Coding { flags: Coding::ZSTD | group_flag(width), raw_len: raw.len() as u32 }, n))
+    }
+
+    fn pick_width(&mut self, raw: &[u8], widths: &[usize]) -> usize {
+        sample_width(&mut self.sample, raw, widths, &mut self.grouped, &mut self.sample_out).0
+    }
+
+    /// Codes `raw` as a delta against `base` (as long), whose digest is `base_digest`, into
+    /// `out`: the coding and the payload's length (the base's digest, then the zstd frame), or
+    /// None when that does not shrink the chunk by 1/32 (it then goes as an ordinary chunk).
+    /// `raw` is XORed with `base` meanwhile and restored before this returns.
+    pub fn delta(&mut self, raw: &mut [u8], base: &[u8], base_digest: u128, out: &mut [u8]) -> Option<(Coding, usize)> {
         let n = raw.len();
         if n < 64 || base.len() != n {
             return None;
         }
-        for ((x, a), b) in self.xor[..n].iter_mut().zip(raw).zip(base) {
-            *x = a ^ b;
-        }
+        xor_into(raw, base);
+        let coded = self.delta_of_xor(raw, base_digest, out);
+        xor_into(raw, base);
+        coded
+    }
+
+    fn delta_of_xor(&mut self, xor: &[u8], base_digest: u128, out: &mut [u8]) -> Option<(Coding, usize)> {
+        let n = xor.len();
         // The element width from a sample in the middle, as `zstd-grouped` picks it.
-        let (width, _, _) =
-            sample_width(&mut self.sample, &self.xor[..n], &[1, 2, 4], &mut self.grouped, &mut self.out);
-        let input = grouped_by(&self.xor[..n], width, &mut self.grouped);
+        let width = self.pick_width(xor, &[1, 2, 4]);
+        let input = grouped_by(xor, width, &mut self.grouped);
         let head = Coding::BASE_LEN as usize;
-        let k = self.zc.compress_to_buffer(input, &mut self.out[head..]).ok()?;
-        self.out[..head].copy_from_slice(&base_digest.to_le_bytes());
+        let k = self.zc.compress_to_buffer(input, &mut out[head..]).ok()?;
+        out[..head].copy_from_slice(&base_digest.to_le_bytes());
         let coding = Coding { flags: Coding::ZSTD | Coding::DELTA | group_flag(width), raw_len: n as u32 };
-        (head + k <= n - n / 32).then_some((coding, &self.out[..head + k]))
+        (head + k <= n - n / 32).then_some((coding, head + k))
+    }
+}
+
+/// `dst[i] ^= src[i]` (as long).
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    // Word by word: the byte loop is not always vectorised.
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, b) in (&mut d).zip(&mut s) {
+        let x = u64::from_ne_bytes(a.try_into().expect("8")) ^ u64::from_ne_bytes(b.try_into().expect("8"));
+        a.copy_from_slice(&x.to_ne_bytes());
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a ^= b;
     }
 }
 
@@ -467,27 +523,38 @@ mod tests {
     #[test]
     fn group_round_trips_with_a_tail() {
         let src: Vec<u8> = (0..1027u32).map(|i| (i * 7) as u8).collect();
-        for w in [2, 4] {
+        for w in [2, 3, 4] {
             let mut g = vec![0; src.len()];
             let mut back = vec![0; src.len()];
             group(&src, w, &mut g);
             assert_ne!(g, src);
+            // The layout on the wire: byte k of element i at k * n + i, then the tail.
+            let n = src.len() / w;
+            for (i, k) in (0..n).flat_map(|i| (0..w).map(move |k| (i, k))) {
+                assert_eq!(g[k * n + i], src[i * w + k], "width {w}, element {i}, byte {k}");
+            }
+            assert_eq!(g[n * w..], src[n * w..]);
             ungroup(&g, w, &mut back);
             assert_eq!(back, src, "width {w}");
         }
     }
 
+    fn coder() -> (Coder, Vec<u8>) {
+        (Coder::new(None, 1 << 20).unwrap(), vec![0; coded_capacity(1 << 20)])
+    }
+
     #[test]
     fn encode_decode_each_mode() {
         let raw = bf16ish(1 << 20);
-        for mode in [Compress::Zstd, Compress::ZstdGrouped] {
-            let mut e = Encoder::new(mode, None, 1 << 20).unwrap().unwrap();
-            let (coding, payload) = e.encode(&raw).expect("float data shrinks");
-            assert!(payload.len() < raw.len());
-            assert_eq!(coding.group_width() != 1, mode == Compress::ZstdGrouped, "{mode}: {coding:?}");
-            let payload = payload.to_vec();
+        for mode in [Compress::Zstd, Compress::ZstdGrouped, Compress::Auto] {
+            let (mut e, mut out) = coder();
+            let (coding, n) = e.compress(mode, &raw, &mut out).expect("float data shrinks");
+            assert!(n < raw.len());
+            if mode != Compress::Auto {
+                assert_eq!(coding.group_width() != 1, mode == Compress::ZstdGrouped, "{mode}: {coding:?}");
+            }
             let mut d = Decoder::new(1 << 20).unwrap();
-            assert_eq!(d.decode(3, coding, &payload).unwrap(), &raw[..]);
+            assert_eq!(d.decode(3, coding, &out[..n]).unwrap(), &raw[..]);
             assert_eq!(d.held(3, raw.len()).unwrap(), &raw[..]);
             assert!(d.held(4, raw.len()).is_none());
         }
@@ -500,9 +567,12 @@ mod tests {
         for i in (0..new.len()).step_by(4099) {
             new[i] ^= 0x5a;
         }
-        let mut e = DeltaEncoder::new(None, 1 << 20).unwrap();
-        let (coding, payload) = e.encode(&new, &base, 77).expect("a sparse XOR shrinks");
+        let (mut e, mut out) = coder();
+        let mut raw = new.clone();
+        let (coding, n) = e.delta(&mut raw, &base, 77, &mut out).expect("a sparse XOR shrinks");
+        let payload = &out[..n];
         assert!(coding.is_delta() && payload.len() < new.len() / 50, "{} bytes", payload.len());
+        assert_eq!(raw, new, "the chunk is as it was after coding");
         assert_eq!(u128::from_le_bytes(payload[..16].try_into().unwrap()), 77);
         let payload = payload.to_vec();
         let mut d = Decoder::new(1 << 20).unwrap();
@@ -518,16 +588,20 @@ mod tests {
         // Hashes of a counter: as good as random to a compressor.
         let raw: Vec<u8> =
             (0..1u64 << 16).flat_map(|i| crate::manifest::digest(&i.to_le_bytes()).to_le_bytes()).collect();
-        let mut e = Encoder::new(Compress::Zstd, None, 1 << 20).unwrap().unwrap();
-        assert!(e.encode(&raw).is_none());
+        let (mut e, mut out) = coder();
+        assert!(e.compress(Compress::Zstd, &raw, &mut out).is_none());
+        let mut copy = raw.clone();
+        let same = raw.clone();
+        assert!(e.delta(&mut copy, &same, 1, &mut out).is_some(), "the XOR with itself is all zeros");
+        assert_eq!(copy, raw);
     }
 
     #[test]
     fn corrupt_payload_is_refused() {
         let raw = bf16ish(1 << 18);
-        let mut e = Encoder::new(Compress::ZstdGrouped, None, 1 << 18).unwrap().unwrap();
-        let (coding, payload) = e.encode(&raw).unwrap();
-        let mut payload = payload.to_vec();
+        let (mut e, mut out) = coder();
+        let (coding, n) = e.compress(Compress::ZstdGrouped, &raw, &mut out).unwrap();
+        let mut payload = out[..n].to_vec();
         let mut d = Decoder::new(1 << 18).unwrap();
         // A longer announced length than the data: refused, not padded.
         let long = Coding { raw_len: coding.raw_len - 1, ..coding };
@@ -562,44 +636,39 @@ mod tests {
     }
 
     #[test]
-    fn auto_does_not_compress_without_a_slow_link() {
-        let raw = bf16ish(1 << 20);
-        let mut e = Encoder::new(Compress::Auto, None, 1 << 20).unwrap().unwrap();
-        // Nothing waits for the link: raw, and not even a sample is taken.
-        assert!(e.encode(&raw).is_none());
-        assert!(e.auto.compress.0.is_none());
-        // Two frames wait but no link was measured yet: raw, after one sample.
-        e.first_hop_backlog(2);
-        assert!(e.encode(&raw).is_none());
-        assert!(e.auto.compress.0.is_some() && e.auto.ratio.is_some());
+    fn auto_compresses_where_the_link_is_slower_than_its_coders() {
         // The rule itself, on given rates (ns a byte), not measured ones.
         let auto = |c: f64, l: f64, r: f64| Auto {
-            backlog: 0,
             compress: Rate(Some(c)),
             link: Rate(Some(l)),
             ratio: Some(r),
             next_probe: None,
         };
-        assert!(!auto(1.0, 0.1, 0.5).pays(), "a link faster than the compressor (loopback)");
-        assert!(auto(1.0, 8.0, 0.7).pays(), "1 Gbit/s against 1 GB/s of compression");
-        assert!(!auto(1.0, 8.0, 0.99).pays(), "data that does not compress");
-        assert!(!auto(7.0, 8.0, 0.5).pays(), "a tie goes raw");
-        assert!(!Auto::default().pays());
-    }
-
-    #[test]
-    fn auto_compresses_only_while_chunks_wait_for_the_link() {
-        let raw = bf16ish(1 << 20);
-        let mut e = Encoder::new(Compress::Auto, Some(1), 1 << 20).unwrap().unwrap();
-        // A link that takes 1 ms a byte: slower than any compressor, even a debug build's.
-        e.link_sent(Duration::from_secs(1), 1000);
-        e.first_hop_backlog(2);
-        assert!(e.encode(&raw).is_some(), "two frames wait for a slow link: compress");
-        // The queue ran dry (coding fell behind the link): raw, whatever the rates say.
-        e.first_hop_backlog(1);
-        assert!(e.auto.pays());
-        assert!(e.encode(&raw).is_none());
-        e.first_hop_backlog(3);
-        assert!(e.encode(&raw).is_some());
+        assert_eq!(auto(1.0, 0.1, 0.5).pays(1), Some(false), "a link faster than the coder (loopback)");
+        assert_eq!(auto(1.0, 8.0, 0.7).pays(1), Some(true), "1 Gbit/s against 1 GB/s of compression");
+        assert_eq!(auto(1.0, 8.0, 0.99).pays(4), Some(false), "data that does not compress");
+        assert_eq!(auto(7.0, 8.0, 0.5).pays(1), Some(false), "a tie goes raw");
+        assert_eq!(auto(7.0, 8.0, 0.5).pays(2), Some(true), "two coders share the chunks");
+        assert_eq!(Auto::default().pays(2), None);
+        // Unknown: code (and let an idle link take the chunk raw); known slow link: code.
+        let mut p = Policy::new(Compress::Auto, None, 1).unwrap();
+        let now = Instant::now();
+        assert!(p.code_next(now) && p.gives_way());
+        p.link_sent(Duration::from_secs(1), 1000);
+        p.coded(Duration::from_millis(1), 1 << 20, 1 << 19);
+        assert!(p.code_next(now));
+        // A link far faster than the coder: raw, but for a probe now and then.
+        let mut p = Policy::new(Compress::Auto, None, 1).unwrap();
+        p.link_delivery_rate(100_000_000_000);
+        p.coded(Duration::from_millis(10), 1 << 20, 1 << 19);
+        let now = Instant::now();
+        assert!(!p.code_next(now), "a probe waits 100 x the last coding time");
+        assert!(p.code_next(now + Duration::from_secs(2)), "a probe");
+        assert!(!p.code_next(now + Duration::from_secs(2)), "one probe at a time");
+        // Forced modes code every chunk and wait for it.
+        let mut z = Policy::new(Compress::Zstd, None, 1).unwrap();
+        z.link_delivery_rate(100_000_000_000);
+        assert!(z.code_next(now) && !z.gives_way());
+        assert!(Policy::new(Compress::Off, None, 1).is_none());
     }
 }

@@ -145,7 +145,21 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
 
 /// Forwards frame by frame (header, then payload), flipping one payload byte of the first
 /// CHUNK whose flags have a bit of `mask` when `tamper` is set.
-fn frames(mut from: TcpStream, mut to: TcpStream, tamper: Option<Arc<AtomicUsize>>, mask: u8) {
+fn frames(from: TcpStream, to: TcpStream, tamper: Option<Arc<AtomicUsize>>, mask: u8) {
+    edit_frames(from, to, |h, payload| {
+        if let Some(t) = &tamper
+            && h[6] == 4
+            && h[7] & mask != 0
+            && t.load(Ordering::SeqCst) == 0
+        {
+            payload[payload.len() / 2] ^= 0x5a;
+            t.store(1, Ordering::SeqCst);
+        }
+    });
+}
+
+/// Forwards frame by frame (header, then payload), letting `edit` change each on the way.
+fn edit_frames(mut from: TcpStream, mut to: TcpStream, mut edit: impl FnMut(&[u8; 40], &mut [u8])) {
     loop {
         let mut h = [0u8; 40];
         if from.read_exact(&mut h).is_err() {
@@ -156,14 +170,7 @@ fn frames(mut from: TcpStream, mut to: TcpStream, tamper: Option<Arc<AtomicUsize
         if from.read_exact(&mut payload).is_err() {
             break;
         }
-        if let Some(t) = &tamper
-            && h[6] == 4
-            && h[7] & mask != 0
-            && t.load(Ordering::SeqCst) == 0
-        {
-            payload[len / 2] ^= 0x5a;
-            t.store(1, Ordering::SeqCst);
-        }
+        edit(&h, &mut payload);
         if to.write_all(&h).and_then(|()| to.write_all(&payload)).is_err() {
             break;
         }
@@ -342,4 +349,91 @@ fn a_relay_forwards_deltas_it_does_not_store() {
     c.assert_published(v2.path(), "ft", 3);
     assert_eq!(delta_counts(&parse_json(&out)).0, 11, "{out:?}");
     assert!(!c.logs().contains("refused"), "a relay refused a delta it only forwards:\n{}", c.logs());
+}
+
+/// Forwards frame by frame, clearing HELLO's COMPRESS flag (bit 2) on the way when `strip` is
+/// set: the node behind it sees a push that announced deltas only.
+fn strip_compress(from: TcpStream, to: TcpStream, strip: bool) {
+    edit_frames(from, to, |h, payload| {
+        if strip && h[6] == 1 {
+            // HELLO: name (u32 length, bytes), version u64, mode u8, transport u8, keep u32, flags.
+            let at = 4 + u32::from_le_bytes(payload[..4].try_into().unwrap()) as usize + 8 + 1 + 1 + 4;
+            assert_ne!(payload[at] & 8, 0, "a delta push's HELLO says DELTA");
+            payload[at] &= !4;
+        }
+    });
+}
+
+#[test]
+fn a_push_that_announced_only_deltas_gets_no_compressed_chunk_accepted() {
+    // primary -> r0 -> proxy -> r1: the proxy clears COMPRESS from the first HELLO to r1, so
+    // r1 is told deltas only; the push compresses too, and the new file (no base) goes as
+    // plain zstd frames. r1 must refuse those (not what HELLO announced); the repair, not
+    // stripped, then publishes.
+    let c = Cluster::start(2);
+    let (v1, v2) = two_steps(&c);
+    let w = weights(MIB, 0.02, 9);
+    let extra: Vec<u8> = w.iter().flat_map(|f| ((f.to_bits() >> 16) as u16).to_le_bytes()).collect();
+    std::fs::write(v2.path().join("new.bf16.bin"), extra).unwrap();
+    let addr = proxy(c.addr(1), |first, client, server| {
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || strip_compress(client, server, first));
+        std::thread::spawn(move || copy(s2, c2));
+    });
+    let chain = format!("{},{addr}", c.addr(0));
+    let base = v1.path().to_str().unwrap();
+    let args = ["--chunk-size", "1M", "--delta", "--delta-base", base, "--compress", "zstd", "--json"];
+    let out = c.push_to(&chain, v2.path(), "ft", 2, &args);
+    c.assert_push_ok(&out);
+    c.assert_published(v2.path(), "ft", 2);
+    assert!(c.log(1).contains("only deltas"), "r1 took a compressed chunk it was not told of:\n{}", c.logs());
+}
+
+#[test]
+fn a_push_from_memory_sends_deltas_against_its_base() {
+    // The library's push from buffers with `delta_base` (the C ABI's and Python's): the base is
+    // the previous version on disk, the new one in memory; every chunk goes as a delta.
+    let c = Cluster::start(2);
+    let (v1, v2) = two_steps(&c);
+    let files: Vec<(String, shardcast::MemoryData)> = ["model.bf16.bin", "model.fp32.bin"]
+        .iter()
+        .map(|f| (f.to_string(), Arc::new(std::fs::read(v2.path().join(f)).unwrap()) as shardcast::MemoryData))
+        .collect();
+    let mut opts = shardcast::PushOptions::new("ft", 2, vec![c.addr(0), c.addr(1)]);
+    opts.chunk_size = MIB as u32;
+    opts.delta_base = Some(v1.path().to_path_buf());
+    let report = shardcast::push_memory(files, &opts, None).unwrap();
+    assert!(report.ok(), "{report:?}\n{}", c.logs());
+    c.assert_published(v2.path(), "ft", 2);
+    assert_eq!(report.coded.delta_chunks, 11, "{report:?}");
+}
+
+#[test]
+fn many_chunks_coded_on_several_coder_threads_arrive_intact() {
+    // 3 coder threads at the primary, 64 KiB chunks (161 of them): each chunk is copied to a
+    // coder, coded there and copied back into its slot before it is sent; chunks finish out of
+    // order. A chunk sent before its coding finished, or put in another chunk's slot, fails its
+    // digest at r0 (refused, logged); every replica must publish the exact bytes at once.
+    let c = Cluster::builder().env("SHARDCAST_CODERS", "3").start(3);
+    let v1 = tempdir();
+    write_checkpoint(v1.path(), 21);
+    let chunks = 6 * MIB / (64 << 10) + (4 * MIB + 4 * 12345).div_ceil(64 << 10);
+    for (v, mode) in [(1, "zstd"), (2, "zstd-grouped")] {
+        let out = c.push(v1.path(), "many", v, &["--chunk-size", "64K", "--compress", mode, "--json"]);
+        c.assert_push_ok(&out);
+        c.assert_published(v1.path(), "many", v);
+        let j = parse_json(&out);
+        assert_eq!(j["compressed_chunks"].as_u64(), Some(chunks as u64), "{mode}: {j}");
+    }
+    // Deltas against v2 (the replicas' current version), coded on the coders too.
+    let v3 = tempdir();
+    next_step(v1.path(), v3.path(), 1000);
+    let base = v1.path().to_str().unwrap();
+    let args = ["--chunk-size", "64K", "--delta", "--delta-base", base, "--compress", "zstd", "--json"];
+    let out = c.push(v3.path(), "many", 3, &args);
+    c.assert_push_ok(&out);
+    c.assert_published(v3.path(), "many", 3);
+    assert_eq!(delta_counts(&parse_json(&out)).0, chunks as u64, "{out:?}");
+    let logs = c.logs();
+    assert!(!logs.contains("refused") && !logs.contains("digest"), "a chunk arrived wrong:\n{logs}");
 }

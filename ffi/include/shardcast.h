@@ -275,8 +275,8 @@ typedef struct sc_push_opts {
   uint32_t compress_level;
   /**
    * XOR deltas (`shardcast push --delta --delta-base`): the previous version of `source` on
-   * this host, laid out like it (NULL: no deltas). Implies `incremental`. Pushes from files
-   * only.
+   * this host, laid out like it (NULL: no deltas). Implies `incremental`. For buffers, the
+   * base's files are those at the buffers' paths.
    */
   const char *delta_base;
   /**

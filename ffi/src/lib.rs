@@ -333,8 +333,8 @@ pub struct ScPushOpts {
     /// The zstd level, 1 to 19 (0: the default, 1).
     pub compress_level: u32,
     /// XOR deltas (`shardcast push --delta --delta-base`): the previous version of `source` on
-    /// this host, laid out like it (NULL: no deltas). Implies `incremental`. Pushes from files
-    /// only.
+    /// this host, laid out like it (NULL: no deltas). Implies `incremental`. For buffers, the
+    /// base's files are those at the buffers' paths.
     pub delta_base: *const c_char,
     /// Lanes per hop (`shardcast push --lanes`): every hop of the chain runs as this many TCP
     /// connections, each chunk on the lane that has room (0: 1 lane; at most 16).

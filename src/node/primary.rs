@@ -375,7 +375,12 @@ pub fn push_memory(
     opts: &PushOptions,
     progress: Option<&Progress>,
 ) -> Result<PushReport, PushError> {
-    with_repair(opts, |o, pinned| push_memory_once(files.clone(), o, progress, pinned))
+    // As `push`: deltas need the have-set exchange, and a repair sends whole chunks.
+    let opts = &PushOptions { incremental: opts.incremental || opts.delta_base.is_some(), ..opts.clone() };
+    with_repair(opts, |o, pinned| {
+        let o = &PushOptions { delta_base: o.delta_base.clone().filter(|_| pinned.is_none()), ..o.clone() };
+        push_memory_once(files.clone(), o, progress, pinned)
+    })
 }
 
 fn push_memory_once(

@@ -1,32 +1,44 @@
-//! Compressed pushes at this node (`push --compress`, see `crate::compress`): the primary codes
-//! each chunk it read in place in its slot; a replica decodes each coded chunk into one scratch
-//! buffer to check its digest and to write it. Relays forward a coded frame as it came, so a
-//! frame's payload length is read from the header in its slot, not from the manifest.
+//! Compressed pushes at this node (`push --compress`, see `crate::compress`): the primary has
+//! each chunk it read coded by its coder threads (`coders.rs`) and puts the result in the
+//! chunk's slot before the machine hears of the chunk; a replica decodes each coded chunk into
+//! one scratch buffer to check its digest and to write it. Relays forward a coded frame as it
+//! came, so a frame's payload length is read from the header in its slot, not from the
+//! manifest.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use super::coders::{Coders, Job};
 use super::*;
-use crate::compress::{CodedBytes, Decoder, DeltaEncoder, Encoder};
+use crate::compress::{CodedBytes, Decoder, Policy};
 use crate::store::BaseChunk;
 use crate::wire::Coding;
+
+/// `auto` sends raw the chunk next in order whose coder is not done once the first hop has at
+/// most this long left to send.
+const GIVE_WAY_AHEAD: Duration = Duration::from_millis(2);
 
 /// The coding state of a session.
 #[derive(Debug, Default)]
 pub(super) struct Codec {
-    /// Primary of a compressed push: codes the chunks it reads.
-    pub(super) enc: Option<Encoder>,
-    /// Replica of a compressed push (HELLO's COMPRESS flag): upstream may send coded chunks,
-    /// decoded here.
+    /// Primary of a compressed push: which chunks its coders compress.
+    pub(super) policy: Option<Policy>,
+    /// Primary of a compressed or delta push: the coder threads.
+    pub(super) coders: Option<Coders>,
+    /// Primary: the chunk next in order is at a coder while the first hop is about to run dry:
+    /// look again soon (`auto` then sends it raw).
+    pub(super) recheck: bool,
+    /// Replica: decodes coded chunks (a push whose HELLO says COMPRESS or DELTA).
     pub(super) dec: Option<Decoder>,
+    /// Replica: HELLO said COMPRESS, so chunks may come compressed; without it (a push with
+    /// DELTA only) the only coded frames allowed are deltas.
+    pub(super) compressed: bool,
     /// When the chunk send in flight downstream was submitted (`auto` measures the link).
     pub(super) send_started: Option<Instant>,
-    /// Primary of a delta push: codes the chunks of `bases` as XOR deltas.
-    pub(super) denc: Option<DeltaEncoder>,
     /// A delta push: the chunks sent (primary) or accepted (replica) as deltas, with their
     /// base.
     pub(super) bases: Option<HashMap<u64, BaseChunk>>,
-    /// The files bases are read from, opened once.
+    /// Replica: the files bases are read from, opened once.
     base_files: HashMap<PathBuf, File>,
     /// One base chunk.
     base_buf: Vec<u8>,
@@ -69,57 +81,139 @@ impl Session<'_> {
         Coding::read(&header, len).unwrap_or(Coding::RAW)
     }
 
-    /// Primary: puts chunk header `h` in front of the `h.len` bytes just read into `slot`,
-    /// after coding them in place: as an XOR delta against its base on a delta push when it
-    /// has one and that shrinks it, else compressed when the push compresses and they shrink.
-    pub(super) fn stamp_chunk(&mut self, slot: SlotId, h: Header) {
+    /// Primary: chunk `h.seq`'s bytes were read into `slot` and hashed: it waits for a coder
+    /// when it may be coded (a delta push's chunk with a base; any chunk of a compressed push),
+    /// else it is stamped raw and handed to the machine now.
+    pub(super) fn chunk_read(&mut self, slot: SlotId, h: Header) {
+        let has_base = self.codec.bases.as_ref().is_some_and(|b| b.contains_key(&h.seq));
+        // `auto` over RDMA: no socket sends to measure the link by, so it stays raw.
+        let auto_raw = self.down.rdma.is_some() && self.codec.policy.as_ref().is_some_and(Policy::gives_way);
+        match self.codec.coders.as_mut() {
+            Some(c) if has_base || self.codec.policy.is_some() && !auto_raw => c.waiting.push_back((slot, h)),
+            _ => self.chunk_coded(slot, h, None),
+        }
+    }
+
+    /// Primary: stamps chunk header `h` in front of the chunk in `slot`, with `coded` (its
+    /// coding, payload length, and whether it is a delta: the payload is in the slot already),
+    /// counts it, and hands it to the machine.
+    fn chunk_coded(&mut self, slot: SlotId, h: Header, coded: Option<(Coding, usize, bool)>) {
         let mut header = h.to_bytes();
         let n = h.len as usize;
-        let mut coded = None;
-        if self.codec.denc.is_some() {
-            match self.codec.read_base(h.seq, n) {
-                None => {}
-                Some(Err(e)) => tracing::warn!(seq = h.seq, "chunk goes whole: {e}"),
-                Some(Ok(_)) => {
-                    let Codec { denc, base_buf, bases, .. } = &mut self.codec;
-                    let digest = bases.as_ref().and_then(|b| b.get(&h.seq)).map_or(0, |b| b.digest);
-                    let enc = denc.as_mut().expect("checked");
-                    // The read into the slot completed; nothing else touches it yet.
-                    if let Some((coding, payload)) = enc.encode(self.pool.slot(slot, HEADER_LEN, n), base_buf, digest) {
-                        let k = payload.len();
-                        self.pool.slot_mut(slot, HEADER_LEN, k).copy_from_slice(payload);
-                        self.codec.coded.delta_chunks += 1;
-                        self.codec.coded.delta_wire += k as u64;
-                        coded = Some((coding, k));
-                    }
-                }
+        let c = &mut self.codec.coded;
+        c.raw += n as u64;
+        c.wire += coded.map_or(n, |(_, k, _)| k) as u64;
+        if let Some((coding, k, delta)) = coded {
+            c.compressed_chunks += 1;
+            if delta {
+                c.delta_chunks += 1;
+                c.delta_wire += k as u64;
             }
-        }
-        // Frames waiting for the first hop, the sends in flight included; with several lanes
-        // each lane but one has its own send in flight before anything waits.
-        let lanes = &self.down.lanes;
-        let waiting = self.down.shared.len()
-            + lanes.iter().map(|l| l.queue.len() + usize::from(l.sending.is_some())).sum::<usize>();
-        let backlog = waiting.saturating_sub(lanes.len().saturating_sub(1));
-        if let Some(enc) = self.codec.enc.as_mut() {
-            enc.first_hop_backlog(backlog);
-        }
-        if coded.is_none()
-            && let Some(enc) = self.codec.enc.as_mut()
-            && let Some((coding, payload)) = enc.encode(self.pool.slot(slot, HEADER_LEN, n))
-        {
-            let k = payload.len();
-            self.pool.slot_mut(slot, HEADER_LEN, k).copy_from_slice(payload);
-            coded = Some((coding, k));
-        }
-        self.codec.coded.raw += n as u64;
-        self.codec.coded.wire += coded.map_or(n, |(_, k)| k) as u64;
-        if let Some((coding, k)) = coded {
-            self.codec.coded.compressed_chunks += 1;
             header[8..12].copy_from_slice(&(k as u32).to_le_bytes());
             coding.stamp(&mut header);
         }
+        // The chunk's read completed and no op owns the slot before the machine hears of it.
         self.pool.slot_mut(slot, 0, HEADER_LEN).copy_from_slice(&header);
+        self.events.push_back(Event::ChunkReady { seq: h.seq, slot });
+    }
+
+    /// Primary: hands waiting chunks to free coders (`auto` decides here, with what it measured
+    /// so far, whether a chunk is compressed), sends raw the chunk next in order when the first
+    /// hop would otherwise wait for its coder (`auto`), and polls for the coders' results.
+    pub(super) fn pump_coders(&mut self) -> io::Result<()> {
+        if self.codec.coders.is_none() {
+            return Ok(());
+        }
+        self.give_way();
+        let now = Instant::now();
+        while let Some(coders) = self.codec.coders.as_mut() {
+            if coders.waiting.is_empty() {
+                break;
+            }
+            let Some(mut job) = coders.free_job() else { break };
+            let (slot, h) = coders.waiting.pop_front().expect("checked");
+            let base = self.codec.bases.as_ref().and_then(|b| b.get(&h.seq)).cloned();
+            let compress = self.codec.policy.as_mut().and_then(|p| p.code_next(now).then(|| p.mode()));
+            if base.is_none() && compress.is_none() {
+                coders.recycle(job);
+                self.chunk_coded(slot, h, None);
+                continue;
+            }
+            (job.seq, job.base, job.compress) = (h.seq, base, compress);
+            job.raw.clear();
+            // The read into the slot completed, and no op owns it until the machine hears of it.
+            job.raw.extend_from_slice(self.pool.slot(slot, HEADER_LEN, h.len as usize));
+            coders.start(job, slot, h);
+        }
+        let coders = self.codec.coders.as_mut().expect("checked");
+        if !coders.at_coder.is_empty() && !coders.polling {
+            self.io.poll_in(token(T_CODER, 0), coders.wake_fd())?;
+            coders.polling = true;
+        }
+        Ok(())
+    }
+
+    /// Primary, `auto`: when the first hop is about to have nothing to send and the chunk next
+    /// in order waits for its coder (not a delta: those are worth the wait), it goes raw now;
+    /// its coder's result is dropped.
+    fn give_way(&mut self) {
+        self.codec.recheck = false;
+        let next = self.machine.next_dispatch();
+        let (Some(p), Some(coders)) = (self.codec.policy.as_ref(), self.codec.coders.as_ref()) else { return };
+        let has_base = self.codec.bases.as_ref().is_some_and(|b| b.contains_key(&next));
+        if !p.gives_way() || has_base || !coders.holds(next) || self.down.closed || self.down.queued() {
+            return;
+        }
+        let lanes = self.down.lanes.iter().filter(|l| l.sending.is_none());
+        let unsent = lanes.map(|l| crate::sys::tcpinfo::tcp_stats(l.fd).map_or(0, |s| s.notsent_bytes)).min();
+        let Some(unsent) = unsent else {
+            // Every lane is sending: its completion wakes this thread.
+            return;
+        };
+        if !p.drains_within(unsent as usize, GIVE_WAY_AHEAD) {
+            self.codec.recheck = true;
+            return;
+        }
+        let coders = self.codec.coders.as_mut().expect("checked");
+        let (slot, h) = match coders.at_coder.remove(&next) {
+            Some(at) => at,
+            None => {
+                let i = coders.waiting.iter().position(|(_, h)| h.seq == next).expect("held");
+                coders.waiting.remove(i).expect("in range")
+            }
+        };
+        self.chunk_coded(slot, h, None);
+    }
+
+    /// Primary: the coders finished jobs: each result goes into its chunk's slot (unless the
+    /// chunk went raw meanwhile), and `auto` learns the coders' rate and ratio.
+    pub(super) fn coders_done(&mut self) {
+        let Some(coders) = self.codec.coders.as_mut() else { return };
+        coders.polling = false;
+        for job in coders.finished() {
+            let Job { seq, ref raw, ref out, coded, delta, took, ref warning, .. } = job;
+            if let Some(w) = warning {
+                tracing::warn!(seq, "chunk goes whole: {w}");
+            }
+            if let (Some(p), Some(took)) = (self.codec.policy.as_mut(), took) {
+                p.coded(took, raw.len(), coded.map_or(raw.len(), |(_, k)| k));
+            }
+            let coders = self.codec.coders.as_mut().expect("checked");
+            if let Some((slot, h)) = coders.at_coder.remove(&seq) {
+                if let Some((_, k)) = coded {
+                    // No op owns the slot until the machine hears of the chunk.
+                    self.pool.slot_mut(slot, HEADER_LEN, k).copy_from_slice(&out[..k]);
+                }
+                self.chunk_coded(slot, h, coded.map(|(c, k)| (c, k, delta)));
+            }
+            self.codec.coders.as_mut().expect("checked").recycle(job);
+        }
+    }
+
+    /// Primary: how long to wait for I/O before looking again (short while `give_way` waits
+    /// for the first hop to run dry).
+    pub(super) fn coder_slice(&self, slice: Duration) -> Duration {
+        if self.codec.recheck { slice.min(Duration::from_millis(1)) } else { slice }
     }
 
     /// Replica: whether the frame in `slot` may stand for chunk `seq` of `len` bytes: raw with
@@ -133,6 +227,11 @@ impl Session<'_> {
             }
             _ if self.codec.dec.is_none() => Err("a compressed chunk in a push that does not compress".into()),
             c if c.is_delta() && self.codec.bases.is_none() => Err("a delta in a push that sends no deltas".into()),
+            // A delta push decodes (its deltas are zstd frames), but HELLO did not say COMPRESS:
+            // a plain compressed frame is not what the primary announced.
+            c if !c.is_delta() && !self.codec.compressed => {
+                Err("a compressed chunk in a push that does not compress (only deltas)".into())
+            }
             c if c.raw_len == len => Ok(c),
             c => Err(format!("a compressed chunk of {} bytes where the manifest says {len}", c.raw_len)),
         }

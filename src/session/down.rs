@@ -92,6 +92,9 @@ pub(super) struct Downstream {
     /// The primary with several lanes: chunks no lane took yet, in order; each lane takes the
     /// next one when its send completes, so a slower lane takes fewer (back-pressure).
     pub(super) shared: VecDeque<DnItem>,
+    /// The lane offered the next chunk of `shared` first (the one after the lane that took the
+    /// last), so that chunks ready one at a time (from the coders) still spread over the lanes.
+    pub(super) next_lane: usize,
     /// Chunks being cut through, oldest first (relays only).
     pub(super) cut: VecDeque<CutThrough>,
     /// The RDMA hop downstream, when this hop negotiated RDMA.
@@ -124,6 +127,7 @@ impl Downstream {
             name,
             lanes: fd.map(DnLane::new).into_iter().collect(),
             shared: VecDeque::new(),
+            next_lane: 0,
             cut: VecDeque::new(),
             rdma,
             rdma_inflight: 0,
@@ -234,7 +238,7 @@ impl Session<'_> {
             Ok(n) => match item {
                 DnItem::Chunk(seq, _) => {
                     self.count_out(n as u64);
-                    if let (Some(enc), Some(t)) = (self.codec.enc.as_mut(), self.codec.send_started.take()) {
+                    if let (Some(enc), Some(t)) = (self.codec.policy.as_mut(), self.codec.send_started.take()) {
                         // A send's duration says how fast the link drains only while the socket
                         // buffer stays full; the kernel's delivery rate (from the ACKs) says it
                         // always, so it wins where there is one.
@@ -296,7 +300,8 @@ impl Session<'_> {
         }
         // Downstream send: one at a time on each lane keeps its stream in order.
         if self.down.rdma.is_none() {
-            for lane in 0..self.down.lanes.len() {
+            let (n, first) = (self.down.lanes.len(), self.down.next_lane);
+            for lane in (0..n).map(|i| (first + i) % n) {
                 if self.down.closed || self.down.lanes[lane].sending.is_some() {
                     continue;
                 }
@@ -325,6 +330,7 @@ impl Session<'_> {
             DnItem::End => self.down.shared.pop_front(),
             _ => {
                 let item = self.down.shared.pop_front();
+                self.down.next_lane = (lane + 1) % self.down.lanes.len();
                 self.down.lanes[lane].count_chunk(self.metrics.as_ref(), lane);
                 item
             }
@@ -348,7 +354,7 @@ impl Session<'_> {
             }
             DnItem::Chunk(seq, slot) => {
                 let mac = self.mac_chunk(lane, seq, slot);
-                if self.codec.enc.is_some() {
+                if self.codec.policy.is_some() {
                     self.codec.send_started = Some(Instant::now());
                 }
                 Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }

@@ -218,8 +218,7 @@ impl Session<'_> {
                     return self.abort(e);
                 }
                 self.manifest.set_digest(seq, d);
-                self.stamp_chunk(slot, Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d });
-                self.events.push_back(Event::ChunkReady { seq, slot });
+                self.chunk_read(slot, Header { kind: Kind::Chunk, len: chunk.len, seq, digest: d });
             }
             Ok(_) => {
                 self.pool.release(slot);

@@ -34,6 +34,7 @@ use crate::store::Staging;
 use crate::sys::io::{Completion, Io, IoChoice, OpKind};
 use crate::wire::{self, HEADER_LEN, Header, Kind, ReplicaReport};
 
+mod coders;
 mod compress;
 mod config;
 mod down;
@@ -103,6 +104,8 @@ const T_WRITE: u64 = 5;
 const T_READ: u64 = 6;
 /// Readiness of an RDMA completion channel; value 0 upstream, 1 downstream.
 const T_RDMA_POLL: u64 = 7;
+/// A coder thread finished a job (readiness of its wake-up socket).
+const T_CODER: u64 = 8;
 /// The value of END's RDMA write (chunks use their sequence number).
 const END_WR: u64 = (1 << 56) - 1;
 
@@ -290,23 +293,23 @@ impl<'a> Session<'a> {
         self.here.prefill = parts.prefill;
         self.metrics = parts.metrics;
         let chunk = self.manifest.chunk_size();
-        if let Some((mode, level)) = parts.compress {
-            match crate::compress::Encoder::new(mode, level, chunk) {
-                Ok(enc) => self.codec.enc = enc,
-                Err(e) => tracing::warn!("cannot set up zstd ({e}): chunks go uncompressed"),
+        let primary = self.up.fd.is_none();
+        if primary && (parts.compress.is_some() || parts.deltas.is_some()) {
+            let count = coders::coder_count();
+            let level = parts.compress.and_then(|(_, l)| l);
+            match coders::Coders::new(count, level, chunk) {
+                Ok(c) => {
+                    self.codec.coders = Some(c);
+                    self.codec.policy = parts.compress.and_then(|(m, l)| crate::compress::Policy::new(m, l, count));
+                }
+                Err(e) => tracing::warn!("cannot set up the coder threads ({e}): chunks go whole and uncompressed"),
             }
         }
         if let Some(bases) = parts.deltas {
-            if self.up.fd.is_none() {
-                let level = parts.compress.and_then(|(_, l)| l);
-                match crate::compress::DeltaEncoder::new(level, chunk) {
-                    Ok(d) => self.codec.denc = Some(d),
-                    Err(e) => tracing::warn!("cannot set up zstd ({e}): chunks go whole, not as deltas"),
-                }
-            }
             self.codec.bases = Some(bases.into_iter().map(|b| (b.seq, b)).collect());
         }
-        if parts.decompress || self.codec.bases.is_some() && self.up.fd.is_some() {
+        self.codec.compressed = parts.decompress;
+        if parts.decompress || self.codec.bases.is_some() && !primary {
             match crate::compress::Decoder::new(chunk) {
                 Ok(dec) => self.codec.dec = Some(dec),
                 Err(e) => {
@@ -427,6 +430,7 @@ impl<'a> Session<'a> {
                     Duration::from_secs(1)
                 },
             );
+            let slice = self.coder_slice(slice);
             if let Err(e) = self.io.wait(self.pool.mem_mut(), &mut completions, slice) {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
                 continue;
@@ -578,6 +582,7 @@ impl<'a> Session<'a> {
         self.pump_rdma_polls()?;
         self.pump_up_recv()?;
         self.pump_reads()?;
+        self.pump_coders()?;
         self.pump_down()
     }
 
@@ -600,6 +605,11 @@ impl<'a> Session<'a> {
                 Ok(_) => self.rdma_ready(value as usize),
                 // Cancelled while the session winds down.
                 Err(_) => self.rdma_polling[value as usize] = false,
+            },
+            T_CODER => match c.result {
+                Ok(_) => self.coders_done(),
+                // Cancelled while the session winds down.
+                Err(_) => self.codec.coders.iter_mut().for_each(|c| c.polling = false),
             },
             T_UP_SEND => {
                 self.up.sending.take().expect("an upstream send was in flight");

@@ -22,6 +22,8 @@ pub(crate) struct TcpStats {
     /// The kernel's latest delivery rate sample, bytes per second (0: none yet): what the
     /// path takes, from the ACKs, whatever the send buffer holds.
     pub(crate) delivery_rate: u64,
+    /// Bytes in the send buffer not sent yet.
+    pub(crate) notsent_bytes: u32,
 }
 
 /// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed).
@@ -44,6 +46,7 @@ pub(crate) fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
         rtt_us: info.tcpi_rtt,
         snd_cwnd: info.tcpi_snd_cwnd,
         delivery_rate: info.tcpi_delivery_rate,
+        notsent_bytes: info.tcpi_notsent_bytes,
     })
 }
 

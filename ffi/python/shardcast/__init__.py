@@ -274,10 +274,10 @@ def push_async(
     at zstd level ``compress_level`` (0: the default). ``delta_base``: the previous version of
     ``source`` on this host, laid out like it: chunks go as XOR deltas against the replicas'
     current version where they hold the same bytes (see ``shardcast push --delta``; implies
-    ``incremental``; a path source only). ``lanes``: TCP connections per hop of the chain (1 to
-    16; see ``shardcast push --lanes``); the report's ``lane_chunks`` says what each carried.
-    ``rails``: this host's addresses the lanes bind to, lane k to ``rails[k % len(rails)]`` (see
-    ``shardcast push --rail``)."""
+    ``incremental``; for buffers, the files of the base are those at the buffers' paths).
+    ``lanes``: TCP connections per hop of the chain (1 to 16; see ``shardcast push --lanes``);
+    the report's ``lane_chunks`` says what each carried. ``rails``: this host's addresses the
+    lanes bind to, lane k to ``rails[k % len(rails)]`` (see ``shardcast push --rail``)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"mode {mode!r}: 'sync' or 'async'")
     if compress not in _COMPRESS:
