@@ -17,8 +17,8 @@
 #
 # Env: SIZE (default 2G; 1G, 512M, bytes…), REPS (default 5), CHUNK (optional, --chunk-size),
 #      LANES (optional, see above), FILES (default 1: the source is one file; 2..16: SIZE split
-#      into that many files, which the replica writes in parallel: the kernel serializes the
-#      writes to one file, and on tmpfs that write is what caps a hop on loopback),
+#      into that many files, which the replica may write in parallel: the kernel serializes the
+#      writes to one file),
 #      SHARDCAST_IO=plain (optional, benchmarks the plain-socket path), KEEP_WORK=1 (keep the
 #      tmpfs work dir for inspection), OLD_BIN=path (optional: adds the measure hop-old, the same
 #      push with an older release binary on both ends, in the same reps, and the ratio hop / hop-old:
