@@ -587,14 +587,6 @@ fn run_push(
         }
     }
 
-    let cfg = SessionConfig::default()
-        .pool_bytes(opts.pool_bytes)
-        .io(opts.io)
-        .idle_timeout(opts.idle_timeout)
-        .hop_timeout(opts.hop_timeout)
-        .verify(true)
-        // The primary reads whole chunks; only relays cut through.
-        .piece_bytes(0);
     tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "chain accepted");
     let pool = pool
         .join()
@@ -611,17 +603,7 @@ fn run_push(
     let lane_addrs = std::iter::once(&hop).chain(&lanes).map(Hop::addrs).collect();
     let lane_fds = lanes.iter().map(|h| (h.stream.as_raw_fd(), h.secret.clone())).collect();
     let Hop { stream, secret, .. } = hop;
-    let sealer = match (opts.encrypt, &secret) {
-        (true, Some(s)) => Some(crate::crypt::Sealer::new(s)),
-        _ => None,
-    };
-    let cfg = cfg
-        .route(route, None)
-        .crypt(None, sealer)
-        .macs(None, secret)
-        .lanes(Vec::new(), lane_fds)
-        .compress(opts.compress, opts.compress_level)
-        .deltas(deltas);
+    let cfg = primary_config(opts, route, deltas, secret, lane_fds);
     let session = Session::new(
         Role::Primary,
         "",
@@ -669,6 +651,32 @@ fn run_push(
         lane_chunks,
         lane_addrs,
     })
+}
+
+/// The primary's session settings: the push's options, its `route` and `deltas`, and the first
+/// hop's `secret` (MACs, and sealing when the push encrypts) and further lanes.
+fn primary_config(
+    opts: &PushOptions,
+    route: Option<Route>,
+    deltas: Option<Vec<crate::store::BaseChunk>>,
+    secret: Option<crate::crypt::SessionSecret>,
+    lane_fds: Vec<(std::os::fd::RawFd, Option<crate::crypt::SessionSecret>)>,
+) -> SessionConfig {
+    let sealer = secret.as_ref().filter(|_| opts.encrypt).map(crate::crypt::Sealer::new);
+    SessionConfig::default()
+        .pool_bytes(opts.pool_bytes)
+        .io(opts.io)
+        .idle_timeout(opts.idle_timeout)
+        .hop_timeout(opts.hop_timeout)
+        .verify(true)
+        // The primary reads whole chunks; only relays cut through.
+        .piece_bytes(0)
+        .route(route, None)
+        .crypt(None, sealer)
+        .macs(None, secret)
+        .lanes(Vec::new(), lane_fds)
+        .compress(opts.compress, opts.compress_level)
+        .deltas(deltas)
 }
 
 /// The first hop's further lanes (1..R), each authenticated on its own (`node::lanes`) and
