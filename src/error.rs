@@ -42,6 +42,9 @@ pub enum ErrorKind {
     Unsupported,
     /// Authentication failed: no key, a wrong key, or a peer that could not prove it.
     Unauthorized,
+    /// The caller's arguments cannot be used (a flag's value, an empty chain): nothing was
+    /// sent. The primary's own verdict; no replica reports it.
+    InvalidArgument,
 }
 
 impl ErrorKind {
@@ -62,6 +65,7 @@ impl ErrorKind {
             Self::Aborted => 12,
             Self::Unsupported => 13,
             Self::Unauthorized => 14,
+            Self::InvalidArgument => 15,
         }
     }
 
@@ -81,6 +85,7 @@ impl ErrorKind {
             12 => Self::Aborted,
             13 => Self::Unsupported,
             14 => Self::Unauthorized,
+            15 => Self::InvalidArgument,
             _ => Self::Protocol,
         }
     }
@@ -318,7 +323,7 @@ impl PushError {
         match self {
             Self::Source(ManifestError::Source { .. } | ManifestError::Unsupported { .. }) => ErrorKind::Source,
             Self::Source(_) => ErrorKind::BadManifest,
-            Self::BadInput(_) => ErrorKind::BadManifest,
+            Self::BadInput(_) => ErrorKind::InvalidArgument,
             Self::Node { error, .. } => error.kind,
             Self::Local { source, .. } => ErrorKind::of_io(source),
             Self::Unsupported(_) => ErrorKind::Unsupported,

@@ -220,6 +220,25 @@ fn bad_flags_are_usage_errors() {
     }
 }
 
+/// A flag's value the push cannot use (checked after parsing: a rail that is not this host's
+/// address, a chunk bigger than the pool allows) is the caller's input: exit 2, and `--json` says `invalid_argument`,
+/// not `bad_manifest` (the manifest is fine).
+#[test]
+fn bad_flag_values_report_invalid_argument() {
+    let (_t, src) = small_src();
+    let dead = dead_addr();
+    for extra in [&["--rail", "192.0.2.77"][..], &["--chunk-size", "64M", "--pool-mb", "8"][..]] {
+        let out = run(shardcast()
+            .args(["push"])
+            .arg(&src)
+            .args(["--name", "x", "--version", "1", "--to", &dead, "--json"])
+            .args(extra));
+        assert_eq!(code(&out), 2, "{extra:?}\n{}", show_output(&out));
+        let j = parse_json(&out);
+        assert_eq!(j["error"]["kind"].as_str(), Some("invalid_argument"), "{extra:?}: {j}");
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // a middle replica dies mid-push
 // ------------------------------------------------------------------------------------------

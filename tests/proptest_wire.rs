@@ -30,7 +30,7 @@ const KINDS: [Kind; 11] = [
     Kind::Credit,
 ];
 
-const ERROR_KINDS: [ErrorKind; 13] = [
+const ERROR_KINDS: [ErrorKind; 15] = [
     ErrorKind::Unreachable,
     ErrorKind::VersionExists,
     ErrorKind::Busy,
@@ -44,6 +44,8 @@ const ERROR_KINDS: [ErrorKind; 13] = [
     ErrorKind::Stalled,
     ErrorKind::Aborted,
     ErrorKind::Unsupported,
+    ErrorKind::Unauthorized,
+    ErrorKind::InvalidArgument,
 ];
 
 fn header() -> impl Strategy<Value = Header> {

@@ -92,7 +92,8 @@
 #define SC_ERR_UNAUTHORIZED -14
 
 /**
- * A bad argument: NULL handle, non-UTF-8 string, buffer too small, etc.
+ * A bad argument: NULL handle, non-UTF-8 string, buffer too small, or an option the push cannot
+ * use (a rail that is not this host's address, a chunk size the pool cannot hold).
  */
 #define SC_ERR_INVALID_ARG -20
 

@@ -58,7 +58,8 @@ pub const SC_ERR_ABORTED: i32 = -12;
 pub const SC_ERR_UNSUPPORTED: i32 = -13;
 /// Authentication with the cluster key failed (no key, a wrong key, a peer without it).
 pub const SC_ERR_UNAUTHORIZED: i32 = -14;
-/// A bad argument: NULL handle, non-UTF-8 string, buffer too small, etc.
+/// A bad argument: NULL handle, non-UTF-8 string, buffer too small, or an option the push cannot
+/// use (a rail that is not this host's address, a chunk size the pool cannot hold).
 pub const SC_ERR_INVALID_ARG: i32 = -20;
 /// The wait timed out; the push is still running.
 pub const SC_ERR_TIMEOUT: i32 = -21;
@@ -85,6 +86,7 @@ fn code_of(kind: ErrorKind) -> i32 {
         ErrorKind::Protocol => SC_ERR_PROTOCOL,
         ErrorKind::Io => SC_ERR_IO,
         ErrorKind::BadManifest => SC_ERR_BAD_MANIFEST,
+        ErrorKind::InvalidArgument => SC_ERR_INVALID_ARG,
         ErrorKind::Source => SC_ERR_SOURCE,
         ErrorKind::Stalled => SC_ERR_STALLED,
         ErrorKind::Aborted => SC_ERR_ABORTED,

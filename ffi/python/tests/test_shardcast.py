@@ -110,6 +110,7 @@ class PushTests(unittest.TestCase):
             with self.assertRaises(shardcast.ShardcastError) as cm:
                 shardcast.push(self.src, to=[srv.addr], name="ckpt", version=2, lanes=2, rails=["192.0.2.1"])
             self.assertIn("192.0.2.1: not an address of this host", str(cm.exception))
+            self.assertEqual(cm.exception.kind, "invalid_argument", cm.exception)
             self.assertFalse((self.tmp / "rr" / "ckpt" / "2").exists())
         with self.assertRaises(shardcast.ShardcastError) as cm:
             shardcast.serve("127.0.0.1:0", root=self.tmp / "bad", rails=["192.0.2.1"])
