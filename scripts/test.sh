@@ -68,8 +68,12 @@ finish() {
     echo "summary: $passed passed, $failed failed, $((skips + ignored)) skipped"
     exit "$status"
 }
+# Each part's wall time (build included), so a slow run shows where it went.
+lap_start=$SECONDS
+lap() { echo "test: time: $1: $((SECONDS - lap_start)) s"; lap_start=$SECONDS; }
 host_skips=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee -a "$results" || status=$?
+lap "cargo test --workspace"
 host_skips=$(wc -l <"$SHARDCAST_SKIP_LOG")
 
 echo "test: Python package (pip install ./ffi/python into target/pyvenv, then its tests)"
@@ -89,14 +93,17 @@ if [[ $py_rc -ne 0 ]]; then
     status=1
 fi
 
+lap "Python package"
 scripts/test-wheel.sh || { echo "test: wheel and release binary (scripts/test-wheel.sh) FAILED"; status=1; }
 
+lap "wheel and release binary"
 echo "test: short fuzzing run (scripts/fuzz.sh)"
 if ! FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz.sh; then
     echo "test: fuzzing FAILED (a crash, or the fuzz build failed)"
     status=1
 fi
 
+lap "fuzzing"
 echo "test: torchrun example with CPU PyTorch (target/torchvenv)"
 if [[ "${SHARDCAST_SKIP_TORCH:-0}" == 1 ]]; then
     skipped "torchrun example" "SHARDCAST_SKIP_TORCH=1"
@@ -122,6 +129,7 @@ else
     fi
 fi
 
+lap "torchrun example"
 if [[ "${SHARDCAST_SKIP_RXE:-0}" == 1 ]]; then
     skipped "RDMA tests in the soft-RoCE guest" "SHARDCAST_SKIP_RXE=1"
     finish
@@ -146,4 +154,5 @@ case "$rc" in
         ;;
     *) echo "test: RDMA tests in the guest FAILED (exit $rc)"; status=1 ;;
 esac
+lap "RDMA tests in the guest"
 finish
