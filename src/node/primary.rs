@@ -176,13 +176,20 @@ impl PushReport {
 /// the push could not start (bad source, unreachable or refusing replica) or the first replica
 /// could not report at all.
 pub fn push(source: &Path, opts: &PushOptions, progress: Option<&Progress>) -> Result<PushReport, PushError> {
-    // Deltas need the have-set exchange of a routed push.
+    attempts(opts, |o, pinned| push_once(source, o, progress, pinned))
+}
+
+/// Runs a push's attempts through [`with_repair`], as [`push`] and [`push_memory`] both do.
+/// Deltas need the have-set exchange of a routed push; an attempt after chunks moved (a repair)
+/// sends whole chunks, so a delta refused for its base is never sent as a delta again.
+fn attempts(
+    opts: &PushOptions,
+    mut once: impl FnMut(&PushOptions, &mut Option<Manifest>) -> Result<PushReport, Failure>,
+) -> Result<PushReport, PushError> {
     let opts = &PushOptions { incremental: opts.incremental || opts.delta_base.is_some(), ..opts.clone() };
     with_repair(opts, |o, pinned| {
-        // An attempt after chunks moved (a repair) sends whole chunks: a delta refused for its
-        // base is never sent as a delta again.
         let o = &PushOptions { delta_base: o.delta_base.clone().filter(|_| pinned.is_none()), ..o.clone() };
-        push_once(source, o, progress, pinned)
+        once(o, pinned)
     })
 }
 
@@ -375,12 +382,7 @@ pub fn push_memory(
     opts: &PushOptions,
     progress: Option<&Progress>,
 ) -> Result<PushReport, PushError> {
-    // As `push`: deltas need the have-set exchange, and a repair sends whole chunks.
-    let opts = &PushOptions { incremental: opts.incremental || opts.delta_base.is_some(), ..opts.clone() };
-    with_repair(opts, |o, pinned| {
-        let o = &PushOptions { delta_base: o.delta_base.clone().filter(|_| pinned.is_none()), ..o.clone() };
-        push_memory_once(files.clone(), o, progress, pinned)
-    })
+    attempts(opts, |o, pinned| push_memory_once(files.clone(), o, progress, pinned))
 }
 
 fn push_memory_once(
