@@ -21,7 +21,7 @@ and per consecutive pair in a series (old, new) of equal size:
 Ratios are original / compressed bytes (higher is better); "gain" = zstd bytes / grouped bytes
 (issue 17's target for shardcast: >= 1.15 on bf16). Prints Markdown tables; writes the numbers
 as JSON (--json). Needs numpy and zstandard (scripts/bench-compress.sh installs both into
-target/torchvenv); when the zstd CLI is on PATH, the first file's whole-file size is checked
+~/.cache/shardcast-torchvenv); when the zstd CLI is on PATH, the first file's whole-file size is checked
 against `zstd -LEVEL` as a cross-check.
 """
 

@@ -44,7 +44,7 @@ try:
     import torch.nn.functional as F
 except ImportError:
     sys.exit("error: PyTorch is not installed in this Python (scripts/bench-compress.sh installs it "
-             "into target/torchvenv, as scripts/test.sh does)")
+             "into ~/.cache/shardcast-torchvenv, as scripts/test.sh does)")
 
 try:
     from safetensors.torch import save_file

@@ -7,8 +7,10 @@
 #   3. a short fuzzing run (scripts/fuzz.sh, ~10 s per target, stable Rust, --sanitizer none) of
 #      the frame decoder, the handshake and the manifest parser;
 #   4. the torchrun example (ffi/python/examples/torchrun_train.py) under real torchrun with
-#      CPU PyTorch, in its own venv (target/torchvenv, kept between runs: PyTorch is ~5 GB
-#      installed); when the package index cannot give PyTorch, skipped with the reason printed.
+#      CPU PyTorch, in its own venv: SHARDCAST_TORCH_VENV, by default
+#      ~/.cache/shardcast-torchvenv, outside the checkout so that a fresh clone on the same
+#      machine (CI's) does not download and unpack PyTorch's ~5 GB again (~2 min here); when the
+#      package index cannot give PyTorch, skipped with the reason printed.
 #      SHARDCAST_SKIP_TORCH=1 skips it on purpose;
 #   5. in a soft-RoCE guest (scripts/rxe-vm.sh: qemu booting Debian's kernel with rdma_rxe):
 #      the RDMA tests (tests/rdma.rs) over real verbs devices. When the guest cannot start
@@ -104,24 +106,25 @@ if ! FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz.sh; then
 fi
 
 lap "fuzzing"
-echo "test: torchrun example with CPU PyTorch (target/torchvenv)"
+torchvenv=${SHARDCAST_TORCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/shardcast-torchvenv}
+echo "test: torchrun example with CPU PyTorch ($torchvenv)"
 if [[ "${SHARDCAST_SKIP_TORCH:-0}" == 1 ]]; then
     skipped "torchrun example" "SHARDCAST_SKIP_TORCH=1"
 else
     torch_rc=0
     (
         set -e
-        [[ -x target/torchvenv/bin/python ]] || python3 -m venv target/torchvenv
-        if ! target/torchvenv/bin/python -c "import torch" 2>/dev/null; then
+        [[ -x $torchvenv/bin/python ]] || python3 -m venv "$torchvenv"
+        if ! "$torchvenv/bin/python" -c "import torch" 2>/dev/null; then
             # The PyPI wheel is the CUDA build; it runs on CPU-only machines. ~1 min from cache.
-            if ! target/torchvenv/bin/pip install -q torch numpy; then
+            if ! "$torchvenv/bin/pip" install -q torch numpy; then
                 echo "torchrun example: PyTorch could not be installed from the package index" >>"$SHARDCAST_SKIP_LOG"
                 echo "test: torchrun example SKIPPED: PyTorch could not be installed from the package index"
                 exit 0
             fi
         fi
-        SHARDCAST_CARGO_PROFILE=dev target/torchvenv/bin/pip install -q --force-reinstall --no-deps ./ffi/python
-        SHARDCAST_BIN="$PWD/target/debug/shardcast" target/torchvenv/bin/python -m unittest -v ffi/python/tests/test_torchrun.py
+        SHARDCAST_CARGO_PROFILE=dev "$torchvenv/bin/pip" install -q --force-reinstall --no-deps ./ffi/python
+        SHARDCAST_BIN="$PWD/target/debug/shardcast" "$torchvenv/bin/python" -m unittest -v ffi/python/tests/test_torchrun.py
     ) 2>&1 | tee -a "$results" || torch_rc=$?
     if [[ $torch_rc -ne 0 ]]; then
         echo "test: torchrun example FAILED (exit $torch_rc)"
