@@ -21,7 +21,7 @@
 # Checkpoints: CKPT_DIR (default results/tmp/ckpt-$CKPT_SIZE, kept for later runs: medium is 3.9 GB)
 # as scripts/gen-checkpoints.py writes them; made when missing (CKPT_SIZE small|medium, default
 # medium; STEPS 4; ~10 min on 2 busy cores), PyTorch installed
-# into target/torchvenv as scripts/test.sh does, plus numpy, safetensors and zstandard.
+# into SHARDCAST_TORCH_VENV (~/.cache/shardcast-torchvenv) as scripts/test.sh does, plus numpy, safetensors and zstandard.
 # Locks: once the checkpoints and the binary exist, the run holds /tmp/sc-bench.lock, and
 # /tmp/sc-netns.lock when PARTS has a cluster part (taken here, netns first: do not wrap the
 # script in flock on those files; SC_LOCKS_HELD=1 when the caller holds them).
@@ -64,7 +64,7 @@ lock() {
 }
 
 # Python with torch (only to make checkpoints), numpy, safetensors and zstandard.
-venv=target/torchvenv
+venv=${SHARDCAST_TORCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/shardcast-torchvenv}
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
 if [[ ! -f "$CKPT_DIR/meta.json" ]] && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     log "installing PyTorch into $venv (CPU use; ~5 GB)"
@@ -121,7 +121,7 @@ export BC_BIN=$bin BC_CKPT=$CKPT_DIR BC_BOUND=$bound BC_OUT=$out BC_STAMP=$stamp
 
 # The measurements (`bench.py hop`, `bench.py cluster`): pushes, counters, checks, tables.
 cat >"$work/bench.py" <<'PY'
-import json, os, re, shutil, sys
+import json, os, re, resource, shutil, sys
 import benchlib as bl
 
 BIN, CKPT, WORK = bl.env("BC_BIN"), bl.env("BC_CKPT"), bl.env("BC_WORK")
@@ -130,6 +130,7 @@ BOUND = json.load(open(bl.env("BC_BOUND")))
 RAW = os.path.join(bl.env("BC_OUT"), f"raw-{bl.env('BC_STAMP')}-{sys.argv[1]}.json")
 OPTS = bl.push_options(BIN)
 TCP_BOUND = 1514 / 1448  # Ethernet frame bytes per TCP payload byte at MTU 1500 (cluster.sh)
+NCPU = os.cpu_count() or 1
 help_c = OPTS.get("--compress", "")
 # clap lists the values as "[possible values: a, b]", or as "Possible values: - a: … - b: …".
 m = re.search(r"\[possible values: ([^\]]+)\]", help_c, re.I)
@@ -229,6 +230,7 @@ class Cluster:
     """The replicas on scripts/cluster.sh, and one push with every counter read around it."""
 
     def __init__(self, reps):
+        self.reps = reps
         self.addrs, self.roots, self.maddrs = bl.start_cluster_replicas(
             reps, bl.env("BC_N", int), bl.env("BC_PORT", int), WORK, ["--keep", "2"])
         self.nodes = ["p"] + [f"r{k + 1}" for k in range(len(self.addrs))]
@@ -254,7 +256,16 @@ class Cluster:
         (a delta's base stays)."""
         v = self.version[name] = self.version.get(name, 0) + 1
         c0 = self.counters()
+        # CPU around the push: the host's busy share (1.0: every core was busy all along, the
+        # push's or anyone's), the replicas' own seconds and the primary's (a waited-for child).
+        # (primary + replicas) / cores is the least wall time this machine can give the push,
+        # whatever else runs.
+        h0, s0 = bl.host_cpu()[0], sum(bl.proc_cpu(p.pid) for p in self.reps.procs)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         j, wall = bl.push(BIN, src, name, v, self.addrs, *mode_args(mode), *extra, wrap=["scripts/cluster.sh", "exec", "p"])
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        h1, s1 = bl.host_cpu()[0], sum(bl.proc_cpu(p.pid) for p in self.reps.procs)
+        primary = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         c1 = self.counters()
         bl.check_copies(src, self.roots, name, v)
         if not keep:
@@ -263,10 +274,12 @@ class Cluster:
         metrics = [{k: m1[k] - m0.get(k, 0) for k in m1} for m0, m1 in zip(c0[1], c1[1])]
         row = {"part": part, "rep": rep, "name": name, "version": v, "src": os.path.relpath(src, CKPT),
                "mode": label(mode), "extra": list(extra), "bytes": j["bytes"], "seconds": j["seconds"],
-               "wall": wall, "link_p": links[0], "links": links, "metrics": metrics, "report": j}
+               "wall": wall, "link_p": links[0], "links": links, "metrics": metrics, "report": j,
+               "busy": (h1 - h0) / (wall * NCPU), "replicas_cpu": s1 - s0, "primary_cpu": primary}
         rows.append(row)
         bl.log(f"{part} {row['src']} {label(mode)} {' '.join(extra)}: {j['seconds']:.3f} s, primary's link "
-               f"{links[0] / 2**20:.1f} MiB for {j['bytes'] / 2**20:.1f} MiB")
+               f"{links[0] / 2**20:.1f} MiB for {j['bytes'] / 2**20:.1f} MiB, host busy {row['busy']:.2f}, "
+               f"CPU s primary {primary:.2f} replicas {row['replicas_cpu']:.2f}")
         return row
 
 
@@ -313,7 +326,11 @@ def part_cluster(cl, srcs):
             rs = got[(d, label(c))]
             s = bl.median(r["seconds"] for r in rs.values())
             lb = bl.median(r["link_p"] for r in rs.values())
-            t.append([d, label(c), f"{s:.3f}", f"{lb / 2**20:.1f}", f"{s / (lb / TCP_BOUND * 8 / cl.bps):.3f}"])
+            busy = bl.median(r["busy"] for r in rs.values())
+            rcpu = bl.median(r["replicas_cpu"] for r in rs.values())
+            pcpu = bl.median(r["primary_cpu"] for r in rs.values())
+            t.append([d, label(c), f"{s:.3f}", f"{lb / 2**20:.1f}", f"{s / (lb / TCP_BOUND * 8 / cl.bps):.3f}",
+                      f"{busy:.2f}", f"{pcpu:.2f}", f"{rcpu:.2f}", f"{(pcpu + rcpu) / NCPU:.3f}"])
         if AUTO:
             off, auto = got[(d, label(OFF))], got[(d, "auto")]
             so = bl.median(r["seconds"] for r in off.values())
@@ -323,7 +340,8 @@ def part_cluster(cl, srcs):
             verdicts.append(f"- {d}: auto {xr:.3f} x compressed bytes / rate (target <= 1.05: "
                             f"{'PASS' if xr <= 1.05 else 'FAIL'}); off / auto {so / sa:.3f} vs compression ratio "
                             f"on the wire {cr:.3f}: {so / sa / cr:.3f} (target >= 0.95: {'PASS' if so / sa / cr >= 0.95 else 'FAIL'})")
-    print(bl.md_table(["dtype", "mode", "median s", "link MiB", "x rate"], t))
+    print(bl.md_table(["dtype", "mode", "median s", "link MiB", "x rate", "host busy", "primary CPU s",
+                       "replicas CPU s", f"CPU s / {NCPU} cores"], t))
     print("\n".join([""] + verdicts))
 
 
@@ -356,9 +374,11 @@ def part_delta(cl):
             t.append([d, f"{os.path.basename(old)} -> {os.path.basename(new)}", f"{b['bytes'] / 2**20:.1f}",
                       f"{moved / 2**20:.2f}", f"{bound / 2**20:.2f}", ratio_s(moved, bound),
                       f"{min(v for k, v in b.items() if k.startswith('xor')) / 2**20:.2f}", f"{r['seconds']:.3f}",
-                      f"{r['seconds'] / (moved * 8 / cl.bps):.3f}"])
+                      f"{r['seconds'] / (moved * 8 / cl.bps):.3f}", f"{r['busy']:.2f}", f"{r['primary_cpu']:.2f}",
+                      f"{r['replicas_cpu']:.2f}", f"{(r['primary_cpu'] + r['replicas_cpu']) / NCPU:.3f}"])
     print(bl.md_table(["dtype", "steps", "file MiB", "moved MiB", "bound MiB", "moved / bound",
-                       "best offline MiB", "seconds", "s / (moved / rate)"], t))
+                       "best offline MiB", "seconds", "s / (moved / rate)", "host busy", "primary CPU s",
+                       "replicas CPU s", f"CPU s / {NCPU} cores"], t))
     print(f"\n- worst moved / bound: {worst:.3f} (target <= 1.1: {'PASS' if worst <= 1.1 else 'FAIL'})")
 
 
