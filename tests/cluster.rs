@@ -435,29 +435,30 @@ fn two_rails_each_reach_only_their_own_rail() {
     assert!(connects("p", &c.addrs[1]), "p cannot reach r2 on rail 1 after rail-up");
 }
 
-#[test]
-fn a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail_and_every_replica_identical() {
-    let Some(_lock) = netns_or_skip("cluster::a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail") else {
-        return;
-    };
-    // Two rails of 200 Mbit/s per node; every replica announces both, the chain names rail 0.
+/// A push of 96 MiB over two lanes on two rails of 200 Mbit/s (every replica announces both,
+/// the chain names rail 0), with rail `rail` taken down on every node once about half reached
+/// the last replica. Checks that every replica published identical bytes that pass `verify`;
+/// returns the cluster and the push's output.
+fn push_across_a_rail_cut(rail: &str, seed: u64) -> (NetCluster, std::process::Output) {
     let c = NetCluster::up_rail(REPLICAS, 200, &["--rails", "2"], 0, &["--rail", "@rail0", "--rail", "@rail1"]);
     let src = tempdir();
     let size = 96 * MIB;
-    write_random_file(&src.path().join("ckpt.bin"), size, 43);
-    let rails = ["--rail", "10.77.0.10", "--rail", "10.77.1.10"];
+    write_random_file(&src.path().join("ckpt.bin"), size, seed);
     let mut args = vec!["--chunk-size", "1MiB", "--lanes", "2"];
-    args.extend(rails);
+    args.extend(["--rail", "10.77.0.10", "--rail", "10.77.1.10"]);
     let mut push = Running::spawn(&mut c.push_cmd(src.path(), "ck", 1, &args));
-    // Rail 1 of every node goes down once about half has reached the last replica.
     let staging = c.root(REPLICAS).join(".staging");
     let half = wait_until(Duration::from_secs(60), || bytes_under(&staging) >= size / 2 || push.try_wait().is_some());
     assert!(half && push.try_wait().is_none(), "the push ended before the rail could be cut\n{}", c.logs());
     for node in ["p", "r1", "r2", "r3"] {
-        let out = cluster_sh(&["rail-down", node, "1"]);
-        assert!(out.status.success(), "rail-down {node} 1\n{}", show_output(&out));
+        let out = cluster_sh(&["rail-down", node, rail]);
+        assert!(out.status.success(), "rail-down {node} {rail}\n{}", show_output(&out));
     }
-    assert!(push.wait_timeout(Duration::from_secs(120)).is_some(), "push hangs after rail 1 went down\n{}", c.logs());
+    assert!(
+        push.wait_timeout(Duration::from_secs(120)).is_some(),
+        "push hangs after rail {rail} went down\n{}",
+        c.logs()
+    );
     let out = push.finish(Duration::from_secs(5));
     let j = parse_json(&out);
     let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas: {j}\n{}", c.logs()));
@@ -468,7 +469,32 @@ fn a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail_and_every_repl
         let v = verify(&c.root(k), "ck", &[]);
         assert_eq!(code(&v), 0, "r{k}: {}", show_output(&v));
     }
+    (c, out)
+}
+
+#[test]
+fn a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail_and_every_replica_identical() {
+    let Some(_lock) = netns_or_skip("cluster::a_rail_taken_down_mid_push_leaves_every_lane_on_the_other_rail") else {
+        return;
+    };
+    let (c, _) = push_across_a_rail_cut("1", 43);
     // The repair's lanes all ran on rail 0: r1's relay log says so for its lane 1 to r2.
     let log = c.servers[0].log();
     assert!(log.contains("rail 1 at 10.77.1.12:7071"), "r1 never found r2's rail 1 down\n{log}");
+}
+
+/// Rail 0 carries each hop's first connection (the control frames). When it goes down on every
+/// node mid-push, the repair reaches each node over the other rail it announced, and the push
+/// completes on every replica (without that, every node counted as unreachable).
+#[test]
+fn rail_0_taken_down_mid_push_moves_the_chain_to_rail_1_and_every_replica_publishes() {
+    let Some(_lock) = netns_or_skip("cluster::rail_0_taken_down_mid_push_moves_the_chain_to_rail_1") else {
+        return;
+    };
+    let (c, out) = push_across_a_rail_cut("0", 47);
+    // The repair's hops went over rail 1: the primary says so for r1, r1's relay for r2.
+    let err = stderr_str(&out);
+    assert!(err.contains("goes over its rail 1 (10.77.1.11:7071)"), "the primary did not move to r1's rail 1\n{err}");
+    let log = c.servers[0].log();
+    assert!(log.contains("goes over its rail 1 (10.77.1.12:7071)"), "r1 did not move to r2's rail 1\n{log}");
 }

@@ -122,7 +122,21 @@ impl Hop {
         key: Option<&ClusterKey>,
         tls: Option<&TlsIdentity>,
     ) -> Result<Self, NodeError> {
-        let stream = connect_plain(node, from, timeout)?;
+        Self::dial_via(node, &LanePath { to: node.to_owned(), from, rail: None }, timeout, timeout, key, tls)
+    }
+
+    /// [`Hop::dial_from`] to `node` over `path` (another of its rails, say): connects to
+    /// `path.to` from `path.from` within `connect_timeout`, then authenticates as to `node`
+    /// within `timeout`; the hop is `node`'s whatever address it went to.
+    pub(crate) fn dial_via(
+        node: &str,
+        path: &LanePath,
+        connect_timeout: Duration,
+        timeout: Duration,
+        key: Option<&ClusterKey>,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Self, NodeError> {
+        let stream = connect_plain(&path.to, path.from, connect_timeout)?;
         Self::authenticate_to(stream, node, timeout, key, tls)
     }
 

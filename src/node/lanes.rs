@@ -13,14 +13,14 @@
 //! A lane whose rail cannot be reached (its link down, say) runs on lane 0's path instead, so
 //! that a repair after a rail went down goes on with every lane on the rails that are left.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{ErrorKind, NodeError};
-use crate::hop::{Hop, LanePath};
+use crate::hop::{Hop, LanePath, RAIL_CONNECT_TIMEOUT};
 use crate::wire::{LANE_TOKEN_LEN, LaneJoin};
 
 /// A lane token.
@@ -151,25 +151,83 @@ pub(crate) fn lane_paths(node: &str, theirs: &[SocketAddr], mine: &[IpAddr], lan
         .collect()
 }
 
+/// The rails each node announced in its last lane offer to this process (by the name the chain
+/// gives it), so that a later push can reach it over another rail when its rail 0 is down.
+/// Bounded: a node forgotten is dialed on its name alone, as before it announced anything.
+static RAILS_SEEN: Mutex<BTreeMap<String, Vec<SocketAddr>>> = Mutex::new(BTreeMap::new());
+const RAILS_SEEN_MAX: usize = 1024;
+
+/// Remembers the rails `node` announced (its lane offer).
+pub(crate) fn remember_rails(node: &str, rails: &[SocketAddr]) {
+    let mut seen = RAILS_SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if rails.len() < 2 {
+        seen.remove(node);
+    } else if seen.len() < RAILS_SEEN_MAX || seen.contains_key(node) {
+        seen.insert(node.to_owned(), rails.to_vec());
+    }
+}
+
+/// Dials `node` for a hop's first connection (lane 0, which carries the control frames), from
+/// `mine[0]`. When `node` announced other rails to this process before ([`remember_rails`])
+/// and cannot be reached on its name within [`RAIL_CONNECT_TIMEOUT`] (its rail 0 or ours is
+/// down), each of its other rails k is tried from our rail (k mod R), with a warning: the hop
+/// goes over a rail that is left rather than losing the node. The hop answers to `node` either
+/// way (authentication, reports).
+pub(crate) fn dial_chain(
+    node: &str,
+    mine: &[IpAddr],
+    timeout: Duration,
+    (key, tls): (Option<&crate::hop::auth::ClusterKey>, Option<&crate::hop::tls::TlsIdentity>),
+) -> Result<Hop, NodeError> {
+    let others = RAILS_SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned();
+    let Some(others) = others else { return Hop::dial_from(node, mine.first().copied(), timeout, key, tls) };
+    let first = LanePath { to: node.to_owned(), from: mine.first().copied(), rail: None };
+    let error = match Hop::dial_via(node, &first, timeout.min(RAIL_CONNECT_TIMEOUT), timeout, key, tls) {
+        Err(e) if e.kind == ErrorKind::Unreachable => e,
+        other => return other,
+    };
+    for (k, rail) in others.iter().enumerate().skip(1) {
+        let path = LanePath { to: rail.to_string(), from: mine.get(k % mine.len().max(1)).copied(), rail: Some(k) };
+        match Hop::dial_via(node, &path, timeout.min(RAIL_CONNECT_TIMEOUT), timeout, key, tls) {
+            Ok(hop) => {
+                tracing::warn!("{}; the hop to {node} goes over its rail {k} ({rail}) instead", error.message);
+                return Ok(hop);
+            }
+            Err(e) if e.kind == ErrorKind::Unreachable => {
+                tracing::warn!("{node}'s rail {k} ({rail}) cannot be reached either: {}", e.message);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(error)
+}
+
+/// Lane 0's path as it was opened: the addresses of its connection (another rail of the node
+/// when [`dial_chain`] went around a rail that is down).
+pub(crate) fn path_of(hop: &Hop) -> LanePath {
+    let (local, peer) = (hop.stream.local_addr().ok(), hop.stream.peer_addr().ok());
+    LanePath { to: peer.map_or_else(|| hop.peer.clone(), |a| a.to_string()), from: local.map(|a| a.ip()), rail: None }
+}
+
 /// Opens the further lanes of a hop to `node` on `paths` (lane 1 first; `token` from `node`'s
-/// ACCEPT). A lane whose rail cannot be reached is dialed again on lane 0's path (`node`, from
-/// `mine[0]`), with a warning that names the rail; an error on that path too fails the hop.
+/// ACCEPT). A lane whose rail cannot be reached is dialed again on `control`, the path lane 0
+/// took ([`path_of`]), with a warning that names the rail; an error on that path too fails the
+/// hop.
 pub(crate) fn open_lanes(
     node: &str,
     paths: &[LanePath],
-    mine: &[IpAddr],
+    control: &LanePath,
     timeout: Duration,
     auth: (Option<&crate::hop::auth::ClusterKey>, Option<&crate::hop::tls::TlsIdentity>),
     token: Token,
 ) -> Result<Vec<Hop>, NodeError> {
-    let control = LanePath { to: node.to_owned(), from: mine.first().copied(), rail: None };
     let mut hops = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
         let lane = u8::try_from(i + 1).expect("at most MAX_LANES lanes");
         let hop = match Hop::dial_lane(node, path, timeout, auth, token, lane) {
-            Err(e) if e.kind == ErrorKind::Unreachable && *path != control => {
+            Err(e) if e.kind == ErrorKind::Unreachable && (&path.to, path.from) != (&control.to, control.from) => {
                 tracing::warn!("{}; lane {lane} runs on the path of lane 0 ({}) instead", e.message, node);
-                Hop::dial_lane(node, &control, timeout, auth, token, lane)?
+                Hop::dial_lane(node, control, timeout, auth, token, lane)?
             }
             other => other?,
         };

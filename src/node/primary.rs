@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::credentials::Auth;
 use crate::error::{ErrorKind, ManifestError, NodeError, PushError};
-use crate::hop::Hop;
+use crate::hop::{Hop, LanePath};
 use crate::manifest::{DEFAULT_CHUNK, Manifest};
 use crate::pool::Pool;
 use crate::proto::Role;
@@ -569,7 +569,7 @@ fn run_push(
     let pool = spawn_pool(opts.pool_bytes, manifest.chunk_size())?;
     let first = opts.to[0].clone();
     let mut hop =
-        Hop::dial_from(&first, opts.rails.first().copied(), opts.connect_timeout, opts.auth.key(), opts.auth.tls())
+        super::lanes::dial_chain(&first, &opts.rails, opts.connect_timeout, (opts.auth.key(), opts.auth.tls()))
             .map_err(|error| Failure::at_start(PushError::Node { node: first.clone(), error }))?;
     let hello = hello_for(opts, &manifest, &wants);
     // Every node validates, reserves and connects onward before any chunk moves: the whole
@@ -598,7 +598,7 @@ fn run_push(
     let dn_link = hop
         .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
-    let lanes = dial_lanes(&first, opts, token)?;
+    let lanes = dial_lanes(&first, opts, token, &super::lanes::path_of(&hop))?;
     if opts.lanes > 1 {
         hop.fail_fast();
     }
@@ -683,11 +683,17 @@ fn primary_config(
 
 /// The first hop's further lanes (1..R), each authenticated on its own (`node::lanes`) and
 /// joined to the push with the token from the first replica's ACCEPT, on the rails it announced.
-fn dial_lanes(first: &str, opts: &PushOptions, offer: Option<wire::LaneOffer>) -> Result<Vec<Hop>, PushError> {
+fn dial_lanes(
+    first: &str,
+    opts: &PushOptions,
+    offer: Option<wire::LaneOffer>,
+    control: &LanePath,
+) -> Result<Vec<Hop>, PushError> {
     let Some(offer) = offer.filter(|_| opts.lanes > 1) else { return Ok(Vec::new()) };
+    super::lanes::remember_rails(first, &offer.rails);
     let paths = super::lanes::lane_paths(first, &offer.rails, &opts.rails, opts.lanes);
     let auth = (opts.auth.key(), opts.auth.tls());
-    super::lanes::open_lanes(first, &paths, &opts.rails, opts.connect_timeout, auth, offer.token)
+    super::lanes::open_lanes(first, &paths, control, opts.connect_timeout, auth, offer.token)
         .map_err(|error| PushError::Node { node: first.to_owned(), error })
 }
 

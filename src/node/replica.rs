@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::error::{ErrorKind, NodeError, ServeError};
 use crate::hop::policy::Transport;
 use crate::hop::rdma::{DnLink, UpLink};
-use crate::hop::{AcceptPolicy, HandshakeError, Hop, Refused};
+use crate::hop::{AcceptPolicy, HandshakeError, Hop, LanePath, Refused};
 use crate::manifest::{Manifest, Subset};
 use crate::pool::PoolCache;
 use crate::proto::Role;
@@ -1027,8 +1027,8 @@ fn dial_onward(hello: &Hello, admitted: &Admitted, (held, mine): Mine, opts: &Se
     // node to a silent one times out first and is the one that reports it.
     let onward_deadline =
         std::time::Instant::now() + opts.limits.handshake_timeout * (hello.downstream.len() as u32 + 1);
-    let from = opts.rails.first().copied();
-    let mut down = match Hop::dial_from(next, from, opts.limits.handshake_timeout, opts.auth.key(), opts.auth.tls()) {
+    let auth = (opts.auth.key(), opts.auth.tls());
+    let mut down = match super::lanes::dial_chain(next, &opts.rails, opts.limits.handshake_timeout, auth) {
         Ok(hop) if admitted.encrypt && hop.secret.is_none() => {
             let e = NodeError::new(
                 ErrorKind::Unsupported,
@@ -1146,10 +1146,11 @@ fn start_session<'a>(
     );
     let down_secret = down.as_ref().and_then(|d| d.secret.clone());
     let down_fd = down.as_ref().map(|d| d.stream.as_raw_fd());
-    let down_peer = down.as_ref().map(|d| d.peer.clone());
+    let down_peer = down.as_ref().map(|d| (d.peer.clone(), super::lanes::path_of(d)));
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
-    let set_up = links(up, down, &hello, pools, opts)
-        .and_then(|(pool, links)| Ok((pool, links, lanes.open(&hello, down_peer.as_deref(), opts)?)));
+    let set_up = links(up, down, &hello, pools, opts).and_then(|(pool, links)| {
+        Ok((pool, links, lanes.open(&hello, down_peer.as_ref().map(|(n, p)| (n.as_str(), p.clone())), opts)?))
+    });
     let (pool, (up_link, dn_link), (up_lanes, dn_lanes)) = match set_up {
         Ok(set_up) => set_up,
         Err(Failed { node, error, reason }) => {
@@ -1216,13 +1217,19 @@ struct LaneSetUp {
 impl LaneSetUp {
     /// Opens the further lanes of both hops: first those to the node downstream (which waits for
     /// them), then waits for those from upstream. Returns (upstream's, downstream's).
-    fn open(self, hello: &Hello, down: Option<&str>, opts: &ServeOptions) -> Result<(Vec<Hop>, Vec<Hop>), Failed> {
+    fn open(
+        self,
+        hello: &Hello,
+        down: Option<(&str, LanePath)>,
+        opts: &ServeOptions,
+    ) -> Result<(Vec<Hop>, Vec<Hop>), Failed> {
         let timeout = opts.limits.handshake_timeout;
         let mut dn = Vec::new();
-        if let (Some(next), Some(offer)) = (down, self.down_offer) {
+        if let (Some((next, control)), Some(offer)) = (down, self.down_offer) {
+            super::lanes::remember_rails(next, &offer.rails);
             let paths = super::lanes::lane_paths(next, &offer.rails, &opts.rails, hello.lanes);
             let auth = (opts.auth.key(), opts.auth.tls());
-            dn = super::lanes::open_lanes(next, &paths, &opts.rails, timeout, auth, offer.token)
+            dn = super::lanes::open_lanes(next, &paths, &control, timeout, auth, offer.token)
                 .map_err(|error| Failed { node: next.to_owned(), reason: error.message.clone(), error })?;
         }
         let up = match &self.wait {
