@@ -6,6 +6,7 @@
 # Cases (CASES, any of):
 #   a   R = 2 rails of RATE, --lanes 2: time / (size / (2 x RATE))
 #   b   R = 2, rail 1 at SLOW (250mbit), --lanes 2: time / (size / (RATE + SLOW))
+#   c0  as c, with rail 0 (the hops' first connections) taken down instead of rail 1
 #   c   as a, and rail 1 of every node taken down (`cluster.sh rail-down NODE 1`) at half of a's
 #       ideal time: time against 1.2 x (t_fail + left / RATE), left = SIZE minus what r1 had
 #       received at t_fail (its links' rx bytes x 1448/1514); every replica's bytes compared
@@ -134,9 +135,9 @@ class Cluster:
                 "--version", str(self.version), "--json", "--to", ",".join(self.to), "--lanes", str(lanes),
                 *rails, *PUSH_ARGS]
 
-    def push(self, lanes, fail_at=None):
-        """One timed push; with fail_at (s), rail 1 of every node goes down then. Returns
-        (seconds, cpu dict, failure info)."""
+    def push(self, lanes, fail_at=None, fail_rail="1"):
+        """One timed push; with fail_at (s), rail fail_rail of every node goes down then.
+        Returns (seconds, cpu dict, failure info)."""
         before = [cpu(s.pid) for s in self.serves]
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         rx0 = rx("r1", self.rails)
@@ -149,13 +150,13 @@ class Cluster:
             t_fail = time.monotonic() - t0
             got = (rx("r1", self.rails) - rx0) * PAYLOAD
             for node in ["p"] + [f"r{k}" for k in range(1, self.n + 1)]:
-                sh(CLUSTER, "rail-down", node, "1")
+                sh(CLUSTER, "rail-down", node, fail_rail)
             fail = (t_fail, max(0.0, BYTES - got))
         out, err = p.communicate(timeout=600)
         t = time.monotonic() - t0
         if fail_at is not None:
             for node in ["p"] + [f"r{k}" for k in range(1, self.n + 1)]:
-                sh(CLUSTER, "rail-up", node, "1")
+                sh(CLUSTER, "rail-up", node, fail_rail)
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if p.returncode != 0 or not re.search(r'"ok":\s*true', out):
             sys.exit(f"error: {' '.join(cmd)} exited {p.returncode}\n{out[-3000:]}\n{err[-3000:]}")
@@ -177,14 +178,14 @@ class Cluster:
         subprocess.run([CLUSTER, "down"], check=True, stdout=subprocess.DEVNULL)
 
 
-def run_case(name, n, rails, rail_rates, lanes, ideal_bps, fail=False):
+def run_case(name, n, rails, rail_rates, lanes, ideal_bps, fail=False, fail_rail="1"):
     log(f"case {name}: N={n}, {rails} rail(s) {rail_rates or ''}, --lanes {lanes}")
     c = Cluster(n, rails, rail_rates)
     ideal = BYTES * 8 / ideal_bps
     times, ratios = [], []
     try:
         for rep in range(REPS):
-            t, cp, f = c.push(lanes, fail_at=ideal / 2 if fail else None)
+            t, cp, f = c.push(lanes, fail_at=ideal / 2 if fail else None, fail_rail=fail_rail)
             row = {"case": name, "n": n, "rails": rails, "rates": "/".join([RATE] + [rail_rates.get(k, RATE) for k in range(1, rails)]),
                    "lanes": lanes, "rep": rep, "seconds": round(t, 3), "ideal": round(ideal, 3)}
             if f:
@@ -213,6 +214,8 @@ if "b" in cases:
     run_case("b", N, 2, {1: SLOW}, 2, r + bps(SLOW))
 if "c" in cases:
     run_case("c", N, 2, {}, 2, 2 * r, fail=True)
+if "c0" in cases:
+    run_case("c0", N, 2, {}, 2, 2 * r, fail=True, fail_rail="0")
 if "d" in cases:
     for n in map(int, E["BR_TABLE_N"].split()):
         for rails in (1, 2):

@@ -277,4 +277,32 @@ mod tests {
         assert!(plain.iter().all(|p| p.to == "node:7" && p.from.is_none() && p.rail.is_none()), "{plain:?}");
         assert_eq!(plain.len(), 2);
     }
+
+    /// A port on `ip` where nothing listens (bound, then closed: connects are refused).
+    fn dead_port(ip: &str) -> SocketAddr {
+        std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+    }
+
+    #[test]
+    fn dial_chain_goes_over_another_announced_rail_when_the_name_is_unreachable() {
+        let name = dead_port("127.0.0.1").to_string();
+        let live = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+        let (live_addr, dead_rail) = (live.local_addr().unwrap(), dead_port("127.0.0.2"));
+        let me: Vec<IpAddr> = ["127.0.0.1", "127.0.0.4", "127.0.0.5"].map(|a| a.parse().unwrap()).to_vec();
+        let none = (None, None);
+        // Never announced anything: the name alone, unreachable.
+        let e = dial_chain(&name, &me, Duration::from_secs(2), none).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unreachable, "{e}");
+        // Announced rails 0..2, rail 1 down too: rail 2, from our rail 2 mod 3, and the hop is the named node's.
+        remember_rails(&name, &[name.parse().unwrap(), dead_rail, live_addr]);
+        let hop = dial_chain(&name, &me, Duration::from_secs(2), none).expect("over rail 2");
+        assert_eq!(hop.peer, name);
+        assert_eq!(hop.stream.peer_addr().unwrap(), live_addr);
+        assert_eq!(hop.stream.local_addr().unwrap().ip(), me[2]);
+        let control = path_of(&hop);
+        assert_eq!((control.to, control.from), (live_addr.to_string(), Some(me[2])));
+        // One rail announced since: forgotten, the name alone again.
+        remember_rails(&name, &[name.parse().unwrap()]);
+        assert_eq!(dial_chain(&name, &me, Duration::from_secs(2), none).unwrap_err().kind, ErrorKind::Unreachable);
+    }
 }
