@@ -48,7 +48,7 @@ BR_WORK=$work BR_BYTES=$bytes BR_N=$N BR_REPS=$REPS BR_RATE=$RATE BR_SLOW=$SLOW 
     BR_PREFIX=$SC_CLUSTER BR_CSV="$OUT/rails-$stamp.csv" BR_SUMMARY="$OUT/summary-$stamp.txt" \
     BR_HEADER="# $cmdline; commit $(git_rev)$dirty; $(date -u +%FT%TZ); $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" \
     python3 - <<'PY'
-import csv, os, re, resource, statistics, subprocess, sys, time
+import csv, os, re, resource, shutil, statistics, subprocess, sys, time
 
 E = os.environ
 WORK, BYTES, N, REPS = E["BR_WORK"], int(E["BR_BYTES"]), int(E["BR_N"]), int(E["BR_REPS"])
@@ -165,6 +165,13 @@ class Cluster:
             f = os.path.join(WORK, f"root-r{k}", "b", str(self.version), "shard-000.bin")
             if subprocess.run(["cmp", "-s", f, os.path.join(WORK, "src", "shard-000.bin")]).returncode != 0:
                 sys.exit(f"error: r{k}'s copy differs from the source (version {self.version})")
+        # Drop the version everywhere: the next rep pushes the same bytes, and a repair (an
+        # incremental push) would find them held in this version and move nothing.
+        for k in range(1, self.n + 1):
+            vdir = os.path.join(WORK, f"root-r{k}", "b")
+            shutil.rmtree(os.path.join(vdir, str(self.version)), ignore_errors=True)
+            if os.path.exists(os.path.join(vdir, f"{self.version}.manifest")):
+                os.remove(os.path.join(vdir, f"{self.version}.manifest"))
         c = {"p": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)}
         for k, s in enumerate(self.serves):
             c[f"r{k + 1}"] = cpu(s.pid) - before[k]
