@@ -457,7 +457,7 @@ int32_t sc_push_poll(const struct sc_push *push, struct sc_progress *out);
 int32_t sc_push_wait(struct sc_push *push, uint32_t timeout_ms);
 
 /**
- * Asks the push to stop (within ~100 ms once chunks move; a push still connecting stops when
+ * Asks the push to stop (within ~20 ms once chunks move; a push still connecting stops when
  * the chain has answered). The replicas drop what they staged; nothing is published.
  *
  * # Safety

@@ -795,7 +795,7 @@ pub unsafe extern "C" fn sc_push_wait(push: *mut ScPush, timeout_ms: u32) -> i32
     })
 }
 
-/// Asks the push to stop (within ~100 ms once chunks move; a push still connecting stops when
+/// Asks the push to stop (within ~20 ms once chunks move; a push still connecting stops when
 /// the chain has answered). The replicas drop what they staged; nothing is published.
 ///
 /// # Safety
