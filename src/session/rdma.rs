@@ -32,11 +32,23 @@ impl Session<'_> {
     /// Posts an RDMA write for every frame queued for an RDMA lane (or, on the primary, not
     /// taken by any lane yet) that has a slot granted on that lane downstream: a lane takes a
     /// chunk only while it holds a credit, so a lane slower anywhere along the chain takes fewer.
+    ///
+    /// One frame per lane per round, from the lane after the one that took the last shared
+    /// chunk: chunks that become ready one at a time then spread over the lanes that hold
+    /// credits (drained lane by lane, lane 0 took every chunk while its credits came back).
     pub(super) fn pump_rdma_writes(&mut self) {
-        for lane in 0..self.down.lanes.len() {
-            while !self.down.closed && self.down.lanes[lane].rdma.as_ref().is_some_and(|l| !l.credits.is_empty()) {
-                let Some(item) = self.next_for_lane(lane) else { break };
+        let n = self.down.lanes.len();
+        let mut wrote = true;
+        while wrote && !self.down.closed {
+            wrote = false;
+            let first = self.down.next_lane;
+            for lane in (0..n).map(|i| (first + i) % n) {
+                if self.down.closed || self.down.lanes[lane].rdma.as_ref().is_none_or(|l| l.credits.is_empty()) {
+                    continue;
+                }
+                let Some(item) = self.next_for_lane(lane) else { continue };
                 self.rdma_write(lane, item);
+                wrote = true;
             }
         }
     }
