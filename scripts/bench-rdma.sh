@@ -13,7 +13,13 @@
 # same rounds as `rdma`, the two alternating which goes first; the table then gives both and the
 # ratio new/old (medians, and the median of the per-round ratios). Unset: the table as before.
 #
+# LANES=2 adds the case `rdma-2lanes`: the same push with `--lanes 2` over the guest's two rails
+# (rxe_v1 -> rxe_v0 and rxe_w1 -> rxe_w0; the serve and pushes then name rails, not devices),
+# and `ib_write_bw` on both rails at once (two instances in parallel, summed); the table ends
+# with the ratio 2-lane / 1-lane RDMA push.
+#
 #   SIZE=256M REPS=3 MSG=4M ./scripts/bench-rdma.sh        # the BENCHMARKS.md run
+#   SIZE=64M REPS=3 LANES=2 ./scripts/bench-rdma.sh        # RDMA lanes (issue 16)
 #   SIZE=64M REPS=1 ./scripts/bench-rdma.sh                # the short one .ci/run prints
 #   SIZE=256M REPS=5 MSG=4M OLD_BIN=../old/target/release/shardcast ./scripts/bench-rdma.sh
 #
@@ -25,6 +31,7 @@ SIZE=${SIZE:-256M}
 REPS=${REPS:-3}
 MSG=${MSG:-4M}
 OLD_BIN=${OLD_BIN:-}
+LANES=${LANES:-1}
 if [[ -n "$OLD_BIN" ]]; then
     # The guest sees the host's tree at the same paths: an absolute path works there too.
     OLD_BIN=$(realpath "$OLD_BIN")
@@ -48,8 +55,18 @@ def size(s):
     m = re.fullmatch(r"(\d+)([KMG]?)", s)
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
 SIZE, REPS, MSG = size(E["B_SIZE"]), int(E["B_REPS"]), size(E["B_MSG"])
+LANES = int(E.get("B_LANES") or 1)
 DEV, IP, GID = E["RXEVM_DEV"], E["RXEVM_IP"], E["RXEVM_GID"]
 PDEV, PIP, PGID = E["RXEVM_PEER_DEV"], E["RXEVM_PEER_IP"], E["RXEVM_PEER_GID"]
+if LANES > 1:
+    DEV2, IP2, GID2 = E["RXEVM_DEV2"], E["RXEVM_IP2"], E["RXEVM_GID2"]
+    PDEV2, PIP2, PGID2 = E["RXEVM_PEER_DEV2"], E["RXEVM_PEER_IP2"], E["RXEVM_PEER_GID2"]
+def where(which, serve):
+    # With lanes, the new binary's serve and pushes name their rails: each lane's queue pair goes
+    # on the device of its rail.
+    if LANES > 1 and which == "new":
+        return ["--rail", IP, "--rail", IP2] if serve else ["--rail", PIP, "--rail", PIP2]
+    return ["--rdma-device", DEV, "--gid-index", GID] if serve else ["--rdma-device", PDEV, "--gid-index", PGID]
 work = tempfile.mkdtemp(dir="/dev/shm")
 src = os.path.join(work, "src")
 os.makedirs(src)
@@ -67,7 +84,7 @@ for i, (which, bin_) in enumerate(BINS.items()):
     ports[which] = 7391 + i
     roots[which] = os.path.join(work, "root-" + which)
     serve = subprocess.Popen([bin_, "serve", "--listen", f"{IP}:{ports[which]}", "--root", roots[which],
-                              "--keep", "1", "--rdma-device", DEV, "--gid-index", GID],
+                              "--keep", "1"] + where(which, True),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # serve may log other lines first (the INSECURE warning of a key-less replica beyond loopback).
     line = serve.stderr.readline()
@@ -76,13 +93,13 @@ for i, (which, bin_) in enumerate(BINS.items()):
     assert "listening on" in line, f"serve ({which}) exited before listening"
     serves[which] = serve
 
-def push(transport, v, which="new"):
+def push(transport, v, which="new", lanes=1):
     serve, bin_ = serves[which], BINS[which]
     c0 = cpu(serve.pid)
     t0 = time.monotonic()
     p = subprocess.Popen([bin_, "push", src, "--name", "b", "--version", str(v), "--to", f"{IP}:{ports[which]}",
-                          "--transport", transport, "--chunk-size", str(MSG), "--json",
-                          "--rdma-device", PDEV, "--gid-index", PGID], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          "--transport", transport, "--chunk-size", str(MSG), "--json", "--lanes", str(lanes)]
+                         + where(which, False), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
     out = p.stdout.read().decode()
@@ -90,41 +107,59 @@ def push(transport, v, which="new"):
         sys.exit(f"push --transport {transport} ({which}) failed: {out}\n{p.stderr.read().decode()}")
     rep = json.loads(out)
     c1 = cpu(serve.pid)
-    return {"s": rep["seconds"], "cpu_push": ru.ru_utime + ru.ru_stime, "cpu_serve": c1 - c0}
+    if lanes > 1:
+        assert rep["lane_transports"] == ["rdma"] * lanes, f"a lane did not run RDMA: {rep}"
+    return {"s": rep["seconds"], "cpu_push": ru.ru_utime + ru.ru_stime, "cpu_serve": c1 - c0,
+            "lane_chunks": rep.get("lane_chunks")}
 
-def ib_write_bw():
+def ib_write_bw(pairs=None):
+    # One ib_write_bw per (server dev, gid, ip, client dev, gid, port), all at once; the sum.
+    pairs = pairs or [(DEV, GID, IP, PDEV, PGID, 18515)]
     n = max(SIZE // MSG, 20)
     common = ["-s", str(MSG), "-n", str(n), "-F", "--report_gbits"]
-    srv = subprocess.Popen(["timeout", "300", "ib_write_bw", "-d", DEV, "-x", GID] + common,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srvs = [subprocess.Popen(["timeout", "300", "ib_write_bw", "-p", str(port), "-d", d, "-x", g] + common,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for d, g, _, _, _, port in pairs]
     for _ in range(200):
-        if ":18515" in subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout:
+        ss = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+        if all(f":{port}" in ss for *_, port in pairs):
             break
         time.sleep(0.05)
-    cli = subprocess.run(["timeout", "300", "ib_write_bw", "-d", PDEV, "-x", PGID] + common + [IP],
-                         capture_output=True, text=True)
-    srv.wait()
-    for l in cli.stdout.splitlines():
-        f = l.split()
-        if len(f) >= 4 and f[0] == str(MSG) and f[1] == str(n):
-            return float(f[3])   # BW average [Gb/sec]
-    sys.exit("ib_write_bw printed no result:\n" + cli.stdout + cli.stderr)
+    clis = [subprocess.Popen(["timeout", "300", "ib_write_bw", "-p", str(port), "-d", pd, "-x", pg] + common + [ip],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _, _, ip, pd, pg, port in pairs]
+    total = 0.0
+    for cli in clis:
+        out, err = cli.communicate()
+        got = [float(l.split()[3]) for l in out.splitlines()
+               if len(l.split()) >= 4 and l.split()[0] == str(MSG) and l.split()[1] == str(n)]
+        if not got:
+            sys.exit("ib_write_bw printed no result:\n" + out + err)
+        total += got[0]   # BW average [Gb/sec]
+    for s in srvs:
+        s.wait()
+    return total
+BOTH = [(DEV, GID, IP, PDEV, PGID, 18515), (DEV2, GID2, IP2, PDEV2, PGID2, 18516)] if LANES > 1 else None
 
 # (case, transport, binary); with an old binary its RDMA push alternates with the new one's
 # which goes first, round by round.
 cases = [("rdma", "rdma", "new"), ("tcp", "tcp", "new")]
 if "old" in BINS:
     cases.insert(1, ("rdma-old", "rdma", "old"))
-rows = {"ib_write_bw": [], **{c: [] for c, _, _ in cases}}
+if LANES > 1:
+    cases.insert(1, ("rdma-2lanes", "rdma", "new"))
+rows = {"ib_write_bw": [], "ib_write_bw-both": [], **{c: [] for c, _, _ in cases}}
 v = 0
 for r in range(REPS):
     rows["ib_write_bw"].append({"gbps": ib_write_bw()})
+    if BOTH:
+        rows["ib_write_bw-both"].append({"gbps": ib_write_bw(BOTH)})
     order = list(cases)
     if "old" in BINS and r % 2 == 1:
         order[0], order[1] = order[1], order[0]
     for c, t, which in order:
         v += 1
-        x = push(t, v, which)
+        x = push(t, v, which, LANES if c == "rdma-2lanes" else 1)
         x["gbps"] = SIZE * 8 / x["s"] / 1e9
         rows[c].append(x)
         shutil.rmtree(os.path.join(roots[which], "b"), ignore_errors=True)
@@ -139,12 +174,26 @@ print(f"| case | median Gb/s | min | max | ratio to ib_write_bw | CPU s/GiB push
 print(f"| --- | --- | --- | --- | --- | --- | --- |")
 g = [x["gbps"] for x in rows["ib_write_bw"]]
 print(f"| ib_write_bw {MSG} B × {max(SIZE // MSG, 20)} | {ib:.3f} | {min(g):.3f} | {max(g):.3f} | 1.00 | | |")
+if BOTH:
+    g = [x["gbps"] for x in rows["ib_write_bw-both"]]
+    print(f"| ib_write_bw on both rails at once (sum of 2) | {med(g):.3f} | {min(g):.3f} | {max(g):.3f} | {med(g)/ib:.2f} | | |")
 for c, t, which in cases:
     g = [x["gbps"] for x in rows[c]]
     cp = med([x["cpu_push"] for x in rows[c]]) / gib
     cs = med([x["cpu_serve"] for x in rows[c]]) / gib
     label = f"shardcast --transport {t}" + (" (OLD_BIN)" if which == "old" else "")
+    if c == "rdma-2lanes":
+        label += f" --lanes {LANES} (2 rails)"
     print(f"| {label}, {SIZE >> 20} MiB, {MSG >> 20} MiB chunks | {med(g):.3f} | {min(g):.3f} | {max(g):.3f} | {med(g)/ib:.2f} | {cp:.2f} | {cs:.2f} |")
+if LANES > 1:
+    one = [x["gbps"] for x in rows["rdma"]]
+    two = [x["gbps"] for x in rows["rdma-2lanes"]]
+    per_round = [a / b for a, b in zip(two, one)]
+    both = med([x["gbps"] for x in rows["ib_write_bw-both"]])
+    print()
+    print(f"RDMA lanes, {LANES}-lane / 1-lane push: {med(two) / med(one):.3f} (ratio of medians); per round "
+          f"{', '.join(f'{q:.3f}' for q in per_round)}; ib_write_bw both rails / one: {both / ib:.3f}; "
+          f"lane_chunks {[x['lane_chunks'] for x in rows['rdma-2lanes']]}")
 if "old" in BINS:
     new = [x["gbps"] for x in rows["rdma"]]
     old = [x["gbps"] for x in rows["rdma-old"]]
@@ -155,18 +204,24 @@ if "old" in BINS:
           f"old = {BINS['old']}")
 shutil.rmtree(work, ignore_errors=True)
 PY
-echo "bench-rdma: SIZE=$SIZE REPS=$REPS MSG=$MSG${OLD_BIN:+ OLD_BIN=$OLD_BIN} (guest under TCG: compare within this table only)" >&2
+echo "bench-rdma: SIZE=$SIZE REPS=$REPS MSG=$MSG LANES=$LANES${OLD_BIN:+ OLD_BIN=$OLD_BIN} (guest under TCG: compare within this table only)" >&2
 rc=0
-B_SIZE=$SIZE B_REPS=$REPS B_MSG=$MSG B_OLD_BIN=$OLD_BIN RXEVM_PASS_ENV="B_SIZE B_REPS B_MSG B_OLD_BIN" \
+B_SIZE=$SIZE B_REPS=$REPS B_MSG=$MSG B_OLD_BIN=$OLD_BIN B_LANES=$LANES RXEVM_PASS_ENV="B_SIZE B_REPS B_MSG B_OLD_BIN B_LANES" \
     scripts/rxe-vm.sh --timeout 900 --mem 4096 -- python3 "$job" | tee "$out.tmp" || rc=$?
 if [[ $rc -ne 0 ]]; then
     rm -f "$out.tmp"
     exit "$rc"
 fi
 {
-    echo "command: \`SIZE=$SIZE REPS=$REPS MSG=$MSG${OLD_BIN:+ OLD_BIN=$OLD_BIN} ./scripts/bench-rdma.sh\` ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD))"
+    lanes_env=
+    [[ "$LANES" == 1 ]] || lanes_env=" LANES=$LANES"
+    echo "command: \`SIZE=$SIZE REPS=$REPS MSG=$MSG$lanes_env${OLD_BIN:+ OLD_BIN=$OLD_BIN} ./scripts/bench-rdma.sh\` ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD))"
     echo
     grep '^|' "$out.tmp"
+    if grep -q '^RDMA lanes' "$out.tmp"; then
+        echo
+        grep '^RDMA lanes' "$out.tmp"
+    fi
     if grep -q '^RDMA hop, new/old' "$out.tmp"; then
         echo
         grep '^RDMA hop, new/old' "$out.tmp"

@@ -12,7 +12,8 @@
 #     --net      guest networks with rxe devices (default eth,veth):
 #                  eth   eth0 198.18.0.1/24 + rxe_eth0 (rxe loops the packets back internally)
 #                  veth  veth0 198.18.1.1/24 <-> veth1 198.18.1.2/24 + rxe_v0 / rxe_v1 (RoCEv2
-#                        packets really cross the veth; two processes act as two hosts)
+#                        packets really cross the veth; two processes act as two hosts), and a
+#                        second rail: vethw0 198.18.2.1/24 <-> vethw1 198.18.2.2/24 + rxe_w0 / rxe_w1
 #     --timeout  whole run, boot included (default 900 s)
 #     --mem/--smp  guest RAM in MB (2048) and vCPUs (2)
 #     --accel    auto (default): TCG when /sys/module/kvm_pvm exists or /dev/kvm is unusable
@@ -35,6 +36,8 @@
 #   RXEVM=1, RXEVM_NET (e.g. "eth,veth"), RXEVM_HOST=/run/rxevm/host (raw 9p view of the host's /)
 #   RXEVM_DEV RXEVM_IP RXEVM_GID                 "server" side: rxe device, IPv4, RoCEv2 GID index
 #   RXEVM_PEER_DEV RXEVM_PEER_IP RXEVM_PEER_GID  "client" side
+#   RXEVM_DEV2 RXEVM_IP2 RXEVM_GID2 and RXEVM_PEER_DEV2 ...  the second rail (with veth):
+#                                                rxe_w0 198.18.2.1, rxe_w1 198.18.2.2
 #   RXEVM_LO_DEV RXEVM_LO_IP RXEVM_LO_GID        rxe_eth0 / 198.18.0.1 (with eth)
 #     --net eth,veth or veth: DEV=rxe_v0 IP=198.18.1.1, PEER_DEV=rxe_v1 PEER_IP=198.18.1.2
 #     --net eth:              DEV=PEER_DEV=rxe_eth0, IP=PEER_IP=198.18.0.1 (loopback)
@@ -567,11 +570,20 @@ route add 198.18.1.2/32 dev veth0 src 198.18.1.1 table 100
 route add 198.18.1.1/32 dev veth1 src 198.18.1.2 table 100
 rule add pref 10 oif veth0 lookup 100
 rule add pref 11 oif veth1 lookup 100
+link add vethw0 mtu 9000 type veth peer name vethw1 mtu 9000
+addr add 198.18.2.1/24 dev vethw0
+addr add 198.18.2.2/24 dev vethw1
+link set vethw0 up
+link set vethw1 up
+route add 198.18.2.2/32 dev vethw0 src 198.18.2.1 table 100
+route add 198.18.2.1/32 dev vethw1 src 198.18.2.2 table 100
+rule add pref 12 oif vethw0 lookup 100
+rule add pref 13 oif vethw1 lookup 100
 "
 fi
 ip -batch - <<<"$batch" >/run/rxevm/ip.log 2>&1 || rxe_fail "network set-up failed: $(tr '\n' ' ' </run/rxevm/ip.log)"
 if has_net veth; then
-    for c in all default veth0 veth1; do
+    for c in all default veth0 veth1 vethw0 vethw1; do
         echo 1 >"/proc/sys/net/ipv4/conf/$c/accept_local"
         echo 0 >"/proc/sys/net/ipv4/conf/$c/rp_filter"
     done
@@ -598,7 +610,13 @@ gid_of() { # DEV IP -> sets G
 }
 devs=()
 if has_net eth; then rxe_add rxe_eth0 eth0; devs+=(rxe_eth0); fi
-if has_net veth; then rxe_add rxe_v0 veth0; rxe_add rxe_v1 veth1; devs+=(rxe_v0 rxe_v1); fi
+if has_net veth; then
+    rxe_add rxe_v0 veth0
+    rxe_add rxe_v1 veth1
+    rxe_add rxe_w0 vethw0
+    rxe_add rxe_w1 vethw1
+    devs+=(rxe_v0 rxe_v1 rxe_w0 rxe_w1)
+fi
 for d in "${devs[@]}"; do port_active "$d"; done
 
 export RXEVM=1 RXEVM_NET RXEVM_HOST=$H
@@ -621,6 +639,12 @@ if has_net veth; then
     gid_of rxe_v1 198.18.1.2
     export RXEVM_PEER_DEV=rxe_v1 RXEVM_PEER_IP=198.18.1.2 RXEVM_PEER_GID=$G
     summary+=" rxe_v1=198.18.1.2/gid$G"
+    gid_of rxe_w0 198.18.2.1
+    export RXEVM_DEV2=rxe_w0 RXEVM_IP2=198.18.2.1 RXEVM_GID2=$G
+    summary+=" rxe_w0=198.18.2.1/gid$G"
+    gid_of rxe_w1 198.18.2.2
+    export RXEVM_PEER_DEV2=rxe_w1 RXEVM_PEER_IP2=198.18.2.2 RXEVM_PEER_GID2=$G
+    summary+=" rxe_w1=198.18.2.2/gid$G"
 fi
 t1=${EPOCHREALTIME/[.,]/}
 read -r up _ </proc/uptime
@@ -647,7 +671,7 @@ pair() {
     cli=("$@")
     timeout -k 5 120 "${srv[@]}" >"/run/rxevm/$name.srv" 2>&1 &
     spid=$!
-    if ! rxevm_wait_listen 18515 60 2>/dev/null; then
+    if ! rxevm_wait_listen "${PAIR_PORT:-18515}" 60 2>/dev/null; then
         kill "$spid" 2>/dev/null
         wait "$spid"
         st_bad "$name: server never listened: $(tail -3 "/run/rxevm/$name.srv" | tr '\n' ' ')"
@@ -721,6 +745,28 @@ selftest() {
             st_ok "veth0 received $(((rx1 - rx0) >> 20)) MiB (RoCE packets crossed the veth)"
         else
             st_bad "veth0 received only $((rx1 - rx0)) bytes"
+        fi
+        # The second rail alone, then both rails at once (two ib_write_bw pairs on two ports).
+        read -r rx0 </sys/class/net/vethw0/statistics/rx_bytes
+        pair write_bw-vethw ib_write_bw -d rxe_w0 -x "$RXEVM_GID2" -s 65536 -n 300 -F --report_gbits -- \
+            ib_write_bw -d rxe_w1 -x "$RXEVM_PEER_GID2" -s 65536 -n 300 -F --report_gbits 198.18.2.1 &&
+            check_bw write_bw-vethw
+        local r0 w0 r1 w1
+        read -r r0 </sys/class/net/veth0/statistics/rx_bytes
+        read -r w0 </sys/class/net/vethw0/statistics/rx_bytes
+        pair write_bw-both0 ib_write_bw -d rxe_v0 -x "$RXEVM_GID" -s 65536 -n 300 -F --report_gbits -- \
+            ib_write_bw -d rxe_v1 -x "$RXEVM_PEER_GID" -s 65536 -n 300 -F --report_gbits 198.18.1.1 &
+        local both0=$!
+        PAIR_PORT=18516 pair write_bw-both1 ib_write_bw -p 18516 -d rxe_w0 -x "$RXEVM_GID2" -s 65536 -n 300 -F \
+            --report_gbits -- ib_write_bw -p 18516 -d rxe_w1 -x "$RXEVM_PEER_GID2" -s 65536 -n 300 -F \
+            --report_gbits 198.18.2.1 && check_bw write_bw-both1
+        if wait "$both0"; then check_bw write_bw-both0; else st_bad "write_bw-both0 failed"; fi
+        read -r r1 </sys/class/net/veth0/statistics/rx_bytes
+        read -r w1 </sys/class/net/vethw0/statistics/rx_bytes
+        if ((r1 - r0 > 10000000 && w1 - w0 > 10000000)); then
+            st_ok "both rails at once: veth0 $(((r1 - r0) >> 20)) MiB, vethw0 $(((w1 - w0) >> 20)) MiB"
+        else
+            st_bad "both rails at once: veth0 got $((r1 - r0)) bytes, vethw0 $((w1 - w0))"
         fi
     fi
     if has_net eth; then

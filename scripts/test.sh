@@ -141,7 +141,7 @@ fi
 cargo test --no-run --test rdma >/dev/null
 echo "test: RDMA tests (tests/rdma.rs) in the soft-RoCE guest (scripts/rxe-vm.sh)"
 rc=0
-scripts/rxe-vm.sh --timeout 600 -- cargo test --offline --test rdma -- --test-threads=1 | tee -a "$results" || rc=$?
+scripts/rxe-vm.sh --timeout 1200 -- cargo test --offline --test rdma -- --test-threads=1 | tee -a "$results" || rc=$?
 case "$rc" in
     0) ;;
     4)

@@ -39,6 +39,24 @@ pub(crate) enum Ctrl {
 pub(crate) const CTRL_LEN: usize = HEADER_LEN + MAX_REPORTS as usize;
 const CTRL_AREAS: usize = 4;
 
+/// The small control areas of the further lanes of RDMA hops (CREDIT frames go on the lane they
+/// grant for), one of each [`LaneArea`] per lane 1..MAX_LANES.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaneArea {
+    /// Sends CREDIT frames upstream on the lane.
+    UpSend = 0,
+    /// Watches the lane's upstream socket (it only closes, or carries nothing).
+    UpWatch = 1,
+    /// Receives CREDIT frames from downstream on the lane.
+    DownRecv = 2,
+}
+
+/// Bytes of one lane area: a CREDIT frame of up to 600 credits and its MAC.
+pub(crate) const LANE_CTRL_LEN: usize = 4096;
+const LANE_AREAS: usize = 3 * crate::wire::MAX_LANES as usize;
+/// Bytes after the slots: the control areas, then the lane areas.
+const CTRL_BYTES: usize = CTRL_LEN * CTRL_AREAS + LANE_CTRL_LEN * LANE_AREAS;
+
 /// Where an operation's bytes lie in the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Buf {
@@ -48,6 +66,8 @@ pub(crate) enum Buf {
     Ctrl { area: Ctrl, off: usize, len: u32 },
     /// The first `len` bytes of lane `lane`'s sealing buffer (see [`Pool::set_seal_len`]).
     Seal { lane: u8, len: u32 },
+    /// `len` bytes from byte `off` of lane `lane`'s (1..MAX_LANES) area `area`.
+    Lane { lane: u8, area: LaneArea, off: usize, len: u32 },
 }
 
 /// A pinned buffer pool of fixed-size slots.
@@ -75,7 +95,7 @@ impl Pool {
     pub(crate) fn new(slots: usize, chunk_size: u32) -> io::Result<Self> {
         let slots = slots.clamp(2, usize::from(u16::MAX));
         let slot_size = slot_size(chunk_size);
-        let len = slot_size * slots + CTRL_LEN * CTRL_AREAS;
+        let len = slot_size * slots + CTRL_BYTES;
         let mem = Pinned::map(len)?;
         let locked = match mem.lock() {
             Ok(()) => true,
@@ -216,7 +236,27 @@ impl Pool {
                 assert!(len as usize <= self.seal_len, "{buf:?} out of bounds");
                 Span { off: self.mem.len() + usize::from(lane) * self.seal_len, len }
             }
+            Buf::Lane { lane, area, off, len } => {
+                let k = usize::from(lane);
+                assert!(
+                    (1..usize::from(crate::wire::MAX_LANES)).contains(&k) && off + len as usize <= LANE_CTRL_LEN,
+                    "{buf:?} out of bounds"
+                );
+                let start = self.slots * self.slot_size + CTRL_LEN * CTRL_AREAS;
+                Span { off: start + (3 * (k - 1) + area as usize) * LANE_CTRL_LEN + off, len }
+            }
         }
+    }
+
+    /// The first `len` bytes of lane `lane`'s area `area`, to write.
+    pub(crate) fn lane_mut(&mut self, lane: u8, area: LaneArea, len: usize) -> &mut [u8] {
+        let span = self.span(Buf::Lane { lane, area, off: 0, len: len as u32 });
+        self.mem.bytes_mut(span)
+    }
+
+    /// The first `len` bytes of lane `lane`'s area `area`.
+    pub(crate) fn lane_bytes(&self, lane: u8, area: LaneArea, len: usize) -> &[u8] {
+        self.mem.bytes(self.span(Buf::Lane { lane, area, off: 0, len: len as u32 }))
     }
 
     /// Bytes `off..off+len` of slot `id`, to read.
@@ -383,7 +423,7 @@ pub fn check_memlock(pool_bytes: usize, sessions: usize) -> Result<(), String> {
     }
     let Some(limit) = memlock_limit() else { return Ok(()) };
     // A pool maps its slots plus its control areas.
-    let one = (pool_bytes + CTRL_LEN * CTRL_AREAS) as u64;
+    let one = (pool_bytes + CTRL_BYTES) as u64;
     let want = one.saturating_mul(sessions.max(1) as u64);
     if limit >= want {
         return Ok(());
@@ -403,6 +443,32 @@ pub fn check_memlock(pool_bytes: usize, sessions: usize) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_areas_lie_after_the_control_areas_apart_and_inside_the_pool() {
+        let pool = Pool::new(4, 64 << 10).unwrap();
+        let ctrl_end = {
+            let last = pool.span(Buf::Ctrl { area: Ctrl::UpRecv, off: 0, len: CTRL_LEN as u32 });
+            last.off + last.len as usize
+        };
+        let mut spans = Vec::new();
+        for lane in 1..crate::wire::MAX_LANES {
+            for area in [LaneArea::UpSend, LaneArea::UpWatch, LaneArea::DownRecv] {
+                let sp = pool.span(Buf::Lane { lane, area, off: 0, len: LANE_CTRL_LEN as u32 });
+                assert!(sp.off >= ctrl_end && sp.off + sp.len as usize <= pool.mem.len(), "{lane} {area:?}: {sp:?}");
+                spans.push(sp.off);
+            }
+        }
+        spans.sort_unstable();
+        assert!(spans.windows(2).all(|w| w[1] - w[0] >= LANE_CTRL_LEN), "lane areas overlap");
+        // Lane 0 has the control areas; no lane past the last.
+        for lane in [0, crate::wire::MAX_LANES] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.span(Buf::Lane { lane, area: LaneArea::UpSend, off: 0, len: 1 })
+            }));
+            assert!(r.is_err(), "lane {lane} has an area");
+        }
+    }
 
     #[test]
     fn memlock_check_names_the_numbers() {

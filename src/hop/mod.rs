@@ -343,15 +343,17 @@ impl Hop {
         }
     }
 
-    /// The downstream end of the link: answers upstream's TRANSPORT offer (RDMA when both
-    /// ends can and `policy` allows it; None: chunks come over TCP).
+    /// The downstream end of the link (or of one lane of it): answers upstream's TRANSPORT
+    /// offer (RDMA when both ends can and `policy` allows it; None: chunks come over TCP),
+    /// granting up to `grant_max` slots.
     pub(crate) fn answer_rdma(
         &mut self,
         policy: Transport,
         cfg: &RdmaConfig,
         pool: &mut Pool,
+        grant_max: usize,
     ) -> Result<Option<UpLink>, NodeError> {
-        rdma::answer(&mut self.stream, self.secret.as_ref(), &self.peer, policy, cfg, pool)
+        rdma::answer(&mut self.stream, self.secret.as_ref(), &self.peer, policy, cfg, pool, grant_max)
     }
 
     /// The upstream end of the link: offers RDMA to the node dialed, as `me` (None: chunks go

@@ -308,8 +308,9 @@ pub(crate) fn offer(
     }
 }
 
-/// The downstream side of a hop: reads the offer (only sent when the push allows RDMA),
-/// answers, connects. Grants the sender up to `pool.slots()` slots leased from `pool`.
+/// The downstream side of a hop (or of one lane of it): reads the offer (only sent when the
+/// push allows RDMA), answers, connects. Grants the sender up to `grant_max` slots leased from
+/// `pool` (a hop of R lanes: its share, the session grants the rest as they free up).
 /// `Ok(None)`: the hop uses TCP.
 pub(crate) fn answer(
     stream: &mut TcpStream,
@@ -318,6 +319,7 @@ pub(crate) fn answer(
     policy: Transport,
     cfg: &RdmaConfig,
     pool: &mut Pool,
+    grant_max: usize,
 ) -> Result<Option<UpLink>, NodeError> {
     if policy == Transport::Tcp {
         return Ok(None);
@@ -356,7 +358,9 @@ pub(crate) fn answer(
     ep.connect(&remote).map_err(io)?;
     // Binding a window is a work request on the queue pair: once it is connected.
     let (mut granted, mut credits) = (Vec::new(), Vec::new());
-    while let Some(s) = pool.lease() {
+    while granted.len() < grant_max
+        && let Some(s) = pool.lease()
+    {
         granted.push(s);
         credits.push(Credit { slot: s.0, rkey: ep.grant(s.0).map_err(io)? });
     }

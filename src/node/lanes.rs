@@ -125,20 +125,6 @@ impl LaneWait {
     }
 }
 
-/// The `--lanes R` limit every node checks: more than one lane means TCP lanes (RDMA lanes
-/// would need a queue pair each), so such a push over RDMA only is refused rather than run
-/// otherwise. Encrypted lanes each seal under their own handshake's secret.
-pub(crate) fn check_lanes(lanes: u8, rdma_only: bool) -> Result<(), NodeError> {
-    if lanes > 1 && rdma_only {
-        return Err(NodeError::new(
-            ErrorKind::Unsupported,
-            "--lanes above 1 runs TCP lanes only (RDMA lanes, a queue pair each, are not built yet): use \
-             --transport tcp or auto with --lanes",
-        ));
-    }
-    Ok(())
-}
-
 /// The paths of a hop's further lanes 1..`lanes` to `node`: lane k from `mine[k mod R_up]` (no
 /// rails: the kernel picks) to `theirs[k mod R_down]` (none announced: `node` itself).
 pub(crate) fn lane_paths(node: &str, theirs: &[SocketAddr], mine: &[IpAddr], lanes: u8) -> Vec<LanePath> {

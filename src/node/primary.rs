@@ -148,6 +148,9 @@ pub struct PushReport {
     /// The first hop's lanes as connected, lane 0 first: (local address, peer address) of
     /// each (empty when the push did not stream).
     pub lane_addrs: Vec<(String, String)>,
+    /// The transport each lane of the first hop negotiated, lane 0 first (`rdma` or `tcp`;
+    /// empty when the push did not stream).
+    pub lane_transports: Vec<String>,
 }
 
 impl PushReport {
@@ -348,6 +351,7 @@ pub fn push_routed(
                         coded: Default::default(),
                         lane_chunks: Vec::new(),
                         lane_addrs: Vec::new(),
+                        lane_transports: Vec::new(),
                     });
                 }
             }
@@ -492,6 +496,7 @@ fn with_repair(
             coded: Default::default(),
             lane_chunks: Vec::new(),
             lane_addrs: Vec::new(),
+            lane_transports: Vec::new(),
         });
     }
     let Some(mut report) = base else {
@@ -536,8 +541,6 @@ fn check_options(opts: &PushOptions) -> Result<(), PushError> {
     if opts.lanes == 0 || opts.lanes > wire::MAX_LANES {
         return Err(PushError::BadInput(format!("--lanes {}: from 1 to {}", opts.lanes, wire::MAX_LANES)));
     }
-    super::lanes::check_lanes(opts.lanes, opts.transport == Transport::Rdma)
-        .map_err(|e| PushError::Unsupported(e.message))?;
     super::lanes::check_rails(&opts.rails, "--rail").map_err(PushError::BadInput)?;
     if opts.encrypt && opts.transport == Transport::Rdma {
         return Err(PushError::BadInput(
@@ -598,14 +601,24 @@ fn run_push(
     let dn_link = hop
         .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
-    let lanes = dial_lanes(&first, opts, token, &super::lanes::path_of(&hop))?;
+    let mut lanes = dial_lanes(&first, opts, token, &super::lanes::path_of(&hop))?;
     if opts.lanes > 1 {
         hop.fail_fast();
     }
+    // Each further lane negotiates its own transport on its own connection, like lane 0 above.
+    let lane_links = lanes
+        .iter_mut()
+        .map(|l| l.offer_rdma("primary", hello.transport, &opts.rdma, &pool))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|(node, error)| PushError::Node { node, error })?;
+    let lane_transports = std::iter::once(dn_link.is_some())
+        .chain(lane_links.iter().map(Option::is_some))
+        .map(|rdma| if rdma { "rdma" } else { "tcp" }.to_owned())
+        .collect();
     let lane_addrs = std::iter::once(&hop).chain(&lanes).map(Hop::addrs).collect();
     let lane_fds = lanes.iter().map(|h| (h.stream.as_raw_fd(), h.secret.clone())).collect();
     let Hop { stream, secret, .. } = hop;
-    let cfg = primary_config(opts, route, deltas, secret, lane_fds);
+    let cfg = primary_config(opts, route, deltas, secret, lane_fds).lane_links(Vec::new(), lane_links);
     let session = Session::new(
         Role::Primary,
         "",
@@ -652,6 +665,7 @@ fn run_push(
         coded,
         lane_chunks,
         lane_addrs,
+        lane_transports,
     })
 }
 
@@ -737,9 +751,8 @@ fn hello_for(opts: &PushOptions, manifest: &Manifest, wants: &[Option<Vec<u32>>]
             .with(wire::HelloFlags::LANES, opts.lanes > 1)
             .with(wire::HelloFlags::DELTA, opts.delta_base.is_some() && !wants.is_empty()),
         lanes: opts.lanes,
-        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC); so do
-        // the lanes of a hop of several.
-        transport: if opts.encrypt || opts.lanes > 1 { Transport::Tcp } else { opts.transport },
+        // Encrypted chunks travel over TCP (`auto` would take RDMA on a hardware RNIC).
+        transport: if opts.encrypt { Transport::Tcp } else { opts.transport },
         you: opts.to[0].clone(),
         downstream: opts.to[1..].to_vec(),
         manifest: manifest.clone(),
@@ -872,6 +885,7 @@ mod tests {
             coded: Default::default(),
             lane_chunks: Vec::new(),
             lane_addrs: Vec::new(),
+            lane_transports: Vec::new(),
         }
     }
 

@@ -1148,10 +1148,12 @@ fn start_session<'a>(
     let down_fd = down.as_ref().map(|d| d.stream.as_raw_fd());
     let down_peer = down.as_ref().map(|d| (d.peer.clone(), super::lanes::path_of(d)));
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
-    let set_up = links(up, down, &hello, pools, opts).and_then(|(pool, links)| {
-        Ok((pool, links, lanes.open(&hello, down_peer.as_ref().map(|(n, p)| (n.as_str(), p.clone())), opts)?))
+    let set_up = links(up, down, &hello, pools, opts).and_then(|(mut pool, links)| {
+        let (mut up_lanes, mut dn_lanes) = lanes.open(&hello, down_peer.as_ref().map(|(n, p)| (n.as_str(), p.clone())), opts)?;
+        let lane_links = lane_links(&mut up_lanes, &mut dn_lanes, &hello, &mut pool, opts)?;
+        Ok((pool, links, (up_lanes, dn_lanes), lane_links))
     });
-    let (pool, (up_link, dn_link), (up_lanes, dn_lanes)) = match set_up {
+    let (pool, (up_link, dn_link), (up_lanes, dn_lanes), (up_lane_links, dn_lane_links)) = match set_up {
         Ok(set_up) => set_up,
         Err(Failed { node, error, reason }) => {
             tracing::error!("push failed before it started: {error}");
@@ -1187,6 +1189,7 @@ fn start_session<'a>(
         )
         .macs(up_secret.clone(), down_secret.clone())
         .lanes(lane_fds(&up_lanes), lane_fds(&dn_lanes))
+        .lane_links(up_lane_links, dn_lane_links)
         .metrics(opts.metrics.as_ref().map(|m| {
             crate::metrics::SessionMetrics::new(m, &up.peer, hello.downstream.first().map_or("", String::as_str))
         }));
@@ -1252,6 +1255,10 @@ fn lane_fds(hops: &[Hop]) -> Vec<(std::os::fd::RawFd, Option<Secret>)> {
 /// The link of the hop from upstream and of the hop downstream (None: TCP).
 type Links = (Option<UpLink>, Option<DnLink>);
 
+/// The links of the further lanes of the hop from upstream and of the hop downstream, lane 1
+/// first (None: that lane runs TCP).
+type LaneLinks = (Vec<Option<UpLink>>, Vec<Option<DnLink>>);
+
 /// A push that failed after it was accepted and before its session ran.
 struct Failed {
     /// The node that failed.
@@ -1275,9 +1282,10 @@ fn links(
     let mut pool = pools
         .get(opts.pool_bytes, hello.manifest.chunk_size())
         .map_err(|e| here(NodeError::io("cannot set up the buffer pool", &e)))?;
-    // Several lanes run as TCP lanes (`lanes::check_lanes`).
-    let transport = if hello.lanes > 1 { crate::transport::Transport::Tcp } else { hello.transport };
-    let up_link = up.answer_rdma(transport, &opts.rdma, &mut pool).map_err(here)?;
+    let transport = hello.transport;
+    // Of several lanes, each takes its share of the pool at first (the session grants the rest).
+    let share = pool.slots() / usize::from(hello.lanes.max(1));
+    let up_link = up.answer_rdma(transport, &opts.rdma, &mut pool, share).map_err(here)?;
     let dn_link = match down {
         Some(d) => d.offer_rdma(&hello.you, transport, &opts.rdma, &pool).map_err(|(node, error)| Failed {
             reason: format!("{node}: {}", error.message),
@@ -1287,6 +1295,36 @@ fn links(
         None => None,
     };
     Ok((pool, (up_link, dn_link)))
+}
+
+/// The transports of the further lanes of both hops, each negotiated on its own lane's connection
+/// after its LANE/ACCEPT exactly as lane 0's after ACCEPT (first those from upstream, then those
+/// downstream, so that a chain's lanes negotiate from the primary down without waiting on each
+/// other). A lane's device is the one whose GID is its connection's local address, so lane k on
+/// rail k uses that rail's NIC. None: that lane runs TCP (under `auto`).
+fn lane_links(
+    up_lanes: &mut [Hop],
+    dn_lanes: &mut [Hop],
+    hello: &Hello,
+    pool: &mut crate::pool::Pool,
+    opts: &ServeOptions,
+) -> Result<LaneLinks, Failed> {
+    let here = |error: NodeError| Failed { node: hello.you.clone(), reason: error.message.clone(), error };
+    let share = pool.slots() / usize::from(hello.lanes.max(1));
+    let mut ups = Vec::with_capacity(up_lanes.len());
+    for lane in up_lanes.iter_mut() {
+        ups.push(lane.answer_rdma(hello.transport, &opts.rdma, pool, share).map_err(here)?);
+    }
+    let mut dns = Vec::with_capacity(dn_lanes.len());
+    for lane in dn_lanes.iter_mut() {
+        let link = lane.offer_rdma(&hello.you, hello.transport, &opts.rdma, pool).map_err(|(node, error)| Failed {
+            reason: format!("{node}: {}", error.message),
+            node,
+            error,
+        })?;
+        dns.push(link);
+    }
+    Ok((ups, dns))
 }
 
 /// The push's metrics while its session runs: the gauges of its hops and of the sessions, then
@@ -1375,9 +1413,7 @@ fn finish(up: &mut Hop, retain: (String, u64, u32), end: SessionEnd, store: &Sto
 /// Pure, so that the fuzz targets run it on every HELLO they decode
 /// ([`crate::proto::admission::check_hello`]).
 pub fn admit(hello: &Hello, opts: &ServeOptions) -> Result<(), NodeError> {
-    crate::proto::admission::check_hello(hello, &opts.into())?;
-    let rdma_only = hello.transport == crate::transport::Transport::Rdma;
-    super::lanes::check_lanes(hello.lanes, rdma_only)
+    crate::proto::admission::check_hello(hello, &opts.into())
 }
 
 /// Records one push (or refusal) in the audit log when dropped.

@@ -87,7 +87,7 @@ impl Session<'_> {
     pub(super) fn chunk_read(&mut self, slot: SlotId, h: Header) {
         let has_base = self.codec.bases.as_ref().is_some_and(|b| b.contains_key(&h.seq));
         // `auto` over RDMA: no socket sends to measure the link by, so it stays raw.
-        let auto_raw = self.down.rdma.is_some() && self.codec.policy.as_ref().is_some_and(Policy::gives_way);
+        let auto_raw = self.down.rdma() && self.codec.policy.as_ref().is_some_and(Policy::gives_way);
         match self.codec.coders.as_mut() {
             Some(c) if has_base || self.codec.policy.is_some() && !auto_raw => c.waiting.push_back((slot, h)),
             _ => self.chunk_coded(slot, h, None),

@@ -51,6 +51,9 @@ pub(super) struct Parts {
     /// The hops' further lanes (1..R), each a connection with its own secret.
     pub(super) up_lanes: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
     pub(super) dn_lanes: Vec<(RawFd, Option<crate::crypt::SessionSecret>)>,
+    /// The RDMA queue pairs of those lanes, in the same order (None or missing: a TCP lane).
+    pub(super) up_links: Vec<Option<UpLink>>,
+    pub(super) dn_links: Vec<Option<DnLink>>,
     /// A delta push: on the primary, the chunks to send as XOR deltas and their bases; on a
     /// replica, the chunks it may take as deltas and its base of each.
     pub(super) deltas: Option<Vec<crate::store::BaseChunk>>,
@@ -140,6 +143,14 @@ impl SessionConfig {
     ) -> Self {
         self.parts.up_lanes = up;
         self.parts.dn_lanes = dn;
+        self
+    }
+
+    /// The RDMA queue pairs of the further lanes (in the order of [`SessionConfig::lanes`]),
+    /// each negotiated on its lane's connection; None: that lane runs TCP.
+    pub(crate) fn lane_links(mut self, up: Vec<Option<UpLink>>, dn: Vec<Option<DnLink>>) -> Self {
+        self.parts.up_links = up;
+        self.parts.dn_links = dn;
         self
     }
 

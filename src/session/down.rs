@@ -62,11 +62,29 @@ pub(super) struct DnLane {
     pub(super) seal: Option<crate::crypt::Sealer>,
     /// Chunks sent (or being cut through) on this lane.
     pub(super) chunks: u64,
+    /// The lane's queue pair, when this lane negotiated RDMA (each lane does on its own).
+    pub(super) rdma: Option<DnLink>,
+    /// RDMA lane: a readiness poll is in flight on its completion channel.
+    pub(super) polling: bool,
+    /// Lanes 1..R of RDMA: the receive of CREDIT frames on the lane's connection (lane 0's
+    /// is `Downstream::recv`).
+    pub(super) recv: DnRecv,
 }
 
 impl DnLane {
-    pub(super) fn new(fd: RawFd) -> Self {
-        Self { fd, queue: VecDeque::new(), sending: None, macs: None, seal: None, chunks: 0 }
+    pub(super) fn new(fd: RawFd, rdma: Option<DnLink>) -> Self {
+        let recv = if rdma.is_some() { DnRecv::Idle } else { DnRecv::Done };
+        Self {
+            fd,
+            queue: VecDeque::new(),
+            sending: None,
+            macs: None,
+            seal: None,
+            chunks: 0,
+            rdma,
+            polling: false,
+            recv,
+        }
     }
 
     /// Counts a chunk that goes on this lane (`lane`, its index).
@@ -97,9 +115,7 @@ pub(super) struct Downstream {
     pub(super) next_lane: usize,
     /// Chunks being cut through, oldest first (relays only).
     pub(super) cut: VecDeque<CutThrough>,
-    /// The RDMA hop downstream, when this hop negotiated RDMA.
-    pub(super) rdma: Option<DnLink>,
-    /// RDMA writes posted downstream and not completed.
+    /// RDMA writes posted downstream (on every lane) and not completed.
     pub(super) rdma_inflight: usize,
     /// Those writes' bytes, held for the NIC until each completes.
     pub(super) nic_writes: crate::sys::nic::Writes,
@@ -125,11 +141,10 @@ impl Downstream {
         Self {
             fd,
             name,
-            lanes: fd.map(DnLane::new).into_iter().collect(),
+            lanes: fd.map(|fd| DnLane::new(fd, rdma)).into_iter().collect(),
             shared: VecDeque::new(),
             next_lane: 0,
             cut: VecDeque::new(),
-            rdma,
             rdma_inflight: 0,
             nic_writes: crate::sys::nic::Writes::default(),
             recv: if fd.is_some() { DnRecv::Idle } else { DnRecv::Done },
@@ -168,6 +183,11 @@ fn relay_backlog_from_env() -> u64 {
 }
 
 impl Downstream {
+    /// Whether any lane of the hop downstream runs RDMA.
+    pub(super) fn rdma(&self) -> bool {
+        self.lanes.iter().any(|l| l.rdma.is_some())
+    }
+
     /// Whether a send is in flight on any lane.
     pub(super) fn sending(&self) -> bool {
         self.lanes.iter().any(|l| l.sending.is_some())
@@ -294,19 +314,26 @@ impl Session<'_> {
     /// Submits what can go downstream now (RDMA writes, or the next send), and the receive of
     /// its next ACK / CREDIT / RESULT.
     pub(super) fn pump_down(&mut self) -> std::io::Result<()> {
-        // RDMA downstream: a write per granted slot, several in flight.
-        if self.down.rdma.is_some() {
+        // RDMA lanes downstream: a write per granted slot, several in flight.
+        if self.down.rdma() {
             self.pump_rdma_writes();
         }
-        // Downstream send: one at a time on each lane keeps its stream in order.
-        if self.down.rdma.is_none() {
-            let (n, first) = (self.down.lanes.len(), self.down.next_lane);
-            for lane in (0..n).map(|i| (first + i) % n) {
-                if self.down.closed || self.down.lanes[lane].sending.is_some() {
-                    continue;
-                }
-                let Some(item) = self.next_for_lane(lane) else { continue };
-                self.send_down(lane, item)?;
+        // TCP lanes downstream: one send at a time on each lane keeps its stream in order.
+        let (n, first) = (self.down.lanes.len(), self.down.next_lane);
+        for lane in (0..n).map(|i| (first + i) % n) {
+            if self.down.closed || self.down.lanes[lane].sending.is_some() || self.down.lanes[lane].rdma.is_some() {
+                continue;
+            }
+            let Some(item) = self.next_for_lane(lane) else { continue };
+            self.send_down(lane, item)?;
+        }
+        // Further RDMA lanes: their CREDIT frames come on their own connections.
+        for lane in 1..n {
+            if self.down.lanes[lane].recv == DnRecv::Idle && !self.down.closed {
+                let (fd, k) = (self.down.lanes[lane].fd, lane as u8);
+                let buf = Buf::Lane { lane: k, area: LaneArea::DownRecv, off: 0, len: HEADER_LEN as u32 };
+                self.pool.submit(&mut self.io, token(T_DN_RECV, lane as u64), OpKind::Recv, fd, buf)?;
+                self.down.lanes[lane].recv = DnRecv::Header;
             }
         }
         // Downstream receive: ACK / RESULT headers.
@@ -321,7 +348,7 @@ impl Session<'_> {
 
     /// The next frame lane `lane` sends: its own queue's, else (the primary with several lanes)
     /// the next chunk no lane took yet; END goes on lane 0 once every chunk was taken.
-    fn next_for_lane(&mut self, lane: usize) -> Option<DnItem> {
+    pub(super) fn next_for_lane(&mut self, lane: usize) -> Option<DnItem> {
         if let Some(item) = self.down.lanes[lane].queue.pop_front() {
             return Some(item);
         }
@@ -423,12 +450,13 @@ impl Session<'_> {
         self.down.clear_queues();
         // The machine releases every slot it forwarded from when it hears of `event`.
         self.down.cut.clear();
-        if self.down.rdma_inflight > 0
-            && let Some(link) = &self.down.rdma
-            && let Err(e) = link.ep.flush()
-        {
-            // The writes then end by the transport's own retries.
-            tracing::warn!("cannot flush the RDMA queue pair to {}: {e}", self.down.name);
+        if self.down.rdma_inflight > 0 {
+            for link in self.down.lanes.iter().filter_map(|l| l.rdma.as_ref()) {
+                if let Err(e) = link.ep.flush() {
+                    // The writes then end by the transport's own retries.
+                    tracing::warn!("cannot flush an RDMA queue pair to {}: {e}", self.down.name);
+                }
+            }
         }
         if self.down.sending() || self.down.rdma_inflight > 0 {
             self.down.deferred.get_or_insert(event);
@@ -468,6 +496,74 @@ impl Session<'_> {
             let name = self.down.name.clone();
             tracing::warn!("{name} took nothing for {} s: going on without it", limit.as_secs());
             self.downstream_settled(Event::DownstreamLost { error: stalled.error(&name) });
+        }
+    }
+
+    /// A receive on further RDMA lane `lane` completed: a CREDIT frame's header or payload (with
+    /// its MAC under the lane's own secret), granting slots on that lane's queue pair. The
+    /// lane closing is not news by itself: the node downstream ends all its lanes at once, and
+    /// lane 0 carries its RESULT or its loss.
+    pub(super) fn dn_lane_recv_done(&mut self, lane: usize, result: std::io::Result<usize>) {
+        let name = self.down.name.clone();
+        let lost = |what: String| Event::DownstreamLost { error: NodeError::new(ErrorKind::ConnectionLost, what) };
+        let k = lane as u8;
+        let mac_len = if self.down.authenticated() { FRAME_MAC_LEN } else { 0 };
+        let state = std::mem::replace(&mut self.down.lanes[lane].recv, DnRecv::Done);
+        match (state, result) {
+            (_, _) if self.down.closed => {}
+            (DnRecv::Header, Ok(n)) if n == HEADER_LEN => {
+                let bytes: [u8; HEADER_LEN] =
+                    self.pool.lane_bytes(k, LaneArea::DownRecv, HEADER_LEN).try_into().expect("header-sized");
+                match Header::decode(&bytes) {
+                    Ok(h) if h.kind == Kind::Credit && HEADER_LEN + h.len as usize + mac_len <= LANE_CTRL_LEN => {
+                        let len = h.len + mac_len as u32;
+                        if len == 0 {
+                            self.down.lanes[lane].recv = DnRecv::Idle;
+                            return;
+                        }
+                        let buf = Buf::Lane { lane: k, area: LaneArea::DownRecv, off: HEADER_LEN, len };
+                        let fd = self.down.lanes[lane].fd;
+                        match self.pool.submit(&mut self.io, token(T_DN_RECV, lane as u64), OpKind::Recv, fd, buf) {
+                            Ok(()) => self.down.lanes[lane].recv = DnRecv::Payload { kind: h.kind, len },
+                            Err(e) => {
+                                self.downstream_settled(lost(format!("{name}: cannot receive on lane {lane}: {e}")))
+                            }
+                        }
+                    }
+                    Ok(h) => self.downstream_settled(lost(format!(
+                        "{name} sent an unexpected {} frame on lane {lane}",
+                        h.kind.name()
+                    ))),
+                    Err(e) => self.downstream_settled(lost(format!("{name} sent a bad frame on lane {lane}: {e}"))),
+                }
+            }
+            (DnRecv::Payload { len, .. }, Ok(n)) if n == len as usize => {
+                let bytes = self.pool.lane_bytes(k, LaneArea::DownRecv, HEADER_LEN + n);
+                let (header, rest) = bytes.split_at(HEADER_LEN);
+                let (payload, mac) = rest.split_at(n - mac_len);
+                let authentic =
+                    self.down.lanes[lane].macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
+                if !authentic {
+                    let error = NodeError::new(
+                        ErrorKind::Unauthorized,
+                        format!(
+                            "CREDIT from {name} on lane {lane} does not authenticate: changed, dropped or replayed in transit, or not from {name}"
+                        ),
+                    );
+                    return self.downstream_settled(Event::DownstreamLost { error });
+                }
+                match (wire::decode_credits(payload), self.down.lanes[lane].rdma.as_mut()) {
+                    (Ok(slots), Some(link)) => {
+                        link.credits.extend(slots);
+                        self.down.lanes[lane].recv = DnRecv::Idle;
+                    }
+                    (Ok(_), None) => self.downstream_settled(lost(format!("{name} sent CREDIT on TCP lane {lane}"))),
+                    (Err(e), _) => {
+                        self.downstream_settled(lost(format!("{name} sent a bad CREDIT on lane {lane}: {e}")))
+                    }
+                }
+            }
+            (_, res) => tracing::debug!("lane {lane} to {name} ended: {res:?}"),
         }
     }
 
@@ -540,7 +636,7 @@ impl Session<'_> {
                     self.events.push_back(Event::DownstreamAck { through });
                     return;
                 }
-                match (wire::decode_credits(payload), self.down.rdma.as_mut()) {
+                match (wire::decode_credits(payload), self.down.lanes[0].rdma.as_mut()) {
                     (Ok(slots), Some(link)) => {
                         link.credits.extend(slots);
                         self.down.recv = DnRecv::Idle;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::crypt::{FRAME_MAC_LEN, FrameMacs, TAG_LEN};
 use crate::error::{ErrorKind, NodeError};
 use crate::manifest::{Manifest, digest};
-use crate::pool::{Buf, CTRL_LEN, Ctrl, Pool, PoolCache, SlotId};
+use crate::pool::{Buf, CTRL_LEN, Ctrl, LANE_CTRL_LEN, LaneArea, Pool, PoolCache, SlotId};
 use crate::proto::route::Route;
 use crate::proto::{Action, Event, NodeMachine, Role};
 use crate::rdma::{DnLink, UpLink, WorkCompletion};
@@ -102,7 +102,7 @@ const T_DN_SEND: u64 = 3;
 const T_DN_RECV: u64 = 4;
 const T_WRITE: u64 = 5;
 const T_READ: u64 = 6;
-/// Readiness of an RDMA completion channel; value 0 upstream, 1 downstream.
+/// Readiness of an RDMA completion channel; value 2 × lane + 0 upstream, + 1 downstream.
 const T_RDMA_POLL: u64 = 7;
 /// A coder thread finished a job (readiness of its wake-up socket).
 const T_CODER: u64 = 8;
@@ -145,8 +145,6 @@ pub(crate) struct Session<'a> {
     digests_known: bool,
     /// Set when a newer push of the same version supersedes this one (replicas).
     superseded: Option<std::sync::Arc<crate::store::Receiving>>,
-    /// A readiness poll is in flight on the RDMA completion channel (upstream, downstream).
-    rdma_polling: [bool; 2],
     /// Compressed pushes: the primary's encoder, a replica's decoder.
     codec: compress::Codec,
 }
@@ -176,7 +174,8 @@ impl<'a> Session<'a> {
         let parts = std::mem::take(&mut cfg.parts);
         let mut pool = pool;
         let io = Io::new(cfg.io, pool.mem());
-        // The slots the hop's negotiation granted upstream are the NIC's until a frame lands.
+        // The slots the hop's negotiation granted upstream are the NIC's until a frame lands
+        // (further lanes' grants: in `apply`).
         let mut nic_grants = crate::sys::nic::Grants::default();
         for &s in up_rdma.as_ref().map_or(&[][..], |l| &l.granted[..]) {
             let span = pool.span(Buf::Slot { id: s, off: 0, len: pool.slot_size() as u32 });
@@ -216,7 +215,6 @@ impl<'a> Session<'a> {
             route: Route::everything(),
             digests_known: false,
             superseded: None,
-            rdma_polling: [false; 2],
             codec: compress::Codec::default(),
         }
         .apply(parts)
@@ -265,8 +263,14 @@ impl<'a> Session<'a> {
         // encrypted hop, its own keys (an encrypted push is authenticated: every lane has one).
         let next_seq = self.up.lanes.first().map_or(0, |l| l.next_seq);
         let mut keyless = false;
+        let (mut up_links, mut dn_links) = (parts.up_links.into_iter(), parts.dn_links.into_iter());
         for (fd, secret) in parts.up_lanes {
-            let mut lane = up::UpLane::new(fd);
+            let link = up_links.next().flatten();
+            for &s in link.as_ref().map_or(&[][..], |l| &l.granted[..]) {
+                let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
+                self.up.nic_grants.granted(self.pool.mem_mut(), s.0, span);
+            }
+            let mut lane = up::UpLane::new(fd, link);
             lane.next_seq = next_seq;
             lane.macs = secret.as_ref().map(FrameMacs::downstream_end);
             lane.open = secret.as_ref().filter(|_| opens).map(crate::crypt::Opener::new);
@@ -274,7 +278,7 @@ impl<'a> Session<'a> {
             self.up.lanes.push(lane);
         }
         for (fd, secret) in parts.dn_lanes {
-            let mut lane = down::DnLane::new(fd);
+            let mut lane = down::DnLane::new(fd, dn_links.next().flatten());
             lane.macs = secret.as_ref().map(FrameMacs::upstream_end);
             lane.seal = secret.as_ref().filter(|_| seals).map(crate::crypt::Sealer::new);
             keyless |= seals && secret.is_none();
@@ -495,24 +499,8 @@ impl<'a> Session<'a> {
             Action::Write { seq, slot } => self.write_chunk(seq, slot),
             Action::Release { slot } => {
                 self.pool.release(slot);
-                // RDMA upstream: every freed slot is granted to the sender again.
-                if let Some(link) = self.up.rdma.as_mut()
-                    && !self.up.end_received
-                    && self.end.is_none()
-                    && let Some(s) = self.pool.lease()
-                {
-                    let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
-                    match self.up.nic_grants.grant(&mut link.ep, self.pool.mem_mut(), s.0, span) {
-                        Ok(rkey) => {
-                            link.granted.push(s);
-                            self.up.credits.push(wire::Credit { slot: s.0, rkey });
-                        }
-                        Err(e) => {
-                            self.pool.release(s);
-                            self.abort(NodeError::new(ErrorKind::ConnectionLost, format!("granting a slot: {e}")));
-                        }
-                    }
-                }
+                // RDMA upstream: a freed slot is granted to a lane again (`grant_rdma_slots`).
+                self.grant_rdma_slots();
             }
             Action::AckUpstream { through } => self.acked(through),
             Action::Sync => self.sync(),
@@ -592,7 +580,7 @@ impl<'a> Session<'a> {
     fn complete(&mut self, c: Completion) {
         let kind = c.token >> 56;
         let value = c.token & ((1 << 56) - 1);
-        if kind == T_DN_SEND || kind == T_DN_RECV || (kind == T_RDMA_POLL && value == 1) {
+        if kind == T_DN_SEND || kind == T_DN_RECV || (kind == T_RDMA_POLL && value & 1 == 1) {
             self.down.progress.progress(Instant::now());
         }
         match kind {
@@ -603,17 +591,30 @@ impl<'a> Session<'a> {
             }
             T_WRITE => self.write_done(value, c.result),
             T_DN_SEND => self.dn_send_done(value as usize, c.result),
-            T_DN_RECV => self.dn_recv_done(c.result),
-            T_RDMA_POLL => match c.result {
-                Ok(_) => self.rdma_ready(value as usize),
-                // Cancelled while the session winds down.
-                Err(_) => self.rdma_polling[value as usize] = false,
-            },
+            T_DN_RECV if value == 0 => self.dn_recv_done(c.result),
+            T_DN_RECV => self.dn_lane_recv_done(value as usize, c.result),
+            T_RDMA_POLL => {
+                let (lane, side) = ((value >> 1) as usize, value & 1);
+                match side {
+                    0 => self.up.lanes[lane].polling = false,
+                    _ => self.down.lanes[lane].polling = false,
+                }
+                // An error: cancelled while the session winds down.
+                if c.result.is_ok() {
+                    self.rdma_ready(lane, side == 1);
+                }
+            }
             T_CODER => match c.result {
                 Ok(_) => self.coders_done(),
                 // Cancelled while the session winds down.
                 Err(_) => self.codec.coders.iter_mut().for_each(|c| c.polling = false),
             },
+            T_UP_SEND if value > 0 => {
+                self.up.lanes[value as usize].credit_sending = false;
+                if let Err(e) = c.result {
+                    self.upstream_lost(format!("sending credits on lane {value} to upstream failed: {e}"));
+                }
+            }
             T_UP_SEND => {
                 self.up.sending.take().expect("an upstream send was in flight");
                 if let Err(e) = c.result {
@@ -655,8 +656,8 @@ impl Drop for Session<'_> {
             }
         }
         // The NIC may write into and read from the pool until its queue pairs are gone.
-        self.up.rdma = None;
-        self.down.rdma = None;
+        self.up.lanes.iter_mut().for_each(|l| l.rdma = None);
+        self.down.lanes.iter_mut().for_each(|l| l.rdma = None);
         self.down.nic_writes.settle_all(self.pool.mem_mut());
         self.up.nic_grants.settle_all(self.pool.mem_mut());
         if let Some(cache) = self.pools {

@@ -1,46 +1,74 @@
 //! The RDMA side of both hops: readiness polls on the completion channels, writes posted
-//! downstream into granted slots, frames landing upstream.
+//! downstream into granted slots, frames landing upstream. Each lane of a hop that runs RDMA
+//! has its own queue pair, completion queue and channel (one poll each, token value
+//! 2 × lane + side), its own grants and credits.
 
 use super::up::{unauthentic_chunk, unauthentic_frame};
 use super::*;
 
 impl Session<'_> {
     pub(super) fn pump_rdma_polls(&mut self) -> std::io::Result<()> {
-        for (i, fd) in
-            [self.up.rdma.as_ref().map(|l| l.ep.event_fd()), self.down.rdma.as_ref().map(|l| l.ep.event_fd())]
-                .into_iter()
-                .enumerate()
-        {
-            if let Some(fd) = fd
-                && !self.rdma_polling[i]
+        for lane in 0..self.up.lanes.len() {
+            let l = &mut self.up.lanes[lane];
+            if let Some(link) = &l.rdma
+                && !l.polling
             {
-                self.io.poll_in(token(T_RDMA_POLL, i as u64), fd)?;
-                self.rdma_polling[i] = true;
+                self.io.poll_in(token(T_RDMA_POLL, 2 * lane as u64), link.ep.event_fd())?;
+                l.polling = true;
+            }
+        }
+        for lane in 0..self.down.lanes.len() {
+            let l = &mut self.down.lanes[lane];
+            if let Some(link) = &l.rdma
+                && !l.polling
+            {
+                self.io.poll_in(token(T_RDMA_POLL, 2 * lane as u64 + 1), link.ep.event_fd())?;
+                l.polling = true;
             }
         }
         Ok(())
     }
 
-    /// Posts an RDMA write for every queued frame that has a granted slot downstream.
+    /// Posts an RDMA write for every frame queued for an RDMA lane (or, on the primary, not
+    /// taken by any lane yet) that has a slot granted on that lane downstream: a lane takes a
+    /// chunk only while it holds a credit, so a lane slower anywhere along the chain takes fewer.
+    ///
+    /// One frame per lane per round, from the lane after the one that took the last shared
+    /// chunk: chunks that become ready one at a time then spread over the lanes that hold
+    /// credits (drained lane by lane, lane 0 took every chunk while its credits came back).
     pub(super) fn pump_rdma_writes(&mut self) {
-        while !self.down.closed {
-            let Some(link) = self.down.rdma.as_mut() else { return };
-            if link.credits.is_empty() || self.down.lanes[0].queue.is_empty() {
-                return;
+        let n = self.down.lanes.len();
+        let mut wrote = true;
+        while wrote && !self.down.closed {
+            wrote = false;
+            let first = self.down.next_lane;
+            for lane in (0..n).map(|i| (first + i) % n) {
+                if self.down.closed || self.down.lanes[lane].rdma.as_ref().is_none_or(|l| l.credits.is_empty()) {
+                    continue;
+                }
+                let Some(item) = self.next_for_lane(lane) else { continue };
+                self.rdma_write(lane, item);
+                wrote = true;
             }
-            let item = self.down.lanes[0].queue.pop_front().expect("checked");
-            let credit = self.down.rdma.as_mut().expect("checked").credits.pop_front().expect("checked");
+        }
+    }
+
+    /// Posts the RDMA write of `item` on lane `lane`, into the first slot granted there.
+    fn rdma_write(&mut self, lane: usize, item: DnItem) {
+        {
+            let credit =
+                self.down.lanes[lane].rdma.as_mut().expect("an RDMA lane").credits.pop_front().expect("checked");
             let (buf, wr) = match item {
                 DnItem::Chunk(seq, slot) => {
                     // The MAC travels in the slot too, after the payload (the receiver's slots
                     // leave room for it).
-                    let mac = self.mac_chunk(0, seq, slot);
+                    let mac = self.mac_chunk(lane, seq, slot);
                     (Buf::Slot { id: slot, off: 0, len: HEADER_LEN as u32 + self.frame_len(slot) + mac }, seq)
                 }
                 DnItem::End => (self.end_frame(), END_WR),
                 DnItem::Piece { .. } => unreachable!("no cut-through onto an RDMA hop"),
             };
-            let link = self.down.rdma.as_ref().expect("checked");
+            let link = self.down.lanes[lane].rdma.as_ref().expect("checked");
             let remote = link.remote_addr + u64::from(credit.slot) * link.slot_size;
             // The frame (a leased slot or the END area) is held for the NIC until this write
             // completes (ForwardDone releases the slot only after it); the remote slot was
@@ -58,25 +86,27 @@ impl Session<'_> {
                     }
                     let name = self.down.name.clone();
                     self.downstream_settled(Event::DownstreamLost {
-                        error: NodeError::new(ErrorKind::ConnectionLost, format!("RDMA to {name} failed: {e}")),
+                        error: NodeError::new(
+                            ErrorKind::ConnectionLost,
+                            format!("RDMA to {name} (lane {lane}) failed: {e}"),
+                        ),
                     });
-                    return;
                 }
             }
         }
     }
 
-    /// Takes every RDMA completion of endpoint `i` (0 upstream, 1 downstream).
-    pub(super) fn rdma_ready(&mut self, i: usize) {
-        self.rdma_polling[i] = false;
+    /// Takes every RDMA completion of lane `lane`'s endpoint (downstream or upstream).
+    pub(super) fn rdma_ready(&mut self, lane: usize, down: bool) {
         let mut wcs = Vec::new();
-        let polled = match i {
-            0 => self.up.rdma.as_mut().map(|l| l.ep.poll(&mut wcs)),
-            _ => self.down.rdma.as_mut().map(|l| l.ep.poll(&mut wcs)),
+        let polled = if down {
+            self.down.lanes[lane].rdma.as_mut().map(|l| l.ep.poll(&mut wcs))
+        } else {
+            self.up.lanes[lane].rdma.as_mut().map(|l| l.ep.poll(&mut wcs))
         };
         if let Some(Err(e)) = polled {
-            let what = format!("polling RDMA completions: {e}");
-            if i == 0 {
+            let what = format!("polling RDMA completions of lane {lane}: {e}");
+            if !down {
                 self.upstream_lost(what);
             } else {
                 self.downstream_settled(Event::DownstreamLost {
@@ -86,10 +116,10 @@ impl Session<'_> {
             return;
         }
         for wc in wcs {
-            if i == 0 {
-                self.rdma_arrived(wc);
-            } else {
+            if down {
                 self.rdma_written(wc);
+            } else {
+                self.rdma_arrived(lane, wc);
             }
         }
     }
@@ -136,8 +166,8 @@ impl Session<'_> {
         }
     }
 
-    /// A frame landed in a granted slot upstream (or the hop failed).
-    pub(super) fn rdma_arrived(&mut self, wc: WorkCompletion) {
+    /// A frame landed in a slot granted on lane `lane` upstream (or the lane failed).
+    pub(super) fn rdma_arrived(&mut self, lane: usize, wc: WorkCompletion) {
         if self.end.is_some() {
             return;
         }
@@ -147,7 +177,7 @@ impl Session<'_> {
             }
             return;
         }
-        let link = self.up.rdma.as_mut().expect("completions come from the link");
+        let link = self.up.lanes[lane].rdma.as_mut().expect("completions come from the link");
         // Every write consumes a receive: post the next one.
         if let Err(e) = link.ep.post_recv(wc.wr_id) {
             self.abort(NodeError::new(ErrorKind::ConnectionLost, e.to_string()));
@@ -156,7 +186,7 @@ impl Session<'_> {
         let Some(pos) = link.granted.iter().position(|s| u32::from(s.0) == wc.imm) else {
             self.abort(NodeError::new(
                 ErrorKind::Protocol,
-                format!("upstream wrote into slot {} that was not granted to it", wc.imm),
+                format!("upstream wrote into slot {} that was not granted to it on lane {lane}", wc.imm),
             ));
             return;
         };
@@ -169,12 +199,12 @@ impl Session<'_> {
         let bytes: [u8; HEADER_LEN] = self.pool.slot(slot, 0, HEADER_LEN).try_into().expect("header");
         match Header::decode(&bytes) {
             Ok(h) if h.kind == Kind::Chunk => {
-                if let Err((kind, message)) = self.check_chunk_header(0, &h) {
+                if let Err((kind, message)) = self.check_chunk_header(lane, &h) {
                     self.pool.release(slot);
                     self.abort(NodeError::new(kind, message));
                     return;
                 }
-                if let Some(m) = self.up.lanes[0].macs.as_mut() {
+                if let Some(m) = self.up.lanes[lane].macs.as_mut() {
                     // The frame's MAC follows its payload in the slot.
                     let mac = self.pool.slot(slot, HEADER_LEN + h.len as usize, FRAME_MAC_LEN);
                     if m.verify(&bytes, &[], mac).is_err() {
@@ -182,10 +212,10 @@ impl Session<'_> {
                         return self.abort(unauthentic_chunk(h.seq));
                     }
                 }
-                self.chunk_arrived(0, slot, h.seq, h.digest);
+                self.chunk_arrived(lane, slot, h.seq, h.digest);
             }
             Ok(h) => {
-                if let Some(m) = self.up.lanes[0].macs.as_mut() {
+                if let Some(m) = self.up.lanes[lane].macs.as_mut() {
                     // The frame's MAC follows its header in the slot.
                     let mac = self.pool.slot(slot, HEADER_LEN, FRAME_MAC_LEN);
                     if m.verify(&bytes, &[], mac).is_err() {

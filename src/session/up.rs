@@ -55,11 +55,7 @@ pub(super) struct Upstream {
     /// Several lanes: the lane each chunk received and not yet forwarded came on (a relay
     /// forwards it on the same lane downstream).
     pub(super) lane_of: std::collections::HashMap<u64, usize>,
-    /// The RDMA hop upstream, when that hop negotiated RDMA.
-    pub(super) rdma: Option<UpLink>,
-    /// Slots granted to upstream (with their windows' keys) and not yet sent in a CREDIT frame.
-    pub(super) credits: Vec<wire::Credit>,
-    /// The granted slots' bytes, held for the NIC until a frame lands in them.
+    /// The granted slots' bytes (every RDMA lane's), held for the NIC until a frame lands in them.
     pub(super) nic_grants: crate::sys::nic::Grants,
     /// Whether END arrived from upstream (RDMA: the socket may close after it).
     pub(super) end_received: bool,
@@ -92,11 +88,32 @@ pub(super) struct UpLane {
     pub(super) open: Option<crate::crypt::Opener>,
     /// Chunks that arrived on this lane.
     pub(super) chunks: u64,
+    /// The lane's queue pair, when this lane negotiated RDMA (each lane does on its own).
+    pub(super) rdma: Option<UpLink>,
+    /// RDMA lane: slots granted on it (with their windows' keys) and not yet sent in a CREDIT
+    /// frame, which goes on this lane's connection.
+    pub(super) credits: Vec<wire::Credit>,
+    /// Lanes 1..R: a CREDIT frame is being sent on this lane (lane 0 sends them as `sending`).
+    pub(super) credit_sending: bool,
+    /// RDMA lane: a readiness poll is in flight on its completion channel.
+    pub(super) polling: bool,
 }
 
 impl UpLane {
-    pub(super) fn new(fd: RawFd) -> Self {
-        Self { fd, recv: UpRecv::Idle, next_seq: 0, header: [0; HEADER_LEN], macs: None, open: None, chunks: 0 }
+    pub(super) fn new(fd: RawFd, rdma: Option<UpLink>) -> Self {
+        Self {
+            fd,
+            recv: UpRecv::Idle,
+            next_seq: 0,
+            header: [0; HEADER_LEN],
+            macs: None,
+            open: None,
+            chunks: 0,
+            rdma,
+            credits: Vec::new(),
+            credit_sending: false,
+            polling: false,
+        }
     }
 }
 
@@ -104,13 +121,11 @@ impl Upstream {
     pub(super) fn new(fd: Option<RawFd>, rdma: Option<UpLink>, nic_grants: crate::sys::nic::Grants) -> Self {
         Self {
             fd,
-            lanes: fd.map(UpLane::new).into_iter().collect(),
+            lanes: fd.map(|fd| UpLane::new(fd, rdma)).into_iter().collect(),
             arrived: 0,
             expected: 0,
             end_pending: None,
             lane_of: std::collections::HashMap::new(),
-            rdma,
-            credits: Vec::new(),
             nic_grants,
             end_received: false,
             sending: None,
@@ -123,6 +138,11 @@ impl Upstream {
         }
     }
 
+    /// Whether any lane of the hop upstream runs RDMA.
+    pub(super) fn rdma(&self) -> bool {
+        self.lanes.iter().any(|l| l.rdma.is_some())
+    }
+
     /// Whether the hop upstream is encrypted (every lane opens its chunks).
     pub(super) fn opened(&self) -> bool {
         self.lanes.first().is_some_and(|l| l.open.is_some())
@@ -133,13 +153,19 @@ impl Session<'_> {
     /// Submits the next receive from upstream when none is in flight: on an RDMA hop a watch on
     /// the socket, else a frame header into a fresh slot.
     pub(super) fn pump_up_recv(&mut self) -> std::io::Result<()> {
-        // RDMA upstream: chunks land by themselves; the socket is only watched for closing.
-        if self.up.lanes.first().is_some_and(|l| l.recv == UpRecv::Idle) && self.up.rdma.is_some() {
-            let fd = self.up.fd.expect("replica has upstream");
-            let buf = Buf::Ctrl { area: Ctrl::UpRecv, off: 0, len: HEADER_LEN as u32 };
-            self.pool.submit(&mut self.io, token(T_UP_RECV, 0), OpKind::Recv, fd, buf)?;
-            self.up.lanes[0].recv = UpRecv::Watch;
+        // RDMA lanes: chunks land by themselves; each socket is only watched for closing.
+        for lane in 0..self.up.lanes.len() {
+            if self.up.lanes[lane].recv == UpRecv::Idle && self.up.lanes[lane].rdma.is_some() {
+                let fd = self.up.lanes[lane].fd;
+                let buf = match lane {
+                    0 => Buf::Ctrl { area: Ctrl::UpRecv, off: 0, len: HEADER_LEN as u32 },
+                    k => Buf::Lane { lane: k as u8, area: LaneArea::UpWatch, off: 0, len: HEADER_LEN as u32 },
+                };
+                self.pool.submit(&mut self.io, token(T_UP_RECV, lane as u64), OpKind::Recv, fd, buf)?;
+                self.up.lanes[lane].recv = UpRecv::Watch;
+            }
         }
+        self.grant_rdma_slots();
         // Upstream receive: one frame header at a time on each lane, into a fresh slot; a relay
         // with a full backlog for downstream waits (backpressure upstream).
         for lane in 0..self.up.lanes.len() {
@@ -155,6 +181,41 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Grants free slots to the RDMA lanes upstream, each to the lane that holds the fewest
+    /// grants (of those, the one furthest behind), as far as `proto::lanes::may_lease` lets it
+    /// (a lane past the first missing chunk leaves the last slots to the lanes that may still
+    /// carry it). Fewest first, because a grant is a slot held for the lane until its sender
+    /// fills it: a lane served first every time would hold every slot, and the missing chunk,
+    /// queued on another lane, would have none to land in. Each grant binds the slot's window
+    /// on that lane's queue pair and goes out in a CREDIT frame on that lane's connection.
+    pub(super) fn grant_rdma_slots(&mut self) {
+        if self.up.end_received || self.end.is_some() || !self.up.rdma() {
+            return;
+        }
+        loop {
+            let lane = (0..self.up.lanes.len())
+                .filter(|&k| self.up.lanes[k].rdma.is_some() && self.lane_may_lease(k))
+                .min_by_key(|&k| {
+                    let l = &self.up.lanes[k];
+                    (l.rdma.as_ref().map_or(0, |r| r.granted.len()), l.next_seq)
+                });
+            let Some(lane) = lane else { return };
+            let Some(s) = self.pool.lease() else { return };
+            let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
+            let link = self.up.lanes[lane].rdma.as_mut().expect("an RDMA lane");
+            match self.up.nic_grants.grant(&mut link.ep, self.pool.mem_mut(), s.0, span) {
+                Ok(rkey) => {
+                    link.granted.push(s);
+                    self.up.lanes[lane].credits.push(wire::Credit { slot: s.0, rkey });
+                }
+                Err(e) => {
+                    self.pool.release(s);
+                    return self.abort(NodeError::new(ErrorKind::ConnectionLost, format!("granting a slot: {e}")));
+                }
+            }
+        }
     }
 
     /// Whether lane `lane` may take a slot for its next frame (`proto::lanes`).
@@ -290,6 +351,7 @@ impl Session<'_> {
     }
 
     pub(super) fn pump_up_send(&mut self) -> std::io::Result<()> {
+        self.pump_lane_credits()?;
         // Upstream send: the result when there is one, else the newest ack.
         if self.up.sending.is_none()
             && !self.up.gone
@@ -297,17 +359,8 @@ impl Session<'_> {
         {
             // Credits first (the sender may be waiting for a slot), then the newest ack, which
             // goes before the result so that upstream's progress reaches 100 %.
-            let (item, bytes) = if !self.up.credits.is_empty() {
-                let n = self.up.credits.len().min((CTRL_LEN - HEADER_LEN - FRAME_MAC_LEN) / wire::CREDIT_LEN);
-                let credits: Vec<wire::Credit> = self.up.credits.drain(..n).collect();
-                let h = Header { kind: Kind::Credit, len: (wire::CREDIT_LEN * n) as u32, seq: 0, digest: 0 };
-                let mut b = h.to_bytes().to_vec();
-                wire::encode_credits(&credits, &mut b);
-                if let Some(m) = self.up.lanes[0].macs.as_mut() {
-                    let mac = m.sign(&b[..HEADER_LEN], &b[HEADER_LEN..]);
-                    b.extend_from_slice(&mac);
-                }
-                (UpItem::Credit, b)
+            let (item, bytes) = if !self.up.lanes[0].credits.is_empty() {
+                (UpItem::Credit, self.credit_frame(0, CTRL_LEN))
             } else if let Some(through) = self.up.ack.take().filter(|t| *t > self.up.ack_sent) {
                 self.up.ack_sent = through;
                 let mut b = Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec();
@@ -335,6 +388,44 @@ impl Session<'_> {
             let buf = Buf::Ctrl { area: Ctrl::UpSend, off: 0, len: len as u32 };
             self.pool.submit(&mut self.io, token(T_UP_SEND, 0), OpKind::Send, up, buf)?;
             self.up.sending = Some(item);
+        }
+        Ok(())
+    }
+
+    /// A CREDIT frame (with its MAC on an authenticated hop) of lane `lane`'s pending credits,
+    /// as many as fit in `room` bytes.
+    fn credit_frame(&mut self, lane: usize, room: usize) -> Vec<u8> {
+        let l = &mut self.up.lanes[lane];
+        let n = l.credits.len().min((room - HEADER_LEN - FRAME_MAC_LEN) / wire::CREDIT_LEN);
+        let credits: Vec<wire::Credit> = l.credits.drain(..n).collect();
+        let h = Header { kind: Kind::Credit, len: (wire::CREDIT_LEN * n) as u32, seq: 0, digest: 0 };
+        let mut b = h.to_bytes().to_vec();
+        wire::encode_credits(&credits, &mut b);
+        if let Some(m) = l.macs.as_mut() {
+            let mac = m.sign(&b[..HEADER_LEN], &b[HEADER_LEN..]);
+            b.extend_from_slice(&mac);
+        }
+        b
+    }
+
+    /// Sends the credits of each further RDMA lane on that lane's own connection, one CREDIT
+    /// frame in flight per lane (lane 0's go with the acks, as `sending`).
+    fn pump_lane_credits(&mut self) -> std::io::Result<()> {
+        if self.up.gone {
+            return Ok(());
+        }
+        for lane in 1..self.up.lanes.len() {
+            if self.up.lanes[lane].credit_sending || self.up.lanes[lane].credits.is_empty() {
+                continue;
+            }
+            let bytes = self.credit_frame(lane, LANE_CTRL_LEN);
+            let k = lane as u8;
+            // The lane's UpSend area is used by one send at a time, and none is in flight.
+            self.pool.lane_mut(k, LaneArea::UpSend, bytes.len()).copy_from_slice(&bytes);
+            let buf = Buf::Lane { lane: k, area: LaneArea::UpSend, off: 0, len: bytes.len() as u32 };
+            let fd = self.up.lanes[lane].fd;
+            self.pool.submit(&mut self.io, token(T_UP_SEND, lane as u64), OpKind::Send, fd, buf)?;
+            self.up.lanes[lane].credit_sending = true;
         }
         Ok(())
     }
@@ -532,7 +623,7 @@ impl Session<'_> {
         let several = self.up.lanes.len() > 1;
         self.cfg.piece_bytes > 0
             && !self.down.closed
-            && self.down.rdma.is_none()
+            && !self.down.rdma()
             && !self.up.opened()
             && !self.down.sealed()
             && (h.len > 0 || several)
