@@ -1149,7 +1149,8 @@ fn start_session<'a>(
     let down_peer = down.as_ref().map(|d| (d.peer.clone(), super::lanes::path_of(d)));
     // From here on a failure goes upstream as a RESULT: it has accepted and waits for chunks.
     let set_up = links(up, down, &hello, pools, opts).and_then(|(mut pool, links)| {
-        let (mut up_lanes, mut dn_lanes) = lanes.open(&hello, down_peer.as_ref().map(|(n, p)| (n.as_str(), p.clone())), opts)?;
+        let (mut up_lanes, mut dn_lanes) =
+            lanes.open(&hello, down_peer.as_ref().map(|(n, p)| (n.as_str(), p.clone())), opts)?;
         let lane_links = lane_links(&mut up_lanes, &mut dn_lanes, &hello, &mut pool, opts)?;
         Ok((pool, links, (up_lanes, dn_lanes), lane_links))
     });
