@@ -498,6 +498,17 @@ int32_t sc_push_replica_result(const struct sc_push *push,
 int32_t sc_push_lane_chunks(const struct sc_push *push, uint64_t *out, size_t len);
 
 /**
+ * What each lane of the finished push's first hop ran on: fills `out` with up to `len` bytes
+ * (lane 0 first), 1 for RDMA and 0 for TCP, and returns the number of lanes (0 while the push
+ * runs, or when it failed before the chain reported). Lanes of one hop may differ under
+ * `transport = "auto"` (a rail without an RDMA device runs TCP).
+ *
+ * # Safety
+ * `push` is a live handle; `out` is NULL (with `len` 0) or `len` writable bytes.
+ */
+int32_t sc_push_lane_rdma(const struct sc_push *push, uint8_t *out, size_t len);
+
+/**
  * Frees the handle; a push still running is cancelled and waited for first.
  *
  * # Safety

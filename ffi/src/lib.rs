@@ -876,22 +876,54 @@ pub unsafe extern "C" fn sc_push_replica_result(
 /// `push` is a live handle; `out` is NULL (with `len` 0) or `len` writable `uint64_t`s.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sc_push_lane_chunks(push: *const ScPush, out: *mut u64, len: usize) -> i32 {
-    guard(|| {
-        // SAFETY: the caller's contract.
-        let p = unsafe { push_ref(push, "sc_push_lane_chunks") }?;
-        if out.is_null() && len > 0 {
-            return Err(invalid("sc_push_lane_chunks: out is NULL with len > 0"));
-        }
-        let g = p.shared.result.lock().unwrap_or_else(|e| e.into_inner());
-        let counts: &[u64] = match g.as_ref() {
-            Some(Ok(rep)) => &rep.lane_chunks,
-            _ => &[],
-        };
-        for (i, &c) in counts.iter().take(len).enumerate() {
-            // SAFETY: i < len, and `out` has `len` writable entries by the caller's contract.
-            unsafe { *out.add(i) = c };
-        }
-        Ok(i32::try_from(counts.len()).unwrap_or(i32::MAX))
+    // SAFETY: the caller's contract is `per_lane`'s.
+    guard(|| unsafe { per_lane(push, "sc_push_lane_chunks", out, len, |rep| rep.lane_chunks.clone()) })
+}
+
+/// Copies one value per lane of the finished push's first hop (`of` its report; none while it
+/// runs or when it failed) into `out`, up to `len`; returns the number of lanes.
+///
+/// # Safety
+/// `push` is a live handle; `out` is NULL (with `len` 0) or `len` writable `T`s.
+unsafe fn per_lane<T>(
+    push: *const ScPush,
+    name: &str,
+    out: *mut T,
+    len: usize,
+    of: impl Fn(&PushReport) -> Vec<T>,
+) -> Result<i32, (i32, String)> {
+    // SAFETY: the caller's contract.
+    let p = unsafe { push_ref(push, name) }?;
+    if out.is_null() && len > 0 {
+        return Err(invalid(format!("{name}: out is NULL with len > 0")));
+    }
+    let g = p.shared.result.lock().unwrap_or_else(|e| e.into_inner());
+    let values = match g.as_ref() {
+        Some(Ok(rep)) => of(rep),
+        _ => Vec::new(),
+    };
+    let lanes = i32::try_from(values.len()).unwrap_or(i32::MAX);
+    for (i, v) in values.into_iter().take(len).enumerate() {
+        // SAFETY: i < len, and `out` has `len` writable entries by the caller's contract.
+        unsafe { out.add(i).write(v) };
+    }
+    Ok(lanes)
+}
+
+/// What each lane of the finished push's first hop ran on: fills `out` with up to `len` bytes
+/// (lane 0 first), 1 for RDMA and 0 for TCP, and returns the number of lanes (0 while the push
+/// runs, or when it failed before the chain reported). Lanes of one hop may differ under
+/// `transport = "auto"` (a rail without an RDMA device runs TCP).
+///
+/// # Safety
+/// `push` is a live handle; `out` is NULL (with `len` 0) or `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sc_push_lane_rdma(push: *const ScPush, out: *mut u8, len: usize) -> i32 {
+    // SAFETY: the caller's contract is `per_lane`'s.
+    guard(|| unsafe {
+        per_lane(push, "sc_push_lane_rdma", out, len, |rep| {
+            rep.lane_transports.iter().map(|t| u8::from(t == "rdma")).collect()
+        })
     })
 }
 

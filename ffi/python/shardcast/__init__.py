@@ -110,11 +110,12 @@ class ReplicaResult:
 
 @dataclass(frozen=True)
 class PushReport:
-    """A finished push: one result per replica, in chain order, and (a push of several
-    ``lanes``) the chunks sent on each lane of the first hop, lane 0 first."""
+    """A finished push: one result per replica, in chain order, and, for each lane of the
+    first hop (lane 0 first), the chunks it sent and what it ran on (``"rdma"`` or ``"tcp"``)."""
 
     replicas: List[ReplicaResult] = field(default_factory=list)
     lane_chunks: List[int] = field(default_factory=list)
+    lane_transports: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -201,7 +202,10 @@ class PushHandle:
                 out.append(ReplicaResult(node=node, published=False, kind=kind, message=message))
         counts = (ctypes.c_uint64 * 16)()
         lanes = lib.sc_push_lane_chunks(self._handle(), counts, len(counts))
-        return PushReport(out, [int(c) for c in counts[: max(lanes, 0)]])
+        rdma = (ctypes.c_uint8 * 16)()
+        kinds = lib.sc_push_lane_rdma(self._handle(), rdma, len(rdma))
+        transports = ["rdma" if b else "tcp" for b in rdma[: max(kinds, 0)]]
+        return PushReport(out, [int(c) for c in counts[: max(lanes, 0)]], transports)
 
     def cancel(self) -> None:
         """Asks the push to stop; the replicas drop what they staged. :meth:`wait` then raises

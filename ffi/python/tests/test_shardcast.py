@@ -88,6 +88,8 @@ class PushTests(unittest.TestCase):
             report = shardcast.push(self.src, to=[a.addr, b.addr], name="ckpt", version=1, chunk_size=1 << 16, lanes=2)
             self.assertTrue(report.ok)
             self.assertEqual(len(report.lane_chunks), 2, report.lane_chunks)
+            # No RDMA device has a GID of 127.0.0.1: both lanes ran TCP, and the report says so.
+            self.assertEqual(report.lane_transports, ["tcp", "tcp"], report)
             self.assertTrue(all(n > 0 for n in report.lane_chunks), report.lane_chunks)
             one = shardcast.push(self.src, to=[a.addr, b.addr], name="ckpt", version=2, chunk_size=1 << 16)
             self.assertEqual(len(one.lane_chunks), 1, one.lane_chunks)
