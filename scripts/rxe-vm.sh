@@ -625,26 +625,21 @@ RXEVM_NET="${RXEVM_NETS[*]}"
 IFS=$' \t\n'
 [[ -n "$RXEVM_NET" ]] || RXEVM_NET=none
 summary=
+# rxe_vars PREFIX SUFFIX DEV IP: exports RXEVM_<PREFIX>DEV<SUFFIX>, ..IP.., ..GID.. (GID in $G).
+rxe_vars() { export "RXEVM_$1DEV$2=$3" "RXEVM_$1IP$2=$4" "RXEVM_$1GID$2=$G"; }
+# rxe_dev PREFIX SUFFIX DEV IP: looks up DEV's GID for IP, exports it as rxe_vars does, and
+# adds it to the summary.
+rxe_dev() { gid_of "$3" "$4"; rxe_vars "$@"; summary+=" $3=$4/gid$G"; }
 if has_net eth; then
-    gid_of rxe_eth0 198.18.0.1
-    export RXEVM_LO_DEV=rxe_eth0 RXEVM_LO_IP=198.18.0.1 RXEVM_LO_GID=$G
-    export RXEVM_DEV=rxe_eth0 RXEVM_IP=198.18.0.1 RXEVM_GID=$G
-    export RXEVM_PEER_DEV=rxe_eth0 RXEVM_PEER_IP=198.18.0.1 RXEVM_PEER_GID=$G
-    summary+=" rxe_eth0=198.18.0.1/gid$G"
+    rxe_dev LO_ "" rxe_eth0 198.18.0.1
+    rxe_vars "" "" rxe_eth0 198.18.0.1
+    rxe_vars PEER_ "" rxe_eth0 198.18.0.1
 fi
 if has_net veth; then
-    gid_of rxe_v0 198.18.1.1
-    export RXEVM_DEV=rxe_v0 RXEVM_IP=198.18.1.1 RXEVM_GID=$G
-    summary+=" rxe_v0=198.18.1.1/gid$G"
-    gid_of rxe_v1 198.18.1.2
-    export RXEVM_PEER_DEV=rxe_v1 RXEVM_PEER_IP=198.18.1.2 RXEVM_PEER_GID=$G
-    summary+=" rxe_v1=198.18.1.2/gid$G"
-    gid_of rxe_w0 198.18.2.1
-    export RXEVM_DEV2=rxe_w0 RXEVM_IP2=198.18.2.1 RXEVM_GID2=$G
-    summary+=" rxe_w0=198.18.2.1/gid$G"
-    gid_of rxe_w1 198.18.2.2
-    export RXEVM_PEER_DEV2=rxe_w1 RXEVM_PEER_IP2=198.18.2.2 RXEVM_PEER_GID2=$G
-    summary+=" rxe_w1=198.18.2.2/gid$G"
+    rxe_dev "" "" rxe_v0 198.18.1.1
+    rxe_dev PEER_ "" rxe_v1 198.18.1.2
+    rxe_dev "" 2 rxe_w0 198.18.2.1
+    rxe_dev PEER_ 2 rxe_w1 198.18.2.2
 fi
 t1=${EPOCHREALTIME/[.,]/}
 read -r up _ </proc/uptime
