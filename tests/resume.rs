@@ -163,28 +163,20 @@ fn a_resume_does_not_trust_journaled_chunks_whose_bytes_changed() {
 /// written, and the resume (a repaired chain's next attempt, above all) must not send them again.
 /// Before the fix the session drained those writes and forgot them: no partial was kept, and the
 /// repeated push sent everything.
+///
+/// The replica's pool (8 MiB) is half the file, so with the disk stalled the pusher runs out of
+/// credits and cannot have sent END when it is killed: the replica cannot finish (an earlier
+/// form of this test fitted the whole file in the pool, and the replica sometimes had END and
+/// published before it noticed its upstream gone; that case is the next test).
 #[test]
 fn writes_in_flight_when_the_upstream_dies_are_journaled() {
     const TEST: &str = "resume::writes_in_flight_when_the_upstream_dies_are_journaled";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip(TEST, "mounting a FUSE filesystem with mount(2) needs root");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip(TEST, "/dev/fuse is missing (no FUSE in this kernel or container)");
-    }
-    let work = tempdir();
+    let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
     let mnt = work.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let (_session, fs) = match lazyfs::mount(&mnt) {
-        Ok(m) => m,
-        Err(e) => return skip(TEST, &format!("cannot mount a FUSE filesystem here: {e}")),
-    };
-    let metrics = ["--metrics".to_string(), "127.0.0.1:0".to_string()];
-    let server = Server::start(&mnt, &metrics, &[]);
+    let extra = ["--metrics", "127.0.0.1:0", "--pool-mb", "8"].map(String::from);
+    let server = Server::start(&mnt, &extra, &[]);
     let m = metrics_addr(&server.log());
     let src = tempdir();
-    // 16 chunks: all of them fit in the replica's pool (64 MiB) while their writes wait.
     let size = 16 * MIB;
     write_random_file(&src.path().join("ckpt.bin"), size, 12);
     let push = || {
@@ -196,23 +188,93 @@ fn writes_in_flight_when_the_upstream_dies_are_journaled() {
 
     fs.hold_writes(true);
     let mut p = Running::spawn(&mut push());
-    let arrived = wait_until(Duration::from_secs(60), || received(&m) >= size || p.try_wait().is_some());
-    assert!(
-        arrived && p.try_wait().is_none(),
-        "the chunks did not all arrive while the disk stalled\n{}",
-        server.log()
-    );
+    // Chunks in the pool, their writes held: at most the pool's worth, so no END.
+    let arrived = wait_until(Duration::from_secs(60), || received(&m) >= 4 * MIB || p.try_wait().is_some());
+    assert!(arrived && p.try_wait().is_none(), "no chunks arrived while the disk stalled\n{}", server.log());
     drop(p); // SIGKILL: the pusher dies mid-push.
     // The session sees its upstream gone; its writes finish once the disk moves again.
     fs.hold_writes(false);
     let journal = mnt.join(".partial/w@3/journal");
-    let kept = wait_until(Duration::from_secs(60), || journal.is_file());
+    let kept = wait_until(Duration::from_secs(60), || {
+        journal.is_file() && server.log().contains("push abandoned, nothing published")
+    });
     assert!(kept, "no partial kept after the upstream died with writes in flight\n{}", server.log());
+    let held = journal_records(&journal).len() as u64;
+    assert!((4..16).contains(&held), "{held} chunks journaled, of the 4 to 8 that arrived\n{}", server.log());
+    assert!(!mnt.join("w/3").exists(), "published without END");
 
     let before = received(&m);
     let out = run_timeout(&mut push(), Duration::from_secs(120));
     assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), server.log());
     let resent = received(&m) - before;
-    assert_eq!(resent, 0, "{} MiB sent again, though every chunk had been written\n{}", resent >> 20, server.log());
+    assert_eq!(resent, size - held * MIB, "the {held} journaled chunks were sent again\n{}", server.log());
     assert_tree_identical(src.path(), &mnt.join("w/3"));
+}
+
+/// A replica that published and then lost its upstream before its RESULT went there (the
+/// primary killed while the next replica's disk stalled) keeps the version, and says so: its
+/// audit log records `published`, its metrics count a published push, and its log does not
+/// claim that nothing was published. Before the fix the end of the session was told as
+/// "push abandoned, nothing published" and audited as `upstream_lost`, with the version on disk.
+#[test]
+fn a_replica_that_published_before_its_upstream_died_reports_published() {
+    const TEST: &str = "resume::a_replica_that_published_before_its_upstream_died_reports_published";
+    let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
+    let (r1_root, audit) = (work.path().join("r1"), work.path().join("audit.jsonl"));
+    std::fs::create_dir_all(&r1_root).unwrap();
+    let r1_args = ["--metrics", "127.0.0.1:0", "--audit-log", audit.to_str().unwrap()].map(String::from);
+    let r1 = Server::start(&r1_root, &r1_args, &[]);
+    let r2 = Server::start(&work.path().join("mnt"), &[], &[]);
+    let src = tempdir();
+    write_random_file(&src.path().join("ckpt.bin"), 4 * MIB, 13);
+
+    // r2's disk stalls: r1 publishes, then waits for r2's result (a sync push).
+    fs.hold_writes(true);
+    let mut push = shardcast();
+    push.arg("push").arg(src.path()).args(["--name", "p", "--version", "1", "--chunk-size", "1M", "--to"]);
+    push.arg(format!("{},{}", r1.addr(), r2.addr()));
+    let mut p = Running::spawn(&mut push);
+    let published = wait_until(Duration::from_secs(60), || r1.log().contains("published name=p version=1"));
+    assert!(published && p.try_wait().is_none(), "r1 did not publish while r2 stalled\n{}", r1.log());
+    drop(p); // SIGKILL: r1's upstream dies before r1 can report.
+    fs.hold_writes(false);
+
+    let lines = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+    };
+    assert!(wait_until(Duration::from_secs(60), || !lines().is_empty()), "no audit record\n{}", r1.log());
+    let l = lines();
+    assert_eq!(l[0]["outcome"], "published", "{l:?}\n{}", r1.log());
+    assert!(l[0]["reason"].as_str().is_some_and(|r| r.contains("upstream left")), "{l:?}");
+    assert!(!r1.log().contains("nothing published"), "{}", r1.log());
+    let m = metrics_addr(&r1.log());
+    assert_eq!(metric_sum(&m, "shardcast_pushes_total{outcome=\"published\"}"), 1, "{}", r1.log());
+    assert_eq!(metric_sum(&m, "shardcast_pushes_total{outcome=\"upstream_lost\"}"), 0, "{}", r1.log());
+    assert_tree_identical(src.path(), &r1_root.join("p/1"));
+    let v = verify(&r1_root, "p", &[]);
+    assert_eq!(code(&v), 0, "{}", show_output(&v));
+}
+
+/// Mounts the FUSE filesystem at `<tempdir>/mnt`, or prints why this test is skipped.
+fn lazy_mount(test: &str) -> Option<(tempfile::TempDir, (fuser::BackgroundSession, lazyfs::Handle))> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "mounting a FUSE filesystem with mount(2) needs root");
+        return None;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        skip(test, "/dev/fuse is missing (no FUSE in this kernel or container)");
+        return None;
+    }
+    let work = tempdir();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    match lazyfs::mount(&mnt) {
+        Ok(m) => Some((work, m)),
+        Err(e) => {
+            skip(test, &format!("cannot mount a FUSE filesystem here: {e}"));
+            None
+        }
+    }
 }

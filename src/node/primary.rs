@@ -720,7 +720,7 @@ fn chain_reports(end: SessionEnd, first: String) -> Result<Vec<ReplicaReport>, F
             Err(PushError::Node { node: "primary".into(), error }.into())
         }
         SessionEnd::Aborted(error) => Err(PushError::Node { node: first, error }.into()),
-        SessionEnd::UpstreamLost(why) => unreachable!("the primary has no upstream ({why})"),
+        SessionEnd::UpstreamLost { why, .. } => unreachable!("the primary has no upstream ({why})"),
     }
 }
 

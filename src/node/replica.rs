@@ -1369,7 +1369,9 @@ impl Watch {
             SessionEnd::Finished(r) if r.first().is_some_and(|r| r.outcome == wire::Outcome::Published) => "published",
             SessionEnd::Finished(_) => "failed",
             SessionEnd::Aborted(_) => "aborted",
-            SessionEnd::UpstreamLost(_) => "upstream_lost",
+            // Published here: the version stays, whoever hears about it.
+            SessionEnd::UpstreamLost { published: true, .. } => "published",
+            SessionEnd::UpstreamLost { .. } => "upstream_lost",
         };
         m.push_outcome(outcome);
         if outcome == "published" {
@@ -1402,7 +1404,14 @@ fn finish(up: &mut Hop, retain: (String, u64, u32), end: SessionEnd, store: &Sto
             (audit.outcome, audit.reason) = ("aborted", Some(e.message.clone()));
             linger_close(&mut up.stream);
         }
-        SessionEnd::UpstreamLost(why) => {
+        SessionEnd::UpstreamLost { why, published: true } => {
+            // Every chunk was verified and synced here before the publish: the version stands,
+            // and a repeated push of it finds it published.
+            tracing::warn!("published here, but upstream left before it heard the result: {why}");
+            (audit.outcome, audit.reason) = ("published", Some(format!("upstream left before the result: {why}")));
+            store.retain(&name, (keep > 0).then_some(keep as usize), version);
+        }
+        SessionEnd::UpstreamLost { why, published: false } => {
             tracing::warn!("push abandoned, nothing published: {why}");
             (audit.outcome, audit.reason) = ("upstream_lost", Some(why));
         }

@@ -49,11 +49,22 @@ pub(super) struct LocalSide {
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     pub(super) ack_counted: u64,
     pub(super) ack_bytes: u64,
+    /// A replica: its version is published here (whatever happens to the hops after that).
+    pub(super) published: bool,
 }
 
 impl LocalSide {
     pub(super) fn new(data: Local, bytes_before: Vec<u64>) -> Self {
-        Self { data, next_read: 0, bytes_before, own: None, prefill: None, ack_counted: 0, ack_bytes: 0 }
+        Self {
+            data,
+            next_read: 0,
+            bytes_before,
+            own: None,
+            prefill: None,
+            ack_counted: 0,
+            ack_bytes: 0,
+            published: false,
+        }
     }
 }
 
@@ -64,6 +75,7 @@ impl Session<'_> {
         let st = st.take().expect("published once");
         let manifest = self.here.own.as_ref().map_or(&self.manifest, |s| &s.manifest);
         let result = st.publish(manifest).map_err(|e| e.to_node_error());
+        self.here.published = result.is_ok();
         self.events.push_back(Event::PublishDone { result });
     }
 

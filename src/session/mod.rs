@@ -92,8 +92,10 @@ pub(crate) enum SessionEnd {
     Finished(Vec<ReplicaReport>),
     /// This node gave up.
     Aborted(NodeError),
-    /// The upstream connection broke (replica only); nothing was published.
-    UpstreamLost(String),
+    /// The upstream connection broke (replica only) before this node's RESULT went upstream.
+    /// `published`: this node had published its version by then (it stays published: every
+    /// chunk was verified and synced); otherwise nothing was.
+    UpstreamLost { why: String, published: bool },
 }
 
 const T_UP_RECV: u64 = 1;

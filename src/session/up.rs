@@ -439,7 +439,7 @@ impl Session<'_> {
             return;
         }
         if !matches!(self.end, Some(SessionEnd::Aborted(_))) {
-            self.end = Some(SessionEnd::UpstreamLost(why));
+            self.end = Some(SessionEnd::UpstreamLost { why, published: self.here.published });
         }
         // Downstream then drops its staging too.
         self.down.shutdown();
