@@ -458,7 +458,9 @@ int32_t sc_push_wait(struct sc_push *push, uint32_t timeout_ms);
 
 /**
  * Asks the push to stop (within ~20 ms once chunks move; a push still connecting stops when
- * the chain has answered). The replicas drop what they staged; nothing is published.
+ * the chain has answered). Replicas that have not published drop what they staged. A replica
+ * that already published (a sync push publishes on each replica once its chunks are written,
+ * before the tail reports) keeps that version: a cancel never takes a published version back.
  *
  * # Safety
  * `push` is a live handle.

@@ -65,7 +65,8 @@ pub struct Progress {
     /// Set once the chain accepted and chunks move.
     pub streaming: std::sync::atomic::AtomicBool,
     /// Set by the caller to stop the push: the session aborts at its next wake-up (within
-    /// ~100 ms), the chain drops its staging, nothing is published.
+    /// ~100 ms) and the replicas that have not published drop their staging (a version
+    /// already published stays).
     pub cancel: std::sync::atomic::AtomicBool,
 }
 

@@ -65,7 +65,9 @@ class ShardcastError(Exception):
 
 
 class PushCancelled(ShardcastError):
-    """The push was cancelled by the caller; nothing was published."""
+    """The push was cancelled by the caller. Replicas that had not published dropped what they
+    staged; one that already published (each replica of a sync push publishes before the tail
+    reports) keeps its version."""
 
 
 class PartialPush(ShardcastError):
