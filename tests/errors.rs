@@ -496,3 +496,47 @@ fn transport_rdma_is_refused_plainly_and_tcp_works() {
         assert_eq!(code(&out), 0, "{}", show_output(&out));
     }
 }
+
+/// A relay that cannot open its staging (here its `.staging` is a file) reports itself, and
+/// the node after it is left holding nothing: a plain push opens the staging before it dials
+/// on, so the same version goes to that node straight away.
+#[test]
+fn a_relay_that_cannot_stage_is_named_and_the_node_after_it_is_left_free() {
+    let c = Cluster::start(2);
+    let staging = c.root(0).join(".staging");
+    let _ = fs::remove_dir_all(&staging);
+    fs::write(&staging, b"not a directory").unwrap();
+    let (_t, src) = small_src();
+    let out = c.push(&src, "ckpt", 1, &[]);
+    assert_ne!(code(&out), 0, "{}\n{}", show_output(&out), c.logs());
+    assert_error_line(&out, &[&c.addr(0), ".staging"]);
+    assert_not_published(&c, &[0], "ckpt", 1);
+    assert!(!c.log(1).contains("receiving"), "the relay dialed on before it could stage\n{}", c.logs());
+    let out = c.push_to(&c.addr(1), &src, "ckpt", 1, &[]);
+    c.assert_push_ok(&out);
+}
+
+/// The same failure when the relay resumes a partial: it dials on while it takes the partial
+/// over, so the next node has accepted when the relay finds it cannot stage. The relay still
+/// names itself, drops the next node's answer, and that node frees the version: a routed push
+/// (what a repair sends) of it goes through at once, and no partial is left behind.
+#[test]
+fn a_relay_that_cannot_take_its_partial_over_is_named_and_the_next_node_lets_go() {
+    let c = Cluster::start(2);
+    let staging = c.root(0).join(".staging");
+    let _ = fs::remove_dir_all(&staging);
+    fs::write(&staging, b"not a directory").unwrap();
+    // A partial of the version (empty: it cannot be resumed, only found) makes the relay
+    // take it over beside the onward dial.
+    fs::create_dir_all(c.root(0).join(".partial/ckpt@1")).unwrap();
+    let (_t, src) = small_src();
+    let out = c.push(&src, "ckpt", 1, &["--incremental"]);
+    assert_ne!(code(&out), 0, "{}\n{}", show_output(&out), c.logs());
+    assert_error_line(&out, &[&c.addr(0), ".staging"]);
+    assert_not_published(&c, &[0], "ckpt", 1);
+    assert!(c.log(1).contains("receiving"), "the relay did not dial on while it opened\n{}", c.logs());
+    let out = c.push_to(&c.addr(1), &src, "ckpt", 1, &["--incremental"]);
+    c.assert_push_ok(&out);
+    let partials = c.root(1).join(".partial");
+    assert!(names_or_empty(&partials).is_empty(), "{:?}\n{}", names_or_empty(&partials), c.logs());
+}

@@ -843,25 +843,56 @@ fn push_session(
             return;
         }
     };
-    let Some(reserved) = reserve(&mut up, &hello, &admitted, store, opts, &mut audit) else { return };
+    let Some(claimed) = claim(&mut up, &hello, &admitted, store, opts, &mut audit) else { return };
+    // The version is held here. A partial staging to resume is taken over (re-hashed: ~0.25 s
+    // a GiB) while the rest of the chain forms, rather than before this node dials on; any
+    // other staging opens at once, before the dial, so that a failure here leaves the next
+    // nodes untouched. Holding the version first matters: the next nodes supersede their own
+    // stuck sessions only for a push that this node takes.
+    let (opened, onward) = if claimed.has_partial() {
+        let span = tracing::Span::current();
+        std::thread::scope(|s| {
+            let opening = std::thread::Builder::new()
+                .name("shardcast-open".into())
+                .spawn_scoped(s, || span.in_scope(|| open_staging(claimed, &hello, &admitted, store)));
+            let onward = dial_onward(&hello, &admitted, opts);
+            let opened = match opening {
+                Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(e) => Err(NodeError::new(ErrorKind::Io, format!("cannot start a thread: {e}"))),
+            };
+            (opened, Some(onward))
+        })
+    } else {
+        (open_staging(claimed, &hello, &admitted, store), None)
+    };
     // On a refusal downstream the reservation is dropped before answering, so that the caller
     // can retry the same version at once.
-    let mine = reserved.bases.iter().map(|b| (b.seq, b.digest)).collect();
-    let (mut down, haves, bases, down_offer) = match dial_onward(&hello, &admitted, (reserved.held.clone(), mine), opts)
-    {
-        Ok(onward) => onward,
-        Err(Onward::Refused(node, e)) => {
-            drop(reserved);
-            let _ = audit.reject(&mut up, &node, e);
-            return;
-        }
-        Err(Onward::Reports(reports)) => {
-            drop(reserved);
-            audit.reason = Some(summary(&reports));
-            let _ = reject_reports(&mut up.stream, up.secret.as_ref(), &reports);
+    let reserved = match opened {
+        Ok(r) => r,
+        Err(e) => {
+            drop(onward);
+            tracing::warn!("refused: {}", e.message);
+            let _ = audit.reject(&mut up, &me, e);
             return;
         }
     };
+    let (mut down, mut haves, mut bases, down_offer) =
+        match onward.unwrap_or_else(|| dial_onward(&hello, &admitted, opts)) {
+            Ok(onward) => onward,
+            Err(Onward::Refused(node, e)) => {
+                drop(reserved);
+                let _ = audit.reject(&mut up, &node, e);
+                return;
+            }
+            Err(Onward::Reports(reports)) => {
+                drop(reserved);
+                audit.reason = Some(summary(&reports));
+                let _ = reject_reports(&mut up.stream, up.secret.as_ref(), &reports);
+                return;
+            }
+        };
+    haves.insert(0, reserved.held.clone());
+    bases.insert(0, reserved.bases.iter().map(|b| (b.seq, b.digest)).collect());
     let delta = hello.flags.has(wire::HelloFlags::DELTA);
     let mut accept = if admitted.routed { wire::encode_accept(&haves, delta.then_some(&bases)) } else { Vec::new() };
     // Several lanes: ACCEPT ends with the token the further lanes from upstream present.
@@ -937,21 +968,18 @@ struct Reserved {
     bases: Vec<crate::store::BaseChunk>,
 }
 
-/// Reserves the staging of the push (resuming a partial one of a routed push), and finds the
-/// chunks this node already holds. None when the push stops here (already held, or refused):
-/// upstream was answered.
-fn reserve(
+/// Holds the push's version here ([`Store::claim`]: a stuck session of it gives up first). None
+/// when the push stops here (already held, or refused): upstream was answered.
+fn claim(
     up: &mut Hop,
     hello: &Hello,
     admitted: &Admitted,
     store: &Arc<Store>,
     opts: &ServeOptions,
     audit: &mut AuditGuard<'_>,
-) -> Option<Reserved> {
-    let (me, routed, own) = (&hello.you, admitted.routed, admitted.own.as_ref());
-    // A routed push carries every digest, so a partial staging of this version (an earlier
-    // attempt that failed here) can be taken over and checked chunk by chunk.
-    let staged = own.map_or(&hello.manifest, |s| &s.manifest);
+) -> Option<crate::store::Claimed> {
+    let (me, routed) = (&hello.you, admitted.routed);
+    let staged = admitted.own.as_ref().map_or(&hello.manifest, |s| &s.manifest);
     expire_partials(store, opts);
     // Pushes are idempotent: a routed push (every digest known) of a version published here with
     // the same manifest is answered with a REJECT whose report says "published": this node
@@ -964,19 +992,32 @@ fn reserve(
         let _ = reject_reports(&mut up.stream, up.secret.as_ref(), &held);
         return None;
     }
-    let staging = match store.begin_resuming(&hello.name, hello.version, staged, routed) {
-        Ok(mut s) => {
-            if admitted.limits.as_ref().is_some_and(|l| !l.replace_current) {
-                s.keep_current();
-            }
-            s
-        }
+    // A routed push carries every digest, so a partial staging of this version (an earlier
+    // attempt that failed here) can be taken over and checked chunk by chunk.
+    match store.claim(&hello.name, hello.version, staged, routed) {
+        Ok(c) => Some(c),
         Err(e) => {
             tracing::warn!("refused: {e}");
             let _ = audit.reject(up, me, e.to_node_error());
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Opens the claimed staging (taking over a partial one of a routed push), and finds the
+/// chunks this node already holds.
+fn open_staging(
+    claimed: crate::store::Claimed,
+    hello: &Hello,
+    admitted: &Admitted,
+    store: &Store,
+) -> Result<Reserved, NodeError> {
+    let (routed, own) = (admitted.routed, admitted.own.as_ref());
+    let staged = own.map_or(&hello.manifest, |s| &s.manifest);
+    let mut staging = claimed.open(staged).map_err(|e| e.to_node_error())?;
+    if admitted.limits.as_ref().is_some_and(|l| !l.replace_current) {
+        staging.keep_current();
+    }
     // A routed push also says which of its chunks this node already holds: those it resumed
     // from a partial staging (journaled, same digest), and those its current version of the
     // name has (copied locally). They do not travel here.
@@ -995,14 +1036,11 @@ fn reserve(
     if !routed || !hello.flags.has(wire::HelloFlags::DELTA) {
         bases.clear();
     }
-    Some(Reserved { staging, held, copies, bases })
+    Ok(Reserved { staging, held, copies, bases })
 }
 
 /// For each node from this one to the tail, the chunk ranges (start, count) it already holds.
 type Haves = Vec<Vec<(u64, u64)>>;
-
-/// This node's held chunk ranges and, on a delta push, its bases (chunk, digest).
-type Mine = (Vec<(u64, u64)>, Vec<(u64, u128)>);
 
 /// How the onward dial stopped a push.
 enum Onward {
@@ -1012,15 +1050,15 @@ enum Onward {
     Reports(Vec<ReplicaReport>),
 }
 
-/// What [`dial_onward`] returns: the hop downstream; for each node from this one to the tail,
+/// What [`dial_onward`] returns: the hop downstream; for each node after this one to the tail,
 /// the chunks it holds and (a delta push) its bases; the lane token from the next node.
 type Onwards = (Option<Hop>, Haves, wire::Bases, Option<wire::LaneOffer>);
 
 /// Dials the next node (if any) and hands it the push, narrowed to the nodes after this one.
-/// Returns the hop downstream and, for each node from this one (`mine`: this node's) to the
-/// tail, the chunks it holds and (a delta push) its bases.
-fn dial_onward(hello: &Hello, admitted: &Admitted, (held, mine): Mine, opts: &ServeOptions) -> Result<Onwards, Onward> {
-    let (mut haves, mut bases) = (vec![held], vec![mine]);
+/// Returns the hop downstream and, for each node after this one to the tail, the chunks it
+/// holds and (a delta push) its bases.
+fn dial_onward(hello: &Hello, admitted: &Admitted, opts: &ServeOptions) -> Result<Onwards, Onward> {
+    let (mut haves, mut bases) = (Vec::new(), Vec::new());
     let Some(next) = hello.downstream.first() else { return Ok((None, haves, bases, None)) };
     // The onward handshake as a whole (connect, authenticate, the rest of the chain's answer)
     // is bounded: one handshake timeout per node from here to the tail, so that the nearest

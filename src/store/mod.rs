@@ -32,6 +32,7 @@ use journal::journal_records;
 use partial::keep_partial;
 
 pub use disk::free_bytes;
+pub use partial::Claimed;
 pub use reuse::{BaseChunk, Reusable, Reuse, find_reuse};
 pub use staging::Staging;
 pub use verify::{VerifySummary, verify};

@@ -58,7 +58,7 @@ impl Store {
     /// [`Store::begin`], and with `resume` a partial staging of the same version and the same
     /// files (a push that failed or a replica that was killed) is taken over instead of starting
     /// empty: [`Staging::resumed`] lists the chunks it already holds durably. A partial that
-    /// does not match is removed.
+    /// does not match is removed. [`Store::claim`] then [`Claimed::open`].
     pub fn begin_resuming(
         self: &Arc<Self>,
         name: &str,
@@ -66,6 +66,21 @@ impl Store {
         manifest: &Manifest,
         resume: bool,
     ) -> Result<Staging, StoreError> {
+        self.claim(name, version, manifest, resume)?.open(manifest)
+    }
+
+    /// The first half of [`Store::begin_resuming`]: holds `NAME@VERSION` for this session
+    /// (with `resume`, an earlier stuck session of it gives up first and keeps its partial),
+    /// without touching the partial yet. Cheap, so that a relay holds the version before it
+    /// dials on, and takes the partial over ([`Claimed::open`], which re-hashes it) while the
+    /// rest of the chain forms.
+    pub fn claim(
+        self: &Arc<Self>,
+        name: &str,
+        version: u64,
+        manifest: &Manifest,
+        resume: bool,
+    ) -> Result<Claimed, StoreError> {
         check_name(name)?;
         self.check_set_dir(name)?;
         if self.exists(name, version) {
@@ -75,7 +90,7 @@ impl Store {
         // From here on the guard in Staging releases the reservation, whatever happens.
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let dir = self.root.join(STAGING).join(format!("{name}@{version}.{}.{n}", std::process::id()));
-        let mut staging = Staging::new(Arc::clone(self), name, version, dir, manifest, cancel);
+        let staging = Staging::new(Arc::clone(self), name, version, dir, manifest, cancel);
         // Look again now that this session holds the version: the session it superseded may
         // have published it while this one waited (its reservation goes only after publish).
         // A version that has its manifest is never removed.
@@ -88,11 +103,7 @@ impl Store {
             fs::remove_dir_all(&leftover)
                 .map_err(|e| StoreError::io(format!("cannot remove leftover {}", leftover.display()), e))?;
         }
-        if self.take_over_partial(&mut staging, manifest, resume)? {
-            return Ok(staging);
-        }
-        staging.create()?;
-        Ok(staging)
+        Ok(Claimed { staging, resume })
     }
 
     /// The set's directory must be a directory of this root, not a symlink to elsewhere:
@@ -218,6 +229,32 @@ impl Store {
                 Ok(false)
             }
         }
+    }
+}
+
+/// A version held for a session by [`Store::claim`], its staging not yet opened. Dropping it
+/// releases the version (and leaves the partial, if any, where it was).
+#[derive(Debug)]
+pub struct Claimed {
+    staging: Staging,
+    resume: bool,
+}
+
+impl Claimed {
+    /// Whether [`Claimed::open`] has a partial staging to take over (and re-hash).
+    pub fn has_partial(&self) -> bool {
+        let st = &self.staging;
+        self.resume && st.store.root.join(PARTIAL).join(format!("{}@{}", st.name, st.version)).exists()
+    }
+
+    /// Opens the staging: takes the partial over (with `resume`, re-hashing its journaled
+    /// chunks) or creates it empty.
+    pub fn open(mut self, manifest: &Manifest) -> Result<Staging, StoreError> {
+        let store = Arc::clone(&self.staging.store);
+        if !store.take_over_partial(&mut self.staging, manifest, self.resume)? {
+            self.staging.create()?;
+        }
+        Ok(self.staging)
     }
 }
 
