@@ -16,7 +16,10 @@
 # cores for 5 processes: a case may be CPU-bound).
 #
 # Env: SIZE (1G), N (4), REPS (3), RATE (1gbit), SLOW (250mbit), MTU (1500), CASES (a b c d),
-#      TABLE_N ("2 4"), PORT (7071), PUSH_ARGS, OUT (results/<date>-rails), KEEP_WORK=1.
+#      TABLE_N ("2 4"), PORT (7071), PUSH_ARGS, OUT (results/<date>-rails), KEEP_WORK=1,
+#      OLD_BIN (a binary to compare: a second set of serves on PORT+1 runs it, and each rep
+#      pushes with it right after the new one, on the same cluster; the summary gives both
+#      medians and new / old).
 # Run it under the shared locks:
 #   flock /tmp/sc-netns.lock flock /tmp/sc-bench.lock scripts/bench-rails.sh
 # Needs root, iproute2, python3, cmp (scripts/deps.sh installs them).
@@ -35,12 +38,16 @@ need=$(((2 * maxn + 1) * bytes + (512 << 20)))
 FILES=1
 # Builds release, makes $work (the binary copied in, the cluster torn down on exit) and $work/src.
 cluster_bench_prepare bench-rails "$need"
+if [[ -n "${OLD_BIN:-}" ]]; then
+    cp "$OLD_BIN" "$work/shardcast-old"
+fi
 mkdir -p "$OUT"
 stamp=$(date -u +%Y%m%d-%H%M%S)
 dirty=""
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || dirty="+dirty"
 cmdline="SIZE=$SIZE N=$N REPS=$REPS RATE=$RATE SLOW=$SLOW MTU=$MTU CASES=\"$CASES\" TABLE_N=\"$TABLE_N\""
 [[ -n "$PUSH_ARGS" ]] && cmdline+=" PUSH_ARGS=\"$PUSH_ARGS\""
+[[ -n "${OLD_BIN:-}" ]] && cmdline+=" OLD_BIN=$OLD_BIN"
 cmdline+=" scripts/bench-rails.sh"
 
 BR_WORK=$work BR_BYTES=$bytes BR_N=$N BR_REPS=$REPS BR_RATE=$RATE BR_SLOW=$SLOW BR_MTU=$MTU \
@@ -55,6 +62,10 @@ WORK, BYTES, N, REPS = E["BR_WORK"], int(E["BR_BYTES"]), int(E["BR_N"]), int(E["
 MTU, PORT, PREFIX, CLUSTER = E["BR_MTU"], int(E["BR_PORT"]), E["BR_PREFIX"], E["BR_CLUSTER"]
 PUSH_ARGS = E["BR_PUSH_ARGS"].split()
 BIN = os.path.join(WORK, "shardcast")
+# (label, binary, port): the binary measured, and the one it is compared with.
+BINS = [("new", BIN, PORT)]
+if os.path.exists(os.path.join(WORK, "shardcast-old")):
+    BINS.append(("old", os.path.join(WORK, "shardcast-old"), PORT + 1))
 UNITS = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 PAYLOAD = 1448 / 1514  # payload share of a full-size frame at MTU 1500 (what rx counters include)
 
@@ -102,46 +113,51 @@ class Cluster:
         for k, r in rail_rates.items():
             args += ["--rail-rate", f"{k}={r}"]
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-        self.serves, self.to = [], []
-        for k in range(1, n + 1):
-            node = f"r{k}"
-            mine = [addr(node, j) for j in range(rails)]
-            rails_args = [a for ip in mine for a in ("--rail", ip)] if rails > 1 else []
-            root = os.path.join(WORK, f"root-{node}")
-            subprocess.run(["rm", "-rf", root], check=True)
-            logf = open(os.path.join(WORK, f"serve-{node}.log"), "w")
-            p = subprocess.Popen(
-                ["ip", "netns", "exec", f"{PREFIX}-{node}", "env", "NO_COLOR=1", BIN, "serve", "--listen",
-                 f"{mine[0]}:{PORT}", "--root", root, "--keep", "1", *rails_args],
-                stdout=subprocess.DEVNULL, stderr=logf)
-            self.serves.append(p)
-            self.to.append(f"{mine[0]}:{PORT}")
-            path = logf.name
-            for _ in range(300):
-                if f"listening on {mine[0]}:{PORT}" in re.sub(r"\x1b\[[0-9;]*m", "", open(path).read()):
-                    break
-                if p.poll() is not None:
-                    sys.exit(f"error: serve on {node} exited:\n{open(path).read()}")
-                time.sleep(0.1)
-            else:
-                sys.exit(f"error: serve on {node} did not listen within 30 s")
+        # Per binary label: its serves (r1..rN) and their addresses.
+        self.serves, self.to = {}, {}
+        for label, binary, port in BINS:
+            self.serves[label], self.to[label] = [], []
+            for k in range(1, n + 1):
+                node = f"r{k}"
+                mine = [addr(node, j) for j in range(rails)]
+                rails_args = [a for ip in mine for a in ("--rail", ip)] if rails > 1 else []
+                root = os.path.join(WORK, f"root-{node}-{label}")
+                subprocess.run(["rm", "-rf", root], check=True)
+                logf = open(os.path.join(WORK, f"serve-{node}-{label}.log"), "w")
+                p = subprocess.Popen(
+                    ["ip", "netns", "exec", f"{PREFIX}-{node}", "env", "NO_COLOR=1", binary, "serve", "--listen",
+                     f"{mine[0]}:{port}", "--root", root, "--keep", "1", *rails_args],
+                    stdout=subprocess.DEVNULL, stderr=logf)
+                self.serves[label].append(p)
+                self.to[label].append(f"{mine[0]}:{port}")
+                path = logf.name
+                for _ in range(300):
+                    if f"listening on {mine[0]}:{port}" in re.sub(r"\x1b\[[0-9;]*m", "", open(path).read()):
+                        break
+                    if p.poll() is not None:
+                        sys.exit(f"error: serve on {node} exited:\n{open(path).read()}")
+                    time.sleep(0.1)
+                else:
+                    sys.exit(f"error: serve on {node} did not listen within 30 s")
         self.p_rails = [addr("p", j) for j in range(rails)]
         self.version = 0
 
-    def push_cmd(self, lanes):
+    def push_cmd(self, lanes, label):
         self.version += 1
         rails = [a for ip in self.p_rails for a in ("--rail", ip)] if self.rails > 1 else []
-        return ["ip", "netns", "exec", f"{PREFIX}-p", BIN, "push", os.path.join(WORK, "src"), "--name", "b",
-                "--version", str(self.version), "--json", "--to", ",".join(self.to), "--lanes", str(lanes),
+        binary = dict((l, b) for l, b, _ in BINS)[label]
+        return ["ip", "netns", "exec", f"{PREFIX}-p", binary, "push", os.path.join(WORK, "src"), "--name", "b",
+                "--version", str(self.version), "--json", "--to", ",".join(self.to[label]), "--lanes", str(lanes),
                 *rails, *PUSH_ARGS]
 
-    def push(self, lanes, fail_at=None, fail_rail="1"):
-        """One timed push; with fail_at (s), rail fail_rail of every node goes down then.
-        Returns (seconds, cpu dict, failure info)."""
-        before = [cpu(s.pid) for s in self.serves]
+    def push(self, lanes, fail_at=None, fail_rail="1", label="new"):
+        """One timed push with the binary `label`; with fail_at (s), rail fail_rail of every
+        node goes down then. Returns (seconds, cpu dict, failure info)."""
+        serves = self.serves[label]
+        before = [cpu(s.pid) for s in serves]
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         rx0 = rx("r1", self.rails)
-        cmd = self.push_cmd(lanes)
+        cmd = self.push_cmd(lanes, label)
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         fail = None
@@ -162,25 +178,26 @@ class Cluster:
             sys.exit(f"error: {' '.join(cmd)} exited {p.returncode}\n{out[-3000:]}\n{err[-3000:]}")
         # Every replica's bytes identical to the source.
         for k in range(1, self.n + 1):
-            f = os.path.join(WORK, f"root-r{k}", "b", str(self.version), "shard-000.bin")
+            f = os.path.join(WORK, f"root-r{k}-{label}", "b", str(self.version), "shard-000.bin")
             if subprocess.run(["cmp", "-s", f, os.path.join(WORK, "src", "shard-000.bin")]).returncode != 0:
                 sys.exit(f"error: r{k}'s copy differs from the source (version {self.version})")
         # Drop the version everywhere: the next rep pushes the same bytes, and a repair (an
         # incremental push) would find them held in this version and move nothing.
         for k in range(1, self.n + 1):
-            vdir = os.path.join(WORK, f"root-r{k}", "b")
+            vdir = os.path.join(WORK, f"root-r{k}-{label}", "b")
             shutil.rmtree(os.path.join(vdir, str(self.version)), ignore_errors=True)
             if os.path.exists(os.path.join(vdir, f"{self.version}.manifest")):
                 os.remove(os.path.join(vdir, f"{self.version}.manifest"))
         c = {"p": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)}
-        for k, s in enumerate(self.serves):
+        for k, s in enumerate(serves):
             c[f"r{k + 1}"] = cpu(s.pid) - before[k]
         return t, c, fail
 
     def down(self):
-        for s in self.serves:
+        every = [s for serves in self.serves.values() for s in serves]
+        for s in every:
             s.terminate()
-        for s in self.serves:
+        for s in every:
             s.wait()
         subprocess.run([CLUSTER, "down"], check=True, stdout=subprocess.DEVNULL)
 
@@ -189,28 +206,36 @@ def run_case(name, n, rails, rail_rates, lanes, ideal_bps, fail=False, fail_rail
     log(f"case {name}: N={n}, {rails} rail(s) {rail_rates or ''}, --lanes {lanes}")
     c = Cluster(n, rails, rail_rates)
     ideal = BYTES * 8 / ideal_bps
-    times, ratios = [], []
+    times = {label: [] for label, _, _ in BINS}
+    ratios = {label: [] for label, _, _ in BINS}
     try:
         for rep in range(REPS):
-            t, cp, f = c.push(lanes, fail_at=ideal / 2 if fail else None, fail_rail=fail_rail)
-            row = {"case": name, "n": n, "rails": rails, "rates": "/".join([RATE] + [rail_rates.get(k, RATE) for k in range(1, rails)]),
-                   "lanes": lanes, "rep": rep, "seconds": round(t, 3), "ideal": round(ideal, 3)}
-            if f:
-                t_fail, left = f
-                bound = 1.2 * (t_fail + left * 8 / bps(RATE))
-                row.update(t_fail=round(t_fail, 3), left_bytes=int(left), bound=round(bound, 3), ratio=round(t / bound, 3))
-            else:
-                row.update(ratio=round(t / ideal, 3))
-            row.update({f"cpu_{k}": round(v, 2) for k, v in cp.items()})
-            rows.append(row)
-            ratios.append(row["ratio"])
-            times.append(t)
-            log(f"  rep {rep}: {t:.3f} s, ratio {row['ratio']}, cpu " + " ".join(f"{k}={v:.2f}" for k, v in cp.items()))
+            for label, _, _ in BINS:
+                t, cp, f = c.push(lanes, fail_at=ideal / 2 if fail else None, fail_rail=fail_rail, label=label)
+                row = {"case": name, "bin": label, "n": n, "rails": rails,
+                       "rates": "/".join([RATE] + [rail_rates.get(k, RATE) for k in range(1, rails)]),
+                       "lanes": lanes, "rep": rep, "seconds": round(t, 3), "ideal": round(ideal, 3)}
+                if f:
+                    t_fail, left = f
+                    bound = 1.2 * (t_fail + left * 8 / bps(RATE))
+                    row.update(t_fail=round(t_fail, 3), left_bytes=int(left), bound=round(bound, 3), ratio=round(t / bound, 3))
+                else:
+                    row.update(ratio=round(t / ideal, 3))
+                row.update({f"cpu_{k}": round(v, 2) for k, v in cp.items()})
+                rows.append(row)
+                ratios[label].append(row["ratio"])
+                times[label].append(t)
+                log(f"  rep {rep} {label}: {t:.3f} s, ratio {row['ratio']}, cpu " + " ".join(f"{k}={v:.2f}" for k, v in cp.items()))
     finally:
         c.down()
     what = "time / (1.2 x (t_fail + left / rate))" if fail else "time / ideal"
-    summary.append(f"{name:10} N={n} R={rails} rates={rows[-1]['rates']:16} lanes={lanes}: median {statistics.median(times):.3f} s, "
-                   f"{what} median {statistics.median(ratios):.3f} (ideal {ideal:.3f} s; all {ratios})")
+    for label, _, _ in BINS:
+        tag = "" if len(BINS) == 1 else f" [{label}]"
+        summary.append(f"{name:10} N={n} R={rails} rates={rows[-1]['rates']:16} lanes={lanes}{tag}: median {statistics.median(times[label]):.3f} s, "
+                       f"{what} median {statistics.median(ratios[label]):.3f} (ideal {ideal:.3f} s; all {ratios[label]})")
+    if len(BINS) > 1:
+        per_rep = [round(a / b, 3) for a, b in zip(times["new"], times["old"])]
+        summary.append(f"{'':10} new / old time: median of medians {statistics.median(times['new']) / statistics.median(times['old']):.3f} (per rep {per_rep})")
 
 
 cases = E["BR_CASES"].split()
