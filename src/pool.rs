@@ -381,7 +381,26 @@ impl PoolCache {
             return Ok(idle.swap_remove(i));
         }
         drop(idle);
-        Pool::new(slots, chunk_size)
+        let t = std::time::Instant::now();
+        let pool = Pool::new(slots, chunk_size)?;
+        tracing::debug!(slots, chunk_size, ms = t.elapsed().as_secs_f64() * 1e3, "mapped a new buffer pool");
+        Ok(pool)
+    }
+
+    /// Maps and pins a pool of `bytes` of `chunk_size` chunks and keeps it idle, so that the
+    /// first push of that chunk size does not wait for it (pinning faults every page in: tens
+    /// to hundreds of milliseconds for 64 MiB). A push that comes first maps its own.
+    pub(crate) fn warm(&self, bytes: usize, chunk_size: u32) {
+        let Ok(slots) = check_budget(bytes, chunk_size) else { return };
+        let t = std::time::Instant::now();
+        match Pool::new(slots, chunk_size) {
+            Ok(pool) => {
+                let locked = pool.is_locked();
+                self.put(pool);
+                tracing::debug!(slots, chunk_size, locked, ms = t.elapsed().as_secs_f64() * 1e3, "buffer pool ready");
+            }
+            Err(e) => tracing::debug!("no buffer pool mapped ahead: {e}"),
+        }
     }
 
     /// Keeps `pool` for a later session (or frees it when the cache is full). A pool that an

@@ -280,7 +280,7 @@ impl Server {
             let shared = Arc::new(Shared {
                 store,
                 // One idle pool is kept for the next push (see `PoolCache`).
-                pools: PoolCache::new(1),
+                pools: Arc::new(PoolCache::new(1)),
                 slots: Slots { active: Arc::new(AtomicUsize::new(0)), per_peer: Arc::default() },
                 // Connections still in their handshake, counted and timed apart from sessions.
                 gate: Gate::start(&opts),
@@ -288,6 +288,12 @@ impl Server {
                 me: addr.to_string(),
                 lanes: Arc::new(super::lanes::LaneTable::new(announced)),
             });
+            // The pool of the default chunk size, mapped and pinned before the first push
+            // needs it (a push's pool goes back to the cache after it anyway).
+            let (pools, bytes) = (Arc::clone(&shared.pools), shared.opts.pool_bytes);
+            let _ = std::thread::Builder::new()
+                .name("shardcast-warm".into())
+                .spawn(move || pools.warm(bytes, crate::manifest::DEFAULT_CHUNK));
             // The rails' own listeners (when the listen address does not cover them) take
             // connections like the main one; they end with the runtime.
             for l in rails {
@@ -327,7 +333,7 @@ impl Server {
 /// What the handling of every connection shares.
 struct Shared {
     store: Arc<Store>,
-    pools: PoolCache,
+    pools: Arc<PoolCache>,
     slots: Slots,
     gate: Arc<Gate>,
     opts: ServeOptions,
