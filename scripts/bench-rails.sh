@@ -188,6 +188,12 @@ class Cluster:
             shutil.rmtree(os.path.join(vdir, str(self.version)), ignore_errors=True)
             if os.path.exists(os.path.join(vdir, f"{self.version}.manifest")):
                 os.remove(os.path.join(vdir, f"{self.version}.manifest"))
+        # Chunks per lane of the first hop (the primary's balance), from push --json.
+        try:
+            import json
+            self.last_lanes = "/".join(str(x) for x in json.loads(out).get("lane_chunks", []))
+        except ValueError:
+            self.last_lanes = ""
         c = {"p": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)}
         for k, s in enumerate(serves):
             c[f"r{k + 1}"] = cpu(s.pid) - before[k]
@@ -222,10 +228,12 @@ def run_case(name, n, rails, rail_rates, lanes, ideal_bps, fail=False, fail_rail
                 else:
                     row.update(ratio=round(t / ideal, 3))
                 row.update({f"cpu_{k}": round(v, 2) for k, v in cp.items()})
+                row["lane_chunks"] = c.last_lanes
                 rows.append(row)
                 ratios[label].append(row["ratio"])
                 times[label].append(t)
-                log(f"  rep {rep} {label}: {t:.3f} s, ratio {row['ratio']}, cpu " + " ".join(f"{k}={v:.2f}" for k, v in cp.items()))
+                log(f"  rep {rep} {label}: {t:.3f} s, ratio {row['ratio']}, lanes {c.last_lanes}, cpu "
+                    + " ".join(f"{k}={v:.2f}" for k, v in cp.items()))
     finally:
         c.down()
     what = "time / (1.2 x (t_fail + left / rate))" if fail else "time / ideal"
