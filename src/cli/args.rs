@@ -56,13 +56,15 @@ pub(crate) struct Cli {
 /// RDMA device selection, shared by `serve` and `push`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct RdmaArgs {
-    /// RDMA device (e.g. mlx5_0, rxe_v0); default: the one with a RoCEv2 GID for the address
-    /// that routes to the peer.
-    #[arg(long, env = "SHARDCAST_RDMA_DEVICE")]
-    pub(crate) rdma_device: Option<String>,
-    /// GID index on port 1 of the RDMA device; default: the RoCEv2 GID of that address.
-    #[arg(long, env = "SHARDCAST_GID_INDEX")]
-    pub(crate) gid_index: Option<u8>,
+    /// RDMA device (e.g. mlx5_0, rxe_v0), repeatable: one per rail, in rail order (lane k uses
+    /// the k-th; one device serves every lane); default: each lane takes the device with a
+    /// RoCEv2 GID for the address its connection leaves from.
+    #[arg(long, env = "SHARDCAST_RDMA_DEVICE", value_delimiter = ',')]
+    pub(crate) rdma_device: Vec<String>,
+    /// GID index on port 1 of the RDMA device, repeatable like --rdma-device (one serves every
+    /// lane); default: the RoCEv2 GID of the lane's address.
+    #[arg(long, env = "SHARDCAST_GID_INDEX", value_delimiter = ',')]
+    pub(crate) gid_index: Vec<u8>,
     /// Let `--transport auto` take RDMA on soft-RoCE (rxe) and soft-iWARP (siw) devices too
     /// (they are slower than TCP on most hosts, so auto skips them by default).
     #[arg(long, env = "SHARDCAST_RDMA_ALLOW_SOFT")]
@@ -72,8 +74,8 @@ pub(crate) struct RdmaArgs {
 impl RdmaArgs {
     pub(crate) fn config(self) -> shardcast::rdma::RdmaConfig {
         shardcast::rdma::RdmaConfig {
-            device: self.rdma_device,
-            gid_index: self.gid_index,
+            devices: self.rdma_device,
+            gid_indexes: self.gid_index,
             disabled: None,
             allow_soft: self.rdma_allow_soft,
         }

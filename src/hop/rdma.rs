@@ -32,14 +32,27 @@ pub(crate) use verbs::{Access, Endpoint, PeerInfo, VerbsError};
 /// Explicit device choices (`--rdma-device`, `--gid-index`); found automatically when unset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RdmaConfig {
-    /// Device name, e.g. `mlx5_0` or `rxe_v0`.
-    pub device: Option<String>,
-    /// GID table index on port 1.
-    pub gid_index: Option<u8>,
+    /// Device names, one per rail in rail order, e.g. `mlx5_0` or `rxe_v0`: lane k of a hop
+    /// uses the k-th (modulo their number, so one device serves every lane). Empty: each lane
+    /// takes the device with a RoCEv2 GID for its connection's local address.
+    pub devices: Vec<String>,
+    /// GID table indexes on port 1, one per rail likewise (one serves every lane).
+    pub gid_indexes: Vec<u8>,
     /// Why this node never takes the RDMA side of a hop (`serve --transport tcp`).
     pub disabled: Option<String>,
     /// Let `--transport auto` use soft-RoCE / soft-iWARP devices too (`--rdma-allow-soft`).
     pub allow_soft: bool,
+}
+
+impl RdmaConfig {
+    /// The settings lane `lane` of a hop uses: the device and GID index given for its rail
+    /// (the `lane`-th, modulo how many were given), the rest unchanged.
+    pub(crate) fn for_lane(&self, lane: usize) -> RdmaConfig {
+        fn pick<T: Clone>(v: &[T], lane: usize) -> Vec<T> {
+            v.get(lane % v.len().max(1)).cloned().into_iter().collect()
+        }
+        RdmaConfig { devices: pick(&self.devices, lane), gid_indexes: pick(&self.gid_indexes, lane), ..self.clone() }
+    }
 }
 
 /// A device, port and GID that reach a peer.
@@ -90,7 +103,7 @@ fn parse_gid(s: &str) -> Option<[u8; 16]> {
 /// address, on the configured device or any device. `Err` says why there is no RDMA here.
 pub(crate) fn choose(cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, String> {
     let names = verbs::device_names()?;
-    let candidates: Vec<String> = match &cfg.device {
+    let candidates: Vec<String> = match cfg.devices.first() {
         Some(d) if names.contains(d) => vec![d.clone()],
         Some(d) => return Err(format!("no RDMA device named {d} (found: {})", names.join(", "))),
         None => names,
@@ -99,7 +112,7 @@ pub(crate) fn choose(cfg: &RdmaConfig, local_ip: IpAddr) -> Result<Chosen, Strin
     for dev in &candidates {
         let port = 1u8;
         let dir = Path::new(SYS_IB).join(dev).join("ports").join(port.to_string());
-        if let Some(idx) = cfg.gid_index {
+        if let Some(&idx) = cfg.gid_indexes.first() {
             return Ok(Chosen { device: dev.clone(), port, gid_index: idx, hardware: is_hardware(dev) });
         }
         let Ok(entries) = std::fs::read_dir(dir.join("gids")) else { continue };
@@ -401,6 +414,24 @@ mod tests {
             out.push((name, ips));
         }
         out
+    }
+
+    /// `--rdma-device`/`--gid-index` given once per rail: lane k takes rail k's (modulo how
+    /// many were given, so one serves every lane); none given: every lane looks its own up.
+    #[test]
+    fn each_lane_takes_its_rails_device_and_gid_index() {
+        let cfg =
+            RdmaConfig { devices: vec!["mlx5_0".into(), "mlx5_1".into()], gid_indexes: vec![3], ..Default::default() };
+        let lanes: Vec<Vec<String>> = (0..4).map(|k| cfg.for_lane(k).devices).collect();
+        assert_eq!(lanes, [["mlx5_0"], ["mlx5_1"], ["mlx5_0"], ["mlx5_1"]]);
+        assert!((0..4).all(|k| cfg.for_lane(k).gid_indexes == [3]));
+        let auto = RdmaConfig::default();
+        assert!(auto.for_lane(1).devices.is_empty() && auto.for_lane(1).gid_indexes.is_empty());
+        // A lane whose rail names a device that is not here is refused naming that device.
+        let err = choose(&cfg.for_lane(1), "127.0.0.1".parse().unwrap()).unwrap_err();
+        if !sysfs_devices().is_empty() {
+            assert!(err.contains("mlx5_1"), "{err}");
+        }
     }
 
     #[test]

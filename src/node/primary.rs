@@ -599,7 +599,7 @@ fn run_push(
         .map_err(|e| PushError::Local { context: "cannot set up the buffer pool".into(), source: e })?;
     // The first hop's transport (the replicas negotiate the hops after it themselves).
     let dn_link = hop
-        .offer_rdma("primary", hello.transport, &opts.rdma, &pool)
+        .offer_rdma("primary", hello.transport, &opts.rdma.for_lane(0), &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
     let mut lanes = dial_lanes(&first, opts, token, &super::lanes::path_of(&hop))?;
     if opts.lanes > 1 {
@@ -608,7 +608,8 @@ fn run_push(
     // Each further lane negotiates its own transport on its own connection, like lane 0 above.
     let lane_links = lanes
         .iter_mut()
-        .map(|l| l.offer_rdma("primary", hello.transport, &opts.rdma, &pool))
+        .zip(1..)
+        .map(|(l, k)| l.offer_rdma("primary", hello.transport, &opts.rdma.for_lane(k), &pool))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|(node, error)| PushError::Node { node, error })?;
     let lane_transports = std::iter::once(dn_link.is_some())

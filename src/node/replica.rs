@@ -1330,9 +1330,10 @@ fn links(
     let transport = hello.transport;
     // Of several lanes, each takes its share of the pool at first (the session grants the rest).
     let share = pool.slots() / usize::from(hello.lanes.max(1));
-    let up_link = up.answer_rdma(transport, &opts.rdma, &mut pool, share).map_err(here)?;
+    let lane0 = opts.rdma.for_lane(0);
+    let up_link = up.answer_rdma(transport, &lane0, &mut pool, share).map_err(here)?;
     let dn_link = match down {
-        Some(d) => d.offer_rdma(&hello.you, transport, &opts.rdma, &pool).map_err(|(node, error)| Failed {
+        Some(d) => d.offer_rdma(&hello.you, transport, &lane0, &pool).map_err(|(node, error)| Failed {
             reason: format!("{node}: {}", error.message),
             node,
             error,
@@ -1357,12 +1358,14 @@ fn lane_links(
     let here = |error: NodeError| Failed { node: hello.you.clone(), reason: error.message.clone(), error };
     let share = pool.slots() / usize::from(hello.lanes.max(1));
     let mut ups = Vec::with_capacity(up_lanes.len());
-    for lane in up_lanes.iter_mut() {
-        ups.push(lane.answer_rdma(hello.transport, &opts.rdma, pool, share).map_err(here)?);
+    // Lane k (k >= 1) is entry k - 1, on rail k: that rail's device.
+    for (k, lane) in (1..).zip(up_lanes.iter_mut()) {
+        ups.push(lane.answer_rdma(hello.transport, &opts.rdma.for_lane(k), pool, share).map_err(here)?);
     }
     let mut dns = Vec::with_capacity(dn_lanes.len());
-    for lane in dn_lanes.iter_mut() {
-        let link = lane.offer_rdma(&hello.you, hello.transport, &opts.rdma, pool).map_err(|(node, error)| Failed {
+    for (k, lane) in (1..).zip(dn_lanes.iter_mut()) {
+        let cfg = opts.rdma.for_lane(k);
+        let link = lane.offer_rdma(&hello.you, hello.transport, &cfg, pool).map_err(|(node, error)| Failed {
             reason: format!("{node}: {}", error.message),
             node,
             error,
