@@ -212,12 +212,19 @@ fn writes_in_flight_when_the_upstream_dies_are_journaled() {
 }
 
 /// A replica that published and then lost its upstream before its RESULT went there (the
-/// primary killed while the next replica's disk stalled) keeps the version, and says so: its
-/// audit log records `published`, its metrics count a published push, and its log does not
-/// claim that nothing was published. Before the fix the end of the session was told as
-/// "push abandoned, nothing published" and audited as `upstream_lost`, with the version on disk.
+/// connection from the primary reset while the next replica's disk stalled) keeps the version,
+/// and says so: its audit log records `published`, its metrics count a published push, and its
+/// log does not claim that nothing was published. Before the fix the end of the session was
+/// told as "push abandoned, nothing published" and audited as `upstream_lost`, with the version
+/// on disk.
+///
+/// The primary reaches r1 through a proxy that resets r1's side (SO_LINGER 0) once r1 has
+/// published, so that r1's RESULT cannot go anywhere. (Killing the primary instead left it to
+/// chance: a killed process's socket closes with a FIN when nothing was unread, and r1's RESULT
+/// then went into its send buffer without an error.)
 #[test]
 fn a_replica_that_published_before_its_upstream_died_reports_published() {
+    use std::os::fd::AsRawFd;
     const TEST: &str = "resume::a_replica_that_published_before_its_upstream_died_reports_published";
     let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
     let (r1_root, audit) = (work.path().join("r1"), work.path().join("audit.jsonl"));
@@ -228,15 +235,53 @@ fn a_replica_that_published_before_its_upstream_died_reports_published() {
     let src = tempdir();
     write_random_file(&src.path().join("ckpt.bin"), 4 * MIB, 13);
 
+    // The proxy's connections (primary side, r1 side) and its two copying threads.
+    type Link = (std::net::TcpStream, std::net::TcpStream, Vec<std::thread::JoinHandle<()>>);
+    let link: std::sync::Arc<std::sync::Mutex<Option<Link>>> = Default::default();
+    let slot = std::sync::Arc::clone(&link);
+    let via = proxy(r1.addr().to_string(), move |first, client, server| {
+        let copy = |from: &std::net::TcpStream, to: &std::net::TcpStream| {
+            let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+            })
+        };
+        let threads = vec![copy(&client, &server), copy(&server, &client)];
+        if first {
+            *slot.lock().unwrap() = Some((client, server, threads));
+        }
+    });
+
     // r2's disk stalls: r1 publishes, then waits for r2's result (a sync push).
     fs.hold_writes(true);
     let mut push = shardcast();
     push.arg("push").arg(src.path()).args(["--name", "p", "--version", "1", "--chunk-size", "1M", "--to"]);
-    push.arg(format!("{},{}", r1.addr(), r2.addr()));
+    push.arg(format!("{via},{}", r2.addr()));
     let mut p = Running::spawn(&mut push);
     let published = wait_until(Duration::from_secs(60), || r1.log().contains("published name=p version=1"));
     assert!(published && p.try_wait().is_none(), "r1 did not publish while r2 stalled\n{}", r1.log());
-    drop(p); // SIGKILL: r1's upstream dies before r1 can report.
+    // The primary goes (so that it cannot repair the chain through the proxy), then r1's
+    // connection from upstream is reset: linger 0, both sides shut so that the copying
+    // threads end and drop their handles, and the last close sends the RST.
+    drop(p);
+    let (client, server, threads) = link.lock().unwrap().take().expect("the proxy carried the push");
+    let off = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket descriptor, and a linger struct of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            server.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const off).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    for s in [&client, &server] {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    drop((client, server));
     fs.hold_writes(false);
 
     let lines = || -> Vec<serde_json::Value> {
@@ -246,7 +291,7 @@ fn a_replica_that_published_before_its_upstream_died_reports_published() {
     assert!(wait_until(Duration::from_secs(60), || !lines().is_empty()), "no audit record\n{}", r1.log());
     let l = lines();
     assert_eq!(l[0]["outcome"], "published", "{l:?}\n{}", r1.log());
-    assert!(l[0]["reason"].as_str().is_some_and(|r| r.contains("upstream left")), "{l:?}");
+    assert!(l[0]["reason"].as_str().is_some_and(|r| r.contains("upstream left")), "{l:?}\n{}", r1.log());
     assert!(!r1.log().contains("nothing published"), "{}", r1.log());
     let m = metrics_addr(&r1.log());
     assert_eq!(metric_sum(&m, "shardcast_pushes_total{outcome=\"published\"}"), 1, "{}", r1.log());
