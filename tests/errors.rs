@@ -497,20 +497,33 @@ fn transport_rdma_is_refused_plainly_and_tcp_works() {
     }
 }
 
-/// A relay that cannot open its staging (here its `.staging` is a file) reports itself, and
-/// the node after it is left holding nothing: a plain push opens the staging before it dials
-/// on, so the same version goes to that node straight away.
-#[test]
-fn a_relay_that_cannot_stage_is_named_and_the_node_after_it_is_left_free() {
+/// Two replicas whose first cannot open a staging (its `.staging` is a file), with `partial`
+/// a partial of `ckpt@1` there; pushes `ckpt@1` through both (`extra` flags) and checks that
+/// the push fails naming that relay, with nothing published there. Returns the cluster and
+/// the source, for what comes after.
+fn push_through_a_relay_that_cannot_stage(partial: bool, extra: &[&str]) -> (Cluster, tempfile::TempDir, PathBuf) {
     let c = Cluster::start(2);
     let staging = c.root(0).join(".staging");
     let _ = fs::remove_dir_all(&staging);
     fs::write(&staging, b"not a directory").unwrap();
-    let (_t, src) = small_src();
-    let out = c.push(&src, "ckpt", 1, &[]);
+    if partial {
+        // Empty: it cannot be resumed, only found, which makes the relay take it over.
+        fs::create_dir_all(c.root(0).join(".partial/ckpt@1")).unwrap();
+    }
+    let (t, src) = small_src();
+    let out = c.push(&src, "ckpt", 1, extra);
     assert_ne!(code(&out), 0, "{}\n{}", show_output(&out), c.logs());
     assert_error_line(&out, &[&c.addr(0), ".staging"]);
     assert_not_published(&c, &[0], "ckpt", 1);
+    (c, t, src)
+}
+
+/// A relay that cannot open its staging reports itself, and the node after it is left holding
+/// nothing: a plain push opens the staging before it dials on, so the same version goes to
+/// that node straight away.
+#[test]
+fn a_relay_that_cannot_stage_is_named_and_the_node_after_it_is_left_free() {
+    let (c, _t, src) = push_through_a_relay_that_cannot_stage(false, &[]);
     assert!(!c.log(1).contains("receiving"), "the relay dialed on before it could stage\n{}", c.logs());
     let out = c.push_to(&c.addr(1), &src, "ckpt", 1, &[]);
     c.assert_push_ok(&out);
@@ -522,18 +535,7 @@ fn a_relay_that_cannot_stage_is_named_and_the_node_after_it_is_left_free() {
 /// (what a repair sends) of it goes through at once, and no partial is left behind.
 #[test]
 fn a_relay_that_cannot_take_its_partial_over_is_named_and_the_next_node_lets_go() {
-    let c = Cluster::start(2);
-    let staging = c.root(0).join(".staging");
-    let _ = fs::remove_dir_all(&staging);
-    fs::write(&staging, b"not a directory").unwrap();
-    // A partial of the version (empty: it cannot be resumed, only found) makes the relay
-    // take it over beside the onward dial.
-    fs::create_dir_all(c.root(0).join(".partial/ckpt@1")).unwrap();
-    let (_t, src) = small_src();
-    let out = c.push(&src, "ckpt", 1, &["--incremental"]);
-    assert_ne!(code(&out), 0, "{}\n{}", show_output(&out), c.logs());
-    assert_error_line(&out, &[&c.addr(0), ".staging"]);
-    assert_not_published(&c, &[0], "ckpt", 1);
+    let (c, _t, src) = push_through_a_relay_that_cannot_stage(true, &["--incremental"]);
     assert!(c.log(1).contains("receiving"), "the relay did not dial on while it opened\n{}", c.logs());
     let out = c.push_to(&c.addr(1), &src, "ckpt", 1, &["--incremental"]);
     c.assert_push_ok(&out);
