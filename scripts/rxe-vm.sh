@@ -25,14 +25,18 @@
 #   Example: scripts/rxe-vm.sh -- cargo test --offline --tests rdma -- --test-threads=1
 #   Build on the host first (cargo test --no-run): anything cargo compiles in the guest compiles
 #   under TCG, and the guest's writes (target dir included) are thrown away. No doc-tests there.
+#   Even a fresh build costs cargo 10-40 s of checking under TCG: scripts/test.sh runs the test
+#   binary itself (`scripts/rxe-vm.sh -- target/debug/deps/rdma-HASH --test-threads=1`).
 #
 # Output: CMD's output (stdout and stderr merged, one serial console) goes to stdout. The script's
 # own messages ("rxe-vm: guest ready N ms", RXEVM-READY, RXEVM-EXIT-STATUS: N) go to stderr.
 #
 # Environment in the guest (CMD runs as root, in the host's cwd):
-#   PATH (the host's, plus the sbin dirs), HOME, USER, LOGNAME, LANG, LC_ALL, TZ, TMPDIR, CARGO_HOME,
-#   RUSTUP_HOME, RUSTUP_TOOLCHAIN, CARGO_TARGET_DIR, RUST_*, SHARDCAST_* and the names listed in
-#   RXEVM_PASS_ENV are copied from the host when set. TERM=dumb unless --tty.
+#   PATH (the host's, plus the sbin dirs), HOME, USER, LOGNAME, LANG, LC_ALL, TZ, TMPDIR, RUSTUP_HOME,
+#   RUSTUP_TOOLCHAIN, RUSTFLAGS, RUSTDOCFLAGS, RUSTC, RUSTC_WRAPPER, RUSTC_BOOTSTRAP, CARGO_*
+#   (CARGO_HOME, CARGO_TARGET_DIR, CARGO_INCREMENTAL, ...: so that cargo in the guest finds the
+#   host's build fresh), RUST_*, SHARDCAST_* and the names listed in RXEVM_PASS_ENV are copied
+#   from the host when set. TERM=dumb unless --tty.
 #   RXEVM=1, RXEVM_NET (e.g. "eth,veth"), RXEVM_HOST=/run/rxevm/host (raw 9p view of the host's /)
 #   RXEVM_DEV RXEVM_IP RXEVM_GID                 "server" side: rxe device, IPv4, RoCEv2 GID index
 #   RXEVM_PEER_DEV RXEVM_PEER_IP RXEVM_PEER_GID  "client" side
@@ -460,9 +464,12 @@ trap 'exit 129' HUP
 
 # ---------------------------------------------------------------- the guest's job
 # Host variables handed to the guest, as NAME=value words.
-PASS=(PATH HOME USER LOGNAME LANG LC_ALL TZ TMPDIR CARGO_HOME RUSTUP_HOME RUSTUP_TOOLCHAIN CARGO_TARGET_DIR)
+# Everything cargo tracks goes too (CARGO_INCREMENTAL, CARGO_PROFILE_*, RUSTFLAGS, ...): a
+# `cargo test` in the guest whose environment differs from the host build's rebuilds, under TCG.
+PASS=(PATH HOME USER LOGNAME LANG LC_ALL TZ TMPDIR RUSTUP_HOME RUSTUP_TOOLCHAIN RUSTFLAGS RUSTDOCFLAGS RUSTC
+      RUSTC_WRAPPER RUSTC_BOOTSTRAP)
 while IFS= read -r name; do
-    case "$name" in RUST_* | SHARDCAST_*) PASS+=("$name") ;; esac
+    case "$name" in CARGO_* | RUST_* | SHARDCAST_*) PASS+=("$name") ;; esac
 done < <(compgen -e)
 if [[ -n "${RXEVM_PASS_ENV:-}" ]]; then
     read -r -a extra <<<"$RXEVM_PASS_ENV"

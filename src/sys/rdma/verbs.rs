@@ -310,7 +310,8 @@ impl Drop for Cq {
 struct Qp(&'static Api, *mut ffi::ibv_qp);
 impl Drop for Qp {
     fn drop(&mut self) {
-        // SAFETY: created by ibv_create_qp, destroyed once, first of the endpoint's resources.
+        // SAFETY: created by ibv_create_qp, destroyed once, after the windows bound through it
+        // and before the CQ (field order of Endpoint).
         unsafe { (self.0.ibv_destroy_qp)(self.1) };
     }
 }
@@ -333,8 +334,9 @@ struct Window {
 }
 impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: allocated by ibv_alloc_mw, freed once, after the QP it was bound on is gone
-        // and before the region under it (field order of Endpoint).
+        // SAFETY: allocated by ibv_alloc_mw, freed once (a bound window is invalidated by the
+        // free), first of the endpoint's resources: before the QP it was bound through and the
+        // region under it (field order of Endpoint).
         unsafe { ffi::ibv_dealloc_mw(self.ptr) };
     }
 }
@@ -349,13 +351,16 @@ const WINDOW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One side of an RC queue pair over a registered pool.
 pub struct Endpoint {
-    // Field order is drop order: the QP before the CQ, the CQ before its channel, the windows
-    // before the regions under them, the regions and the PD before the device context, and the
-    // mapping last, once nothing registered points into it.
+    // Field order is drop order: the windows first (a bound type-2 window holds a reference on
+    // the QP it was bound through: rxe waits ~50 s for it in ibv_destroy_qp, then warns, when
+    // the QP goes first), the QP before the CQ, the CQ before its channel, the regions and the
+    // PD before the device context, and the mapping last, once nothing registered points into
+    // it. The windows are also created after the QP: a killed process's resources are freed by
+    // the kernel newest first, so the same order holds there.
+    windows: Vec<Window>,
     qp: Qp,
     cq: Cq,
     channel: Channel,
-    windows: Vec<Window>,
     slot_mrs: Vec<Mr>,
     mr: Option<Mr>,
     // Held only so that they are freed last.
@@ -404,8 +409,8 @@ impl fmt::Debug for Endpoint {
 }
 
 /// What an endpoint registers: the whole mapping (the sending end, for its writes' local key),
-/// or one region per slot with a window each (the receiving end).
-type Regions = (Option<Mr>, Vec<Mr>, Vec<Window>);
+/// or one region per slot (the receiving end, which also gets a window per slot: [`windows`]).
+type Regions = (Option<Mr>, Vec<Mr>);
 
 /// Whether `device` can bind type-2 memory windows; the reason when not.
 fn check_windows(v: &'static Api, ctx: &Context, device: &str) -> Result<(), VerbsError> {
@@ -446,13 +451,13 @@ fn register(
             let what = format!("registering the {} MiB pool on {device}", mem.len() >> 20);
             return Err(VerbsError::last("ibv_reg_mr", what));
         }
-        return Ok((Some(Mr(v, mr)), Vec::new(), Vec::new()));
+        return Ok((Some(Mr(v, mr)), Vec::new()));
     };
     assert!(slot_size * slots <= mem.len(), "the slots lie in the mapping");
     check_windows(v, ctx, device)?;
     use ffi::ibv_access_flags as a;
     let flags = (a::IBV_ACCESS_LOCAL_WRITE.0 | a::IBV_ACCESS_MW_BIND.0) as c_int;
-    let (mut mrs, mut windows) = (Vec::with_capacity(slots), Vec::with_capacity(slots));
+    let mut mrs = Vec::with_capacity(slots);
     for i in 0..slots {
         // SAFETY: the slot lies in the mapping (asserted above), which stays mapped while the
         // endpoint holds its clone; pd is live. No remote access of its own: only a window bound
@@ -463,6 +468,16 @@ fn register(
                 .detail(format!("{slot_size} bytes, local write + MW bind")));
         }
         mrs.push(Mr(v, mr));
+    }
+    Ok((None, mrs))
+}
+
+/// A type-2 window per slot of a receiving endpoint (none for a sending one), allocated after
+/// its QP (see the field order of [`Endpoint`]).
+fn windows(pd: &Pd, access: Access, device: &str) -> Result<Vec<Window>, VerbsError> {
+    let Access::Grants { slots, .. } = access else { return Ok(Vec::new()) };
+    let mut windows = Vec::with_capacity(slots);
+    for i in 0..slots {
         // SAFETY: pd is live.
         let mw = unsafe { ffi::ibv_alloc_mw(pd.1, ffi::ibv_mw_type::IBV_MW_TYPE_2) }.unwrap_or(std::ptr::null_mut());
         if mw.is_null() {
@@ -470,7 +485,7 @@ fn register(
         }
         windows.push(Window { ptr: mw, bound: false });
     }
-    Ok((None, mrs, windows))
+    Ok(windows)
 }
 
 impl Endpoint {
@@ -499,7 +514,7 @@ impl Endpoint {
             return Err(VerbsError::last("ibv_alloc_pd", device.to_owned()));
         }
         let pd = Pd(v, pd);
-        let (mr, slot_mrs, windows) = register(v, &ctx, &pd, mem, access, device)?;
+        let (mr, slot_mrs) = register(v, &ctx, &pd, mem, access, device)?;
         // SAFETY: ctx is live.
         let ch = unsafe { (v.ibv_create_comp_channel)(ctx.ptr) };
         if ch.is_null() {
@@ -536,6 +551,7 @@ impl Endpoint {
             return Err(VerbsError::last("ibv_create_qp", format!("RC on {device}")).detail(format!("depth {depth}")));
         }
         let qp = Qp(v, qp);
+        let windows = windows(&pd, access, device)?;
 
         // SAFETY: zeroed port_attr is valid output space; ctx is live.
         let mut pattr: ffi::ibv_port_attr = unsafe { std::mem::zeroed() };
@@ -567,10 +583,10 @@ impl Endpoint {
         };
         let local = PeerInfo { qpn, psn, gid, mtu: pattr.active_mtu as u8, addr };
         let ep = Self {
+            windows,
             qp,
             cq,
             channel,
-            windows,
             slot_mrs,
             mr,
             _pd: pd,
