@@ -143,8 +143,10 @@ fi
 # Build the test binary on the host: compiling under TCG in the guest would take minutes. The
 # guest runs that binary itself, not `cargo test`: cargo's freshness check alone takes 10-40 s
 # under TCG, and it rebuilds everything there when the guest's environment differs from the
-# host's in anything cargo tracks.
-rdma_bin=$(cargo test --no-run --test rdma --message-format=json | python3 -c '
+# host's in anything cargo tracks. `--workspace`: the features `cargo test --workspace` above
+# resolved, so that nothing but the test itself is built again (without it a few shared crates
+# resolve other features and every dependency compiles again on a clean clone).
+rdma_bin=$(cargo test --workspace --no-run --test rdma --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
