@@ -674,26 +674,61 @@ fn push_on_rails(
     cmd
 }
 
+/// `--rdma-device D0 --rdma-device D1 --gid-index G0 --gid-index G1` for the replicas' side
+/// and for the pusher's side of the guest's two rails.
+fn rail_devices() -> (Vec<String>, Vec<String>) {
+    let get = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} unset in the guest"));
+    let args = |dev: &str, gid: &str| {
+        let (d, g) = ([get(dev), get(&format!("{dev}2"))], [get(gid), get(&format!("{gid}2"))]);
+        let mut a = Vec::new();
+        for x in &d {
+            a.extend(["--rdma-device".to_string(), x.clone()]);
+        }
+        for x in &g {
+            a.extend(["--gid-index".to_string(), x.clone()]);
+        }
+        a
+    };
+    (args("RXEVM_DEV", "RXEVM_GID"), args("RXEVM_PEER_DEV", "RXEVM_PEER_GID"))
+}
+
 /// Two RDMA lanes (one per rail), then three (rail 0 carries two queue pairs), over the guest's
 /// two rails through the same chain of two replicas with small pools (8 slots shared by the
 /// lanes' grants, granted, written and granted again many times). Each push: identical bytes on
 /// both replicas, every lane of the first hop carried chunks and ran RDMA (`push --json`), and
 /// each replica received on a queue pair per lane, on both rails' devices (its log names them);
-/// the relay forwards lane k on its own lane k.
+/// the relay forwards lane k on its own lane k. The tail names its devices per rail
+/// (`--rdma-device` twice), and so does the pusher for three lanes: with one device taken for
+/// every lane, the tail would receive nothing on rail 1's.
 #[test]
 fn rdma_two_and_three_lanes_on_two_rails_through_two_replicas() {
     let Some(_) = rxe() else { return };
     let Some((replica_rails, pusher_rails)) = rails() else { return };
     let t = tempdir();
-    let servers: Vec<Server> =
-        (0..2).map(|i| serve_on_rails(&replica_rails, &t.path().join(format!("r{i}")), &["--pool-mb", "2"])).collect();
+    // The tail names its devices and GID indexes, one per rail (`--rdma-device` and
+    // `--gid-index` twice); the relay finds its own by the lanes' addresses.
+    let (named, pusher_named) = rail_devices();
+    let named: Vec<&str> = named.iter().map(String::as_str).collect();
+    let servers: Vec<Server> = (0..2)
+        .map(|i| {
+            let mut extra = vec!["--pool-mb", "2"];
+            if i == 1 {
+                extra.extend(&named);
+            }
+            serve_on_rails(&replica_rails, &t.path().join(format!("r{i}")), &extra)
+        })
+        .collect();
     let refs: Vec<&Server> = servers.iter().collect();
     let mut seen = 0;
     for lanes in [2u8, 3] {
         let src = t.path().join(format!("src{lanes}"));
         tree(&src, &[6 * MIB + 3, 2 * MIB, 5], 60 + u64::from(lanes));
         let name = format!("lanes{lanes}");
-        let extra = ["--chunk-size", "256K", "--pool-mb", "2"];
+        // The three-lane push names the pusher's devices per rail (lane 2 is on rail 0 again).
+        let mut extra = vec!["--chunk-size", "256K", "--pool-mb", "2"];
+        if lanes == 3 {
+            extra.extend(pusher_named.iter().map(String::as_str));
+        }
         let mut cmd = push_on_rails(&pusher_rails, &src, &refs, &name, lanes, &extra);
         let out = finish(&mut cmd, Duration::from_secs(150), &refs);
         assert_eq!(code(&out), 0, "{lanes} lanes\n{}\n{}", show_output(&out), logs(&refs));
