@@ -54,7 +54,9 @@ finish() {
                          if (match($0, /skipped=[0-9]+/)) s += substr($0, RSTART + 8, RLENGTH - 8) }
         END { print ran + 0, f + 0, s + 0 }' "$results")
     read -r py_ran py_failed py_skipped <<<"$py"
-    grep -E "\.\.\. skipped '" "$results" | sed -E "s/^(.*) \.\.\. skipped '(.*)'.*/\1: \2/" >>"$SHARDCAST_SKIP_LOG" || true
+    # unittest quotes the reason with ' or, when the reason holds a ', with ".
+    grep -E "\.\.\. skipped ['\"]" "$results" | sed -E "s/^(.*) \.\.\. skipped ['\"](.*)['\"].*/\1: \2/" \
+        >>"$SHARDCAST_SKIP_LOG" || true
     skips=$(wc -l <"$SHARDCAST_SKIP_LOG")
     # A test that skipped through util::skip returned early, and cargo counted it as passed.
     passed=$((passed - host_skips + py_ran - py_failed - py_skipped))
