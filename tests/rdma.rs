@@ -757,6 +757,29 @@ fn rdma_two_and_three_lanes_on_two_rails_through_two_replicas() {
     }
 }
 
+/// The primary spreads chunks over its RDMA lanes as they become ready, one per lane per round
+/// (each lane that holds a credit), even when lane 0 alone holds credits enough for the whole
+/// push: 16 chunks of 1 MiB into a 64 MiB pool (32 slots granted per lane). Drained lane by
+/// lane, lane 0 took every chunk as it became ready and lane 1 carried none.
+#[test]
+fn rdma_lanes_share_the_chunks_when_one_lane_could_take_them_all() {
+    let Some(_) = rxe() else { return };
+    let Some((replica_rails, pusher_rails)) = rails() else { return };
+    let t = tempdir();
+    let server = serve_on_rails(&replica_rails, &t.path().join("r0"), &["--pool-mb", "64"]);
+    let src = t.path().join("src");
+    tree(&src, &[16 * MIB], 90);
+    let extra = ["--chunk-size", "1M", "--pool-mb", "64"];
+    let mut cmd = push_on_rails(&pusher_rails, &src, &[&server], "spread", 2, &extra);
+    let out = finish(&mut cmd, Duration::from_secs(120), &[&server]);
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), server.log());
+    let report = parse_json(&out);
+    let chunks: Vec<u64> = report["lane_chunks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(chunks.iter().sum::<u64>(), 16, "{report}");
+    assert!(chunks.iter().all(|&c| c >= 4), "the lanes did not share the chunks: {chunks:?}\n{report}");
+    published(&server, &src, "spread", 1);
+}
+
 /// The tail dies in the middle of a two-lane RDMA push: the push fails naming it, and
 /// nothing is published there.
 #[test]
