@@ -381,10 +381,7 @@ impl PoolCache {
             return Ok(idle.swap_remove(i));
         }
         drop(idle);
-        let t = std::time::Instant::now();
-        let pool = Pool::new(slots, chunk_size)?;
-        tracing::debug!(slots, chunk_size, ms = t.elapsed().as_secs_f64() * 1e3, "mapped a new buffer pool");
-        Ok(pool)
+        fresh(slots, chunk_size, "mapped a new buffer pool")
     }
 
     /// Maps and pins a pool of `bytes` of `chunk_size` chunks and keeps it idle, so that the
@@ -392,13 +389,8 @@ impl PoolCache {
     /// to hundreds of milliseconds for 64 MiB). A push that comes first maps its own.
     pub(crate) fn warm(&self, bytes: usize, chunk_size: u32) {
         let Ok(slots) = check_budget(bytes, chunk_size) else { return };
-        let t = std::time::Instant::now();
-        match Pool::new(slots, chunk_size) {
-            Ok(pool) => {
-                let locked = pool.is_locked();
-                self.put(pool);
-                tracing::debug!(slots, chunk_size, locked, ms = t.elapsed().as_secs_f64() * 1e3, "buffer pool ready");
-            }
+        match fresh(slots, chunk_size, "buffer pool ready") {
+            Ok(pool) => self.put(pool),
             Err(e) => tracing::debug!("no buffer pool mapped ahead: {e}"),
         }
     }
@@ -414,6 +406,15 @@ impl PoolCache {
             idle.push(pool);
         }
     }
+}
+
+/// A new pool, its mapping and pinning timed in the debug log as `what`.
+fn fresh(slots: usize, chunk_size: u32, what: &str) -> io::Result<Pool> {
+    let t = std::time::Instant::now();
+    let pool = Pool::new(slots, chunk_size)?;
+    let (locked, ms) = (pool.is_locked(), t.elapsed().as_secs_f64() * 1e3);
+    tracing::debug!(slots, chunk_size, locked, ms, "{what}");
+    Ok(pool)
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes, if it can be read.

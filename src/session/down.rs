@@ -538,29 +538,10 @@ impl Session<'_> {
                 }
             }
             (DnRecv::Payload { len, .. }, Ok(n)) if n == len as usize => {
-                let bytes = self.pool.lane_bytes(k, LaneArea::DownRecv, HEADER_LEN + n);
-                let (header, rest) = bytes.split_at(HEADER_LEN);
-                let (payload, mac) = rest.split_at(n - mac_len);
-                let authentic =
-                    self.down.lanes[lane].macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
-                if !authentic {
-                    let error = NodeError::new(
-                        ErrorKind::Unauthorized,
-                        format!(
-                            "CREDIT from {name} on lane {lane} does not authenticate: changed, dropped or replayed in transit, or not from {name}"
-                        ),
-                    );
-                    return self.downstream_settled(Event::DownstreamLost { error });
-                }
-                match (wire::decode_credits(payload), self.down.lanes[lane].rdma.as_mut()) {
-                    (Ok(slots), Some(link)) => {
-                        link.credits.extend(slots);
-                        self.down.lanes[lane].recv = DnRecv::Idle;
-                    }
-                    (Ok(_), None) => self.downstream_settled(lost(format!("{name} sent CREDIT on TCP lane {lane}"))),
-                    (Err(e), _) => {
-                        self.downstream_settled(lost(format!("{name} sent a bad CREDIT on lane {lane}: {e}")))
-                    }
+                let frame = self.pool.lane_bytes(k, LaneArea::DownRecv, HEADER_LEN + n);
+                match take_credits(&mut self.down.lanes[lane], lane, &name, frame, mac_len) {
+                    Ok(()) => self.down.lanes[lane].recv = DnRecv::Idle,
+                    Err(error) => self.downstream_settled(Event::DownstreamLost { error }),
                 }
             }
             (_, res) => tracing::debug!("lane {lane} to {name} ended: {res:?}"),
@@ -613,41 +594,21 @@ impl Session<'_> {
                 }
             }
             (DnRecv::Payload { kind: kind @ (Kind::Ack | Kind::Credit), len }, Ok(n)) if n == len as usize => {
-                let bytes = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
-                let (header, rest) = bytes.split_at(HEADER_LEN);
+                let frame = self.pool.ctrl(Ctrl::DownRecv, HEADER_LEN + n);
                 let mac_len = if self.down.authenticated() { FRAME_MAC_LEN.min(n) } else { 0 };
-                let (payload, mac) = rest.split_at(n - mac_len);
-                let authentic = self.down.lanes[0].macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok());
-                if !authentic {
-                    self.down.recv = DnRecv::Done;
-                    let error = NodeError::new(
-                        ErrorKind::Unauthorized,
-                        format!(
-                            "{} from {name} does not authenticate: changed, dropped or replayed in transit, or not \
-                             from {name}",
-                            kind.name()
-                        ),
-                    );
-                    return self.downstream_settled(Event::DownstreamLost { error });
-                }
-                if kind == Kind::Ack {
-                    let through = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
-                    self.down.recv = DnRecv::Idle;
-                    self.events.push_back(Event::DownstreamAck { through });
-                    return;
-                }
-                match (wire::decode_credits(payload), self.down.lanes[0].rdma.as_mut()) {
-                    (Ok(slots), Some(link)) => {
-                        link.credits.extend(slots);
-                        self.down.recv = DnRecv::Idle;
-                    }
-                    (Ok(_), None) => {
+                let taken = if kind == Kind::Ack {
+                    verify_frame(&mut self.down.lanes[0], 0, &name, kind, frame, mac_len).map(|()| {
+                        let through = u64::from_le_bytes(frame[16..24].try_into().expect("8 bytes"));
+                        self.events.push_back(Event::DownstreamAck { through });
+                    })
+                } else {
+                    take_credits(&mut self.down.lanes[0], 0, &name, frame, mac_len)
+                };
+                match taken {
+                    Ok(()) => self.down.recv = DnRecv::Idle,
+                    Err(error) => {
                         self.down.recv = DnRecv::Done;
-                        self.downstream_settled(lost(format!("{name} sent CREDIT on a TCP hop")));
-                    }
-                    (Err(e), _) => {
-                        self.down.recv = DnRecv::Done;
-                        self.downstream_settled(lost(format!("{name} sent a bad CREDIT: {e}")));
+                        self.downstream_settled(Event::DownstreamLost { error });
                     }
                 }
             }
@@ -679,5 +640,47 @@ impl Session<'_> {
                 self.downstream_settled(lost(why));
             }
         }
+    }
+}
+
+/// Checks the MAC of a `kind` frame (header, payload, then `mac_len` bytes of MAC: `frame`)
+/// from downstream `name` on lane `lane`, under that lane's secret.
+fn verify_frame(
+    l: &mut DnLane,
+    lane: usize,
+    name: &str,
+    kind: Kind,
+    frame: &[u8],
+    mac_len: usize,
+) -> Result<(), NodeError> {
+    let (header, rest) = frame.split_at(HEADER_LEN);
+    let (payload, mac) = rest.split_at(rest.len() - mac_len);
+    if l.macs.as_mut().is_none_or(|m| m.verify(header, payload, mac).is_ok()) {
+        return Ok(());
+    }
+    let on = if lane == 0 { String::new() } else { format!(" on lane {lane}") };
+    Err(NodeError::new(
+        ErrorKind::Unauthorized,
+        format!(
+            "{} from {name}{on} does not authenticate: changed, dropped or replayed in transit, or not from {name}",
+            kind.name()
+        ),
+    ))
+}
+
+/// A CREDIT frame from downstream `name` on lane `lane` (`frame`: header, payload, `mac_len`
+/// bytes of MAC), checked under the lane's secret: the slots it grants go to the lane's queue
+/// pair.
+fn take_credits(l: &mut DnLane, lane: usize, name: &str, frame: &[u8], mac_len: usize) -> Result<(), NodeError> {
+    verify_frame(l, lane, name, Kind::Credit, frame, mac_len)?;
+    let payload = &frame[HEADER_LEN..frame.len() - mac_len];
+    let lost = |what: String| NodeError::new(ErrorKind::ConnectionLost, what);
+    match (wire::decode_credits(payload), l.rdma.as_mut()) {
+        (Ok(slots), Some(link)) => {
+            link.credits.extend(slots);
+            Ok(())
+        }
+        (Ok(_), None) => Err(lost(format!("{name} sent CREDIT on TCP lane {lane}"))),
+        (Err(e), _) => Err(lost(format!("{name} sent a bad CREDIT on lane {lane}: {e}"))),
     }
 }

@@ -180,10 +180,7 @@ impl<'a> Session<'a> {
         // The slots the hop's negotiation granted upstream are the NIC's until a frame lands
         // (further lanes' grants: in `apply`).
         let mut nic_grants = crate::sys::nic::Grants::default();
-        for &s in up_rdma.as_ref().map_or(&[][..], |l| &l.granted[..]) {
-            let span = pool.span(Buf::Slot { id: s, off: 0, len: pool.slot_size() as u32 });
-            nic_grants.granted(pool.mem_mut(), s.0, span);
-        }
+        granted_to_nic(&mut pool, &mut nic_grants, up_rdma.as_ref());
         let downstream_name = downstream.first().cloned().unwrap_or_default();
         let machine = NodeMachine::new(role, node, downstream, manifest.chunk_count());
         let bytes_before = if progress.is_some() {
@@ -269,10 +266,7 @@ impl<'a> Session<'a> {
         let (mut up_links, mut dn_links) = (parts.up_links.into_iter(), parts.dn_links.into_iter());
         for (fd, secret) in parts.up_lanes {
             let link = up_links.next().flatten();
-            for &s in link.as_ref().map_or(&[][..], |l| &l.granted[..]) {
-                let span = self.pool.span(Buf::Slot { id: s, off: 0, len: self.pool.slot_size() as u32 });
-                self.up.nic_grants.granted(self.pool.mem_mut(), s.0, span);
-            }
+            granted_to_nic(&mut self.pool, &mut self.up.nic_grants, link.as_ref());
             let mut lane = up::UpLane::new(fd, link);
             lane.next_seq = next_seq;
             lane.macs = secret.as_ref().map(FrameMacs::downstream_end);
@@ -626,6 +620,15 @@ impl<'a> Session<'a> {
             }
             _ => unreachable!("unknown token kind {kind}"),
         }
+    }
+}
+
+/// Hands the slots an RDMA lane's negotiation granted upstream (`link`'s) to the NIC, until a
+/// frame lands in each.
+fn granted_to_nic(pool: &mut Pool, grants: &mut crate::sys::nic::Grants, link: Option<&UpLink>) {
+    for &s in link.map_or(&[][..], |l| &l.granted[..]) {
+        let span = pool.span(Buf::Slot { id: s, off: 0, len: pool.slot_size() as u32 });
+        grants.granted(pool.mem_mut(), s.0, span);
     }
 }
 
