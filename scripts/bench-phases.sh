@@ -17,8 +17,16 @@
 # `nc -l | tee FILE | nc -N next`, the tail `nc -l > FILE`; its return = the tail's file complete),
 # and, with OLD_BIN, for the same chain through replicas running an older binary. Cases are
 # interleaved A B C, C B A, … so that drift hits them alike; medians over REPS.
+# With RAILS=R (> 1) every node has R rails (cluster.sh --rails R; RAIL_RATES "K=RATE …" slows
+# rail K), the replicas serve with `--rail` for each, the primary pushes with `--lanes R` and its
+# rails, and the phases are given per rail (rK_…: rail K's first byte, its hop 1 ÷ the line time
+# of the bytes it carried, its hops' lags, its tail's last byte from the start and its share of
+# the bytes), with the spread between the rails' last tail bytes (how long the faster rails stood
+# idle at the end) and the end after the last of them; total ÷ (size / sum of the rail rates).
+# nc | tee has no lanes: RAILS > 1 runs without it.
 #
-# Env: SIZE (1G), N (4), REPS (3), RATE (1gbit), MTU (1500), CC (cubic), SAMPLE_MS (5),
+# Env: SIZE (1G), N (4), REPS (3), RATE (1gbit), MTU (1500), CC (cubic), SAMPLE_MS (5), RAILS (1),
+#      RAIL_RATES (e.g. "1=250mbit"),
 #      OLD_BIN (an older release binary: adds the case shardcast-old), NC (1; 0 skips nc | tee),
 #      PORT (7071; old binary PORT+1, nc PORT+10), SC_CLUSTER (sc), OUT (results/<date>-phases),
 #      PUSH_ARGS (extra push arguments, e.g. "--chunk-size 1MiB"), SERVE_ARGS (extra serve arguments
@@ -26,6 +34,7 @@
 #      replicas only, e.g. "SHARDCAST_RELAY_BACKLOG_BYTES=2097152"; with OLD_BIN set to this same
 #      binary, the two cases differ by that setting alone), SYSCTLS (sysctl settings applied in
 #      every node's namespace, e.g. "net.ipv4.tcp_notsent_lowat=131072"), KEEP_WORK=1.
+# CPU idle %: the whole host's idle share while each push runs (every namespace shares the cores).
 # Run it under the shared locks: flock /tmp/sc-netns.lock flock /tmp/sc-bench.lock scripts/bench-phases.sh
 # Needs root, iproute2, python3, nc (netcat-openbsd), cmp (scripts/deps.sh installs them).
 set -euo pipefail
@@ -40,6 +49,8 @@ RATE=${RATE:-1gbit}
 MTU=${MTU:-1500}
 CC=${CC:-cubic}
 SAMPLE_MS=${SAMPLE_MS:-5}
+RAILS=${RAILS:-1}
+RAIL_RATES=${RAIL_RATES:-}
 OLD_BIN=${OLD_BIN:-}
 NC=${NC:-1}
 PORT=${PORT:-7071}
@@ -57,6 +68,17 @@ bytes=$(parse_size "$SIZE")
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "REPS must be a positive integer, got '$REPS'"
 [[ "$RATE" =~ ^[0-9]+(bit|kbit|mbit|gbit|tbit)$ ]] || die "RATE must look like 1gbit, got '$RATE'"
 [[ "$SAMPLE_MS" =~ ^[1-9][0-9]*$ ]] || die "SAMPLE_MS must be a positive integer"
+[[ "$RAILS" =~ ^[1-8]$ ]] || die "RAILS must be 1..8, got '$RAILS'"
+rail_rate_args=()
+for kv in $RAIL_RATES; do
+    [[ "$kv" =~ ^([0-9])=([0-9]+(bit|kbit|mbit|gbit|tbit))$ ]] || die "RAIL_RATES entries look like 1=250mbit, got '$kv'"
+    ((BASH_REMATCH[1] < RAILS)) || die "RAIL_RATES names rail ${BASH_REMATCH[1]}, but RAILS=$RAILS"
+    rail_rate_args+=(--rail-rate "$kv")
+done
+if ((RAILS > 1)) && [[ "$NC" == 1 ]]; then
+    log "RAILS=$RAILS: no nc | tee case (it has no lanes)"
+    NC=0
+fi
 [[ -z "$OLD_BIN" || -x "$OLD_BIN" ]] || die "OLD_BIN=$OLD_BIN is not an executable"
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces)"
 command -v tc >/dev/null || die "tc not found: run scripts/deps.sh (iproute2)"
@@ -78,8 +100,14 @@ log "generating $(fmt_bytes "$bytes") in one file"
 mkdir -p "$work/src"
 gen_random_file "$work/src/shard.bin" "$bytes"
 
-log "cluster: primary + $N replicas, $RATE both directions of every link, MTU $MTU, cc $CC"
-"$CLUSTER" up "$N" --rate "$RATE" --mtu "$MTU" --cc "$CC" --ingress >/dev/null
+log "cluster: primary + $N replicas, $RAILS rail(s) of $RATE ${RAIL_RATES:+($RAIL_RATES) }both directions of every link, MTU $MTU, cc $CC"
+"$CLUSTER" up "$N" --rate "$RATE" --mtu "$MTU" --cc "$CC" --ingress --rails "$RAILS" "${rail_rate_args[@]}" >/dev/null
+# rails_of NODE: `--rail ADDR` for each of NODE's rails (nothing with one rail).
+rails_of() {
+    local j
+    ((RAILS > 1)) || return 0
+    for ((j = 0; j < RAILS; j++)); do printf -- '--rail %s ' "$("$CLUSTER" addr "$1" "$j")"; done
+}
 
 for kv in $SYSCTLS; do
     for node in p $(seq -f 'r%g' 1 "$N"); do "$CLUSTER" exec "$node" sysctl -q -w "$kv" >/dev/null; done
@@ -102,8 +130,9 @@ start_serves() {
         addr=$("$CLUSTER" addr "r$k" 0)
         logf=$work/serve$tag-r$k.log
         : >"$logf"
+        # shellcheck disable=SC2046 # rails_of: words
         "$CLUSTER" exec "r$k" env NO_COLOR=1 "${envs[@]}" "$sbin" serve --listen "$addr:$port" --root "$work/root$tag-r$k" \
-            --keep 1 "$@" >/dev/null 2>"$logf" &
+            --keep 1 $(rails_of "r$k") "$@" >/dev/null 2>"$logf" &
         pid=$!
         bg_started "$pid"
         for ((i = 0; i < 300; i++)); do
@@ -125,6 +154,8 @@ if [[ -n "$old_bin" ]]; then
 fi
 
 cmdline="SIZE=$SIZE N=$N REPS=$REPS RATE=$RATE MTU=$MTU CC=$CC"
+((RAILS > 1)) && cmdline+=" RAILS=$RAILS"
+[[ -n "$RAIL_RATES" ]] && cmdline+=" RAIL_RATES=\"$RAIL_RATES\""
 [[ -n "$OLD_BIN" ]] && cmdline+=" OLD_BIN=$OLD_BIN"
 [[ "$NC" != 1 ]] && cmdline+=" NC=$NC"
 [[ -n "$PUSH_ARGS" ]] && cmdline+=" PUSH_ARGS=\"$PUSH_ARGS\""
@@ -149,11 +180,21 @@ HOLDERS = dict(h.split("=") for h in env("BP_HOLDERS").split())
 HOLDERS = {k: int(v) for k, v in HOLDERS.items()}
 ADDRS, OLD_ADDRS = env("BP_ADDRS").split(), env("BP_OLD_ADDRS").split()
 BIN, OLD_BIN, PUSH_ARGS = env("BP_BIN"), env("BP_OLD_BIN"), env("BP_PUSH_ARGS").split()
+RAILS = env("BP_RAILS", int)
+if RAILS > 1:
+    PUSH_ARGS = ["--lanes", str(RAILS), *env("BP_P_RAILS").split(), *PUSH_ARGS]
+DEVS = [f"scv{k}" for k in range(RAILS)]
 NC_PORT = env("BP_NC_PORT", int)
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-num = RATE.rstrip("abcdefghijklmnopqrstuvwxyz")
-RATE_BPS = int(num) * UNITS[RATE[len(num):]]
-LIMIT = BYTES * 8 / RATE_BPS
+def bps(rate):
+    num = rate.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return int(num) * UNITS[rate[len(num):]]
+RATE_BPS = bps(RATE)
+RATES = [RATE_BPS] * RAILS
+for kv in env("BP_RAIL_RATES").split():
+    k, r = kv.split("=")
+    RATES[int(k)] = bps(r)
+LIMIT = BYTES * 8 / sum(RATES)
 SRC = os.path.join(WORK, "src")
 NODES = ["p"] + [f"r{k}" for k in range(1, N + 1)]
 CASES = ["shardcast"] + (["shardcast-old"] if OLD_BIN else []) + (["nc"] if env("BP_NC") == "1" else [])
@@ -185,18 +226,25 @@ def retrans():
         out[node] = int(lines[1][lines[0].index("RetransSegs")])
     return out
 
+def cpu_ticks():
+    """(busy, idle) jiffies of the whole host (every namespace shares its CPUs)."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:8]]
+    return sum(v) - v[3] - v[4], v[3] + v[4]
+
 def shardcast_case(case):
     binary, addrs = (OLD_BIN, OLD_ADDRS) if case == "shardcast-old" else (BIN, ADDRS)
     tag = "-old" if case == "shardcast-old" else ""
-    with bl.LinkSampler(HOLDERS, period=PERIOD) as s:
+    with bl.LinkSampler(HOLDERS, period=PERIOD, devs=DEVS) as s:
         time.sleep(0.05)
+        c0 = cpu_ticks()
         t0, t1, v = push(binary, addrs, "phases", 3 * LIMIT + 120)
+        c1 = cpu_ticks()
         time.sleep(0.05)
     roots = [os.path.join(WORK, f"root{tag}-r{k}") for k in range(1, N + 1)]
     bl.check_copies(SRC, roots, "phases", v)
     for r in roots:
         shutil.rmtree(os.path.join(r, "phases"))
-    return s.samples, t0, t1
+    return s.samples, t0, t1, (c1[0] - c0[0], c1[1] - c0[1])
 
 def listening(node, port):
     """Whether something in NODE's namespace listens on PORT (its /proc/net/tcp; no probe)."""
@@ -225,7 +273,7 @@ def nc_case():
                 sys.exit(f"error: nc on r{k} does not listen")
         with bl.LinkSampler(HOLDERS, period=PERIOD, watch=out[-1]) as s:
             time.sleep(0.05)
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), cpu_ticks()
             r = subprocess.run(in_ns("p", "sh", "-c", f'exec nc -N {addrs[0]} {NC_PORT} <"$0"',
                                      os.path.join(SRC, "shard.bin")), timeout=3 * LIMIT + 120)
             if r.returncode != 0:
@@ -233,6 +281,7 @@ def nc_case():
             deadline = time.monotonic() + 60
             while s.first_size(BYTES) is None and time.monotonic() < deadline:
                 time.sleep(0.01)
+            c1 = cpu_ticks()
             time.sleep(0.05)
         t1 = s.first_size(BYTES)
         if t1 is None:
@@ -241,7 +290,7 @@ def nc_case():
             r = subprocess.run(["cmp", os.path.join(SRC, "shard.bin"), o], capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"error: nc relay copy {o} differs: {r.stdout} {r.stderr}")
-        return s.samples, t0, t1
+        return s.samples, t0, t1, (c1[0] - c0[0], c1[1] - c0[1])
     finally:
         for p in procs:
             try:
@@ -269,43 +318,64 @@ os.makedirs(SAMPLES, exist_ok=True)
 for rep in range(1, REPS + 1):
     for case in bl.alternate(rep, CASES):
         rt0 = retrans()
-        samples, t0, t1 = nc_case() if case == "nc" else shardcast_case(case)
+        samples, t0, t1, (busy, idle) = nc_case() if case == "nc" else shardcast_case(case)
         rt1 = retrans()
         with gzip.open(os.path.join(SAMPLES, f"{case}-{rep}.csv.gz"), "wt") as f:
-            f.write("t_ms," + ",".join(f"{n}_rx,{n}_tx" for n in NODES) + "\n")
+            links = [n if k == 0 else f"{n}/{k}" for k in range(RAILS) for n in NODES]
+            f.write("t_ms," + ",".join(f"{n}_rx,{n}_tx" for n in links) + "\n")
             for t, c, _ in samples:
-                f.write(f"{(t - t0) * 1e3:.2f}," + ",".join(f"{c[n][0]},{c[n][1]}" for n in NODES) + "\n")
-        ph = bl.chain_phases(samples, NODES, t0, t1, BYTES, RATE_BPS, MTU)
+                f.write(f"{(t - t0) * 1e3:.2f}," + ",".join(f"{c[n][0]},{c[n][1]}" for n in links) + "\n")
+        ph = bl.rails_phases(samples, NODES, t0, t1, BYTES, RATES, MTU)
         rows.append({"rep": rep, "case": case, "seconds": round(t1 - t0, 4), "samples": len(samples),
-                     **{k: round(v, 4) for k, v in ph.items()},
+                     **{k: round(v, 4) for k, v in ph.items()}, "idle_pct": round(100 * idle / max(1, busy + idle), 1),
                      "retrans": " ".join(f"{n}:{rt1[n] - rt0[n]}" for n in NODES)})
-        log(f"rep {rep} {case:<13} {t1 - t0:7.3f} s = {ph['total_x']:.4f} x size/rate; first byte "
-            f"{ph['first_byte_ms']:.0f} ms, hop 1 {ph['hop1_x_line']:.4f} x line, "
-            + ", ".join(f"hop {k} +{ph[f'hop{k}_ms']:.0f} ms" for k in range(2, N + 1))
-            + f", end {ph['end_ms']:.0f} ms; retransmitted segments {rows[-1]['retrans']}")
+        per_rail = []
+        for k in range(RAILS):
+            pre = f"r{k}_" if RAILS > 1 else ""
+            per_rail.append((f"rail {k}: " if RAILS > 1 else "") + f"first byte {ph[pre + 'first_byte_ms']:.0f} ms, "
+                            f"hop 1 {ph[pre + 'hop1_x_line']:.4f} x line, "
+                            + ", ".join(f"hop {j} +{ph[f'{pre}hop{j}_ms']:.0f} ms" for j in range(2, N + 1))
+                            + (f", tail done {ph[pre + 'tail_ms']:.0f} ms, {ph[pre + 'share']:.3f} of the bytes" if RAILS > 1 else ""))
+        log(f"rep {rep} {case:<13} {t1 - t0:7.3f} s = {ph['total_x']:.4f} x size/rate; " + "; ".join(per_rail)
+            + (f"; rails' tails {ph['spread_ms']:.0f} ms apart" if RAILS > 1 else "")
+            + f"; end {ph['end_ms']:.0f} ms; CPU idle {rows[-1]['idle_pct']:.0f}%; retransmitted segments {rows[-1]['retrans']}")
 
-keys = ["seconds", "total_x", "first_byte_ms", "hop1_x_line"] + [f"hop{k}_ms" for k in range(2, N + 1)] + ["end_ms"]
+hops = ["first_byte_ms", "hop1_x_line"] + [f"hop{k}_ms" for k in range(2, N + 1)]
+if RAILS == 1:
+    keys = ["seconds", "total_x", *hops, "end_ms", "idle_pct"]
+else:
+    keys = ["seconds", "total_x", "idle_pct", "spread_ms", "end_ms"] + [f"r{k}_{h}" for k in range(RAILS) for h in [*hops, "tail_ms", "share"]]
 with open(env("BP_CSV"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["rep", "case", *keys, "samples", "retrans"])
     w.writeheader()
     w.writerows(rows)
-head = ["case", "median s", "total ÷ (size/rate)", "first byte ms", "hop 1 ÷ TCP line time"] + \
-       [f"hop {k} after hop {k - 1}, ms" for k in range(2, N + 1)] + ["tail's last byte → return, ms"]
+names = {"seconds": "median s", "total_x": "total ÷ (size/rate)", "first_byte_ms": "first byte ms",
+         "hop1_x_line": "hop 1 ÷ TCP line time", "end_ms": "tail's last byte → return, ms",
+         "idle_pct": "CPU idle %",
+         "spread_ms": "rails' last tail bytes apart, ms", "tail_ms": "tail done, ms", "share": "share of bytes",
+         **{f"hop{k}_ms": f"hop {k} after hop {k - 1}, ms" for k in range(2, N + 1)}}
+def title(k):
+    for j in range(RAILS):
+        if RAILS > 1 and k.startswith(f"r{j}_"):
+            return f"rail {j}: " + names[k[len(f"r{j}_"):]]
+    return names[k]
+head = ["case"] + [title(k) for k in keys]
 table = []
 for case in CASES:
     rs = [r for r in rows if r["case"] == case]
     m = {k: bl.median(r[k] for r in rs) for k in keys}
-    fmt = lambda k: f"{m[k]:.4f}" if k in ("total_x", "hop1_x_line") else (f"{m[k]:.3f}" if k == "seconds" else f"{m[k]:.0f}")
+    fmt = lambda k: f"{m[k]:.4f}" if k.endswith(("total_x", "hop1_x_line")) else (f"{m[k]:.3f}" if k.endswith(("seconds", "share")) else f"{m[k]:.0f}")
     table.append([case] + [fmt(k) for k in keys])
 md = (bl.md_header("shardcast chain phases", env("BP_CMD"))
       + f"commit {env('BP_COMMIT')}, kernel {os.uname().release}; {BYTES} bytes in one file, chain N={N}, "
-      f"{RATE} both directions of every link (htb), MTU {MTU}, cc {CC}, samples every {PERIOD * 1000:.0f} ms; "
+      f"{RAILS} rail(s) of {RATE} {env('BP_RAIL_RATES')} both directions of every link (htb), MTU {MTU}, cc {CC}, samples every {PERIOD * 1000:.0f} ms; "
       f"medians of {REPS}\n\n" + bl.md_table(head, table) + "\n")
 open(env("BP_MD"), "w").write(md)
 print(md)
 print(f"raw rows: {env('BP_CSV')}")
 PY
 BP_WORK=$work BP_BYTES=$bytes BP_N=$N BP_REPS=$REPS BP_RATE=$RATE BP_MTU=$MTU BP_CC=$CC \
+    BP_RAILS=$RAILS BP_RAIL_RATES="$RAIL_RATES" BP_P_RAILS="$(rails_of p)" \
     BP_PERIOD=$SAMPLE_MS BP_HOLDERS="${holders[*]}" BP_ADDRS="$new_addrs" BP_OLD_ADDRS="$old_addrs" \
     BP_BIN=$work/shardcast BP_OLD_BIN=$old_bin BP_NC=$NC BP_NC_PORT=$((PORT + 10)) \
     BP_PUSH_ARGS="$PUSH_ARGS" BP_PREFIX=$SC_CLUSTER BP_CMD="$cmdline" BP_COMMIT="$(git_rev)$dirty" \

@@ -284,24 +284,31 @@ class LinkSampler:
     ``pids`` maps a node name to the PID of any process in that node's namespace: its
     ``/proc/PID/net/dev`` shows that namespace's links, so one thread in the host's namespace
     reads them all (an open seq_file re-read from offset 0 gives fresh counters). Each sample is
-    ``(monotonic seconds, {node: (rx bytes, tx bytes)}, file size or -1)``."""
+    ``(monotonic seconds, {node: (rx bytes, tx bytes)}, file size or -1)``; with ``devs`` (one
+    link per rail, rail 0 first) the counters of rail K >= 1 are under ``f"{node}/{K}"``."""
 
     def __init__(self, pids: Dict[str, int], dev: str = "scv0", period: float = 0.005,
-                 watch: Optional[str] = None):
-        self.dev, self.period, self.watch = dev, period, watch
+                 watch: Optional[str] = None, devs: Sequence[str] = ()):
+        self.devs = list(devs) or [dev]
+        self.period, self.watch = period, watch
         self.fds = {n: os.open(f"/proc/{p}/net/dev", os.O_RDONLY) for n, p in pids.items()}
         self.samples: List[Tuple[float, Dict[str, Tuple[int, int]], int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _read(self, fd: int) -> Tuple[int, int]:
+    def _read(self, node: str, fd: int) -> Dict[str, Tuple[int, int]]:
         text = os.pread(fd, 1 << 16, 0).decode()
+        seen = {}
         for line in text.splitlines():
             name, _, rest = line.partition(":")
-            if name.strip() == self.dev:
-                v = rest.split()
-                return int(v[0]), int(v[8])
-        raise RuntimeError(f"no link {self.dev} in a sampled namespace")
+            seen[name.strip()] = rest
+        out = {}
+        for k, dev in enumerate(self.devs):
+            if dev not in seen:
+                raise RuntimeError(f"no link {dev} in {node}'s namespace")
+            v = seen[dev].split()
+            out[node if k == 0 else f"{node}/{k}"] = (int(v[0]), int(v[8]))
+        return out
 
     def _size(self) -> int:
         try:
@@ -312,7 +319,10 @@ class LinkSampler:
     def _run(self) -> None:
         nxt = time.monotonic()
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), {n: self._read(fd) for n, fd in self.fds.items()}, self._size()))
+            now, counters = time.monotonic(), {}
+            for n, fd in self.fds.items():
+                counters.update(self._read(n, fd))
+            self.samples.append((now, counters, self._size()))
             nxt += self.period
             time.sleep(max(0.0, nxt - time.monotonic()))
 
@@ -381,4 +391,40 @@ def chain_phases(samples, nodes: Sequence[str], t_start: float, t_end: float, si
         out[f"hop{k + 1}_ms"] = (lasts[k] - lasts[k - 1]) * 1e3
     out["end_ms"] = (t_end - lasts[-1]) * 1e3
     out["total_x"] = (t_end - t_start) / (size * 8 / rate_bps)
+    return out
+
+
+def rails_phases(samples, nodes: Sequence[str], t_start: float, t_end: float, size: int,
+                 rates_bps: Sequence[float], mtu: int) -> Dict[str, float]:
+    """:func:`chain_phases` for a chain whose hops have one lane per rail (``rates_bps``: each
+    rail's rate; the samples from a :class:`LinkSampler` with one link per rail). With one rail,
+    exactly :func:`chain_phases`. With several, per rail K the keys ``rK_``-prefixed (its first
+    byte, its hop 1 ÷ the line time of the bytes r1 received on it, its further hops' lags, its
+    tail's last byte ``rK_tail_ms`` from the start, ``rK_share`` of the bytes, as r1 received
+    them), and for the push:
+    ``spread_ms`` (the last rail's tail finished this long after the first rail's: the time the
+    faster rails stood idle at the end), ``end_ms`` (the last tail byte on any rail to the
+    return) and ``total_x`` ((t_end - t_start) ÷ (size / sum of the rates))."""
+    if len(rates_bps) == 1:
+        return chain_phases(samples, nodes, t_start, t_end, size, rates_bps[0], mtu)
+    r1 = nodes[1]
+    got = [samples[-1][1][r1 if k == 0 else f"{r1}/{k}"][0] - samples[0][1][r1 if k == 0 else f"{r1}/{k}"][0]
+           for k in range(len(rates_bps))]
+    out: Dict[str, float] = {}
+    tails = []
+    for k, rate in enumerate(rates_bps):
+        names = [n if k == 0 else f"{n}/{k}" for n in nodes]
+        # r1's received bytes split the size between the rails (a link's counters do not give
+        # the payload itself: GRO counts one header per aggregate, and the ACKs of the next hop
+        # come in too, alike on every rail).
+        share = size * got[k] / sum(got)
+        ph = chain_phases(samples, names, t_start, t_end, max(1, int(share)), rate, mtu)
+        tails.append(t_end - ph["end_ms"] / 1e3)
+        for key in ("first_byte_ms", "hop1_x_line", *[f"hop{j}_ms" for j in range(2, len(nodes))]):
+            out[f"r{k}_{key}"] = ph[key]
+        out[f"r{k}_tail_ms"] = (tails[-1] - t_start) * 1e3
+        out[f"r{k}_share"] = got[k] / sum(got)
+    out["spread_ms"] = (max(tails) - min(tails)) * 1e3
+    out["end_ms"] = (t_end - max(tails)) * 1e3
+    out["total_x"] = (t_end - t_start) / (size * 8 / sum(rates_bps))
     return out
