@@ -500,9 +500,13 @@ impl<'a> Session<'a> {
                 self.grant_rdma_slots();
             }
             Action::AckUpstream { through } => self.acked(through),
-            Action::Sync => self.sync(),
+            Action::Sync => {
+                tracing::debug!("every chunk written here: syncing");
+                self.sync()
+            }
             Action::Publish => self.publish(),
             Action::Finish { reports } => {
+                tracing::debug!("every report in: the result goes upstream");
                 if self.up.fd.is_some() {
                     self.up.result = Some(reports.clone());
                 }

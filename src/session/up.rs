@@ -326,6 +326,10 @@ impl Session<'_> {
             let mine = self.manifest.digest();
             if h.digest == mine {
                 self.up.end_received = true;
+                tracing::debug!(
+                    slots_held = self.pool.slots() - self.pool.free_slots(),
+                    "END from upstream: every chunk arrived"
+                );
                 self.events.push_back(Event::UpstreamEnd);
             } else {
                 self.abort(NodeError::new(
