@@ -8,7 +8,10 @@
 //! deterministically (see the tests below).
 //!
 //! Invariants the machine keeps:
-//! - chunks are forwarded and written in chunk order, whatever order they became ready in;
+//! - chunks are forwarded in chunk order, whatever order they became ready in; a replica hands
+//!   on at once a chunk that needs no ordered forward (the tail's, one it does not send on, one
+//!   whose bytes went downstream as they arrived: cut through), so its write and its slot do not
+//!   wait for chunks still on a slower lane;
 //! - a slot is released exactly once, after its forward and its write have both completed;
 //! - the ack sent upstream never exceeds what this node *and* every node after it have written;
 //! - a replica publishes only after END arrived and every chunk was written and synced;
@@ -43,6 +46,9 @@ pub(crate) enum Event {
         seq: u64,
         /// Where it is.
         slot: SlotId,
+        /// A replica: its bytes are already on their way downstream, on the lane they came on
+        /// (cut through as they arrived), so its forward needs no place in chunk order.
+        cut: bool,
     },
     /// Chunk `seq` arrived in `slot` but its bytes do not match the digest in its header.
     ChunkCorrupt {
@@ -192,8 +198,12 @@ pub(crate) struct NodeMachine {
     node: String,
     downstream_nodes: Vec<String>,
     total: u64,
-    ready: BTreeMap<u64, SlotId>,
+    /// Chunks ready and not handed on yet: their slot, and whether they were cut through.
+    ready: BTreeMap<u64, (SlotId, bool)>,
+    /// The first chunk (passing this node) not handed on yet.
     next_dispatch: u64,
+    /// Chunks handed on (a replica hands some on ahead of `next_dispatch`).
+    dispatched: Vec<u64>,
     in_flight: HashMap<u64, InFlight>,
     written: Vec<u64>,
     written_through: u64,
@@ -223,6 +233,7 @@ impl NodeMachine {
             total,
             ready: BTreeMap::new(),
             next_dispatch: 0,
+            dispatched: vec![0; total.div_ceil(64) as usize],
             in_flight: HashMap::new(),
             written: vec![0; total.div_ceil(64) as usize],
             written_through: 0,
@@ -308,11 +319,12 @@ impl NodeMachine {
             return;
         }
         match event {
-            Event::ChunkReady { seq, slot } => {
+            Event::ChunkReady { seq, slot, cut } => {
                 if seq < self.next_dispatch
                     || seq >= self.total
                     || !self.route.passes(seq)
-                    || self.ready.insert(seq, slot).is_some()
+                    || self.is_dispatched(seq)
+                    || self.ready.insert(seq, (slot, cut)).is_some()
                 {
                     self.abort(ErrorKind::Protocol, format!("chunk {seq} arrived twice or out of range"), out);
                     return;
@@ -478,29 +490,58 @@ impl NodeMachine {
         self.role == Role::Replica && self.own == Own::Receiving
     }
 
+    fn is_dispatched(&self, seq: u64) -> bool {
+        self.dispatched[(seq / 64) as usize] & (1 << (seq % 64)) != 0
+    }
+
+    /// Hands chunk `seq` in `slot` on: forward, write, or release.
+    fn dispatch(&mut self, seq: u64, slot: SlotId, out: &mut Vec<Action>) {
+        self.dispatched[(seq / 64) as usize] |= 1 << (seq % 64);
+        let forwarding = self.downstream_alive() && self.route.onward(seq);
+        let writing = self.writes_local() && self.route.here(seq);
+        if forwarding {
+            out.push(Action::Forward { seq, slot });
+        }
+        if writing {
+            out.push(Action::Write { seq, slot });
+        } else if self.role == Role::Replica && self.route.here(seq) {
+            // The local copy already failed: count the chunk as handled so that acks for
+            // the rest of the chain keep flowing.
+            self.mark_written(seq);
+        }
+        if forwarding || writing {
+            self.in_flight.insert(seq, InFlight { slot, forwarding, writing });
+        } else {
+            out.push(Action::Release { slot });
+        }
+    }
+
     fn progress(&mut self, out: &mut Vec<Action>) {
-        // 1. Hand ready chunks on, in order (skipping those that do not pass this node).
+        // 1. Hand ready chunks on, in order (skipping those that do not pass this node, and
+        //    those handed on ahead)...
         loop {
-            self.next_dispatch = self.route.next_passing(self.next_dispatch, self.total);
-            let Some(slot) = self.ready.remove(&self.next_dispatch) else { break };
-            let seq = self.next_dispatch;
-            self.next_dispatch += 1;
-            let forwarding = self.downstream_alive() && self.route.onward(seq);
-            let writing = self.writes_local() && self.route.here(seq);
-            if forwarding {
-                out.push(Action::Forward { seq, slot });
+            while self.next_dispatch < self.total
+                && (!self.route.passes(self.next_dispatch) || self.is_dispatched(self.next_dispatch))
+            {
+                self.next_dispatch += 1;
             }
-            if writing {
-                out.push(Action::Write { seq, slot });
-            } else if self.role == Role::Replica && self.route.here(seq) {
-                // The local copy already failed: count the chunk as handled so that acks for
-                // the rest of the chain keep flowing.
-                self.mark_written(seq);
-            }
-            if forwarding || writing {
-                self.in_flight.insert(seq, InFlight { slot, forwarding, writing });
-            } else {
-                out.push(Action::Release { slot });
+            let Some((slot, _)) = self.ready.remove(&self.next_dispatch) else { break };
+            self.dispatch(self.next_dispatch, slot, out);
+        }
+        // ...and on a replica, at once those whose forward needs no place in the order: chunks
+        // that go nowhere further, or that were cut through. A chunk that arrived ahead of one
+        // still on a slower lane is written and its slot freed without waiting for it.
+        if self.role == Role::Replica {
+            let alive = self.downstream_alive();
+            let free: Vec<u64> = self
+                .ready
+                .iter()
+                .filter(|&(&seq, &(_, cut))| cut || !alive || !self.route.onward(seq))
+                .map(|(&seq, _)| seq)
+                .collect();
+            for seq in free {
+                let (slot, _) = self.ready.remove(&seq).expect("listed above");
+                self.dispatch(seq, slot, out);
             }
         }
         let all_dispatched = self.end_received && self.next_dispatch == self.total;
@@ -601,7 +642,7 @@ mod tests {
     #[test]
     fn relay_forwards_writes_and_releases_after_both() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 2);
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         assert_eq!(a, vec![Action::Forward { seq: 0, slot: s(0) }, Action::Write { seq: 0, slot: s(0) }]);
         assert_eq!(step(&mut m, Event::WriteDone { seq: 0 }), vec![]);
         // Written here but not yet acked downstream: no ack upstream.
@@ -612,9 +653,9 @@ mod tests {
     #[test]
     fn out_of_order_reads_are_sent_in_order() {
         let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into()], 3);
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) }), vec![]);
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2) }), vec![]);
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false }), vec![]);
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), cut: false }), vec![]);
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         assert_eq!(
             a,
             vec![
@@ -631,31 +672,66 @@ mod tests {
     #[test]
     fn a_replica_takes_chunks_out_of_order_across_lanes_and_acks_only_a_written_prefix() {
         let mut m = NodeMachine::new(Role::Replica, "r2", vec![], 3);
-        // Chunk 1 (lane 1) before chunk 0 (lane 0): held until 0 is here.
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) }), vec![]);
+        // Chunk 1 (lane 1) before chunk 0 (lane 0): the tail forwards nothing, so it writes
+        // chunk 1 at once and frees its slot, whatever lane chunk 0 is still on.
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false });
+        assert_eq!(a, vec![Action::Write { seq: 1, slot: s(1) }]);
         assert_eq!(m.next_dispatch(), 0);
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
-        assert_eq!(a, vec![Action::Write { seq: 0, slot: s(0) }, Action::Write { seq: 1, slot: s(1) }]);
-        // Chunk 1 written first: no ack, the prefix is still empty.
+        // Written: no ack, the prefix is still empty.
         assert_eq!(step(&mut m, Event::WriteDone { seq: 1 }), vec![Action::Release { slot: s(1) }]);
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        assert_eq!(a, vec![Action::Write { seq: 0, slot: s(0) }]);
+        assert_eq!(m.next_dispatch(), 2);
         let a = step(&mut m, Event::WriteDone { seq: 0 });
         assert_eq!(a, vec![Action::Release { slot: s(0) }, Action::AckUpstream { through: 2 }]);
         // END before chunk 2 (still on lane 1): nothing is synced yet.
         assert_eq!(step(&mut m, Event::UpstreamEnd), vec![]);
         // A chunk that came twice (on two lanes) is refused.
         let mut twice = NodeMachine::new(Role::Replica, "r3", vec![], 3);
-        step(&mut twice, Event::ChunkReady { seq: 2, slot: s(2) });
-        let a = step(&mut twice, Event::ChunkReady { seq: 2, slot: s(3) });
+        step(&mut twice, Event::ChunkReady { seq: 2, slot: s(2), cut: false });
+        let a = step(&mut twice, Event::ChunkReady { seq: 2, slot: s(3), cut: false });
         assert!(matches!(&a[..], [Action::Abort { error }] if error.kind == ErrorKind::Protocol), "{a:?}");
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2) }), vec![Action::Write { seq: 2, slot: s(2) }]);
+        assert_eq!(
+            step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), cut: false }),
+            vec![Action::Write { seq: 2, slot: s(2) }]
+        );
         let a = step(&mut m, Event::WriteDone { seq: 2 });
         assert_eq!(a, vec![Action::Release { slot: s(2) }, Action::Sync, Action::AckUpstream { through: 3 }]);
     }
 
     #[test]
+    fn a_relay_hands_on_at_once_only_the_chunks_cut_through() {
+        let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 3);
+        // Chunk 2 arrived whole ahead of 0 and 1: its forward keeps its place in chunk order.
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), cut: false }), vec![]);
+        // Chunk 1 went downstream piece by piece as it arrived: written, and its forward
+        // settled, at once.
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: true });
+        assert_eq!(a, vec![Action::Forward { seq: 1, slot: s(1) }, Action::Write { seq: 1, slot: s(1) }]);
+        assert_eq!(step(&mut m, Event::WriteDone { seq: 1 }), vec![]);
+        assert_eq!(step(&mut m, Event::ForwardDone { seq: 1 }), vec![Action::Release { slot: s(1) }]);
+        assert_eq!(m.next_dispatch(), 0);
+        // Chunk 0: it, then 2, in order; nothing is acked before 0 is written and acked below.
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        assert_eq!(
+            a,
+            vec![
+                Action::Forward { seq: 0, slot: s(0) },
+                Action::Write { seq: 0, slot: s(0) },
+                Action::Forward { seq: 2, slot: s(2) },
+                Action::Write { seq: 2, slot: s(2) },
+            ]
+        );
+        assert_eq!(m.next_dispatch(), 3);
+        step(&mut m, Event::WriteDone { seq: 0 });
+        step(&mut m, Event::WriteDone { seq: 2 });
+        assert_eq!(step(&mut m, Event::DownstreamAck { through: 3 }), vec![Action::AckUpstream { through: 3 }]);
+    }
+
+    #[test]
     fn tail_syncs_publishes_and_reports_after_end() {
         let mut m = NodeMachine::new(Role::Replica, "r2", vec![], 1);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         let a = step(&mut m, Event::WriteDone { seq: 0 });
         assert_eq!(a, vec![Action::Release { slot: s(0) }, Action::AckUpstream { through: 1 }]);
         assert_eq!(step(&mut m, Event::UpstreamEnd), vec![Action::Sync]);
@@ -684,13 +760,13 @@ mod tests {
     #[test]
     fn lost_downstream_releases_slots_and_names_every_node_after_it() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 2);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         step(&mut m, Event::WriteDone { seq: 0 });
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
         // The slot is free now, and r1 alone holds chunk 0 durably: that is what it acks.
         assert_eq!(a, vec![Action::Release { slot: s(0) }, Action::AckUpstream { through: 1 }]);
-        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) });
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false });
         assert_eq!(a, vec![Action::Write { seq: 1, slot: s(1) }], "no forward after the loss");
         step(&mut m, Event::WriteDone { seq: 1 });
         step(&mut m, Event::UpstreamEnd);
@@ -706,7 +782,7 @@ mod tests {
     fn repaired_push_relay_stops_when_a_node_after_it_dies() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 3);
         m.set_stop_on_loss();
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         step(&mut m, Event::WriteDone { seq: 0 });
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
@@ -716,7 +792,11 @@ mod tests {
         assert_eq!(downstream[0], ReplicaReport::failed("r2", lost));
         assert!(matches!(&downstream[1].outcome, Outcome::Failed(e) if e.kind == ErrorKind::Aborted));
         assert!(m.is_finished());
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) }), vec![], "nothing after stopping");
+        assert_eq!(
+            step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false }),
+            vec![],
+            "nothing after stopping"
+        );
     }
 
     #[test]
@@ -724,7 +804,7 @@ mod tests {
         let dead = NodeError::new(ErrorKind::ConnectionLost, "connection to r3 lost");
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 3);
         m.set_stop_on_loss();
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         let stopped = NodeError::new(ErrorKind::Aborted, "stopped");
         let a = step(
             &mut m,
@@ -746,7 +826,7 @@ mod tests {
     fn repaired_push_relay_with_every_chunk_finishes_instead_of_stopping() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 1);
         m.set_stop_on_loss();
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         step(&mut m, Event::UpstreamEnd);
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost });
@@ -756,11 +836,11 @@ mod tests {
     #[test]
     fn failed_write_keeps_forwarding_and_reports_failure() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 2);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         let full = NodeError::new(ErrorKind::DiskFull, "No space left on device");
         step(&mut m, Event::WriteFailed { seq: 0, error: full.clone() });
         step(&mut m, Event::ForwardDone { seq: 0 });
-        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1) });
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false });
         assert_eq!(a, vec![Action::Forward { seq: 1, slot: s(1) }]);
         step(&mut m, Event::ForwardDone { seq: 1 });
         assert_eq!(step(&mut m, Event::UpstreamEnd), vec![Action::SendEnd]);
@@ -785,7 +865,7 @@ mod tests {
     fn ack_is_the_minimum_of_local_and_downstream() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 4);
         for i in 0..4 {
-            step(&mut m, Event::ChunkReady { seq: i, slot: s(i as u16) });
+            step(&mut m, Event::ChunkReady { seq: i, slot: s(i as u16), cut: false });
         }
         assert_eq!(step(&mut m, Event::DownstreamAck { through: 3 }), vec![]);
         step(&mut m, Event::WriteDone { seq: 1 });
@@ -795,7 +875,7 @@ mod tests {
     #[test]
     fn primary_stops_as_soon_as_its_downstream_is_gone() {
         let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into(), "r2".into()], 1000);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         step(&mut m, Event::ForwardDone { seq: 0 });
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r1 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
@@ -808,7 +888,7 @@ mod tests {
     #[test]
     fn primary_finishes_with_downstream_reports() {
         let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into()], 1);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0) });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
         assert_eq!(step(&mut m, Event::ForwardDone { seq: 0 }), vec![Action::Release { slot: s(0) }]);
         let a = step(&mut m, Event::DownstreamAck { through: 1 });
         assert_eq!(a, vec![Action::AckUpstream { through: 1 }]);

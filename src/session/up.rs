@@ -300,7 +300,10 @@ impl Session<'_> {
         }
         if ok {
             self.manifest.set_digest(seq, announced);
-            self.events.push_back(Event::ChunkReady { seq, slot });
+            // Its pieces went downstream as they arrived (or are queued there, in the order of
+            // the lane it came on): the machine need not hold it for the chunk order.
+            let cut = self.down.cut.iter().any(|c| c.seq == seq);
+            self.events.push_back(Event::ChunkReady { seq, slot, cut });
         } else {
             self.events.push_back(Event::ChunkCorrupt { seq, slot });
         }
