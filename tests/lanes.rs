@@ -249,6 +249,32 @@ fn a_slow_lane_does_not_hold_up_the_fast_one_in_a_replicas_pool() {
     assert!(lanes[1] * 5 < lanes[0], "the slow lane held the fast one back: {lanes:?}");
 }
 
+#[test]
+fn a_slow_lane_does_not_hold_up_the_fast_one_at_an_encrypted_relay() {
+    // An encrypted push: the relay forwards whole sealed frames (no cut-through). Its pool: 4
+    // slots of 1 MiB; lane 1 from the primary (the proxy's second connection) passes ~3 MB/s.
+    let t = tempdir();
+    let key = key_file(t.path(), "cluster.key", "a-slow-lane-at-an-encrypted-relay");
+    let c = Cluster::builder()
+        .env("SHARDCAST_KEY_FILE", key.to_str().unwrap())
+        .serve_arg("--pool-mb")
+        .serve_arg("4")
+        .start(2);
+    write_random_file(&t.path().join("src/big.bin"), 48 * MIB, 29);
+    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(20));
+    let to = format!("{slow},{}", c.addr(1));
+    let args = ["--chunk-size", "1M", "--json", "--lanes", "2", "--encrypt"];
+    let out = c.push_to(&to, &t.path().join("src"), "ck", 1, &args);
+    c.assert_push_ok(&out);
+    c.assert_published(&t.path().join("src"), "ck", 1);
+    // The relay hands each frame to the lane it goes on as it is ready (the order it came in on
+    // that lane), so the fast lane's frames do not wait in its slots for the slow lane's. Held
+    // in chunk order they did: 10 of 48 chunks went on the slow lane, and the relay, its slots
+    // full, kept its window shut until the primary's lane gave up and the chain was repaired.
+    let lanes = first_hop_lanes(&out);
+    assert!(lanes[1] * 5 < lanes[0], "the slow lane held the fast one back at the relay: {lanes:?}");
+}
+
 /// Chunks per lane of the first hop, from `push --json`.
 fn first_hop_lanes(out: &std::process::Output) -> Vec<u64> {
     let report = parse_json(out);

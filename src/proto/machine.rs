@@ -8,10 +8,11 @@
 //! deterministically (see the tests below).
 //!
 //! Invariants the machine keeps:
-//! - chunks are forwarded in chunk order, whatever order they became ready in; a replica hands
-//!   on at once a chunk that needs no ordered forward (the tail's, one it does not send on, one
-//!   whose bytes went downstream as they arrived: cut through), so its write and its slot do not
-//!   wait for chunks still on a slower lane;
+//! - chunks are forwarded in chunk order, whatever order they became ready in, except that a
+//!   replica hands on at once a chunk whose forward needs no place in that order (the tail's,
+//!   one it does not send on, one that keeps the order of the lane it came on by itself: cut
+//!   through as it arrived, or queued on its lane as it became ready), so its write and its slot
+//!   do not wait for chunks still on a slower lane;
 //! - a slot is released exactly once, after its forward and its write have both completed;
 //! - the ack sent upstream never exceeds what this node *and* every node after it have written;
 //! - a replica publishes only after END arrived and every chunk was written and synced;
@@ -46,9 +47,11 @@ pub(crate) enum Event {
         seq: u64,
         /// Where it is.
         slot: SlotId,
-        /// A replica: its bytes are already on their way downstream, on the lane they came on
-        /// (cut through as they arrived), so its forward needs no place in chunk order.
-        cut: bool,
+        /// A replica: its forward keeps the order of the lane it came on without the machine's
+        /// chunk order: its bytes went downstream as they arrived (cut through), or the hop has
+        /// several lanes and the chunk goes on its lane's queue as it becomes ready (chunks
+        /// become ready in the order they came on their lane).
+        lane_order: bool,
     },
     /// Chunk `seq` arrived in `slot` but its bytes do not match the digest in its header.
     ChunkCorrupt {
@@ -198,7 +201,8 @@ pub(crate) struct NodeMachine {
     node: String,
     downstream_nodes: Vec<String>,
     total: u64,
-    /// Chunks ready and not handed on yet: their slot, and whether they were cut through.
+    /// Chunks ready and not handed on yet: their slot, and whether their forward keeps their
+    /// lane's order by itself.
     ready: BTreeMap<u64, (SlotId, bool)>,
     /// The first chunk (passing this node) not handed on yet.
     next_dispatch: u64,
@@ -319,12 +323,12 @@ impl NodeMachine {
             return;
         }
         match event {
-            Event::ChunkReady { seq, slot, cut } => {
+            Event::ChunkReady { seq, slot, lane_order } => {
                 if seq < self.next_dispatch
                     || seq >= self.total
                     || !self.route.passes(seq)
                     || self.is_dispatched(seq)
-                    || self.ready.insert(seq, (slot, cut)).is_some()
+                    || self.ready.insert(seq, (slot, lane_order)).is_some()
                 {
                     self.abort(ErrorKind::Protocol, format!("chunk {seq} arrived twice or out of range"), out);
                     return;
@@ -529,14 +533,14 @@ impl NodeMachine {
             self.dispatch(self.next_dispatch, slot, out);
         }
         // ...and on a replica, at once those whose forward needs no place in the order: chunks
-        // that go nowhere further, or that were cut through. A chunk that arrived ahead of one
-        // still on a slower lane is written and its slot freed without waiting for it.
+        // that go nowhere further, or whose forward keeps its lane's order. A chunk that arrived
+        // ahead of one still on a slower lane is written and its slot freed without waiting.
         if self.role == Role::Replica {
             let alive = self.downstream_alive();
             let free: Vec<u64> = self
                 .ready
                 .iter()
-                .filter(|&(&seq, &(_, cut))| cut || !alive || !self.route.onward(seq))
+                .filter(|&(&seq, &(_, lane_order))| lane_order || !alive || !self.route.onward(seq))
                 .map(|(&seq, _)| seq)
                 .collect();
             for seq in free {
@@ -642,7 +646,7 @@ mod tests {
     #[test]
     fn relay_forwards_writes_and_releases_after_both() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 2);
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         assert_eq!(a, vec![Action::Forward { seq: 0, slot: s(0) }, Action::Write { seq: 0, slot: s(0) }]);
         assert_eq!(step(&mut m, Event::WriteDone { seq: 0 }), vec![]);
         // Written here but not yet acked downstream: no ack upstream.
@@ -653,9 +657,9 @@ mod tests {
     #[test]
     fn out_of_order_reads_are_sent_in_order() {
         let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into()], 3);
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false }), vec![]);
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), cut: false }), vec![]);
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), lane_order: false }), vec![]);
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), lane_order: false }), vec![]);
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         assert_eq!(
             a,
             vec![
@@ -674,12 +678,12 @@ mod tests {
         let mut m = NodeMachine::new(Role::Replica, "r2", vec![], 3);
         // Chunk 1 (lane 1) before chunk 0 (lane 0): the tail forwards nothing, so it writes
         // chunk 1 at once and frees its slot, whatever lane chunk 0 is still on.
-        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false });
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), lane_order: false });
         assert_eq!(a, vec![Action::Write { seq: 1, slot: s(1) }]);
         assert_eq!(m.next_dispatch(), 0);
         // Written: no ack, the prefix is still empty.
         assert_eq!(step(&mut m, Event::WriteDone { seq: 1 }), vec![Action::Release { slot: s(1) }]);
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         assert_eq!(a, vec![Action::Write { seq: 0, slot: s(0) }]);
         assert_eq!(m.next_dispatch(), 2);
         let a = step(&mut m, Event::WriteDone { seq: 0 });
@@ -688,11 +692,11 @@ mod tests {
         assert_eq!(step(&mut m, Event::UpstreamEnd), vec![]);
         // A chunk that came twice (on two lanes) is refused.
         let mut twice = NodeMachine::new(Role::Replica, "r3", vec![], 3);
-        step(&mut twice, Event::ChunkReady { seq: 2, slot: s(2), cut: false });
-        let a = step(&mut twice, Event::ChunkReady { seq: 2, slot: s(3), cut: false });
+        step(&mut twice, Event::ChunkReady { seq: 2, slot: s(2), lane_order: false });
+        let a = step(&mut twice, Event::ChunkReady { seq: 2, slot: s(3), lane_order: false });
         assert!(matches!(&a[..], [Action::Abort { error }] if error.kind == ErrorKind::Protocol), "{a:?}");
         assert_eq!(
-            step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), cut: false }),
+            step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), lane_order: false }),
             vec![Action::Write { seq: 2, slot: s(2) }]
         );
         let a = step(&mut m, Event::WriteDone { seq: 2 });
@@ -700,19 +704,20 @@ mod tests {
     }
 
     #[test]
-    fn a_relay_hands_on_at_once_only_the_chunks_cut_through() {
+    fn a_relay_hands_on_at_once_only_the_chunks_whose_forward_keeps_its_lanes_order() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 3);
-        // Chunk 2 arrived whole ahead of 0 and 1: its forward keeps its place in chunk order.
-        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), cut: false }), vec![]);
-        // Chunk 1 went downstream piece by piece as it arrived: written, and its forward
-        // settled, at once.
-        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: true });
+        // Chunk 2 arrived whole ahead of 0 and 1 on a hop of one lane: its forward keeps its
+        // place in chunk order.
+        assert_eq!(step(&mut m, Event::ChunkReady { seq: 2, slot: s(2), lane_order: false }), vec![]);
+        // Chunk 1 went downstream piece by piece as it arrived (or goes on its own lane's
+        // queue): written, and its forward settled, at once.
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), lane_order: true });
         assert_eq!(a, vec![Action::Forward { seq: 1, slot: s(1) }, Action::Write { seq: 1, slot: s(1) }]);
         assert_eq!(step(&mut m, Event::WriteDone { seq: 1 }), vec![]);
         assert_eq!(step(&mut m, Event::ForwardDone { seq: 1 }), vec![Action::Release { slot: s(1) }]);
         assert_eq!(m.next_dispatch(), 0);
         // Chunk 0: it, then 2, in order; nothing is acked before 0 is written and acked below.
-        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        let a = step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         assert_eq!(
             a,
             vec![
@@ -731,7 +736,7 @@ mod tests {
     #[test]
     fn tail_syncs_publishes_and_reports_after_end() {
         let mut m = NodeMachine::new(Role::Replica, "r2", vec![], 1);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         let a = step(&mut m, Event::WriteDone { seq: 0 });
         assert_eq!(a, vec![Action::Release { slot: s(0) }, Action::AckUpstream { through: 1 }]);
         assert_eq!(step(&mut m, Event::UpstreamEnd), vec![Action::Sync]);
@@ -760,13 +765,13 @@ mod tests {
     #[test]
     fn lost_downstream_releases_slots_and_names_every_node_after_it() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 2);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         step(&mut m, Event::WriteDone { seq: 0 });
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
         // The slot is free now, and r1 alone holds chunk 0 durably: that is what it acks.
         assert_eq!(a, vec![Action::Release { slot: s(0) }, Action::AckUpstream { through: 1 }]);
-        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false });
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), lane_order: false });
         assert_eq!(a, vec![Action::Write { seq: 1, slot: s(1) }], "no forward after the loss");
         step(&mut m, Event::WriteDone { seq: 1 });
         step(&mut m, Event::UpstreamEnd);
@@ -782,7 +787,7 @@ mod tests {
     fn repaired_push_relay_stops_when_a_node_after_it_dies() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 3);
         m.set_stop_on_loss();
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         step(&mut m, Event::WriteDone { seq: 0 });
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
@@ -793,7 +798,7 @@ mod tests {
         assert!(matches!(&downstream[1].outcome, Outcome::Failed(e) if e.kind == ErrorKind::Aborted));
         assert!(m.is_finished());
         assert_eq!(
-            step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false }),
+            step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), lane_order: false }),
             vec![],
             "nothing after stopping"
         );
@@ -804,7 +809,7 @@ mod tests {
         let dead = NodeError::new(ErrorKind::ConnectionLost, "connection to r3 lost");
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into(), "r3".into()], 3);
         m.set_stop_on_loss();
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         let stopped = NodeError::new(ErrorKind::Aborted, "stopped");
         let a = step(
             &mut m,
@@ -826,7 +831,7 @@ mod tests {
     fn repaired_push_relay_with_every_chunk_finishes_instead_of_stopping() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 1);
         m.set_stop_on_loss();
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         step(&mut m, Event::UpstreamEnd);
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r2 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost });
@@ -836,11 +841,11 @@ mod tests {
     #[test]
     fn failed_write_keeps_forwarding_and_reports_failure() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 2);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         let full = NodeError::new(ErrorKind::DiskFull, "No space left on device");
         step(&mut m, Event::WriteFailed { seq: 0, error: full.clone() });
         step(&mut m, Event::ForwardDone { seq: 0 });
-        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), cut: false });
+        let a = step(&mut m, Event::ChunkReady { seq: 1, slot: s(1), lane_order: false });
         assert_eq!(a, vec![Action::Forward { seq: 1, slot: s(1) }]);
         step(&mut m, Event::ForwardDone { seq: 1 });
         assert_eq!(step(&mut m, Event::UpstreamEnd), vec![Action::SendEnd]);
@@ -865,7 +870,7 @@ mod tests {
     fn ack_is_the_minimum_of_local_and_downstream() {
         let mut m = NodeMachine::new(Role::Replica, "r1", vec!["r2".into()], 4);
         for i in 0..4 {
-            step(&mut m, Event::ChunkReady { seq: i, slot: s(i as u16), cut: false });
+            step(&mut m, Event::ChunkReady { seq: i, slot: s(i as u16), lane_order: false });
         }
         assert_eq!(step(&mut m, Event::DownstreamAck { through: 3 }), vec![]);
         step(&mut m, Event::WriteDone { seq: 1 });
@@ -875,7 +880,7 @@ mod tests {
     #[test]
     fn primary_stops_as_soon_as_its_downstream_is_gone() {
         let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into(), "r2".into()], 1000);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         step(&mut m, Event::ForwardDone { seq: 0 });
         let lost = NodeError::new(ErrorKind::ConnectionLost, "connection to r1 lost");
         let a = step(&mut m, Event::DownstreamLost { error: lost.clone() });
@@ -888,7 +893,7 @@ mod tests {
     #[test]
     fn primary_finishes_with_downstream_reports() {
         let mut m = NodeMachine::new(Role::Primary, "", vec!["r1".into()], 1);
-        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), cut: false });
+        step(&mut m, Event::ChunkReady { seq: 0, slot: s(0), lane_order: false });
         assert_eq!(step(&mut m, Event::ForwardDone { seq: 0 }), vec![Action::Release { slot: s(0) }]);
         let a = step(&mut m, Event::DownstreamAck { through: 1 });
         assert_eq!(a, vec![Action::AckUpstream { through: 1 }]);

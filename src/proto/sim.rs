@@ -604,7 +604,7 @@ impl Sim {
                         self.at(d, Ev::Local(n, Event::ChunkCorrupt { seq, slot }));
                         continue;
                     }
-                    self.at(d, Ev::Local(n, Event::ChunkReady { seq, slot, cut: false }));
+                    self.at(d, Ev::Local(n, Event::ChunkReady { seq, slot, lane_order: false }));
                     let node = &mut self.nodes[n];
                     if node.end == EndSeen::Pending && node.arrived == node.expected {
                         // END came ahead of this chunk, on lane 0.
@@ -678,7 +678,8 @@ impl Sim {
             node.held.insert(slot);
             let d = self.rng.delay();
             self.order += 1;
-            self.events.insert((self.now + d, self.order), Ev::Local(n, Event::ChunkReady { seq, slot, cut: false }));
+            self.events
+                .insert((self.now + d, self.order), Ev::Local(n, Event::ChunkReady { seq, slot, lane_order: false }));
         }
     }
 

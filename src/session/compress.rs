@@ -114,7 +114,7 @@ impl Session<'_> {
         }
         // The chunk's read completed and no op owns the slot before the machine hears of it.
         self.pool.slot_mut(slot, 0, HEADER_LEN).copy_from_slice(&header);
-        self.events.push_back(Event::ChunkReady { seq: h.seq, slot, cut: false });
+        self.events.push_back(Event::ChunkReady { seq: h.seq, slot, lane_order: false });
     }
 
     /// Primary: hands waiting chunks to free coders (`auto` decides here, with what it measured

@@ -300,10 +300,12 @@ impl Session<'_> {
         }
         if ok {
             self.manifest.set_digest(seq, announced);
-            // Its pieces went downstream as they arrived (or are queued there, in the order of
-            // the lane it came on): the machine need not hold it for the chunk order.
-            let cut = self.down.cut.iter().any(|c| c.seq == seq);
-            self.events.push_back(Event::ChunkReady { seq, slot, cut });
+            // Its forward keeps the order of the lane it came on without the machine's chunk
+            // order when its pieces went downstream as they arrived, or when the hop has several
+            // lanes: it then goes on its lane's queue as it becomes ready, and chunks become
+            // ready here in the order they came on their lane (checked as they arrive).
+            let lane_order = self.down.cut.iter().any(|c| c.seq == seq) || self.up.lanes.len() > 1;
+            self.events.push_back(Event::ChunkReady { seq, slot, lane_order });
         } else {
             self.events.push_back(Event::ChunkCorrupt { seq, slot });
         }
