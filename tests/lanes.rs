@@ -6,6 +6,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -215,33 +216,46 @@ fn a_lane_cut_mid_push_fails_its_hop_and_the_repair_leaves_every_replica_identic
     c.assert_published(src.path(), "ck", 1);
 }
 
+/// Pushes `mib` MiB of random bytes (`seed`) from `src` in 1 MiB chunks over 2 lanes through
+/// the first `replicas` of cluster `c`, the first hop's lane 1 (the proxy's second connection)
+/// passing 64 KiB per `pause_ms` ms and lane 0 running at loopback speed, with `extra` push
+/// arguments; checks every copy and returns the chunks per lane of the first hop.
+fn push_with_a_slow_lane(
+    c: &Cluster,
+    replicas: usize,
+    src: &Path,
+    mib: u64,
+    seed: u64,
+    pause_ms: u64,
+    extra: &[&str],
+) -> Vec<u64> {
+    write_random_file(&src.join("big.bin"), mib * MIB, seed);
+    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(pause_ms));
+    let to: Vec<String> = std::iter::once(slow).chain((1..replicas).map(|i| c.addr(i))).collect();
+    let mut args = vec!["--chunk-size", "1M", "--json", "--lanes", "2"];
+    args.extend(extra);
+    let out = c.push_to(&to.join(","), src, "ck", 1, &args);
+    c.assert_push_ok(&out);
+    c.assert_published(src, "ck", 1);
+    first_hop_lanes(&out)
+}
+
 #[test]
 fn the_primary_gives_a_slow_lane_fewer_chunks() {
     let c = Cluster::start(1);
     let src = tempdir();
-    write_random_file(&src.path().join("big.bin"), 32 * MIB, 21);
-    // Lane 1 (the proxy's second connection) passes ~6 MB/s; lane 0 runs at loopback speed.
-    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(10));
-    let out = c.push_to(&slow, src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
-    c.assert_push_ok(&out);
-    c.assert_published(src.path(), "ck", 1);
-    let lanes = first_hop_lanes(&out);
+    // Lane 1 passes ~6 MB/s.
+    let lanes = push_with_a_slow_lane(&c, 1, src.path(), 32, 21, 10, &[]);
     // Round robin would give each lane 16 of the 32 chunks.
     assert!(lanes[1] * 3 < lanes[0], "the slow lane was not given fewer chunks: {lanes:?}");
 }
 
 #[test]
 fn a_slow_lane_does_not_hold_up_the_fast_one_in_a_replicas_pool() {
-    // The replica's pool: 4 slots of 1 MiB. Lane 1 (the proxy's second connection) passes
-    // ~3 MB/s, lane 0 runs at loopback speed.
+    // The replica's pool: 4 slots of 1 MiB; lane 1 passes ~3 MB/s.
     let c = Cluster::builder().serve_arg("--pool-mb").serve_arg("4").start(1);
     let src = tempdir();
-    write_random_file(&src.path().join("big.bin"), 48 * MIB, 23);
-    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(20));
-    let out = c.push_to(&slow, src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
-    c.assert_push_ok(&out);
-    c.assert_published(src.path(), "ck", 1);
-    let lanes = first_hop_lanes(&out);
+    let lanes = push_with_a_slow_lane(&c, 1, src.path(), 48, 23, 20, &[]);
     // A replica that wrote chunks only in order kept those that came ahead of one still on the
     // slow lane in its slots, the last of which it keeps for the lane that carries the missing
     // chunk: the fast lane ran at most 2 chunks ahead and the slow one took 10 of the 48 (5.0 and
@@ -252,7 +266,7 @@ fn a_slow_lane_does_not_hold_up_the_fast_one_in_a_replicas_pool() {
 #[test]
 fn a_slow_lane_does_not_hold_up_the_fast_one_at_an_encrypted_relay() {
     // An encrypted push: the relay forwards whole sealed frames (no cut-through). Its pool: 4
-    // slots of 1 MiB; lane 1 from the primary (the proxy's second connection) passes ~3 MB/s.
+    // slots of 1 MiB; lane 1 from the primary passes ~3 MB/s.
     let t = tempdir();
     let key = key_file(t.path(), "cluster.key", "a-slow-lane-at-an-encrypted-relay");
     let c = Cluster::builder()
@@ -260,18 +274,11 @@ fn a_slow_lane_does_not_hold_up_the_fast_one_at_an_encrypted_relay() {
         .serve_arg("--pool-mb")
         .serve_arg("4")
         .start(2);
-    write_random_file(&t.path().join("src/big.bin"), 48 * MIB, 29);
-    let (slow, _) = slow_or_cutting_proxy(c.addr(0), 1, u64::MAX, Duration::from_millis(20));
-    let to = format!("{slow},{}", c.addr(1));
-    let args = ["--chunk-size", "1M", "--json", "--lanes", "2", "--encrypt"];
-    let out = c.push_to(&to, &t.path().join("src"), "ck", 1, &args);
-    c.assert_push_ok(&out);
-    c.assert_published(&t.path().join("src"), "ck", 1);
+    let lanes = push_with_a_slow_lane(&c, 2, &t.path().join("src"), 48, 29, 20, &["--encrypt"]);
     // The relay hands each frame to the lane it goes on as it is ready (the order it came in on
     // that lane), so the fast lane's frames do not wait in its slots for the slow lane's. Held
     // in chunk order they did: 10 of 48 chunks went on the slow lane, and the relay, its slots
     // full, kept its window shut until the primary's lane gave up and the chain was repaired.
-    let lanes = first_hop_lanes(&out);
     assert!(lanes[1] * 5 < lanes[0], "the slow lane held the fast one back at the relay: {lanes:?}");
 }
 
