@@ -464,6 +464,11 @@ fn push_across_a_rail_cut(rail: &str, seed: u64) -> (NetCluster, std::process::O
     let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas: {j}\n{}", c.logs()));
     assert!(reps.iter().all(|r| r["status"] == "published"), "{j}\n{}\n{}", show_output(&out), c.logs());
     assert_eq!(code(&out), 0, "{}", show_output(&out));
+    // A lane on the rail that went down was found dead by what it sent going unacknowledged (not
+    // by the hop's 10 s stall deadline), and the chain was repaired over the other rail.
+    assert!(j["repairs"].as_u64().is_some_and(|n| n >= 1), "no repair: {j}\n{}", c.logs());
+    let said = format!("{}\n{}", stderr_str(&out), c.logs());
+    assert!(said.contains("nothing it sent was acknowledged for 500 ms"), "no lane found dead\n{said}");
     for k in 1..=REPLICAS {
         assert_tree_identical(src.path(), &c.root(k).join("ck").join("1"));
         let v = verify(&c.root(k), "ck", &[]);

@@ -282,6 +282,64 @@ fn a_slow_lane_does_not_hold_up_the_fast_one_at_an_encrypted_relay() {
     assert!(lanes[1] * 5 < lanes[0], "the slow lane held the fast one back at the relay: {lanes:?}");
 }
 
+/// A proxy to `target` whose every connection, once it passed `after` bytes from the client,
+/// reads nothing more for `stall` (once): a replica behind it that is slow for a while (a disk
+/// that stalls), whose sender then sees its window shut.
+fn stalling_proxy(target: String, after: u64, stall: Duration) -> String {
+    proxy(target, move |_, client, server| {
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let (mut from, mut to) = (s2, c2);
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+        std::thread::spawn(move || {
+            let (mut from, mut to) = (client, server);
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut passed, mut stalled) = (0u64, false);
+            loop {
+                let got = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => k,
+                };
+                if to.write_all(&buf[..got]).is_err() {
+                    break;
+                }
+                passed += got as u64;
+                if passed >= after && !stalled {
+                    stalled = true;
+                    std::thread::sleep(stall);
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    })
+}
+
+#[test]
+fn a_replica_that_stops_reading_for_two_seconds_is_waited_for_not_cut_off() {
+    // The tail stops taking anything for 2 s, a quarter of the way in, on both lanes. The relay's
+    // lanes to it, then the primary's to the relay (its pool full), see a shut window for that
+    // long. A lane is cut only when what it sent goes unacknowledged (a link down), not for
+    // back-pressure: the kernel's TCP_USER_TIMEOUT cut both, and the chain was repaired.
+    let c = Cluster::builder().serve_arg("--pool-mb").serve_arg("8").start(2);
+    let src = tempdir();
+    write_random_file(&src.path().join("big.bin"), 48 * MIB, 31);
+    let tail = stalling_proxy(c.addr(1), 6 * MIB, Duration::from_secs(2));
+    let to = format!("{},{tail}", c.addr(0));
+    let out = c.push_to(&to, src.path(), "ck", 1, &["--chunk-size", "1M", "--json", "--lanes", "2"]);
+    c.assert_push_ok(&out);
+    c.assert_published(src.path(), "ck", 1);
+    let report = parse_json(&out);
+    assert_eq!(
+        report["repairs"],
+        0,
+        "the chain was repaired around a replica that was only slow\n{}",
+        show_output(&out)
+    );
+    assert!(report["seconds"].as_f64().unwrap() >= 2.0, "the proxy never stalled\n{}", show_output(&out));
+}
+
 /// Chunks per lane of the first hop, from `push --json`.
 fn first_hop_lanes(out: &std::process::Output) -> Vec<u64> {
     let report = parse_json(out);

@@ -55,6 +55,7 @@ fn report_json(r: &PushReport) -> serde_json::Value {
         "compressed_chunks": r.coded.compressed_chunks,
         "lane_chunks": r.lane_chunks,
         "lane_transports": r.lane_transports,
+        "repairs": r.repairs,
         "lane_addrs": r.lane_addrs.iter().map(|(local, peer)| serde_json::json!({"local": local, "peer": peer})).collect::<Vec<_>>(),
         "delta_chunks": r.coded.delta_chunks, "delta_wire_bytes": r.coded.delta_wire,
     })

@@ -83,12 +83,6 @@ pub(crate) struct LanePath {
 /// down answers ENETUNREACH at once, or not at all (an ARP timeout takes ~3 s).
 pub(crate) const RAIL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long data sent on a lane of a hop of several may stay unacknowledged before the kernel
-/// fails the lane (TCP_USER_TIMEOUT): a rail whose link goes down mid-push breaks its lane in
-/// about this long instead of stalling the hop until `--hop-timeout`, and the repair re-dials.
-/// A slow but live receiver (a zero window) acknowledges the kernel's probes and is not cut.
-pub(crate) const LANE_USER_TIMEOUT: Duration = Duration::from_millis(500);
-
 /// A handshake the accepting side refused, with the connection to tell the peer on.
 #[derive(Debug)]
 pub(crate) struct Refused {
@@ -198,14 +192,6 @@ impl Hop {
                 _ => NodeError::new(ErrorKind::Protocol, format!("{node} refused lane {lane}")),
             }),
             k => Err(NodeError::new(ErrorKind::Protocol, format!("{node} answered LANE with {}", k.name()))),
-        }
-    }
-
-    /// Makes the kernel fail this connection when data it sent stays unacknowledged for
-    /// [`LANE_USER_TIMEOUT`] (a lane of a hop of several: its rail may go down).
-    pub(crate) fn fail_fast(&self) {
-        if let Err(e) = socket2::SockRef::from(&self.stream).set_tcp_user_timeout(Some(LANE_USER_TIMEOUT)) {
-            tracing::debug!("cannot set TCP_USER_TIMEOUT on a lane to {}: {e}", self.peer);
         }
     }
 

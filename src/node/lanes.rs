@@ -217,7 +217,6 @@ pub(crate) fn open_lanes(
             }
             other => other?,
         };
-        hop.fail_fast();
         let (local, peer) = hop.addrs();
         tracing::info!("lane {lane} to {node}: {local} -> {peer}");
         hops.push(hop);

@@ -151,6 +151,9 @@ pub struct PushReport {
     /// The transport each lane of the first hop negotiated, lane 0 first (`rdma` or `tcp`;
     /// empty when the push did not stream).
     pub lane_transports: Vec<String>,
+    /// Times the chain was repaired mid-push: re-formed without a replica that was lost (died,
+    /// its link broke, or it stalled past `--hop-timeout`), the others resuming.
+    pub repairs: u32,
 }
 
 impl PushReport {
@@ -352,6 +355,7 @@ pub fn push_routed(
                         lane_chunks: Vec::new(),
                         lane_addrs: Vec::new(),
                         lane_transports: Vec::new(),
+                        repairs: 0,
                     });
                 }
             }
@@ -443,6 +447,7 @@ fn with_repair(
     let mut current = opts.clone();
     // The first report: the push's totals (bytes, files, chunks) are the first pass's.
     let mut base: Option<PushReport> = None;
+    let mut repairs = 0;
     let mut result = attempt(opts, &mut pinned);
     loop {
         let step = match &result {
@@ -469,6 +474,7 @@ fn with_repair(
                 tracing::warn!("{node} cannot be reached: going on without it ({error})");
             }
             Step::Attempt(Why::Repair(nodes)) => {
+                repairs += 1;
                 tracing::warn!("repairing the chain: going on with {} (resuming what each holds)", nodes.join(","));
             }
         }
@@ -497,6 +503,7 @@ fn with_repair(
             lane_chunks: Vec::new(),
             lane_addrs: Vec::new(),
             lane_transports: Vec::new(),
+            repairs: 0,
         });
     }
     let Some(mut report) = base else {
@@ -507,6 +514,7 @@ fn with_repair(
     report.seconds = start.elapsed().as_secs_f64();
     report.required = required(opts, opts.to.len());
     report.already_held = end.already_held;
+    report.repairs = repairs;
     Ok(report)
 }
 
@@ -602,9 +610,6 @@ fn run_push(
         .offer_rdma("primary", hello.transport, &opts.rdma.for_lane(0), &pool)
         .map_err(|(node, error)| PushError::Node { node, error })?;
     let mut lanes = dial_lanes(&first, opts, token, &super::lanes::path_of(&hop))?;
-    if opts.lanes > 1 {
-        hop.fail_fast();
-    }
     // Each further lane negotiates its own transport on its own connection, like lane 0 above.
     let lane_links = lanes
         .iter_mut()
@@ -667,6 +672,7 @@ fn run_push(
         lane_chunks,
         lane_addrs,
         lane_transports,
+        repairs: 0,
     })
 }
 
@@ -887,6 +893,7 @@ mod tests {
             lane_chunks: Vec::new(),
             lane_addrs: Vec::new(),
             lane_transports: Vec::new(),
+            repairs: 0,
         }
     }
 

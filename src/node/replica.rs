@@ -917,9 +917,6 @@ fn push_session(
         return;
     }
     let retain = (hello.name.clone(), hello.version, hello.keep);
-    if let Some(d) = down.as_ref().filter(|_| hello.lanes > 1) {
-        d.fail_fast();
-    }
     let lanes = LaneSetUp { wait: lane_wait, down_offer };
     let started =
         start_session(&mut up, down.as_mut(), hello, admitted, reserved, &haves, pools, (opts, lanes), &mut audit);

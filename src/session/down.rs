@@ -69,6 +69,8 @@ pub(super) struct DnLane {
     /// Lanes 1..R of RDMA: the receive of CREDIT frames on the lane's connection (lane 0's
     /// is `Downstream::recv`).
     pub(super) recv: DnRecv,
+    /// Whether what this lane's connection sent goes unacknowledged (its link down).
+    pub(super) acks: crate::proto::stall::LaneAcks,
 }
 
 impl DnLane {
@@ -84,6 +86,7 @@ impl DnLane {
             rdma,
             polling: false,
             recv,
+            acks: crate::proto::stall::LaneAcks::default(),
         }
     }
 
@@ -125,6 +128,8 @@ pub(super) struct Downstream {
     pub(super) closed: bool,
     /// When downstream last took or answered something (while this node waited on it).
     pub(super) progress: crate::proto::stall::HopStall,
+    /// When the lanes' acknowledgements were last looked at (a hop of several lanes).
+    pub(super) acks_looked: Instant,
     /// Authenticated hop: its session secret (the RESULT from there must carry a MAC).
     pub(super) secret: Option<crate::crypt::SessionSecret>,
     /// A relay takes no new frame from upstream while this many bytes it received wait to be
@@ -151,6 +156,7 @@ impl Downstream {
             deferred: None,
             closed: fd.is_none(),
             progress: crate::proto::stall::HopStall::new(Instant::now()),
+            acks_looked: Instant::now(),
             secret: None,
             backlog_limit: relay_backlog_from_env(),
             flip_every: if cfg!(debug_assertions) {
@@ -183,6 +189,12 @@ fn relay_backlog_from_env() -> u64 {
 }
 
 impl Downstream {
+    /// Whether this hop's lanes are watched for a link gone down ([`Session::check_lanes`]): a
+    /// hop of several lanes, still open.
+    pub(super) fn watches_lanes(&self) -> bool {
+        self.lanes.len() > 1 && !self.closed
+    }
+
     /// Whether any lane of the hop downstream runs RDMA.
     pub(super) fn rdma(&self) -> bool {
         self.lanes.iter().any(|l| l.rdma.is_some())
@@ -496,6 +508,40 @@ impl Session<'_> {
             let name = self.down.name.clone();
             tracing::warn!("{name} took nothing for {} s: going on without it", limit.as_secs());
             self.downstream_settled(Event::DownstreamLost { error: stalled.error(&name) });
+            return;
+        }
+        self.check_lanes();
+    }
+
+    /// A hop of several lanes (each its own rail, maybe): every [`LANE_LOOK_EVERY`], whether
+    /// data a lane's connection sent has gone unacknowledged for [`LANE_DEAD_AFTER`], its link
+    /// down. Then the hop is lost at once (the repair moves it to the rails left), long before
+    /// the stall deadline. A receiver that keeps its window shut (its slots full, its disk
+    /// slow) has every byte sent acknowledged and is waited for.
+    ///
+    /// [`LANE_LOOK_EVERY`]: crate::proto::stall::LANE_LOOK_EVERY
+    /// [`LANE_DEAD_AFTER`]: crate::proto::stall::LANE_DEAD_AFTER
+    fn check_lanes(&mut self) {
+        use crate::proto::stall::{LANE_DEAD_AFTER, LANE_LOOK_EVERY};
+        let now = Instant::now();
+        if !self.down.watches_lanes() || now.saturating_duration_since(self.down.acks_looked) < LANE_LOOK_EVERY {
+            return;
+        }
+        self.down.acks_looked = now;
+        let dead =
+            self.down.lanes.iter_mut().position(|l| {
+                crate::sys::tcpinfo::ack_state(l.fd).is_some_and(|a| l.acks.look(now, a, LANE_DEAD_AFTER))
+            });
+        if let Some(k) = dead {
+            let name = self.down.name.clone();
+            let message = format!(
+                "lane {k} to {name}: nothing it sent was acknowledged for {} ms (its link is down)",
+                LANE_DEAD_AFTER.as_millis()
+            );
+            tracing::warn!("{message}");
+            self.downstream_settled(Event::DownstreamLost {
+                error: NodeError::new(ErrorKind::ConnectionLost, message),
+            });
         }
     }
 

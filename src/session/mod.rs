@@ -434,6 +434,9 @@ impl<'a> Session<'a> {
                     Duration::from_secs(1)
                 },
             );
+            // A hop of several lanes looks at its lanes' acknowledgements that often
+            // (`check_lanes`), also while nothing completes.
+            let slice = if self.down.watches_lanes() { slice.min(crate::proto::stall::LANE_LOOK_EVERY) } else { slice };
             let slice = self.coder_slice(slice);
             if let Err(e) = self.io.wait(self.pool.mem_mut(), &mut completions, slice) {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));

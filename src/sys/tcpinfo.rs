@@ -1,6 +1,7 @@
-//! What the kernel knows about a TCP connection's sending side (`TCP_INFO`), for the debug log
-//! at the end of a session: whether a hop was held back by the receiver's window, by its own
-//! send buffer, or by neither (then the link or the congestion control set the pace).
+//! What the kernel knows about a TCP connection's sending side (`TCP_INFO`): for the debug log
+//! at the end of a session, whether a hop was held back by the receiver's window, by its own
+//! send buffer, or by neither (then the link or the congestion control set the pace); and for a
+//! lane's liveness, what it has in flight and what was acknowledged.
 
 use std::os::fd::RawFd;
 
@@ -26,18 +27,21 @@ pub(crate) struct TcpStats {
     pub(crate) notsent_bytes: u32,
 }
 
-/// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed).
-pub(crate) fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
+/// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed)
+/// or its struct is shorter than `needed` bytes (an older kernel's).
+fn read_info(fd: RawFd, needed: usize) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large.
     let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len) };
-    // Older kernels return a shorter struct; the limited-time fields exist since Linux 4.10.
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8;
-    if rc != 0 || (len as usize) < needed {
-        return None;
-    }
+    (rc == 0 && (len as usize) >= needed).then_some(info)
+}
+
+/// Reads `TCP_INFO` of a connected TCP socket; None when the kernel refuses (not TCP, closed).
+pub(crate) fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
+    // The limited-time fields exist since Linux 4.10.
+    let info = read_info(fd, std::mem::offset_of!(libc::tcp_info, tcpi_sndbuf_limited) + 8)?;
     Some(TcpStats {
         busy_ms: info.tcpi_busy_time / 1000,
         rwnd_limited_ms: info.tcpi_rwnd_limited / 1000,
@@ -48,6 +52,13 @@ pub(crate) fn tcp_stats(fd: RawFd) -> Option<TcpStats> {
         delivery_rate: info.tcpi_delivery_rate,
         notsent_bytes: info.tcpi_notsent_bytes,
     })
+}
+
+/// What a connected TCP socket has in flight and had acknowledged; None when the kernel
+/// refuses (not TCP, closed; `tcpi_bytes_acked` exists since Linux 4.1).
+pub(crate) fn ack_state(fd: RawFd) -> Option<crate::proto::stall::Acks> {
+    let info = read_info(fd, std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8)?;
+    Some(crate::proto::stall::Acks { unacked: info.tcpi_unacked, bytes_acked: info.tcpi_bytes_acked })
 }
 
 #[cfg(test)]
@@ -67,5 +78,16 @@ mod tests {
         let s = super::tcp_stats(a.as_raw_fd()).expect("TCP_INFO on a TCP socket");
         assert!(s.snd_cwnd > 0, "{s:?}");
         assert!(s.delivery_rate > 0, "100 kB were acked: {s:?}");
+        // Everything sent was read; its last ACK may be delayed a little.
+        let t0 = std::time::Instant::now();
+        let acked = loop {
+            let s = super::ack_state(a.as_raw_fd()).expect("TCP_INFO on a TCP socket");
+            if s.unacked == 0 || t0.elapsed() > std::time::Duration::from_secs(2) {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(acked.unacked, 0, "{acked:?}");
+        assert!(acked.bytes_acked >= 100_000, "{acked:?}");
     }
 }
