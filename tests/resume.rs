@@ -301,6 +301,75 @@ fn a_replica_that_published_before_its_upstream_died_reports_published() {
     assert_eq!(code(&v), 0, "{}", show_output(&v));
 }
 
+/// The tail's final sync (its disk slow to flush) lasts 3 s, three times every node's idle
+/// timeout: the nodes before it wait for its result instead of giving up on it. The syncing
+/// node tells upstream it is alive (its last ACK again) while its sync runs on a thread, and the
+/// relay does the same while it waits; before, the tail's session thread sat in fsync, sent
+/// nothing, and the relay and the primary each reported `no progress for 1 s`.
+#[test]
+fn a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for() {
+    const TEST: &str = "resume::a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for";
+    let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
+    let idle = ["--idle-timeout", "1"].map(String::from);
+    let r1_root = work.path().join("r1");
+    std::fs::create_dir_all(&r1_root).unwrap();
+    let r1 = Server::start(&r1_root, &idle, &[]);
+    let r2 = Server::start(&work.path().join("mnt"), &idle, &[]);
+    let src = tempdir();
+    write_random_file(&src.path().join("ckpt.bin"), 4 * MIB, 14);
+    fs.hold_fsyncs(true);
+    let mut push = shardcast();
+    push.arg("push").arg(src.path()).args(["--name", "s", "--version", "1", "--chunk-size", "1M"]);
+    push.args(["--idle-timeout", "1", "--json", "--to"]).arg(format!("{},{}", r1.addr(), r2.addr()));
+    let mut p = Running::spawn(&mut push);
+    let syncing = wait_until(Duration::from_secs(60), || fs.fsyncs_waited() > 0 || p.try_wait().is_some());
+    assert!(syncing && p.try_wait().is_none(), "the tail never synced\n{}\n{}", r1.log(), r2.log());
+    std::thread::sleep(Duration::from_secs(3));
+    fs.hold_fsyncs(false);
+    assert!(p.wait_timeout(Duration::from_secs(60)).is_some(), "push hangs\n{}\n{}", r1.log(), r2.log());
+    let out = p.finish(Duration::from_secs(5));
+    assert_eq!(code(&out), 0, "{}\n{}\n{}", show_output(&out), r1.log(), r2.log());
+    assert_eq!(parse_json(&out)["repairs"], 0, "{}", show_output(&out));
+    assert_tree_identical(src.path(), &r1_root.join("s/1"));
+    assert_tree_identical(src.path(), &work.path().join("mnt/s/1"));
+}
+
+/// The sibling: a tail that hangs while it syncs (SIGSTOP: its connections stay open, it sends
+/// nothing) is still given up on after the idle timeout. The keepalives come from a live session
+/// loop only, and the relay's own keepalives upstream do not count as progress for its deadline.
+#[test]
+fn a_replica_that_hangs_in_its_final_sync_is_still_given_up_on() {
+    const TEST: &str = "resume::a_replica_that_hangs_in_its_final_sync_is_still_given_up_on";
+    let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
+    let idle = ["--idle-timeout", "1"].map(String::from);
+    let r1_root = work.path().join("r1");
+    std::fs::create_dir_all(&r1_root).unwrap();
+    let r1 = Server::start(&r1_root, &idle, &[]);
+    let r2 = Server::start(&work.path().join("mnt"), &idle, &[]);
+    let src = tempdir();
+    write_random_file(&src.path().join("ckpt.bin"), 4 * MIB, 15);
+    fs.hold_fsyncs(true);
+    let mut push = shardcast();
+    push.arg("push").arg(src.path()).args(["--name", "h", "--version", "1", "--chunk-size", "1M"]);
+    push.args(["--idle-timeout", "1", "--no-repair", "--json", "--to"]).arg(format!("{},{}", r1.addr(), r2.addr()));
+    let mut p = Running::spawn(&mut push);
+    let syncing = wait_until(Duration::from_secs(60), || fs.fsyncs_waited() > 0 || p.try_wait().is_some());
+    assert!(syncing && p.try_wait().is_none(), "the tail never synced\n{}\n{}", r1.log(), r2.log());
+    let pid = r2.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let ended = p.wait_timeout(Duration::from_secs(30)).is_some();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    fs.hold_fsyncs(false);
+    assert!(ended, "the push waits for ever on a hung replica\n{}\n{}", r1.log(), r2.log());
+    let out = p.finish(Duration::from_secs(5));
+    let j = parse_json(&out);
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas in {j}\n{}", r1.log()));
+    let status: Vec<&str> = reps.iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
+    assert_eq!(status, ["published", "failed"], "{j}\n{}", r1.log());
+    assert_eq!(reps[1]["error"]["kind"].as_str(), Some("stalled"), "{j}");
+    assert_tree_identical(src.path(), &r1_root.join("h/1"));
+}
+
 /// Mounts the FUSE filesystem at `<tempdir>/mnt`, or prints why this test is skipped.
 fn lazy_mount(test: &str) -> Option<(tempfile::TempDir, (fuser::BackgroundSession, lazyfs::Handle))> {
     // SAFETY: geteuid has no preconditions.

@@ -125,6 +125,9 @@ pub(super) struct Downstream {
     pub(super) recv: DnRecv,
     /// An event about downstream that waits for the send in flight to complete.
     pub(super) deferred: Option<Event>,
+    /// END was queued for downstream: every chunk went (or goes) before it, and only the
+    /// nodes after this one are left to answer.
+    pub(super) end_queued: bool,
     pub(super) closed: bool,
     /// When downstream last took or answered something (while this node waited on it).
     pub(super) progress: crate::proto::stall::HopStall,
@@ -154,6 +157,7 @@ impl Downstream {
             nic_writes: crate::sys::nic::Writes::default(),
             recv: if fd.is_some() { DnRecv::Idle } else { DnRecv::Done },
             deferred: None,
+            end_queued: false,
             closed: fd.is_none(),
             progress: crate::proto::stall::HopStall::new(Instant::now()),
             acks_looked: Instant::now(),

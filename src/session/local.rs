@@ -46,6 +46,8 @@ pub(super) struct LocalSide {
     pub(super) own: Option<config::OwnEntries>,
     /// Chunks this replica already held, being copied into staging: joined before syncing.
     pub(super) prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
+    /// The staging area being synced on a thread of its own (it comes back with the result).
+    pub(super) syncing: Option<std::thread::JoinHandle<(Staging, Result<(), NodeError>)>>,
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     pub(super) ack_counted: u64,
     pub(super) ack_bytes: u64,
@@ -61,6 +63,7 @@ impl LocalSide {
             bytes_before,
             own: None,
             prefill: None,
+            syncing: None,
             ack_counted: 0,
             ack_bytes: 0,
             published: false,
@@ -79,20 +82,47 @@ impl Session<'_> {
         self.events.push_back(Event::PublishDone { result });
     }
 
-    /// Syncs the staging area, once the copy of chunks held from an earlier version is done.
+    /// Syncs the staging area, once the copy of chunks held from an earlier version is done,
+    /// on a thread: a large version's flush can take minutes on a slow disk, and the session
+    /// loop goes on meanwhile (upstream hears this node is alive, the nodes after it are heard).
+    /// [`Session::sync_done`] takes the staging back.
     pub(super) fn sync(&mut self) {
-        let copied = match self.here.prefill.take().map(std::thread::JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e.to_node_error()),
-            Some(Err(_)) => Err(NodeError::new(ErrorKind::Io, "the copy of held chunks panicked")),
+        let prefill = self.here.prefill.take();
+        let Local::Staging(st) = &mut self.here.data else { unreachable!("only replicas sync") };
+        let mut st = st.take().expect("a replica syncs once, before it publishes");
+        let run = move || {
+            let copied = match prefill.map(std::thread::JoinHandle::join) {
+                None | Some(Ok(Ok(()))) => Ok(()),
+                Some(Ok(Err(e))) => Err(e.to_node_error()),
+                Some(Err(_)) => Err(NodeError::new(ErrorKind::Io, "the copy of held chunks panicked")),
+            };
+            let result = copied.and_then(|()| st.sync().map_err(|e| e.to_node_error()));
+            (st, result)
         };
-        if let Err(e) = copied {
-            self.events.push_back(Event::SyncDone { result: Err(e) });
-            return;
+        match std::thread::Builder::new().name("sc-sync".into()).spawn(run) {
+            Ok(h) => self.here.syncing = Some(h),
+            Err(e) => {
+                // The staging went with the closure: dropped, it keeps what was journaled.
+                let error = NodeError::io("cannot start the thread that syncs the staging area", &e);
+                self.events.push_back(Event::SyncDone { result: Err(error) });
+            }
         }
-        let Local::Staging(Some(st)) = &mut self.here.data else { unreachable!("only replicas sync") };
-        let result = st.sync().map_err(|e| e.to_node_error());
+    }
+
+    /// The sync thread's end (`wait`: waits for it): the staging back in place and `SyncDone`
+    /// queued. Returns whether a sync ended.
+    pub(super) fn sync_done(&mut self, wait: bool) -> bool {
+        let Some(h) = self.here.syncing.take_if(|h| wait || h.is_finished()) else { return false };
+        let result = match h.join() {
+            Ok((st, result)) => {
+                self.here.data = Local::Staging(Some(st));
+                result
+            }
+            // The staging was dropped while the thread unwound: it keeps what was journaled.
+            Err(_) => Err(NodeError::new(ErrorKind::Io, "the sync of the staging area panicked")),
+        };
         self.events.push_back(Event::SyncDone { result });
+        true
     }
 
     /// Every chunk before `through` is written on every node after this one (and here): the

@@ -384,7 +384,18 @@ impl<'a> Session<'a> {
         let mut completions = Vec::new();
         let mut last_progress = Instant::now();
         loop {
+            if self.here.syncing.is_some() {
+                // This node's own disk is at work: not idle, however long the flush takes.
+                last_progress = Instant::now();
+                if self.sync_done(false) {
+                    self.process();
+                    continue;
+                }
+            }
             if let Some(end) = self.finished() {
+                // Ended while the staging area was being synced (an abort): it comes back first,
+                // so that what it journaled is kept as the session's owner expects.
+                self.sync_done(true);
                 if let Some(s) = self.down.fd.and_then(crate::sys::tcpinfo::tcp_stats) {
                     tracing::debug!(
                         to = %self.down.name,
@@ -437,6 +448,10 @@ impl<'a> Session<'a> {
             // A hop of several lanes looks at its lanes' acknowledgements that often
             // (`check_lanes`), also while nothing completes.
             let slice = if self.down.watches_lanes() { slice.min(crate::proto::stall::LANE_LOOK_EVERY) } else { slice };
+            // Upstream hears this node is alive after END (`keepalive_due`); a sync's end is
+            // looked for every 2 ms.
+            let slice = if self.up.end_received { slice.min(up::KEEPALIVE_EVERY) } else { slice };
+            let slice = if self.here.syncing.is_some() { slice.min(Duration::from_millis(2)) } else { slice };
             let slice = self.coder_slice(slice);
             if let Err(e) = self.io.wait(self.pool.mem_mut(), &mut completions, slice) {
                 self.end = Some(SessionEnd::Aborted(NodeError::io("waiting for I/O", &e)));
@@ -444,19 +459,42 @@ impl<'a> Session<'a> {
             }
             if completions.is_empty() {
                 if last_progress.elapsed() >= self.cfg.idle_timeout {
-                    self.end = Some(SessionEnd::Aborted(NodeError::new(
-                        ErrorKind::Stalled,
-                        format!("no progress for {} s", self.cfg.idle_timeout.as_secs()),
-                    )));
+                    self.idle_too_long();
+                    last_progress = Instant::now();
                 }
                 continue;
             }
-            last_progress = Instant::now();
+            // This node's own keepalive going out is no news from anyone.
+            if completions
+                .iter()
+                .any(|c| !(c.token == token(T_UP_SEND, 0) && self.up.sending == Some(UpItem::Keepalive)))
+            {
+                last_progress = Instant::now();
+            }
             for c in completions.drain(..) {
                 self.complete(c);
             }
             self.process();
             self.report_pool_use();
+        }
+    }
+
+    /// Nothing happened for the idle timeout. Once this node has handed END downstream, only
+    /// the nodes after it are left to answer: the next node is given up on (reported stalled,
+    /// this node's own outcome stands, a published version stays published). Before that, the
+    /// push is stuck here or upstream, and this node gives up on it.
+    fn idle_too_long(&mut self) {
+        let idle = self.cfg.idle_timeout;
+        if self.down.end_queued && !self.down.closed && self.down.fd.is_some() {
+            let name = self.down.name.clone();
+            tracing::warn!("{name} sent nothing for {} s after END: going on without it", idle.as_secs());
+            let error = crate::proto::stall::Stalled { limit: idle }.error(&name);
+            self.downstream_settled(Event::DownstreamLost { error });
+        } else {
+            self.end = Some(SessionEnd::Aborted(NodeError::new(
+                ErrorKind::Stalled,
+                format!("no progress for {} s", idle.as_secs()),
+            )));
         }
     }
 
@@ -493,9 +531,13 @@ impl<'a> Session<'a> {
                 // With downstream closed, the machine releases the slot when it hears so.
             }
             Action::SendEnd if self.down.lanes.len() > 1 && self.up.fd.is_none() => {
+                self.down.end_queued = true;
                 self.down.shared.push_back(DnItem::End)
             }
-            Action::SendEnd => self.down.lanes[0].queue.push_back(DnItem::End),
+            Action::SendEnd => {
+                self.down.end_queued = true;
+                self.down.lanes[0].queue.push_back(DnItem::End)
+            }
             Action::Write { seq, slot } => self.write_chunk(seq, slot),
             Action::Release { slot } => {
                 self.pool.release(slot);

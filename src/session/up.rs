@@ -35,7 +35,17 @@ pub(super) enum UpItem {
     Ack,
     Result,
     Credit,
+    /// The last ACK again ([`KEEPALIVE_EVERY`]): this node is alive, syncing or waiting for
+    /// the nodes after it.
+    Keepalive,
 }
+
+/// After END, while this node syncs or waits for the results of the nodes after it, upstream
+/// hears nothing new: this node sends its last ACK again when nothing went upstream for this
+/// long, so that upstream's idle deadline (`--idle-timeout`, 1 s at least) does not give up on a
+/// node whose disk is slow to flush. Only a live session loop sends it: a hung node sends
+/// nothing, and upstream's deadline still finds it.
+pub(super) const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 
 /// The hop upstream: the frames it sends (chunks, END) and what this node answers (credits,
 /// acks, the result).
@@ -62,6 +72,8 @@ pub(super) struct Upstream {
     pub(super) sending: Option<UpItem>,
     pub(super) ack: Option<u64>,
     pub(super) ack_sent: u64,
+    /// When the last frame went upstream on lane 0 (or the session started).
+    pub(super) last_sent: Instant,
     pub(super) result: Option<Vec<ReplicaReport>>,
     pub(super) gone: bool,
     /// Async push: this node has told upstream it published; upstream leaving is expected now.
@@ -131,6 +143,7 @@ impl Upstream {
             sending: None,
             ack: None,
             ack_sent: 0,
+            last_sent: Instant::now(),
             result: None,
             gone: fd.is_none(),
             reported_early: false,
@@ -359,6 +372,27 @@ impl Session<'_> {
         }
     }
 
+    /// An ACK frame for every chunk before `through` (with its MAC on an authenticated hop).
+    fn ack_frame(&mut self, through: u64) -> Vec<u8> {
+        let mut b = Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec();
+        if let Some(m) = self.up.lanes[0].macs.as_mut() {
+            let mac = m.sign(&b, &[]);
+            b.extend_from_slice(&mac);
+        }
+        b
+    }
+
+    /// Whether upstream should hear this node is alive ([`KEEPALIVE_EVERY`]): every chunk and
+    /// END arrived, the session has not ended (its result follows then), upstream still waits
+    /// for that result, and nothing went there for that long.
+    pub(super) fn keepalive_due(&self) -> bool {
+        self.up.end_received
+            && self.end.is_none()
+            && !self.up.reported_early
+            && !self.up.gone
+            && self.up.last_sent.elapsed() >= KEEPALIVE_EVERY
+    }
+
     pub(super) fn pump_up_send(&mut self) -> std::io::Result<()> {
         self.pump_lane_credits()?;
         // Upstream send: the result when there is one, else the newest ack.
@@ -372,12 +406,7 @@ impl Session<'_> {
                 (UpItem::Credit, self.credit_frame(0, CTRL_LEN))
             } else if let Some(through) = self.up.ack.take().filter(|t| *t > self.up.ack_sent) {
                 self.up.ack_sent = through;
-                let mut b = Header { kind: Kind::Ack, len: 0, seq: through, digest: 0 }.to_bytes().to_vec();
-                if let Some(m) = self.up.lanes[0].macs.as_mut() {
-                    let mac = m.sign(&b, &[]);
-                    b.extend_from_slice(&mac);
-                }
-                (UpItem::Ack, b)
+                (UpItem::Ack, self.ack_frame(through))
             } else if let Some(reports) = self.up.result.take() {
                 let payload = crate::crypt::seal_frame(
                     self.up.secret.as_ref(),
@@ -388,9 +417,12 @@ impl Session<'_> {
                 let mut b = h.to_bytes().to_vec();
                 b.extend_from_slice(&payload);
                 (UpItem::Result, b)
+            } else if self.keepalive_due() {
+                (UpItem::Keepalive, self.ack_frame(self.up.ack_sent))
             } else {
                 return Ok(());
             };
+            self.up.last_sent = Instant::now();
             let len = bytes.len().min(CTRL_LEN);
             // The UpSend area is used by one send at a time, and none is in flight.
             self.pool.ctrl_mut(Ctrl::UpSend, len).copy_from_slice(&bytes[..len]);

@@ -123,6 +123,10 @@ struct State {
     recent: VecDeque<String>,
     /// Writes of at least [`HELD_WRITE`] bytes wait while this is set ([`Handle::hold_writes`]).
     held: bool,
+    /// File fsyncs wait while this is set ([`Handle::hold_fsyncs`]).
+    fsyncs_held: bool,
+    /// Fsyncs that waited (or wait) because of that.
+    fsyncs_waited: u64,
 }
 
 /// The smallest write [`Handle::hold_writes`] holds: chunk data, not journal records or headers.
@@ -356,6 +360,17 @@ impl Handle {
     /// replica's staging writes stay in flight for as long as a test needs.
     pub fn hold_writes(&self, on: bool) {
         self.lock().held = on;
+    }
+
+    /// While `on`, fsyncs of files wait: a disk slow to flush what was written (a large dirty
+    /// page cache), so that a replica's final sync lasts as long as a test needs.
+    pub fn hold_fsyncs(&self, on: bool) {
+        self.lock().fsyncs_held = on;
+    }
+
+    /// File fsyncs that waited (or wait now) while [`Handle::hold_fsyncs`] was on.
+    pub fn fsyncs_waited(&self) -> u64 {
+        self.lock().fsyncs_waited
     }
 
     /// Makes everything durable (a clean `sync` and shutdown).
@@ -732,6 +747,12 @@ impl Filesystem for LazyFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        if self.st().fsyncs_held {
+            self.st().fsyncs_waited += 1;
+            while self.st().fsyncs_held {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let mut s = self.st();
         let r = (|| {
             s.mutating(|| format!("fsync(ino {}, datasync {datasync})", ino.0))?;
