@@ -372,6 +372,44 @@ fn a_replica_that_hangs_in_its_final_sync_is_still_given_up_on() {
     assert_tree_identical(src.path(), &r1_root.join("h/1"));
 }
 
+/// A resuming push (a repair, or a repeat) of a version that an earlier session is publishing
+/// at that moment, with the same manifest: the replica waits for that session and answers that
+/// it holds the version. Before, the resuming push passed the "already held" check before the
+/// manifest was written, then found the version published once the earlier session let go, and
+/// was refused `version_exists`: a repair that met a replica finishing its publish failed.
+#[test]
+fn a_resuming_push_meeting_the_same_version_being_published_finds_it_held() {
+    const TEST: &str = "resume::a_resuming_push_meeting_the_same_version_being_published_finds_it_held";
+    let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
+    let server = Server::start(&work.path().join("mnt"), &[], &[]);
+    let src = tempdir();
+    write_random_file(&src.path().join("ckpt.bin"), 2 * MIB, 16);
+    let push = |extra: &[&str]| {
+        let mut c = shardcast();
+        c.arg("push").arg(src.path()).args(["--name", "q", "--version", "1", "--chunk-size", "1M", "--json"]);
+        c.args(extra).arg("--to").arg(server.addr().to_string());
+        c
+    };
+    // The first push stops in its publish: its data moved into q/1, its manifest not written.
+    fs.hold_fsyncs_of_dir(Some("q"));
+    let mut first = Running::spawn(&mut push(&[]));
+    let publishing = wait_until(Duration::from_secs(60), || fs.fsyncs_waited() > 0 || first.try_wait().is_some());
+    assert!(publishing && first.try_wait().is_none(), "the first push never published\n{}", server.log());
+    let mut second = Running::spawn(&mut push(&["--incremental"]));
+    std::thread::sleep(Duration::from_millis(500));
+    fs.hold_fsyncs_of_dir(None);
+    for (which, p) in [("first", &mut first), ("second", &mut second)] {
+        assert!(p.wait_timeout(Duration::from_secs(60)).is_some(), "the {which} push hangs\n{}", server.log());
+    }
+    let out = first.finish(Duration::from_secs(5));
+    assert_eq!(code(&out), 0, "{}\n{}", show_output(&out), server.log());
+    let out = second.finish(Duration::from_secs(5));
+    assert_eq!(code(&out), 0, "the resuming push failed\n{}\n{}", show_output(&out), server.log());
+    let j = parse_json(&out);
+    assert_eq!(j["replicas"][0]["already_held"], true, "{j}");
+    assert_tree_identical(src.path(), &work.path().join("mnt/q/1"));
+}
+
 /// Mounts the FUSE filesystem at `<tempdir>/mnt`, or prints why this test is skipped.
 fn lazy_mount(test: &str) -> Option<(tempfile::TempDir, (fuser::BackgroundSession, lazyfs::Handle))> {
     // SAFETY: geteuid has no preconditions.

@@ -988,17 +988,29 @@ fn claim(
     // the same manifest is answered with a REJECT whose report says "published": this node
     // takes no data and the primary forms the chain again without it. (A plain push carries no
     // digests; it is refused as `version_exists` and the primary asks again, routed.)
-    if routed && store.published_manifest(&hello.name, hello.version).is_some_and(|m| m.digest() == staged.digest()) {
+    let held_here = || {
+        routed && store.published_manifest(&hello.name, hello.version).is_some_and(|m| m.digest() == staged.digest())
+    };
+    let answer_held = |up: &mut Hop, audit: &mut AuditGuard<'_>| {
         tracing::info!("already held: the same manifest is published here; taking no data");
         audit.outcome = "already held";
         let held = [ReplicaReport { node: me.clone(), outcome: wire::Outcome::Published }];
         let _ = reject_reports(&mut up.stream, up.secret.as_ref(), &held);
+    };
+    if held_here() {
+        answer_held(up, audit);
         return None;
     }
     // A routed push carries every digest, so a partial staging of this version (an earlier
     // attempt that failed here) can be taken over and checked chunk by chunk.
     match store.claim(&hello.name, hello.version, staged, routed) {
         Ok(c) => Some(c),
+        // An earlier session of this version published it while this one waited for it to let
+        // go (or between the check above and the claim): the same manifest is held all the same.
+        Err(crate::error::StoreError::VersionExists { .. }) if held_here() => {
+            answer_held(up, audit);
+            None
+        }
         Err(e) => {
             tracing::warn!("refused: {e}");
             let _ = audit.reject(up, me, e.to_node_error());

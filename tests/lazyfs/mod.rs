@@ -127,6 +127,9 @@ struct State {
     fsyncs_held: bool,
     /// Fsyncs that waited (or wait) because of that.
     fsyncs_waited: u64,
+    /// Fsyncs of the directory of this name in the root wait while set
+    /// ([`Handle::hold_fsyncs_of_dir`]).
+    dir_held: Option<OsString>,
 }
 
 /// The smallest write [`Handle::hold_writes`] holds: chunk data, not journal records or headers.
@@ -366,6 +369,13 @@ impl Handle {
     /// page cache), so that a replica's final sync lasts as long as a test needs.
     pub fn hold_fsyncs(&self, on: bool) {
         self.lock().fsyncs_held = on;
+    }
+
+    /// While `Some(name)`, fsyncs of the directory `name` in the root wait (and count in
+    /// [`Handle::fsyncs_waited`]): a publish held between moving its data into place and writing
+    /// its manifest, for as long as a test needs.
+    pub fn hold_fsyncs_of_dir(&self, name: Option<&str>) {
+        self.lock().dir_held = name.map(OsString::from);
     }
 
     /// File fsyncs that waited (or wait now) while [`Handle::hold_fsyncs`] was on.
@@ -790,6 +800,13 @@ impl Filesystem for LazyFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let held = |s: &State| s.dir_held.as_ref().is_some_and(|n| s.child(ROOT, n).ok() == Some(ino.0));
+        if held(&self.st()) {
+            self.st().fsyncs_waited += 1;
+            while held(&self.st()) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let mut s = self.st();
         let r = (|| {
             s.mutating(|| format!("fsyncdir(ino {}, datasync {datasync})", ino.0))?;
