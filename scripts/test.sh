@@ -86,10 +86,12 @@ py_rc=0
     set -e
     rm -rf target/pyvenv
     python3 -m venv target/pyvenv
-    # `cargo test --workspace` above built target/debug/shardcast and libshardcast_ffi.so with
+    # `cargo test --workspace` above built target/debug/shardcast and (in deps/, where cargo puts
+    # every crate type of a library it builds for tests; only `cargo build` copies it up to
+    # target/debug, so a copy there may be stale) libshardcast_ffi.so with
     # the workspace's features; a `cargo build -p ...` here would resolve other features for
     # a few shared crates (libc, serde, ...) and compile every dependency again (~4 min in CI).
-    SHARDCAST_FFI_PREBUILT="$PWD/target/debug/libshardcast_ffi.so" target/pyvenv/bin/pip install -q ./ffi/python
+    SHARDCAST_FFI_PREBUILT="$PWD/target/debug/deps/libshardcast_ffi.so" target/pyvenv/bin/pip install -q ./ffi/python
     # numpy arrays are the common in-memory source; without numpy that case is skipped.
     target/pyvenv/bin/pip install -q numpy || echo "test: numpy not installable; numpy buffer case skipped"
     SHARDCAST_BIN="$PWD/target/debug/shardcast" target/pyvenv/bin/python -m unittest discover -s ffi/python/tests -v
@@ -127,7 +129,7 @@ else
                 exit 0
             fi
         fi
-        SHARDCAST_FFI_PREBUILT="$PWD/target/debug/libshardcast_ffi.so" \
+        SHARDCAST_FFI_PREBUILT="$PWD/target/debug/deps/libshardcast_ffi.so" \
             "$torchvenv/bin/pip" install -q --force-reinstall --no-deps ./ffi/python
         SHARDCAST_BIN="$PWD/target/debug/shardcast" "$torchvenv/bin/python" -m unittest -v ffi/python/tests/test_torchrun.py
     ) 2>&1 | tee -a "$results" || torch_rc=$?

@@ -97,6 +97,10 @@ int main(int argc, char **argv) {
             printf("replica %d: %s status=%d error=%d\n", i, text, r.status, r.error);
             ok = ok && r.status == SC_REPLICA_PUBLISHED;
         }
+        /* Nothing died mid-push: the chain was never repaired. */
+        int repairs = sc_push_repairs(push);
+        printf("repairs=%d\n", repairs);
+        ok = ok && repairs == 0;
     } else if (strcmp(mode, "cancel") == 0) {
         print_error("push ended", rc);
         ok = cancelled && rc == SC_ERR_CANCELLED;

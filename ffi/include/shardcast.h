@@ -477,6 +477,16 @@ int32_t sc_push_cancel(struct sc_push *push);
 int32_t sc_push_replica_count(const struct sc_push *push);
 
 /**
+ * Times the finished push repaired its chain: re-formed it without a replica that was lost
+ * mid-push (died, its link broke, or it stalled), the others resuming (0 while it runs, or
+ * when it failed before the chain reported).
+ *
+ * # Safety
+ * `push` is a live handle.
+ */
+int32_t sc_push_repairs(const struct sc_push *push);
+
+/**
  * Replica `i` of the finished push: fills `out`, copies "NODE: message" (or "NODE") into
  * `msg` (`msg_len` bytes) and returns that text's full length.
  *

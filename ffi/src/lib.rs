@@ -830,6 +830,25 @@ pub unsafe extern "C" fn sc_push_replica_count(push: *const ScPush) -> i32 {
     })
 }
 
+/// Times the finished push repaired its chain: re-formed it without a replica that was lost
+/// mid-push (died, its link broke, or it stalled), the others resuming (0 while it runs, or
+/// when it failed before the chain reported).
+///
+/// # Safety
+/// `push` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sc_push_repairs(push: *const ScPush) -> i32 {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let p = unsafe { push_ref(push, "sc_push_repairs") }?;
+        let g = p.shared.result.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(match g.as_ref() {
+            Some(Ok(rep)) => i32::try_from(rep.repairs).unwrap_or(i32::MAX),
+            _ => 0,
+        })
+    })
+}
+
 /// Replica `i` of the finished push: fills `out`, copies "NODE: message" (or "NODE") into
 /// `msg` (`msg_len` bytes) and returns that text's full length.
 ///

@@ -11,21 +11,14 @@ fn target_debug() -> PathBuf {
 }
 
 /// Builds the C program against the cdylib. Cargo builds every crate type of the library
-/// together, so the `.so` beside this test is as new as the library the test links; it is
-/// built here only when missing. (A `cargo build -p shardcast-ffi` from inside `cargo test
-/// --workspace` resolves other features for a few shared crates and compiles every dependency
-/// again: ~4 min on a clean clone.)
+/// together, into `target/debug/deps`: that `.so` is as new as the library this test links.
+/// (Not `target/debug/libshardcast_ffi.so`: only `cargo build` copies it there, so under `cargo
+/// test` it can be a stale one from an earlier build, and a clean clone has none; building it
+/// with `cargo build -p shardcast-ffi` from inside `cargo test --workspace` resolves other
+/// features for a few shared crates and compiles every dependency again, ~4 min in CI.)
 fn build_demo(out: &Path) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = target_debug();
-    if !lib.join("libshardcast_ffi.so").is_file() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "shardcast-ffi", "--lib"])
-            .current_dir(dir)
-            .status()
-            .expect("run cargo build");
-        assert!(st.success(), "cargo build -p shardcast-ffi failed");
-    }
+    let lib = target_debug().join("deps");
     assert!(lib.join("libshardcast_ffi.so").is_file(), "no libshardcast_ffi.so in {}", lib.display());
     let exe = out.join("push_demo");
     let cc = Command::new("cc")
@@ -47,7 +40,9 @@ fn build_demo(out: &Path) -> PathBuf {
 }
 
 fn run(exe: &Path, args: &[&Path]) -> (bool, String) {
-    let out = Command::new(exe).args(args).output().expect("run push_demo");
+    // cargo puts target/debug on LD_LIBRARY_PATH, ahead of the program's runpath: a stale
+    // library there would be the one loaded.
+    let out = Command::new(exe).args(args).env_remove("LD_LIBRARY_PATH").output().expect("run push_demo");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
@@ -78,7 +73,7 @@ fn c_program_pushes_cancels_and_reports_errors() {
     let root = t.path().join("root");
     let (ok, text) = run(&exe, &[Path::new("push"), &src, &root]);
     assert!(ok, "push mode failed:\n{text}");
-    assert!(text.contains("status=0") && text.contains("OK"), "{text}");
+    assert!(text.contains("status=0") && text.contains("repairs=0") && text.contains("OK"), "{text}");
     for f in ["a.bin", "sub/b.bin"] {
         assert_eq!(std::fs::read(src.join(f)).unwrap(), std::fs::read(root.join("demo/1").join(f)).unwrap(), "{f}");
     }

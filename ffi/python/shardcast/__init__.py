@@ -112,12 +112,14 @@ class ReplicaResult:
 
 @dataclass(frozen=True)
 class PushReport:
-    """A finished push: one result per replica, in chain order, and, for each lane of the
-    first hop (lane 0 first), the chunks it sent and what it ran on (``"rdma"`` or ``"tcp"``)."""
+    """A finished push: one result per replica, in chain order; for each lane of the first
+    hop (lane 0 first), the chunks it sent and what it ran on (``"rdma"`` or ``"tcp"``); and how
+    many times the chain was repaired around a replica lost mid-push (``repairs``)."""
 
     replicas: List[ReplicaResult] = field(default_factory=list)
     lane_chunks: List[int] = field(default_factory=list)
     lane_transports: List[str] = field(default_factory=list)
+    repairs: int = 0
 
     @property
     def ok(self) -> bool:
@@ -207,7 +209,8 @@ class PushHandle:
         rdma = (ctypes.c_uint8 * 16)()
         kinds = lib.sc_push_lane_rdma(self._handle(), rdma, len(rdma))
         transports = ["rdma" if b else "tcp" for b in rdma[: max(kinds, 0)]]
-        return PushReport(out, [int(c) for c in counts[: max(lanes, 0)]], transports)
+        repairs = max(lib.sc_push_repairs(self._handle()), 0)
+        return PushReport(out, [int(c) for c in counts[: max(lanes, 0)]], transports, repairs)
 
     def cancel(self) -> None:
         """Asks the push to stop; the replicas drop what they staged. :meth:`wait` then raises

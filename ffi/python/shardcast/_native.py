@@ -142,6 +142,7 @@ def _load() -> ctypes.CDLL:
         ),
         "sc_push_lane_chunks": ([ctypes.c_void_p, p(ctypes.c_uint64), ctypes.c_size_t], ctypes.c_int32),
         "sc_push_lane_rdma": ([ctypes.c_void_p, p(ctypes.c_uint8), ctypes.c_size_t], ctypes.c_int32),
+        "sc_push_repairs": ([ctypes.c_void_p], ctypes.c_int32),
         "sc_push_free": ([ctypes.c_void_p], ctypes.c_int32),
     }
     for name, (args, res) in sigs.items():

@@ -3,6 +3,7 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -29,6 +30,33 @@ def same_tree(a: Path, b: Path) -> bool:
     return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
 
 
+def start_serves(roots):
+    """A `shardcast serve` process (SHARDCAST_BIN) on loopback for each root: (processes, addresses).
+    Their logs are drained so that they never block on a full pipe."""
+    procs, addrs = [], []
+    for root in roots:
+        p = subprocess.Popen(
+            [BIN, "serve", "--listen", "127.0.0.1:0", "--root", str(root)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        procs.append(p)
+        line = p.stderr.readline()
+        while line and "listening on" not in line:  # serve may log other lines first
+            line = p.stderr.readline()
+        addrs.append(line.split("listening on ")[1].split()[0])
+        threading.Thread(target=lambda p=p: [None for _ in p.stderr], daemon=True).start()
+    return procs, addrs
+
+
+def stop_serves(procs):
+    for p in procs:
+        p.send_signal(signal.SIGCONT)
+        p.kill()
+        p.wait()
+
+
 class PushTests(unittest.TestCase):
     def setUp(self):
         self.tmp = Path(tempfile.mkdtemp())
@@ -48,20 +76,8 @@ class PushTests(unittest.TestCase):
     def test_push_through_a_serve_process_chain(self):
         if not BIN:
             self.skipTest("SHARDCAST_BIN not set")
-        procs, addrs = [], []
+        procs, addrs = start_serves([self.tmp / f"p{i}" for i in range(2)])
         try:
-            for i in range(2):
-                p = subprocess.Popen(
-                    [BIN, "serve", "--listen", "127.0.0.1:0", "--root", str(self.tmp / f"p{i}")],
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env={**os.environ, "NO_COLOR": "1"},
-                )
-                procs.append(p)
-                line = p.stderr.readline()
-                while line and "listening on" not in line:  # serve may log other lines first
-                    line = p.stderr.readline()
-                addrs.append(line.split("listening on ")[1].split()[0])
             h = shardcast.push_async(self.src, to=addrs, name="ckpt", version=7, chunk_size=1 << 20)
             seen = []
             while h.wait(timeout=0.05) is None:
@@ -74,10 +90,34 @@ class PushTests(unittest.TestCase):
             for i in range(2):
                 self.assertTrue(same_tree(self.src, self.tmp / f"p{i}" / "ckpt" / "7"))
         finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-                p.stderr.close()
+            stop_serves(procs)
+
+    def test_a_replica_killed_mid_push_is_repaired_around_and_the_report_counts_it(self):
+        if not BIN:
+            self.skipTest("SHARDCAST_BIN not set")
+        (self.src / "big.bin").write_bytes(os.urandom(128 << 20))
+        procs, addrs = start_serves([self.tmp / f"k{i}" for i in range(3)])
+        try:
+            h = shardcast.push_async(self.src, to=addrs, name="ckpt", version=1, chunk_size=1 << 20)
+            while h.progress().sent_chunks == 0 and h.wait(timeout=0.005) is None:
+                pass
+            # The tail stops taking anything, so the push cannot end; the middle replica dies;
+            # the tail goes on, and the primary repairs the chain to it.
+            procs[2].send_signal(signal.SIGSTOP)
+            time.sleep(0.3)
+            procs[1].kill()
+            procs[2].send_signal(signal.SIGCONT)
+            with self.assertRaises(shardcast.PartialPush) as caught:
+                h.wait()
+            h.close()
+            report = caught.exception.report
+            self.assertEqual([r.published for r in report.replicas], [True, False, True], report)
+            self.assertEqual(report.replicas[1].kind, "connection_lost", report)
+            self.assertGreaterEqual(report.repairs, 1, report)
+            for i in (0, 2):
+                self.assertTrue(same_tree(self.src, self.tmp / f"k{i}" / "ckpt" / "1"))
+        finally:
+            stop_serves(procs)
 
     def test_push_over_two_lanes(self):
         # 16 MiB in 64 KiB chunks: 257 chunks, enough that both lanes of each hop carry some.
@@ -90,6 +130,7 @@ class PushTests(unittest.TestCase):
             self.assertEqual(len(report.lane_chunks), 2, report.lane_chunks)
             # No RDMA device has a GID of 127.0.0.1: both lanes ran TCP, and the report says so.
             self.assertEqual(report.lane_transports, ["tcp", "tcp"], report)
+            self.assertEqual(report.repairs, 0, report)
             self.assertTrue(all(n > 0 for n in report.lane_chunks), report.lane_chunks)
             one = shardcast.push(self.src, to=[a.addr, b.addr], name="ckpt", version=2, chunk_size=1 << 16)
             self.assertEqual(len(one.lane_chunks), 1, one.lane_chunks)
