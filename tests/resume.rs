@@ -302,27 +302,31 @@ fn a_replica_that_published_before_its_upstream_died_reports_published() {
 }
 
 /// A relay (r1, root in `work`) and a tail (r2, root the lazyfs mount) with 1 s idle timeouts,
-/// and a push of 4 MiB (`seed`) of `name` to them with `extra` arguments, under way once the
-/// tail's final sync waits for its held fsyncs. Returns (r1's root, r1, r2, the source, the push).
+/// and a push of 4 MiB (`seed`) of `name` to them with `extra` arguments (with `key`, a cluster
+/// key everywhere), under way once the tail's final sync waits for its held fsyncs. Returns
+/// (r1's root, r1, r2, the source, the push).
 fn push_until_the_tail_syncs(
     work: &Path,
     fs: &lazyfs::Handle,
     name: &str,
     seed: u64,
     extra: &[&str],
+    key: Option<&Path>,
 ) -> (std::path::PathBuf, Server, Server, tempfile::TempDir, Running) {
     let idle = ["--idle-timeout", "1"].map(String::from);
+    let env: Vec<(String, String)> =
+        key.map(|k| ("SHARDCAST_KEY_FILE".to_owned(), k.to_str().unwrap().to_owned())).into_iter().collect();
     let r1_root = work.join("r1");
     std::fs::create_dir_all(&r1_root).unwrap();
-    let r1 = Server::start(&r1_root, &idle, &[]);
-    let r2 = Server::start(&work.join("mnt"), &idle, &[]);
+    let r1 = Server::start(&r1_root, &idle, &env);
+    let r2 = Server::start(&work.join("mnt"), &idle, &env);
     let src = tempdir();
     write_random_file(&src.path().join("ckpt.bin"), 4 * MIB, seed);
     fs.hold_fsyncs(true);
     let mut push = shardcast();
     push.arg("push").arg(src.path()).args(["--name", name, "--version", "1", "--chunk-size", "1M"]);
     push.args(["--idle-timeout", "1", "--json"]).args(extra);
-    push.arg("--to").arg(format!("{},{}", r1.addr(), r2.addr()));
+    push.arg("--to").arg(format!("{},{}", r1.addr(), r2.addr())).envs(env);
     let mut p = Running::spawn(&mut push);
     let syncing = wait_until(Duration::from_secs(60), || fs.fsyncs_waited() > 0 || p.try_wait().is_some());
     assert!(syncing && p.try_wait().is_none(), "the tail never synced\n{}\n{}", r1.log(), r2.log());
@@ -333,12 +337,15 @@ fn push_until_the_tail_syncs(
 /// timeout: the nodes before it wait for its result instead of giving up on it. The syncing
 /// node tells upstream it is alive (its last ACK again) while its sync runs on a thread, and the
 /// relay does the same while it waits; before, the tail's session thread sat in fsync, sent
-/// nothing, and the relay and the primary each reported `no progress for 1 s`.
+/// nothing, and the relay and the primary each reported `no progress for 1 s`. With a cluster
+/// key and encryption: the keepalives carry their MACs like any ACK.
 #[test]
 fn a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for() {
     const TEST: &str = "resume::a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for";
     let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
-    let (r1_root, r1, r2, src, mut p) = push_until_the_tail_syncs(work.path(), &fs, "s", 14, &[]);
+    let key = key_file(work.path(), "cluster.key", "keepalives-carry-their-macs-0123456789");
+    let (r1_root, r1, r2, src, mut p) =
+        push_until_the_tail_syncs(work.path(), &fs, "s", 14, &["--encrypt"], Some(&key));
     std::thread::sleep(Duration::from_secs(3));
     fs.hold_fsyncs(false);
     assert!(p.wait_timeout(Duration::from_secs(60)).is_some(), "push hangs\n{}\n{}", r1.log(), r2.log());
@@ -356,7 +363,7 @@ fn a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for() {
 fn a_replica_that_hangs_in_its_final_sync_is_still_given_up_on() {
     const TEST: &str = "resume::a_replica_that_hangs_in_its_final_sync_is_still_given_up_on";
     let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
-    let (r1_root, r1, r2, src, mut p) = push_until_the_tail_syncs(work.path(), &fs, "h", 15, &["--no-repair"]);
+    let (r1_root, r1, r2, src, mut p) = push_until_the_tail_syncs(work.path(), &fs, "h", 15, &["--no-repair"], None);
     let pid = r2.pid().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let ended = p.wait_timeout(Duration::from_secs(30)).is_some();
