@@ -303,15 +303,14 @@ fn a_replica_that_published_before_its_upstream_died_reports_published() {
 
 /// A relay (r1, root in `work`) and a tail (r2, root the lazyfs mount) with 1 s idle timeouts,
 /// and a push of 4 MiB (`seed`) of `name` to them with `extra` arguments (with `key`, a cluster
-/// key everywhere), under way once the tail's final sync waits for its held fsyncs. Returns
-/// (r1's root, r1, r2, the source, the push).
+/// key everywhere; `tail`: more arguments for the tail's serve), under way once the tail's
+/// final sync waits for its held fsyncs. Returns (r1's root, r1, r2, the source, the push).
 fn push_until_the_tail_syncs(
     work: &Path,
     fs: &lazyfs::Handle,
     name: &str,
     seed: u64,
-    extra: &[&str],
-    key: Option<&Path>,
+    (extra, key, tail): (&[&str], Option<&Path>, &[&str]),
 ) -> (std::path::PathBuf, Server, Server, tempfile::TempDir, Running) {
     let idle = ["--idle-timeout", "1"].map(String::from);
     let env: Vec<(String, String)> =
@@ -319,7 +318,8 @@ fn push_until_the_tail_syncs(
     let r1_root = work.join("r1");
     std::fs::create_dir_all(&r1_root).unwrap();
     let r1 = Server::start(&r1_root, &idle, &env);
-    let r2 = Server::start(&work.join("mnt"), &idle, &env);
+    let tail: Vec<String> = idle.iter().cloned().chain(tail.iter().map(|a| a.to_string())).collect();
+    let r2 = Server::start(&work.join("mnt"), &tail, &env);
     let src = tempdir();
     write_random_file(&src.path().join("ckpt.bin"), 4 * MIB, seed);
     fs.hold_fsyncs(true);
@@ -345,7 +345,7 @@ fn a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for() {
     let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
     let key = key_file(work.path(), "cluster.key", "keepalives-carry-their-macs-0123456789");
     let (r1_root, r1, r2, src, mut p) =
-        push_until_the_tail_syncs(work.path(), &fs, "s", 14, &["--encrypt"], Some(&key));
+        push_until_the_tail_syncs(work.path(), &fs, "s", 14, (&["--encrypt"], Some(&key), &[]));
     std::thread::sleep(Duration::from_secs(3));
     fs.hold_fsyncs(false);
     assert!(p.wait_timeout(Duration::from_secs(60)).is_some(), "push hangs\n{}\n{}", r1.log(), r2.log());
@@ -363,7 +363,8 @@ fn a_replica_whose_final_sync_outlasts_the_idle_timeout_is_waited_for() {
 fn a_replica_that_hangs_in_its_final_sync_is_still_given_up_on() {
     const TEST: &str = "resume::a_replica_that_hangs_in_its_final_sync_is_still_given_up_on";
     let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
-    let (r1_root, r1, r2, src, mut p) = push_until_the_tail_syncs(work.path(), &fs, "h", 15, &["--no-repair"], None);
+    let (r1_root, r1, r2, src, mut p) =
+        push_until_the_tail_syncs(work.path(), &fs, "h", 15, (&["--no-repair"], None, &[]));
     let pid = r2.pid().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let ended = p.wait_timeout(Duration::from_secs(30)).is_some();
@@ -377,6 +378,29 @@ fn a_replica_that_hangs_in_its_final_sync_is_still_given_up_on() {
     assert_eq!(status, ["published", "failed"], "{j}\n{}", r1.log());
     assert_eq!(reps[1]["error"]["kind"].as_str(), Some("stalled"), "{j}");
     assert_tree_identical(src.path(), &r1_root.join("h/1"));
+}
+
+/// A tail whose disk never finishes its final sync (held past its `--sync-timeout` of 1 s) fails
+/// the push there, saying so, instead of keeping the chain waiting on its keepalives for ever:
+/// the relay before it stays published and the push ends.
+#[test]
+fn a_replica_whose_disk_hangs_in_its_final_sync_fails_after_the_sync_timeout() {
+    const TEST: &str = "resume::a_replica_whose_disk_hangs_in_its_final_sync_fails_after_the_sync_timeout";
+    let Some((work, (_session, fs))) = lazy_mount(TEST) else { return };
+    let (r1_root, r1, r2, src, mut p) =
+        push_until_the_tail_syncs(work.path(), &fs, "d", 17, (&["--no-repair"], None, &["--sync-timeout", "1"]));
+    let ended = p.wait_timeout(Duration::from_secs(30)).is_some();
+    fs.hold_fsyncs(false);
+    assert!(ended, "the push waits for ever on a hung disk\n{}\n{}", r1.log(), r2.log());
+    let out = p.finish(Duration::from_secs(5));
+    let j = parse_json(&out);
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas in {j}\n{}", r2.log()));
+    let status: Vec<&str> = reps.iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
+    assert_eq!(status, ["published", "failed"], "{j}\n{}", r2.log());
+    assert_eq!(reps[1]["error"]["kind"].as_str(), Some("stalled"), "{j}");
+    let why = reps[1]["error"]["message"].as_str().unwrap_or("");
+    assert!(why.contains("did not finish syncing") && why.contains("--sync-timeout"), "{j}");
+    assert_tree_identical(src.path(), &r1_root.join("d/1"));
 }
 
 /// A resuming push (a repair, or a repeat) of a version that an earlier session is publishing

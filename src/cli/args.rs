@@ -140,6 +140,10 @@ pub(crate) struct ServeArgs {
     /// (hung, or its link down) and the push goes on without it.
     #[arg(long, default_value_t = 10, env = "SHARDCAST_SERVE_HOP_TIMEOUT")]
     pub(crate) hop_timeout: u64,
+    /// A push whose final sync (flushing what it received to disk) takes longer than this many
+    /// seconds fails on this node (its disk hung, or far too slow); until then upstream waits.
+    #[arg(long, default_value_t = 600, env = "SHARDCAST_SERVE_SYNC_TIMEOUT")]
+    pub(crate) sync_timeout: u64,
     /// Most concurrent sessions.
     #[arg(long, default_value_t = 64, env = "SHARDCAST_SERVE_MAX_SESSIONS")]
     pub(crate) max_sessions: usize,

@@ -100,6 +100,7 @@ fn options(a: ServeArgs, g: &Global) -> Result<ServeOptions, u8> {
     opts.transport = a.transport;
     opts.rdma = a.rdma.config();
     opts.limits.idle_timeout = Duration::from_secs(a.idle_timeout.max(1));
+    opts.limits.sync_timeout = Duration::from_secs(a.sync_timeout.max(1));
     opts.limits.hop_timeout = Duration::from_secs(a.hop_timeout.max(1));
     opts.limits.max_sessions = a.max_sessions.max(1);
     opts.limits.max_per_peer = a.max_sessions_per_peer.max(1);

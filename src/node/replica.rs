@@ -101,6 +101,10 @@ pub struct ServeLimits {
     pub idle_timeout: Duration,
     /// Give up on a downstream hop that takes nothing this long (times the nodes after it).
     pub hop_timeout: Duration,
+    /// A push whose final sync (flushing its staging area to disk) takes longer than this fails
+    /// here: its disk is hung or far too slow. Upstream waits that long, told every 250 ms that
+    /// this node is alive.
+    pub sync_timeout: Duration,
     /// How long a peer may take to send its first frame, and downstream to answer.
     pub handshake_timeout: Duration,
     /// Most sessions at once; more are refused.
@@ -132,7 +136,7 @@ pub struct ServeLimits {
 }
 
 impl Default for ServeLimits {
-    /// 120 s idle timeout, 10 s hop timeout, 64 sessions (16 per peer address), 5 s to finish a
+    /// 120 s idle timeout, 10 s hop timeout, 600 s to sync a push, 64 sessions (16 per peer address), 5 s to finish a
     /// handshake (128 at once, 8 per peer address), chains of 16 nodes, 1 000 000 entries and
     /// 64 MiB per manifest, versions at most 2^32 beyond `current`, no staging cap, partials
     /// kept 24 h and 100 GiB at most.
@@ -140,6 +144,7 @@ impl Default for ServeLimits {
         Self {
             idle_timeout: Duration::from_secs(120),
             hop_timeout: Duration::from_secs(10),
+            sync_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(5),
             max_sessions: 64,
             max_per_peer: 16,
@@ -1224,6 +1229,7 @@ fn start_session<'a>(
         .pool_bytes(opts.pool_bytes)
         .io(opts.io)
         .idle_timeout(opts.limits.idle_timeout)
+        .sync_timeout(opts.limits.sync_timeout)
         .hop_timeout(opts.limits.hop_timeout)
         .verify(opts.verify)
         .piece_bytes(opts.piece_bytes);

@@ -25,6 +25,8 @@ pub(crate) struct SessionConfig {
     /// A downstream that takes nothing while chunks wait for it, for this long times the number
     /// of nodes after this one, is reported as stalled and the push goes on without it.
     pub(super) hop_timeout: Duration,
+    /// How long a replica's final sync may take before the push fails here.
+    pub(super) sync_timeout: Duration,
     pub(super) parts: Parts,
 }
 
@@ -68,6 +70,7 @@ impl Default for SessionConfig {
             verify: true,
             piece_bytes: DEFAULT_PIECE_BYTES,
             hop_timeout: Duration::from_secs(10),
+            sync_timeout: Duration::from_secs(600),
             parts: Parts::default(),
         }
     }
@@ -89,6 +92,12 @@ impl SessionConfig {
     /// How long a session waits without any completion before it gives up.
     pub(crate) fn idle_timeout(mut self, t: Duration) -> Self {
         self.idle_timeout = t;
+        self
+    }
+
+    /// How long a replica's final sync may take before the push fails on this node.
+    pub(crate) fn sync_timeout(mut self, t: Duration) -> Self {
+        self.sync_timeout = t;
         self
     }
 

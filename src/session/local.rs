@@ -48,6 +48,8 @@ pub(super) struct LocalSide {
     pub(super) prefill: Option<std::thread::JoinHandle<Result<(), crate::error::StoreError>>>,
     /// The staging area being synced on a thread of its own (it comes back with the result).
     pub(super) syncing: Option<std::thread::JoinHandle<(Staging, Result<(), NodeError>)>>,
+    /// When that sync started.
+    pub(super) sync_started: Instant,
     /// Routed push progress: chunks counted into `ack_bytes` so far.
     pub(super) ack_counted: u64,
     pub(super) ack_bytes: u64,
@@ -64,6 +66,7 @@ impl LocalSide {
             own: None,
             prefill: None,
             syncing: None,
+            sync_started: Instant::now(),
             ack_counted: 0,
             ack_bytes: 0,
             published: false,
@@ -100,7 +103,10 @@ impl Session<'_> {
             (st, result)
         };
         match std::thread::Builder::new().name("sc-sync".into()).spawn(run) {
-            Ok(h) => self.here.syncing = Some(h),
+            Ok(h) => {
+                self.here.syncing = Some(h);
+                self.here.sync_started = Instant::now();
+            }
             Err(e) => {
                 // The staging went with the closure: dropped, it keeps what was journaled.
                 let error = NodeError::io("cannot start the thread that syncs the staging area", &e);
@@ -109,10 +115,16 @@ impl Session<'_> {
         }
     }
 
-    /// The sync thread's end (`wait`: waits for it): the staging back in place and `SyncDone`
-    /// queued. Returns whether a sync ended.
+    /// The sync thread's end (`wait`: waits for it, until the sync timeout at most): the staging
+    /// back in place and `SyncDone` queued. Returns whether a sync ended.
     pub(super) fn sync_done(&mut self, wait: bool) -> bool {
-        let Some(h) = self.here.syncing.take_if(|h| wait || h.is_finished()) else { return false };
+        if wait {
+            let deadline = self.here.sync_started + self.cfg.sync_timeout;
+            while self.here.syncing.as_ref().is_some_and(|h| !h.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let Some(h) = self.here.syncing.take_if(|h| h.is_finished()) else { return false };
         let result = match h.join() {
             Ok((st, result)) => {
                 self.here.data = Local::Staging(Some(st));
@@ -123,6 +135,22 @@ impl Session<'_> {
         };
         self.events.push_back(Event::SyncDone { result });
         true
+    }
+
+    /// The sync has run past `--sync-timeout`: this node's disk is hung or far too slow. The
+    /// push fails here, and the sync thread is left to finish on its own (it owns the staging
+    /// area, which keeps what was journaled when it is dropped there).
+    pub(super) fn sync_overdue(&mut self) {
+        let Some(h) = self.here.syncing.take() else { return };
+        drop(h);
+        let secs = self.cfg.sync_timeout.as_secs();
+        self.abort(NodeError::new(
+            ErrorKind::Stalled,
+            format!(
+                "the staging area did not finish syncing to disk in {secs} s: the disk is hung or far too slow \
+                 (serve --sync-timeout)"
+            ),
+        ));
     }
 
     /// Every chunk before `through` is written on every node after this one (and here): the

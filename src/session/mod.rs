@@ -385,10 +385,14 @@ impl<'a> Session<'a> {
         let mut last_progress = Instant::now();
         loop {
             if self.here.syncing.is_some() {
-                // This node's own disk is at work: not idle, however long the flush takes.
-                last_progress = Instant::now();
                 if self.sync_done(false) {
                     self.process();
+                    continue;
+                }
+                // This node's own disk is at work: not idle, up to the sync timeout.
+                last_progress = Instant::now();
+                if self.here.sync_started.elapsed() >= self.cfg.sync_timeout {
+                    self.sync_overdue();
                     continue;
                 }
             }
