@@ -395,16 +395,20 @@ impl PoolCache {
         }
     }
 
-    /// Keeps `pool` for a later session (or frees it when the cache is full). A pool that an
-    /// operation still holds is never reused (dropping it leaks its memory).
+    /// Keeps `pool` for a later session, in place of the idle pool kept longest when the cache
+    /// is full: the next push most likely has the shape of the last one (a launcher pushing
+    /// every checkpoint with its own `--chunk-size` kept paying a fresh pool per push while the
+    /// cache held the warm default-shaped one). A pool that an operation still holds is never
+    /// reused (dropping it leaks its memory).
     pub(crate) fn put(&self, mut pool: Pool) {
-        if !pool.reset() {
+        if !pool.reset() || self.max == 0 {
             return;
         }
         let mut idle = self.idle.lock().expect("pool cache lock");
-        if idle.len() < self.max {
-            idle.push(pool);
+        if idle.len() >= self.max {
+            idle.remove(0);
         }
+        idle.push(pool);
     }
 }
 
@@ -522,6 +526,23 @@ mod tests {
         assert!(q.lease().is_some());
         let other = cache.get(1 << 20, 128 << 10).unwrap();
         assert_ne!(other.base(), base);
+    }
+
+    #[test]
+    fn a_full_cache_keeps_the_shape_of_the_last_session() {
+        // The warm pool of the default shape, then sessions of another chunk size: each one
+        // after the first gets the pool the one before it used.
+        let cache = PoolCache::new(1);
+        cache.warm(1 << 20, 64 << 10);
+        let p = cache.get(1 << 20, 128 << 10).unwrap();
+        let base = p.base();
+        cache.put(p);
+        let q = cache.get(1 << 20, 128 << 10).unwrap();
+        assert_eq!(q.base(), base, "the last session's pool was dropped for the warm one");
+        cache.put(q);
+        // The default shape comes back: a fresh pool, and the cache keeps that one next.
+        let d = cache.get(1 << 20, 64 << 10).unwrap();
+        assert_ne!(d.base(), base);
     }
 
     #[test]
