@@ -371,13 +371,20 @@ fn a_replica_that_hangs_in_its_final_sync_is_still_given_up_on() {
     let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
     fs.hold_fsyncs(false);
     assert!(ended, "the push waits for ever on a hung replica\n{}\n{}", r1.log(), r2.log());
+    relay_published_and_tail_stalled(p, src.path(), &r1_root.join("h/1"), &r2);
+}
+
+/// The push `p` ended with the relay published (its copy at `copy` equal to `src`) and the tail
+/// failed as `stalled`; returns the tail's error message.
+fn relay_published_and_tail_stalled(p: Running, src: &Path, copy: &Path, tail: &Server) -> String {
     let out = p.finish(Duration::from_secs(5));
     let j = parse_json(&out);
-    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas in {j}\n{}", r1.log()));
+    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas in {j}\n{}", tail.log()));
     let status: Vec<&str> = reps.iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
-    assert_eq!(status, ["published", "failed"], "{j}\n{}", r1.log());
+    assert_eq!(status, ["published", "failed"], "{j}\n{}", tail.log());
     assert_eq!(reps[1]["error"]["kind"].as_str(), Some("stalled"), "{j}");
-    assert_tree_identical(src.path(), &r1_root.join("h/1"));
+    assert_tree_identical(src, copy);
+    reps[1]["error"]["message"].as_str().unwrap_or("").to_owned()
 }
 
 /// A tail whose disk never finishes its final sync (held past its `--sync-timeout` of 1 s) fails
@@ -392,15 +399,8 @@ fn a_replica_whose_disk_hangs_in_its_final_sync_fails_after_the_sync_timeout() {
     let ended = p.wait_timeout(Duration::from_secs(30)).is_some();
     fs.hold_fsyncs(false);
     assert!(ended, "the push waits for ever on a hung disk\n{}\n{}", r1.log(), r2.log());
-    let out = p.finish(Duration::from_secs(5));
-    let j = parse_json(&out);
-    let reps = j["replicas"].as_array().unwrap_or_else(|| panic!("no replicas in {j}\n{}", r2.log()));
-    let status: Vec<&str> = reps.iter().map(|r| r["status"].as_str().unwrap_or("?")).collect();
-    assert_eq!(status, ["published", "failed"], "{j}\n{}", r2.log());
-    assert_eq!(reps[1]["error"]["kind"].as_str(), Some("stalled"), "{j}");
-    let why = reps[1]["error"]["message"].as_str().unwrap_or("");
-    assert!(why.contains("did not finish syncing") && why.contains("--sync-timeout"), "{j}");
-    assert_tree_identical(src.path(), &r1_root.join("d/1"));
+    let why = relay_published_and_tail_stalled(p, src.path(), &r1_root.join("d/1"), &r2);
+    assert!(why.contains("did not finish syncing") && why.contains("--sync-timeout"), "{why}");
 }
 
 /// A resuming push (a repair, or a repeat) of a version that an earlier session is publishing

@@ -504,7 +504,8 @@ impl Session<'_> {
         }
         let waiting = self.down.sending() || self.down.queued() || self.down.rdma_inflight > 0;
         let limit = hop_limit(self.cfg.hop_timeout, self.machine.downstream_nodes().len());
-        let stalled = self.down.progress.tick(Tick { now: Instant::now(), waiting }, limit);
+        let now = Instant::now();
+        let stalled = self.down.progress.tick(Tick { now, waiting }, limit);
         if let Some(stalled) = stalled
             && !self.down.closed
             && self.down.fd.is_some()
@@ -514,10 +515,10 @@ impl Session<'_> {
             self.downstream_settled(Event::DownstreamLost { error: stalled.error(&name) });
             return;
         }
-        self.check_lanes();
+        self.check_lanes(now);
     }
 
-    /// A hop of several lanes (each its own rail, maybe): every [`LANE_LOOK_EVERY`], whether
+    /// A hop of several lanes (each its own rail, maybe), at `now`: every [`LANE_LOOK_EVERY`], whether
     /// data a lane's connection sent has gone unacknowledged for [`LANE_DEAD_AFTER`], its link
     /// down. Then the hop is lost at once (the repair moves it to the rails left), long before
     /// the stall deadline. A receiver that keeps its window shut (its slots full, its disk
@@ -525,9 +526,8 @@ impl Session<'_> {
     ///
     /// [`LANE_LOOK_EVERY`]: crate::proto::stall::LANE_LOOK_EVERY
     /// [`LANE_DEAD_AFTER`]: crate::proto::stall::LANE_DEAD_AFTER
-    fn check_lanes(&mut self) {
+    fn check_lanes(&mut self, now: Instant) {
         use crate::proto::stall::{LANE_DEAD_AFTER, LANE_LOOK_EVERY};
-        let now = Instant::now();
         if !self.down.watches_lanes() || now.saturating_duration_since(self.down.acks_looked) < LANE_LOOK_EVERY {
             return;
         }
