@@ -70,6 +70,15 @@ pub(crate) enum Buf {
     Lane { lane: u8, area: LaneArea, off: usize, len: u32 },
 }
 
+impl Buf {
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> u32 {
+        match *self {
+            Buf::Slot { len, .. } | Buf::Ctrl { len, .. } | Buf::Seal { len, .. } | Buf::Lane { len, .. } => len,
+        }
+    }
+}
+
 /// A pinned buffer pool of fixed-size slots.
 ///
 /// Safe to use: the bytes of a slot are read and written through [`Pool::slot`] /

@@ -71,6 +71,8 @@ pub(super) struct DnLane {
     pub(super) recv: DnRecv,
     /// Whether what this lane's connection sent goes unacknowledged (its link down).
     pub(super) acks: crate::proto::stall::LaneAcks,
+    /// What this lane was handed and drained (the primary's lanes take chunks by it).
+    pub(super) meter: crate::proto::lanes::LaneMeter,
 }
 
 impl DnLane {
@@ -87,6 +89,7 @@ impl DnLane {
             polling: false,
             recv,
             acks: crate::proto::stall::LaneAcks::default(),
+            meter: crate::proto::lanes::LaneMeter::default(),
         }
     }
 
@@ -371,6 +374,7 @@ impl Session<'_> {
         match self.down.shared.front()? {
             DnItem::End if lane != 0 => None,
             DnItem::End => self.down.shared.pop_front(),
+            _ if self.leaves_to_others(lane) => None,
             _ => {
                 let item = self.down.shared.pop_front();
                 self.down.next_lane = (lane + 1) % self.down.lanes.len();
@@ -378,6 +382,36 @@ impl Session<'_> {
                 item
             }
         }
+    }
+
+    /// Whether TCP lane `lane` of the primary's hop leaves the next untaken chunk to the other
+    /// lanes: near the end of a push, a lane that would finish it after they finished everything
+    /// left (`proto::lanes::leaves_to_others`, by each lane's bytes queued and acknowledged).
+    /// Another lane's send completing asks this lane again.
+    fn leaves_to_others(&self, lane: usize) -> bool {
+        let lanes = &self.down.lanes;
+        if lanes.len() < 2 || self.down.rdma() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut loads = Vec::with_capacity(lanes.len());
+        for l in lanes {
+            let Some(acks) = crate::sys::tcpinfo::ack_state(l.fd) else { return false };
+            loads.push(l.meter.load(now, acks.bytes_acked));
+        }
+        let Some(&DnItem::Chunk(seq, slot)) = self.down.shared.front() else { return false };
+        let chunk = HEADER_LEN as u64 + u64::from(self.frame_len(slot));
+        // What is left to send: this chunk and every one after it (the primary reads only a
+        // few ahead, so `shared` alone says little), at most the push's bytes; a routed push
+        // sends fewer, and counting them all only makes a lane take a chunk sooner.
+        let m = &self.manifest;
+        let left = m
+            .chunk_count()
+            .saturating_sub(seq)
+            .saturating_mul(u64::from(m.chunk_size()))
+            .min(m.total_bytes())
+            .max(chunk);
+        crate::proto::lanes::leaves_to_others(lane, &loads, chunk, left)
     }
 
     /// Submits the send of `item` on lane `lane`.
@@ -416,6 +450,10 @@ impl Session<'_> {
         // (for pieces: the last piece's); a piece's bytes were received before it was queued
         // and are not written again; the END area is not touched again.
         let fd = self.down.lanes[lane].fd;
+        if self.down.lanes.len() > 1 {
+            let acked = || crate::sys::tcpinfo::ack_state(fd).map(|a| a.bytes_acked);
+            self.down.lanes[lane].meter.handed(u64::from(buf.len()), Instant::now(), acked);
+        }
         self.pool.submit(&mut self.io, token(T_DN_SEND, lane as u64), OpKind::Send, fd, buf)?;
         self.down.lanes[lane].sending = Some(item);
         Ok(())
