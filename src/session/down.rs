@@ -73,6 +73,9 @@ pub(super) struct DnLane {
     pub(super) acks: crate::proto::stall::LaneAcks,
     /// What this lane was handed and drained (the primary's lanes take chunks by it).
     pub(super) meter: crate::proto::lanes::LaneMeter,
+    /// RDMA lane: bytes of its writes that completed (what its peer took, as TCP's
+    /// acknowledged bytes are for a TCP lane).
+    pub(super) written: u64,
 }
 
 impl DnLane {
@@ -90,6 +93,7 @@ impl DnLane {
             recv,
             acks: crate::proto::stall::LaneAcks::default(),
             meter: crate::proto::lanes::LaneMeter::default(),
+            written: 0,
         }
     }
 
@@ -384,20 +388,27 @@ impl Session<'_> {
         }
     }
 
-    /// Whether TCP lane `lane` of the primary's hop leaves the next untaken chunk to the other
+    /// Whether lane `lane` of the primary's hop leaves the next untaken chunk to the other
     /// lanes: near the end of a push, a lane that would finish it after they finished everything
-    /// left (`proto::lanes::leaves_to_others`, by each lane's bytes queued and acknowledged).
-    /// Another lane's send completing asks this lane again.
+    /// left (`proto::lanes::leaves_to_others`, by each lane's bytes queued and taken: a TCP
+    /// lane's acknowledged bytes, an RDMA lane's completed writes). Another lane's send or
+    /// write completing asks this lane again.
     fn leaves_to_others(&self, lane: usize) -> bool {
         let lanes = &self.down.lanes;
-        if lanes.len() < 2 || self.down.rdma() {
+        if lanes.len() < 2 {
             return false;
         }
         let now = Instant::now();
         let mut loads = Vec::with_capacity(lanes.len());
         for l in lanes {
-            let Some(acks) = crate::sys::tcpinfo::ack_state(l.fd) else { return false };
-            loads.push(l.meter.load(now, acks.bytes_acked));
+            let taken = match l.rdma {
+                Some(_) => l.written,
+                None => match crate::sys::tcpinfo::ack_state(l.fd) {
+                    Some(acks) => acks.bytes_acked,
+                    None => return false,
+                },
+            };
+            loads.push(l.meter.load(now, taken));
         }
         let Some(&DnItem::Chunk(seq, slot)) = self.down.shared.front() else { return false };
         let chunk = HEADER_LEN as u64 + u64::from(self.frame_len(slot));

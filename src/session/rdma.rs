@@ -79,7 +79,15 @@ impl Session<'_> {
             let posted =
                 self.down.nic_writes.post(&link.ep, self.pool.mem_mut(), token(T_DN_SEND, wr), span, remote, rkey, imm);
             match posted {
-                Ok(()) => self.down.rdma_inflight += 1,
+                Ok(()) => {
+                    self.down.rdma_inflight += 1;
+                    if self.down.lanes.len() > 1 {
+                        let len = self.written_len(wr);
+                        let l = &mut self.down.lanes[lane];
+                        let written = l.written;
+                        l.meter.handed(len, Instant::now(), || Some(written));
+                    }
+                }
                 Err(e) => {
                     if let DnItem::Chunk(seq, _) = item {
                         self.events.push_back(Event::ForwardDone { seq });
@@ -117,15 +125,24 @@ impl Session<'_> {
         }
         for wc in wcs {
             if down {
-                self.rdma_written(wc);
+                self.rdma_written(lane, wc);
             } else {
                 self.rdma_arrived(lane, wc);
             }
         }
     }
 
-    /// A write downstream completed (or failed).
-    pub(super) fn rdma_written(&mut self, wc: WorkCompletion) {
+    /// What a write of chunk `wr` (or END) counts for its lane's meter: the chunk's bytes and
+    /// its header, END nothing (the same when posted and when completed).
+    fn written_len(&self, wr: u64) -> u64 {
+        if wr == END_WR {
+            return 0;
+        }
+        self.manifest.chunk(wr).map_or(0, |c| u64::from(c.len) + HEADER_LEN as u64)
+    }
+
+    /// A write downstream on lane `lane` completed (or failed).
+    pub(super) fn rdma_written(&mut self, lane: usize, wc: WorkCompletion) {
         self.down.rdma_inflight = self.down.rdma_inflight.saturating_sub(1);
         self.down.nic_writes.completed(self.pool.mem_mut(), wc.wr_id);
         let value = wc.wr_id & ((1 << 56) - 1);
@@ -136,6 +153,8 @@ impl Session<'_> {
                     if let Some(c) = self.manifest.chunk(seq) {
                         self.count_out(u64::from(c.len) + HEADER_LEN as u64);
                     }
+                    let len = self.written_len(seq);
+                    self.down.lanes[lane].written += len;
                     if let Some(p) = self.progress {
                         p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
