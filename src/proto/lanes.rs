@@ -48,10 +48,10 @@ pub(crate) fn may_lease(
 /// [`leaves_to_others`] (slow start and the first chunks say little about it).
 pub(crate) const RATE_AFTER: Duration = Duration::from_millis(250);
 
-/// What one lane of the primary's hop has been handed and has drained: the bytes given to its
-/// connection (every send, counted whole when submitted) and, from its first send on, what the
-/// connection's peer acknowledged (`tcpi_bytes_acked`, read by the driver: this reads no clock
-/// and no socket).
+/// What one lane of the primary's hop has been handed and has drained: the bytes given to it
+/// (every send or write, counted whole when submitted) and, from its first send on, what its
+/// peer took (a TCP lane's `tcpi_bytes_acked`, an RDMA lane's completed writes; given by the
+/// driver: this reads no clock and no socket).
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct LaneMeter {
     handed: u64,
@@ -216,8 +216,8 @@ mod tests {
         let (ruled, ruled_took) = drain(rates, 256, 4 * MIB, true);
         let fast_chunk_ms = (4 * MIB) as f64 / rates[0] * 1000.0; // 33.5 ms
         let apart = |d: [u64; 2]| d[0].abs_diff(d[1]) as f64;
-        // Taking whatever it can, the slow lane ends more than a fast chunk after the fast one
-        // (the 2 MiB it holds and one chunk more: ~200 ms at 250 Mbit/s).
+        // Taking whatever it can, the slow lane ends well after the fast one (134 ms: its one
+        // chunk more than its share, at 250 Mbit/s).
         assert!(apart(greedy) > 3.0 * fast_chunk_ms, "greedy {greedy:?} {greedy_took:?}");
         // With the rule, within one fast chunk of each other, and the push ends that much sooner.
         assert!(apart(ruled) <= fast_chunk_ms + 2.0, "ruled {ruled:?} {ruled_took:?}");
