@@ -205,6 +205,52 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Tries at most this many ports the kernel picks (`--listen ADDR:0`) for one free on every rail.
+const RAIL_PORT_TRIES: usize = 16;
+
+/// Binds `listen` and, on each rail in `rails` other than its address, the same port. With port
+/// 0 the kernel picks a port free on the listen address only; one already in use on a rail is
+/// given back and another picked (up to [`RAIL_PORT_TRIES`]). A fixed port busy on a rail is an
+/// error naming the rail.
+fn bind_rails(
+    listen: &str,
+    rails: &[std::net::IpAddr],
+    mut bind: impl FnMut(SocketAddr) -> std::io::Result<TcpListener>,
+) -> Result<(TcpListener, Vec<TcpListener>, SocketAddr), ServeError> {
+    let bind_err = |source| ServeError::Bind { addr: listen.to_owned(), source };
+    let wanted: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(listen).map_err(bind_err)?.collect();
+    let mut tries = 0;
+    'port: loop {
+        tries += 1;
+        let mut last = None;
+        let listener = wanted.iter().find_map(|a| bind(*a).map_err(|e| last = Some(e)).ok());
+        let listener = listener.ok_or_else(|| {
+            bind_err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address")))
+        })?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        let picked = wanted.iter().all(|a| a.port() == 0);
+        let mut rail_listeners = Vec::new();
+        for ip in rails {
+            if addr.ip().is_unspecified() || addr.ip() == *ip {
+                continue;
+            }
+            let at = SocketAddr::new(*ip, addr.port());
+            match bind(at) {
+                Ok(l) => rail_listeners.push(l),
+                Err(e) if picked && e.kind() == std::io::ErrorKind::AddrInUse && tries < RAIL_PORT_TRIES => {
+                    continue 'port;
+                }
+                Err(e) => {
+                    return Err(ServeError::BadRail(format!(
+                        "--rail {ip}: cannot listen on {at} (the serve port on that rail): {e}"
+                    )));
+                }
+            }
+        }
+        return Ok((listener, rail_listeners, addr));
+    }
+}
+
 impl Server {
     /// Opens the store and binds the listener.
     pub fn bind(mut opts: ServeOptions) -> Result<Self, ServeError> {
@@ -216,20 +262,8 @@ impl Server {
         store.set_max_staging(opts.limits.max_staging);
         store.set_partial_limits(opts.limits.partial_max_age, opts.limits.partial_max_bytes);
         expire_partials(&store, &opts);
-        let listener =
-            TcpListener::bind(&opts.listen).map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
-        let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen.clone(), source })?;
         super::lanes::check_rails(&opts.rails, "--rail").map_err(ServeError::BadRail)?;
-        let mut rail_listeners = Vec::new();
-        for ip in &opts.rails {
-            if addr.ip().is_unspecified() || addr.ip() == *ip {
-                continue;
-            }
-            let at = SocketAddr::new(*ip, addr.port());
-            rail_listeners.push(TcpListener::bind(at).map_err(|e| {
-                ServeError::BadRail(format!("--rail {ip}: cannot listen on {at} (the serve port on that rail): {e}"))
-            })?);
-        }
+        let (listener, rail_listeners, addr) = bind_rails(&opts.listen, &opts.rails, TcpListener::bind)?;
         Ok(Self { listener, rail_listeners, store, opts, addr })
     }
 
@@ -1595,4 +1629,46 @@ pub fn status(
     tls: Option<&crate::tls::TlsIdentity>,
 ) -> Result<Vec<wire::SetStatus>, NodeError> {
     Hop::dial(node, timeout, key, tls)?.status(timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve --listen 127.0.0.1:0 --rail 127.0.0.1 --rail 127.0.0.2` where the port the kernel
+    /// picked first is taken on the second rail (seen in CI: "Address already in use").
+    #[test]
+    fn a_picked_port_taken_on_a_rail_is_given_back_and_another_picked() {
+        let rails: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
+        let mut refused = 0;
+        let bind = |a: SocketAddr| {
+            if a.ip() == rails[1] && refused == 0 {
+                refused += 1;
+                return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
+            }
+            TcpListener::bind(a)
+        };
+        let (listener, on_rails, addr) = bind_rails("127.0.0.1:0", &rails, bind).expect("a second port");
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        assert_eq!(on_rails.len(), 1);
+        assert_eq!(on_rails[0].local_addr().unwrap(), SocketAddr::new(rails[1], addr.port()));
+    }
+
+    /// A port given on the command line and busy on a rail is an error naming the rail.
+    #[test]
+    fn a_fixed_port_taken_on_a_rail_is_an_error() {
+        let rails: Vec<std::net::IpAddr> = vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
+        for _ in 0..10 {
+            let busy = TcpListener::bind("127.0.0.2:0").unwrap();
+            let port = busy.local_addr().unwrap().port();
+            match bind_rails(&format!("127.0.0.1:{port}"), &rails, TcpListener::bind) {
+                Err(ServeError::BadRail(m)) => return assert!(m.contains("--rail 127.0.0.2"), "{m}"),
+                // That port was taken on 127.0.0.1 too: another.
+                Err(ServeError::Bind { .. }) => continue,
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("port {port} is busy on 127.0.0.2"),
+            }
+        }
+        panic!("no port free on 127.0.0.1 and taken on 127.0.0.2 in 10 tries");
+    }
 }
