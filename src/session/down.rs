@@ -395,6 +395,7 @@ impl Session<'_> {
     /// write completing asks this lane again.
     fn leaves_to_others(&self, lane: usize) -> bool {
         let lanes = &self.down.lanes;
+        let Some(&DnItem::Chunk(seq, slot)) = self.down.shared.front() else { return false };
         if lanes.len() < 2 {
             return false;
         }
@@ -410,7 +411,6 @@ impl Session<'_> {
             };
             loads.push(l.meter.load(now, taken));
         }
-        let Some(&DnItem::Chunk(seq, slot)) = self.down.shared.front() else { return false };
         let chunk = HEADER_LEN as u64 + u64::from(self.frame_len(slot));
         // What is left to send: this chunk and every one after it (the primary reads only a
         // few ahead, so `shared` alone says little), at most the push's bytes; a routed push

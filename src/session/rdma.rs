@@ -150,10 +150,9 @@ impl Session<'_> {
         match wc.status {
             Ok(()) => {
                 if let Some(seq) = seq {
-                    if let Some(c) = self.manifest.chunk(seq) {
-                        self.count_out(u64::from(c.len) + HEADER_LEN as u64);
-                    }
+                    // The bytes out, and what the lane's meter counts as taken.
                     let len = self.written_len(seq);
+                    self.count_out(len);
                     self.down.lanes[lane].written += len;
                     if let Some(p) = self.progress {
                         p.sent_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
